@@ -1,0 +1,263 @@
+"""Stage configs as dataclasses, loaded from YAML and overridden by dotted `key=value` pairs.
+
+One dataclass per stage keeps each stage's knobs next to the code that reads them; the
+resolved tree is written as `config.yaml` beside every run's outputs so a result can always be
+traced back to the exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysys.errors import ConfigError
+
+OBJECTIVES = ("con", "negcon", "spread")
+
+
+@dataclass
+class CorpusConfig:
+    """Which image-text corpus to embed; `synthetic` is the built-in, offline default."""
+
+    name: str = "synthetic"
+    size: int = 2000
+    seed: int = 0
+    image_size: int = 224
+    captions_per_image: int = 1
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class ExtractConfig:
+    """Frozen backbones and how Ray Data runs them.
+
+    Zero means "derive from the cluster" for `num_actors` and `cpus_per_actor`, so the same
+    config neither deadlocks on a 2-core laptop nor idles a GPU node.
+    """
+
+    vision: str = "efficientnet-lite0"
+    text: str = "minilm-l6"
+    cache_dir: str = "runs/cache"
+    batch_size: int = 64
+    max_text_length: int = 64
+    num_actors: int = 0
+    num_gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.0
+    max_reject_fraction: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    """One JAM training run: model shape, objective, optimisation and Ray Train scaling."""
+
+    objective: str = "con"
+    vision_layer: int = -1
+    text_layer: int = -1
+    hidden: list[int] = field(default_factory=lambda: [512, 512, 512])
+    latent: int = 256
+    dropout: float = 0.1
+    logit_scale: float = 1 / 0.07
+    learn_logit_scale: bool = False
+    alpha: float = 0.5
+    k: int = 0
+    cross_reconstruction: bool = False
+    lambda_start: float = 1.0
+    lambda_end: float = 0.1
+    epochs: int = 15
+    eval_every: int = 5
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    """Metric settings shared by the raw-embedding baseline and every trained model."""
+
+    knn_k: int = 10
+    svcca_dim: int = 10
+    retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class RayConfig:
+    """A private local Ray: its CPUs and whether to run the dashboard (on 127.0.0.1; Ray
+    Train's state API needs it). Set RAY_ADDRESS to join a running cluster instead."""
+
+    num_cpus: int | None = None
+    dashboard: bool = True
+
+
+@dataclass
+class Config:
+    """The whole pipeline; `objectives` is what `raysys run` trains one after another."""
+
+    name: str = ""
+    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES))
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> Config:
+        """Reject values that would only fail deep inside a Ray worker."""
+        for objective in [*self.objectives, self.train.objective]:
+            if objective not in OBJECTIVES:
+                raise ConfigError(
+                    f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}"
+                )
+        if self.corpus.size < 20:
+            raise ConfigError(f"corpus.size={self.corpus.size} is too small; use at least 20")
+        if not 0.0 <= self.train.alpha <= 1.0:
+            raise ConfigError(f"train.alpha={self.train.alpha} must lie in [0, 1]")
+        positive = {
+            "train.epochs": self.train.epochs,
+            "train.eval_every": self.train.eval_every,
+            "train.batch_size": self.train.batch_size,
+            "train.num_workers": self.train.num_workers,
+            "train.latent": self.train.latent,
+            "extract.batch_size": self.extract.batch_size,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be at least 1")
+        if self.train.batch_size % self.train.num_workers:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} must divide evenly over "
+                f"train.num_workers={self.train.num_workers} (each worker takes an equal slice "
+                "of the global batch)"
+            )
+        return self
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _valid_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML-parsed value to the field's declared type, or say why it cannot be."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list (e.g. {key}=a,b), got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        try:
+            number = hint(value)
+        except ValueError:
+            raise ConfigError(f"{key} expects a number, got {value!r}") from None
+        if hint is int and float(value) != number:
+            raise ConfigError(f"{key} expects a whole number, got {value!r}")
+        return number
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            raise ConfigError(
+                f"unknown config key {dotted!r}; valid keys are: " + ", ".join(_valid_keys(Config))
+            )
+        hint = typing.get_type_hints(type(node))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hint):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted} is a section; set its keys, e.g. {dotted}.KEY=")
+                for sub, subvalue in value.items():
+                    _set(cfg, f"{dotted}.{sub}", subvalue)
+            else:
+                setattr(node, part, _coerce(value, hint, dotted))
+            return
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section; cannot set {dotted}")
+        node = getattr(node, part)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file ← `key=value` overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return cfg.validate()
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config inside a Ray worker from its `to_dict` form."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value)
+    return cfg

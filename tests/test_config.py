@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+
+from raysys import config
+from raysys.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_pipeline() -> None:
+    cfg = config.load()
+    assert cfg.corpus.name == "synthetic" and cfg.corpus.size == 2000
+    assert cfg.extract.vision == "efficientnet-lite0" and cfg.extract.text == "minilm-l6"
+    assert cfg.objectives == ["con", "negcon", "spread"]
+    assert cfg.train.hidden == [512, 512, 512] and cfg.train.latent == 256
+
+
+def test_overrides_are_typed() -> None:
+    cfg = config.load(
+        None,
+        ["corpus.size=500", "train.epochs=3", "train.hidden=64,32", "train.lr=2e-3",
+         "train.learn_logit_scale=true", "objectives=[con, spread]"],
+    )
+    assert cfg.corpus.size == 500 and cfg.train.epochs == 3
+    assert cfg.train.hidden == [64, 32] and cfg.train.lr == pytest.approx(2e-3)
+    assert cfg.train.learn_logit_scale is True and cfg.objectives == ["con", "spread"]
+
+
+def test_yaml_file_then_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("corpus:\n  size: 300\ntrain:\n  epochs: 7\n  objective: negcon\n")
+    cfg = config.load(path, ["train.epochs=2"])
+    assert (cfg.corpus.size, cfg.train.epochs, cfg.train.objective) == (300, 2, "negcon")
+
+
+def test_unknown_key_names_the_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'") as err:
+        config.load(None, ["train.epoch=3"])
+    assert "train.epochs" in str(err.value) and "corpus.size" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=three", "expects a number"),
+        ("train.epochs=2.5", "whole number"),
+        ("train.use_gpu=maybe", "true or false"),
+        ("train.objective=clip", "unknown objective 'clip'"),
+        ("train.alpha=1.5", r"must lie in \[0, 1\]"),
+        ("train.batch_size=255", "divide evenly"),
+        ("corpus.size", "key=value"),
+        ("train=3", "is a section"),
+    ],
+)
+def test_bad_values_fail_clearly(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, [override])
+
+
+def test_missing_or_bad_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load(bad)
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path) -> None:
+    cfg = config.load(None, ["train.hidden=128,64", "ray.num_cpus=2", "train.k=3"])
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    config.dump(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
