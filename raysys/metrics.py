@@ -1,0 +1,408 @@
+"""Representation-alignment and retrieval metrics.
+
+Why this module exists: JAM is judged by how much the frozen vision and language spaces agree
+before and after alignment, and by how well the aligned spaces retrieve each other.
+
+* The alignment metrics (``mutual_knn``, ``cycle_knn``, ``cka``, ``unbiased_cka``, ``cknna``,
+  ``svcca``) follow the definitions of the Platonic Representation Hypothesis code
+  (github.com/minyoungg/platonic-rep, ``metrics.py``) so that our numbers are comparable with
+  the paper's. This is an independent implementation of the same maths, vectorised and
+  O(N^2) in memory and time where the original builds N x N products.
+* ``retrieval`` follows clip_benchmark's recall@k so that numbers are comparable with CLIP
+  papers; ``hard_negative_accuracy`` is the usual "positive beats negative" score.
+
+Every function accepts ``[N, D]`` torch tensors (on any device) or numpy arrays of any
+numeric dtype (float16 included), never tracks gradients, and returns Python floats.
+Alignment metrics L2-normalise rows first, as platonic-rep does before calling its metrics.
+Kernel (HSIC) and SVCCA computations run in float64 because they subtract nearly equal sums;
+the kNN and retrieval metrics run in float32 (float64 inputs stay float64).
+
+Deviation from platonic-rep: ``svcca`` is computed exactly and deterministically (full SVD,
+then canonical correlations as the singular values of ``U1.T @ U2``) instead of randomized
+``svd_lowrank``, sklearn's iterative CCA and injected 1e-10 noise; where those converge they
+give the same value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "cka",
+    "cknna",
+    "cycle_knn",
+    "hard_negative_accuracy",
+    "mutual_knn",
+    "retrieval",
+    "svcca",
+    "unbiased_cka",
+]
+
+ArrayLike = torch.Tensor | np.ndarray
+
+# The guard platonic-rep adds to CKA/CKNNA denominators; kept so values match theirs.
+_DENOM_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def _as_tensor(x: ArrayLike, name: str, *, float64: bool = False) -> torch.Tensor:
+    """Return ``x`` as a detached, finite, non-empty 2-D float tensor.
+
+    float16/bfloat16 (and integer) inputs are upcast so sums over N rows do not overflow or
+    lose precision; ``float64=True`` forces double precision for cancellation-prone maths.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            raise ValueError(f"{name} must be a numeric array, got an object array")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D [N, D] array, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one row and one column, got {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}")
+    dtype = torch.float64 if (float64 or t.dtype == torch.float64) else torch.float32
+    t = t.to(dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return t
+
+
+def _normalized_pair(
+    a: ArrayLike, b: ArrayLike, *, float64: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate two representations of the same N samples and L2-normalise their rows.
+
+    The feature dimensions may differ (two different models); the row counts may not.
+    """
+    ta = _as_tensor(a, "a", float64=float64)
+    tb = _as_tensor(b, "b", float64=float64)
+    if ta.shape[0] != tb.shape[0]:
+        raise ValueError(
+            "a and b must have the same number of rows (one per sample), got "
+            f"{ta.shape[0]} and {tb.shape[0]}"
+        )
+    dtype = torch.promote_types(ta.dtype, tb.dtype)
+    ta = ta.to(dtype)
+    tb = tb.to(device=ta.device, dtype=dtype)
+    return F.normalize(ta, dim=1), F.normalize(tb, dim=1)
+
+
+def _check_int(value: object, name: str) -> int:
+    """Reject bools/floats so that e.g. ``k=2.5`` fails loudly instead of truncating."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _check_k(k: object, n: int, *, minimum: int = 1) -> int:
+    """kNN excludes the sample itself, so only N - 1 neighbours exist: need minimum <= k < N."""
+    k = _check_int(k, "k")
+    if not minimum <= k < n:
+        raise ValueError(
+            f"k must satisfy {minimum} <= k < N (self is excluded from its neighbours), "
+            f"got k={k} with N={n}"
+        )
+    return k
+
+
+def _check_min_rows(n: int, minimum: int, what: str) -> None:
+    if n < minimum:
+        raise ValueError(f"{what} needs N >= {minimum} samples, got N={n}")
+
+
+# --------------------------------------------------------------------------- kNN metrics
+
+
+def _knn_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[N, k]`` of each row's k most cosine-similar other rows (self excluded)."""
+    sim = x @ x.T
+    sim.fill_diagonal_(float("-inf"))
+    return sim.topk(k, dim=1).indices
+
+
+def _neighbour_mask(knn: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[N, N]`` adjacency with ``mask[i, j]`` true when j is a neighbour of i."""
+    n = knn.shape[0]
+    mask = torch.zeros(n, n, dtype=torch.bool, device=knn.device)
+    return mask.scatter_(1, knn, True)
+
+
+@torch.no_grad()
+def mutual_knn(a: ArrayLike, b: ArrayLike, k: int = 10) -> float:
+    """Mean over samples of |kNN_a(i) ∩ kNN_b(i)| / k.
+
+    Why: measures whether the two spaces agree on *local* neighbourhoods, the headline metric
+    of the Platonic Representation Hypothesis paper. 1 for identical spaces, about k / (N - 1)
+    for independent ones.
+    """
+    xa, xb = _normalized_pair(a, b)
+    k = _check_k(k, xa.shape[0])
+    knn_a, knn_b = _knn_indices(xa, k), _knn_indices(xb, k)
+    shared = _neighbour_mask(knn_a).gather(1, knn_b).sum(dim=1)
+    return (shared.to(xa.dtype) / k).mean().item()
+
+
+@torch.no_grad()
+def cycle_knn(a: ArrayLike, b: ArrayLike, k: int = 10) -> float:
+    """Fraction of samples i that are among the a-neighbours of at least one b-neighbour of i.
+
+    Why: a cycle-consistency view of neighbourhood agreement (go to b's neighbours, come back
+    through a). Matches platonic-rep's ``cycle_knn`` (``knn_A[knn_B]`` contains i).
+    """
+    xa, xb = _normalized_pair(a, b)
+    n = xa.shape[0]
+    k = _check_k(k, n)
+    mask_a = _neighbour_mask(_knn_indices(xa, k))
+    knn_b = _knn_indices(xb, k)
+    rows = torch.arange(n, device=xa.device).unsqueeze(1)
+    # mask_a[j, i] for each b-neighbour j of i: is i one of j's a-neighbours?
+    back = mask_a[knn_b, rows].any(dim=1)
+    return back.to(xa.dtype).mean().item()
+
+
+# --------------------------------------------------------------------------- HSIC / CKA
+
+
+def _double_center(m: torch.Tensor) -> torch.Tensor:
+    """H M H with H = I - 11^T / n, in O(n^2) instead of two n^3 products."""
+    return m - m.mean(dim=0, keepdim=True) - m.mean(dim=1, keepdim=True) + m.mean()
+
+
+def _hsic_biased(k_mat: torch.Tensor, l_mat: torch.Tensor) -> torch.Tensor:
+    """trace(K H L H) (biased HSIC, unnormalised as in platonic-rep) = sum((HKH) * (HLH)^T)."""
+    return (_double_center(k_mat) * _double_center(l_mat).T).sum()
+
+
+def _hsic_unbiased(k_mat: torch.Tensor, l_mat: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC estimator of Song et al. (2012), eq. 5, as written in platonic-rep.
+
+    With K~, L~ the kernels with zeroed diagonals:
+    [sum(K~ * L~^T) + sum(K~) sum(L~) / ((m-1)(m-2)) - 2 sum(K~ L~) / (m-2)] / (m (m-3)),
+    where sum(K~ L~) = colsums(K~) . rowsums(L~) avoids an m^3 product.
+    """
+    m = k_mat.shape[0]
+    kt = k_mat.clone().fill_diagonal_(0)
+    lt = l_mat.clone().fill_diagonal_(0)
+    trace_term = (kt * lt.T).sum()
+    sums_term = kt.sum() * lt.sum() / ((m - 1) * (m - 2))
+    cross_term = 2 * (kt.sum(dim=0) @ lt.sum(dim=1)) / (m - 2)
+    return (trace_term + sums_term - cross_term) / (m * (m - 3))
+
+
+def _kernel(x: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+    """Gram matrix of the rows of ``x``: inner products, or exp(-|xi - xj|^2 / (2 sigma^2))."""
+    gram = x @ x.T
+    if kernel == "linear":
+        return gram
+    sq_norms = gram.diagonal()
+    sq_dist = (sq_norms.unsqueeze(1) + sq_norms.unsqueeze(0) - 2 * gram).clamp_min_(0)
+    sq_dist.fill_diagonal_(0)
+    return torch.exp(-sq_dist / (2 * sigma**2))
+
+
+@torch.no_grad()
+def cka(
+    a: ArrayLike,
+    b: ArrayLike,
+    kernel: str = "linear",
+    sigma: float = 1.0,
+    unbiased: bool = False,
+) -> float:
+    """Centered Kernel Alignment: HSIC(K, L) / (sqrt(HSIC(K, K) HSIC(L, L)) + 1e-6).
+
+    Why: a global similarity of the two spaces' Gram matrices, invariant to rotations and
+    isotropic scaling of either space. ``kernel`` is ``"linear"`` (platonic-rep's ``"ip"``,
+    also accepted) or ``"rbf"`` with bandwidth ``sigma``; ``unbiased=True`` uses the unbiased
+    HSIC estimator (needs N >= 4), which removes the positive bias of small-N CKA. As in
+    platonic-rep, a negative unbiased self-HSIC (possible only for tiny, degenerate inputs)
+    makes the result NaN.
+    """
+    if kernel == "ip":
+        kernel = "linear"
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+    if kernel == "rbf" and not float(sigma) > 0:
+        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    xa, xb = _normalized_pair(a, b, float64=True)
+    n = xa.shape[0]
+    if unbiased:
+        _check_min_rows(n, 4, "unbiased HSIC (divides by N(N-3))")
+    else:
+        _check_min_rows(n, 2, "CKA")
+    k_mat, l_mat = _kernel(xa, kernel, sigma), _kernel(xb, kernel, sigma)
+    hsic = _hsic_unbiased if unbiased else _hsic_biased
+    value = hsic(k_mat, l_mat) / (torch.sqrt(hsic(k_mat, k_mat) * hsic(l_mat, l_mat)) + _DENOM_EPS)
+    return value.item()
+
+
+def unbiased_cka(a: ArrayLike, b: ArrayLike, kernel: str = "linear", sigma: float = 1.0) -> float:
+    """``cka`` with the unbiased HSIC estimator (platonic-rep's ``unbiased_cka``)."""
+    return cka(a, b, kernel=kernel, sigma=sigma, unbiased=True)
+
+
+@torch.no_grad()
+def cknna(a: ArrayLike, b: ArrayLike, k: int = 10) -> float:
+    """Centered Kernel Nearest-Neighbour Alignment (platonic-rep's ``cknna``, unbiased=True).
+
+    Why: CKA restricted to pairs that are mutual k-nearest neighbours, so that it measures
+    local rather than global kernel agreement. With M the intersection of both spaces' kNN
+    masks (self excluded), sim(K, L) = HSIC_unbiased(M * K, M * L) and
+    CKNNA = sim(K, L) / (sqrt(sim(K, K) sim(L, L)) + 1e-6). Needs 2 <= k < N and N >= 4.
+    """
+    xa, xb = _normalized_pair(a, b, float64=True)
+    n = xa.shape[0]
+    _check_min_rows(n, 4, "CKNNA (unbiased HSIC divides by N(N-3))")
+    k = _check_int(k, "k")
+    if k < 2:
+        raise ValueError(f"CKNNA requires k >= 2, got k={k}")
+    k = _check_k(k, n, minimum=2)
+    k_mat, l_mat = xa @ xa.T, xb @ xb.T
+    mask_k = _neighbour_mask(_knn_indices(xa, k)).to(k_mat.dtype)
+    mask_l = _neighbour_mask(_knn_indices(xb, k)).to(l_mat.dtype)
+    mask_kl = mask_k * mask_l
+    sim_kl = _hsic_unbiased(mask_kl * k_mat, mask_kl * l_mat)
+    sim_kk = _hsic_unbiased(mask_k * k_mat, mask_k * k_mat)
+    sim_ll = _hsic_unbiased(mask_l * l_mat, mask_l * l_mat)
+    return (sim_kl / (torch.sqrt(sim_kk * sim_ll) + _DENOM_EPS)).item()
+
+
+# --------------------------------------------------------------------------- SVCCA
+
+
+def _top_left_singular_vectors(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Centre and unit-variance-scale each column (std + 1e-8, as platonic-rep), then take the
+    ``dim`` leading left singular vectors: an orthonormal basis of the dominant subspace."""
+    x = x - x.mean(dim=0, keepdim=True)
+    x = x / (x.std(dim=0, keepdim=True) + 1e-8)
+    u, _, _ = torch.linalg.svd(x, full_matrices=False)
+    return u[:, :dim]
+
+
+@torch.no_grad()
+def svcca(a: ArrayLike, b: ArrayLike, dim: int = 10) -> float:
+    """SVCCA: mean canonical correlation between the top-``dim`` SVD subspaces of a and b.
+
+    Why: compares the dominant linear subspaces of two representations regardless of their
+    bases. Canonical correlations between two orthonormal bases U1, U2 are the cosines of the
+    principal angles, i.e. the singular values of U1^T U2; computing them this way is exact and
+    deterministic where platonic-rep uses randomized SVD and sklearn's iterative CCA.
+    Needs 1 <= dim <= min(N - 1, D_a, D_b) (centred data has rank at most N - 1).
+    """
+    xa, xb = _normalized_pair(a, b, float64=True)
+    n = xa.shape[0]
+    _check_min_rows(n, 2, "SVCCA")
+    dim = _check_int(dim, "dim")
+    limit = min(n - 1, xa.shape[1], xb.shape[1])
+    if not 1 <= dim <= limit:
+        raise ValueError(
+            f"dim must satisfy 1 <= dim <= min(N - 1, D_a, D_b) = {limit}, got dim={dim}"
+        )
+    u1 = _top_left_singular_vectors(xa, dim)
+    u2 = _top_left_singular_vectors(xb, dim)
+    correlations = torch.linalg.svdvals(u1.T @ u2).clamp(0.0, 1.0)
+    return correlations.mean().item()
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def _as_index(x: ArrayLike | Sequence[int], n_texts: int, n_images: int) -> torch.Tensor:
+    """Validate ``text_to_image``: one integer image row per caption, all in range."""
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"text_to_image must hold integer image indices, got dtype {t.dtype}")
+    if t.ndim != 1 or t.shape[0] != n_texts:
+        raise ValueError(
+            f"text_to_image must have shape [{n_texts}] (one image index per caption), "
+            f"got {tuple(t.shape)}"
+        )
+    t = t.long()
+    if n_texts and (int(t.min()) < 0 or int(t.max()) >= n_images):
+        raise ValueError(
+            f"text_to_image values must lie in [0, {n_images}), got range "
+            f"[{int(t.min())}, {int(t.max())}]"
+        )
+    return t
+
+
+def _recall_curve(hits: torch.Tensor) -> torch.Tensor:
+    """From ``hits[q, r]`` (result at rank r is relevant to query q) to recall at each rank."""
+    return hits.to(torch.int8).cummax(dim=1).values.to(torch.float32).mean(dim=0)
+
+
+@torch.no_grad()
+def retrieval(
+    image_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_image: ArrayLike | Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Image->text and text->image recall@k under cosine similarity, as in clip_benchmark.
+
+    Why: the standard zero-shot retrieval score for a joint embedding space. An image query
+    is a hit at k when ANY of its captions is among its top-k texts; a caption query is a hit
+    at k when its image is among its top-k images. k larger than the gallery is clipped to the
+    gallery size. An image with no caption can never be hit and counts as a miss (as in
+    clip_benchmark). Returns ``{"i2t_r{k}": ..., "t2i_r{k}": ...}`` for each k in ``ks``.
+    """
+    images = F.normalize(_as_tensor(image_emb, "image_emb"), dim=1)
+    texts = F.normalize(_as_tensor(text_emb, "text_emb"), dim=1)
+    if images.shape[1] != texts.shape[1]:
+        raise ValueError(
+            "image_emb and text_emb must share the embedding dimension, got "
+            f"{images.shape[1]} and {texts.shape[1]}"
+        )
+    dtype = torch.promote_types(images.dtype, texts.dtype)
+    images = images.to(dtype)
+    texts = texts.to(device=images.device, dtype=dtype)
+    n_images, n_texts = images.shape[0], texts.shape[0]
+    owner = _as_index(text_to_image, n_texts, n_images).to(images.device)
+    ks = [_check_int(k, "each k in ks") for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks}")
+
+    sim = images @ texts.T  # [N_images, N_texts]
+    top_texts = sim.topk(min(max(ks), n_texts), dim=1).indices
+    i2t = _recall_curve(owner[top_texts] == torch.arange(n_images, device=images.device)[:, None])
+    top_images = sim.T.topk(min(max(ks), n_images), dim=1).indices
+    t2i = _recall_curve(top_images == owner[:, None])
+
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = i2t[min(k, n_texts) - 1].item()
+    for k in ks:
+        out[f"t2i_r{k}"] = t2i[min(k, n_images) - 1].item()
+    return out
+
+
+@torch.no_grad()
+def hard_negative_accuracy(image_emb: ArrayLike, pos_emb: ArrayLike, neg_emb: ArrayLike) -> float:
+    """Fraction of rows i with cos(image_i, pos_i) > cos(image_i, neg_i) (ties count as misses).
+
+    Why: probes whether the aligned space separates a true caption from a minimally edited
+    (hard negative) one, which recall@k on random galleries cannot show.
+    """
+    image = F.normalize(_as_tensor(image_emb, "image_emb"), dim=1)
+    pos = F.normalize(_as_tensor(pos_emb, "pos_emb"), dim=1)
+    neg = F.normalize(_as_tensor(neg_emb, "neg_emb"), dim=1)
+    if not image.shape == pos.shape == neg.shape:
+        raise ValueError(
+            "image_emb, pos_emb and neg_emb must all have the same [N, D] shape, got "
+            f"{tuple(image.shape)}, {tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(image.dtype, pos.dtype), neg.dtype)
+    image = image.to(dtype)
+    pos = pos.to(device=image.device, dtype=dtype)
+    neg = neg.to(device=image.device, dtype=dtype)
+    wins = (image * pos).sum(dim=1) > (image * neg).sum(dim=1)
+    return wins.to(dtype).mean().item()

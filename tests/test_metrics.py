@@ -1,0 +1,489 @@
+"""Tests for raysys.metrics.
+
+The references below re-derive the platonic-rep definitions independently (explicit loops and
+sets for kNN, an explicit centering matrix H and the literal Song et al. eq. 5 for HSIC,
+sklearn's CCA for SVCCA, brute-force ranking for retrieval) so that the vectorised module is
+checked against the maths rather than against itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from raysys import metrics as M
+
+# Alignment metrics under a common (a, b) -> float signature, small k/dim for small N.
+ALIGNMENT: dict[str, Callable[[object, object], float]] = {
+    "mutual_knn": lambda a, b: M.mutual_knn(a, b, k=5),
+    "cycle_knn": lambda a, b: M.cycle_knn(a, b, k=5),
+    "cka_linear": lambda a, b: M.cka(a, b, kernel="linear"),
+    # sigma = 1 (platonic-rep's default): with much smaller sigma the RBF Gram matrices of any
+    # unit vectors approach the identity and biased RBF CKA is high even for unrelated inputs.
+    "cka_rbf": lambda a, b: M.cka(a, b, kernel="rbf", sigma=1.0),
+    "unbiased_cka_linear": lambda a, b: M.unbiased_cka(a, b),
+    "unbiased_cka_rbf": lambda a, b: M.cka(a, b, kernel="rbf", sigma=1.0, unbiased=True),
+    "cknna": lambda a, b: M.cknna(a, b, k=5),
+    "svcca": lambda a, b: M.svcca(a, b, dim=6),
+}
+
+# CKA-type values carry platonic-rep's +1e-6 denominator guard, so identical inputs give
+# 1 - O(1e-6 / HSIC) rather than exactly 1.
+IDENTITY_TOL = 1e-3
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _correlated(seed: int = 0, n: int = 60, da: int = 12, db: int = 20):
+    """Two related representations of the same n samples, so metric values are non-trivial."""
+    rng = _rng(seed)
+    a = rng.standard_normal((n, da))
+    b = a @ rng.standard_normal((da, db)) + 0.7 * rng.standard_normal((n, db))
+    return a, b
+
+
+def _clustered(seed: int = 0, clusters: int = 12, size: int = 6, d: int = 16) -> np.ndarray:
+    """Tight, well separated clusters of `size` points: with k = size - 1 every point's kNN
+    is exactly its cluster, so kNN relations are symmetric (needed for cycle_knn(a, a) == 1,
+    which does not hold in general because kNN is not a symmetric relation)."""
+    rng = _rng(seed)
+    centres = rng.standard_normal((clusters, d))
+    pts = np.repeat(centres, size, axis=0) + 0.01 * rng.standard_normal((clusters * size, d))
+    return pts[rng.permutation(len(pts))]
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def ref_neighbour_sets(x, k: int) -> list[set[int]]:
+    x = _unit(x)
+    n = len(x)
+    out = []
+    for i in range(n):
+        ranked = sorted(((float(x[i] @ x[j]), j) for j in range(n) if j != i), reverse=True)
+        out.append({j for _, j in ranked[:k]})
+    return out
+
+
+def ref_mutual_knn(a, b, k: int) -> float:
+    na, nb = ref_neighbour_sets(a, k), ref_neighbour_sets(b, k)
+    return float(np.mean([len(sa & sb) / k for sa, sb in zip(na, nb, strict=True)]))
+
+
+def ref_cycle_knn(a, b, k: int) -> float:
+    na, nb = ref_neighbour_sets(a, k), ref_neighbour_sets(b, k)
+    return float(np.mean([any(i in na[j] for j in nb[i]) for i in range(len(na))]))
+
+
+def ref_kernel(x, kernel: str, sigma: float = 1.0) -> np.ndarray:
+    x = _unit(x)
+    if kernel == "linear":
+        return x @ x.T
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    return np.exp(-sq / (2 * sigma**2))
+
+
+def ref_hsic_biased(k_mat: np.ndarray, l_mat: np.ndarray) -> float:
+    n = len(k_mat)
+    h = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(k_mat @ h @ l_mat @ h))
+
+
+def ref_hsic_unbiased(k_mat: np.ndarray, l_mat: np.ndarray) -> float:
+    """Song et al. (2012) eq. 5, written with an explicit ones vector."""
+    n = len(k_mat)
+    kt, lt = k_mat.copy(), l_mat.copy()
+    np.fill_diagonal(kt, 0)
+    np.fill_diagonal(lt, 0)
+    one = np.ones(n)
+    value = (
+        np.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * (one @ kt @ lt @ one)
+    )
+    return float(value / (n * (n - 3)))
+
+
+def ref_cka(a, b, kernel: str, sigma: float = 1.0, unbiased: bool = False) -> float:
+    k_mat, l_mat = ref_kernel(a, kernel, sigma), ref_kernel(b, kernel, sigma)
+    hsic = ref_hsic_unbiased if unbiased else ref_hsic_biased
+    return hsic(k_mat, l_mat) / (np.sqrt(hsic(k_mat, k_mat) * hsic(l_mat, l_mat)) + 1e-6)
+
+
+def ref_cknna(a, b, k: int) -> float:
+    k_mat, l_mat = ref_kernel(a, "linear"), ref_kernel(b, "linear")
+    na, nb = ref_neighbour_sets(a, k), ref_neighbour_sets(b, k)
+    n = len(k_mat)
+
+    def mask(sets_x, sets_y) -> np.ndarray:
+        return np.array([[float(j in sets_x[i] and j in sets_y[i]) for j in range(n)]
+                         for i in range(n)])  # fmt: skip
+
+    def sim(m: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+        return ref_hsic_unbiased(m * x, m * y)
+
+    kl = sim(mask(na, nb), k_mat, l_mat)
+    kk = sim(mask(na, na), k_mat, k_mat)
+    ll = sim(mask(nb, nb), l_mat, l_mat)
+    return kl / (np.sqrt(kk * ll) + 1e-6)
+
+
+def ref_svcca(a, b, dim: int) -> float:
+    """platonic-rep's recipe with exact SVD and a tightly converged sklearn CCA (no noise)."""
+    from sklearn.cross_decomposition import CCA
+
+    def top_u(x) -> np.ndarray:
+        x = _unit(x)
+        x = x - x.mean(0)
+        x = x / (x.std(0, ddof=1) + 1e-8)
+        return np.linalg.svd(x, full_matrices=False)[0][:, :dim]
+
+    u1, u2 = top_u(a), top_u(b)
+    cca = CCA(n_components=dim, max_iter=5000, tol=1e-12)
+    c1, c2 = cca.fit(u1, u2).transform(u1, u2)
+    return float(np.mean([np.corrcoef(c1[:, i], c2[:, i])[0, 1] for i in range(dim)]))
+
+
+def ref_retrieval(img, txt, t2i, ks) -> dict[str, float]:
+    sim = _unit(img) @ _unit(txt).T
+    out = {}
+    for k in ks:
+        hits = [any(t2i[t] == i for t in np.argsort(-sim[i])[:k]) for i in range(len(img))]
+        out[f"i2t_r{k}"] = float(np.mean(hits))
+    for k in ks:
+        hits = [t2i[t] in np.argsort(-sim[:, t])[:k] for t in range(len(txt))]
+        out[f"t2i_r{k}"] = float(np.mean(hits))
+    return out
+
+
+# --------------------------------------------------------------------------- alignment metrics
+
+
+@pytest.mark.parametrize("name", sorted(ALIGNMENT))
+def test_identical_inputs_score_one(name: str) -> None:
+    x = _clustered()
+    value = ALIGNMENT[name](x, x)
+    assert isinstance(value, float)
+    assert value == pytest.approx(1.0, abs=IDENTITY_TOL)
+
+
+def test_knn_metrics_exactly_one_on_identical_inputs() -> None:
+    x = _clustered(seed=3)
+    assert M.mutual_knn(x, x, k=5) == 1.0
+    assert M.cycle_knn(x, x, k=5) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(ALIGNMENT))
+def test_independent_inputs_score_much_lower(name: str) -> None:
+    rng = _rng(1)
+    a, b = rng.standard_normal((200, 32)), rng.standard_normal((200, 48))
+    same, independent = ALIGNMENT[name](a, a), ALIGNMENT[name](a, b)
+    assert same > 0.9
+    assert independent < 0.5 * same
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_linear_cka_invariant_to_rotation_and_isotropic_scaling(unbiased: bool) -> None:
+    a, b = _correlated(seed=2)
+    qa, _ = np.linalg.qr(_rng(5).standard_normal((a.shape[1], a.shape[1])))
+    qb, _ = np.linalg.qr(_rng(6).standard_normal((b.shape[1], b.shape[1])))
+    base = M.cka(a, b, unbiased=unbiased)
+    assert 0.05 < base < 0.95  # a non-trivial value, so invariance is informative
+    assert M.cka(a, 3.7 * b @ qb, unbiased=unbiased) == pytest.approx(base, abs=1e-9)
+    assert M.cka(0.2 * a @ qa, b, unbiased=unbiased) == pytest.approx(base, abs=1e-9)
+    # A non-orthogonal map of the same input does change CKA, so the check has teeth.
+    skew = np.diag(np.linspace(0.1, 5.0, b.shape[1]))
+    assert M.cka(a, b @ skew, unbiased=unbiased) != pytest.approx(base, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(ALIGNMENT))
+def test_alignment_invariant_to_shared_row_permutation(name: str) -> None:
+    a, b = _correlated(seed=4)
+    perm = _rng(6).permutation(len(a))
+    assert ALIGNMENT[name](a[perm], b[perm]) == pytest.approx(ALIGNMENT[name](a, b), abs=1e-9)
+
+
+def test_unshared_permutation_breaks_alignment() -> None:
+    a, b = _correlated(seed=4)
+    perm = _rng(6).permutation(len(a))
+    assert M.mutual_knn(a, b[perm], k=5) < 0.5 * M.mutual_knn(a, b, k=5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_knn_metrics_match_reference(k: int) -> None:
+    a, b = _correlated(seed=7, n=50)
+    assert M.mutual_knn(a, b, k=k) == pytest.approx(ref_mutual_knn(a, b, k), abs=1e-6)
+    assert M.cycle_knn(a, b, k=k) == pytest.approx(ref_cycle_knn(a, b, k), abs=1e-6)
+
+
+def test_cycle_knn_is_directional() -> None:
+    """cycle_knn(a, b) goes through b's neighbours then a's, so it is not symmetric."""
+    a, b = _correlated(seed=10, n=50)
+    assert M.cycle_knn(a, b, k=3) == pytest.approx(ref_cycle_knn(a, b, 3), abs=1e-6)
+    assert M.cycle_knn(b, a, k=3) == pytest.approx(ref_cycle_knn(b, a, 3), abs=1e-6)
+    assert ref_cycle_knn(a, b, 3) != ref_cycle_knn(b, a, 3)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_cka_matches_reference(kernel: str, unbiased: bool) -> None:
+    a, b = _correlated(seed=9, n=40)
+    got = M.cka(a, b, kernel=kernel, sigma=0.7, unbiased=unbiased)
+    assert got == pytest.approx(ref_cka(a, b, kernel, 0.7, unbiased), abs=1e-9)
+
+
+def test_unbiased_cka_is_cka_with_unbiased_hsic() -> None:
+    a, b = _correlated(seed=10)
+    assert M.unbiased_cka(a, b, kernel="rbf", sigma=2.0) == M.cka(
+        a, b, kernel="rbf", sigma=2.0, unbiased=True
+    )
+    assert M.unbiased_cka(a, b) != pytest.approx(M.cka(a, b), abs=1e-3)
+
+
+def test_cka_accepts_platonic_rep_kernel_name() -> None:
+    a, b = _correlated(seed=10)
+    assert M.cka(a, b, kernel="ip") == M.cka(a, b, kernel="linear")
+
+
+@pytest.mark.parametrize("k", [2, 5, 15])
+def test_cknna_matches_reference(k: int) -> None:
+    a, b = _correlated(seed=11, n=45)
+    assert M.cknna(a, b, k=k) == pytest.approx(ref_cknna(a, b, k), abs=1e-9)
+
+
+@pytest.mark.parametrize("dim", [1, 4, 8])
+def test_svcca_matches_sklearn_cca_reference(dim: int) -> None:
+    # With exact SVD and a tightly converged CCA the two agree to ~1e-12; 1e-6 leaves margin
+    # for sklearn's iterative solver.
+    a, b = _correlated(seed=12, n=120, da=16, db=24)
+    assert M.svcca(a, b, dim=dim) == pytest.approx(ref_svcca(a, b, dim), abs=1e-6)
+
+
+def test_inputs_accept_torch_numpy_and_float16() -> None:
+    a, b = _correlated(seed=15)
+    as_np32 = M.cka(a.astype(np.float32), b.astype(np.float32))
+    assert M.cka(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(M.cka(a, b), abs=1e-12)
+    assert M.cka(a.astype(np.float16), torch.from_numpy(b).half()) == pytest.approx(
+        as_np32, abs=1e-2
+    )
+    assert M.mutual_knn(a.astype(np.float16), b.astype(np.float16), k=5) == pytest.approx(
+        M.mutual_knn(a, b, k=5), abs=0.05
+    )
+
+
+def test_inputs_requiring_grad_are_accepted_without_building_a_graph() -> None:
+    a, b = _correlated(seed=16)
+    ta = torch.tensor(a, requires_grad=True)
+    for fn in ALIGNMENT.values():
+        assert isinstance(fn(ta, b), float)
+    assert ta.grad is None
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+def _hand_built() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images e0, e1, e2; unit-norm captions, so cos(image i, caption t) = caption_t[i].
+
+    similarity (rows images, columns captions t0..t4, owners 0 0 1 2 2):
+        img0: 1.00 0.28 0.00 0.80 0.00 -> top t0 (own)                  i2t hit@1
+        img1: 0.00 0.96 0.60 0.00 0.00 -> top t1 (img0's), t2 (own)     i2t hit@2
+        img2: 0.00 0.00 0.80 0.60 1.00 -> top t4, its SECOND caption    i2t hit@1
+    caption queries: t0 -> img0 rank 1, t1 -> img0 rank 2, t2 -> img1 rank 2,
+                     t3 -> img2 rank 2, t4 -> img2 rank 1.
+    """
+    images = np.eye(3)
+    texts = np.array(
+        [
+            [1.0, 0.0, 0.0],
+            [0.28, 0.96, 0.0],
+            [0.0, 0.6, 0.8],
+            [0.8, 0.0, 0.6],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+    return images, texts, np.array([0, 0, 1, 2, 2])
+
+
+def test_retrieval_hand_built_multi_caption_case() -> None:
+    images, texts, owners = _hand_built()
+    got = M.retrieval(images, texts, owners, ks=(1, 2))
+    assert got == pytest.approx(
+        {"i2t_r1": 2 / 3, "i2t_r2": 1.0, "t2i_r1": 2 / 5, "t2i_r2": 1.0}, abs=1e-7
+    )
+    assert list(got) == ["i2t_r1", "i2t_r2", "t2i_r1", "t2i_r2"]
+    assert all(isinstance(v, float) for v in got.values())
+
+
+def test_retrieval_clips_k_to_gallery_size() -> None:
+    images, texts, owners = _hand_built()
+    got = M.retrieval(images, texts, owners, ks=(3, 4, 100))
+    # 3 images: any k >= 3 ranks every image, so every caption query is a hit.
+    assert got["t2i_r3"] == got["t2i_r4"] == got["t2i_r100"] == 1.0
+    # 5 captions: k = 100 is clipped to 5, so every image (all have captions) is a hit.
+    assert got["i2t_r100"] == 1.0
+    assert got["i2t_r3"] == 1.0
+
+
+def test_retrieval_clipped_k_reaches_the_last_rank() -> None:
+    # Image 1's only caption is its LAST text and caption 1's image is its LAST image, so
+    # recall reaches 1 only when k is clipped to exactly the gallery size.
+    images = np.eye(2)
+    texts = np.array([[1.0, 0.0], [0.8, -0.6]])
+    got = M.retrieval(images, texts, np.array([0, 1]), ks=(1, 100))
+    assert got == pytest.approx({"i2t_r1": 0.5, "i2t_r100": 1.0, "t2i_r1": 0.5, "t2i_r100": 1.0})
+
+
+def test_retrieval_image_without_caption_counts_as_miss() -> None:
+    images, texts, owners = _hand_built()
+    images = np.vstack([images, np.ones((1, 3))])  # image 3 has no caption
+    got = M.retrieval(images, texts, owners, ks=(10,))
+    assert got["i2t_r10"] == pytest.approx(3 / 4)
+    assert got["t2i_r10"] == 1.0
+
+
+def test_retrieval_identical_embeddings_give_perfect_recall() -> None:
+    emb = _rng(17).standard_normal((50, 16))
+    got = M.retrieval(emb, torch.from_numpy(emb.copy()), np.arange(50))
+    assert got == {f"{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+
+
+def test_retrieval_matches_bruteforce_reference_with_shared_images() -> None:
+    rng = _rng(18)
+    n_img, extra, d = 30, 45, 8
+    owners = np.concatenate([np.arange(n_img), rng.integers(0, n_img, extra)])
+    owners = owners[rng.permutation(len(owners))]
+    images = rng.standard_normal((n_img, d))
+    texts = images[owners] + 1.2 * rng.standard_normal((len(owners), d))
+    ks = (1, 5, 10)
+    got = M.retrieval(images, texts, owners, ks=ks)
+    want = ref_retrieval(images, texts, owners, ks)
+    assert got == pytest.approx(want, abs=1e-6)
+    assert 0.0 < got["t2i_r1"] < got["t2i_r10"] < 1.0  # a case where ranking matters
+
+
+def test_retrieval_random_is_much_worse_than_identical() -> None:
+    rng = _rng(19)
+    images, texts = rng.standard_normal((100, 32)), rng.standard_normal((100, 32))
+    got = M.retrieval(images, texts, np.arange(100), ks=(1,))
+    assert got["i2t_r1"] < 0.1 and got["t2i_r1"] < 0.1
+
+
+def test_retrieval_invariant_to_gallery_permutation() -> None:
+    rng = _rng(20)
+    owners = np.concatenate([np.arange(20), rng.integers(0, 20, 20)])
+    images = rng.standard_normal((20, 6))
+    texts = images[owners] + rng.standard_normal((40, 6))
+    p_img, p_txt = rng.permutation(20), rng.permutation(40)
+    new_index = np.argsort(p_img)  # old image row -> new image row
+    got = M.retrieval(images[p_img], texts[p_txt], new_index[owners[p_txt]])
+    assert got == pytest.approx(M.retrieval(images, texts, owners), abs=1e-7)
+
+
+# --------------------------------------------------------------------------- hard negatives
+
+
+def test_hard_negative_accuracy_one_when_positive_is_the_image() -> None:
+    rng = _rng(21)
+    image = rng.standard_normal((64, 16))
+    assert M.hard_negative_accuracy(image, image.copy(), rng.standard_normal((64, 16))) == 1.0
+    assert M.hard_negative_accuracy(image, rng.standard_normal((64, 16)), image.copy()) == 0.0
+
+
+def test_hard_negative_accuracy_matches_reference_and_ties_are_misses() -> None:
+    rng = _rng(22)
+    image, pos, neg = (rng.standard_normal((80, 10)) for _ in range(3))
+    pos[:5] = neg[:5]  # ties
+    cos = lambda x, y: float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))  # noqa: E731
+    want = np.mean([cos(i, p) > cos(i, n) for i, p, n in zip(image, pos, neg, strict=True)])
+    assert M.hard_negative_accuracy(image, pos, neg) == pytest.approx(want, abs=1e-7)
+    assert 0.2 < want < 0.8
+    # Cosine ignores norms (checked away from the exact ties, which rescaling would perturb).
+    scaled = M.hard_negative_accuracy(image[5:], 5.0 * pos[5:], 0.1 * neg[5:])
+    assert scaled == M.hard_negative_accuracy(image[5:], pos[5:], neg[5:])
+    perm = rng.permutation(80)
+    assert M.hard_negative_accuracy(image[perm], pos[perm], neg[perm]) == pytest.approx(want)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("name", sorted(ALIGNMENT))
+def test_row_count_mismatch_is_rejected(name: str) -> None:
+    rng = _rng(23)
+    with pytest.raises(ValueError, match="same number of rows"):
+        ALIGNMENT[name](rng.standard_normal((20, 8)), rng.standard_normal((21, 8)))
+
+
+@pytest.mark.parametrize("name", sorted(ALIGNMENT))
+def test_non_2d_input_is_rejected(name: str) -> None:
+    rng = _rng(24)
+    with pytest.raises(ValueError, match="2-D"):
+        ALIGNMENT[name](rng.standard_normal(20), rng.standard_normal(20))
+    with pytest.raises(ValueError, match="2-D"):
+        ALIGNMENT[name](rng.standard_normal((20, 8)), rng.standard_normal((20, 8, 1)))
+
+
+@pytest.mark.parametrize("k", [0, 1, -3])
+def test_cknna_rejects_k_below_two(k: int) -> None:
+    a = _rng(25).standard_normal((20, 8))
+    with pytest.raises(ValueError, match="k >= 2"):
+        M.cknna(a, a, k=k)
+
+
+@pytest.mark.parametrize("fn", [M.mutual_knn, M.cycle_knn, M.cknna])
+def test_knn_metrics_reject_k_not_below_n(fn) -> None:
+    a = _rng(26).standard_normal((10, 4))
+    with pytest.raises(ValueError, match="k < N"):
+        fn(a, a, k=10)
+    with pytest.raises(ValueError, match="integer"):
+        fn(a, a, k=2.5)
+
+
+def test_small_n_and_bad_options_are_rejected() -> None:
+    tiny = _rng(27).standard_normal((3, 4))
+    a = _rng(27).standard_normal((20, 4))
+    with pytest.raises(ValueError, match="N >= 4"):
+        M.cka(tiny, tiny, unbiased=True)
+    with pytest.raises(ValueError, match="N >= 4"):
+        M.cknna(tiny, tiny, k=2)
+    with pytest.raises(ValueError, match="kernel"):
+        M.cka(a, a, kernel="poly")
+    with pytest.raises(ValueError, match="sigma"):
+        M.cka(a, a, kernel="rbf", sigma=0.0)
+    with pytest.raises(ValueError, match="dim"):
+        M.svcca(a, a, dim=5)  # D = 4
+    with pytest.raises(ValueError, match="NaN"):
+        M.cka(np.full((20, 4), np.nan), a)
+
+
+def test_retrieval_rejects_bad_inputs() -> None:
+    images, texts, owners = _hand_built()
+    with pytest.raises(ValueError, match="shape \\[5\\]"):
+        M.retrieval(images, texts, owners[:4])
+    with pytest.raises(ValueError, match="lie in"):
+        M.retrieval(images, texts, np.array([0, 0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="integer"):
+        M.retrieval(images, texts, owners.astype(float))
+    with pytest.raises(ValueError, match="embedding dimension"):
+        M.retrieval(images, texts[:, :2], owners)
+    with pytest.raises(ValueError, match="positive"):
+        M.retrieval(images, texts, owners, ks=(0,))
+
+
+def test_hard_negative_accuracy_rejects_shape_mismatch() -> None:
+    rng = _rng(28)
+    with pytest.raises(ValueError, match="same \\[N, D\\] shape"):
+        M.hard_negative_accuracy(
+            rng.standard_normal((10, 4)), rng.standard_normal((10, 4)), rng.standard_normal((9, 4))
+        )
