@@ -1,0 +1,53 @@
+"""Gathering latents across data-parallel ranks so contrastive losses see the global batch.
+
+Contrastive losses are not sums of per-sample terms: every sample's loss depends on every other
+sample in the batch (the softmax denominators). Averaging per-rank losses would therefore train
+on ``world_size`` small batches instead of one large one. Instead each rank gathers the latents
+of all ranks and computes the loss of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """Number of ranks, 1 when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x`` along dim 0 in rank order, keeping the autograd graph.
+
+    Without a process group (or with one rank) ``x`` is returned unchanged.
+
+    Why every rank computes the *full* global loss, and why the gradients come out right:
+    let ``L`` be the loss on the gathered batch ``Z = [z_0; …; z_{W-1}]``. Every rank holds the
+    same ``Z`` (its own slice ``z_r`` with grad, the others as gathered copies) and so computes
+    the same ``L``. In backward, the differentiable ``all_gather``
+    (``torch.distributed.nn.functional.all_gather``, as open_clip uses) *sums* the incoming
+    gradients for slice ``r`` over all ranks and routes the sum to rank ``r``. As all ``W`` ranks
+    produced the same ``∂L/∂z_r``, rank ``r`` receives ``W·∂L/∂z_r`` and back-propagates it into
+    its parameters, giving ``W·∂L/∂θ|_{samples of r}``. DDP then *averages* parameter gradients:
+    ``(1/W)·Σ_r W·∂L/∂θ|_r = Σ_r ∂L/∂θ|_r = ∂L/∂θ``, exactly the single-process gradient of the
+    loss on the whole global batch. (A plain ``all_gather`` with the local slice swapped back in,
+    open_clip's other mode, keeps only each rank's own copy of the gradient and ends at
+    ``∂L/∂θ / W``: same direction, learning rate silently divided by ``W``.)
+
+    All ranks must pass the same shape (equal per-rank batch sizes, e.g. ``drop_last=True``):
+    ``all_gather`` does not support ragged inputs.
+    """
+    if world_size() <= 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private `_functional_collectives` API; the public
+        # function still works and is what open_clip uses, so keep it and stay quiet.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)

@@ -1,0 +1,143 @@
+"""JAM training losses: contrastive alignment variants plus reconstruction.
+
+All contrastive losses take *raw* latents and L2-normalise them here, so callers never have to
+remember to; the logit scale ``s`` multiplies cosine similarities (CLIP's ``1/temperature``) and
+may be a float or a 0-d tensor (e.g. a learnt :meth:`JAM.logit_scale`). Inputs in float16 /
+bfloat16 (autocast) are upcast to float32 because softmax over a batch at scale 100 loses too
+much in half precision; float64 stays float64.
+
+In data-parallel training the caller passes latents gathered from every rank
+(:func:`raysys.jam.dist.gather_with_grad`); the functions themselves know nothing of ranks.
+
+Notation: ``v`` image latents ``[B, D]``, ``t`` positive captions ``[B, D]`` and ``n`` hard
+negative captions ``[B, D]`` (``n[i]`` is the negative of pair ``i``). Every loss is the mean
+over the batch and returns a 0-d tensor. Log-softmaxes are computed with ``logsumexp`` /
+``cross_entropy`` only, so a scale of 1e4 is as safe as 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Scale = float | torch.Tensor
+
+__all__ = ["con", "negcon", "spread", "reconstruction", "lambda_schedule"]
+
+
+def _unit(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows, in at least float32."""
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    return F.normalize(z, dim=-1)
+
+
+def _targets(b: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(b, device=device)
+
+
+def _text_to_image(v: torch.Tensor, t: torch.Tensor, s: Scale) -> torch.Tensor:
+    """CE of each positive caption over all images, target its own image."""
+    return F.cross_entropy(s * t @ v.T, _targets(v.shape[0], v.device))
+
+
+def con(zv: torch.Tensor, zt: torch.Tensor, s: Scale) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): ``½(CE(image→text) + CE(text→image))``.
+
+    Identical to open_clip's single-process ``ClipLoss()(normalize(zv), normalize(zt), s)``.
+    """
+    v, t = _unit(zv), _unit(zt)
+    logits = s * v @ t.T
+    y = _targets(v.shape[0], v.device)
+    return 0.5 * (F.cross_entropy(logits, y) + _text_to_image(v, t, s))
+
+
+def negcon(zv: torch.Tensor, zt: torch.Tensor, zn: torch.Tensor, s: Scale) -> torch.Tensor:
+    """CLIP with hard negatives on the image side.
+
+    Each image is classified over all ``2B`` captions (positives then negatives), target its own
+    positive, so every hard negative competes with every image; the text→image term is plain
+    CLIP over positives (negatives have no image to point at).
+    """
+    v, t, n = _unit(zv), _unit(zt), _unit(zn)
+    captions = torch.cat([t, n], dim=0)
+    y = _targets(v.shape[0], v.device)
+    i2t = F.cross_entropy(s * v @ captions.T, y)
+    return 0.5 * (i2t + _text_to_image(v, t, s))
+
+
+def context_mask(zt: torch.Tensor, k: int = 0) -> torch.Tensor:
+    """Bool ``[B, 2B]`` mask of each image's context set over ``captions = [t; n]``.
+
+    ``C_i = {t_i, n_i}`` plus, for ``k > 0``, the ``k`` other positive captions most
+    cosine-similar to ``t_i``. Selection uses detached latents: which captions are "context" is a
+    discrete choice, not something to differentiate. ``k`` is capped at ``B - 1`` so a small final
+    or per-test batch still works.
+    """
+    b = zt.shape[0]
+    mask = torch.zeros(b, 2 * b, dtype=torch.bool, device=zt.device)
+    idx = _targets(b, zt.device)
+    mask[idx, idx] = True
+    mask[idx, idx + b] = True
+    k = min(int(k), b - 1)
+    if k > 0:
+        with torch.no_grad():
+            t = _unit(zt.detach())
+            sim = t @ t.T
+            sim.fill_diagonal_(float("-inf"))
+            nearest = sim.topk(k, dim=1).indices
+        mask.scatter_(1, nearest, True)
+    return mask
+
+
+def spread(
+    zv: torch.Tensor,
+    zt: torch.Tensor,
+    zn: torch.Tensor,
+    s: Scale,
+    alpha: float = 0.5,
+    k: int = 0,
+) -> torch.Tensor:
+    """Context-spread loss: pull each image to its context, then spread within the context.
+
+    ``½( mean_i[(1-α)·ConCon_i + α·ContextNCE_i] + CE(text→image) )`` with, over the ``2B``
+    captions and the context set ``C_i`` of :func:`context_mask`::
+
+        ConCon_i     = -log Σ_{c∈C_i} e^{s v_i·c} / Σ_{all c} e^{s v_i·c}
+        ContextNCE_i = -log e^{s v_i·t_i} / Σ_{c∈C_i} e^{s v_i·c}
+
+    ConCon alone would let the image sit anywhere inside its context (positive and hard negative
+    are equally good); ContextNCE then separates the true caption from the rest of the context,
+    so ``α`` trades coarse grouping against fine discrimination.
+
+    Note the image term telescopes: it equals ``(1-α)·lse_all + (2α-1)·lse_ctx - α·pos``, so the
+    context set only enters with weight ``2α-1``. At ``α = 0.5`` the loss no longer depends on
+    ``C_i`` (or ``k``) at all and is ``½(½·CE(image→all captions) + CE(text→image))``.
+    """
+    v, t, n = _unit(zv), _unit(zt), _unit(zn)
+    b = v.shape[0]
+    logits = s * v @ torch.cat([t, n], dim=0).T  # [B, 2B]
+    mask = context_mask(zt, k)
+    lse_all = torch.logsumexp(logits, dim=1)
+    lse_ctx = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
+    positive = logits[_targets(b, v.device), _targets(b, v.device)]
+    concon = lse_all - lse_ctx
+    context_nce = lse_ctx - positive
+    i2t = ((1.0 - alpha) * concon + alpha * context_nce).mean()
+    return 0.5 * (i2t + _text_to_image(v, t, s))
+
+
+def reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements; the target is cast to the prediction's dtype."""
+    return F.mse_loss(x_hat, x.to(x_hat.dtype))
+
+
+def lambda_schedule(step: int, total_steps: int, start: float = 1.0, end: float = 0.1) -> float:
+    """Linear ramp from ``start`` at step 0 to ``end`` at step ``total_steps - 1``.
+
+    Steps outside the run are clamped to the ends; a one-step run uses ``start``.
+    """
+    if total_steps <= 1:
+        return float(start)
+    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return float(start + (end - start) * frac)

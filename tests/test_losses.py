@@ -1,0 +1,222 @@
+"""JAM losses against open_clip and against independent loop-by-loop reference formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from raysys.jam import losses
+
+# float64 throughout the equality tests: differences are then pure summation-order noise.
+TOL64 = 1e-10
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+# --- hand-built batch: B=4, D=3, every negative close to (but not equal to) its positive -------
+
+IMAGES = [[1.0, 0.2, 0.0], [0.1, 1.0, 0.3], [-0.2, 0.1, 1.0], [0.7, -0.6, 0.2]]
+POS = [[0.9, 0.3, 0.1], [0.0, 0.8, 0.5], [-0.1, 0.3, 0.9], [0.5, -0.8, 0.0]]
+NEG = [[0.8, 0.1, -0.4], [0.4, 0.9, 0.1], [0.2, -0.2, 1.0], [0.9, -0.3, 0.3]]
+
+
+def _t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _unit(v: list[float]) -> list[float]:
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _ref_t2i(v: list[list[float]], t: list[list[float]], s: float) -> float:
+    """Mean over captions of -log softmax over images, target the own image."""
+    total = 0.0
+    for i in range(len(t)):
+        num = math.exp(s * _dot(t[i], v[i]))
+        den = sum(math.exp(s * _dot(t[i], v[j])) for j in range(len(v)))
+        total += -math.log(num / den)
+    return total / len(t)
+
+
+def _ref_negcon(images, pos, neg, s: float) -> float:
+    v, t, n = ([_unit(x) for x in rows] for rows in (images, pos, neg))
+    captions = t + n
+    i2t = 0.0
+    for i in range(len(v)):
+        den = sum(math.exp(s * _dot(v[i], c)) for c in captions)
+        i2t += -math.log(math.exp(s * _dot(v[i], t[i])) / den)
+    return 0.5 * (i2t / len(v) + _ref_t2i(v, t, s))
+
+
+def _ref_context(t: list[list[float]], i: int, k: int) -> list[int]:
+    """Indices into positives of the k other captions most cosine-similar to t_i."""
+    others = sorted((j for j in range(len(t)) if j != i), key=lambda j: -_dot(t[i], t[j]))
+    return others[:k]
+
+
+def _ref_spread(images, pos, neg, s: float, alpha: float, k: int) -> float:
+    v, t, n = ([_unit(x) for x in rows] for rows in (images, pos, neg))
+    captions = t + n
+    img = 0.0
+    for i in range(len(v)):
+        context = [t[i], n[i]] + [t[j] for j in _ref_context(t, i, k)]
+        e_ctx = sum(math.exp(s * _dot(v[i], c)) for c in context)
+        e_all = sum(math.exp(s * _dot(v[i], c)) for c in captions)
+        concon = -math.log(e_ctx / e_all)
+        context_nce = -math.log(math.exp(s * _dot(v[i], t[i])) / e_ctx)
+        img += (1 - alpha) * concon + alpha * context_nce
+    return 0.5 * (img / len(v) + _ref_t2i(v, t, s))
+
+
+# --- con == open_clip ClipLoss ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.07, 100.0])
+def test_con_matches_open_clip(scale: float) -> None:
+    zv, zt = _rand(16, 8, seed=0).requires_grad_(), _rand(16, 8, seed=1).requires_grad_()
+    ours = losses.con(zv, zt, scale)
+    (g_ours,) = torch.autograd.grad(ours, zv)
+    ref = ClipLoss()(F.normalize(zv, dim=-1), F.normalize(zt, dim=-1), scale)
+    (g_ref,) = torch.autograd.grad(ref, zv)
+    assert ours.ndim == 0
+    torch.testing.assert_close(ours, ref, atol=TOL64, rtol=0)
+    torch.testing.assert_close(g_ours, g_ref, atol=TOL64, rtol=0)
+
+
+def test_con_accepts_tensor_scale_and_float32() -> None:
+    zv, zt = _rand(8, 5, seed=2).float(), _rand(8, 5, seed=3).float()
+    s = torch.tensor(20.0)
+    ref = ClipLoss()(F.normalize(zv, dim=-1), F.normalize(zt, dim=-1), s)
+    torch.testing.assert_close(losses.con(zv, zt, s), ref, atol=1e-6, rtol=0)
+
+
+# --- negcon / spread == loop references -------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_negcon_matches_reference(scale: float) -> None:
+    got = losses.negcon(_t(IMAGES), _t(POS), _t(NEG), scale)
+    assert got.item() == pytest.approx(_ref_negcon(IMAGES, POS, NEG, scale), abs=TOL64)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_spread_matches_reference(alpha: float, k: int, scale: float) -> None:
+    got = losses.spread(_t(IMAGES), _t(POS), _t(NEG), scale, alpha=alpha, k=k)
+    want = _ref_spread(IMAGES, POS, NEG, scale, alpha, k)
+    assert got.item() == pytest.approx(want, abs=TOL64)
+
+
+def test_context_mask_picks_nearest_other_positive() -> None:
+    t = [_unit(x) for x in POS]
+    mask = losses.context_mask(_t(POS), k=1)
+    b = len(POS)
+    for i in range(b):
+        want = {i, b + i} | set(_ref_context(t, i, 1))
+        assert set(torch.nonzero(mask[i]).flatten().tolist()) == want
+
+
+def test_spread_concon_is_multi_positive_infonce() -> None:
+    """α=0, k=0: image term is -log((e^{v·t_i}+e^{v·n_i}) / Σ_all), written here with torch."""
+    zv, zt, zn = _rand(6, 4, seed=4), _rand(6, 4, seed=5), _rand(6, 4, seed=6)
+    s = 3.0
+    v, t, n = (F.normalize(z, dim=-1) for z in (zv, zt, zn))
+    pos, neg = s * (v * t).sum(-1), s * (v * n).sum(-1)
+    all_ = s * v @ torch.cat([t, n]).T
+    concon = (torch.logsumexp(all_, 1) - torch.logaddexp(pos, neg)).mean()
+    t2i = F.cross_entropy(s * t @ v.T, torch.arange(6))
+    got = losses.spread(zv, zt, zn, s, alpha=0.0, k=0)
+    torch.testing.assert_close(got, 0.5 * (concon + t2i), atol=TOL64, rtol=0)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_spread_terms_telescope_to_negcon(k: int) -> None:
+    """ConCon + ContextNCE = -log softmax over all captions, i.e. negcon's image term."""
+    zv, zt, zn = _rand(8, 5, seed=7), _rand(8, 5, seed=8), _rand(8, 5, seed=9)
+    s = 7.0
+    t2i = F.cross_entropy(s * F.normalize(zt, dim=-1) @ F.normalize(zv, dim=-1).T, torch.arange(8))
+    sp0 = losses.spread(zv, zt, zn, s, alpha=0.0, k=k)
+    sp1 = losses.spread(zv, zt, zn, s, alpha=1.0, k=k)
+    # sp0 + sp1 = ½(ConCon + ContextNCE) + t2i = ½·I + t2i, and negcon = ½(I + t2i).
+    torch.testing.assert_close(
+        sp0 + sp1, losses.negcon(zv, zt, zn, s) + 0.5 * t2i, atol=TOL64, rtol=0
+    )
+    # and the α mix is linear
+    sp_mid = losses.spread(zv, zt, zn, s, alpha=0.25, k=k)
+    torch.testing.assert_close(sp_mid, 0.75 * sp0 + 0.25 * sp1, atol=TOL64, rtol=0)
+
+
+def test_spread_k_capped_at_batch() -> None:
+    zv, zt, zn = _rand(5, 4, seed=10), _rand(5, 4, seed=11), _rand(5, 4, seed=12)
+    capped = losses.spread(zv, zt, zn, 4.0, alpha=0.5, k=100)
+    torch.testing.assert_close(capped, losses.spread(zv, zt, zn, 4.0, alpha=0.5, k=4))
+
+
+def test_spread_selection_is_not_differentiated() -> None:
+    """Gradients flow through the logits only; the k-NN choice is a constant."""
+    zt = _rand(6, 4, seed=13).requires_grad_()
+    mask = losses.context_mask(zt, k=2)
+    assert not mask.requires_grad
+
+
+# --- numerical stability ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["con", "negcon", "spread"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_scale_nearly_identical_vectors_finite(name: str, dtype: torch.dtype) -> None:
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    jitter = 1e-3 * _rand(3, 8, 4, seed=14).float()
+    zv, zt, zn = ((base + j).to(dtype).requires_grad_() for j in jitter)
+    s = 1e4
+    if name == "con":
+        loss = losses.con(zv, zt, s)
+    elif name == "negcon":
+        loss = losses.negcon(zv, zt, zn, s)
+    else:
+        loss = losses.spread(zv, zt, zn, s, alpha=0.5, k=2)
+    loss.backward()
+    assert loss.dtype == torch.float32  # half inputs are upcast for the softmax
+    assert torch.isfinite(loss)
+    for z in (zv, zt, zn):
+        if z.grad is not None:
+            assert torch.isfinite(z.grad).all()
+    assert zv.grad is not None and zv.grad.abs().sum() > 0
+
+
+# --- reconstruction / schedule ----------------------------------------------------------------
+
+
+def test_reconstruction_is_elementwise_mse() -> None:
+    x, x_hat = _rand(4, 3, seed=15), _rand(4, 3, seed=16)
+    pairs = zip(x.flatten().tolist(), x_hat.flatten().tolist(), strict=True)
+    want = sum((a - b) ** 2 for a, b in pairs) / x.numel()
+    assert losses.reconstruction(x, x_hat).item() == pytest.approx(want, abs=TOL64)
+    # float16 targets (embedding caches) are compared in the prediction's dtype
+    got = losses.reconstruction(x.half(), x_hat.float())
+    assert got.dtype == torch.float32
+
+
+def test_lambda_schedule_linear_endpoints_and_clamp() -> None:
+    total, start, end = 11, 1.0, 0.1
+    values = [losses.lambda_schedule(i, total, start, end) for i in range(total)]
+    assert values[0] == pytest.approx(start)
+    assert values[-1] == pytest.approx(end)
+    steps = [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
+    assert all(d == pytest.approx((end - start) / (total - 1)) for d in steps)
+    assert losses.lambda_schedule(-5, total, start, end) == pytest.approx(start)
+    assert losses.lambda_schedule(10 * total, total, start, end) == pytest.approx(end)
+    assert losses.lambda_schedule(0, 1, start, end) == pytest.approx(start)
