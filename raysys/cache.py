@@ -1,0 +1,190 @@
+"""The embedding cache: Parquet per (corpus, modality, backbone), named by content hashes.
+
+Layout: `<cache>/<corpus-key>/pairs.parquet` (the corpus index: ids, captions, split) and
+`<cache>/<corpus-key>/<modality>/<backbone-key>/` holding Ray Data's `*.parquet` parts (column
+`id` plus one fixed-size float16 list column per layer, `L00`, `L01`, …; text adds `neg_L00`,
+…), `manifest.json` and, when rows were bad, `rejects.parquet`. The manifest is written last, so
+a directory without one is an unfinished extraction and is never read as a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysys.errors import CacheError
+
+MANIFEST = "manifest.json"
+PAIRS = "pairs.parquet"
+REJECTS = "rejects.parquet"
+CACHE_VERSION = 1  # bump when the on-disk format changes
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts: same inputs, same cache directory."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stage_dir(cache_dir: str | Path, corpus_key: str, modality: str, backbone_key: str) -> Path:
+    return Path(cache_dir) / corpus_key / modality / backbone_key
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(directory / MANIFEST)  # atomic: readers see no manifest or a whole one
+
+
+def clear_unfinished(directory: Path) -> None:
+    """Drop a partial extraction (no manifest) so the rerun starts clean."""
+    if directory.exists() and read_manifest(directory) is None:
+        shutil.rmtree(directory)
+
+
+def data_files(directory: Path) -> list[str]:
+    """The embedding parts (Ray Data names them; the rejects file lives beside them)."""
+    return sorted(str(p) for p in Path(directory).glob("*.parquet") if p.name != REJECTS)
+
+
+def float16_list_array(values: np.ndarray) -> pa.FixedSizeListArray:
+    values = np.ascontiguousarray(values, dtype=np.float16)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size list column as a `[rows, dim]` array (float16, as stored)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def write_pairs(corpus_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """The corpus index every later stage joins on (no image bytes)."""
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    path = corpus_dir / PAIRS
+    if not path.is_file():
+        cols = ("pair_id", "image_id", "caption", "negative", "split")
+        table = pa.table({c: [r.get(c) for r in rows] for c in cols})
+        pq.write_table(table, corpus_dir / (PAIRS + ".tmp"))
+        (corpus_dir / (PAIRS + ".tmp")).replace(path)
+    return path
+
+
+def read_pairs(corpus_dir: Path) -> pa.Table:
+    path = Path(corpus_dir) / PAIRS
+    if not path.is_file():
+        raise CacheError(f"no corpus index at {str(path)!r}; run `raysys extract` first")
+    return pq.read_table(path)
+
+
+def read_layers(directory: Path, columns: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Ids and the requested layer columns only: Parquet column projection means a sweep over
+    one layer never reads the others."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise CacheError(
+            f"no finished embedding cache at {str(directory)!r}; run `raysys extract` first"
+        )
+    missing = [c for c in columns if c not in manifest["columns"]]
+    if missing:
+        raise CacheError(
+            f"layer column(s) {missing} not in cache {str(directory)!r}; it holds "
+            f"{', '.join(manifest['columns'])}"
+        )
+    table = pq.ParquetDataset(data_files(directory)).read(columns=["id", *columns])
+    ids = table.column("id").to_numpy(zero_copy_only=False).astype(str)
+    if len(np.unique(ids)) != len(ids):
+        raise CacheError(f"cache {str(directory)!r} holds duplicate ids; delete it and rerun")
+    return ids, {c: to_numpy(table.column(c)) for c in columns}
+
+
+@dataclass
+class Pairs:
+    """One split's aligned arrays: row i of `image`, `text` and `negative` belong to pair i."""
+
+    pair_ids: np.ndarray
+    image_ids: np.ndarray
+    captions: np.ndarray
+    image: np.ndarray  # [N, d_image] float16, repeated when captions share an image
+    text: np.ndarray  # [N, d_text]
+    negative: np.ndarray  # [N, d_text] hard-negative captions' embeddings
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def image_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each unique image, and per caption the index of its image among those:
+        retrieval ranks unique images, while several captions may share one."""
+        _, first, inverse = np.unique(self.image_ids, return_index=True, return_inverse=True)
+        return first, inverse
+
+
+def resolve_layer(manifest: dict[str, Any], layer: int) -> str:
+    """A layer index (negative counts from the top, as in Python) to its column name."""
+    layers = manifest["layers"]
+    if not -len(layers) <= layer < len(layers):
+        raise CacheError(
+            f"layer {layer} out of range for {manifest['backbone']} "
+            f"({len(layers)} layers: 0..{len(layers) - 1}, or -1 for the last)"
+        )
+    return layers[layer]
+
+
+def load_pairs(
+    corpus_dir: Path,
+    image_dir: Path,
+    text_dir: Path,
+    image_layer: str,
+    text_layer: str,
+    split: str | None,
+) -> Pairs:
+    """Join the corpus index with both caches for one split, reading only the two layers."""
+    index = read_pairs(corpus_dir)
+    if split is not None:
+        index = index.filter(pc.equal(index["split"], split))
+    if index.num_rows == 0:
+        raise CacheError(f"split {split!r} of {str(corpus_dir)!r} is empty")
+    image_ids, image_cols = read_layers(image_dir, [image_layer])
+    text_ids, text_cols = read_layers(text_dir, [text_layer, "neg_" + text_layer])
+    want_image = index["image_id"].to_numpy(zero_copy_only=False).astype(str)
+    want_text = index["pair_id"].to_numpy(zero_copy_only=False).astype(str)
+    # Rejected rows are absent from a cache: keep only pairs present in both.
+    image_pos, text_pos = _positions(image_ids, want_image), _positions(text_ids, want_text)
+    keep = (image_pos >= 0) & (text_pos >= 0)
+    if not keep.any():
+        raise CacheError(
+            f"no pair of split {split!r} has both an image and a text embedding; the caches "
+            f"{str(image_dir)!r} and {str(text_dir)!r} do not belong to this corpus"
+        )
+    return Pairs(
+        pair_ids=want_text[keep],
+        image_ids=want_image[keep],
+        captions=index["caption"].to_numpy(zero_copy_only=False)[keep],
+        image=image_cols[image_layer][image_pos[keep]],
+        text=text_cols[text_layer][text_pos[keep]],
+        negative=text_cols["neg_" + text_layer][text_pos[keep]],
+    )
+
+
+def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Index of each wanted id in `have`, or -1 where it is missing."""
+    order = np.argsort(have)
+    slot = np.searchsorted(have, want, sorter=order).clip(max=len(have) - 1)
+    pos = order[slot]
+    return np.where(have[pos] == want, pos, -1)

@@ -1,0 +1,239 @@
+"""Extract: corpus -> embedding cache, with Ray Data and a pool of frozen-backbone actors.
+
+Two passes, vision over unique images and language over captions plus hard negatives. Each pass
+is CPU `map_batches` (decode / tokenize) feeding an `ActorPoolStrategy` of actors that each hold
+one frozen backbone and return the pooled hidden state of every layer in ONE forward. A pass
+whose manifest matches is skipped, so an unchanged stage is never recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysys import cache
+from raysys.backbones import REJECT, Backbone, get_backbone, pick_device
+from raysys.config import Config, CorpusConfig, ExtractConfig
+from raysys.corpora import SyntheticConfig, corpus_key, generate
+from raysys.errors import ConfigError, CorpusError
+
+
+@dataclass
+class Extracted:
+    """Where one corpus's embeddings live; what `train` and `evaluate` read."""
+
+    corpus_dir: Path
+    image_dir: Path
+    text_dir: Path
+    image_manifest: dict[str, Any]
+    text_manifest: dict[str, Any]
+
+
+def load_corpus(cfg: CorpusConfig) -> tuple[str, list[dict[str, Any]]]:
+    """The corpus rows and their content key (only `synthetic` is built in so far)."""
+    if cfg.name != "synthetic":
+        raise ConfigError(f"unknown corpus {cfg.name!r}; available: synthetic")
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    syn = SyntheticConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields})
+    return corpus_key(syn), generate(syn)
+
+
+class EmbedActor:
+    """Holds one frozen backbone for the lifetime of a Ray actor; `__call__` embeds a batch."""
+
+    def __init__(self, backbone: Backbone, use_gpu: bool, num_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.backbone = backbone
+        self.backbone.load(pick_device(use_gpu))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return embed_batch(self.backbone, batch)
+
+
+def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:
+    """Embed the good rows of a preprocessed batch; bad rows pass through with their reason
+    and empty layers, so nothing is dropped before it is counted."""
+    reasons = np.asarray(batch[REJECT], dtype=object)
+    good = np.flatnonzero(reasons == "")
+    columns: dict[str, Any] = {"id": pa.array(batch["id"].astype(str))}
+    if len(good):
+        layers = backbone.embed({k: v[good] for k, v in batch.items() if k != REJECT})
+    for name, dim in _layer_dims(backbone).items():
+        full = np.zeros((len(reasons), dim), dtype=np.float16)
+        if len(good):
+            full[good] = layers[name]
+        columns[name] = cache.float16_list_array(full)
+    columns[REJECT] = pa.array(reasons.astype(str))
+    return pa.table(columns)
+
+
+def _layer_dims(backbone: Backbone) -> dict[str, int]:
+    from raysys.backbones import layer_name
+
+    dims = {layer_name(i): d for i, d in enumerate(backbone.dims)}
+    if backbone.modality == "text":
+        dims |= {layer_name(i, "neg_"): d for i, d in enumerate(backbone.dims)}
+    return dims
+
+
+def _actor_plan(ecfg: ExtractConfig) -> tuple[int, float, float, int]:
+    """Actor count, CPUs and GPUs per actor, torch threads: derived from the cluster so that
+    preprocessing tasks always keep a CPU (two 1-CPU actors on 2 cores deadlock Ray Data)."""
+    from raysys.runtime import cluster_resources
+
+    res = cluster_resources()
+    gpus = ecfg.num_gpus_per_actor
+    if gpus > 0:
+        if res.gpus < gpus:
+            raise ConfigError(
+                f"extract.num_gpus_per_actor={gpus} but the cluster has {res.gpus:g} GPUs; "
+                "set extract.num_gpus_per_actor=0 to run on CPU"
+            )
+        actors = ecfg.num_actors or max(1, int(res.gpus // gpus))
+        cpus = ecfg.cpus_per_actor or 1.0
+    else:
+        actors = ecfg.num_actors or max(1, int(res.cpus // 4))
+        cpus = ecfg.cpus_per_actor or max(0.5, min(res.cpus / 2, (res.cpus - 1) / actors))
+    threads = max(1, math.ceil(cpus)) if gpus else max(1, int(res.cpus // actors))
+    return actors, cpus, gpus, threads
+
+
+def run_pass(
+    backbone: Backbone,
+    rows: pa.Table,
+    out_dir: Path,
+    ecfg: ExtractConfig,
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """One modality: rows -> Parquet + rejects + manifest in `out_dir`."""
+    import ray
+    import ray.data
+
+    cache.clear_unfinished(out_dir)
+    actors, cpus, gpus, threads = _actor_plan(ecfg)
+    started = time.perf_counter()
+    blocks = max(actors * 2, math.ceil(rows.num_rows / ecfg.batch_size))
+    ds = ray.data.from_arrow(rows).repartition(blocks)
+    ds = ds.map_batches(backbone.preprocess, batch_size=ecfg.batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={
+            "backbone": backbone,
+            "use_gpu": gpus > 0,
+            "num_threads": threads,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=ecfg.batch_size,
+        batch_format="numpy",
+        num_cpus=cpus,
+        num_gpus=gpus,
+    ).materialize()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rejects = ds.map_batches(
+        lambda t: t.filter(pc.not_equal(t[REJECT], "")).select(["id", REJECT]),
+        batch_format="pyarrow",
+    ).to_arrow_refs()
+    reject_table = pa.concat_tables(ray.get(rejects)) if rejects else None
+    n_rejects = reject_table.num_rows if reject_table is not None else 0
+    if n_rejects:
+        reject_table = reject_table.rename_columns(["id", "reason"])
+        pq.write_table(reject_table, out_dir / cache.REJECTS)
+    fraction = n_rejects / max(1, rows.num_rows)
+    if fraction > ecfg.max_reject_fraction:
+        reasons = pc.value_counts(reject_table["reason"]).to_pylist()
+        raise CorpusError(
+            f"{n_rejects} of {rows.num_rows} {backbone.modality} rows rejected "
+            f"({fraction:.1%} > extract.max_reject_fraction={ecfg.max_reject_fraction:.1%}); "
+            f"reasons: {reasons}; see {out_dir / cache.REJECTS}"
+        )
+    ds.map_batches(
+        lambda t: t.filter(pc.equal(t[REJECT], "")).drop_columns([REJECT]),
+        batch_format="pyarrow",
+    ).write_parquet(str(out_dir.resolve()))
+    elapsed = time.perf_counter() - started
+    dims = _layer_dims(backbone)
+    manifest = {
+        **backbone.describe(),
+        "modality": backbone.modality,
+        "layers": [c for c in dims if not c.startswith("neg_")],
+        "columns": list(dims),
+        "dims": list(backbone.dims),
+        "dtype": "float16",
+        "rows": rows.num_rows - n_rejects,
+        "rejects": n_rejects,
+        "seconds": round(elapsed, 2),
+        "actors": {"count": actors, "cpus": cpus, "gpus": gpus, "threads": threads},
+        "cache_version": cache.CACHE_VERSION,
+        **provenance,
+    }
+    cache.write_manifest(out_dir, manifest)
+    rate = rows.num_rows / max(elapsed, 1e-9)
+    print(
+        f"[extract] {backbone.modality:5s} {backbone.name}: {manifest['rows']} rows, "
+        f"{n_rejects} rejects, {len(manifest['layers'])} layers, {rate:.1f} rows/s -> {out_dir}",
+        flush=True,
+    )
+    return manifest
+
+
+def extract(cfg: Config) -> Extracted:
+    """Embed the configured corpus with both backbones, reusing any finished cache."""
+    from raysys.runtime import init_ray
+
+    key, rows = load_corpus(cfg.corpus)
+    corpus_dir = Path(cfg.extract.cache_dir) / key
+    cache.write_pairs(corpus_dir, rows)
+    passes = {
+        "image": (cfg.extract.vision, _image_rows),
+        "text": (cfg.extract.text, _text_rows),
+    }
+    dirs: dict[str, Path] = {}
+    manifests: dict[str, dict[str, Any]] = {}
+    for modality, (name, make_rows) in passes.items():
+        backbone = get_backbone(name, modality, max_text_length=cfg.extract.max_text_length)
+        backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
+        out_dir = cache.stage_dir(cfg.extract.cache_dir, key, modality, backbone_key)
+        manifest = cache.read_manifest(out_dir)
+        if manifest is None:
+            init_ray(cfg.ray)
+            provenance = {
+                "corpus_key": key,
+                "backbone_key": backbone_key,
+                "config": {"corpus": dataclasses.asdict(cfg.corpus)}
+                | {"extract": dataclasses.asdict(cfg.extract)},
+            }
+            manifest = run_pass(backbone, make_rows(rows), out_dir, cfg.extract, provenance)
+        else:
+            print(f"[extract] {modality:5s} {name}: cached ({manifest['rows']} rows) {out_dir}")
+        dirs[modality], manifests[modality] = out_dir, manifest
+    return Extracted(corpus_dir, dirs["image"], dirs["text"], manifests["image"], manifests["text"])
+
+
+def _image_rows(rows: list[dict[str, Any]]) -> pa.Table:
+    """Unique images only: several captions may share one image, which is embedded once."""
+    seen: dict[str, bytes] = {}
+    for r in rows:
+        seen.setdefault(r["image_id"], r["image"])
+    return pa.table({"id": list(seen), "image": pa.array(list(seen.values()), pa.binary())})
+
+
+def _text_rows(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.table(
+        {
+            "id": [r["pair_id"] for r in rows],
+            "caption": pa.array([r["caption"] for r in rows], pa.string()),
+            "negative": pa.array([r.get("negative") for r in rows], pa.string()),
+        }
+    )

