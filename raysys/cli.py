@@ -1,0 +1,116 @@
+"""`raysys <command> [--config FILE.yaml] [--out DIR] [dotted.key=value …]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from raysys import config
+from raysys.config import Config
+from raysys.errors import RaysysError
+
+COMMANDS = {
+    "run": "the whole pipeline on the embedded defaults: synthetic corpus, offline backbones, "
+    "extract, train every objective in `objectives`, evaluate, report",
+    "extract": "corpus -> embedding cache (Parquet, every layer), reused when unchanged",
+    "train": "one JAM training run (train.objective) on the cached embeddings, then its report",
+    "report": "rebuild report.md from a finished run directory's results.csv",
+}
+
+EPILOG = """\
+overrides:
+  Any config key as dotted key=value after the command, e.g.
+    raysys run corpus.size=500 train.epochs=3
+    raysys train train.objective=spread train.alpha=0.7 train.vision_layer=12
+  Sections: corpus.*, extract.*, train.*, eval.*, ray.*, plus `objectives`.
+  `raysys run --show-config` prints every key with its default.
+
+cluster:
+  With RAY_ADDRESS set (ray job submit sets it) raysys joins that cluster; otherwise it starts
+  a private local Ray bound to 127.0.0.1.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysys",
+        description="JAM alignment of frozen vision and language models, distributed on Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name == "report":
+            p.add_argument("run_dir", type=Path, help="a run directory holding results.csv")
+            continue
+        p.add_argument("--config", type=Path, help="YAML file of config keys (nested sections)")
+        p.add_argument(
+            "--out",
+            type=Path,
+            help="output directory (default runs/<command>-<timestamp>/)",
+        )
+        p.add_argument(
+            "--show-config", action="store_true", help="print the resolved config and exit"
+        )
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def _out_dir(args: argparse.Namespace, cfg: Config) -> Path:
+    if args.out:
+        return args.out
+    name = cfg.name or f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / name
+
+
+def _where(out: Path) -> None:
+    print(f"outputs:     {out}/ (config.yaml, results.csv, report.md, models/)")
+    print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'} --host 127.0.0.1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            from raysys.report import read_results, table, write_report
+
+            rows = read_results(args.run_dir)
+            path = write_report(args.run_dir, rows)
+            print(table(rows))
+            print(f"\nreport: {path}")
+            return 0
+        cfg = config.load(args.config, args.overrides)
+        if args.show_config:
+            import yaml
+
+            print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+            return 0
+        if args.command == "extract":
+            from raysys.extract import extract
+
+            ext = extract(cfg)
+            print(f"cache: {ext.image_dir}\n       {ext.text_dir}")
+            return 0
+        from raysys.pipeline import run
+
+        out = _out_dir(args, cfg)
+        objectives = cfg.objectives if args.command == "run" else [cfg.train.objective]
+        run(cfg, out, objectives)
+        _where(out)
+        return 0
+    except RaysysError as exc:
+        print(f"raysys: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Evaluate: score raw backbone embeddings and JAM latents on the same split, same metrics.
+
+The raw row is the paper's baseline: how aligned two independently trained models already are.
+Retrieval and hard-negative accuracy need one shared space, so the raw row leaves them empty.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raysys import metrics
+from raysys.cache import Pairs
+from raysys.config import EvalConfig
+from raysys.jam import JAM
+
+RESULT_COLUMNS = [
+    "objective",
+    "vision",
+    "text",
+    "vision_layer",
+    "text_layer",
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "hardneg_acc",
+    "mutual_knn",
+    "cka",
+    "unbiased_cka",
+    "cknna",
+    "svcca",
+    "recon_mse",
+]
+
+
+def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig):
+    """The representation-similarity metrics of the Platonic Representation Hypothesis."""
+    a = torch.as_tensor(image, dtype=torch.float32)
+    b = torch.as_tensor(text, dtype=torch.float32)
+    k = min(cfg.knn_k, len(a) - 1)
+    return {
+        "mutual_knn": metrics.mutual_knn(a, b, k=k),
+        "cka": metrics.cka(a, b),
+        "unbiased_cka": metrics.cka(a, b, unbiased=True),
+        "cknna": metrics.cknna(a, b, k=k),
+        "svcca": metrics.svcca(a, b, dim=min(cfg.svcca_dim, len(a) - 1, a.shape[1], b.shape[1])),
+    }
+
+
+def shared_space(
+    image: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, pairs: Pairs, cfg: EvalConfig
+) -> dict[str, float]:
+    """Retrieval both ways and hard-negative accuracy: only meaningful in one shared space."""
+    first, text_to_image = pairs.image_index()
+    scores = metrics.retrieval(image[first], text, text_to_image, ks=tuple(cfg.retrieval_ks))
+    scores["hardneg_acc"] = metrics.hard_negative_accuracy(image, text, negative)
+    return scores
+
+
+def score_raw(pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
+    return alignment(pairs.image, pairs.text, cfg)
+
+
+@torch.no_grad()
+def encode(model: JAM, pairs: Pairs, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Latents and reconstruction error of a split, in eval mode (no dropout)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {"zi": [], "zt": [], "zn": [], "sq": []}
+    for start in range(0, len(pairs), batch_size):
+        sl = slice(start, start + batch_size)
+        image = torch.as_tensor(pairs.image[sl]).to(device)
+        text = torch.as_tensor(pairs.text[sl]).to(device)
+        res = model(image, text)
+        out["zi"].append(res["zi"].float().cpu())
+        out["zt"].append(res["zt"].float().cpu())
+        out["zn"].append(model.encode_text(torch.as_tensor(pairs.negative[sl]).to(device)).cpu())
+        sq = torch.cat(
+            [
+                (res["image_hat"] - res["image_target"]).pow(2).mean(1),
+                (res["text_hat"] - res["text_target"]).pow(2).mean(1),
+            ]
+        )
+        out["sq"].append(sq.float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def score_model(model: JAM, pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
+    """Every results.csv metric for a trained model on one split."""
+    z = encode(model, pairs)
+    scores = shared_space(z["zi"], z["zt"], z["zn"], pairs, cfg)
+    scores |= alignment(z["zi"], z["zt"], cfg)
+    # Mean over both modalities of the per-feature MSE, in the standardised input space.
+    scores["recon_mse"] = float(z["sq"].mean())
+    return scores

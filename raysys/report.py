@@ -1,0 +1,113 @@
+"""Report: the results table as printed text, `results.csv` and `report.md`.
+
+`results.csv` is the contract (one row per trained model plus a `raw` row, columns fixed by
+DESIGN.md); the Markdown report is rebuilt from it, so `raysys report DIR` can regenerate it
+after the fact without re-running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from raysys.errors import RaysysError
+from raysys.evaluate import RESULT_COLUMNS
+
+RESULTS = "results.csv"
+REPORT = "report.md"
+# The columns the printed table shows (all of them are in results.csv).
+SHOWN = [
+    "objective",
+    "i2t_r1",
+    "i2t_r5",
+    "t2i_r1",
+    "t2i_r5",
+    "hardneg_acc",
+    "mutual_knn",
+    "cka",
+    "cknna",
+    "svcca",
+    "recon_mse",
+]
+
+
+def write_results(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    extra = sorted({k for r in rows for k in r} - set(RESULT_COLUMNS))
+    path = out_dir / RESULTS
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS + extra, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def read_results(run_dir: Path) -> list[dict[str, str]]:
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        raise RaysysError(
+            f"no {RESULTS} in {str(run_dir)!r}; point `raysys report` at a finished run directory"
+        )
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cell(value: Any) -> str:
+    if value in ("", None):
+        return "—"
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str] = SHOWN) -> str:
+    """A Markdown table (also readable as plain text in a terminal)."""
+    body = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) + " |" for b in body
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = ()) -> Path:
+    """report.md: what was run, the table, and how to read it."""
+    run_dir = Path(run_dir)
+    first = rows[0] if rows else {}
+    lines = [
+        f"# raysys report — {run_dir.name}",
+        "",
+        f"Vision `{first.get('vision', '?')}` (layer {first.get('vision_layer', '?')}), "
+        f"text `{first.get('text', '?')}` (layer {first.get('text_layer', '?')}); "
+        "metrics on the test split.",
+        "",
+        table(rows),
+        "",
+        "- `raw`: the frozen backbones' embeddings before alignment. Retrieval and hard-negative "
+        "accuracy need one shared space, so they are blank there.",
+        "- `i2t_rK` / `t2i_rK`: recall at K, image→text and text→image (fractions in [0, 1]).",
+        "- `hardneg_acc`: fraction of images closer to their caption than to its hard negative.",
+        "- `mutual_knn`, `cka`, `cknna`, `svcca`: representational alignment of the image and "
+        "text representations (Platonic Representation Hypothesis definitions).",
+        "- `recon_mse`: autoencoder reconstruction error in standardised embedding units.",
+        "",
+        f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
+        f"{run_dir / 'tensorboard'}`.",
+    ]
+    lines += [f"- {n}" for n in notes]
+    path = run_dir / REPORT
+    path.write_text("\n".join(lines) + "\n")
+    return path
