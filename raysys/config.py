@@ -176,6 +176,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `train.hidden=512` means a one-layer list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} expects a list (e.g. {key}=a,b), got {value!r}")
         return [_coerce(v, args[0], key) for v in value]

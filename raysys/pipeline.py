@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raysys import cache, config
 from raysys.config import Config
 from raysys.evaluate import score_model, score_raw
@@ -63,6 +65,7 @@ def run(cfg: Config, out_dir: Path, objectives: list[str]) -> list[dict[str, Any
         result = train(run_cfg, paths, out_dir, objective)
         scores = score_model(JAM.load(result.model_dir), test, cfg.eval)
         rows.append({"objective": objective, **base, **scores, "train_s": round(result.seconds, 1)})
+        # history: Ray Train's checkpointed reports, i.e. one entry per validation.
         metrics_log[objective] = {"test": scores, "history": result.history}
         print(
             f"[train] {objective}: {result.seconds:.0f}s, test i2t_r1 {scores['i2t_r1']:.3f}, "
@@ -71,6 +74,11 @@ def run(cfg: Config, out_dir: Path, objectives: list[str]) -> list[dict[str, Any
         )
     (out_dir / "metrics.json").write_text(json.dumps(metrics_log, indent=1, default=str))
     write_results(out_dir, rows)
-    write_report(out_dir, rows, notes=[f"Wall time {time.perf_counter() - started:.0f}s."])
+    images = len(np.unique(test.image_ids))
+    notes = [
+        f"Test split: {len(test)} pairs over {images} images; chance R@1 is {1 / images:.3f}.",
+        f"Wall time {time.perf_counter() - started:.0f}s.",
+    ]
+    write_report(out_dir, rows, notes=notes)
     print("\n" + table(rows) + "\n", flush=True)
     return rows

@@ -107,7 +107,8 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (
         f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
         f"{run_dir / 'tensorboard'}`.",
     ]
-    lines += [f"- {n}" for n in notes]
+    if notes:
+        lines += ["", *(f"- {n}" for n in notes)]
     path = run_dir / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

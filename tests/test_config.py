@@ -17,8 +17,14 @@ def test_defaults_are_the_embedded_pipeline() -> None:
 def test_overrides_are_typed() -> None:
     cfg = config.load(
         None,
-        ["corpus.size=500", "train.epochs=3", "train.hidden=64,32", "train.lr=2e-3",
-         "train.learn_logit_scale=true", "objectives=[con, spread]"],
+        [
+            "corpus.size=500",
+            "train.epochs=3",
+            "train.hidden=64,32",
+            "train.lr=2e-3",
+            "train.learn_logit_scale=true",
+            "objectives=[con, spread]",
+        ],
     )
     assert cfg.corpus.size == 500 and cfg.train.epochs == 3
     assert cfg.train.hidden == [64, 32] and cfg.train.lr == pytest.approx(2e-3)

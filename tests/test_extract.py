@@ -111,8 +111,7 @@ def test_pairs_join_both_caches_per_split(small_cache) -> None:
     cfg, ext = small_cache
     image_layer, text_layer = ext.image_manifest["layers"][-1], ext.text_manifest["layers"][-1]
     splits = {
-        s: cache.load_pairs(ext.corpus_dir, ext.image_dir, ext.text_dir, image_layer,
-                            text_layer, s)
+        s: cache.load_pairs(ext.corpus_dir, ext.image_dir, ext.text_dir, image_layer, text_layer, s)
         for s in ("train", "val", "test")
     }
     assert sum(len(p) for p in splits.values()) == 60

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from raysys.cli import main
+from raysys.evaluate import RESULT_COLUMNS
+from raysys.report import read_results, write_results
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raysys.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_explains_commands_and_overrides() -> None:
+    top = _run("--help")
+    assert top.returncode == 0
+    for command in ("run", "extract", "train", "report"):
+        assert command in top.stdout
+    run = _run("run", "--help")
+    assert run.returncode == 0
+    assert "--out" in run.stdout and "key=value" in run.stdout
+    assert "corpus.size=500" in run.stdout
+
+
+def test_bad_key_exits_2_with_the_valid_keys(capsys) -> None:
+    assert main(["run", "corpus.sise=500"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'corpus.sise'" in err and "corpus.size" in err
+
+
+def test_show_config_resolves_overrides(capsys) -> None:
+    assert main(["run", "--show-config", "corpus.size=500", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "size: 500" in out and "epochs: 3" in out
+
+
+def test_report_rebuilds_from_results_csv(tmp_path, capsys) -> None:
+    rows = [
+        {
+            "objective": "raw",
+            "vision": "v",
+            "text": "t",
+            "vision_layer": 3,
+            "text_layer": 2,
+            "mutual_knn": 0.25,
+        },
+        {
+            "objective": "con",
+            "vision": "v",
+            "text": "t",
+            "vision_layer": 3,
+            "text_layer": 2,
+            "mutual_knn": 0.5,
+            "i2t_r1": 0.75,
+            "recon_mse": 0.1,
+            "train_s": 12.0,
+        },
+    ]
+    write_results(tmp_path, rows)
+    with (tmp_path / "results.csv").open() as f:
+        header = next(csv.reader(f))
+    assert header[: len(RESULT_COLUMNS)] == RESULT_COLUMNS and "train_s" in header
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| con" in out and "0.750" in out
+    report = (tmp_path / "report.md").read_text()
+    assert "0.500" in report and "tensorboard --logdir" in report
+    assert read_results(tmp_path)[0]["i2t_r1"] == ""  # raw row: no shared space, left blank
+
+
+def test_report_on_a_directory_without_results(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "train", "extract"])
+def test_every_pipeline_command_takes_out_and_config(command: str) -> None:
+    out = _run(command, "--help").stdout
+    assert "--config" in out and "--out" in out
