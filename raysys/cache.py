@@ -79,7 +79,7 @@ def write_pairs(corpus_dir: Path, rows: list[dict[str, Any]]) -> Path:
     corpus_dir.mkdir(parents=True, exist_ok=True)
     path = corpus_dir / PAIRS
     if not path.is_file():
-        cols = ("pair_id", "image_id", "caption", "negative", "split")
+        cols = ("pair_id", "image_id", "caption", "negative", "negative_source", "split")
         table = pa.table({c: [r.get(c) for r in rows] for c in cols})
         pq.write_table(table, corpus_dir / (PAIRS + ".tmp"))
         (corpus_dir / (PAIRS + ".tmp")).replace(path)
@@ -107,7 +107,10 @@ def read_layers(directory: Path, columns: list[str]) -> tuple[np.ndarray, dict[s
             f"layer column(s) {missing} not in cache {str(directory)!r}; it holds "
             f"{', '.join(manifest['columns'])}"
         )
-    table = pq.ParquetDataset(data_files(directory)).read(columns=["id", *columns])
+    files = data_files(directory)
+    if not files:
+        raise CacheError(f"cache {str(directory)!r} holds no rows (were they all rejected?)")
+    table = pq.ParquetDataset(files).read(columns=["id", *columns])
     ids = table.column("id").to_numpy(zero_copy_only=False).astype(str)
     if len(np.unique(ids)) != len(ids):
         raise CacheError(f"cache {str(directory)!r} holds duplicate ids; delete it and rerun")
@@ -184,6 +187,8 @@ def load_pairs(
 
 def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray:
     """Index of each wanted id in `have`, or -1 where it is missing."""
+    if len(have) == 0:
+        return np.full(len(want), -1)
     order = np.argsort(have)
     slot = np.searchsorted(have, want, sorter=order).clip(max=len(have) - 1)
     pos = order[slot]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from raysys import config
 from raysys.config import Config
-from raysys.errors import RaysysError
+from raysys.errors import ConfigError, RaysysError
 
 COMMANDS = {
     "run": "the whole pipeline on the embedded defaults: synthetic corpus, offline backbones, "
@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--out",
             type=Path,
-            help="output directory (default runs/<command>-<timestamp>/)",
+            help="the embedding cache directory (default extract.cache_dir)"
+            if name == "extract"
+            else "output directory (default runs/<command>-<timestamp>/)",
         )
         p.add_argument(
             "--show-config", action="store_true", help="print the resolved config and exit"
@@ -67,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _out_dir(args: argparse.Namespace, cfg: Config) -> Path:
     if args.out:
+        if str(args.out).startswith("s3:"):
+            raise ConfigError("s3:// output directories are not supported yet; use a local --out")
         return args.out
     name = cfg.name or f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path("runs") / name
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             from raysys.extract import extract
 
+            if args.out:  # extract's output is the cache itself
+                cfg.extract.cache_dir = str(args.out)
             ext = extract(cfg)
             print(f"cache: {ext.image_dir}\n       {ext.text_dir}")
             return 0

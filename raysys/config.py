@@ -115,6 +115,8 @@ class Config:
 
     def validate(self) -> Config:
         """Reject values that would only fail deep inside a Ray worker."""
+        if not self.objectives:
+            raise ConfigError(f"objectives is empty; choose from {', '.join(OBJECTIVES)}")
         for objective in [*self.objectives, self.train.objective]:
             if objective not in OBJECTIVES:
                 raise ConfigError(
@@ -189,13 +191,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key} expects a number, got {value!r}")
         try:
-            number = hint(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{key} expects a number, got {value!r}") from None
-        if hint is int and float(value) != number:
-            raise ConfigError(f"{key} expects a whole number, got {value!r}")
+        if hint is int:
+            if not number.is_integer():
+                raise ConfigError(f"{key} expects a whole number, got {value!r}")
+            return int(number)
         return number
     if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
     return value
 

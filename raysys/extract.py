@@ -23,8 +23,10 @@ import pyarrow.parquet as pq
 from raysys import cache
 from raysys.backbones import REJECT, Backbone, get_backbone, pick_device
 from raysys.config import Config, CorpusConfig, ExtractConfig
-from raysys.corpora import SyntheticConfig, corpus_key, generate
+from raysys.corpora import SyntheticConfig, corpus_key, generate, make_negative
 from raysys.errors import ConfigError, CorpusError
+
+PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
 
 
 @dataclass
@@ -44,7 +46,20 @@ def load_corpus(cfg: CorpusConfig) -> tuple[str, list[dict[str, Any]]]:
         raise ConfigError(f"unknown corpus {cfg.name!r}; available: synthetic")
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
     syn = SyntheticConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields})
-    return corpus_key(syn), generate(syn)
+    return corpus_key(syn), fill_negatives(generate(syn))
+
+
+def fill_negatives(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Derive a rule-based hard negative for every caption that has none, and record where
+    each negative came from; a caption no rule applies to keeps None and is rejected later."""
+    for row in rows:
+        if row.get("negative"):
+            row.setdefault("negative_source", "corpus")
+            continue
+        derived = make_negative(row["caption"], seed=row["pair_id"]) if row.get("caption") else None
+        row["negative"] = derived.text if derived else None
+        row["negative_source"] = f"generated:{derived.rule}" if derived else "none"
+    return rows
 
 
 class EmbedActor:
@@ -104,7 +119,13 @@ def _actor_plan(ecfg: ExtractConfig) -> tuple[int, float, float, int]:
         cpus = ecfg.cpus_per_actor or 1.0
     else:
         actors = ecfg.num_actors or max(1, int(res.cpus // 4))
-        cpus = ecfg.cpus_per_actor or max(0.5, min(res.cpus / 2, (res.cpus - 1) / actors))
+        cpus = ecfg.cpus_per_actor or max(0.25, min(res.cpus / 2, (res.cpus - 1) / actors))
+    if actors * cpus > res.cpus - PREPROCESS_CPUS:
+        raise ConfigError(
+            f"{actors} extraction actors × {cpus:g} CPUs leave less than {PREPROCESS_CPUS:g} of "
+            f"the cluster's {res.cpus:g} CPUs for decoding and tokenizing, and Ray Data would "
+            "wait forever; lower extract.num_actors or extract.cpus_per_actor"
+        )
     threads = max(1, math.ceil(cpus)) if gpus else max(1, int(res.cpus // actors))
     return actors, cpus, gpus, threads
 
@@ -125,7 +146,12 @@ def run_pass(
     started = time.perf_counter()
     blocks = max(actors * 2, math.ceil(rows.num_rows / ecfg.batch_size))
     ds = ray.data.from_arrow(rows).repartition(blocks)
-    ds = ds.map_batches(backbone.preprocess, batch_size=ecfg.batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        backbone.preprocess,
+        batch_size=ecfg.batch_size,
+        batch_format="numpy",
+        num_cpus=PREPROCESS_CPUS,
+    )
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={

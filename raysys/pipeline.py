@@ -13,6 +13,7 @@ import numpy as np
 
 from raysys import cache, config
 from raysys.config import Config
+from raysys.errors import ConfigError
 from raysys.evaluate import score_model, score_raw
 from raysys.extract import Extracted, extract
 from raysys.jam import JAM
@@ -30,17 +31,48 @@ def train_paths(cfg: Config, ext: Extracted) -> Paths:
     )
 
 
+MIN_EVAL_PAIRS = 4  # unbiased HSIC (unbiased CKA, CKNNA) needs more than 3 samples
+
+
+def check_split_sizes(cfg: Config, sizes: dict[str, int]) -> None:
+    if sizes["train"] < cfg.train.batch_size:
+        raise ConfigError(
+            f"the train split has {sizes['train']} pairs, fewer than one global batch "
+            f"(train.batch_size={cfg.train.batch_size}); lower train.batch_size or raise "
+            "corpus.size"
+        )
+    for split in ("val", "test"):
+        if sizes[split] < MIN_EVAL_PAIRS:
+            raise ConfigError(
+                f"the {split} split has {sizes[split]} pairs; evaluation needs at least "
+                f"{MIN_EVAL_PAIRS}: raise corpus.size or corpus.{split}_fraction"
+            )
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Refuse to reuse a finished run's directory: Ray Train would resume its old
+    checkpoints and the new results would silently be the old model's."""
+    used = [name for name in ("results.csv", "ray", "models") if (out_dir / name).exists()]
+    if used:
+        raise ConfigError(
+            f"{str(out_dir)!r} already holds a run ({', '.join(used)}); choose another --out "
+            "or delete it"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
 def run(cfg: Config, out_dir: Path, objectives: list[str]) -> list[dict[str, Any]]:
     """Train each objective on the same cached layers; returns the results rows."""
     started = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out_dir)
     config.dump(cfg, out_dir / "config.yaml")
     ext = extract(cfg)
     paths = train_paths(cfg, ext)
-    # Load every split once on the driver: bad caches fail here, clearly, not in a worker.
-    test = paths.load("test")
-    for split in ("train", "val"):
-        paths.load(split)
+    # Load every split once on the driver: bad caches and too-small splits fail here,
+    # clearly, not inside a Ray worker.
+    splits = {split: paths.load(split) for split in ("train", "val", "test")}
+    check_split_sizes(cfg, {k: len(v) for k, v in splits.items()})
+    test = splits["test"]
     base = {
         "vision": cfg.extract.vision,
         "text": cfg.extract.text,

@@ -88,7 +88,8 @@ class Trainer:
         self.step = 0
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to zero over the remaining steps."""
+        """Linear warm-up, then cosine decay to zero over the remaining steps. Warm-up is
+        capped at a tenth of the run so a short run is not all warm-up."""
         warmup = min(self.tcfg.warmup_steps, max(1, self.total_steps // 10))
         if step < warmup:
             return (step + 1) / warmup
@@ -122,6 +123,7 @@ class Trainer:
         if self.tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
         self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.step += 1
         return {
@@ -129,7 +131,7 @@ class Trainer:
             "align": float(align.detach()),
             "rec": float(rec.detach()),
             "lambda": lam,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "logit_scale": float(scale.detach()),
         }
 
@@ -184,6 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
     model = JAM(jam_config(tcfg, data.image.shape[1], data.text.shape[1]))
     model.fit_input_stats(torch.as_tensor(data.image), torch.as_tensor(data.text))
     trainer = Trainer(ray.train.torch.prepare_model(model), tcfg, total_steps)
+    torch.manual_seed(tcfg.seed + rank)  # same initial weights, independent dropout per rank
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

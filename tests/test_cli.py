@@ -83,3 +83,21 @@ def test_report_on_a_directory_without_results(tmp_path, capsys) -> None:
 def test_every_pipeline_command_takes_out_and_config(command: str) -> None:
     out = _run(command, "--help").stdout
     assert "--config" in out and "--out" in out
+
+
+def test_s3_out_is_refused_clearly(capsys) -> None:
+    assert main(["run", "--out", "s3://bucket/run", "corpus.size=100"]) == 2
+    assert "s3:// output directories are not supported yet" in capsys.readouterr().err
+
+
+def test_too_small_splits_fail_before_training() -> None:
+    from raysys import config
+    from raysys.errors import ConfigError
+    from raysys.pipeline import check_split_sizes
+
+    cfg = config.load(None, ["train.batch_size=64"])
+    check_split_sizes(cfg, {"train": 64, "val": 4, "test": 4})
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        check_split_sizes(cfg, {"train": 63, "val": 10, "test": 10})
+    with pytest.raises(ConfigError, match="the test split has 3 pairs"):
+        check_split_sizes(cfg, {"train": 100, "val": 10, "test": 3})

@@ -55,6 +55,8 @@ def test_unknown_key_names_the_valid_keys() -> None:
         ("train.batch_size=255", "divide evenly"),
         ("corpus.size", "key=value"),
         ("train=3", "is a section"),
+        ("objectives=", "objectives is empty"),
+        ("extract.vision=null", "expects a string"),
     ],
 )
 def test_bad_values_fail_clearly(override: str, message: str) -> None:
@@ -76,3 +78,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path) -> None:
     assert config.from_dict(config.to_dict(cfg)) == cfg
     config.dump(cfg, tmp_path / "config.yaml")
     assert config.load(tmp_path / "config.yaml") == cfg
+
+
+def test_integral_floats_are_accepted_for_ints() -> None:
+    assert config.load(None, ["train.epochs=1e1"]).train.epochs == 10

@@ -104,8 +104,17 @@ def test_exported_model_encodes_the_cached_embeddings(finished_run) -> None:
     history = metrics["spread"]["history"]  # one entry per validation (epochs 2 and 4)
     assert [h["epoch"] for h in history] == [1, 3]
     assert all("val/i2t_r1" in h and "train/loss" in h for h in history)
-    # The saved test scores are the ones recomputed from the exported model.
+    # The exported model is the one the worker validated at the last epoch: scoring it here
+    # on the val split reproduces the worker's final val metrics.
     from raysys.evaluate import score_model
 
-    again = score_model(model, test, config.EvalConfig())
-    assert again["i2t_r1"] == pytest.approx(metrics["spread"]["test"]["i2t_r1"])
+    val = cache.load_pairs(corpus_dir, image_dir, text_dir, "L16", "L06", "val")
+    again = score_model(model, val, config.EvalConfig())
+    for key in ("i2t_r1", "t2i_r5", "mutual_knn", "recon_mse"):
+        assert again[key] == pytest.approx(history[-1][f"val/{key}"], rel=1e-5, abs=1e-6), key
+
+
+def test_rerun_into_a_finished_run_directory_is_refused(finished_run, capsys) -> None:
+    out, cache_dir = finished_run
+    assert main(["run", "--out", str(out), *OVERRIDES, f"extract.cache_dir={cache_dir}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err

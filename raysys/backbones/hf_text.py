@@ -79,8 +79,7 @@ class HFTextEncoder(Backbone):
         for column, values in texts.items():
             for i, value in enumerate(batch[column]):
                 if not isinstance(value, str) or not value.strip():
-                    if column == "caption" or value is not None:
-                        reasons[i] = reasons[i] or f"empty or non-text {column}"
+                    reasons[i] = reasons[i] or f"empty or non-text {column}"
                     value = ""
                 values.append(value)
         out = {"id": batch["id"], REJECT: reasons}
