@@ -219,7 +219,9 @@ def extract(cfg: Config) -> Extracted:
     from raysys.runtime import init_ray
 
     key, rows = load_corpus(cfg.corpus)
-    corpus_dir = Path(cfg.extract.cache_dir) / key
+    # Absolute: Ray workers run in their own working directories, not the driver's.
+    cache_dir = Path(cfg.extract.cache_dir).resolve()
+    corpus_dir = cache_dir / key
     cache.write_pairs(corpus_dir, rows)
     passes = {
         "image": (cfg.extract.vision, _image_rows),
@@ -230,7 +232,7 @@ def extract(cfg: Config) -> Extracted:
     for modality, (name, make_rows) in passes.items():
         backbone = get_backbone(name, modality, max_text_length=cfg.extract.max_text_length)
         backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
-        out_dir = cache.stage_dir(cfg.extract.cache_dir, key, modality, backbone_key)
+        out_dir = cache.stage_dir(cache_dir, key, modality, backbone_key)
         manifest = cache.read_manifest(out_dir)
         if manifest is None:
             init_ray(cfg.ray)

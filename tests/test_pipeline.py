@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -28,11 +29,17 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cache_dir = tmp_path_factory.mktemp("run-cache")
-    args = ["run", "--out", str(out), *OVERRIDES, f"extract.cache_dir={cache_dir}"]
-    assert main(args) == 0
-    return out, cache_dir
+    """One run with relative paths, as a user types them: Ray workers do not share the
+    driver's working directory, so this catches paths that are not made absolute."""
+    work = tmp_path_factory.mktemp("work")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        args = ["run", "--out", "runs/e2e", *OVERRIDES, "extract.cache_dir=runs/cache"]
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    return work / "runs/e2e", work / "runs/cache"
 
 
 def test_results_table_has_raw_and_every_objective(finished_run, capsys) -> None:
@@ -59,7 +66,7 @@ def test_results_table_has_raw_and_every_objective(finished_run, capsys) -> None
 def test_config_yaml_is_the_resolved_config(finished_run) -> None:
     out, cache_dir = finished_run
     saved = config.load(out / "config.yaml")
-    assert saved == config.load(None, [*OVERRIDES, f"extract.cache_dir={cache_dir}"])
+    assert saved == config.load(None, [*OVERRIDES, "extract.cache_dir=runs/cache"])
 
 
 def test_tensorboard_scalars_read_back(finished_run) -> None:
@@ -116,5 +123,6 @@ def test_exported_model_encodes_the_cached_embeddings(finished_run) -> None:
 
 def test_rerun_into_a_finished_run_directory_is_refused(finished_run, capsys) -> None:
     out, cache_dir = finished_run
-    assert main(["run", "--out", str(out), *OVERRIDES, f"extract.cache_dir={cache_dir}"]) == 2
+    args = ["run", "--out", str(out), *OVERRIDES, f"extract.cache_dir={cache_dir}"]
+    assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
