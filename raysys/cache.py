@@ -167,15 +167,23 @@ def load_pairs(
     text_ids, text_cols = read_layers(text_dir, [text_layer, "neg_" + text_layer])
     want_image = index["image_id"].to_numpy(zero_copy_only=False).astype(str)
     want_text = index["pair_id"].to_numpy(zero_copy_only=False).astype(str)
-    # Rejected rows are absent from a cache: keep only pairs present in both.
     image_pos, text_pos = _positions(image_ids, want_image), _positions(text_ids, want_text)
+    # A row may be absent from a cache only because extraction rejected it (and said so).
+    for name, directory, pos, want in (
+        ("image", image_dir, image_pos, want_image),
+        ("text", text_dir, text_pos, want_text),
+    ):
+        missing = np.setdiff1d(want[pos < 0], rejected_ids(directory))
+        if len(missing):
+            raise CacheError(
+                f"{len(missing)} {name} id(s) of split {split!r} are neither in the cache "
+                f"{str(directory)!r} nor among its rejects, e.g. {missing[:5].tolist()}; the "
+                "cache does not belong to this corpus: delete it and rerun `raysys extract`"
+            )
     keep = (image_pos >= 0) & (text_pos >= 0)
     if not keep.any():
-        raise CacheError(
-            f"no pair of split {split!r} has both an image and a text embedding; the caches "
-            f"{str(image_dir)!r} and {str(text_dir)!r} do not belong to this corpus"
-        )
-    return Pairs(
+        raise CacheError(f"every pair of split {split!r} was rejected during extraction")
+    pairs = Pairs(
         pair_ids=want_text[keep],
         image_ids=want_image[keep],
         captions=index["caption"].to_numpy(zero_copy_only=False)[keep],
@@ -183,6 +191,30 @@ def load_pairs(
         text=text_cols[text_layer][text_pos[keep]],
         negative=text_cols["neg_" + text_layer][text_pos[keep]],
     )
+    check_finite(pairs, f"{image_layer}/{text_layer}")
+    return pairs
+
+
+def check_finite(pairs: Pairs, what: str) -> None:
+    """NaN or inf embeddings (e.g. a float16 overflow) would silently poison training."""
+    bad = ~(
+        np.isfinite(pairs.image).all(1)
+        & np.isfinite(pairs.text).all(1)
+        & np.isfinite(pairs.negative).all(1)
+    )
+    if bad.any():
+        ids = pairs.pair_ids[bad]
+        raise CacheError(
+            f"{int(bad.sum())} pair(s) have NaN or inf embeddings in layers {what}, e.g. "
+            f"{ids[:10].tolist()}; re-extract them or choose another layer"
+        )
+
+
+def rejected_ids(directory: Path) -> np.ndarray:
+    path = Path(directory) / REJECTS
+    if not path.is_file():
+        return np.array([], dtype=str)
+    return pq.read_table(path, columns=["id"])["id"].to_numpy(zero_copy_only=False).astype(str)
 
 
 def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ COMMANDS = {
     "extract, train every objective in `objectives`, evaluate, report",
     "extract": "corpus -> embedding cache (Parquet, every layer), reused when unchanged",
     "train": "one JAM training run (train.objective) on the cached embeddings, then its report",
+    "evaluate": "score an exported model (runs/<run>/models/<objective>) on a corpus's cache",
     "report": "rebuild report.md from a finished run directory's results.csv",
 }
 
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "report":
             p.add_argument("run_dir", type=Path, help="a run directory holding results.csv")
             continue
+        if name == "evaluate":
+            p.add_argument("model_dir", type=Path, help="an exported model directory")
         p.add_argument("--config", type=Path, help="YAML file of config keys (nested sections)")
         p.add_argument(
             "--out",
@@ -81,6 +84,21 @@ def _where(out: Path) -> None:
     print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'} --host 127.0.0.1")
 
 
+def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    from raysys.pipeline import evaluate_model
+    from raysys.report import table, write_report, write_results
+
+    rows = evaluate_model(cfg, args.model_dir)
+    print("\n" + table(rows) + "\n")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, args.out / "config.yaml")
+        write_results(args.out, rows)
+        write_report(args.out, rows, notes=[f"Model {args.model_dir}, {cfg.eval.split} split."])
+        print(f"outputs:     {args.out}/ (config.yaml, results.csv, report.md)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -106,11 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             ext = extract(cfg)
             print(f"cache: {ext.image_dir}\n       {ext.text_dir}")
             return 0
+        if args.command == "evaluate":
+            return _evaluate(args, cfg)
         from raysys.pipeline import run
 
-        out = _out_dir(args, cfg)
+        resume = bool(cfg.resume)
+        if resume:
+            out = Path(cfg.resume)
+            saved = out / "config.yaml"
+            if not saved.is_file():
+                raise ConfigError(f"resume={cfg.resume!r} is not a run directory (no config.yaml)")
+            # Overrides still apply on top (e.g. more epochs); the run's own config is the base.
+            cfg = config.load(saved, [o for o in args.overrides if not o.startswith("resume=")])
+        else:
+            out = _out_dir(args, cfg)
         objectives = cfg.objectives if args.command == "run" else [cfg.train.objective]
-        run(cfg, out, objectives)
+        run(cfg, out, objectives, resume=resume)
         _where(out)
         return 0
     except RaysysError as exc:

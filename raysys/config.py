@@ -55,7 +55,13 @@ class ExtractConfig:
 
 @dataclass
 class TrainConfig:
-    """One JAM training run: model shape, objective, optimisation and Ray Train scaling."""
+    """One JAM training run: model shape, objective, optimisation and Ray Train scaling.
+
+    `eval_every` is in optimiser steps: each validation reports metrics and a checkpoint, the
+    unit a resumed run restarts from. `best_metric` picks the exported model; early stopping
+    (`early_stop_patience` validations without improvement; 0 = off) watches the same metric.
+    `max_failures` lets Ray Train restart crashed workers from the last checkpoint.
+    """
 
     objective: str = "con"
     vision_layer: int = -1
@@ -71,7 +77,12 @@ class TrainConfig:
     lambda_start: float = 1.0
     lambda_end: float = 0.1
     epochs: int = 15
-    eval_every: int = 5
+    eval_every: int = 30
+    best_metric: str = "val/mutual_knn"
+    best_mode: str = "max"
+    early_stop_patience: int = 0
+    keep_checkpoints: int = 3
+    max_failures: int = 0
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -90,6 +101,7 @@ class EvalConfig:
     knn_k: int = 10
     svcca_dim: int = 10
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    split: str = "test"
 
 
 @dataclass
@@ -103,9 +115,14 @@ class RayConfig:
 
 @dataclass
 class Config:
-    """The whole pipeline; `objectives` is what `raysys run` trains one after another."""
+    """The whole pipeline; `objectives` is what `raysys run` trains one after another.
+
+    `resume=<run dir>` continues a stopped `raysys run`/`train` from its last checkpoints,
+    with the config saved in that directory.
+    """
 
     name: str = ""
+    resume: str = ""
     objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES))
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -124,11 +141,21 @@ class Config:
                 )
         if self.corpus.size < 20:
             raise ConfigError(f"corpus.size={self.corpus.size} is too small; use at least 20")
+        if self.eval.split not in ("train", "val", "test"):
+            raise ConfigError(f"eval.split={self.eval.split!r} must be train, val or test")
+        if self.train.best_mode not in ("max", "min"):
+            raise ConfigError(f"train.best_mode={self.train.best_mode!r} must be max or min")
+        if not self.train.best_metric.startswith("val/"):
+            raise ConfigError(
+                f"train.best_metric={self.train.best_metric!r} must be a validation metric, "
+                "e.g. val/mutual_knn, val/i2t_r1, val/recon_mse (with train.best_mode=min)"
+            )
         if not 0.0 <= self.train.alpha <= 1.0:
             raise ConfigError(f"train.alpha={self.train.alpha} must lie in [0, 1]")
         positive = {
             "train.epochs": self.train.epochs,
             "train.eval_every": self.train.eval_every,
+            "train.keep_checkpoints": self.train.keep_checkpoints,
             "train.batch_size": self.train.batch_size,
             "train.num_workers": self.train.num_workers,
             "train.latent": self.train.latent,

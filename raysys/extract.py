@@ -87,7 +87,11 @@ def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:
     for name, dim in _layer_dims(backbone).items():
         full = np.zeros((len(reasons), dim), dtype=np.float16)
         if len(good):
-            full[good] = layers[name]
+            with np.errstate(over="ignore"):
+                full[good] = layers[name]
+            # A value past float16's range (±65504) would be cached as inf: reject the row.
+            broken = good[~np.isfinite(full[good]).all(1)]
+            reasons[broken] = [r or f"non-finite {name} embedding" for r in reasons[broken]]
         columns[name] = cache.float16_list_array(full)
     columns[REJECT] = pa.array(reasons.astype(str))
     return pa.table(columns)

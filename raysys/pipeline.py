@@ -15,10 +15,11 @@ from raysys import cache, config
 from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.evaluate import score_model, score_raw
-from raysys.extract import Extracted, extract
+from raysys.extract import Extracted, extract, load_corpus
 from raysys.jam import JAM
 from raysys.report import table, write_report, write_results
-from raysys.train import Paths, train
+from raysys.tensorboard import write_hparams, write_projector
+from raysys.train import Paths, check_dims, train
 
 
 def train_paths(cfg: Config, ext: Extracted) -> Paths:
@@ -31,6 +32,7 @@ def train_paths(cfg: Config, ext: Extracted) -> Paths:
     )
 
 
+PROVENANCE = "provenance.json"  # beside an exported model: what it was trained on
 MIN_EVAL_PAIRS = 4  # unbiased HSIC (unbiased CKA, CKNNA) needs more than 3 samples
 
 
@@ -61,11 +63,18 @@ def prepare_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def run(cfg: Config, out_dir: Path, objectives: list[str]) -> list[dict[str, Any]]:
-    """Train each objective on the same cached layers; returns the results rows."""
+def run(
+    cfg: Config, out_dir: Path, objectives: list[str], resume: bool = False
+) -> list[dict[str, Any]]:
+    """Train each objective on the same cached layers; returns the results rows.
+
+    With `resume`, `out_dir` is a stopped run: each objective's Ray Train run continues from
+    its latest checkpoint (a finished one returns at once).
+    """
     started = time.perf_counter()
-    prepare_out_dir(out_dir)
-    config.dump(cfg, out_dir / "config.yaml")
+    if not resume:
+        prepare_out_dir(out_dir)
+        config.dump(cfg, out_dir / "config.yaml")
     ext = extract(cfg)
     paths = train_paths(cfg, ext)
     # Load every split once on the driver: bad caches and too-small splits fail here,
@@ -85,6 +94,7 @@ def run(cfg: Config, out_dir: Path, objectives: list[str]) -> list[dict[str, Any
         f"{rows[0]['mutual_knn']:.3f}",
         flush=True,
     )
+    sample = projector_sample(cfg, test)
     metrics_log: dict[str, Any] = {}
     for objective in objectives:
         run_cfg = dataclasses.replace(
@@ -94,8 +104,20 @@ def run(cfg: Config, out_dir: Path, objectives: list[str]) -> list[dict[str, Any
             f"[train] {objective}: {cfg.train.epochs} epochs, {cfg.train.num_workers} workers",
             flush=True,
         )
-        result = train(run_cfg, paths, out_dir, objective)
-        scores = score_model(JAM.load(result.model_dir), test, cfg.eval)
+        result = train(run_cfg, paths, out_dir, objective, resume=resume)
+        provenance = {
+            **base,
+            "objective": objective,
+            "corpus_key": ext.image_manifest["corpus_key"],
+            "image_layer": paths.image_layer,
+            "text_layer": paths.text_layer,
+        }
+        (result.model_dir / PROVENANCE).write_text(json.dumps(provenance, indent=1))
+        model = JAM.load(result.model_dir)
+        scores = score_model(model, test, cfg.eval)
+        write_tensorboard_summaries(
+            out_dir / "tensorboard" / objective, run_cfg, model, scores, sample
+        )
         rows.append({"objective": objective, **base, **scores, "train_s": round(result.seconds, 1)})
         # history: Ray Train's checkpointed reports, i.e. one entry per validation.
         metrics_log[objective] = {"test": scores, "history": result.history}
@@ -114,3 +136,70 @@ def run(cfg: Config, out_dir: Path, objectives: list[str]) -> list[dict[str, Any
     write_report(out_dir, rows, notes=notes)
     print("\n" + table(rows) + "\n", flush=True)
     return rows
+
+
+def evaluate_model(cfg: Config, model_dir: Path) -> list[dict[str, Any]]:
+    """Score an exported model on any corpus's cache (`eval.split`), beside the raw row.
+
+    The layers default to those the model was trained on (its provenance.json); the corpus
+    and backbones come from the config, so the same model can be scored on another corpus.
+    """
+    model = JAM.load(model_dir)
+    prov_path = model_dir / PROVENANCE
+    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    ext = extract(cfg)
+    paths = train_paths(cfg, ext)
+    if "image_layer" in provenance:
+        paths.image_layer, paths.text_layer = provenance["image_layer"], provenance["text_layer"]
+    pairs = paths.load(cfg.eval.split)
+    check_dims(model, pairs.image.shape[1], pairs.text.shape[1], f"model {str(model_dir)!r}")
+    base = {
+        "vision": cfg.extract.vision,
+        "text": cfg.extract.text,
+        "vision_layer": ext.image_manifest["layers"].index(paths.image_layer),
+        "text_layer": ext.text_manifest["layers"].index(paths.text_layer),
+    }
+    name = provenance.get("objective", model_dir.name)
+    return [
+        {"objective": "raw", **base, **score_raw(pairs, cfg.eval)},
+        {"objective": name, **base, **score_model(model, pairs, cfg.eval)},
+    ]
+
+
+PROJECTOR_POINTS = 200  # enough to see the structure, small enough for the browser
+
+
+def projector_sample(cfg: Config, test: cache.Pairs) -> dict[str, Any]:
+    """The first test pairs, with their captions and image thumbnails, for the projector."""
+    n = min(PROJECTOR_POINTS, len(test))
+    _, rows = load_corpus(cfg.corpus)
+    images = {r["image_id"]: r["image"] for r in rows}
+    return {
+        "image": test.image[:n],
+        "text": test.text[:n],
+        "labels": [str(c) for c in test.captions[:n]],
+        "thumbnails": [images[i] for i in test.image_ids[:n]],
+    }
+
+
+def write_tensorboard_summaries(
+    log_dir: Path, cfg: Config, model: JAM, scores: dict[str, float], sample: dict[str, Any]
+) -> None:
+    """HParams (config -> test metrics, so runs compare in the HParams tab) and the
+    embedding projector over a sample of test latents with captions and thumbnails."""
+    import torch
+
+    hparams = {
+        "objective": cfg.train.objective,
+        "vision": cfg.extract.vision,
+        "text": cfg.extract.text,
+        "train": {k: v for k, v in config.to_dict(cfg.train).items() if k != "objective"},
+    }
+    write_hparams(log_dir, hparams, {f"test/{k}": v for k, v in scores.items()})
+    model.eval()
+    with torch.no_grad():
+        latents = {
+            "image": model.encode_image(torch.as_tensor(sample["image"])),
+            "text": model.encode_text(torch.as_tensor(sample["text"])),
+        }
+    write_projector(log_dir, latents, sample["labels"], sample["thumbnails"])

@@ -10,6 +10,7 @@ equal slice of each global batch and contrastive terms see the whole global batc
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import tempfile
@@ -22,12 +23,14 @@ import numpy as np
 import torch
 
 from raysys import cache
-from raysys.config import Config, EvalConfig, TrainConfig, from_dict, to_dict
+from raysys.config import Config, TrainConfig, from_dict, to_dict
+from raysys.errors import CacheError
 from raysys.evaluate import score_model
 from raysys.jam import JAM, JAMConfig, losses
 from raysys.jam.dist import gather_with_grad
 
 STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"  # every report so far; the latest checkpoint holds all of it
 MODEL_DIR = "model"
 
 
@@ -62,6 +65,16 @@ def jam_config(tcfg: TrainConfig, d_image: int, d_text: int) -> JAMConfig:
         logit_scale=tcfg.logit_scale,
         learn_logit_scale=tcfg.learn_logit_scale,
     )
+
+
+def check_dims(model: JAM, d_image: int, d_text: int, what: str) -> None:
+    """A model only encodes embeddings of the widths it was trained on; say so plainly."""
+    if (model.cfg.d_image, model.cfg.d_text) != (d_image, d_text):
+        raise CacheError(
+            f"{what} expects image/text embeddings of width {model.cfg.d_image}/"
+            f"{model.cfg.d_text}, but the cached layers are {d_image}/{d_text} wide; use the "
+            "backbones and layers it was trained on"
+        )
 
 
 def alignment_loss(
@@ -102,18 +115,20 @@ class Trainer:
         """One optimisation step on this rank's slice of the global batch."""
         self.model.train()
         b = len(text)
-        out = self.model(image, torch.cat([text, negative]), cross=self.tcfg.cross_reconstruction)
-        zi = gather_with_grad(out["zi"])
-        zt = gather_with_grad(out["zt"][:b])
-        zn = gather_with_grad(out["zt"][b:])
-        scale = self.jam.logit_scale()
-        align = alignment_loss(self.tcfg, zi, zt, zn, scale)
-        rec = losses.reconstruction(out["image_target"], out["image_hat"]) + losses.reconstruction(
-            out["text_target"], out["text_hat"]
-        )
-        if self.tcfg.cross_reconstruction:
-            rec = rec + losses.reconstruction(out["text_target"][:b], out["text_from_image"][:b])
-            rec = rec + losses.reconstruction(out["image_target"], out["image_from_text"][:b])
+        with self._autocast(image.device):
+            out = self.model(
+                image, torch.cat([text, negative]), cross=self.tcfg.cross_reconstruction
+            )
+            zi = gather_with_grad(out["zi"])
+            zt = gather_with_grad(out["zt"][:b])
+            zn = gather_with_grad(out["zt"][b:])
+            scale = self.jam.logit_scale()
+            align = alignment_loss(self.tcfg, zi, zt, zn, scale)
+            rec = losses.reconstruction(out["image_target"], out["image_hat"])
+            rec = rec + losses.reconstruction(out["text_target"], out["text_hat"])
+            if self.tcfg.cross_reconstruction:
+                rec = rec + losses.reconstruction(out["text_target"][:b], out["text_from_image"])
+                rec = rec + losses.reconstruction(out["image_target"], out["image_from_text"][:b])
         lam = losses.lambda_schedule(
             self.step, self.total_steps, self.tcfg.lambda_start, self.tcfg.lambda_end
         )
@@ -126,14 +141,24 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.step += 1
+        # The alignment loss is already global; average the per-rank terms so the logged
+        # loss is the global batch's, whatever the number of workers.
+        rec_global = _global_mean(rec.detach())
         return {
-            "loss": float(loss.detach()),
+            "loss": float(align.detach()) + lam * rec_global,
             "align": float(align.detach()),
-            "rec": float(rec.detach()),
+            "rec": rec_global,
             "lambda": lam,
             "lr": lr,
             "logit_scale": float(scale.detach()),
         }
+
+    @staticmethod
+    def _autocast(device: torch.device):
+        """bf16 matmuls on GPU (the losses upcast to fp32 themselves); plain fp32 on CPU."""
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -155,46 +180,78 @@ def global_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[np.nd
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
+def batch_at(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Global batch number `step` (0-based): a run resumed at any step sees exactly the batches
+    it would have seen without the interruption."""
+    per_epoch = n // batch_size
+    epoch, index = divmod(step, per_epoch)
+    return global_batches(n, batch_size, epoch, seed)[index]
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    """Mean over ranks of a per-rank scalar (for logging only)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    tensor = value.detach().float().reshape(1)  # stays on its device: NCCL needs GPU tensors
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank (early stopping must stop all DDP ranks together)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point."""
+    """Ray Train worker entry point: step-based, resumable at any reported checkpoint."""
     import ray.train
     import ray.train.torch
 
     # Ray Train logs every report at INFO on the root logger and also routes print() there;
-    # at WARNING, only our one-line epoch summaries (and real warnings) reach the driver.
+    # at WARNING, only our one-line validation summaries (and real warnings) reach the driver.
     logging.getLogger().setLevel(logging.WARNING)
     cfg = from_dict(config["cfg"])
     tcfg = cfg.train
     paths = Paths(**config["paths"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = config.get("threads", 1)
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, config.get("threads", 1)))
     torch.manual_seed(tcfg.seed)
     device = ray.train.torch.get_device()
 
     data = paths.load("train")
     val = paths.load("val") if rank == 0 else None
-    if len(data) < tcfg.batch_size:
-        raise ValueError(
-            f"train split has {len(data)} pairs, fewer than train.batch_size={tcfg.batch_size}"
-        )
     per_rank = tcfg.batch_size // world
-    steps_per_epoch = len(data) // tcfg.batch_size
-    total_steps = steps_per_epoch * tcfg.epochs
+    total_steps = (len(data) // tcfg.batch_size) * tcfg.epochs
 
     model = JAM(jam_config(tcfg, data.image.shape[1], data.text.shape[1]))
     model.fit_input_stats(torch.as_tensor(data.image), torch.as_tensor(data.text))
     trainer = Trainer(ray.train.torch.prepare_model(model), tcfg, total_steps)
-    torch.manual_seed(tcfg.seed + rank)  # same initial weights, independent dropout per rank
-    start_epoch = 0
+    best, stale, history = None, 0, []
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
-            trainer.jam.load_state_dict(JAM.load(Path(ckpt) / MODEL_DIR).state_dict())
+            saved = JAM.load(Path(ckpt) / MODEL_DIR)
+            check_dims(saved, data.image.shape[1], data.text.shape[1], "the checkpoint")
+            trainer.jam.load_state_dict(saved.state_dict())
             state = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
             trainer.load_state_dict(state["trainer"])
-            start_epoch = state["epoch"] + 1
+            best, stale = state.get("best"), state.get("stale", 0)
+            history = json.loads((Path(ckpt) / HISTORY_FILE).read_text())
+        if rank == 0:
+            print(f"[train] {tcfg.objective}: resumed at step {trainer.step}", flush=True)
+    # Same initial weights on every rank (DDP also broadcasts them), independent dropout.
+    torch.manual_seed(tcfg.seed + 1000 * rank + trainer.step)
 
     # Embeddings stay float16 in memory (half the footprint); the model casts per batch.
     tensors = [torch.as_tensor(a).to(device) for a in (data.image, data.text, data.negative)]
@@ -202,47 +259,64 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0 and config.get("tensorboard_dir"):
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(config["tensorboard_dir"])
+        # purge_step drops events a crashed attempt logged past the checkpoint we resume from.
+        writer = SummaryWriter(config["tensorboard_dir"], purge_step=trainer.step + 1)
 
-    for epoch in range(start_epoch, tcfg.epochs):
-        started = time.perf_counter()
-        sums: dict[str, float] = {}
-        for batch in global_batches(len(data), tcfg.batch_size, epoch, tcfg.seed):
-            mine = torch.as_tensor(batch[rank * per_rank : (rank + 1) * per_rank], device=device)
-            stats = trainer.train_step(*(t[mine] for t in tensors))
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-                if writer:
-                    writer.add_scalar(f"train/{key}", value, trainer.step)
-        elapsed = time.perf_counter() - started
-        report = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
-        report |= {"epoch": epoch, "step": trainer.step}
-        report["train/samples_per_s"] = steps_per_epoch * tcfg.batch_size / elapsed
-        validate = (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs
+    sums: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    while trainer.step < total_steps:
+        batch = batch_at(trainer.step, len(data), tcfg.batch_size, tcfg.seed)
+        mine = torch.as_tensor(batch[rank * per_rank : (rank + 1) * per_rank], device=device)
+        stats = trainer.train_step(*(t[mine] for t in tensors))
+        window_steps += 1
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+            if writer:
+                writer.add_scalar(f"train/{key}", value, trainer.step)
+        if trainer.step % tcfg.eval_every and trainer.step < total_steps:
+            continue
+        elapsed = time.perf_counter() - window_start
+        report = {f"train/{k}": v / window_steps for k, v in sums.items()}
+        report["train/samples_per_s"] = window_steps * tcfg.batch_size / elapsed
+        report |= {"step": trainer.step, "epoch": (trainer.step - 1) * tcfg.batch_size / len(data)}
+        stop = False
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0 and validate:
+            if rank == 0:
                 assert val is not None
                 scores = score_model(trainer.jam, val, cfg.eval)
                 report |= {f"val/{k}": v for k, v in scores.items()}
+                score = report[tcfg.best_metric]
+                improved = best is None or (
+                    score > best if tcfg.best_mode == "max" else score < best
+                )
+                best, stale = (score, 0) if improved else (best, stale + 1)
+                stop = 0 < tcfg.early_stop_patience <= stale
                 print(
-                    f"[train] {tcfg.objective} epoch {epoch + 1}/{tcfg.epochs} "
+                    f"[train] {tcfg.objective} step {trainer.step}/{total_steps} "
                     f"loss {report['train/loss']:.3f} val i2t_r1 {scores['i2t_r1']:.3f} "
                     f"t2i_r1 {scores['t2i_r1']:.3f} mutual_knn {scores['mutual_knn']:.3f} "
-                    f"{report['train/samples_per_s']:.0f} samples/s",
+                    f"{report['train/samples_per_s']:.0f} samples/s"
+                    + (" (early stop)" if stop else ""),
                     flush=True,
                 )
                 trainer.jam.save(Path(tmp) / MODEL_DIR)
                 torch.save(
-                    {"trainer": trainer.state_dict(), "epoch": epoch}, Path(tmp) / STATE_FILE
+                    {"trainer": trainer.state_dict(), "best": best, "stale": stale},
+                    Path(tmp) / STATE_FILE,
                 )
+                history.append(report)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            if writer:
-                for key, value in report.items():
-                    if key.startswith("val/") or key == "train/samples_per_s":
-                        writer.add_scalar(key, value, trainer.step)
-                writer.flush()
+                if writer:
+                    for key, value in report.items():
+                        if key.startswith("val/") or key == "train/samples_per_s":
+                            writer.add_scalar(key, value, trainer.step)
+                    writer.flush()
             ray.train.report(report, checkpoint=ckpt)
+        if _all_agree(stop, device):
+            break
+        sums, window_start, window_steps = {}, time.perf_counter(), 0
     if writer:
         writer.close()
 
@@ -283,15 +357,36 @@ def scaling(tcfg: TrainConfig) -> tuple[Any, int]:
     )
 
 
-def train(cfg: Config, paths: Paths, out_dir: Path, name: str) -> TrainResult:
-    """Fit one JAM model with Ray Train; returns the exported model and its history."""
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint with the most steps under a Ray Train run directory, if any.
+
+    Ray Train restores its own checkpoint list only when the stopped run managed to write
+    its snapshot file; finding the newest checkpoint ourselves makes resume work either way.
+    """
+    best: tuple[int, str] | None = None
+    for ckpt in Path(run_dir).glob("checkpoint_*"):
+        history = ckpt / HISTORY_FILE
+        if (ckpt / STATE_FILE).is_file() and history.is_file():
+            step = json.loads(history.read_text())[-1]["step"]
+            if best is None or step > best[0]:
+                best = (step, str(ckpt))
+    return best[1] if best else None
+
+
+def train(cfg: Config, paths: Paths, out_dir: Path, name: str, resume: bool = False) -> TrainResult:
+    """Fit one JAM model with Ray Train; returns the exported best model and its history.
+
+    With `resume`, training continues from the newest checkpoint under `<out_dir>/ray/<name>`
+    (a run stopped by Ctrl-C or a lost driver); a finished run returns at once.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from raysys.runtime import init_ray
 
     init_ray(cfg.ray)
-    scaling_config, threads = scaling(cfg.train)
+    tcfg = cfg.train
+    scaling_config, threads = scaling(tcfg)
     out_dir = out_dir.resolve()
     started = time.perf_counter()
     trainer = TorchTrainer(
@@ -301,26 +396,28 @@ def train(cfg: Config, paths: Paths, out_dir: Path, name: str) -> TrainResult:
             "paths": dataclasses.asdict(paths),
             "threads": threads,
             "tensorboard_dir": str(out_dir / "tensorboard" / name),
+            "resume_from": latest_checkpoint(out_dir / "ray" / name) if resume else None,
         },
         scaling_config=scaling_config,
         run_config=RunConfig(
             name=name,
             storage_path=str(out_dir / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # Ray Train logs every report at INFO; the epoch summaries are what users read.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tcfg.keep_checkpoints,
+                checkpoint_score_attribute=tcfg.best_metric,
+                checkpoint_score_order=tcfg.best_mode,
+            ),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+            # Ray Train logs every report at INFO; the validation summaries are what users read.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
     seconds = time.perf_counter() - started
     model_dir = out_dir / "models" / name
-    with result.checkpoint.as_directory() as ckpt:
+    best = result.get_best_checkpoint(tcfg.best_metric, tcfg.best_mode) or result.checkpoint
+    with best.as_directory() as ckpt:
         JAM.load(Path(ckpt) / MODEL_DIR).save(model_dir)
-    history = []
-    if result.metrics_dataframe is not None:
-        history = result.metrics_dataframe.to_dict(orient="records")
-    return TrainResult(cfg.train.objective, model_dir, result.metrics, history, seconds)
-
-
-def evaluate_split(model_dir: Path, paths: Paths, ecfg: EvalConfig, split: str) -> dict:
-    return score_model(JAM.load(model_dir), paths.load(split), ecfg)
+    with result.checkpoint.as_directory() as ckpt:
+        history = json.loads((Path(ckpt) / HISTORY_FILE).read_text())
+    return TrainResult(tcfg.objective, model_dir, result.metrics, history, seconds)

@@ -1,0 +1,362 @@
+"""`raysys bench train`: what Ray Train costs over a bare PyTorch loop for the same JAM fit.
+
+The same model, cached embeddings, global batch, number of steps and torch thread count are
+trained twice: once through `raysys.train.train` (a Ray Train `TorchTrainer` with 1 worker,
+exactly what `raysys train` runs) and once by a `Trainer` driven in this process over in-memory
+tensors. Two numbers answer "is Ray worth it here":
+
+- **steady-state throughput** of each path (samples/s) and their ratio. Both paths are cut into
+  the same windows (one per validation, every `train.eval_every` steps) and rated per window;
+  the steady rate is the median of the windows after the first, which holds the warm-up (first
+  allocations, lazy init). The median, not the mean, because a shared machine's stalls land in
+  single windows.
+- **Ray's fixed overhead** (`startup_s`): time spent neither in training steps nor in
+  validations, i.e. from calling `train()` to the first step, plus from the end of the last
+  validation until `train()` returns (worker-group teardown, model export).
+
+Where the rest of the Ray run's time goes comes from the worker itself: its reported samples/s
+per window give each window's training seconds exactly, and its per-step TensorBoard events give
+the wall clock (same machine, same clock as the driver) at which each window ended; so the time
+before the first window, between windows (validations: scoring, checkpoint, `ray.train.report`)
+and after the last one is measured, not guessed. The decomposition is exact:
+
+    wall_s = startup_s + steps * B / pipeline_per_s + excess_train_s + validation_s
+
+`excess_train_s` is training time above the steady rate (first-window warm-up, stalls), which
+the bare loop pays too, so it is not counted as Ray's. The naive "wall - steps * B / steady -
+validations" is `startup_s + excess_train_s`. The last validation, which no window follows, is
+taken as the mean of the others. Starting Ray itself (`ray_init_s`) is reported apart and not
+counted: one Ray instance serves every run of a session. If the events cannot be read, each
+validation is taken as long as the bare loop's same work (scoring the val split, saving model
+and optimiser state) and `startup.source` says "estimate".
+
+The bench runs the configured `train.epochs` (default 15 epochs = 90 steps on the default
+corpus, about 25 s per path on 2 CPU cores) with `train.eval_every` overridden to give
+`WINDOWS` windows, and early stopping off so both paths run the same steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysys import cache
+from raysys.config import Config, to_dict
+from raysys.evaluate import score_model
+from raysys.jam import JAM
+from raysys.pipeline import check_split_sizes, train_paths
+from raysys.train import Paths, Trainer, batch_at, jam_config
+
+WINDOWS = 4  # throughput windows per path; the first is warm-up, the median of the rest counts
+RUN_NAME = "bench"
+RAY_RUN_DIR = "ray-run"  # under out_dir; replaced on every bench
+BENCH_FILE = "bench.json"
+STEP_TAG = "train/loss"  # a scalar the worker writes at every step
+
+
+def window_bounds(total_steps: int, eval_every: int) -> list[int]:
+    """The step count at the end of each window, as the Ray worker validates (every
+    `eval_every` steps and once more at the end)."""
+    bounds = list(range(eval_every, total_steps, eval_every))
+    return [*bounds, total_steps]
+
+
+def steady_rate(rates: list[float]) -> float:
+    """Median samples/s of the windows after the first (the first holds the warm-up)."""
+    if not rates:
+        raise ValueError("no throughput windows")
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+@dataclass
+class Timeline:
+    """Where the wall time of one Ray Train run went (seconds; see the module docstring)."""
+
+    wall_s: float
+    startup_s: float  # to_first_step_s + shutdown_s (NaN parts when only estimated)
+    to_first_step_s: float
+    shutdown_s: float
+    train_s: float  # steps * B / steady rate
+    excess_train_s: float
+    validation_s: float
+    source: str  # "tensorboard" (measured) or "estimate"
+
+
+def ray_timeline(
+    t_call: float,
+    t_return: float,
+    window_seconds: list[float],
+    bound_walls: list[float] | None,
+    total_steps: int,
+    batch_size: int,
+    rate: float,
+    validation_estimate: float,
+) -> Timeline:
+    """Split `train()`'s wall time into start-up, training, validations and shutdown.
+
+    `window_seconds` are the worker's own timings of each window's training steps (from its
+    reported samples/s). `bound_walls[k]` is the wall clock (time.time()) at which the last
+    step of window k finished, from the worker's TensorBoard events. A window therefore
+    started at `bound_walls[k] - window_seconds[k]`; the time from the end of one window to
+    the start of the next is one validation (scoring, checkpoint, `ray.train.report`). The
+    last validation, after which no window starts, is taken as the mean of the measured ones
+    (or `validation_estimate` when there are none). Without `bound_walls`, every validation
+    is `validation_estimate`, start-up and shutdown cannot be told apart, and their sum is
+    what remains of the wall time.
+    """
+    wall = t_return - t_call
+    train_s = total_steps * batch_size / rate
+    measured_train = sum(window_seconds)
+    excess = measured_train - train_s
+    if bound_walls is None:
+        validation = validation_estimate * len(window_seconds)
+        startup = wall - measured_train - validation
+        return Timeline(wall, startup, math.nan, math.nan, train_s, excess, validation, "estimate")
+    starts = [end - seconds for end, seconds in zip(bound_walls, window_seconds, strict=True)]
+    gaps = [nxt - end for end, nxt in zip(bound_walls[:-1], starts[1:], strict=True)]
+    last_validation = statistics.mean(gaps) if gaps else validation_estimate
+    validation = sum(gaps) + last_validation
+    to_first_step = starts[0] - t_call
+    shutdown = t_return - bound_walls[-1] - last_validation
+    return Timeline(
+        wall_s=wall,
+        startup_s=to_first_step + shutdown,
+        to_first_step_s=to_first_step,
+        shutdown_s=shutdown,
+        train_s=train_s,
+        excess_train_s=excess,
+        validation_s=validation,
+        source="tensorboard",
+    )
+
+
+def read_step_walls(log_dir: Path, tag: str = STEP_TAG) -> dict[int, float]:
+    """Wall time of each step's `tag` scalar in a TensorBoard log dir ({} if unreadable)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    try:
+        acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        return {e.step: e.wall_time for e in acc.Scalars(tag)}
+    except (KeyError, OSError):
+        return {}
+
+
+def bare_loop(
+    cfg: Config,
+    train_data: cache.Pairs,
+    val_data: cache.Pairs,
+    bounds: list[int],
+    threads: int,
+    device: torch.device,
+) -> tuple[list[float], list[float]]:
+    """Train JAM as the Ray worker does, minus Ray: same model, batches and schedule.
+
+    Returns samples/s per window (training steps only) and the seconds each validation took
+    (scoring the val split and writing the model and optimiser state, as rank 0 does), the
+    latter only to estimate Ray's validations when its step times are unavailable.
+    """
+    tcfg = cfg.train
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(tcfg.seed)
+        n = len(train_data)
+        model = JAM(jam_config(tcfg, train_data.image.shape[1], train_data.text.shape[1]))
+        model.fit_input_stats(torch.as_tensor(train_data.image), torch.as_tensor(train_data.text))
+        trainer = Trainer(model.to(device), tcfg, bounds[-1])
+        torch.manual_seed(tcfg.seed + 1000 * 0 + trainer.step)  # rank 0's dropout seed
+        arrays = (train_data.image, train_data.text, train_data.negative)
+        tensors = [torch.as_tensor(a).to(device) for a in arrays]
+        rates, validations = [], []
+        for end in bounds:
+            start_step = trainer.step
+            started = time.perf_counter()
+            while trainer.step < end:
+                batch = batch_at(trainer.step, n, tcfg.batch_size, tcfg.seed)
+                index = torch.as_tensor(batch, device=device)
+                trainer.train_step(*(t[index] for t in tensors))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            rates.append((trainer.step - start_step) * tcfg.batch_size / elapsed)
+            started = time.perf_counter()
+            score_model(trainer.jam, val_data, cfg.eval)
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer.jam.save(Path(tmp) / "model")
+                torch.save({"trainer": trainer.state_dict()}, Path(tmp) / "state.pt")
+            validations.append(time.perf_counter() - started)
+        return rates, validations
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Benchmark `raysys train` (Ray Train, 1 worker) against a bare PyTorch loop.
+
+    Prints one line per path, the ratio and Ray's fixed overhead; writes `out_dir/bench.json`
+    (throughputs, ratio, start-up breakdown, per-window rates and the settings used) and
+    returns the same dict. `out_dir/ray-run` holds the Ray run's outputs and is replaced.
+    """
+    import ray
+
+    from raysys.extract import extract
+    from raysys.runtime import init_ray
+    from raysys.train import scaling, train
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ray_init_started = time.perf_counter()
+    was_running = ray.is_initialized()
+    init_ray(cfg.ray)
+    ray_init_s = 0.0 if was_running else time.perf_counter() - ray_init_started
+
+    ext = extract(cfg)
+    paths: Paths = train_paths(cfg, ext)
+    splits = {split: paths.load(split) for split in ("train", "val", "test")}
+    check_split_sizes(cfg, {k: len(v) for k, v in splits.items()})
+    train_data = splits["train"]
+    steps_per_epoch = len(train_data) // cfg.train.batch_size
+    total_steps = steps_per_epoch * cfg.train.epochs
+    eval_every = max(1, math.ceil(total_steps / WINDOWS))
+    run_cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train, num_workers=1, eval_every=eval_every, early_stop_patience=0
+        ),
+    )
+    tcfg = run_cfg.train
+    bounds = window_bounds(total_steps, eval_every)
+    _, threads = scaling(tcfg)
+    use_cuda = tcfg.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+
+    print(
+        f"[bench] {total_steps} steps of batch {tcfg.batch_size} ({cfg.train.epochs} epochs "
+        f"of {len(train_data)} pairs), {len(bounds)} windows, {threads} torch threads, {device}",
+        flush=True,
+    )
+    bare_rates, bare_validations = bare_loop(
+        run_cfg, train_data, splits["val"], bounds, threads, device
+    )
+    bare_per_s = steady_rate(bare_rates)
+    print(f"[bench] bare torch loop      : {bare_per_s:8.0f} samples/s", flush=True)
+
+    run_dir = out_dir.resolve() / RAY_RUN_DIR
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a leftover run would be resumed and its events mixed in
+    t_call = time.time()
+    result = train(run_cfg, paths, run_dir, RUN_NAME)
+    t_return = time.time()
+    history = result.history
+    steps = [int(h["step"]) for h in history]
+    if steps != bounds:
+        raise RuntimeError(f"the Ray run validated at steps {steps}, expected {bounds}")
+    ray_rates = [float(h["train/samples_per_s"]) for h in history]
+    pipeline_per_s = steady_rate(ray_rates)
+    window_steps = np.diff([0, *bounds]).tolist()
+    window_seconds = [k * tcfg.batch_size / r for k, r in zip(window_steps, ray_rates, strict=True)]
+    walls = read_step_walls(run_dir / "tensorboard" / RUN_NAME)
+    bound_walls = [walls[b] for b in bounds] if all(b in walls for b in bounds) else None
+    timeline = ray_timeline(
+        t_call,
+        t_return,
+        window_seconds,
+        bound_walls,
+        total_steps,
+        tcfg.batch_size,
+        pipeline_per_s,
+        statistics.mean(bare_validations),
+    )
+    ratio = pipeline_per_s / bare_per_s
+
+    d_image, d_text = train_data.image.shape[1], train_data.text.shape[1]
+    params = sum(p.numel() for p in JAM(jam_config(tcfg, d_image, d_text)).parameters())
+    report: dict[str, Any] = {
+        "pipeline_per_s": pipeline_per_s,
+        "bare_per_s": bare_per_s,
+        "ratio": ratio,
+        "startup_s": timeline.startup_s,
+        "startup": {
+            "to_first_step_s": timeline.to_first_step_s,
+            "shutdown_s": timeline.shutdown_s,
+            "source": timeline.source,
+        },
+        "ray_run": {
+            "wall_s": timeline.wall_s,
+            "train_s": timeline.train_s,
+            "excess_train_s": timeline.excess_train_s,
+            "validation_s": timeline.validation_s,
+            "validations": len(bounds),
+            "ray_init_s": ray_init_s,
+            "window_per_s": ray_rates,
+        },
+        "bare": {
+            "window_per_s": bare_rates,
+            "validation_s_each": bare_validations,
+        },
+        "settings": {
+            "objective": tcfg.objective,
+            "model": {
+                "d_image": d_image,
+                "d_text": d_text,
+                "hidden": list(tcfg.hidden),
+                "latent": tcfg.latent,
+                "parameters": params,
+            },
+            "image_layer": paths.image_layer,
+            "text_layer": paths.text_layer,
+            "vision": cfg.extract.vision,
+            "text": cfg.extract.text,
+            "train_pairs": len(train_data),
+            "batch_size": tcfg.batch_size,
+            "epochs": tcfg.epochs,
+            "steps": total_steps,
+            "eval_every": eval_every,
+            "window_ends": bounds,
+            "workers": tcfg.num_workers,
+            "torch_threads": threads,
+            "device": str(device),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "ray_cpus": float(ray.cluster_resources().get("CPU", 0.0)),
+            "train": to_dict(tcfg),
+        },
+    }
+    report = _finite_or_none(report)
+    (out_dir / BENCH_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"[bench] ray train, 1 worker  : {pipeline_per_s:8.0f} samples/s", flush=True)
+    print(
+        f"[bench] ratio {ratio:.3f} (goal >= 0.9); Ray start-up {timeline.startup_s:.1f} s "
+        f"(goal <= 10 s: {timeline.to_first_step_s:.1f} s to the first step + "
+        f"{timeline.shutdown_s:.1f} s shutdown, {timeline.source}); "
+        f"{timeline.validation_s:.1f} s in {len(bounds)} validations -> {out_dir / BENCH_FILE}",
+        flush=True,
+    )
+    return report
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: an unmeasured quantity is written as null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value

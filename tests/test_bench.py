@@ -1,0 +1,92 @@
+"""`raysys.bench`: the timing arithmetic on known numbers, and one real bench end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from raysys import config
+from raysys.bench import BENCH_FILE, bench_train, ray_timeline, steady_rate, window_bounds
+
+
+def test_windows_end_where_the_worker_validates() -> None:
+    assert window_bounds(90, 23) == [23, 46, 69, 90]
+    assert window_bounds(20, 5) == [5, 10, 15, 20]
+    assert window_bounds(3, 5) == [3]
+
+
+def test_steady_rate_skips_the_warm_up_window() -> None:
+    assert steady_rate([10.0, 100.0, 90.0, 300.0]) == 100.0
+    assert steady_rate([10.0]) == 10.0
+    with pytest.raises(ValueError):
+        steady_rate([])
+
+
+def test_timeline_accounts_for_every_second_of_the_wall_time() -> None:
+    # Called at 1000; 2 s windows start at 1006, 1009.5 and 1013, so each of the two measured
+    # validations took 1.5 s; the last window ends at 1015 and train() returns at 1020.
+    window_seconds = [2.0, 2.0, 2.0]
+    bound_walls = [1008.0, 1011.5, 1015.0]
+    t = ray_timeline(1000.0, 1020.0, window_seconds, bound_walls, 30, 10, 150.0, 9.0)
+    assert t.source == "tensorboard"
+    assert t.to_first_step_s == pytest.approx(6.0)
+    assert t.validation_s == pytest.approx(1.5 * 3)  # two measured, the last one their mean
+    assert t.shutdown_s == pytest.approx(5.0 - 1.5)
+    assert t.train_s == pytest.approx(30 * 10 / 150.0)
+    assert t.excess_train_s == pytest.approx(6.0 - 2.0)
+    total = t.startup_s + t.train_s + t.excess_train_s + t.validation_s
+    assert total == pytest.approx(t.wall_s) and t.wall_s == 20.0
+
+
+def test_timeline_without_step_times_estimates_validations() -> None:
+    t = ray_timeline(0.0, 20.0, [2.0, 2.0], None, 20, 10, 100.0, 0.5)
+    assert t.source == "estimate"
+    assert t.validation_s == pytest.approx(1.0)
+    assert t.startup_s == pytest.approx(20.0 - 4.0 - 1.0)
+    assert math.isnan(t.to_first_step_s) and math.isnan(t.shutdown_s)
+
+
+@pytest.mark.slow
+def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_path) -> None:
+    import ray
+    import torch
+
+    cfg = config.load(
+        None,
+        [
+            "corpus.size=200",
+            f"extract.cache_dir={tmp_path / 'cache'}",
+            "train.batch_size=32",
+            "train.hidden=64",
+            "train.latent=16",
+            "train.epochs=4",
+            "train.num_workers=2",  # the bench must still run Ray Train with one worker
+            "train.early_stop_patience=1",  # and must not stop early
+        ],
+    )
+    out = tmp_path / "bench"
+    result = bench_train(cfg, out)
+
+    written = json.loads((out / BENCH_FILE).read_text())
+    assert written == result
+    for key in ("pipeline_per_s", "bare_per_s", "ratio", "startup_s"):
+        assert isinstance(written[key], float), key
+        assert math.isfinite(written[key]) and written[key] > 0, key
+    assert written["ratio"] == written["pipeline_per_s"] / written["bare_per_s"]
+
+    # 160 train pairs / batch 32 = 5 steps per epoch, 4 epochs, 4 windows of 5 steps.
+    settings = written["settings"]
+    assert settings["steps"] == 20 and settings["window_ends"] == [5, 10, 15, 20]
+    assert settings["batch_size"] == 32 and settings["workers"] == 1
+    assert settings["model"]["hidden"] == [64] and settings["model"]["latent"] == 16
+    assert settings["torch_threads"] == 2  # both CPUs of the test cluster to the one worker
+    assert settings["device"] == "cpu"
+    assert settings["torch"] == torch.__version__ and settings["ray"] == ray.__version__
+    assert len(written["ray_run"]["window_per_s"]) == len(written["bare"]["window_per_s"]) == 4
+    assert written["startup"]["source"] == "tensorboard"
+    run = written["ray_run"]
+    parts = run["train_s"] + run["excess_train_s"] + run["validation_s"] + written["startup_s"]
+    assert parts == pytest.approx(run["wall_s"])
+    assert (out / "ray-run" / "models" / "bench" / "model.safetensors").is_file()

@@ -1,0 +1,89 @@
+"""Cache reads fail clearly on caches that do not belong together or hold bad numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysys import cache
+from raysys.errors import CacheError
+from raysys.jam import JAM, JAMConfig
+from raysys.train import check_dims
+
+
+def _write(directory, ids, columns: dict[str, np.ndarray], rejects=()) -> None:
+    directory.mkdir(parents=True)
+    table = {"id": pa.array(ids)} | {k: cache.float16_list_array(v) for k, v in columns.items()}
+    pq.write_table(pa.table(table), directory / "part-0.parquet")
+    if rejects:
+        pq.write_table(
+            pa.table({"id": list(rejects), "reason": ["bad"] * len(rejects)}),
+            directory / cache.REJECTS,
+        )
+    cache.write_manifest(directory, {"columns": list(columns), "layers": ["L00"]})
+
+
+def _corpus(tmp_path, n=6, image=None, text=None, image_ids=None, rejects=()):
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "pair_id": f"p{i}",
+            "image_id": f"i{i}",
+            "caption": f"c{i}",
+            "negative": f"n{i}",
+            "negative_source": "exact",
+            "split": "test",
+        }
+        for i in range(n)
+    ]
+    cache.write_pairs(tmp_path / "corpus", rows)
+    image = rng.normal(size=(n, 4)) if image is None else image
+    text = rng.normal(size=(n, 3)) if text is None else text
+    ids = image_ids or [f"i{i}" for i in range(n)]
+    _write(tmp_path / "img", ids, {"L00": image}, rejects=rejects)
+    _write(tmp_path / "txt", [f"p{i}" for i in range(n)], {"L00": text, "neg_L00": -text})
+    return tmp_path / "corpus", tmp_path / "img", tmp_path / "txt"
+
+
+def _load(dirs):
+    return cache.load_pairs(*dirs, "L00", "L00", "test")
+
+
+def test_pairs_join_by_id_not_by_position(tmp_path) -> None:
+    image = np.arange(24, dtype=float).reshape(6, 4)
+    ids = [f"i{i}" for i in (5, 4, 3, 2, 1, 0)]  # stored in reverse order
+    pairs = _load(_corpus(tmp_path, image=image[::-1].copy(), image_ids=ids))
+    np.testing.assert_array_equal(pairs.image.astype(float), image)
+    np.testing.assert_array_equal(pairs.pair_ids, [f"p{i}" for i in range(6)])
+
+
+def test_nan_and_inf_are_reported_with_their_ids(tmp_path) -> None:
+    image = np.ones((6, 4))
+    image[2, 1] = np.nan
+    text = np.ones((6, 3))
+    text[4, 0] = 1e6  # overflows float16 to inf
+    with pytest.raises(CacheError, match=r"2 pair\(s\) have NaN or inf") as err:
+        _load(_corpus(tmp_path, image=image, text=text))
+    assert "'p2'" in str(err.value) and "'p4'" in str(err.value)
+
+
+def test_ids_from_another_corpus_are_refused(tmp_path) -> None:
+    ids = [f"i{i}" for i in range(5)] + ["other"]
+    with pytest.raises(CacheError, match="1 image id.*neither in the cache") as err:
+        _load(_corpus(tmp_path, image_ids=ids))
+    assert "i5" in str(err.value)
+
+
+def test_rejected_rows_are_left_out_not_reported_missing(tmp_path) -> None:
+    ids = [f"i{i}" for i in range(5)] + ["gone"]
+    pairs = _load(_corpus(tmp_path, image_ids=ids, rejects=["i5"]))
+    assert len(pairs) == 5 and "p5" not in pairs.pair_ids
+
+
+def test_model_dims_must_match_the_cache() -> None:
+    model = JAM(JAMConfig(d_image=4, d_text=3, hidden=(8,), latent=2))
+    check_dims(model, 4, 3, "the model")
+    with pytest.raises(CacheError, match="width 4/3, but the cached layers are 5/3"):
+        check_dims(model, 5, 3, "the model")
