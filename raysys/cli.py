@@ -58,7 +58,6 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, help="YAML file of config keys (nested sections)")
         p.add_argument(
             "--out",
-            type=Path,
             help="the embedding cache directory (default extract.cache_dir)"
             if name == "extract"
             else "output directory (default runs/<command>-<timestamp>/)",
@@ -70,18 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out_dir(args: argparse.Namespace, cfg: Config) -> Path:
+def _out_dir(args: argparse.Namespace, cfg: Config) -> Path | str:
     if args.out:
-        if str(args.out).startswith("s3:"):
-            raise ConfigError("s3:// output directories are not supported yet; use a local --out")
-        return args.out
+        return args.out if args.out.startswith("s3://") else Path(args.out)
     name = cfg.name or f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path("runs") / name
 
 
-def _where(out: Path) -> None:
+def _where(out: Path | str) -> None:
     print(f"outputs:     {out}/ (config.yaml, results.csv, report.md, models/)")
-    print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'} --host 127.0.0.1")
+    if str(out).startswith("s3://"):
+        print(
+            f"tensorboard: aws s3 sync {out}/tensorboard runs/tb && "
+            "tensorboard --logdir runs/tb --host 127.0.0.1"
+        )
+    else:
+        print(f"tensorboard: tensorboard --logdir {Path(out) / 'tensorboard'} --host 127.0.0.1")
 
 
 def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
@@ -91,11 +94,14 @@ def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
     rows = evaluate_model(cfg, args.model_dir)
     print("\n" + table(rows) + "\n")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        config.dump(cfg, args.out / "config.yaml")
-        write_results(args.out, rows)
-        write_report(args.out, rows, notes=[f"Model {args.model_dir}, {cfg.eval.split} split."])
-        print(f"outputs:     {args.out}/ (config.yaml, results.csv, report.md)")
+        out = _out_dir(args, cfg)
+        if not isinstance(out, Path):
+            raise ConfigError("evaluate writes a local --out directory")
+        out.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, out / "config.yaml")
+        write_results(out, rows)
+        write_report(out, rows, notes=[f"Model {args.model_dir}, {cfg.eval.split} split."])
+        print(f"outputs:     {out}/ (config.yaml, results.csv, report.md)")
     return 0
 
 
@@ -120,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             from raysys.extract import extract
 
             if args.out:  # extract's output is the cache itself
-                cfg.extract.cache_dir = str(args.out)
+                if args.out.startswith("s3://"):
+                    raise ConfigError("the embedding cache must be local for now; use a path")
+                cfg.extract.cache_dir = args.out
             ext = extract(cfg)
             print(f"cache: {ext.image_dir}\n       {ext.text_dir}")
             return 0

@@ -78,7 +78,7 @@ class TrainConfig:
     lambda_end: float = 0.1
     epochs: int = 15
     eval_every: int = 30
-    best_metric: str = "val/mutual_knn"
+    best_metric: str = "val/i2t_r1"
     best_mode: str = "max"
     early_stop_patience: int = 0
     keep_checkpoints: int = 3

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raysys import cache, config
+from raysys import cache, config, storage
 from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.evaluate import score_model, score_raw
@@ -64,7 +66,7 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 
 def run(
-    cfg: Config, out_dir: Path, objectives: list[str], resume: bool = False
+    cfg: Config, out_dir: Path | str, objectives: list[str], resume: bool = False
 ) -> list[dict[str, Any]]:
     """Train each objective on the same cached layers; returns the results rows.
 
@@ -72,6 +74,19 @@ def run(
     its latest checkpoint (a finished one returns at once).
     """
     started = time.perf_counter()
+    remote = storage.is_remote(out_dir)
+    ray_storage = None
+    if remote:
+        # Checkpoints go straight to object storage through Ray Train; the small outputs are
+        # staged locally and uploaded at the end.
+        if resume:
+            raise ConfigError("resume= needs a local run directory; s3:// resume is not supported")
+        uri = str(out_dir)
+        storage.check_writable(uri)
+        if storage.exists(storage.join(uri, "results.csv")):
+            raise ConfigError(f"{uri!r} already holds a run; choose another --out")
+        ray_storage = storage.join(uri, "ray")
+        out_dir = Path(tempfile.mkdtemp(prefix="raysys-stage-"))
     if not resume:
         prepare_out_dir(out_dir)
         config.dump(cfg, out_dir / "config.yaml")
@@ -104,7 +119,7 @@ def run(
             f"[train] {objective}: {cfg.train.epochs} epochs, {cfg.train.num_workers} workers",
             flush=True,
         )
-        result = train(run_cfg, paths, out_dir, objective, resume=resume)
+        result = train(run_cfg, paths, out_dir, objective, resume=resume, storage_uri=ray_storage)
         provenance = {
             **base,
             "objective": objective,
@@ -135,6 +150,9 @@ def run(
     ]
     write_report(out_dir, rows, notes=notes)
     print("\n" + table(rows) + "\n", flush=True)
+    if remote:
+        storage.upload_dir(out_dir, uri)
+        shutil.rmtree(out_dir)
     return rows
 
 

@@ -373,11 +373,19 @@ def latest_checkpoint(run_dir: Path) -> str | None:
     return best[1] if best else None
 
 
-def train(cfg: Config, paths: Paths, out_dir: Path, name: str, resume: bool = False) -> TrainResult:
+def train(
+    cfg: Config,
+    paths: Paths,
+    out_dir: Path,
+    name: str,
+    resume: bool = False,
+    storage_uri: str | None = None,
+) -> TrainResult:
     """Fit one JAM model with Ray Train; returns the exported best model and its history.
 
     With `resume`, training continues from the newest checkpoint under `<out_dir>/ray/<name>`
-    (a run stopped by Ctrl-C or a lost driver); a finished run returns at once.
+    (a run stopped by Ctrl-C or a lost driver); a finished run returns at once. With
+    `storage_uri` (e.g. s3://bucket/run/ray) Ray Train keeps its checkpoints there instead.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -388,6 +396,11 @@ def train(cfg: Config, paths: Paths, out_dir: Path, name: str, resume: bool = Fa
     tcfg = cfg.train
     scaling_config, threads = scaling(tcfg)
     out_dir = out_dir.resolve()
+    storage_fs, storage_path = None, str(out_dir / "ray")
+    if storage_uri:
+        from raysys import storage
+
+        storage_fs, storage_path = storage.pyarrow_fs(storage_uri)
     started = time.perf_counter()
     trainer = TorchTrainer(
         train_loop,
@@ -401,7 +414,8 @@ def train(cfg: Config, paths: Paths, out_dir: Path, name: str, resume: bool = Fa
         scaling_config=scaling_config,
         run_config=RunConfig(
             name=name,
-            storage_path=str(out_dir / "ray"),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tcfg.keep_checkpoints,
                 checkpoint_score_attribute=tcfg.best_metric,

@@ -14,9 +14,20 @@ import raysys  # noqa: E402,F401  (sets Ray's loopback-only environment before r
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 for the whole run."""
+    from s3server import moto_server
+
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
     import ray
 
+    # Before Ray starts, so its workers inherit the test endpoint and credentials.
+    os.environ.update(s3_server.env)
     from raysys.config import RayConfig
     from raysys.runtime import init_ray
 

@@ -85,11 +85,6 @@ def test_every_pipeline_command_takes_out_and_config(command: str) -> None:
     assert "--config" in out and "--out" in out
 
 
-def test_s3_out_is_refused_clearly(capsys) -> None:
-    assert main(["run", "--out", "s3://bucket/run", "corpus.size=100"]) == 2
-    assert "s3:// output directories are not supported yet" in capsys.readouterr().err
-
-
 def test_too_small_splits_fail_before_training() -> None:
     from raysys import config
     from raysys.errors import ConfigError
