@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "one JAM training run (train.objective) on the cached embeddings, then its report",
     "evaluate": "score an exported model (runs/<run>/models/<objective>) on a corpus's cache",
     "report": "rebuild report.md from a finished run directory's results.csv",
+    "bench": "throughput of a stage against a bare PyTorch loop on the same work (bench.json)",
 }
 
 EPILOG = """\
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
             continue
         if name == "evaluate":
             p.add_argument("model_dir", type=Path, help="an exported model directory")
+        if name == "bench":
+            p.add_argument("stage", choices=["train"], help="the stage to measure")
         p.add_argument("--config", type=Path, help="YAML file of config keys (nested sections)")
         p.add_argument(
             "--out",
@@ -134,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args, cfg)
+        if args.command == "bench":
+            from raysys.bench import bench_train
+
+            out = _out_dir(args, cfg)
+            if not isinstance(out, Path):
+                raise ConfigError("bench writes a local --out directory")
+            bench_train(cfg, out)
+            print(f"outputs:     {out}/bench.json")
+            return 0
         from raysys.pipeline import run
 
         resume = bool(cfg.resume)

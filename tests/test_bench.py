@@ -67,6 +67,9 @@ def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_p
         ],
     )
     out = tmp_path / "bench"
+    stale = out / "ray-run" / "tensorboard" / "bench" / "events.out.tfevents.stale"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")  # a previous bench's run: replaced, never resumed or mixed in
     result = bench_train(cfg, out)
 
     written = json.loads((out / BENCH_FILE).read_text())
@@ -76,17 +79,18 @@ def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_p
         assert math.isfinite(written[key]) and written[key] > 0, key
     assert written["ratio"] == written["pipeline_per_s"] / written["bare_per_s"]
 
-    # 160 train pairs / batch 32 = 5 steps per epoch, 4 epochs, 4 windows of 5 steps.
+    # 160 train pairs / batch 32 = 5 steps per epoch, 4 epochs: 5 windows of ceil(20 / 6) steps.
     settings = written["settings"]
-    assert settings["steps"] == 20 and settings["window_ends"] == [5, 10, 15, 20]
+    assert settings["steps"] == 20 and settings["window_ends"] == [4, 8, 12, 16, 20]
     assert settings["batch_size"] == 32 and settings["workers"] == 1
     assert settings["model"]["hidden"] == [64] and settings["model"]["latent"] == 16
     assert settings["torch_threads"] == 2  # both CPUs of the test cluster to the one worker
     assert settings["device"] == "cpu"
     assert settings["torch"] == torch.__version__ and settings["ray"] == ray.__version__
-    assert len(written["ray_run"]["window_per_s"]) == len(written["bare"]["window_per_s"]) == 4
+    assert len(written["ray_run"]["window_per_s"]) == len(written["bare"]["window_per_s"]) == 5
     assert written["startup"]["source"] == "tensorboard"
     run = written["ray_run"]
     parts = run["train_s"] + run["excess_train_s"] + run["validation_s"] + written["startup_s"]
     assert parts == pytest.approx(run["wall_s"])
     assert (out / "ray-run" / "models" / "bench" / "model.safetensors").is_file()
+    assert not stale.exists()
