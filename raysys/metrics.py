@@ -91,10 +91,14 @@ def _normalized_pair(
             "a and b must have the same number of rows (one per sample), got "
             f"{ta.shape[0]} and {tb.shape[0]}"
         )
-    dtype = torch.promote_types(ta.dtype, tb.dtype)
-    ta = ta.to(dtype)
-    tb = tb.to(device=ta.device, dtype=dtype)
+    ta, tb = _common(ta, tb)
     return F.normalize(ta, dim=1), F.normalize(tb, dim=1)
+
+
+def _common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both on `a`'s device in their promoted dtype, so mixed inputs compare exactly."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(device=a.device, dtype=dtype)
 
 
 def _check_int(value: object, name: str) -> int:
@@ -362,9 +366,7 @@ def retrieval(
             "image_emb and text_emb must share the embedding dimension, got "
             f"{images.shape[1]} and {texts.shape[1]}"
         )
-    dtype = torch.promote_types(images.dtype, texts.dtype)
-    images = images.to(dtype)
-    texts = texts.to(device=images.device, dtype=dtype)
+    images, texts = _common(images, texts)
     n_images, n_texts = images.shape[0], texts.shape[0]
     owner = _as_index(text_to_image, n_texts, n_images).to(images.device)
     ks = [_check_int(k, "each k in ks") for k in ks]
