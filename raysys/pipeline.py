@@ -53,6 +53,18 @@ def check_split_sizes(cfg: Config, sizes: dict[str, int]) -> None:
             )
 
 
+def check_best_metric(cfg: Config) -> None:
+    """train.best_metric must name a metric validation actually reports."""
+    ks = cfg.eval.retrieval_ks
+    names = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in ks]
+    names += ["hardneg_acc", "mutual_knn", "cka", "unbiased_cka", "cknna", "svcca", "recon_mse"]
+    if cfg.train.best_metric.removeprefix("val/") not in names:
+        raise ConfigError(
+            f"train.best_metric={cfg.train.best_metric!r} is not a validation metric; choose "
+            "from " + ", ".join(f"val/{n}" for n in names)
+        )
+
+
 def prepare_out_dir(out_dir: Path) -> None:
     """Refuse to reuse a finished run's directory: Ray Train would resume its old
     checkpoints and the new results would silently be the old model's."""
@@ -96,6 +108,7 @@ def run(
     # clearly, not inside a Ray worker.
     splits = {split: paths.load(split) for split in ("train", "val", "test")}
     check_split_sizes(cfg, {k: len(v) for k, v in splits.items()})
+    check_best_metric(cfg)
     test = splits["test"]
     base = {
         "vision": cfg.extract.vision,

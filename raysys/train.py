@@ -230,7 +230,8 @@ def train_loop(config: dict[str, Any]) -> None:
     data = paths.load("train")
     val = paths.load("val") if rank == 0 else None
     per_rank = tcfg.batch_size // world
-    total_steps = (len(data) // tcfg.batch_size) * tcfg.epochs
+    steps_per_epoch = len(data) // tcfg.batch_size
+    total_steps = steps_per_epoch * tcfg.epochs
 
     model = JAM(jam_config(tcfg, data.image.shape[1], data.text.shape[1]))
     model.fit_input_stats(torch.as_tensor(data.image), torch.as_tensor(data.text))
@@ -278,7 +279,7 @@ def train_loop(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window_start
         report = {f"train/{k}": v / window_steps for k, v in sums.items()}
         report["train/samples_per_s"] = window_steps * tcfg.batch_size / elapsed
-        report |= {"step": trainer.step, "epoch": (trainer.step - 1) * tcfg.batch_size / len(data)}
+        report |= {"step": trainer.step, "epoch": trainer.step / steps_per_epoch}
         stop = False
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

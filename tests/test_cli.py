@@ -96,3 +96,14 @@ def test_too_small_splits_fail_before_training() -> None:
         check_split_sizes(cfg, {"train": 63, "val": 10, "test": 10})
     with pytest.raises(ConfigError, match="the test split has 3 pairs"):
         check_split_sizes(cfg, {"train": 100, "val": 10, "test": 3})
+
+
+def test_best_metric_must_be_a_reported_validation_metric() -> None:
+    from raysys import config
+    from raysys.errors import ConfigError
+    from raysys.pipeline import check_best_metric
+
+    check_best_metric(config.load(None, ["train.best_metric=val/recon_mse"]))
+    check_best_metric(config.load(None, ["eval.retrieval_ks=1,3", "train.best_metric=val/t2i_r3"]))
+    with pytest.raises(ConfigError, match="not a validation metric.*val/mutual_knn"):
+        check_best_metric(config.load(None, ["train.best_metric=val/accuracy"]))

@@ -136,3 +136,22 @@ def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
 
     history = json.loads((out / "metrics.json").read_text())["con"]["history"]
     assert [h["step"] for h in history] == list(range(15, 181, 15))
+
+
+def test_early_stopping_ends_every_rank_together(small_cache, tmp_path) -> None:
+    cfg, ext = small_cache
+    # lr=0: the validation metric cannot improve, so patience 1 stops at the 2nd validation.
+    run_cfg = config.load(
+        None,
+        [
+            *SMALL,
+            "train.epochs=20",
+            "train.eval_every=3",
+            "train.lr=0",
+            "train.early_stop_patience=1",
+            "train.num_workers=2",
+        ],
+    )
+    run_cfg = dataclasses.replace(run_cfg, corpus=cfg.corpus, extract=cfg.extract)
+    result = train(run_cfg, train_paths(run_cfg, ext), tmp_path / "run", "con")
+    assert [h["step"] for h in result.history] == [3, 6]  # not 60
