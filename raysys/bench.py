@@ -66,7 +66,7 @@ from raysys.config import Config, to_dict
 from raysys.evaluate import score_model
 from raysys.jam import JAM
 from raysys.pipeline import check_split_sizes, train_paths
-from raysys.train import Paths, Trainer, batch_at, jam_config
+from raysys.train import Paths, Trainer, batch_plan, jam_config
 
 WINDOWS = 6  # throughput windows per path; the first is warm-up, the median of the rest counts
 RUN_NAME = "bench"
@@ -188,9 +188,10 @@ def bare_loop(
     torch.set_num_threads(threads)
     try:
         started = time.perf_counter()
-        train_data, val_data = paths.load("train"), paths.load("val")
+        plan = batch_plan(tcfg, len(paths.index("train")))  # one worker: all its shards
+        train_data = paths.load("train", select=plan.worker_rows(0, 1))
+        val_data = paths.load("val")
         torch.manual_seed(tcfg.seed)
-        n = len(train_data)
         model = JAM(jam_config(tcfg, train_data.image.shape[1], train_data.text.shape[1]))
         model.fit_input_stats(torch.as_tensor(train_data.image), torch.as_tensor(train_data.text))
         trainer = Trainer(model.to(device), tcfg, bounds[-1])
@@ -203,8 +204,7 @@ def bare_loop(
             start_step = trainer.step
             started = time.perf_counter()
             while trainer.step < end:
-                batch = batch_at(trainer.step, n, tcfg.batch_size, tcfg.seed)
-                index = torch.as_tensor(batch, device=device)
+                index = torch.as_tensor(plan.worker_batch(trainer.step, 0, 1), device=device)
                 trainer.train_step(*(t[index] for t in tensors))
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -255,7 +255,7 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     ext = extract(cfg)
     paths: Paths = train_paths(cfg, ext)
     # Fail here, clearly, on a cache too small for one batch or for validation.
-    sizes = {split: len(paths.load(split)) for split in ("train", "val", "test")}
+    sizes = {split: len(paths.index(split)) for split in ("train", "val", "test")}
     check_split_sizes(cfg, sizes)
     total_steps = sizes["train"] // cfg.train.batch_size * cfg.train.epochs
     eval_every = max(1, math.ceil(total_steps / WINDOWS))

@@ -93,9 +93,8 @@ def read_pairs(corpus_dir: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def read_layers(directory: Path, columns: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Ids and the requested layer columns only: Parquet column projection means a sweep over
-    one layer never reads the others."""
+def _finished(directory: Path, columns: list[str]) -> list[str]:
+    """The data files of a finished cache that holds `columns`, or a clear error."""
     manifest = read_manifest(directory)
     if manifest is None:
         raise CacheError(
@@ -110,11 +109,67 @@ def read_layers(directory: Path, columns: list[str]) -> tuple[np.ndarray, dict[s
     files = data_files(directory)
     if not files:
         raise CacheError(f"cache {str(directory)!r} holds no rows (were they all rejected?)")
-    table = pq.ParquetDataset(files).read(columns=["id", *columns])
-    ids = table.column("id").to_numpy(zero_copy_only=False).astype(str)
+    return files
+
+
+def read_ids(directory: Path, columns: list[str]) -> np.ndarray:
+    """Every id in a cache (the id column only: cheap even for a huge cache), checked for
+    duplicates; `columns` must exist in it."""
+    files = _finished(directory, columns)
+    ids = pq.ParquetDataset(files).read(columns=["id"]).column("id")
+    ids = ids.to_numpy(zero_copy_only=False).astype(str)
     if len(np.unique(ids)) != len(ids):
         raise CacheError(f"cache {str(directory)!r} holds duplicate ids; delete it and rerun")
+    return ids
+
+
+def read_layers(directory: Path, columns: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Ids and the requested layer columns only: Parquet column projection means a sweep over
+    one layer never reads the others."""
+    ids = read_ids(directory, columns)
+    table = pq.ParquetDataset(data_files(directory)).read(columns=columns)
     return ids, {c: to_numpy(table.column(c)) for c in columns}
+
+
+def read_rows(
+    directory: Path, columns: list[str], want: np.ndarray, batch_rows: int = 8192
+) -> dict[str, np.ndarray]:
+    """The requested layer columns for the ids in `want` (repeats allowed), in that order.
+
+    Only the wanted rows are ever held: files are read a record batch at a time, two layer
+    columns at most, so a training worker's memory is its shard, not the whole cache.
+    """
+    unique, inverse = np.unique(want, return_inverse=True)
+    files = _finished(directory, columns)
+    schema = pq.read_schema(files[0])
+    out = {
+        c: np.zeros((len(unique), schema.field(c).type.list_size), dtype=np.float16)
+        for c in columns
+    }
+    found = np.zeros(len(unique), dtype=bool)
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        file_ids = parquet.read(columns=["id"]).column("id")
+        slot = _positions(unique, file_ids.to_numpy(zero_copy_only=False).astype(str))
+        if not (slot >= 0).any():
+            continue
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            here = slot[offset : offset + batch.num_rows]
+            offset += batch.num_rows
+            hit = here >= 0
+            if not hit.any():
+                continue
+            mask = pa.array(hit)
+            for c in columns:
+                out[c][here[hit]] = to_numpy(batch.column(c).filter(mask))
+            found[here[hit]] = True
+    if not found.all():
+        raise CacheError(
+            f"{int((~found).sum())} id(s) missing from cache {str(directory)!r}, e.g. "
+            f"{unique[~found][:5].tolist()}"
+        )
+    return {c: values[inverse] for c, values in out.items()}
 
 
 @dataclass
@@ -149,22 +204,36 @@ def resolve_layer(manifest: dict[str, Any], layer: int) -> str:
     return layers[layer]
 
 
-def load_pairs(
+@dataclass
+class PairIndex:
+    """A split's pairs that both caches hold (ids and captions, no embeddings): what the
+    driver checks and what training shards before any worker reads an embedding."""
+
+    pair_ids: np.ndarray
+    image_ids: np.ndarray
+    captions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+
+def pair_index(
     corpus_dir: Path,
     image_dir: Path,
     text_dir: Path,
     image_layer: str,
     text_layer: str,
     split: str | None,
-) -> Pairs:
-    """Join the corpus index with both caches for one split, reading only the two layers."""
+) -> PairIndex:
+    """Join the corpus index with both caches' ids for one split: missing layers, foreign
+    caches and all-rejected splits fail here, having read only id columns."""
     index = read_pairs(corpus_dir)
     if split is not None:
         index = index.filter(pc.equal(index["split"], split))
     if index.num_rows == 0:
         raise CacheError(f"split {split!r} of {str(corpus_dir)!r} is empty")
-    image_ids, image_cols = read_layers(image_dir, [image_layer])
-    text_ids, text_cols = read_layers(text_dir, [text_layer, "neg_" + text_layer])
+    image_ids = read_ids(image_dir, [image_layer])
+    text_ids = read_ids(text_dir, [text_layer, "neg_" + text_layer])
     want_image = index["image_id"].to_numpy(zero_copy_only=False).astype(str)
     want_text = index["pair_id"].to_numpy(zero_copy_only=False).astype(str)
     image_pos, text_pos = _positions(image_ids, want_image), _positions(text_ids, want_text)
@@ -183,13 +252,36 @@ def load_pairs(
     keep = (image_pos >= 0) & (text_pos >= 0)
     if not keep.any():
         raise CacheError(f"every pair of split {split!r} was rejected during extraction")
-    pairs = Pairs(
+    return PairIndex(
         pair_ids=want_text[keep],
         image_ids=want_image[keep],
         captions=index["caption"].to_numpy(zero_copy_only=False)[keep],
-        image=image_cols[image_layer][image_pos[keep]],
-        text=text_cols[text_layer][text_pos[keep]],
-        negative=text_cols["neg_" + text_layer][text_pos[keep]],
+    )
+
+
+def load_pairs(
+    corpus_dir: Path,
+    image_dir: Path,
+    text_dir: Path,
+    image_layer: str,
+    text_layer: str,
+    split: str | None,
+    select: np.ndarray | None = None,
+) -> Pairs:
+    """One split's embeddings of the two layers; with `select` (positions in the split's
+    `pair_index`), only those pairs' rows are read."""
+    rows = pair_index(corpus_dir, image_dir, text_dir, image_layer, text_layer, split)
+    if select is not None:
+        rows = PairIndex(rows.pair_ids[select], rows.image_ids[select], rows.captions[select])
+    image = read_rows(image_dir, [image_layer], rows.image_ids)
+    text = read_rows(text_dir, [text_layer, "neg_" + text_layer], rows.pair_ids)
+    pairs = Pairs(
+        pair_ids=rows.pair_ids,
+        image_ids=rows.image_ids,
+        captions=rows.captions,
+        image=image[image_layer],
+        text=text[text_layer],
+        negative=text["neg_" + text_layer],
     )
     check_finite(pairs, f"{image_layer}/{text_layer}")
     return pairs

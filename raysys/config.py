@@ -61,6 +61,13 @@ class TrainConfig:
     unit a resumed run restarts from. `best_metric` picks the exported model; early stopping
     (`early_stop_patience` validations without improvement; 0 = off) watches the same metric.
     `max_failures` lets Ray Train restart crashed workers from the last checkpoint.
+
+    The train split is cut into `data_shards` fixed, seeded shards (0 = one per worker); each
+    global batch takes an equal part from every shard and each worker loads only its own
+    shards. Batches depend on `data_shards`, not on `num_workers`, so runs with the same
+    shards see the same batches on any number of workers that divides them.
+    `data_on_device`: auto keeps a worker's shard on its GPU when it fits in half the free
+    memory and in host memory otherwise (copied per batch); true/false force either.
     """
 
     objective: str = "con"
@@ -92,6 +99,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.0
+    data_shards: int = 0
+    data_on_device: str = "auto"
 
 
 @dataclass
@@ -170,6 +179,17 @@ class Config:
                 f"train.num_workers={self.train.num_workers} (each worker takes an equal slice "
                 "of the global batch)"
             )
+        shards = self.train.data_shards or self.train.num_workers
+        if shards < 0 or shards % self.train.num_workers or self.train.batch_size % shards:
+            raise ConfigError(
+                f"train.data_shards={self.train.data_shards} must be 0 (one per worker) or a "
+                f"multiple of train.num_workers={self.train.num_workers} that divides "
+                f"train.batch_size={self.train.batch_size}"
+            )
+        if self.train.data_on_device not in ("auto", "true", "false"):
+            raise ConfigError(
+                f"train.data_on_device={self.train.data_on_device!r} must be auto, true or false"
+            )
         return self
 
 
@@ -227,7 +247,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(number)
         return number
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads `auto|true|false` choices' true as a bool
+            return "true" if value else "false"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
     return value

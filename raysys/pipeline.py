@@ -104,9 +104,10 @@ def run(
         config.dump(cfg, out_dir / "config.yaml")
     ext = extract(cfg)
     paths = train_paths(cfg, ext)
-    # Load every split once on the driver: bad caches and too-small splits fail here,
-    # clearly, not inside a Ray worker.
-    splits = {split: paths.load(split) for split in ("train", "val", "test")}
+    # Bad caches and too-small splits fail here, clearly, not inside a Ray worker. The train
+    # split's embeddings are read only by the workers, each its own shard; the driver reads
+    # its ids (and the small val/test splits whole).
+    splits = {"train": paths.index("train"), **{s: paths.load(s) for s in ("val", "test")}}
     check_split_sizes(cfg, {k: len(v) for k, v in splits.items()})
     check_best_metric(cfg)
     test = splits["test"]

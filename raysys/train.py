@@ -2,8 +2,9 @@
 
 The compute lives in `Trainer`, a plain class that runs one training step or a validation on
 one process with or without torch.distributed; `train_loop` is the thin Ray Train wrapper
-around it (data loading, reporting, checkpoints, TensorBoard on rank 0). Every rank takes an
-equal slice of each global batch and contrastive terms see the whole global batch through
+around it (data loading, reporting, checkpoints, TensorBoard on rank 0). `BatchPlan` cuts
+the train split into fixed shards; each rank reads only its shards and takes an equal slice
+of each global batch from them, and contrastive terms see the whole global batch through
 `gather_with_grad`, so N workers × B/N train the same objective as 1 worker × B.
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from raysys import cache
 from raysys.config import Config, TrainConfig, from_dict, to_dict
-from raysys.errors import CacheError
+from raysys.errors import CacheError, RaysysError
 from raysys.evaluate import score_model
 from raysys.jam import JAM, JAMConfig, losses
 from raysys.jam.dist import gather_with_grad
@@ -44,15 +45,16 @@ class Paths:
     image_layer: str
     text_layer: str
 
-    def load(self, split: str) -> cache.Pairs:
-        return cache.load_pairs(
-            Path(self.corpus_dir),
-            Path(self.image_dir),
-            Path(self.text_dir),
-            self.image_layer,
-            self.text_layer,
-            split,
-        )
+    def _args(self) -> tuple[Path, Path, Path, str, str]:
+        dirs = (Path(self.corpus_dir), Path(self.image_dir), Path(self.text_dir))
+        return (*dirs, self.image_layer, self.text_layer)
+
+    def load(self, split: str, select: np.ndarray | None = None) -> cache.Pairs:
+        return cache.load_pairs(*self._args(), split, select=select)
+
+    def index(self, split: str) -> cache.PairIndex:
+        """The split's usable pairs, ids only (no embeddings read)."""
+        return cache.pair_index(*self._args(), split)
 
 
 def jam_config(tcfg: TrainConfig, d_image: int, d_text: int) -> JAMConfig:
@@ -173,19 +175,118 @@ class Trainer:
         self.step = state["step"]
 
 
-def global_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
-    """The epoch's global batches, identical on every rank (same seed), last partial dropped
-    so every rank always contributes an equal slice to the gather."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+@dataclass
+class BatchPlan:
+    """Which pairs make up every global batch, and which worker holds them.
+
+    The split's `n` pairs are cut once into `shards` equal, seeded shards (the remainder,
+    fewer than `shards` pairs, is left out). Global batch `step` takes `batch_size / shards`
+    pairs from each shard, in shard order, from a per-(epoch, shard) permutation. Worker r of
+    N holds shards r·S/N … (r+1)·S/N − 1, and its slice of each global batch is exactly its
+    shards' parts, so the gathered batch is the same for any N that divides S, and a run
+    resumed at any step sees the batches it would have seen without the interruption.
+    """
+
+    n: int
+    batch_size: int
+    shards: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._epoch_orders: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def shard_size(self) -> int:
+        return self.n // self.shards
+
+    @property
+    def per_shard(self) -> int:
+        return self.batch_size // self.shards
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.shard_size // self.per_shard
+
+    def shard_rows(self, shard: int) -> np.ndarray:
+        """Positions (in the split's pair index) of the pairs in `shard`, ascending."""
+        order = np.random.default_rng([self.seed, self.n]).permutation(self.n)
+        size = self.shard_size
+        return np.sort(order[shard * size : (shard + 1) * size])
+
+    def worker_shards(self, rank: int, world: int) -> range:
+        per_worker = self.shards // world
+        return range(rank * per_worker, (rank + 1) * per_worker)
+
+    def worker_rows(self, rank: int, world: int) -> np.ndarray:
+        """What worker `rank` loads: its shards' pairs, shard after shard."""
+        return np.concatenate([self.shard_rows(s) for s in self.worker_shards(rank, world)])
+
+    def _in_shard(self, step: int, shard: int) -> np.ndarray:
+        """Positions within `shard` of its part of global batch `step`."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        key = (epoch, shard)
+        if key not in self._epoch_orders:
+            if len(self._epoch_orders) > 2 * self.shards:  # keep about one epoch's orders
+                self._epoch_orders.clear()
+            rng = np.random.default_rng([self.seed, epoch, shard])
+            self._epoch_orders[key] = rng.permutation(self.shard_size)
+        return self._epoch_orders[key][index * self.per_shard : (index + 1) * self.per_shard]
+
+    def worker_batch(self, step: int, rank: int, world: int) -> np.ndarray:
+        """Worker `rank`'s slice of global batch `step`, as positions in its `worker_rows`."""
+        shards = self.worker_shards(rank, world)
+        return np.concatenate(
+            [i * self.shard_size + self._in_shard(step, s) for i, s in enumerate(shards)]
+        )
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """Global batch `step` as positions in the split's pair index (one process)."""
+        return self.worker_rows(0, 1)[self.worker_batch(step, 0, 1)]
 
 
-def batch_at(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-    """Global batch number `step` (0-based): a run resumed at any step sees exactly the batches
-    it would have seen without the interruption."""
-    per_epoch = n // batch_size
-    epoch, index = divmod(step, per_epoch)
-    return global_batches(n, batch_size, epoch, seed)[index]
+def batch_plan(tcfg: TrainConfig, n: int) -> BatchPlan:
+    return BatchPlan(n, tcfg.batch_size, tcfg.data_shards or tcfg.num_workers, tcfg.seed)
+
+
+def fit_global_input_stats(model: JAM, image: torch.Tensor, text: torch.Tensor) -> None:
+    """Input standardisation from the moments of every worker's shard together, so all
+    ranks (and a one-worker run on the same shards) standardise identically."""
+    import torch.distributed as dist
+
+    moments = []
+    for x in (image, text):
+        x = x.double()
+        moments.append(torch.stack([x.sum(0), (x * x).sum(0)]))
+    count = torch.tensor([float(len(image))], dtype=torch.float64)
+    flat = torch.cat([count, *(m.reshape(-1) for m in moments)])
+    if dist.is_available() and dist.is_initialized():
+        flat = flat.to(model.image_mean.device)
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+    n, stats, offset = flat[0], [], 1
+    for x in (image, text):
+        d = x.shape[1]
+        total, squares = flat[offset : offset + d], flat[offset + d : offset + 2 * d]
+        offset += 2 * d
+        mean = total / n
+        var = (squares - n * mean * mean) / (n - 1)  # unbiased, as torch.std
+        stats += [mean, var.clamp(min=0).sqrt()]
+    model.set_input_stats(*stats)
+
+
+def keep_on_device(setting: str, rows: int, width: int, device: torch.device) -> tuple[bool, str]:
+    """Whether a worker's shard lives on its GPU (fast indexing) or in host memory (copied
+    per batch); the reason is printed so a user knows which one they got."""
+    need = rows * width * 2  # float16
+    if device.type != "cuda":
+        return True, "in host memory, the CPU device's own"
+    if setting != "auto":
+        on = setting == "true"
+        return on, f"{'on the GPU' if on else 'in pinned host memory'} (data_on_device={setting})"
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = need < free // 2
+    where = "on the GPU" if fits else "in pinned host memory"
+    return fits, f"{where} ({need / 2**30:.2f} GiB vs {free / 2**30:.1f} GiB free)"
 
 
 def _global_mean(value: torch.Tensor) -> float:
@@ -227,14 +328,15 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed)
     device = ray.train.torch.get_device()
 
-    data = paths.load("train")
+    # Only this worker's shards are read (two layer columns, row batches at a time).
+    index = paths.index("train")
+    plan = batch_plan(tcfg, len(index))
+    data = paths.load("train", select=plan.worker_rows(rank, world))
     val = paths.load("val") if rank == 0 else None
-    per_rank = tcfg.batch_size // world
-    steps_per_epoch = len(data) // tcfg.batch_size
-    total_steps = steps_per_epoch * tcfg.epochs
+    total_steps = plan.steps_per_epoch * tcfg.epochs
 
     model = JAM(jam_config(tcfg, data.image.shape[1], data.text.shape[1]))
-    model.fit_input_stats(torch.as_tensor(data.image), torch.as_tensor(data.text))
+    fit_global_input_stats(model, torch.as_tensor(data.image), torch.as_tensor(data.text))
     trainer = Trainer(ray.train.torch.prepare_model(model), tcfg, total_steps)
     best, stale, history = None, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -255,7 +357,18 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed + 1000 * rank + trainer.step)
 
     # Embeddings stay float16 in memory (half the footprint); the model casts per batch.
-    tensors = [torch.as_tensor(a).to(device) for a in (data.image, data.text, data.negative)]
+    width = data.image.shape[1] + 2 * data.text.shape[1]
+    on_device, why = keep_on_device(tcfg.data_on_device, len(data), width, device)
+    home = device if on_device else torch.device("cpu")
+    tensors = [torch.as_tensor(a).to(home) for a in (data.image, data.text, data.negative)]
+    if home != device and device.type == "cuda":
+        tensors = [t.pin_memory() for t in tensors]  # asynchronous per-batch copies
+    if rank == 0:
+        print(
+            f"[train] {tcfg.objective}: {world} worker(s), {plan.shards} data shard(s) of "
+            f"{plan.shard_size} pairs; each worker holds {len(data)} pairs {why}",
+            flush=True,
+        )
     writer = None
     if rank == 0 and config.get("tensorboard_dir"):
         from torch.utils.tensorboard import SummaryWriter
@@ -266,9 +379,8 @@ def train_loop(config: dict[str, Any]) -> None:
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
     while trainer.step < total_steps:
-        batch = batch_at(trainer.step, len(data), tcfg.batch_size, tcfg.seed)
-        mine = torch.as_tensor(batch[rank * per_rank : (rank + 1) * per_rank], device=device)
-        stats = trainer.train_step(*(t[mine] for t in tensors))
+        mine = torch.as_tensor(plan.worker_batch(trainer.step, rank, world), device=home)
+        stats = trainer.train_step(*(t[mine].to(device, non_blocking=True) for t in tensors))
         window_steps += 1
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -279,7 +391,7 @@ def train_loop(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window_start
         report = {f"train/{k}": v / window_steps for k, v in sums.items()}
         report["train/samples_per_s"] = window_steps * tcfg.batch_size / elapsed
-        report |= {"step": trainer.step, "epoch": trainer.step / steps_per_epoch}
+        report |= {"step": trainer.step, "epoch": trainer.step / plan.steps_per_epoch}
         stop = False
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -358,6 +470,18 @@ def scaling(tcfg: TrainConfig) -> tuple[Any, int]:
     )
 
 
+def _user_error(err: BaseException | None) -> RaysysError | None:
+    """The raysys error inside a Ray worker failure, however Ray wrapped it."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, RaysysError):
+            return err
+        cause = getattr(err, "cause", None)
+        err = cause if isinstance(cause, BaseException) else err.__cause__
+        seen += 1
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> str | None:
     """The checkpoint with the most steps under a Ray Train run directory, if any.
 
@@ -427,7 +551,16 @@ def train(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        # A bad cache found by a worker (e.g. NaN rows in its shard) is the user's error:
+        # show its message, not Ray's wrapped traceback.
+        for failure in getattr(err, "worker_failures", {}).values():
+            cause = _user_error(failure)
+            if cause is not None:
+                raise cause from None
+        raise
     seconds = time.perf_counter() - started
     model_dir = out_dir / "models" / name
     best = result.get_best_checkpoint(tcfg.best_metric, tcfg.best_mode) or result.checkpoint

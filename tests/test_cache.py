@@ -59,6 +59,19 @@ def test_pairs_join_by_id_not_by_position(tmp_path) -> None:
     np.testing.assert_array_equal(pairs.pair_ids, [f"p{i}" for i in range(6)])
 
 
+def test_selected_rows_are_the_same_as_the_full_load(tmp_path) -> None:
+    dirs = _corpus(tmp_path, n=30)
+    full = _load(dirs)
+    select = np.array([29, 3, 17, 3, 0])
+    part = cache.load_pairs(*dirs, "L00", "L00", "test", select=select)
+    np.testing.assert_array_equal(part.pair_ids, full.pair_ids[select])
+    for name in ("image", "text", "negative"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(full, name)[select])
+    # Read in small record batches, the same rows come back.
+    rows = cache.read_rows(dirs[1], ["L00"], full.image_ids[select], batch_rows=4)["L00"]
+    np.testing.assert_array_equal(rows, full.image[select])
+
+
 def test_nan_and_inf_are_reported_with_their_ids(tmp_path) -> None:
     image = np.ones((6, 4))
     image[2, 1] = np.nan

@@ -57,11 +57,20 @@ def test_unknown_key_names_the_valid_keys() -> None:
         ("train=3", "is a section"),
         ("objectives=", "objectives is empty"),
         ("extract.vision=null", "expects a string"),
+        ("train.data_shards=3", "multiple of train.num_workers=2"),
+        ("train.data_shards=-2", "train.data_shards=-2 must be"),
+        ("train.data_on_device=gpu", "must be auto, true or false"),
     ],
 )
 def test_bad_values_fail_clearly(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(None, [override])
+
+
+def test_shard_and_device_choices() -> None:
+    cfg = config.load(None, ["train.data_shards=4", "train.data_on_device=true"])
+    assert (cfg.train.data_shards, cfg.train.data_on_device) == (4, "true")
+    assert config.load(None, ["train.data_on_device=false"]).train.data_on_device == "false"
 
 
 def test_missing_or_bad_file(tmp_path) -> None:

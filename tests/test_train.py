@@ -8,18 +8,75 @@ import torch
 
 from raysys import config
 from raysys.jam import JAM
-from raysys.train import Trainer, alignment_loss, global_batches, jam_config
+from raysys.train import (
+    BatchPlan,
+    Trainer,
+    alignment_loss,
+    fit_global_input_stats,
+    jam_config,
+    keep_on_device,
+)
 
 
-def test_global_batches_are_equal_sized_disjoint_and_seeded() -> None:
-    batches = global_batches(103, 20, epoch=0, seed=0)
-    assert len(batches) == 5 and all(len(b) == 20 for b in batches)
-    flat = np.concatenate(batches)
-    assert len(set(flat.tolist())) == 100  # no repeats; the 3 left over are dropped
-    again = global_batches(103, 20, epoch=0, seed=0)
-    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
-    other = global_batches(103, 20, epoch=1, seed=0)
-    assert not np.array_equal(batches[0], other[0])
+def test_shards_are_equal_disjoint_and_fixed() -> None:
+    plan = BatchPlan(n=103, batch_size=20, shards=4, seed=0)
+    shards = [plan.shard_rows(s) for s in range(4)]
+    assert all(len(s) == 25 for s in shards)  # 103 // 4; the 3 left over are never used
+    flat = np.concatenate(shards)
+    assert len(set(flat.tolist())) == 100 and flat.max() < 103
+    again = BatchPlan(n=103, batch_size=20, shards=4, seed=0)
+    assert all(np.array_equal(again.shard_rows(s), shards[s]) for s in range(4))
+
+
+def test_an_epoch_uses_each_pair_at_most_once_and_epochs_differ() -> None:
+    plan = BatchPlan(n=103, batch_size=20, shards=4, seed=0)
+    assert plan.steps_per_epoch == 5
+    epoch = [plan.global_batch(step) for step in range(5)]
+    assert all(len(b) == 20 for b in epoch)
+    flat = np.concatenate(epoch)
+    assert len(set(flat.tolist())) == 100
+    # Every batch is stratified: 5 pairs from each shard.
+    for batch in epoch:
+        for s in range(4):
+            assert np.isin(batch, plan.shard_rows(s)).sum() == 5
+    assert not np.array_equal(plan.global_batch(0), plan.global_batch(5))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_worker_slices_make_the_same_global_batch_for_any_world_size(world: int) -> None:
+    plan = BatchPlan(n=103, batch_size=20, shards=4, seed=3)
+    for step in (0, 4, 7, 12):
+        parts = [
+            plan.worker_rows(rank, world)[plan.worker_batch(step, rank, world)]
+            for rank in range(world)
+        ]
+        assert all(len(p) == 20 // world for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), plan.global_batch(step))
+    # A worker holds only its own shards: a quarter of the split per shard it owns.
+    assert len(plan.worker_rows(0, world)) == 25 * (4 // world)
+
+
+def test_a_resumed_plan_gives_the_same_batches() -> None:
+    a = BatchPlan(n=64, batch_size=8, shards=2, seed=1)
+    [a.global_batch(step) for step in range(20)]
+    b = BatchPlan(n=64, batch_size=8, shards=2, seed=1)
+    np.testing.assert_array_equal(a.global_batch(13), b.global_batch(13))
+
+
+def test_input_stats_without_a_process_group_match_the_local_fit() -> None:
+    image, text, _ = _toy()
+    cfg = config.load(None, ["train.hidden=32", "train.latent=8"]).train
+    local, global_ = (JAM(jam_config(cfg, 24, 16)) for _ in range(2))
+    local.fit_input_stats(image, text)
+    fit_global_input_stats(global_, image.half(), text.half())
+    for name in ("image_mean", "image_std", "text_mean", "text_std"):
+        torch.testing.assert_close(
+            getattr(global_, name), getattr(local, name), atol=2e-3, rtol=2e-3
+        )
+
+
+def test_the_cpu_device_always_holds_its_shard() -> None:
+    assert keep_on_device("false", 10**9, 4096, torch.device("cpu"))[0]
 
 
 def _toy(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:

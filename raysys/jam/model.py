@@ -164,10 +164,22 @@ class JAM(nn.Module):
     @torch.no_grad()
     def fit_input_stats(self, image: torch.Tensor, text: torch.Tensor) -> None:
         """Set the standardisation from training embeddings (call once, before training)."""
+        stats = {}
         for name, x in (("image", image), ("text", text)):
             x = x.to(self.image_mean.device, torch.float64)
-            getattr(self, f"{name}_mean").copy_(x.mean(0))
-            std = x.std(0)
+            stats[name] = (x.mean(0), x.std(0))
+        self.set_input_stats(*stats["image"], *stats["text"])
+
+    def set_input_stats(
+        self,
+        image_mean: torch.Tensor,
+        image_std: torch.Tensor,
+        text_mean: torch.Tensor,
+        text_std: torch.Tensor,
+    ) -> None:
+        """Set the standardisation from moments computed elsewhere (e.g. across DDP ranks)."""
+        for name, mean, std in (("image", image_mean, image_std), ("text", text_mean, text_std)):
+            getattr(self, f"{name}_mean").copy_(mean)
             # Floor near-constant features (dead CNN channels): a tiny train-split std would
             # blow any held-out deviation up into a huge standardised value.
             floor = max(0.1 * float(std.median()), 1e-6)
