@@ -57,7 +57,16 @@ def _parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("model_dir", type=Path, help="an exported model directory")
         if name == "bench":
-            p.add_argument("stage", choices=["train"], help="the stage to measure")
+            p.add_argument(
+                "stage",
+                choices=["train", "step"],
+                help="train: Ray Train vs a bare loop on the cache; step: the training step "
+                "alone (no Ray) on random embeddings held on the device",
+            )
+            p.add_argument("--pairs", type=int, default=200_000, help="step: pairs on device")
+            p.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
+            p.add_argument("--steps", type=int, default=50, help="step: timed steps")
+            p.add_argument("--device", default="auto", help="step: auto, cpu, cuda, cuda:1 …")
         p.add_argument("--config", type=Path, help="YAML file of config keys (nested sections)")
         p.add_argument(
             "--out",
@@ -70,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
+
+
+def _bench_step(args: argparse.Namespace, cfg: Config, out: Path) -> None:
+    from raysys.bench_step import StepBench, bench_step
+
+    try:
+        d_image, d_text = (int(d) for d in args.dims.split(","))
+    except ValueError:
+        raise ConfigError(f"--dims {args.dims!r} must be two widths, e.g. 1024,4096") from None
+    if min(args.pairs, args.steps, d_image, d_text) < 1 or args.pairs < cfg.train.batch_size:
+        raise ConfigError(
+            f"--pairs ({args.pairs}) must hold a global batch (train.batch_size="
+            f"{cfg.train.batch_size}); --steps and --dims must be positive"
+        )
+    bench = StepBench(args.pairs, d_image, d_text, steps=args.steps, device=args.device)
+    bench_step(cfg, out, bench)
 
 
 def _out_dir(args: argparse.Namespace, cfg: Config) -> Path | str:
@@ -109,7 +134,15 @@ def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # argparse gives a `nargs="*"` positional only the words before the first option, so
+    # `raysys bench step --pairs 9 key=value` would reject key=value; collect such strays.
+    args, stray = parser.parse_known_args(argv)
+    unknown = [a for a in stray if a.startswith("-") or "=" not in a]
+    if unknown or (stray and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or stray)}")
+    if stray:
+        args.overrides = [*args.overrides, *stray]
     try:
         if args.command == "report":
             from raysys.report import read_results, table, write_report
@@ -138,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(args, cfg)
         if args.command == "bench":
-            from raysys.bench import bench_train
-
             out = _out_dir(args, cfg)
             if not isinstance(out, Path):
                 raise ConfigError("bench writes a local --out directory")
-            bench_train(cfg, out)
+            if args.stage == "step":
+                _bench_step(args, cfg, out)
+            else:
+                from raysys.bench import bench_train
+
+                bench_train(cfg, out)
             print(f"outputs:     {out}/bench.json")
             return 0
         from raysys.pipeline import run

@@ -6,13 +6,17 @@ Retrieval and hard-negative accuracy need one shared space, so the raw row leave
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from raysys import metrics
-from raysys.cache import Pairs
 from raysys.config import EvalConfig
 from raysys.jam import JAM
+
+if TYPE_CHECKING:  # the cache (pyarrow) is not needed to score arrays
+    from raysys.cache import Pairs
 
 RESULT_COLUMNS = [
     "objective",

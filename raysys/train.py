@@ -18,17 +18,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from raysys import cache
 from raysys.config import Config, TrainConfig, from_dict, to_dict
 from raysys.errors import CacheError, RaysysError
 from raysys.evaluate import score_model
 from raysys.jam import JAM, JAMConfig, losses
 from raysys.jam.dist import gather_with_grad
+
+if TYPE_CHECKING:  # the step itself runs without the cache (pyarrow), e.g. `bench step`
+    from raysys import cache
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"  # every report so far; the latest checkpoint holds all of it
@@ -50,10 +52,14 @@ class Paths:
         return (*dirs, self.image_layer, self.text_layer)
 
     def load(self, split: str, select: np.ndarray | None = None) -> cache.Pairs:
+        from raysys import cache
+
         return cache.load_pairs(*self._args(), split, select=select)
 
     def index(self, split: str) -> cache.PairIndex:
         """The split's usable pairs, ids only (no embeddings read)."""
+        from raysys import cache
+
         return cache.pair_index(*self._args(), split)
 
 

@@ -40,6 +40,16 @@ def test_show_config_resolves_overrides(capsys) -> None:
     assert "size: 500" in out and "epochs: 3" in out
 
 
+def test_overrides_may_follow_options_but_stray_words_fail(capsys) -> None:
+    args = ["bench", "train", "train.epochs=4", "--show-config", "--out", "x", "corpus.size=300"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "size: 300" in out and "epochs: 4" in out
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--show-config", "oops"])
+    assert "unrecognized arguments: oops" in capsys.readouterr().err
+
+
 def test_report_rebuilds_from_results_csv(tmp_path, capsys) -> None:
     rows = [
         {

@@ -1,0 +1,107 @@
+"""`raysys bench step`: the training step on its own — no Ray, no cache — at a chosen scale.
+
+What a Ray Train worker does per step once its shard is on the device (index the global
+batch, forward both autoencoders, gather, loss, backward, clip, AdamW, schedules), timed over
+random float16 embeddings held on the device: the ceiling `raysys train` can reach on that
+device, and a check that a GPU is used well (bf16 autocast there). The default scale is the
+paper-sized one of issue 4 (200k pairs, 1024-d vision, 4096-d text); a 2-core CPU wants far
+less (`--pairs 20000 --dims 384,384`).
+
+Runs where Ray cannot be installed: it imports torch, numpy, PyYAML and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysys.config import Config, to_dict
+from raysys.jam import JAM
+from raysys.train import Trainer, batch_plan, jam_config
+
+BENCH_FILE = "bench.json"
+
+
+@dataclass
+class StepBench:
+    pairs: int = 200_000
+    d_image: int = 1024
+    d_text: int = 4096
+    steps: int = 50
+    warmup_steps: int = 5
+    device: str = "auto"  # auto = cuda when available
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
+    """Time `bench.steps` training steps after `bench.warmup_steps`; print and write
+    `out_dir/bench.json` (samples/s, step ms, peak device memory, the settings)."""
+    tcfg = cfg.train
+    device = _device(bench.device)
+    torch.manual_seed(tcfg.seed)
+    started = time.perf_counter()
+    # Random embeddings stand in for a cache: the step's cost does not depend on the values.
+    shape = {"image": bench.d_image, "text": bench.d_text, "negative": bench.d_text}
+    data = {
+        k: torch.randn(bench.pairs, d, device=device, dtype=torch.float16) for k, d in shape.items()
+    }
+    model = JAM(jam_config(tcfg, bench.d_image, bench.d_text)).to(device)
+    sample = slice(0, min(bench.pairs, 20_000))
+    model.fit_input_stats(data["image"][sample], data["text"][sample])
+    plan = batch_plan(tcfg, bench.pairs)
+    trainer = Trainer(model, tcfg, total_steps=bench.warmup_steps + bench.steps)
+    setup_s = time.perf_counter() - started
+
+    def run(steps: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            index = torch.as_tensor(plan.worker_batch(trainer.step, 0, 1), device=device)
+            trainer.train_step(data["image"][index], data["text"][index], data["negative"][index])
+        _sync(device)
+        return time.perf_counter() - t0
+
+    run(bench.warmup_steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = run(bench.steps)
+    rate = bench.steps * tcfg.batch_size / seconds
+    result = {
+        "stage": "step",
+        "samples_per_s": rate,
+        "step_ms": 1000 * seconds / bench.steps,
+        "setup_s": setup_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "settings": {**asdict(bench), "device": str(device), "train": to_dict(tcfg)},
+    }
+    print(
+        f"[bench step] {bench.pairs:,} pairs of {bench.d_image}/{bench.d_text}-d on "
+        f"{result['device']}: {rate:,.0f} samples/s ({result['step_ms']:.1f} ms per step of "
+        f"{tcfg.batch_size})",
+        flush=True,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BENCH_FILE).write_text(json.dumps(result, indent=1))
+    return result
