@@ -31,6 +31,10 @@ def loopback_env() -> None:
     # Ray Data / Train print a progress line per operator; keep them, but silence the
     # per-worker "accelerator env var override" warnings.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # The Train controller polls its workers every 2 s by default, so a finished fit waits
+    # up to 2 s to notice; polling a local worker group is cheap (measured: shutdown 3.6 s ->
+    # 1.7 s per fit on 2 cores).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def init_ray(cfg: RayConfig) -> None:
