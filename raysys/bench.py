@@ -38,8 +38,8 @@ counted: one Ray instance serves every run of a session. If the events cannot be
 validation is taken as long as the bare loop's same work (scoring the val split, saving model
 and optimiser state) and `startup.source` says "estimate".
 
-The bench runs the configured `train.epochs` and `train.batch_size` (defaults: 10 epochs of
-1,600 train pairs in batches of 256 = 60 steps; about 80 s in all on 2 CPU cores once the
+The bench runs the configured `train.epochs` and `train.batch_size` (defaults: 8 epochs of
+1,600 train pairs in batches of 256 = 48 steps; about 80 s in all on 2 CPU cores once the
 embedding cache exists) with `train.eval_every` overridden to give `WINDOWS` windows,
 `train.num_workers` set to 1 and early stopping off, so both paths run the same steps.
 """

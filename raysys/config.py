@@ -83,7 +83,7 @@ class TrainConfig:
     cross_reconstruction: bool = False
     lambda_start: float = 1.0
     lambda_end: float = 0.1
-    epochs: int = 10
+    epochs: int = 8
     eval_every: int = 30
     best_metric: str = "val/i2t_r1"
     best_mode: str = "max"
