@@ -196,3 +196,20 @@ def test_unknown_backbone_fails_before_any_work() -> None:
         get_backbone("resnet-50", "image")
     with pytest.raises(BackboneError, match="available: minilm-l6"):
         get_backbone("bert-huge", "text")
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4, 8, 16, 64])
+def test_cpu_actor_plan_leaves_room_for_ray_data_tasks(cpus, monkeypatch) -> None:
+    import raysys.runtime as runtime
+    from raysys.config import ExtractConfig
+    from raysys.extract import PREPROCESS_CPUS, _actor_plan
+
+    monkeypatch.setattr(runtime, "cluster_resources", lambda: runtime.Resources(cpus, 0))
+    actors, per_actor, gpus, threads = _actor_plan(ExtractConfig())
+    assert gpus == 0 and actors >= 1
+    assert actors * per_actor <= cpus - PREPROCESS_CPUS  # preprocessing always gets a slot
+    if cpus >= 2:
+        assert actors * per_actor <= cpus - 1  # and a whole CPU for repartition tasks
+    assert actors * threads <= cpus  # no oversubscription of cores by torch threads
+    if cpus <= 8:
+        assert (actors, threads) == (cpus, 1)  # one single-threaded actor per core
