@@ -188,8 +188,9 @@ def bare_loop(
     torch.set_num_threads(threads)
     try:
         started = time.perf_counter()
-        plan = batch_plan(tcfg, len(paths.index("train")))  # one worker: all its shards
-        train_data = paths.load("train", select=plan.worker_rows(0, 1))
+        index = paths.index("train")
+        plan = batch_plan(tcfg, len(index))  # one worker: all its shards
+        train_data = paths.load_index(index, select=plan.worker_rows(0, 1))
         val_data = paths.load("val")
         torch.manual_seed(tcfg.seed)
         model = JAM(jam_config(tcfg, train_data.image.shape[1], train_data.text.shape[1]))

@@ -271,6 +271,19 @@ def load_pairs(
     """One split's embeddings of the two layers; with `select` (positions in the split's
     `pair_index`), only those pairs' rows are read."""
     rows = pair_index(corpus_dir, image_dir, text_dir, image_layer, text_layer, split)
+    return load_index_rows(image_dir, text_dir, image_layer, text_layer, rows, select)
+
+
+def load_index_rows(
+    image_dir: Path,
+    text_dir: Path,
+    image_layer: str,
+    text_layer: str,
+    rows: PairIndex,
+    select: np.ndarray | None = None,
+) -> Pairs:
+    """The embeddings of an already joined `pair_index` (or of its `select` positions), so a
+    caller that needed the index first does not join the caches twice."""
     if select is not None:
         rows = PairIndex(rows.pair_ids[select], rows.image_ids[select], rows.captions[select])
     image = read_rows(image_dir, [image_layer], rows.image_ids)

@@ -11,6 +11,7 @@ of each global batch from them, and contrastive terms see the whole global batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -55,6 +56,13 @@ class Paths:
         from raysys import cache
 
         return cache.load_pairs(*self._args(), split, select=select)
+
+    def load_index(self, rows: cache.PairIndex, select: np.ndarray | None = None) -> cache.Pairs:
+        """Embeddings of an index from `index()` (or of its `select` positions)."""
+        from raysys import cache
+
+        dirs = (Path(self.image_dir), Path(self.text_dir))
+        return cache.load_index_rows(*dirs, self.image_layer, self.text_layer, rows, select)
 
     def index(self, split: str) -> cache.PairIndex:
         """The split's usable pairs, ids only (no embeddings read)."""
@@ -217,11 +225,15 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return self.shard_size // self.per_shard
 
+    @functools.cached_property
+    def _order(self) -> np.ndarray:
+        """The one seeded permutation the shards are cut from."""
+        return np.random.default_rng([self.seed, self.n]).permutation(self.n)
+
     def shard_rows(self, shard: int) -> np.ndarray:
         """Positions (in the split's pair index) of the pairs in `shard`, ascending."""
-        order = np.random.default_rng([self.seed, self.n]).permutation(self.n)
         size = self.shard_size
-        return np.sort(order[shard * size : (shard + 1) * size])
+        return np.sort(self._order[shard * size : (shard + 1) * size])
 
     def worker_shards(self, rank: int, world: int) -> range:
         per_worker = self.shards // world
@@ -341,7 +353,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # Only this worker's shards are read (two layer columns, row batches at a time).
     index = paths.index("train")
     plan = batch_plan(tcfg, len(index))
-    data = paths.load("train", select=plan.worker_rows(rank, world))
+    data = paths.load_index(index, select=plan.worker_rows(rank, world))
     val = paths.load("val") if rank == 0 else None
     total_steps = plan.steps_per_epoch * tcfg.epochs
 
