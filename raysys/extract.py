@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from raysys.corpora import SyntheticConfig, corpus_key, generate, make_negative
 from raysys.errors import ConfigError, CorpusError
 
 PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
+REJECT_PARTS = "rejects.parts"  # actors' reject files, merged into cache.REJECTS at the end
 
 
 @dataclass
@@ -74,17 +77,31 @@ def fill_negatives(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class EmbedActor:
-    """Holds one frozen backbone for the lifetime of a Ray actor; `__call__` embeds a batch."""
+    """Holds one frozen backbone for the lifetime of a Ray actor; `__call__` embeds a batch.
 
-    def __init__(self, backbone: Backbone, use_gpu: bool, num_threads: int) -> None:
+    Good rows flow on to `write_parquet`; bad rows are written here, beside the cache, so a
+    pass streams through once (no materialized copy of every embedding, no second pass)
+    and still loses no reject.
+    """
+
+    def __init__(
+        self, backbone: Backbone, use_gpu: bool, num_threads: int, rejects_dir: str
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, num_threads))
         self.backbone = backbone
         self.backbone.load(pick_device(use_gpu))
+        self.rejects_dir = Path(rejects_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return embed_batch(self.backbone, batch)
+        table = embed_batch(self.backbone, batch)
+        bad = pc.not_equal(table[REJECT], "")
+        if pc.any(bad).as_py():
+            self.rejects_dir.mkdir(parents=True, exist_ok=True)
+            part = table.filter(bad).select(["id", REJECT]).rename_columns(["id", "reason"])
+            pq.write_table(part, self.rejects_dir / f"{uuid.uuid4().hex}.parquet")
+        return table.filter(pc.invert(bad)).drop_columns([REJECT])
 
 
 def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -164,6 +181,7 @@ def run_pass(
     cache.clear_unfinished(out_dir)
     actors, cpus, gpus, threads = _actor_plan(ecfg)
     started = time.perf_counter()
+    rejects_dir = out_dir / REJECT_PARTS
     blocks = max(actors * 2, math.ceil(rows.num_rows / ecfg.batch_size))
     ds = ray.data.from_arrow(rows).repartition(blocks)
     ds = ds.map_batches(
@@ -178,24 +196,22 @@ def run_pass(
             "backbone": backbone,
             "use_gpu": gpus > 0,
             "num_threads": threads,
+            "rejects_dir": str(rejects_dir.resolve()),
         },
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=ecfg.batch_size,
         batch_format="numpy",
         num_cpus=cpus,
         num_gpus=gpus,
-    ).materialize()
-
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    rejects = ds.map_batches(
-        lambda t: t.filter(pc.not_equal(t[REJECT], "")).select(["id", REJECT]),
-        batch_format="pyarrow",
-    ).to_arrow_refs()
-    reject_table = pa.concat_tables(ray.get(rejects)) if rejects else None
+    ds.write_parquet(str(out_dir.resolve()))
+
+    reject_table = pq.read_table(rejects_dir) if rejects_dir.is_dir() else None
     n_rejects = reject_table.num_rows if reject_table is not None else 0
     if n_rejects:
-        reject_table = reject_table.rename_columns(["id", "reason"])
-        pq.write_table(reject_table, out_dir / cache.REJECTS)
+        pq.write_table(reject_table.sort_by("id"), out_dir / cache.REJECTS)
+    shutil.rmtree(rejects_dir, ignore_errors=True)
     fraction = n_rejects / max(1, rows.num_rows)
     if fraction > ecfg.max_reject_fraction:
         reasons = pc.value_counts(reject_table["reason"]).to_pylist()
@@ -204,10 +220,6 @@ def run_pass(
             f"({fraction:.1%} > extract.max_reject_fraction={ecfg.max_reject_fraction:.1%}); "
             f"reasons: {reasons}; see {out_dir / cache.REJECTS}"
         )
-    ds.map_batches(
-        lambda t: t.filter(pc.equal(t[REJECT], "")).drop_columns([REJECT]),
-        batch_format="pyarrow",
-    ).write_parquet(str(out_dir.resolve()))
     elapsed = time.perf_counter() - started
     dims = _layer_dims(backbone)
     manifest = {
@@ -250,7 +262,12 @@ def extract(cfg: Config) -> Extracted:
     dirs: dict[str, Path] = {}
     manifests: dict[str, dict[str, Any]] = {}
     for modality, (name, make_rows) in passes.items():
-        backbone = get_backbone(name, modality, max_text_length=cfg.extract.max_text_length)
+        backbone = get_backbone(
+            name,
+            modality,
+            max_text_length=cfg.extract.max_text_length,
+            image_size=cfg.extract.image_size,
+        )
         backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
         out_dir = cache.stage_dir(cache_dir, key, modality, backbone_key)
         manifest = cache.read_manifest(out_dir)

@@ -15,7 +15,7 @@ from PIL import Image
 from raysys import cache
 from raysys.config import ExtractConfig
 from raysys.errors import BackboneError, CacheError, CorpusError
-from raysys.extract import extract, load_corpus, run_pass
+from raysys.extract import REJECT_PARTS, extract, load_corpus, run_pass
 
 
 def _direct_image_layers(image_bytes: bytes, size: int) -> list[np.ndarray]:
@@ -61,7 +61,7 @@ def test_cached_layers_equal_a_direct_forward_pass(small_cache) -> None:
     assert len(layers) == 17 and ext.image_manifest["dims"][-1] == 1280
     ids, cols = cache.read_layers(ext.image_dir, layers)
     (at,) = np.flatnonzero(ids == row["image_id"])
-    expected = _direct_image_layers(row["image"], 224)
+    expected = _direct_image_layers(row["image"], ext.image_manifest["input"]["size"])
     for name, want in zip(layers, expected, strict=True):
         got = cols[name][at].astype(np.float32)
         assert got.shape == want.shape
@@ -138,6 +138,7 @@ def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path) -> None:
         run_pass(backbone, table, tmp_path / "strict", ExtractConfig(batch_size=4), {})
     assert "rejects.parquet" in str(err.value)
     assert cache.read_manifest(tmp_path / "strict") is None  # a failed pass is not a cache
+    assert pq.read_table(tmp_path / "strict" / cache.REJECTS).num_rows == 3
 
     lenient = ExtractConfig(batch_size=4, max_reject_fraction=0.5)
     manifest = run_pass(backbone, table, tmp_path / "lenient", lenient, {})
@@ -149,6 +150,8 @@ def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path) -> None:
     assert reasons["corrupt"].startswith("corrupt image")
     ids, _ = cache.read_layers(tmp_path / "lenient", ["L16"])
     assert sorted(ids) == [f"g{i}" for i in range(8)]
+    # The actors' per-batch reject files were merged into the one file and removed.
+    assert not (tmp_path / "lenient" / REJECT_PARTS).exists()
 
 
 def test_text_rejects_empty_captions(ray_cluster, tmp_path) -> None:
@@ -187,6 +190,21 @@ def test_missing_negatives_are_derived_and_recorded() -> None:
     assert (rows[1]["negative"], rows[1]["negative_source"]) == ("a cat", "corpus")
     # No rule applies: the gap stays visible and the text pass rejects the row.
     assert (rows[2]["negative"], rows[2]["negative_source"]) == (None, "none")
+
+
+def test_input_size_is_configurable_and_keys_the_cache() -> None:
+    from raysys.backbones import get_backbone
+
+    native = get_backbone("efficientnet-lite0", "image")
+    small = get_backbone("efficientnet-lite0", "image", image_size=128)
+    assert (native.image_size, small.image_size) == (224, 128)
+    assert small.describe()["input"]["size"] == 128
+    # The size is part of what names the cache: a resized model never reuses a native cache.
+    assert cache.content_key(small.describe()) != cache.content_key(native.describe())
+    pixels = small.preprocess({"id": np.array(["a"]), "image": np.array([_png((9, 9, 9))])})
+    assert pixels["pixels"].shape == (1, 128, 128, 3)
+    with pytest.raises(BackboneError, match="below 64"):
+        get_backbone("efficientnet-lite0", "image", image_size=32)
 
 
 def test_unknown_backbone_fails_before_any_work() -> None:

@@ -16,11 +16,15 @@ VISION = tuple(EFFICIENTNET_VARIANTS)
 TEXT = ("minilm-l6",)
 
 
-def get_backbone(name: str, modality: str, max_text_length: int = 64) -> Backbone:
-    """A backbone by registry name, without loading its weights (that happens in the actor)."""
+def get_backbone(
+    name: str, modality: str, max_text_length: int = 64, image_size: int = 0
+) -> Backbone:
+    """A backbone by registry name, without loading its weights (that happens in the actor).
+
+    `image_size` 0 keeps a vision model's native input resolution."""
     if modality == "image":
         if name in EFFICIENTNET_VARIANTS:
-            return EfficientNetLite(name)
+            return EfficientNetLite(name, image_size=image_size)
         raise BackboneError(f"unknown vision backbone {name!r}; available: {', '.join(VISION)}")
     if modality == "text":
         if name == "minilm-l6":

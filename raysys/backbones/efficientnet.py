@@ -24,6 +24,7 @@ VARIANTS = {
 # EfficientNet-Lite was trained with inputs scaled to [-1, 1] (TF-Lite's mean 127 / std 128),
 # not ImageNet mean/std; on real photos this gives visibly sharper ImageNet predictions.
 MEAN, STD = 0.5, 0.5
+MIN_IMAGE_SIZE = 64  # the stride-32 head still sees a 2x2 map
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected, not decoded
 
 
@@ -45,12 +46,19 @@ class EfficientNetLite(Backbone):
 
     modality = "image"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, image_size: int = 0) -> None:
         super().__init__()
         if name not in VARIANTS:
             raise BackboneError(f"unknown EfficientNet-Lite {name!r}; known: {sorted(VARIANTS)}")
+        if image_size and image_size < MIN_IMAGE_SIZE:
+            raise BackboneError(
+                f"image size {image_size} is below {MIN_IMAGE_SIZE}, the smallest input that "
+                f"keeps {name}'s last stage wider than one pixel"
+            )
         self.name = name
-        self.image_size = VARIANTS[name][2]
+        # The network is fully convolutional with global pooling, so it accepts any size;
+        # compute grows with the pixel count.
+        self.image_size = image_size or VARIANTS[name][2]
         self.model: torch.nn.Module | None = None
         self._dims: list[int] | None = None
 
