@@ -134,6 +134,7 @@ def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = _parser()
     # argparse gives a `nargs="*"` positional only the words before the first option, so
     # `raysys bench step --pairs 9 key=value` would reject key=value; collect such strays.
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         objectives = cfg.objectives if args.command == "run" else [cfg.train.objective]
         run(cfg, out, objectives, resume=resume)
         _where(out)
+        print(f"elapsed:     {time.perf_counter() - started:.0f} s ({args.command})")
         return 0
     except RaysysError as exc:
         print(f"raysys: error: {exc}", file=sys.stderr)
