@@ -72,7 +72,11 @@ class TrainConfig:
     shards. Batches depend on `data_shards`, not on `num_workers`, so runs with the same
     shards see the same batches on any number of workers that divides them.
     `data_on_device`: auto keeps a worker's shard on its GPU when it fits in half the free
-    memory and in host memory otherwise (copied per batch); true/false force either.
+    memory and in host memory otherwise (copied per batch); true/false force either. When a
+    shard would not fit in host memory either (over a quarter of a node's Ray memory per
+    worker), auto streams the split through Ray Data instead; `stream` forces that. Streamed
+    batches are drawn by Ray Data (files shuffled per epoch, a local shuffle buffer), not by
+    the fixed shards above.
     """
 
     objective: str = "con"
@@ -191,9 +195,10 @@ class Config:
                 f"multiple of train.num_workers={self.train.num_workers} that divides "
                 f"train.batch_size={self.train.batch_size}"
             )
-        if self.train.data_on_device not in ("auto", "true", "false"):
+        if self.train.data_on_device not in ("auto", "true", "false", "stream"):
             raise ConfigError(
-                f"train.data_on_device={self.train.data_on_device!r} must be auto, true or false"
+                f"train.data_on_device={self.train.data_on_device!r} must be auto, true, false "
+                "or stream"
             )
         return self
 

@@ -6,6 +6,8 @@ around it (data loading, reporting, checkpoints, TensorBoard on rank 0). `BatchP
 the train split into fixed shards; each rank reads only its shards and takes an equal slice
 of each global batch from them, and contrastive terms see the whole global batch through
 `gather_with_grad`, so N workers × B/N train the same objective as 1 worker × B.
+A split too large for the workers' memory streams instead (`raysys.stream`): Ray Data joins
+it once into a pair view and Ray Train gives each worker an equal share per epoch.
 """
 
 from __future__ import annotations
@@ -270,30 +272,37 @@ def batch_plan(tcfg: TrainConfig, n: int) -> BatchPlan:
     return BatchPlan(n, tcfg.batch_size, tcfg.data_shards or tcfg.num_workers, tcfg.seed)
 
 
-def fit_global_input_stats(model: JAM, image: torch.Tensor, text: torch.Tensor) -> None:
+def input_moments(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """[count, Σx, Σx² of each modality] in float64: additive over batches and ranks."""
+    parts = [torch.tensor([float(len(image))], dtype=torch.float64)]
+    for x in (image, text):
+        x = x.double()
+        parts += [x.sum(0), (x * x).sum(0)]
+    return torch.cat(parts)
+
+
+def set_global_input_stats(model: JAM, moments: torch.Tensor) -> None:
     """Input standardisation from the moments of every worker's shard together, so all
     ranks (and a one-worker run on the same shards) standardise identically."""
     import torch.distributed as dist
 
-    moments = []
-    for x in (image, text):
-        x = x.double()
-        moments.append(torch.stack([x.sum(0), (x * x).sum(0)]))
-    count = torch.tensor([float(len(image))], dtype=torch.float64)
-    flat = torch.cat([count, *(m.reshape(-1) for m in moments)])
+    flat = moments.clone()
     if dist.is_available() and dist.is_initialized():
         flat = flat.to(model.image_mean.device)
         dist.all_reduce(flat)
         flat = flat.cpu()
     n, stats, offset = flat[0], [], 1
-    for x in (image, text):
-        d = x.shape[1]
+    for d in (model.image_mean.shape[-1], model.text_mean.shape[-1]):
         total, squares = flat[offset : offset + d], flat[offset + d : offset + 2 * d]
         offset += 2 * d
         mean = total / n
         var = (squares - n * mean * mean) / (n - 1)  # unbiased, as torch.std
         stats += [mean, var.clamp(min=0).sqrt()]
     model.set_input_stats(*stats)
+
+
+def fit_global_input_stats(model: JAM, image: torch.Tensor, text: torch.Tensor) -> None:
+    set_global_input_stats(model, input_moments(image, text))
 
 
 def keep_on_device(setting: str, rows: int, width: int, device: torch.device) -> tuple[bool, str]:
@@ -333,6 +342,76 @@ def _all_agree(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+class MemoryBatches:
+    """Batches from a worker's in-memory shard, by `BatchPlan`: any step, in any order."""
+
+    def __init__(
+        self,
+        data: cache.Pairs,
+        plan: BatchPlan,
+        setting: str,
+        rank: int,
+        world: int,
+        device: torch.device,
+    ) -> None:
+        # Embeddings stay float16 in memory (half the footprint); the model casts per batch.
+        width = data.image.shape[1] + 2 * data.text.shape[1]
+        on_device, self.where = keep_on_device(setting, len(data), width, device)
+        self.home = device if on_device else torch.device("cpu")
+        arrays = (data.image, data.text, data.negative)
+        self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]
+        if self.home != device and device.type == "cuda":
+            self.tensors = [t.pin_memory() for t in self.tensors]  # asynchronous copies
+        self.plan, self.rank, self.world, self.device = plan, rank, world, device
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        mine = self.plan.worker_batch(step, self.rank, self.world)
+        mine_t = torch.as_tensor(mine, device=self.home)
+        return tuple(t[mine_t].to(self.device, non_blocking=True) for t in self.tensors)
+
+
+class StreamBatches:
+    """Batches from this worker's Ray Data shard of the pair view, in stream order.
+
+    Steps must be asked for in order. A resumed run skips the batches of the current epoch
+    that were already trained on (their count, not the same pairs: Ray Data's order is not
+    fixed). Every epoch is read to its end, so the next one starts cleanly on all workers.
+    """
+
+    def __init__(
+        self, shard: Any, per_worker: int, steps_per_epoch: int, device: torch.device
+    ) -> None:
+        self.shard, self.per_worker, self.device = shard, per_worker, device
+        self.steps_per_epoch = steps_per_epoch
+        self._iter: Any = None
+
+    def _epochs(self, start: int) -> Any:
+        from raysys.stream import COLUMNS, arrays
+
+        skip = start % self.steps_per_epoch
+        while True:
+            taken = 0
+            for i, batch in enumerate(
+                self.shard.iter_batches(
+                    batch_size=self.per_worker,
+                    batch_format="pyarrow",
+                    drop_last=True,
+                    local_shuffle_buffer_size=4 * self.per_worker,
+                )
+            ):
+                if i < skip or taken + skip >= self.steps_per_epoch:
+                    continue
+                x = arrays(batch)
+                taken += 1
+                yield tuple(torch.as_tensor(x[c]).to(self.device) for c in COLUMNS)
+            skip = 0
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        if self._iter is None:
+            self._iter = self._epochs(step)
+        return next(self._iter)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point: step-based, resumable at any reported checkpoint."""
     import ray.train
@@ -350,15 +429,34 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed)
     device = ray.train.torch.get_device()
 
-    # Only this worker's shards are read (two layer columns, row batches at a time).
-    index = paths.index("train")
-    plan = batch_plan(tcfg, len(index))
-    data = paths.load_index(index, select=plan.worker_rows(rank, world))
     val = paths.load("val") if rank == 0 else None
-    total_steps = plan.steps_per_epoch * tcfg.epochs
+    stream_rows = config.get("stream_rows")
+    if stream_rows is None:
+        # Only this worker's shards are read (two layer columns, row batches at a time).
+        index = paths.index("train")
+        plan = batch_plan(tcfg, len(index))
+        data = paths.load_index(index, select=plan.worker_rows(rank, world))
+        steps_per_epoch = plan.steps_per_epoch
+        dims = (data.image.shape[1], data.text.shape[1])
+    else:
+        # Ray Train hands each worker an equal share of the pair view, one epoch per pass.
+        shard = ray.train.get_dataset_shard("train")
+        per_worker = tcfg.batch_size // world
+        steps_per_epoch = stream_rows // world // per_worker
+        dims = tuple(config["dims"])
+    total_steps = steps_per_epoch * tcfg.epochs
 
-    model = JAM(jam_config(tcfg, data.image.shape[1], data.text.shape[1]))
-    fit_global_input_stats(model, torch.as_tensor(data.image), torch.as_tensor(data.text))
+    model = JAM(jam_config(tcfg, *dims))
+    if stream_rows is None:
+        fit_global_input_stats(model, torch.as_tensor(data.image), torch.as_tensor(data.text))
+    else:  # one extra pass over the stream, for the standardisation's moments
+        from raysys.stream import arrays
+
+        moments = []
+        for batch in shard.iter_batches(batch_size=8192, batch_format="pyarrow"):
+            x = arrays(batch)
+            moments.append(input_moments(torch.as_tensor(x["image"]), torch.as_tensor(x["text"])))
+        set_global_input_stats(model, torch.stack(moments).sum(0))
     trainer = Trainer(ray.train.torch.prepare_model(model), tcfg, total_steps)
     best, stale, history = None, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -367,7 +465,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as ckpt:
             saved = JAM.load(Path(ckpt) / MODEL_DIR)
-            check_dims(saved, data.image.shape[1], data.text.shape[1], "the checkpoint")
+            check_dims(saved, *dims, "the checkpoint")
             trainer.jam.load_state_dict(saved.state_dict())
             state = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
             trainer.load_state_dict(state["trainer"])
@@ -378,19 +476,20 @@ def train_loop(config: dict[str, Any]) -> None:
     # Same initial weights on every rank (DDP also broadcasts them), independent dropout.
     torch.manual_seed(tcfg.seed + 1000 * rank + trainer.step)
 
-    # Embeddings stay float16 in memory (half the footprint); the model casts per batch.
-    width = data.image.shape[1] + 2 * data.text.shape[1]
-    on_device, why = keep_on_device(tcfg.data_on_device, len(data), width, device)
-    home = device if on_device else torch.device("cpu")
-    tensors = [torch.as_tensor(a).to(home) for a in (data.image, data.text, data.negative)]
-    if home != device and device.type == "cuda":
-        tensors = [t.pin_memory() for t in tensors]  # asynchronous per-batch copies
-    if rank == 0:
-        print(
-            f"[train] {tcfg.objective}: {world} worker(s), {plan.shards} data shard(s) of "
-            f"{plan.shard_size} pairs; each worker holds {len(data)} pairs {why}",
-            flush=True,
+    if stream_rows is None:
+        batches = MemoryBatches(data, plan, tcfg.data_on_device, rank, world, device)
+        where = (
+            f"{plan.shards} data shard(s) of {plan.shard_size} pairs; each worker holds "
+            f"{len(data)} pairs {batches.where}"
         )
+    else:
+        batches = StreamBatches(shard, per_worker, steps_per_epoch, device)
+        where = (
+            f"streaming {stream_rows} pairs through Ray Data ({config['stream_reason']}), "
+            f"{per_worker} per worker per step"
+        )
+    if rank == 0:
+        print(f"[train] {tcfg.objective}: {world} worker(s), {where}", flush=True)
     writer = None
     if rank == 0 and config.get("tensorboard_dir"):
         from torch.utils.tensorboard import SummaryWriter
@@ -401,8 +500,7 @@ def train_loop(config: dict[str, Any]) -> None:
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
     while trainer.step < total_steps:
-        mine = torch.as_tensor(plan.worker_batch(trainer.step, rank, world), device=home)
-        stats = trainer.train_step(*(t[mine].to(device, non_blocking=True) for t in tensors))
+        stats = trainer.train_step(*batches.get(trainer.step))
         window_steps += 1
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -413,7 +511,7 @@ def train_loop(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window_start
         report = {f"train/{k}": v / window_steps for k, v in sums.items()}
         report["train/samples_per_s"] = window_steps * tcfg.batch_size / elapsed
-        report |= {"step": trainer.step, "epoch": trainer.step / plan.steps_per_epoch}
+        report |= {"step": trainer.step, "epoch": trainer.step / steps_per_epoch}
         stop = False
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -520,6 +618,24 @@ def latest_checkpoint(run_dir: Path) -> str | None:
     return best[1] if best else None
 
 
+def stream_plan(tcfg: TrainConfig, paths: Paths) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Ray Data datasets and worker settings when the train split streams; else nothing."""
+    from raysys import stream
+
+    rows = len(paths.index("train"))
+    dims = [
+        stream.column_width(Path(paths.image_dir), paths.image_layer),
+        stream.column_width(Path(paths.text_dir), paths.text_layer),
+    ]
+    width = dims[0] + 2 * dims[1]
+    reason = stream.stream_reason(tcfg.data_on_device, rows, width, tcfg.num_workers)
+    if reason is None:
+        return None, {}
+    view = stream.write_pair_view(paths, "train", rows)
+    settings = {"stream_rows": rows, "stream_reason": reason, "dims": dims}
+    return {"train": stream.open_view(view)}, settings
+
+
 def train(
     cfg: Config,
     paths: Paths,
@@ -549,6 +665,7 @@ def train(
 
         storage_fs, storage_path = storage.pyarrow_fs(storage_uri)
     started = time.perf_counter()
+    datasets, streaming = stream_plan(tcfg, paths)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -557,7 +674,9 @@ def train(
             "threads": threads,
             "tensorboard_dir": str(out_dir / "tensorboard" / name),
             "resume_from": latest_checkpoint(out_dir / "ray" / name) if resume else None,
+            **streaming,
         },
+        datasets=datasets,
         scaling_config=scaling_config,
         run_config=RunConfig(
             name=name,

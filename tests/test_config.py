@@ -59,7 +59,7 @@ def test_unknown_key_names_the_valid_keys() -> None:
         ("extract.vision=null", "expects a string"),
         ("train.data_shards=3", "multiple of train.num_workers=2"),
         ("train.data_shards=-2", "train.data_shards=-2 must be"),
-        ("train.data_on_device=gpu", "must be auto, true or false"),
+        ("train.data_on_device=gpu", "must be auto, true, false or stream"),
     ],
 )
 def test_bad_values_fail_clearly(override: str, message: str) -> None:

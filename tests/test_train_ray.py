@@ -193,3 +193,84 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
     with pytest.raises(CacheError, match=r"pair\(s\) have NaN or inf") as err:
         train(run_cfg, paths, tmp_path / "run", "con")
     assert f"'{bad_id}-" in str(err.value)  # pair ids are <image id>-<caption index>
+
+
+def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raysys import cache, stream
+
+    cfg, ext = small_cache
+    run_cfg = config.load(
+        None,
+        [
+            *SMALL,
+            "train.epochs=2",
+            "train.eval_every=3",
+            "train.num_workers=2",
+            "train.data_on_device=stream",
+        ],
+    )
+    run_cfg = dataclasses.replace(run_cfg, corpus=cfg.corpus, extract=cfg.extract)
+    paths = train_paths(run_cfg, ext)
+    result = train(run_cfg, paths, tmp_path / "run", "con")
+    # 48 train pairs, global batch 16 (8 per worker): 3 steps an epoch, every step logged.
+    assert [h["step"] for h in result.history] == [3, 6]
+    losses = _scalars(tmp_path / "run" / "tensorboard" / "con", "train/loss")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(list(losses.values())))
+
+    # The view joins every train pair with its own image and caption rows, once.
+    view = stream.view_dir(paths, "train")
+    assert stream.read_view(view)["rows"] == 48
+    table = pq.ParquetDataset(cache.data_files(view)).read()
+    index = paths.index("train")
+    assert sorted(table.column("pair_id").to_pylist()) == sorted(index.pair_ids.tolist())
+    pairs = paths.load("train")
+    at = {p: i for i, p in enumerate(table.column("pair_id").to_pylist())}
+    for i in (0, 17, 47):
+        row = at[str(pairs.pair_ids[i])]
+        np.testing.assert_array_equal(cache.to_numpy(table.column("image"))[row], pairs.image[i])
+        np.testing.assert_array_equal(cache.to_numpy(table.column("text"))[row], pairs.text[i])
+        negative = cache.to_numpy(table.column("negative"))[row]
+        np.testing.assert_array_equal(negative, pairs.negative[i])
+
+    # Another run on the same layers (the next objective) reuses the view as it is.
+    before = {p: p.stat().st_mtime_ns for p in view.iterdir()}
+    assert stream.write_pair_view(paths, "train", 48) == view
+    assert {p: p.stat().st_mtime_ns for p in view.iterdir()} == before
+
+
+def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from raysys import cache
+    from raysys.errors import CacheError
+    from raysys.stream import arrays
+
+    image = np.ones((3, 4), np.float16)
+    text = np.ones((3, 2), np.float16)
+    batch = pa.table(
+        {
+            "pair_id": ["a", "b", "c"],
+            "image": cache.float16_list_array(image),
+            "text": cache.float16_list_array(text),
+            "negative": cache.float16_list_array(text),
+        }
+    )
+    assert arrays(batch)["image"].shape == (3, 4)
+    text[1, 0] = np.inf
+    bad = batch.set_column(2, "text", cache.float16_list_array(text))
+    with pytest.raises(CacheError, match=r"1 pair\(s\) have NaN or inf.*\['b'\]"):
+        arrays(bad)
+
+
+def test_auto_streams_only_a_shard_too_big_for_memory(ray_cluster) -> None:
+    from raysys.stream import stream_reason
+
+    assert stream_reason("auto", rows=48, width=2048, workers=2) is None
+    assert stream_reason("false", rows=10**12, width=2048, workers=2) is None
+    assert "exceeds" in stream_reason("auto", rows=10**12, width=2048, workers=2)
+    assert stream_reason("stream", rows=48, width=2048, workers=2) == "train.data_on_device=stream"
