@@ -1,17 +1,19 @@
 """The embedding cache: Parquet per (corpus, modality, backbone), named by content hashes.
 
 Layout: `<cache>/<corpus-key>/pairs.parquet` (the corpus index: ids, captions, split) and
-`<cache>/<corpus-key>/<modality>/<backbone-key>/` holding Ray Data's `*.parquet` parts (column
-`id` plus one fixed-size float16 list column per layer, `L00`, `L01`, …; text adds `neg_L00`,
-…), `manifest.json` and, when rows were bad, `rejects.parquet`. The manifest is written last, so
-a directory without one is an unfinished extraction and is never read as a cache.
+`<cache>/<corpus-key>/<modality>/<backbone-key>/` holding `part-*.parquet` files, each written
+whole by one extraction actor (column `id` plus one fixed-size float16 list column per layer,
+`L00`, `L01`, …; text adds `neg_L00`, …), `manifest.json` and, when rows were bad,
+`rejects.parquet`. The manifest is written last, so a directory without one is an unfinished
+extraction: never read as a cache, and resumed from its finished parts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +52,31 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     tmp.replace(directory / MANIFEST)  # atomic: readers see no manifest or a whole one
 
 
-def clear_unfinished(directory: Path) -> None:
-    """Drop a partial extraction (no manifest) so the rerun starts clean."""
-    if directory.exists() and read_manifest(directory) is None:
-        shutil.rmtree(directory)
+TMP_SUFFIX = ".tmp"  # a part being written; never read, removed when a pass restarts
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """Write a Parquet part atomically: a killed writer leaves a `.tmp`, never half a part,
+    so every `*.parquet` in a cache directory is whole (what resuming relies on)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def remove_temporary(directory: Path) -> int:
+    """Delete the `.tmp` files killed writers left under `directory`; returns how many."""
+    stale = list(Path(directory).rglob(f"*{TMP_SUFFIX}")) if Path(directory).is_dir() else []
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
+def ids_in(files: list[str]) -> np.ndarray:
+    """The ids of some Parquet parts (id column only), e.g. an unfinished cache's."""
+    if not files:
+        return np.array([], dtype=str)
+    ids = pq.ParquetDataset(files).read(columns=["id"]).column("id")
+    return ids.to_numpy(zero_copy_only=False).astype(str)
 
 
 def data_files(directory: Path) -> list[str]:

@@ -77,31 +77,47 @@ def fill_negatives(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class EmbedActor:
-    """Holds one frozen backbone for the lifetime of a Ray actor; `__call__` embeds a batch.
+    """Holds one frozen backbone for the lifetime of a Ray actor; each call embeds one part
+    (`extract.part_rows` rows, in forward batches of `extract.batch_size`) and writes it.
 
-    Good rows flow on to `write_parquet`; bad rows are written here, beside the cache, so a
-    pass streams through once (no materialized copy of every embedding, no second pass)
-    and still loses no reject.
+    The actor writes its part itself, atomically, good rows to the cache and bad rows to the
+    rejects, so the pass streams through once (no materialized copy of every embedding) and
+    a killed pass leaves only whole parts, which a rerun keeps and skips.
     """
 
     def __init__(
-        self, backbone: Backbone, use_gpu: bool, num_threads: int, rejects_dir: str
+        self,
+        backbone: Backbone,
+        use_gpu: bool,
+        num_threads: int,
+        out_dir: str,
+        batch_size: int,
     ) -> None:
         import torch
 
         torch.set_num_threads(max(1, num_threads))
         self.backbone = backbone
         self.backbone.load(pick_device(use_gpu))
-        self.rejects_dir = Path(rejects_dir)
+        self.out_dir = Path(out_dir)
+        self.batch_size = batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        table = embed_batch(self.backbone, batch)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        table = pa.concat_tables(
+            embed_batch(self.backbone, {k: v[i : i + self.batch_size] for k, v in batch.items()})
+            for i in range(0, n, self.batch_size)
+        )
+        name = uuid.uuid4().hex
         bad = pc.not_equal(table[REJECT], "")
-        if pc.any(bad).as_py():
-            self.rejects_dir.mkdir(parents=True, exist_ok=True)
-            part = table.filter(bad).select(["id", REJECT]).rename_columns(["id", "reason"])
-            pq.write_table(part, self.rejects_dir / f"{uuid.uuid4().hex}.parquet")
-        return table.filter(pc.invert(bad)).drop_columns([REJECT])
+        n_bad = pc.sum(bad.cast("int64")).as_py() or 0
+        if n_bad:  # rejects first: a part whose rejects are written is never redone for them
+            rejects = table.filter(bad).select(["id", REJECT]).rename_columns(["id", "reason"])
+            (self.out_dir / REJECT_PARTS).mkdir(parents=True, exist_ok=True)
+            cache.write_part(rejects, self.out_dir / REJECT_PARTS / f"{name}.parquet")
+        if n_bad < n:
+            good = table.filter(pc.invert(bad)).drop_columns([REJECT])
+            cache.write_part(good, self.out_dir / f"part-{name}.parquet")
+        return {"rows": np.array([n - n_bad]), "rejects": np.array([n_bad])}
 
 
 def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -178,40 +194,63 @@ def run_pass(
     import ray
     import ray.data
 
-    cache.clear_unfinished(out_dir)
     actors, cpus, gpus, threads = _actor_plan(ecfg)
     started = time.perf_counter()
-    rejects_dir = out_dir / REJECT_PARTS
-    blocks = max(actors * 2, math.ceil(rows.num_rows / ecfg.batch_size))
-    ds = ray.data.from_arrow(rows).repartition(blocks)
-    ds = ds.map_batches(
-        backbone.preprocess,
-        batch_size=ecfg.batch_size,
-        batch_format="numpy",
-        num_cpus=PREPROCESS_CPUS,
-    )
-    ds = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={
-            "backbone": backbone,
-            "use_gpu": gpus > 0,
-            "num_threads": threads,
-            "rejects_dir": str(rejects_dir.resolve()),
-        },
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=ecfg.batch_size,
-        batch_format="numpy",
-        num_cpus=cpus,
-        num_gpus=gpus,
-    )
+    # Resume: parts a killed pass finished are whole (written atomically); keep them and
+    # embed only the ids that are in none of them.
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds.write_parquet(str(out_dir.resolve()))
+    cache.remove_temporary(out_dir)
+    rejects_dir = out_dir / REJECT_PARTS
+    done = np.concatenate(
+        [cache.ids_in(cache.data_files(out_dir)), cache.ids_in(_reject_files(rejects_dir))]
+    )
+    todo = rows.filter(pc.invert(pc.is_in(rows["id"], pa.array(done, pa.string()))))
+    if len(done):
+        print(
+            f"[extract] {backbone.modality:5s} {backbone.name}: resuming, {len(done)} of "
+            f"{rows.num_rows} rows already in finished parts",
+            flush=True,
+        )
+    if todo.num_rows:
+        part_rows = max(1, ecfg.part_rows)
+        blocks = max(actors * 2, math.ceil(todo.num_rows / part_rows))
+        ds = ray.data.from_arrow(todo).repartition(blocks)
+        ds = ds.map_batches(
+            backbone.preprocess,
+            batch_size=part_rows,
+            batch_format="numpy",
+            num_cpus=PREPROCESS_CPUS,
+        )
+        ds = ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={
+                "backbone": backbone,
+                "use_gpu": gpus > 0,
+                "num_threads": threads,
+                "out_dir": str(out_dir.resolve()),
+                "batch_size": ecfg.batch_size,
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=part_rows,
+            batch_format="numpy",
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+        ds.materialize()  # only the per-part counts; the embeddings are already on disk
 
-    reject_table = pq.read_table(rejects_dir) if rejects_dir.is_dir() else None
+    # Exactly one row per id, none missing: check what the parts hold, not what ran.
+    kept, rejected = cache.ids_in(cache.data_files(out_dir)), _reject_files(rejects_dir)
+    reject_table = pq.ParquetDataset(rejected).read() if rejected else None
     n_rejects = reject_table.num_rows if reject_table is not None else 0
+    seen = np.concatenate([kept, cache.ids_in(rejected)])
+    expected = rows["id"].to_numpy(zero_copy_only=False).astype(str)
+    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), np.sort(expected)):
+        raise CorpusError(
+            f"the {backbone.modality} parts in {str(out_dir)!r} hold {len(seen)} rows for "
+            f"{len(expected)} ids (duplicated or missing ids); delete the directory and rerun"
+        )
     if n_rejects:
         pq.write_table(reject_table.sort_by("id"), out_dir / cache.REJECTS)
-    shutil.rmtree(rejects_dir, ignore_errors=True)
     fraction = n_rejects / max(1, rows.num_rows)
     if fraction > ecfg.max_reject_fraction:
         reasons = pc.value_counts(reject_table["reason"]).to_pylist()
@@ -232,18 +271,24 @@ def run_pass(
         "rows": rows.num_rows - n_rejects,
         "rejects": n_rejects,
         "seconds": round(elapsed, 2),
+        "resumed_rows": len(done),
         "actors": {"count": actors, "cpus": cpus, "gpus": gpus, "threads": threads},
         "cache_version": cache.CACHE_VERSION,
         **provenance,
     }
     cache.write_manifest(out_dir, manifest)
-    rate = rows.num_rows / max(elapsed, 1e-9)
+    shutil.rmtree(rejects_dir, ignore_errors=True)  # merged into cache.REJECTS above
+    rate = todo.num_rows / max(elapsed, 1e-9)
     print(
         f"[extract] {backbone.modality:5s} {backbone.name}: {manifest['rows']} rows, "
         f"{n_rejects} rejects, {len(manifest['layers'])} layers, {rate:.1f} rows/s -> {out_dir}",
         flush=True,
     )
     return manifest
+
+
+def _reject_files(directory: Path) -> list[str]:
+    return sorted(str(p) for p in directory.glob("*.parquet")) if directory.is_dir() else []
 
 
 def extract(cfg: Config) -> Extracted:

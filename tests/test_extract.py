@@ -4,6 +4,11 @@ reused, and bad rows are counted and recorded, never silently dropped."""
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import cache
+from raysys import cache, config
 from raysys.config import ExtractConfig
 from raysys.errors import BackboneError, CacheError, CorpusError
 from raysys.extract import REJECT_PARTS, extract, load_corpus, run_pass
@@ -231,3 +236,43 @@ def test_cpu_actor_plan_leaves_room_for_ray_data_tasks(cpus, monkeypatch) -> Non
     assert actors * threads <= cpus  # no oversubscription of cores by torch threads
     if cpus <= 8:
         assert (actors, threads) == (cpus, 1)  # one single-threaded actor per core
+
+
+@pytest.mark.slow
+def test_killed_extraction_resumes_exactly(ray_cluster, tmp_path) -> None:
+    """Kill a real `raysys extract` half-way (its whole process group: the driver and the
+    private Ray it started), rerun it: one row per id, none missing, and the parts the killed
+    run finished are kept as they are, not recomputed."""
+    cache_dir = tmp_path / "cache"
+    overrides = ["corpus.size=400", f"extract.cache_dir={cache_dir}", "extract.part_rows=16"]
+    cfg = config.load(None, overrides)
+    key, rows = load_corpus(cfg.corpus)
+    image_root = cache_dir / key / "image"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "raysys.cli", "extract", *overrides],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, so the kill reaches its Ray too
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while len(list(image_root.glob("*/part-*.parquet"))) < 3:
+            assert killed.poll() is None and time.monotonic() < deadline, "no parts appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+    (stage,) = image_root.iterdir()
+    assert cache.read_manifest(stage) is None  # it really stopped half-way
+    kept = {p: p.stat().st_mtime_ns for p in stage.glob("part-*.parquet")}
+    kept_ids = cache.ids_in([str(p) for p in kept])
+    assert 0 < len(kept_ids) < 400
+
+    ext = extract(cfg)  # the rerun, on the test's own Ray
+    assert ext.image_dir == stage and ext.image_manifest["resumed_rows"] == len(kept_ids)
+    ids = cache.read_ids(stage, ["L00"])  # fails on a duplicated id
+    assert sorted(ids) == sorted({r["image_id"] for r in rows})
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished parts left alone
+    assert not list(stage.rglob(f"*{cache.TMP_SUFFIX}"))
