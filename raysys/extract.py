@@ -29,6 +29,7 @@ from raysys.corpora import SyntheticConfig, corpus_key, generate, make_negative
 from raysys.errors import ConfigError, CorpusError
 
 PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
+PARTS_PER_ACTOR = 8  # enough parts per actor that the pool drains evenly
 REJECT_PARTS = "rejects.parts"  # actors' reject files, merged into cache.REJECTS at the end
 
 
@@ -212,9 +213,8 @@ def run_pass(
             flush=True,
         )
     if todo.num_rows:
-        part_rows = max(1, ecfg.part_rows)
-        blocks = max(actors * 2, math.ceil(todo.num_rows / part_rows))
-        ds = ray.data.from_arrow(todo).repartition(blocks)
+        part_rows = _part_rows(todo.num_rows, actors, ecfg)
+        ds = ray.data.from_arrow(todo).repartition(math.ceil(todo.num_rows / part_rows))
         ds = ds.map_batches(
             backbone.preprocess,
             batch_size=part_rows,
@@ -285,6 +285,16 @@ def run_pass(
         flush=True,
     )
     return manifest
+
+
+def _part_rows(rows: int, actors: int, ecfg: ExtractConfig) -> int:
+    """Rows per part: at most `extract.part_rows`, a whole number of forward batches, and
+    small enough that every actor gets about 8 parts, so the last parts do not leave
+    actors idle (2,000 images on 2 actors: 3 parts ran 62 s, 16 parts of 128 ran 40 s)."""
+    batch = max(1, min(ecfg.batch_size, ecfg.part_rows))
+    most = max(1, ecfg.part_rows // batch)
+    balanced = math.ceil(rows / (actors * PARTS_PER_ACTOR * batch))
+    return batch * max(1, min(most, balanced))
 
 
 def _reject_files(directory: Path) -> list[str]:

@@ -197,6 +197,18 @@ def test_missing_negatives_are_derived_and_recorded() -> None:
     assert (rows[2]["negative"], rows[2]["negative_source"]) == (None, "none")
 
 
+def test_parts_are_whole_batches_spread_over_the_actors() -> None:
+    from raysys.extract import PARTS_PER_ACTOR, _part_rows
+
+    # Small passes: about PARTS_PER_ACTOR parts per actor, each a whole number of batches.
+    part = _part_rows(2000, 2, ExtractConfig(batch_size=64, part_rows=1024))
+    assert part % 64 == 0 and 2000 / part >= 2 * PARTS_PER_ACTOR - 2
+    # Large passes: capped at extract.part_rows; tiny ones still get one batch per part.
+    assert _part_rows(10**6, 8, ExtractConfig(batch_size=64, part_rows=1024)) == 1024
+    assert _part_rows(60, 2, ExtractConfig(batch_size=64, part_rows=1024)) == 64
+    assert _part_rows(400, 2, ExtractConfig(batch_size=64, part_rows=16)) == 16
+
+
 def test_input_size_is_configurable_and_keys_the_cache() -> None:
     from raysys.backbones import get_backbone
 
