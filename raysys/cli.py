@@ -59,10 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument(
                 "stage",
-                choices=["train", "step"],
+                choices=["train", "step", "extract"],
                 help="train: Ray Train vs a bare loop on the cache; step: the training step "
-                "alone (no Ray) on random embeddings held on the device",
+                "alone (no Ray) on random embeddings held on the device; extract: the Ray "
+                "Data image pass vs a bare loop over pre-decoded images",
             )
+            p.add_argument("--images", type=int, default=1000, help="extract: images embedded")
             p.add_argument("--pairs", type=int, default=200_000, help="step: pairs on device")
             p.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
             p.add_argument("--steps", type=int, default=50, help="step: timed steps")
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("bench writes a local --out directory")
             if args.stage == "step":
                 _bench_step(args, cfg, out)
+            elif args.stage == "extract":
+                from raysys.bench_extract import bench_extract
+
+                bench_extract(cfg, out, args.images)
             else:
                 from raysys.bench import bench_train
 

@@ -239,6 +239,13 @@ def run_pass(
         ds.materialize()  # only the per-part counts; the embeddings are already on disk
 
     # Exactly one row per id, none missing: check what the parts hold, not what ran.
+    dropped = _drop_duplicate_rows(cache.data_files(out_dir) + _reject_files(rejects_dir))
+    if dropped:
+        print(
+            f"[extract] {backbone.modality:5s} {backbone.name}: dropped {dropped} duplicate "
+            "rows (a killed run's actors finished parts this run had redone)",
+            flush=True,
+        )
     kept, rejected = cache.ids_in(cache.data_files(out_dir)), _reject_files(rejects_dir)
     reject_table = pq.ParquetDataset(rejected).read() if rejected else None
     n_rejects = reject_table.num_rows if reject_table is not None else 0
@@ -295,6 +302,27 @@ def _part_rows(rows: int, actors: int, ecfg: ExtractConfig) -> int:
     most = max(1, ecfg.part_rows // batch)
     balanced = math.ceil(rows / (actors * PARTS_PER_ACTOR * batch))
     return batch * max(1, min(most, balanced))
+
+
+def _drop_duplicate_rows(files: list[str]) -> int:
+    """Keep each id in the oldest part that holds it; rewrite (atomically) or delete the
+    others. Duplicates arise when a killed driver's actors outlive it for a moment and
+    finish a part a rerun also embedded; embeddings of the same input are the same, so
+    which copy survives does not matter."""
+    seen: set[str] = set()
+    dropped = 0
+    for path in sorted(files, key=lambda f: (Path(f).stat().st_mtime_ns, f)):
+        ids = pq.read_table(path, columns=["id"])["id"].to_pylist()  # ids only: cheap
+        repeated = np.array([i in seen for i in ids], dtype=bool)
+        seen.update(ids)
+        if repeated.any():
+            dropped += int(repeated.sum())
+            keep = pq.read_table(path).filter(pa.array(~repeated))
+            if keep.num_rows:
+                cache.write_part(keep, Path(path))
+            else:
+                Path(path).unlink()
+    return dropped
 
 
 def _reject_files(directory: Path) -> list[str]:

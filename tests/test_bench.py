@@ -94,3 +94,24 @@ def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_p
     assert parts == pytest.approx(run["wall_s"])
     assert (out / "ray-run" / "models" / "bench" / "model.safetensors").is_file()
     assert not stale.exists()
+
+
+@pytest.mark.slow
+def test_bench_extract_times_the_pass_and_the_bare_loop(ray_cluster, tmp_path) -> None:
+    from raysys.bench_extract import bench_extract
+    from raysys.errors import ConfigError
+
+    cfg = config.load(None, ["corpus.size=60", "extract.batch_size=16"])
+    out = tmp_path / "bench"
+    result = bench_extract(cfg, out, images=40)
+    assert json.loads((out / BENCH_FILE).read_text()) == result
+    for key in ("pipeline_per_s", "bare_per_s", "ratio"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["ratio"] == pytest.approx(result["pipeline_per_s"] / result["bare_per_s"])
+    assert result["pipeline_per_s"] == pytest.approx(40 / result["pipeline_s"])
+    settings = result["settings"]
+    assert settings["images"] == settings["cached_rows"] == 40  # the pass really embedded all
+    assert settings["image_size"] == 128 and settings["batch_size"] == 16
+    assert settings["actors"]["count"] >= 1
+    with pytest.raises(ConfigError, match="the corpus has 60 images"):
+        bench_extract(cfg, out, images=61)

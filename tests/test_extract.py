@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -128,31 +129,53 @@ def _png(color: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width`×`height` (valid CRC) over a tiny image's data."""
+    import struct
+    import zlib
+
+    data = bytearray(_png((0, 0, 0)))
+    ihdr = 8 + 4  # past the signature and the chunk length: the chunk type, then its data
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
 def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path) -> None:
     from raysys.backbones import get_backbone
 
     good = [_png((i * 20, 0, 0)) for i in range(8)]
+    bad = {
+        "corrupt": b"not an image",
+        "empty": b"",
+        "null": None,
+        "truncated": good[0][:40],
+        "huge": _png_claiming(9000, 9000),  # 81 MP: rejected from its header, never decoded
+    }
     table = pa.table(
         {
-            "id": [f"g{i}" for i in range(8)] + ["corrupt", "empty", "truncated"],
-            "image": pa.array(good + [b"not an image", b"", good[0][:40]], pa.binary()),
+            "id": [f"g{i}" for i in range(8)] + list(bad),
+            "image": pa.array(good + list(bad.values()), pa.binary()),
         }
     )
     backbone = get_backbone("efficientnet-lite0", "image")
-    with pytest.raises(CorpusError, match="3 of 11 image rows rejected") as err:
+    with pytest.raises(CorpusError, match="5 of 13 image rows rejected") as err:
         run_pass(backbone, table, tmp_path / "strict", ExtractConfig(batch_size=4), {})
     assert "rejects.parquet" in str(err.value)
     assert cache.read_manifest(tmp_path / "strict") is None  # a failed pass is not a cache
-    assert pq.read_table(tmp_path / "strict" / cache.REJECTS).num_rows == 3
+    assert pq.read_table(tmp_path / "strict" / cache.REJECTS).num_rows == 5
 
     lenient = ExtractConfig(batch_size=4, max_reject_fraction=0.5)
     manifest = run_pass(backbone, table, tmp_path / "lenient", lenient, {})
-    assert (manifest["rows"], manifest["rejects"]) == (8, 3)
+    assert (manifest["rows"], manifest["rejects"]) == (8, 5)
     rejects = pq.read_table(tmp_path / "lenient" / cache.REJECTS).to_pylist()
     reasons = {r["id"]: r["reason"] for r in rejects}
-    assert set(reasons) == {"corrupt", "empty", "truncated"}
-    assert reasons["empty"] == "missing image bytes"
+    assert set(reasons) == set(bad)
+    assert reasons["empty"] == reasons["null"] == "missing image bytes"
     assert reasons["corrupt"].startswith("corrupt image")
+    assert reasons["truncated"].startswith("corrupt image")
+    assert reasons["huge"] == "image too large (9000x9000)"
     ids, _ = cache.read_layers(tmp_path / "lenient", ["L16"])
     assert sorted(ids) == [f"g{i}" for i in range(8)]
     # The actors' per-batch reject files were merged into the one file and removed.
@@ -250,6 +273,23 @@ def test_cpu_actor_plan_leaves_room_for_ray_data_tasks(cpus, monkeypatch) -> Non
         assert (actors, threads) == (cpus, 1)  # one single-threaded actor per core
 
 
+def test_duplicate_rows_from_late_writers_are_dropped(tmp_path) -> None:
+    from raysys.extract import _drop_duplicate_rows
+
+    def part(name: str, ids: list[str]) -> str:
+        path = tmp_path / f"part-{name}.parquet"
+        values = np.arange(len(ids) * 2, dtype=np.float16).reshape(-1, 2)
+        cache.write_part(pa.table({"id": ids, "L00": cache.float16_list_array(values)}), path)
+        time.sleep(0.01)  # distinct mtimes: the oldest copy of an id is the one kept
+        return str(path)
+
+    files = [part("a", ["x", "y"]), part("b", ["y", "z"]), part("c", ["x"])]
+    assert _drop_duplicate_rows(files) == 2
+    assert not Path(files[2]).exists()  # only duplicates: deleted
+    assert cache.ids_in(files[:2]).tolist() == ["x", "y", "z"]
+    assert _drop_duplicate_rows(files[:2]) == 0
+
+
 @pytest.mark.slow
 def test_killed_extraction_resumes_exactly(ray_cluster, tmp_path) -> None:
     """Kill a real `raysys extract` half-way (its whole process group: the driver and the
@@ -276,6 +316,15 @@ def test_killed_extraction_resumes_exactly(ray_cluster, tmp_path) -> None:
     finally:
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait(timeout=60)
+    # Ray's workers run in sessions of their own, outside the killed group: they notice
+    # their raylet is gone within about a second and exit; wait until no part has appeared
+    # for 3 s. (If one still lands late, the rerun drops the duplicate rows it causes.)
+    count, quiet_since = -1, time.monotonic()
+    while time.monotonic() - quiet_since < 3:
+        now = len(list(image_root.glob("*/part-*.parquet")))
+        if now != count:
+            count, quiet_since = now, time.monotonic()
+        time.sleep(0.1)
     (stage,) = image_root.iterdir()
     assert cache.read_manifest(stage) is None  # it really stopped half-way
     kept = {p: p.stat().st_mtime_ns for p in stage.glob("part-*.parquet")}
