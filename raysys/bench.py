@@ -223,7 +223,7 @@ def bare_loop(
         torch.set_num_threads(previous_threads)
 
 
-def _load_average() -> float | None:
+def load_average() -> float | None:
     """1-minute load average: well above the CPU count, other processes took part of the time
     (the paths run one after the other, so contention skews the ratio either way)."""
     try:
@@ -278,7 +278,7 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
         f"{sizes['train']} pairs), {len(bounds)} windows, {threads} torch threads, {device}",
         flush=True,
     )
-    load = {"before_bare": _load_average()}
+    load = {"before_bare": load_average()}
     bare = bare_loop(run_cfg, paths, bounds, threads, device)
     bare_per_s = steady_rate(bare.window_per_s)
     print(f"[bench] bare torch loop      : {bare_per_s:8.0f} samples/s", flush=True)
@@ -286,11 +286,11 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     run_dir = out_dir.resolve() / RAY_RUN_DIR
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a leftover run would be resumed and its events mixed in
-    load["before_ray"] = _load_average()
+    load["before_ray"] = load_average()
     t_call = time.time()
     result = train(run_cfg, paths, run_dir, RUN_NAME)
     t_return = time.time()
-    load["after_ray"] = _load_average()
+    load["after_ray"] = load_average()
     steps = [int(h["step"]) for h in result.history]
     if steps != bounds:
         raise RuntimeError(f"the Ray run validated at steps {steps}, expected {bounds}")

@@ -16,7 +16,6 @@ idle Ray; the bare loop runs first. The 1-minute load average is recorded beside
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -24,10 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raysys.bench import BENCH_FILE, load_average
 from raysys.config import Config
 from raysys.errors import ConfigError
-
-BENCH_FILE = "bench.json"
 
 
 def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
@@ -79,10 +77,11 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    pipeline_per_s, bare_per_s = images / pipeline_s, images / bare_s
     result: dict[str, Any] = {
-        "pipeline_per_s": images / pipeline_s,
-        "bare_per_s": images / bare_s,
-        "ratio": bare_s / pipeline_s,
+        "pipeline_per_s": pipeline_per_s,
+        "bare_per_s": bare_per_s,
+        "ratio": pipeline_per_s / bare_per_s,
         "pipeline_s": pipeline_s,
         "bare_s": bare_s,
         "settings": {
@@ -97,7 +96,7 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
             "torch": torch.__version__,
             "ray": ray.__version__,
             "python": platform.python_version(),
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "load_average_1m": load_average(),
         },
     }
     out_dir.mkdir(parents=True, exist_ok=True)

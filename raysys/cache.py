@@ -325,15 +325,21 @@ def load_index_rows(
 
 def check_finite(pairs: Pairs, what: str) -> None:
     """NaN or inf embeddings (e.g. a float16 overflow) would silently poison training."""
-    bad = ~(
-        np.isfinite(pairs.image).all(1)
-        & np.isfinite(pairs.text).all(1)
-        & np.isfinite(pairs.negative).all(1)
+    check_finite_rows(
+        pairs.pair_ids, [pairs.image, pairs.text, pairs.negative], f"in layers {what}"
     )
+
+
+def check_finite_rows(pair_ids: np.ndarray, matrices: list[np.ndarray], where: str) -> None:
+    """`check_finite` on bare row-aligned matrices (e.g. one streamed batch): bad rows are
+    reported by pair id."""
+    bad = np.zeros(len(pair_ids), dtype=bool)
+    for matrix in matrices:
+        bad |= ~np.isfinite(matrix).all(1)
     if bad.any():
-        ids = pairs.pair_ids[bad]
+        ids = np.asarray(pair_ids)[bad]
         raise CacheError(
-            f"{int(bad.sum())} pair(s) have NaN or inf embeddings in layers {what}, e.g. "
+            f"{int(bad.sum())} pair(s) have NaN or inf embeddings {where}, e.g. "
             f"{ids[:10].tolist()}; re-extract them or choose another layer"
         )
 

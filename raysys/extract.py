@@ -202,9 +202,7 @@ def run_pass(
     out_dir.mkdir(parents=True, exist_ok=True)
     cache.remove_temporary(out_dir)
     rejects_dir = out_dir / REJECT_PARTS
-    done = np.concatenate(
-        [cache.ids_in(cache.data_files(out_dir)), cache.ids_in(_reject_files(rejects_dir))]
-    )
+    done = cache.ids_in(cache.data_files(out_dir) + cache.data_files(rejects_dir))
     todo = rows.filter(pc.invert(pc.is_in(rows["id"], pa.array(done, pa.string()))))
     if len(done):
         print(
@@ -239,22 +237,22 @@ def run_pass(
         ds.materialize()  # only the per-part counts; the embeddings are already on disk
 
     # Exactly one row per id, none missing: check what the parts hold, not what ran.
-    dropped = _drop_duplicate_rows(cache.data_files(out_dir) + _reject_files(rejects_dir))
+    dropped, seen = _drop_duplicate_rows(cache.data_files(out_dir) + cache.data_files(rejects_dir))
     if dropped:
         print(
             f"[extract] {backbone.modality:5s} {backbone.name}: dropped {dropped} duplicate "
             "rows (a killed run's actors finished parts this run had redone)",
             flush=True,
         )
-    kept, rejected = cache.ids_in(cache.data_files(out_dir)), _reject_files(rejects_dir)
+    rejected = cache.data_files(rejects_dir)
     reject_table = pq.ParquetDataset(rejected).read() if rejected else None
     n_rejects = reject_table.num_rows if reject_table is not None else 0
-    seen = np.concatenate([kept, cache.ids_in(rejected)])
-    expected = rows["id"].to_numpy(zero_copy_only=False).astype(str)
-    if len(seen) != len(expected) or not np.array_equal(np.sort(seen), np.sort(expected)):
+    expected = set(rows["id"].to_numpy(zero_copy_only=False).astype(str).tolist())
+    if seen != expected:
         raise CorpusError(
-            f"the {backbone.modality} parts in {str(out_dir)!r} hold {len(seen)} rows for "
-            f"{len(expected)} ids (duplicated or missing ids); delete the directory and rerun"
+            f"the {backbone.modality} parts in {str(out_dir)!r} hold {len(seen)} ids for "
+            f"{len(expected)} rows ({len(expected - seen)} missing, {len(seen - expected)} "
+            "foreign); delete the directory and rerun"
         )
     if n_rejects:
         pq.write_table(reject_table.sort_by("id"), out_dir / cache.REJECTS)
@@ -304,11 +302,12 @@ def _part_rows(rows: int, actors: int, ecfg: ExtractConfig) -> int:
     return batch * max(1, min(most, balanced))
 
 
-def _drop_duplicate_rows(files: list[str]) -> int:
+def _drop_duplicate_rows(files: list[str]) -> tuple[int, set[str]]:
     """Keep each id in the oldest part that holds it; rewrite (atomically) or delete the
-    others. Duplicates arise when a killed driver's actors outlive it for a moment and
-    finish a part a rerun also embedded; embeddings of the same input are the same, so
-    which copy survives does not matter."""
+    others; returns how many rows went and the ids left (each now once). Duplicates arise
+    when a killed driver's actors outlive it for a moment and finish a part a rerun also
+    embedded; embeddings of the same input are the same, so which copy survives does not
+    matter."""
     seen: set[str] = set()
     dropped = 0
     for path in sorted(files, key=lambda f: (Path(f).stat().st_mtime_ns, f)):
@@ -322,11 +321,7 @@ def _drop_duplicate_rows(files: list[str]) -> int:
                 cache.write_part(keep, Path(path))
             else:
                 Path(path).unlink()
-    return dropped
-
-
-def _reject_files(directory: Path) -> list[str]:
-    return sorted(str(p) for p in directory.glob("*.parquet")) if directory.is_dir() else []
+    return dropped, seen
 
 
 def extract(cfg: Config) -> Extracted:

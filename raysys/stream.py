@@ -151,18 +151,11 @@ def stream_reason(setting: str, rows: int, width: int, workers: int) -> str | No
 
 
 def arrays(batch: Any) -> dict[str, np.ndarray]:
-    """A pyarrow batch of the view as pair ids and `[rows, dim]` float16 matrices, with
-    NaN or inf rows reported by pair id (the streaming twin of `cache.check_finite`)."""
+    """A pyarrow batch of the view as `[rows, dim]` float16 matrices, with NaN or inf rows
+    reported by pair id (`cache.check_finite_rows`)."""
     from raysys import cache
 
     out = {c: cache.to_numpy(batch.column(c)) for c in COLUMNS}
-    bad = np.zeros(batch.num_rows, dtype=bool)
-    for column in COLUMNS:
-        bad |= ~np.isfinite(out[column]).all(1)
-    if bad.any():
-        ids = np.asarray(batch.column("pair_id").to_pylist())[bad]
-        raise CacheError(
-            f"{int(bad.sum())} pair(s) have NaN or inf embeddings, e.g. {ids[:10].tolist()}; "
-            "re-extract them or choose another layer"
-        )
+    pair_ids = np.asarray(batch.column("pair_id").to_pylist())
+    cache.check_finite_rows(pair_ids, list(out.values()), "in the streamed pair view")
     return out

@@ -284,10 +284,11 @@ def test_duplicate_rows_from_late_writers_are_dropped(tmp_path) -> None:
         return str(path)
 
     files = [part("a", ["x", "y"]), part("b", ["y", "z"]), part("c", ["x"])]
-    assert _drop_duplicate_rows(files) == 2
+    dropped, ids = _drop_duplicate_rows(files)
+    assert dropped == 2 and ids == {"x", "y", "z"}
     assert not Path(files[2]).exists()  # only duplicates: deleted
     assert cache.ids_in(files[:2]).tolist() == ["x", "y", "z"]
-    assert _drop_duplicate_rows(files[:2]) == 0
+    assert _drop_duplicate_rows(files[:2]) == (0, {"x", "y", "z"})
 
 
 @pytest.mark.slow
