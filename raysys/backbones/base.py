@@ -3,17 +3,27 @@
 A backbone is split in two halves on purpose: `preprocess` runs in Ray Data's CPU tasks (decode,
 resize, tokenize) and `embed` runs inside the actor that holds the model. The split keeps the
 accelerator busy with matrix work only and lets both halves be tested without Ray.
+
+Layers are absolute hidden-state indices: 0 is the input to the first block (the embeddings),
+i is block i's output. `layer_ids` (ascending) and `dims` are aligned 1:1, and `embed` returns
+`{layer_name(i): [B, d]}` for exactly those ids.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 import torch
 
+from raysys.errors import BackboneError
+
 REJECT = "reject"  # per-row reason string; empty when the row is good
+POOLINGS = ("cls", "mean", "last")
+# One policy for every family; recorded in `describe()` because it changes the features.
+COMPUTE = "float32 on CPU; bfloat16 autocast on GPU"
 
 
 def layer_name(i: int, prefix: str = "") -> str:
@@ -24,8 +34,92 @@ def pick_device(want_gpu: bool) -> torch.device:
     return torch.device("cuda" if want_gpu and torch.cuda.is_available() else "cpu")
 
 
+def select_layers(spec: str, n: int, what: str = "the model") -> list[int]:
+    """Hidden-state indices (ascending) picked by `spec` out of `n` (indices 0..n-1).
+
+    - `all` (or empty): every index.
+    - integers, comma-separated (`0,6,-1`): absolute indices; negative ones count from the top
+      as in Python, so -1 is the last layer.
+    - floats in (0, 1] (`0.25,0.5,1.0`): relative depths, depth d -> floor(d * (n - 1) + 0.5)
+      (round half up), so 1.0 is the last layer and one spec fits models of any depth.
+    The two forms cannot be mixed. Two entries naming the same layer are an error rather than
+    a silent merge: a sweep asking for four depths must get four layers or hear why not.
+    """
+    text = spec.strip().lower()
+    if text in ("", "all"):
+        return list(range(n))
+    valid = f"{what} has hidden states 0..{n - 1} (or -{n}..-1 from the top)"
+    items = [s.strip() for s in text.split(",")]
+    if any(not s for s in items):
+        raise BackboneError(f"layer spec {spec!r} has an empty entry; {valid}")
+    relative = ["." in s or "e" in s for s in items]
+    if any(relative) and not all(relative):
+        raise BackboneError(
+            f"layer spec {spec!r} mixes indices and relative depths; use integers (0,6,-1) or "
+            f"depths in (0, 1] written with a point (0.5,1.0), not both"
+        )
+    picked: list[int] = []
+    for s in items:
+        try:
+            value = float(s) if relative[0] else int(s)
+        except ValueError:
+            raise BackboneError(
+                f"layer spec {spec!r}: {s!r} is not a number; use 'all', integers (0,6,-1) or "
+                f"depths in (0, 1] (0.25,0.5,1.0)"
+            ) from None
+        if relative[0]:
+            if not (0.0 < value <= 1.0):
+                raise BackboneError(
+                    f"layer spec {spec!r}: relative depth {s} is outside (0, 1]; {valid}"
+                )
+            index = math.floor(round(value * (n - 1), 9) + 0.5)  # 9: float noise
+        else:
+            if not -n <= value < n:
+                raise BackboneError(f"layer spec {spec!r}: layer {s} is out of range; {valid}")
+            index = int(value) % n
+        if index in picked:
+            raise BackboneError(
+                f"layer spec {spec!r}: {s} names layer {index} twice (with "
+                f"{items[picked.index(index)]}); {valid}, so give fewer depths or explicit indices"
+            )
+        picked.append(index)
+    return sorted(picked)
+
+
+def resolve_pooling(pooling: str, allowed: tuple[str, ...], default: str, what: str) -> str:
+    """The pooling to use: `default` for an empty string; an error names the valid choices."""
+    name = pooling.strip().lower() or default
+    if name not in allowed:
+        raise BackboneError(
+            f"pooling {pooling!r} is not available for {what}; choose one of "
+            f"{', '.join(allowed)} (or leave it empty for the default, {default})"
+        )
+    return name
+
+
+def pool_tokens(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, d] -> [B, d] float32 over the tokens where `mask` is true.
+
+    `cls` takes the first such token, `last` the last one (so both work for left and right
+    padding), `mean` averages them. Masked positions are zeroed with `where`, not multiplied,
+    so a NaN in a padding position can never leak into a row's vector."""
+    h = h.float()
+    mask = mask.bool()
+    if pooling == "mean":
+        total = torch.where(mask.unsqueeze(-1), h, 0.0).sum(1)
+        return total / mask.sum(1, keepdim=True).clamp(min=1)
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    if pooling == "last":
+        index = (mask * positions).argmax(1)
+    elif pooling == "cls":
+        index = mask.int().argmax(1)  # the first maximum: the first real token
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    return h[torch.arange(h.shape[0], device=h.device), index]
+
+
 class Backbone(ABC):
-    """A frozen model that maps a batch of inputs to pooled hidden states of every layer."""
+    """A frozen model that maps a batch of inputs to pooled hidden states of selected layers."""
 
     modality: str  # "image" or "text"
     name: str
@@ -35,8 +129,13 @@ class Backbone(ABC):
 
     @property
     @abstractmethod
+    def layer_ids(self) -> list[int]:
+        """The cached hidden-state indices, ascending."""
+
+    @property
+    @abstractmethod
     def dims(self) -> list[int]:
-        """Width of each cached layer, in layer order."""
+        """Width of each cached layer, aligned with `layer_ids`."""
 
     @abstractmethod
     def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -48,11 +147,21 @@ class Backbone(ABC):
 
     @abstractmethod
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Accelerator half: preprocessed arrays to `{L00: [B, d0], L01: …}` float32."""
+        """Accelerator half: preprocessed arrays to `{L00: [B, d0], L03: …}` float32."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
-        """What the cache manifest records: id, revision, pooling, dims, input size."""
+        """What keys the cache: id, source, revision, pooling, layer ids, dims, input size.
+        Never a machine-specific path for a hub model, so a cache is shared across machines."""
+
+    def check(self) -> None:
+        """Fail fast in the driver, before any Ray or GPU work: the model resolves and the
+        requested layers and pooling are valid. Reads configs only, never weights."""
+        if len(self.layer_ids) != len(self.dims):
+            raise BackboneError(
+                f"{self.name}: {len(self.layer_ids)} layer ids but {len(self.dims)} dims "
+                "(a bug in this backbone, not in your config)"
+            )
 
     def autocast(self):
         """bf16 on GPU (the backbone is frozen, so its precision only affects features); fp32
@@ -63,9 +172,10 @@ class Backbone(ABC):
 
     def __getstate__(self) -> dict[str, Any]:
         """Ship the recipe, not the weights: Ray pickles backbones into every task and actor,
-        and each actor loads its own copy in `load`."""
+        and each actor loads its own copy in `load`; tokenizers and processors are rebuilt
+        lazily where they are used."""
         state = self.__dict__.copy()
-        for heavy in ("model", "_tokenizer"):
+        for heavy in ("model", "_tokenizer", "_processor", "_transform"):
             if heavy in state:
                 state[heavy] = None
         return state

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import io
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from raysys.backbones.base import REJECT, Backbone, layer_name
+from raysys.backbones.base import (
+    COMPUTE,
+    REJECT,
+    Backbone,
+    layer_name,
+    resolve_pooling,
+    select_layers,
+)
+from raysys.backbones.images import MAX_IMAGE_PIXELS, prepare_images
 from raysys.errors import BackboneError
 
 # name -> (weights package, class inside it, input resolution)
@@ -25,7 +32,7 @@ VARIANTS = {
 # not ImageNet mean/std; on real photos this gives visibly sharper ImageNet predictions.
 MEAN, STD = 0.5, 0.5
 MIN_IMAGE_SIZE = 64  # the stride-32 head still sees a 2x2 map
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected, not decoded
+__all__ = ["MAX_IMAGE_PIXELS", "VARIANTS", "EfficientNetLite"]
 
 
 def _weights_path(name: str) -> str:
@@ -42,14 +49,19 @@ def _weights_path(name: str) -> str:
 
 class EfficientNetLite(Backbone):
     """Layer i < n_blocks is block i's output, global-average pooled; the last layer is the
-    pooled 1280-d head (the classifier's input)."""
+    pooled 1280-d head (the classifier's input). There is no token axis, so the only pooling
+    is `mean` (global average over H×W), which is also the default."""
 
     modality = "image"
 
-    def __init__(self, name: str, image_size: int = 0) -> None:
+    def __init__(
+        self, name: str, image_size: int = 0, layers: str = "all", pooling: str = ""
+    ) -> None:
         super().__init__()
         if name not in VARIANTS:
             raise BackboneError(f"unknown EfficientNet-Lite {name!r}; known: {sorted(VARIANTS)}")
+        self.pooling = resolve_pooling(pooling, ("mean",), "mean", f"{name} (a CNN)")
+        self.layers = layers
         if image_size and image_size < MIN_IMAGE_SIZE:
             raise BackboneError(
                 f"image size {image_size} is below {MIN_IMAGE_SIZE}, the smallest input that "
@@ -60,7 +72,7 @@ class EfficientNetLite(Backbone):
         # compute grows with the pixel count.
         self.image_size = image_size or VARIANTS[name][2]
         self.model: torch.nn.Module | None = None
-        self._dims: list[int] | None = None
+        self._all_dims: list[int] | None = None
 
     def _build(self, pretrained: bool) -> torch.nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
@@ -72,31 +84,34 @@ class EfficientNetLite(Backbone):
         return model.eval().requires_grad_(False)
 
     @property
-    def dims(self) -> list[int]:
-        if self._dims is None:
+    def all_dims(self) -> list[int]:
+        """Width of every layer (blocks, then the head), whether cached or not."""
+        if self._all_dims is None:
             model = self.model or self._build(pretrained=False)
             blocks = [b._block_args.output_filters for b in model._blocks]
-            self._dims = blocks + [model._conv_head.out_channels]
-        return self._dims
+            self._all_dims = blocks + [model._conv_head.out_channels]
+        return self._all_dims
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return select_layers(self.layers, len(self.all_dims), self.name)
+
+    @property
+    def dims(self) -> list[int]:
+        return [self.all_dims[i] for i in self.layer_ids]
+
+    def check(self) -> None:
+        _weights_path(self.name)  # the weights package is installed
+        super().check()
 
     def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = batch["image"]
         size = self.image_size
-        pixels = np.zeros((len(images), size, size, 3), dtype=np.uint8)
-        reasons = np.full(len(images), "", dtype=object)
-        for i, raw in enumerate(images):
-            if raw is None or len(raw) == 0:
-                reasons[i] = "missing image bytes"
-                continue
-            try:
-                with Image.open(io.BytesIO(raw)) as img:
-                    if img.width * img.height > MAX_IMAGE_PIXELS:
-                        reasons[i] = f"image too large ({img.width}x{img.height})"
-                        continue
-                    img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-                    pixels[i] = np.asarray(img)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                reasons[i] = f"corrupt image: {type(exc).__name__}"
+        pixels, reasons = prepare_images(
+            batch["image"],
+            (size, size, 3),
+            np.uint8,
+            lambda img: np.asarray(img.resize((size, size), Image.BICUBIC)),
+        )
         return {"id": batch["id"], "pixels": pixels, REJECT: reasons}
 
     def load(self, device: torch.device) -> None:
@@ -110,26 +125,32 @@ class EfficientNetLite(Backbone):
         assert self.model is not None, "call load() first"
         x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
         x = (x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD  # NHWC memory, NCHW view
-        pooled: list[torch.Tensor] = []
-        hooks = [
-            block.register_forward_hook(lambda _m, _i, out: pooled.append(out.mean((2, 3))))
-            for block in self.model._blocks
-        ]
+        wanted = self.layer_ids
+        pooled: dict[int, torch.Tensor] = {}
+
+        def keep(i: int):
+            return lambda _m, _i, out: pooled.__setitem__(i, out.mean((2, 3)))
+
+        blocks = self.model._blocks
+        hooks = [blocks[i].register_forward_hook(keep(i)) for i in wanted if i < len(blocks)]
         try:
             with torch.inference_mode(), self.autocast():
                 head = self.model.extract_features(x)
         finally:
             for hook in hooks:
                 hook.remove()
-        pooled.append(head.mean((2, 3)))
-        return {layer_name(i): t.float().cpu().numpy() for i, t in enumerate(pooled)}
+        pooled[len(blocks)] = head.mean((2, 3))
+        return {layer_name(i): pooled[i].float().cpu().numpy() for i in wanted}
 
     def describe(self) -> dict[str, Any]:
         return {
             "backbone": self.name,
             "source": VARIANTS[self.name][0],
             "revision": importlib.metadata.version(VARIANTS[self.name][0].replace("_", "-")),
-            "pooling": "global average over H×W of each block's output; last layer = head",
+            "compute": COMPUTE,
+            "pooling": "mean",  # global average over H×W of each block's output
+            "layer_ids": self.layer_ids,
+            "dims": self.dims,
             "input": {"size": self.image_size, "mean": MEAN, "std": STD},
         }
 

