@@ -34,11 +34,16 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     import torch
 
     from raysys.backbones import get_backbone
-    from raysys.extract import _image_rows, load_corpus, run_pass
+    from raysys.corpora import load_corpus
+    from raysys.extract import run_pass
     from raysys.runtime import cluster_resources, init_ray
 
-    _, rows = load_corpus(cfg.corpus)
-    table = _image_rows(rows)
+    table = load_corpus(cfg.corpus).images
+    if table is None or "image" not in table.column_names:
+        raise ConfigError(
+            "bench extract times decoded images against the pipeline on the same bytes; use "
+            "the synthetic corpus or a manifest with inline image bytes"
+        )
     if not 1 <= images <= table.num_rows:
         raise ConfigError(
             f"--images {images}: the corpus has {table.num_rows} images; choose 1 to "

@@ -97,13 +97,16 @@ def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def write_pairs(corpus_dir: Path, rows: list[dict[str, Any]]) -> Path:
+def write_pairs(corpus_dir: Path, rows: pa.Table | list[dict[str, Any]]) -> Path:
     """The corpus index every later stage joins on (no image bytes)."""
     corpus_dir.mkdir(parents=True, exist_ok=True)
     path = corpus_dir / PAIRS
     if not path.is_file():
         cols = ("pair_id", "image_id", "caption", "negative", "negative_source", "split")
-        table = pa.table({c: [r.get(c) for r in rows] for c in cols})
+        if isinstance(rows, pa.Table):
+            table = rows.select(list(cols))
+        else:
+            table = pa.table({c: [r.get(c) for r in rows] for c in cols})
         pq.write_table(table, corpus_dir / (PAIRS + ".tmp"))
         (corpus_dir / (PAIRS + ".tmp")).replace(path)
     return path

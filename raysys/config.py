@@ -23,9 +23,26 @@ OBJECTIVES = ("con", "negcon", "spread")
 
 @dataclass
 class CorpusConfig:
-    """Which image-text corpus to embed; `synthetic` is the built-in, offline default."""
+    """Which image-text corpus to embed: `synthetic` (built in, offline, the default),
+    `manifest` (a JSONL/CSV/Parquet table of images and captions) or `webdataset` (tar shards
+    as img2dataset writes them).
+
+    `path` is the manifest file, or the shards: a `.tar`, a directory of them, or a glob;
+    local or `s3://`. The `*_key` fields name the manifest columns (or webdataset `.json`
+    fields); a caption or negative value may be one string or a list (COCO style: several
+    captions per image). Without a `split_key` column, each image's split is drawn from a hash
+    of its id with `val_fraction` / `test_fraction`. `limit` keeps the first N images (a quick
+    try on a big corpus). `size`, `image_size` and `captions_per_image` shape `synthetic` only.
+    """
 
     name: str = "synthetic"
+    path: str = ""
+    image_key: str = "image"
+    caption_key: str = "caption"
+    negative_key: str = "negative"
+    id_key: str = ""
+    split_key: str = "split"
+    limit: int = 0
     size: int = 2000
     seed: int = 0
     image_size: int = 224
@@ -46,11 +63,23 @@ class ExtractConfig:
     for real photos). 128 suits the synthetic scenes' flat shapes: on 2 cores it extracts
     about 3x faster than Lite0's native 224 with the same JAM retrieval. It keys the cache, so
     caches of different sizes never mix.
+    `cache_dir` may be `s3://bucket/prefix`: extraction then works in a local mirror
+    (`mirror_dir`, default ~/.cache/raysys/mirror) and publishes each finished stage to S3;
+    a run on another machine downloads a finished stage instead of recomputing it.
+    `vision_layers` / `text_layers` pick the hidden states cached: `all`, explicit indices
+    (`0,6,12`) or relative depths in (0, 1] (`0.25,0.5,1.0`, rounded to the nearest layer) so
+    models of different depth share one sweep axis. `*_pooling` is `cls`, `mean` or `last`
+    (empty = the family's default).
     """
 
     vision: str = "efficientnet-lite0"
     text: str = "minilm-l6"
+    vision_layers: str = "all"
+    text_layers: str = "all"
+    vision_pooling: str = ""
+    text_pooling: str = ""
     cache_dir: str = "runs/cache"
+    mirror_dir: str = ""
     batch_size: int = 64
     part_rows: int = 1024
     max_text_length: int = 64

@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysys import cache
+from raysys import cache, storage
 from raysys.backbones import REJECT, Backbone, get_backbone, pick_device
-from raysys.config import Config, CorpusConfig, ExtractConfig
-from raysys.corpora import SyntheticConfig, corpus_key, generate, make_negative
+from raysys.config import Config, ExtractConfig
+from raysys.corpora import Corpus, load_corpus, negative_counts
 from raysys.errors import ConfigError, CorpusError
 
 PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
@@ -44,37 +45,78 @@ class Extracted:
     text_manifest: dict[str, Any]
 
 
-_CORPORA: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # this process's built corpora
+@dataclass
+class PassRows:
+    """What one pass must embed: every id, exactly once, cached or rejected. The rows are in
+    memory (`table`: synthetic and manifest corpora, captions) or opened by Ray Data
+    (`dataset`: tar shards). Image rows carry `image` bytes or a `uri` read in the CPU stage."""
+
+    ids: pa.Array
+    table: pa.Table | None = None
+    dataset: Callable[[], Any] | None = None
+
+    @classmethod
+    def of(cls, rows: pa.Table | PassRows) -> PassRows:
+        return rows if isinstance(rows, PassRows) else cls(ids=rows["id"], table=rows)
 
 
-def load_corpus(cfg: CorpusConfig) -> tuple[str, list[dict[str, Any]]]:
-    """The corpus rows and their content key (only `synthetic` is built in so far).
+class Prepare:
+    """The CPU stage: read images named by URI, then the backbone's own preprocessing
+    (decode/resize or tokenize); a reason given upstream (an unreadable file) wins over the
+    one preprocessing would give the empty row."""
 
-    Built once per process and config (rendering 2,000 scenes takes seconds and a run needs
-    them twice: extraction and the projector's thumbnails); callers must not modify the rows.
-    """
-    if cfg.name != "synthetic":
-        raise ConfigError(f"unknown corpus {cfg.name!r}; available: synthetic")
-    memo = cache.content_key(dataclasses.asdict(cfg))
-    if memo not in _CORPORA:
-        fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
-        syn = SyntheticConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields})
-        _CORPORA.clear()  # keep one corpus: they hold every image
-        _CORPORA[memo] = (corpus_key(syn), fill_negatives(generate(syn)))
-    return _CORPORA[memo]
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prior = np.full(len(batch["id"]), "", dtype=object)
+        if "uri" in batch:
+            batch = dict(batch)
+            batch["image"], prior = read_images(batch.pop("uri"))
+        out = self.backbone.preprocess(batch)
+        reasons = np.asarray(out[REJECT], dtype=object)
+        out[REJECT] = np.where(prior != "", prior, reasons)
+        return out
 
 
-def fill_negatives(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Derive a rule-based hard negative for every caption that has none, and record where
-    each negative came from; a caption no rule applies to keeps None and is rejected later."""
-    for row in rows:
-        if row.get("negative"):
-            row.setdefault("negative_source", "corpus")
-            continue
-        derived = make_negative(row["caption"], seed=row["pair_id"]) if row.get("caption") else None
-        row["negative"] = derived.text if derived else None
-        row["negative_source"] = f"generated:{derived.rule}" if derived else "none"
-    return rows
+def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of each image file (local or s3://), and a reject reason for each one that
+    cannot be read; S3 objects are fetched concurrently (one s3fs `cat` per batch)."""
+    from raysys import storage
+
+    data = np.empty(len(uris), dtype=object)
+    reasons = np.full(len(uris), "", dtype=object)
+    todo = [i for i, u in enumerate(uris) if isinstance(u, str) and u]
+    remote = [i for i in todo if storage.is_remote(uris[i])]
+    if remote:
+        fs, _ = storage.fsspec_fs(uris[remote[0]])
+        paths = {i: storage.fsspec_fs(uris[i])[1] for i in remote}
+        got = fs.cat(list(paths.values()), on_error="return")
+        for i, path in paths.items():
+            value = got.get(path)
+            if isinstance(value, bytes):
+                data[i] = value
+            else:
+                reasons[i] = f"missing or unreadable image file: {type(value).__name__}"
+    for i in set(todo) - set(remote):
+        try:
+            with open(uris[i].removeprefix("file://"), "rb") as f:
+                data[i] = f.read()
+        except OSError as e:
+            reasons[i] = f"missing or unreadable image file: {e.strerror or type(e).__name__}"
+    for i in set(range(len(uris))) - set(todo):
+        reasons[i] = "no image in the corpus row"
+    return data, reasons
+
+
+class _SkipDone:
+    """Drop rows whose id a finished part already holds (a resumed pass over a dataset)."""
+
+    def __init__(self, done: np.ndarray) -> None:
+        self.done = pa.array(done, pa.string())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch["id"], self.done)))
 
 
 class EmbedActor:
@@ -145,9 +187,9 @@ def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:
 def _layer_dims(backbone: Backbone) -> dict[str, int]:
     from raysys.backbones import layer_name
 
-    dims = {layer_name(i): d for i, d in enumerate(backbone.dims)}
+    dims = {layer_name(i): d for i, d in zip(backbone.layer_ids, backbone.dims, strict=True)}
     if backbone.modality == "text":
-        dims |= {layer_name(i, "neg_"): d for i, d in enumerate(backbone.dims)}
+        dims |= {"neg_" + name: d for name, d in dims.items()}
     return dims
 
 
@@ -186,7 +228,7 @@ def _actor_plan(ecfg: ExtractConfig) -> tuple[int, float, float, int]:
 
 def run_pass(
     backbone: Backbone,
-    rows: pa.Table,
+    rows: pa.Table | PassRows,
     out_dir: Path,
     ecfg: ExtractConfig,
     provenance: dict[str, Any],
@@ -203,18 +245,26 @@ def run_pass(
     cache.remove_temporary(out_dir)
     rejects_dir = out_dir / REJECT_PARTS
     done = cache.ids_in(cache.data_files(out_dir) + cache.data_files(rejects_dir))
-    todo = rows.filter(pc.invert(pc.is_in(rows["id"], pa.array(done, pa.string()))))
+    source = PassRows.of(rows)
+    total = len(source.ids)
+    n_todo = total - int(pc.sum(pc.is_in(source.ids, pa.array(done, pa.string()))).as_py() or 0)
     if len(done):
         print(
             f"[extract] {backbone.modality:5s} {backbone.name}: resuming, {len(done)} of "
-            f"{rows.num_rows} rows already in finished parts",
+            f"{total} rows already in finished parts",
             flush=True,
         )
-    if todo.num_rows:
-        part_rows = _part_rows(todo.num_rows, actors, ecfg)
-        ds = ray.data.from_arrow(todo).repartition(math.ceil(todo.num_rows / part_rows))
+    if n_todo:
+        part_rows = _part_rows(n_todo, actors, ecfg)
+        if source.table is not None:
+            todo = source.table.filter(
+                pc.invert(pc.is_in(source.table["id"], pa.array(done, pa.string())))
+            )
+            ds = ray.data.from_arrow(todo).repartition(math.ceil(todo.num_rows / part_rows))
+        else:  # read by Ray Data, block by block; parts form in the batching below
+            ds = source.dataset().map_batches(_SkipDone(done), batch_format="pyarrow")
         ds = ds.map_batches(
-            backbone.preprocess,
+            Prepare(backbone),
             batch_size=part_rows,
             batch_format="numpy",
             num_cpus=PREPROCESS_CPUS,
@@ -247,7 +297,7 @@ def run_pass(
     rejected = cache.data_files(rejects_dir)
     reject_table = pq.ParquetDataset(rejected).read() if rejected else None
     n_rejects = reject_table.num_rows if reject_table is not None else 0
-    expected = set(rows["id"].to_numpy(zero_copy_only=False).astype(str).tolist())
+    expected = set(source.ids.to_pylist())
     if seen != expected:
         raise CorpusError(
             f"the {backbone.modality} parts in {str(out_dir)!r} hold {len(seen)} ids for "
@@ -256,11 +306,11 @@ def run_pass(
         )
     if n_rejects:
         pq.write_table(reject_table.sort_by("id"), out_dir / cache.REJECTS)
-    fraction = n_rejects / max(1, rows.num_rows)
+    fraction = n_rejects / max(1, total)
     if fraction > ecfg.max_reject_fraction:
         reasons = pc.value_counts(reject_table["reason"]).to_pylist()
         raise CorpusError(
-            f"{n_rejects} of {rows.num_rows} {backbone.modality} rows rejected "
+            f"{n_rejects} of {total} {backbone.modality} rows rejected "
             f"({fraction:.1%} > extract.max_reject_fraction={ecfg.max_reject_fraction:.1%}); "
             f"reasons: {reasons}; see {out_dir / cache.REJECTS}"
         )
@@ -273,7 +323,7 @@ def run_pass(
         "columns": list(dims),
         "dims": list(backbone.dims),
         "dtype": "float16",
-        "rows": rows.num_rows - n_rejects,
+        "rows": total - n_rejects,
         "rejects": n_rejects,
         "seconds": round(elapsed, 2),
         "resumed_rows": len(done),
@@ -283,7 +333,7 @@ def run_pass(
     }
     cache.write_manifest(out_dir, manifest)
     shutil.rmtree(rejects_dir, ignore_errors=True)  # merged into cache.REJECTS above
-    rate = todo.num_rows / max(elapsed, 1e-9)
+    rate = n_todo / max(elapsed, 1e-9)
     print(
         f"[extract] {backbone.modality:5s} {backbone.name}: {manifest['rows']} rows, "
         f"{n_rejects} rejects, {len(manifest['layers'])} layers, {rate:.1f} rows/s -> {out_dir}",
@@ -328,55 +378,114 @@ def extract(cfg: Config) -> Extracted:
     """Embed the configured corpus with both backbones, reusing any finished cache."""
     from raysys.runtime import init_ray
 
-    key, rows = load_corpus(cfg.corpus)
+    backbones = {m: configured_backbone(cfg.extract, m) for m in ("image", "text")}
+    for backbone in backbones.values():
+        backbone.check()  # a wrong model id or layer fails here, before Ray or any GPU work
+    if cfg.corpus.name == "webdataset":
+        init_ray(cfg.ray)  # its caption index is read by Ray Data
+    remote = storage.is_remote(cfg.extract.cache_dir)
+    if remote:
+        storage.check_writable(cfg.extract.cache_dir)  # fails in seconds, before any work
+    corpus = load_corpus(cfg.corpus)
     # Absolute: Ray workers run in their own working directories, not the driver's.
-    cache_dir = Path(cfg.extract.cache_dir).resolve()
-    corpus_dir = cache_dir / key
-    cache.write_pairs(corpus_dir, rows)
-    passes = {
-        "image": (cfg.extract.vision, _image_rows),
-        "text": (cfg.extract.text, _text_rows),
-    }
+    cache_dir = local_cache_dir(cfg.extract)
+    corpus_dir = cache_dir / corpus.key
+    cache.write_pairs(corpus_dir, corpus.pairs)
+    if remote:
+        pairs = corpus_dir / cache.PAIRS
+        storage.upload_file(pairs, _remote(cfg.extract, pairs, cache_dir))
+    inputs = {"image": image_rows(corpus), "text": text_rows(corpus.pairs)}
     dirs: dict[str, Path] = {}
     manifests: dict[str, dict[str, Any]] = {}
-    for modality, (name, make_rows) in passes.items():
-        backbone = get_backbone(
-            name,
-            modality,
-            max_text_length=cfg.extract.max_text_length,
-            image_size=cfg.extract.image_size,
-        )
+    for modality, backbone in backbones.items():
         backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
-        out_dir = cache.stage_dir(cache_dir, key, modality, backbone_key)
+        out_dir = cache.stage_dir(cache_dir, corpus.key, modality, backbone_key)
         manifest = cache.read_manifest(out_dir)
+        if manifest is None and remote:
+            manifest = _download_stage(_remote(cfg.extract, out_dir, cache_dir), out_dir)
         if manifest is None:
             init_ray(cfg.ray)
             provenance = {
-                "corpus_key": key,
+                "corpus_key": corpus.key,
+                "corpus": corpus.info | {"negatives": negative_counts(corpus.pairs)},
                 "backbone_key": backbone_key,
                 "config": {"corpus": dataclasses.asdict(cfg.corpus)}
                 | {"extract": dataclasses.asdict(cfg.extract)},
             }
-            manifest = run_pass(backbone, make_rows(rows), out_dir, cfg.extract, provenance)
+            manifest = run_pass(backbone, inputs[modality], out_dir, cfg.extract, provenance)
+            if remote:
+                _upload_stage(out_dir, _remote(cfg.extract, out_dir, cache_dir))
         else:
-            print(f"[extract] {modality:5s} {name}: cached ({manifest['rows']} rows) {out_dir}")
+            print(
+                f"[extract] {modality:5s} {backbone.name}: cached ({manifest['rows']} rows) "
+                f"{out_dir}"
+            )
         dirs[modality], manifests[modality] = out_dir, manifest
     return Extracted(corpus_dir, dirs["image"], dirs["text"], manifests["image"], manifests["text"])
 
 
-def _image_rows(rows: list[dict[str, Any]]) -> pa.Table:
+def local_cache_dir(ecfg: ExtractConfig) -> Path:
+    """Where extraction writes and training reads. For an `s3://` cache this is a local
+    mirror (`extract.mirror_dir`, by default under ~/.cache/raysys), one per bucket prefix."""
+    if not storage.is_remote(ecfg.cache_dir):
+        return Path(ecfg.cache_dir).resolve()
+    root = Path(ecfg.mirror_dir or Path.home() / ".cache" / "raysys" / "mirror").expanduser()
+    return (root / cache.content_key(ecfg.cache_dir.rstrip("/"))).resolve()
+
+
+def _remote(ecfg: ExtractConfig, local: Path, cache_dir: Path) -> str:
+    return storage.join(ecfg.cache_dir, local.relative_to(cache_dir).as_posix())
+
+
+def _upload_stage(local: Path, uri: str) -> None:
+    """Publish a finished stage: parts and rejects first, the manifest last, so a stage on
+    S3 with a manifest is always whole (the same rule as on local disk)."""
+    started = time.perf_counter()
+    files = [p for p in local.iterdir() if p.is_file() and p.name != cache.MANIFEST]
+    for path in files:
+        storage.upload_file(path, storage.join(uri, path.name))
+    storage.upload_file(local / cache.MANIFEST, storage.join(uri, cache.MANIFEST))
+    size = sum(p.stat().st_size for p in files) / 2**20
+    print(
+        f"[extract] uploaded {len(files)} files ({size:.1f} MiB) in "
+        f"{time.perf_counter() - started:.1f} s -> {uri}",
+        flush=True,
+    )
+
+
+def _download_stage(uri: str, local: Path) -> dict[str, Any] | None:
+    """A finished stage from S3 into the local mirror, or None when S3 has none (no
+    manifest: never extracted, or unfinished; the local pass then runs and publishes it)."""
+    try:
+        storage.read_text(storage.join(uri, cache.MANIFEST))
+    except FileNotFoundError:
+        return None
+    staging = local.with_name(f".{local.name}.{uuid.uuid4().hex}{cache.TMP_SUFFIX}")
+    storage.download_dir(uri, staging)
+    shutil.rmtree(local, ignore_errors=True)  # an unfinished local pass: S3's is whole
+    staging.replace(local)
+    print(f"[extract] downloaded the finished stage {uri} -> {local}", flush=True)
+    return cache.read_manifest(local)
+
+
+def configured_backbone(ecfg: ExtractConfig, modality: str) -> Backbone:
+    side = "vision" if modality == "image" else "text"
+    return get_backbone(
+        getattr(ecfg, side),
+        modality,
+        max_text_length=ecfg.max_text_length,
+        image_size=ecfg.image_size,
+        layers=getattr(ecfg, f"{side}_layers"),
+        pooling=getattr(ecfg, f"{side}_pooling"),
+    )
+
+
+def image_rows(corpus: Corpus) -> PassRows:
     """Unique images only: several captions may share one image, which is embedded once."""
-    seen: dict[str, bytes] = {}
-    for r in rows:
-        seen.setdefault(r["image_id"], r["image"])
-    return pa.table({"id": list(seen), "image": pa.array(list(seen.values()), pa.binary())})
+    return PassRows(ids=corpus.image_ids, table=corpus.images, dataset=corpus.read_images)
 
 
-def _text_rows(rows: list[dict[str, Any]]) -> pa.Table:
+def text_rows(pairs: pa.Table) -> pa.Table:
     return pa.table(
-        {
-            "id": [r["pair_id"] for r in rows],
-            "caption": pa.array([r["caption"] for r in rows], pa.string()),
-            "negative": pa.array([r.get("negative") for r in rows], pa.string()),
-        }
+        {"id": pairs["pair_id"], "caption": pairs["caption"], "negative": pairs["negative"]}
     )

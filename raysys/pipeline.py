@@ -15,9 +15,10 @@ import numpy as np
 
 from raysys import cache, config, storage
 from raysys.config import Config
+from raysys.corpora import load_corpus
 from raysys.errors import ConfigError
 from raysys.evaluate import score_model, score_raw
-from raysys.extract import Extracted, extract, load_corpus
+from raysys.extract import Extracted, extract
 from raysys.jam import JAM
 from raysys.report import table, write_report, write_results
 from raysys.tensorboard import write_hparams, write_projector
@@ -204,13 +205,14 @@ PROJECTOR_POINTS = 200  # enough to see the structure, small enough for the brow
 def projector_sample(cfg: Config, test: cache.Pairs) -> dict[str, Any]:
     """The first test pairs, with their captions and image thumbnails, for the projector."""
     n = min(PROJECTOR_POINTS, len(test))
-    _, rows = load_corpus(cfg.corpus)
-    images = {r["image_id"]: r["image"] for r in rows}
+    thumbnails = None  # tar shards cannot hand out single images cheaply
+    if cfg.corpus.name != "webdataset":
+        thumbnails = load_corpus(cfg.corpus).thumbnails(str(i) for i in test.image_ids[:n])
     return {
         "image": test.image[:n],
         "text": test.text[:n],
         "labels": [str(c) for c in test.captions[:n]],
-        "thumbnails": [images[i] for i in test.image_ids[:n]],
+        "thumbnails": thumbnails,
     }
 
 

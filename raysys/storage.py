@@ -253,6 +253,16 @@ def upload_dir(local_dir: PathLike, uri: PathLike) -> None:
         _s3fs().put(local_files, remote_files)
 
 
+def upload_file(local_file: PathLike, uri: PathLike) -> None:
+    """Copy one local file to ``uri`` (an object on S3, or a path)."""
+    remote, dest = _split(uri)
+    if not remote:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(local_file, dest)
+        return
+    _s3fs().put_file(os.fspath(local_file), dest)
+
+
 def download_dir(uri: PathLike, local_dir: PathLike) -> None:
     """Copy the files under ``uri`` into ``local_dir`` (``uri/a/b`` → ``local_dir/a/b``).
 
@@ -334,3 +344,33 @@ def check_writable(uri: PathLike) -> None:
             else "check network access to S3, the credentials and AWS_DEFAULT_REGION"
         )
         raise ConfigError(f"cannot write to {os.fspath(uri)!r} ({where}): {reason}; {hint}") from e
+
+
+def check_readable(uri: PathLike, what: str = "input") -> None:
+    """Fail fast, with a ConfigError saying what to fix, unless something exists at ``uri``.
+
+    For inputs (manifests, shards): a wrong bucket, endpoint or path is reported in seconds,
+    before any Ray or GPU work, with the same probe timeouts as :func:`check_writable`.
+    """
+    remote, path = _split(uri)
+    if not remote:
+        if not os.path.exists(path):
+            raise ConfigError(f"{what} {os.fspath(uri)!r} does not exist; fix the path")
+        return
+    where = _where(_bucket(path))
+    fs = _s3fs(probe=True)
+    deadline = PROBE_CONNECT_TIMEOUT_S + PROBE_READ_TIMEOUT_S
+    try:
+        found = fs.exists(path, timeout=deadline)
+    except PermissionError as e:
+        raise ConfigError(
+            f"access denied reading {os.fspath(uri)!r} ({where}): {e}; check the credentials "
+            "and the bucket policy"
+        ) from e
+    except Exception as e:  # connection refused, timeouts, no credentials, bad names
+        raise ConfigError(
+            f"cannot read {what} {os.fspath(uri)!r} ({where}): {type(e).__name__}: {e}; "
+            "check AWS_ENDPOINT_URL_S3 / the network, the credentials and the bucket name"
+        ) from e
+    if not found:
+        raise ConfigError(f"{what} {os.fspath(uri)!r} does not exist ({where}); fix the URI")

@@ -20,8 +20,9 @@ from PIL import Image
 
 from raysys import cache, config
 from raysys.config import ExtractConfig
+from raysys.corpora import load_corpus
 from raysys.errors import BackboneError, CacheError, CorpusError
-from raysys.extract import REJECT_PARTS, extract, load_corpus, run_pass
+from raysys.extract import REJECT_PARTS, extract, run_pass
 
 
 def _direct_image_layers(image_bytes: bytes, size: int) -> list[np.ndarray]:
@@ -61,8 +62,9 @@ def _direct_text_layers(text: str) -> list[np.ndarray]:
 
 def test_cached_layers_equal_a_direct_forward_pass(small_cache) -> None:
     cfg, ext = small_cache
-    _, rows = load_corpus(cfg.corpus)
-    row = rows[7]
+    corpus = load_corpus(cfg.corpus)
+    row = corpus.pairs.slice(7, 1).to_pylist()[0]
+    row["image"] = corpus.thumbnails([row["image_id"]])[0]
     layers = ext.image_manifest["layers"]
     assert len(layers) == 17 and ext.image_manifest["dims"][-1] == 1280
     ids, cols = cache.read_layers(ext.image_dir, layers)
@@ -85,7 +87,8 @@ def test_cached_layers_equal_a_direct_forward_pass(small_cache) -> None:
 
 def test_cache_layout_and_manifest(small_cache) -> None:
     cfg, ext = small_cache
-    key, rows = load_corpus(cfg.corpus)
+    corpus = load_corpus(cfg.corpus)
+    key, rows = corpus.key, corpus.pairs.to_pylist()
     assert ext.image_dir.parent.parent.name == key and ext.image_dir.parent.name == "image"
     manifest = ext.text_manifest
     assert manifest["rows"] == len(rows) and manifest["rejects"] == 0
@@ -204,7 +207,7 @@ def test_text_rejects_empty_captions(ray_cluster, tmp_path) -> None:
 
 
 def test_missing_negatives_are_derived_and_recorded() -> None:
-    from raysys.extract import fill_negatives
+    from raysys.corpora import fill_negatives
 
     rows = fill_negatives(
         [
@@ -299,7 +302,8 @@ def test_killed_extraction_resumes_exactly(ray_cluster, tmp_path) -> None:
     cache_dir = tmp_path / "cache"
     overrides = ["corpus.size=400", f"extract.cache_dir={cache_dir}", "extract.part_rows=16"]
     cfg = config.load(None, overrides)
-    key, rows = load_corpus(cfg.corpus)
+    corpus = load_corpus(cfg.corpus)
+    key, rows = corpus.key, corpus.pairs.to_pylist()
     image_root = cache_dir / key / "image"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     killed = subprocess.Popen(

@@ -1,21 +1,98 @@
-"""Corpora: sources of (image, caption, hard negative) rows.
+"""Corpora: sources of (image, caption, hard negative) pairs.
 
-Row contract shared by every corpus (extra keys are allowed and passed through)::
+Pair contract shared by every corpus (the `pairs` table of a `Corpus`)::
 
-    {
-        "pair_id": str,          # unique per (image, caption) pair, e.g. "syn-000123-0"
-        "image_id": str,         # several pairs may share one image, e.g. "syn-000123"
-        "image": bytes,          # encoded image (PNG/JPEG), decodable by PIL
-        "caption": str,
-        "negative": str | None,  # a hard-negative caption, None when none could be made
-    }
+    pair_id          str   unique per (image, caption) pair, e.g. "syn-000123-0", "img.jpg#2"
+    image_id         str   several pairs may share one image (COCO has five captions each)
+    caption          str   None when the source had none (the text pass rejects it)
+    negative         str   a hard-negative caption; None when none could be made
+    negative_source  str   "exact" (synthetic), "corpus" (supplied), "generated:<rule>", "none"
+    split            str   "train" | "val" | "test", the same for all captions of an image
 
-The built-in ``synthetic`` corpus also sets ``negative_source`` ("exact": built from the scene
-itself) and ``split`` ("train" | "val" | "test", the same for all captions of an image). For
-corpora without negatives, ``make_negative`` derives one by a single rule-based edit.
+Images travel separately (`Corpus.images` / `Corpus.read_images`): bytes never sit in the
+pair index. Kinds: `synthetic` (built in), `manifest` (JSONL/CSV/Parquet), `webdataset`
+(tar shards). Captions without a negative get one from `negatives.make_negative`, a single
+rule-based edit.
 """
 
-from raysys.corpora.negatives import Negative, make_negative
-from raysys.corpora.synthetic import SyntheticConfig, corpus_key, generate
+from __future__ import annotations
 
-__all__ = ["Negative", "SyntheticConfig", "corpus_key", "generate", "make_negative"]
+import dataclasses
+from typing import Any
+
+import pyarrow as pa
+
+from raysys.config import CorpusConfig
+from raysys.corpora.base import Corpus, pairs_table
+from raysys.corpora.negatives import Negative, fill_negatives, make_negative
+from raysys.corpora.synthetic import SyntheticConfig, corpus_key, generate
+from raysys.errors import ConfigError
+
+KINDS = ("synthetic", "manifest", "webdataset")
+_LOADED: dict[str, Corpus] = {}  # this process's last corpus, by config
+
+
+def load_corpus(cfg: CorpusConfig) -> Corpus:
+    """The configured corpus, negatives filled in. A synthetic corpus is built once per
+    process and config (rendering 2,000 scenes takes seconds and a run needs them twice:
+    extraction and the projector's thumbnails); the others are read afresh, since their
+    files may change. A `webdataset` corpus reads its shards with Ray Data, so the caller
+    starts Ray first (`runtime.init_ray`) or Ray Data would start its own."""
+    if cfg.name not in KINDS:
+        raise ConfigError(f"unknown corpus {cfg.name!r}; available: {', '.join(KINDS)}")
+    if cfg.name != "synthetic":
+        return _load(cfg)
+    from raysys.cache import content_key
+
+    memo = content_key(dataclasses.asdict(cfg))
+    if memo not in _LOADED:
+        _LOADED.clear()  # keep one corpus: it holds every image
+        _LOADED[memo] = _load(cfg)
+    return _LOADED[memo]
+
+
+def _load(cfg: CorpusConfig) -> Corpus:
+    if cfg.name == "synthetic":
+        fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+        syn = SyntheticConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields})
+        rows = generate(syn)
+        images: dict[str, bytes] = {}
+        for r in rows:
+            images.setdefault(r["image_id"], r.pop("image"))
+        table = pa.table(
+            {"id": list(images), "image": pa.array(list(images.values()), pa.binary())}
+        )
+        return Corpus(
+            corpus_key(syn),
+            pairs_table(fill_negatives(rows)),
+            images=table,
+            info={"kind": "synthetic", "images": len(images)},
+        )
+    if cfg.name == "manifest":
+        from raysys.corpora import manifest as source
+    else:
+        from raysys.corpora import webdataset as source
+    corpus = source.load(cfg)
+    corpus.pairs = pairs_table(fill_negatives(corpus.pairs.to_pylist()))
+    return corpus
+
+
+def negative_counts(pairs: pa.Table) -> dict[str, Any]:
+    """How many negatives came from where (the corpus manifest records it)."""
+    import pyarrow.compute as pc
+
+    return {r["values"]: r["counts"] for r in pc.value_counts(pairs["negative_source"]).to_pylist()}
+
+
+__all__ = [
+    "Corpus",
+    "KINDS",
+    "Negative",
+    "SyntheticConfig",
+    "corpus_key",
+    "fill_negatives",
+    "generate",
+    "load_corpus",
+    "make_negative",
+    "negative_counts",
+]

@@ -358,3 +358,16 @@ def make_negative(caption: str, seed: int | str = 0) -> Negative | None:
             if text != caption:
                 return Negative(text, rule)
     return None
+
+
+def fill_negatives(rows: list[dict]) -> list[dict]:
+    """Derive a rule-based hard negative for every caption that has none, and record where
+    each negative came from; a caption no rule applies to keeps None and is rejected later."""
+    for row in rows:
+        if row.get("negative"):
+            row["negative_source"] = row.get("negative_source") or "corpus"
+            continue
+        derived = make_negative(row["caption"], seed=row["pair_id"]) if row.get("caption") else None
+        row["negative"] = derived.text if derived else None
+        row["negative_source"] = f"generated:{derived.rule}" if derived else "none"
+    return rows

@@ -1,0 +1,183 @@
+"""`webdataset` corpora: tar shards as img2dataset writes them, local or on S3, read by Ray Data.
+
+Each sample is the files sharing a key inside a shard: an image (`.jpg`, `.jpeg`, `.png` or
+`.webp`) and a caption (`.txt`, or the `corpus.caption_key` field of `.json`, which may be a
+list); a `.json` may also carry negatives (`corpus.negative_key`) and a split
+(`corpus.split_key`). The sample key is the image id, so it must be unique across shards
+(img2dataset's keys are: they start with the shard number).
+
+Shards are read twice with `ray.data.read_webdataset`: once at load time without the image
+members, for the small caption index, and once by the image pass, streaming the images to the
+backbone actors. The driver never holds the images.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+import pyarrow as pa
+
+from raysys import storage
+from raysys.cache import content_key
+from raysys.config import CorpusConfig
+from raysys.corpora.base import (
+    Corpus,
+    as_texts,
+    check_unique,
+    image_pairs,
+    normalise_split,
+    pairs_table,
+    split_of,
+)
+from raysys.errors import ConfigError, CorpusError
+
+WEBDATASET_VERSION = 1
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+TEXT_SUFFIXES = ("txt", "json")
+
+
+def shard_files(path: str) -> list[tuple[str, int]]:
+    """(uri, size) of every shard: `path` is a .tar, a directory/prefix of them, or a glob."""
+    globbed = any(c in path for c in "*?[")
+    # A glob: check the directory it searches (fails fast on a wrong bucket or path).
+    fixed = path[: min(path.find(c) for c in "*?[" if c in path)] if globbed else path
+    storage.check_readable(fixed.rsplit("/", 1)[0] if globbed else path, "shards")
+    fs, root = storage.fsspec_fs(path)
+    if globbed:
+        found = fs.glob(root)
+    elif fs.isdir(root):
+        found = [f for f in fs.find(root) if f.endswith(".tar")]
+    else:
+        found = [root]
+    found = sorted(f for f in found if f.endswith(".tar"))
+    if not found:
+        raise ConfigError(f"corpus.path {path!r} holds no .tar shards")
+    scheme = storage.S3_SCHEME if storage.is_remote(path) else ""
+    return [(scheme + f, int(fs.size(f))) for f in found]
+
+
+def _filesystem(path: str):
+    return storage.pyarrow_fs(path)[0] if storage.is_remote(path) else None
+
+
+def _member(value: Any) -> bytes | None:
+    """A member's bytes; a sample without that member reads back as None or NaN."""
+    return value if isinstance(value, bytes) else None
+
+
+def _sample_text(row: dict[str, Any], cfg: CorpusConfig) -> tuple[list, list, Any]:
+    meta: dict[str, Any] = {}
+    if _member(row.get("json")):
+        try:
+            meta = json.loads(row["json"])
+        except ValueError:
+            meta = {}
+    if _member(row.get("txt")) is not None:
+        captions = [row["txt"].decode("utf-8", errors="replace").strip()]
+    else:
+        captions = as_texts(meta.get(cfg.caption_key))
+    negatives = as_texts(meta.get(cfg.negative_key))
+    return captions, negatives, meta.get(cfg.split_key)
+
+
+def load(cfg: CorpusConfig) -> Corpus:
+    """The caption index (read by Ray Data: the caller has started Ray) and the image reader."""
+    import ray.data
+
+    if not cfg.path:
+        raise ConfigError("corpus.name=webdataset needs corpus.path (shards: .tar, dir or glob)")
+    shards = shard_files(cfg.path)
+    uris = [u for u, _ in shards]
+    texts = ray.data.read_webdataset(
+        uris,
+        filesystem=_filesystem(cfg.path),
+        decoder=None,
+        suffixes=list(TEXT_SUFFIXES),
+    )
+    index = list(texts.iter_rows())  # captions only: small
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for sample in index:
+        image_id = str(sample["__key__"])
+        if image_id in seen:
+            raise CorpusError(
+                f"webdataset {cfg.path!r}: sample key {image_id!r} appears twice; keys must be "
+                "unique across shards (they name the cached images)"
+            )
+        if cfg.limit and len(seen) >= cfg.limit:
+            break
+        seen.add(image_id)
+        captions, negatives, split = _sample_text(sample, cfg)
+        if negatives and len(negatives) != len(captions):
+            raise CorpusError(
+                f"webdataset {cfg.path!r} sample {image_id!r}: {len(captions)} captions but "
+                f"{len(negatives)} negatives"
+            )
+        split = (
+            normalise_split(split, f"sample {image_id!r}")
+            if split is not None
+            else split_of(image_id, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        )
+        texts = captions or [None]
+        negs = negatives or [None] * len(texts)
+        rows += image_pairs(image_id, list(zip(texts, negs, strict=True)), split)
+    pairs = pairs_table(rows)
+    check_unique(pairs, f"webdataset {cfg.path!r}")
+    settings = {k: getattr(cfg, k) for k in _KEY_FIELDS}
+    # Shard names and sizes stand for the images; the caption index stands for the text.
+    names = [(posixpath.basename(u), size) for u, size in shards]
+    key = content_key("webdataset", WEBDATASET_VERSION, names, settings, _table_digest(pairs))
+    keep = set(seen)
+
+    def read_images() -> ray.data.Dataset:
+        ds = ray.data.read_webdataset(
+            uris,
+            filesystem=_filesystem(cfg.path),
+            decoder=None,
+            suffixes=list(IMAGE_SUFFIXES),
+        )
+        return ds.map_batches(_ImageRows(keep), batch_format="pyarrow")
+
+    info = {"kind": "webdataset", "source": cfg.path, "shards": len(shards), "images": len(seen)}
+    return Corpus(key=key, pairs=pairs, read_images=read_images, info=info)
+
+
+class _ImageRows:
+    """Shard samples -> `id, image` rows: the first image member of each sample, only for
+    samples in the index (so `corpus.limit` holds); a sample with no image keeps a null
+    image, which the image pass rejects."""
+
+    def __init__(self, keep: set[str]) -> None:
+        self.keep = keep
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = [str(k) for k in batch["__key__"].to_pylist()]
+        images: list[bytes | None] = [None] * len(ids)
+        for suffix in IMAGE_SUFFIXES:
+            if suffix in batch.column_names:
+                for i, value in enumerate(batch[suffix].to_pylist()):
+                    images[i] = images[i] or _member(value)
+        keep = [i for i, k in enumerate(ids) if k in self.keep]
+        return pa.table(
+            {
+                "id": pa.array([ids[i] for i in keep], pa.string()),
+                "image": pa.array([images[i] for i in keep], pa.binary()),
+            }
+        )
+
+
+def _table_digest(table: pa.Table) -> str:
+    import hashlib
+
+    import pyarrow.ipc as ipc
+
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+_KEY_FIELDS = ("caption_key", "negative_key", "split_key", "limit", "seed", "val_fraction")
+_KEY_FIELDS += ("test_fraction",)
