@@ -59,16 +59,18 @@ def _parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument(
                 "stage",
-                choices=["train", "step", "extract"],
+                choices=["train", "step", "extract", "embed"],
                 help="train: Ray Train vs a bare loop on the cache; step: the training step "
                 "alone (no Ray) on random embeddings held on the device; extract: the Ray "
-                "Data image pass vs a bare loop over pre-decoded images",
+                "Data image pass vs a bare loop over pre-decoded images; embed: the extract "
+                "actor's batch function (no Ray) vs a bare forward, ViT-B/16 and BERT-base",
             )
             p.add_argument("--images", type=int, default=1000, help="extract: images embedded")
+            p.add_argument("--rows", type=int, default=256, help="embed: rows per modality")
             p.add_argument("--pairs", type=int, default=200_000, help="step: pairs on device")
             p.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
             p.add_argument("--steps", type=int, default=50, help="step: timed steps")
-            p.add_argument("--device", default="auto", help="step: auto, cpu, cuda, cuda:1 …")
+            p.add_argument("--device", default="auto", help="step, embed: auto, cpu, cuda, …")
         p.add_argument("--config", type=Path, help="YAML file of config keys (nested sections)")
         p.add_argument(
             "--out",
@@ -183,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                 from raysys.bench_extract import bench_extract
 
                 bench_extract(cfg, out, args.images)
+            elif args.stage == "embed":
+                from raysys.bench_embed import bench_embed
+
+                if args.rows < 1:
+                    raise ConfigError(f"--rows must be >= 1, got {args.rows}")
+                bench_embed(out, args.device, args.rows, cfg.extract.batch_size)
             else:
                 from raysys.bench import bench_train
 

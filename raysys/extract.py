@@ -9,6 +9,7 @@ whose manifest matches is skipped, so an unchanged stage is never recomputed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -90,10 +91,10 @@ def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     remote = [i for i in todo if storage.is_remote(uris[i])]
     if remote:
         fs, _ = storage.fsspec_fs(uris[remote[0]])
-        paths = {i: storage.fsspec_fs(uris[i])[1] for i in remote}
-        got = fs.cat(list(paths.values()), on_error="return")
-        for i, path in paths.items():
-            value = got.get(path)
+        paths = [storage.fsspec_fs(uris[i])[1] for i in remote]
+        # cat_ranges, not cat: cat expands glob characters, which are legal in S3 keys.
+        got = fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
+        for i, value in zip(remote, got, strict=True):
             if isinstance(value, bytes):
                 data[i] = value
             else:
@@ -328,6 +329,9 @@ def run_pass(
         "seconds": round(elapsed, 2),
         "resumed_rows": len(done),
         "actors": {"count": actors, "cpus": cpus, "gpus": gpus, "threads": threads},
+        # What a published copy must hold: a download takes these and nothing stray.
+        "files": sorted(Path(f).name for f in cache.data_files(out_dir))
+        + ([cache.REJECTS] if n_rejects else []),
         "cache_version": cache.CACHE_VERSION,
         **provenance,
     }
@@ -401,6 +405,14 @@ def extract(cfg: Config) -> Extracted:
         backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
         out_dir = cache.stage_dir(cache_dir, corpus.key, modality, backbone_key)
         manifest = cache.read_manifest(out_dir)
+        if (
+            remote
+            and manifest is not None
+            and not storage.exists(
+                storage.join(_remote(cfg.extract, out_dir, cache_dir), cache.MANIFEST)
+            )
+        ):  # finished here, but its upload never completed: publish it now
+            _upload_stage(out_dir, _remote(cfg.extract, out_dir, cache_dir))
         if manifest is None and remote:
             manifest = _download_stage(_remote(cfg.extract, out_dir, cache_dir), out_dir)
         if manifest is None:
@@ -441,7 +453,7 @@ def _upload_stage(local: Path, uri: str) -> None:
     """Publish a finished stage: parts and rejects first, the manifest last, so a stage on
     S3 with a manifest is always whole (the same rule as on local disk)."""
     started = time.perf_counter()
-    files = [p for p in local.iterdir() if p.is_file() and p.name != cache.MANIFEST]
+    files = [local / name for name in cache.read_manifest(local)["files"]]
     for path in files:
         storage.upload_file(path, storage.join(uri, path.name))
     storage.upload_file(local / cache.MANIFEST, storage.join(uri, cache.MANIFEST))
@@ -457,11 +469,14 @@ def _download_stage(uri: str, local: Path) -> dict[str, Any] | None:
     """A finished stage from S3 into the local mirror, or None when S3 has none (no
     manifest: never extracted, or unfinished; the local pass then runs and publishes it)."""
     try:
-        storage.read_text(storage.join(uri, cache.MANIFEST))
+        manifest = json.loads(storage.read_text(storage.join(uri, cache.MANIFEST)))
     except FileNotFoundError:
         return None
     staging = local.with_name(f".{local.name}.{uuid.uuid4().hex}{cache.TMP_SUFFIX}")
-    storage.download_dir(uri, staging)
+    staging.mkdir(parents=True)
+    # Only the files the manifest lists: a concurrent or broken publisher's strays stay out.
+    for name in [*manifest["files"], cache.MANIFEST]:
+        storage.download_file(storage.join(uri, name), staging / name)
     shutil.rmtree(local, ignore_errors=True)  # an unfinished local pass: S3's is whole
     staging.replace(local)
     print(f"[extract] downloaded the finished stage {uri} -> {local}", flush=True)

@@ -263,6 +263,16 @@ def upload_file(local_file: PathLike, uri: PathLike) -> None:
     _s3fs().put_file(os.fspath(local_file), dest)
 
 
+def download_file(uri: PathLike, local_file: PathLike) -> None:
+    """Copy one object (or file) at ``uri`` to a local path; FileNotFoundError if absent."""
+    remote, src = _split(uri)
+    os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
+    if not remote:
+        shutil.copyfile(src, local_file)
+        return
+    _s3fs().get_file(src, os.fspath(local_file))
+
+
 def download_dir(uri: PathLike, local_dir: PathLike) -> None:
     """Copy the files under ``uri`` into ``local_dir`` (``uri/a/b`` → ``local_dir/a/b``).
 

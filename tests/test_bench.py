@@ -115,3 +115,21 @@ def test_bench_extract_times_the_pass_and_the_bare_loop(ray_cluster, tmp_path) -
     assert settings["actors"]["count"] >= 1
     with pytest.raises(ConfigError, match="the corpus has 60 images"):
         bench_extract(cfg, out, images=61)
+
+
+@pytest.mark.slow
+def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> None:
+    """ViT-B/16 and BERT-base from configs (random weights), through the `hf:` path: the
+    actor's batch function and the bare forward on the same tensors, both recorded."""
+    from raysys.bench_embed import bench_embed
+
+    bench = bench_embed(tmp_path, "cpu", rows=2, batch=2)
+    saved = json.loads((tmp_path / BENCH_FILE).read_text())
+    assert saved == bench and saved["device"] == "cpu"
+    for modality, layers in (("image", 13), ("text", 13)):
+        result = saved[modality]
+        assert result["layers"] == layers  # every hidden state of a 12-layer model
+        assert result["actor_per_s"] > 0 and result["bare_per_s"] > 0
+        assert math.isclose(
+            result["ratio"], result["actor_per_s"] / result["bare_per_s"], rel_tol=0.05
+        )

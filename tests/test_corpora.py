@@ -257,13 +257,23 @@ def test_s3_manifest_and_shards_extract(ray_cluster, s3_server, scenes, tmp_path
         assert json.loads(storage.read_text(f"{bucket}/cache/{rel}/manifest.json"))["rows"] > 0
     assert storage.exists(f"{bucket}/cache/{key}/pairs.parquet")
 
-    # Another machine (another mirror) downloads the finished stages instead of recomputing.
+    # A finished stage whose upload never completed is published by the next run.
+    rel = ext.image_dir.relative_to(ext.corpus_dir.parent).as_posix()
+    fs, path = storage.fsspec_fs(f"{bucket}/cache/{rel}/manifest.json")
+    fs.rm_file(path)
+    fs.pipe_file(path.replace("manifest.json", "part-stray.parquet"), b"a half-published part")
+    extract(config.load(None, overrides))
+    assert storage.exists(f"{bucket}/cache/{rel}/manifest.json")
+
+    # Another machine (another mirror) downloads the finished stages instead of recomputing,
+    # and only the files their manifests list (not the stray part).
     again = extract(
         config.load(None, overrides[:3] + [f"extract.mirror_dir={tmp_path / 'm2'}"] + overrides[4:])
     )
     assert again.image_dir.is_relative_to(tmp_path / "m2")
     assert again.image_manifest == ext.image_manifest  # the same stage, not a new pass
     assert cache.read_ids(again.image_dir, ["L00"]).tolist() == ids.tolist()
+    assert not (again.image_dir / "part-stray.parquet").exists()
 
 
 def test_unreachable_bucket_fails_fast(s3_server, monkeypatch) -> None:
@@ -331,3 +341,49 @@ def test_coco_captions_become_a_manifest(scenes, tmp_path) -> None:
     corpus = load_corpus(_corpus(_jsonl(tmp_path / "coco.jsonl", rows), id_key="id"))
     assert corpus.pairs["pair_id"].to_pylist() == ["3#0", "3#1", "7#0"]
     assert corpus.images["uri"].to_pylist()[0] == str(tmp_path / "img" / "syn-000000.png")
+
+
+def test_manifest_rows_of_every_plausible_shape(tmp_path) -> None:
+    """What real manifests hold: mixed caption shapes, ids with leading zeros, blank cells,
+    a row without a caption, Hugging Face `{bytes, path}` image structs, `..` paths."""
+    from raysys.corpora.manifest import _image_uri
+
+    rows = [
+        {"image": "a.png", "caption": "one caption", "id": "007"},
+        {"image": "b.png", "caption": ["two", "captions"], "id": "7"},
+        {"image": "c.png", "caption": None, "negative": "unused", "id": "8"},
+    ]
+    corpus = load_corpus(_corpus(_jsonl(tmp_path / "m.jsonl", rows), id_key="id"))
+    assert corpus.pairs["pair_id"].to_pylist() == ["007#0", "7#0", "7#1", "8#0"]
+    assert corpus.pairs["caption"].to_pylist()[3] is None  # the text pass rejects it
+    (tmp_path / "m.csv").write_text("image,caption,id,split\na.png,x,007,\nb.png,y,7,test\n")
+    csv = load_corpus(_corpus(tmp_path / "m.csv", id_key="id"))
+    assert csv.pairs["image_id"].to_pylist() == ["007", "7"]
+    assert csv.pairs["split"].to_pylist()[1] == "test"
+    clash = _jsonl(tmp_path / "clash.jsonl", [rows[0], dict(rows[1], id="007")])
+    with pytest.raises(CorpusError, match="id '007' names two different images"):
+        load_corpus(_corpus(clash, id_key="id"))
+    pq.write_table(
+        pa.table({"image": [{"bytes": b"\x89PNG-ish", "path": "x.png"}], "caption": ["a cat"]}),
+        tmp_path / "hf.parquet",
+    )
+    hf = load_corpus(_corpus(tmp_path / "hf.parquet"))
+    assert hf.images["image"].to_pylist() == [b"\x89PNG-ish"]
+    assert _image_uri("../train2017/x.jpg", "s3://b/coco/annotations") == (
+        "s3://b/coco/train2017/x.jpg"
+    )
+    assert _image_uri("./x.jpg", str(tmp_path)) == str(tmp_path / "x.jpg")
+
+
+def test_webdataset_key_is_stable_and_duplicates_refused(ray_cluster, scenes, tmp_path) -> None:
+    shards = tmp_path / "shards"
+    _write_shards(shards, scenes, per_shard=3)
+    cfg = _corpus(shards, name="webdataset")
+    assert len({load_corpus(cfg).key for _ in range(3)}) == 1  # Ray Data's order varies
+    with pytest.raises(ConfigError, match="brace ranges are not expanded"):
+        load_corpus(_corpus(f"{shards}/{{00000..00003}}.tar", name="webdataset"))
+    _write_shards(tmp_path / "twice", scenes[:3], per_shard=3)
+    (tmp_path / "twice" / "00000.tar").rename(tmp_path / "twice" / "copy.tar")
+    _write_shards(tmp_path / "twice", scenes[:3], per_shard=3)
+    with pytest.raises(CorpusError, match="sample keys appear more than once"):
+        load_corpus(_corpus(tmp_path / "twice", name="webdataset", limit=1))

@@ -22,8 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from raysys.cache import content_key
 from raysys.config import CorpusConfig
-from raysys.corpora.base import Corpus, pairs_table
+from raysys.corpora.base import Corpus, pairs_table, table_digest
 from raysys.corpora.negatives import Negative, fill_negatives, make_negative
 from raysys.corpora.synthetic import SyntheticConfig, corpus_key, generate
 from raysys.errors import ConfigError
@@ -42,8 +43,6 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
         raise ConfigError(f"unknown corpus {cfg.name!r}; available: {', '.join(KINDS)}")
     if cfg.name != "synthetic":
         return _load(cfg)
-    from raysys.cache import content_key
-
     memo = content_key(dataclasses.asdict(cfg))
     if memo not in _LOADED:
         _LOADED.clear()  # keep one corpus: it holds every image
@@ -74,6 +73,9 @@ def _load(cfg: CorpusConfig) -> Corpus:
         from raysys.corpora import webdataset as source
     corpus = source.load(cfg)
     corpus.pairs = pairs_table(fill_negatives(corpus.pairs.to_pylist()))
+    # The final pairs, generated negatives included, key the cache: a change to the
+    # negative rules must not reuse old negative embeddings.
+    corpus.key = content_key(corpus.key, table_digest(corpus.pairs))
     return corpus
 
 

@@ -132,3 +132,13 @@ def check_unique(pairs: pa.Table, where: str) -> None:
             f"{where}: pair ids are not unique (two rows give the same image id and caption "
             "number); give each image a distinct id (corpus.id_key) or path"
         )
+
+
+def table_digest(table: pa.Table) -> str:
+    """A hash of a table's content (Arrow IPC bytes): what the pairs add to a corpus key."""
+    import pyarrow.ipc as ipc
+
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import posixpath
 from typing import Any
 
@@ -39,8 +41,12 @@ FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv"}
 FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
 
 
-def read_table(uri: str) -> tuple[pa.Table, str]:
-    """The manifest as an Arrow table, plus a hash of its bytes (part of the corpus key)."""
+def read_records(uri: str) -> tuple[list[dict[str, Any]], str]:
+    """The manifest's rows as dicts, plus a hash of its bytes (part of the corpus key).
+
+    JSON is parsed line by line with Python's `json` (rows may mix a caption string and a
+    caption list, which a columnar reader refuses); a `.json` file may also hold one array.
+    CSV cells are read as strings, so ids like `007` stay `007`."""
     suffix = posixpath.splitext(uri.lower())[1]
     kind = FORMATS.get(suffix)
     if kind is None:
@@ -52,87 +58,132 @@ def read_table(uri: str) -> tuple[pa.Table, str]:
     fs, path = storage.fsspec_fs(uri)
     data = fs.cat_file(path)
     digest = hashlib.sha256(data).hexdigest()
+    if kind == "json":
+        return _json_records(data, uri), digest
     try:
-        if kind == "json":
-            import pyarrow.json as pj
-
-            table = pj.read_json(io.BytesIO(data))
-        elif kind == "csv":
+        if kind == "csv":
             import pyarrow.csv as pcsv
 
-            table = pcsv.read_csv(io.BytesIO(data))
+            names = pcsv.read_csv(io.BytesIO(data)).column_names
+            options = pcsv.ConvertOptions(column_types={n: pa.string() for n in names})
+            table = pcsv.read_csv(io.BytesIO(data), convert_options=options)
         else:
             import pyarrow.parquet as pq
 
             table = pq.read_table(io.BytesIO(data))
     except pa.ArrowInvalid as e:
         raise CorpusError(f"cannot parse manifest {uri!r} as {kind}: {e}") from e
-    return table, digest
+    return table.to_pylist(), digest
+
+
+def _json_records(data: bytes, uri: str) -> list[dict[str, Any]]:
+    text = data.decode("utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as e:
+            raise CorpusError(f"cannot parse manifest {uri!r} as a JSON array: {e}") from e
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise CorpusError(
+                        f"manifest {uri!r} line {n} is not JSON ({e}); JSON Lines holds one "
+                        "object per line"
+                    ) from e
+    if not all(isinstance(r, dict) for r in rows):
+        raise CorpusError(f"manifest {uri!r}: every row must be a JSON object")
+    return rows
 
 
 def _image_uri(value: str, base: str) -> str:
-    """Relative paths are relative to the manifest's directory (local or s3://)."""
+    """Relative paths are relative to the manifest's directory (local or s3://); `..` is
+    resolved, since S3 would read it as part of a literal key (COCO keeps `annotations/`
+    beside `train2017/`)."""
     if storage.is_remote(value) or posixpath.isabs(value) or value.startswith("file://"):
         return value
-    return storage.join(base, value)
+    if storage.is_remote(base):
+        return storage.S3_SCHEME + posixpath.normpath(posixpath.join(base[5:], value))
+    return os.path.normpath(os.path.join(base, value))
+
+
+def _image_value(value: Any) -> str | bytes | None:
+    """A path, inline bytes, or None; Hugging Face datasets store `{bytes, path}` structs."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, bytes)) and value:
+        return value
+    if value is None or value == "":
+        return None
+    raise CorpusError(
+        f"image values must be paths or bytes (or {{bytes, path}} structs), not "
+        f"{type(value).__name__}: {value!r:.80}"
+    )
 
 
 def load(cfg: CorpusConfig) -> Corpus:
     if not cfg.path:
         raise ConfigError("corpus.name=manifest needs corpus.path (a .jsonl, .csv or .parquet)")
-    table, digest = read_table(cfg.path)
-    columns = table.column_names
+    records, digest = read_records(cfg.path)
+    columns = sorted({k for r in records[:1000] for k in r})
     for key in ("image_key", "caption_key"):
-        if getattr(cfg, key) not in columns:
+        if records and not any(getattr(cfg, key) in r for r in records[:1000]):
             raise ConfigError(
                 f"manifest {cfg.path!r} has no column {getattr(cfg, key)!r} (corpus.{key}); "
                 f"its columns: {', '.join(columns)}"
             )
-    base = posixpath.dirname(cfg.path.rstrip("/")) if storage.is_remote(cfg.path) else None
-    if base is None:
-        import os
-
+    if storage.is_remote(cfg.path):
+        base = posixpath.dirname(cfg.path.rstrip("/"))
+    else:
         base = os.path.dirname(os.path.abspath(cfg.path))
 
-    def column(name: str) -> list[Any]:
-        return table[name].to_pylist() if name and name in columns else [None] * table.num_rows
-
-    images: dict[str, Any] = {}  # image id -> bytes or uri (first row wins)
+    images: dict[str, Any] = {}  # image id -> bytes or uri
     captions: dict[str, list[tuple[Any, Any]]] = {}  # image id -> [(caption, negative)]
     splits: dict[str, str] = {}
-    rows = zip(
-        column(cfg.image_key),
-        column(cfg.caption_key),
-        column(cfg.negative_key),
-        column(cfg.id_key),
-        column(cfg.split_key),
-        strict=True,
-    )
-    for n, (image, caption, negative, given_id, split) in enumerate(rows):
-        if given_id is not None:
+    for n, record in enumerate(records):
+        image = _image_value(record.get(cfg.image_key))
+        given_id = record.get(cfg.id_key) if cfg.id_key else None
+        if given_id is not None and str(given_id) != "":
             image_id = str(given_id)
-        elif isinstance(image, str) and image:
+        elif isinstance(image, str):
             image_id = image
-        elif isinstance(image, bytes) and image:
+        elif isinstance(image, bytes):
             image_id = "sha256-" + hashlib.sha256(image).hexdigest()[:20]
         else:
-            image_id = f"row-{n:09d}"  # no image: the image pass rejects it ("null image")
+            image_id = f"row-{n:09d}"  # no image: the image pass rejects it
+        value = _image_uri(image, base) if isinstance(image, str) else image
         if image_id not in images:
             if cfg.limit and len(images) >= cfg.limit:
                 continue
-            images[image_id] = image if isinstance(image, bytes) else image or None
-            if isinstance(image, str) and image:
-                images[image_id] = _image_uri(image, base)
-        if split is not None and image_id not in splits:
+            images[image_id] = value
+        elif images[image_id] != value:
+            raise CorpusError(
+                f"manifest {cfg.path!r} row {n}: id {image_id!r} names two different images; "
+                "give each image its own id (corpus.id_key), or drop the id column"
+            )
+        split = record.get(cfg.split_key) if cfg.split_key else None
+        if split not in (None, "") and image_id not in splits:
             splits[image_id] = normalise_split(split, f"manifest {cfg.path!r} row {n}")
-        texts, negs = as_texts(caption), as_texts(negative)
-        if negs and len(negs) != len(texts):
+        texts, negs = as_texts(record.get(cfg.caption_key)), as_texts(record.get(cfg.negative_key))
+        if texts and negs and len(negs) != len(texts):
             raise CorpusError(
                 f"manifest {cfg.path!r} row {n}: {len(texts)} captions but {len(negs)} "
                 "negatives; give one negative per caption, or none"
             )
+        if not texts:  # no caption: one pair the text pass rejects, its negative unused
+            texts, negs = [None], []
         pairs = captions.setdefault(image_id, [])
-        pairs.extend(zip(texts or [None], negs or [None] * max(1, len(texts)), strict=True))
+        pairs.extend(zip(texts, negs or [None] * len(texts), strict=True))
+    buckets = {
+        v[5:].split("/", 1)[0]
+        for v in images.values()
+        if isinstance(v, str) and storage.is_remote(v)
+    }
+    for bucket in sorted(buckets):  # a wrong image bucket fails now, not after the pass
+        storage.check_readable(f"s3://{bucket}", "image bucket")
 
     rows_out: list[dict[str, Any]] = []
     for image_id, pairs in captions.items():
@@ -158,7 +209,8 @@ def load(cfg: CorpusConfig) -> Corpus:
             f"manifest {cfg.path!r} mixes inline image bytes and image paths; use one or the other"
         )
     settings = {k: getattr(cfg, k) for k in _KEY_FIELDS}
-    key = content_key("manifest", MANIFEST_VERSION, digest, settings)
+    # The resolved location too: the same manifest elsewhere names other image files.
+    key = content_key("manifest", MANIFEST_VERSION, digest, settings, base)
     info = {"kind": "manifest", "source": cfg.path, "sha256": digest, "images": len(ids)}
     return Corpus(key=key, pairs=pairs, images=image_table, info=info)
 

@@ -14,7 +14,6 @@ backbone actors. The driver never holds the images.
 from __future__ import annotations
 
 import json
-import posixpath
 from typing import Any
 
 import pyarrow as pa
@@ -38,8 +37,13 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 TEXT_SUFFIXES = ("txt", "json")
 
 
-def shard_files(path: str) -> list[tuple[str, int]]:
-    """(uri, size) of every shard: `path` is a .tar, a directory/prefix of them, or a glob."""
+def shard_files(path: str) -> list[tuple[str, int, str]]:
+    """(uri, size, version) of every shard: `path` is a .tar, a directory of them, or a glob."""
+    if "{" in path:
+        raise ConfigError(
+            f"corpus.path {path!r}: brace ranges are not expanded; use a glob "
+            "(shards/*.tar) or the directory"
+        )
     globbed = any(c in path for c in "*?[")
     # A glob: check the directory it searches (fails fast on a wrong bucket or path).
     fixed = path[: min(path.find(c) for c in "*?[" if c in path)] if globbed else path
@@ -55,7 +59,12 @@ def shard_files(path: str) -> list[tuple[str, int]]:
     if not found:
         raise ConfigError(f"corpus.path {path!r} holds no .tar shards")
     scheme = storage.S3_SCHEME if storage.is_remote(path) else ""
-    return [(scheme + f, int(fs.size(f))) for f in found]
+    out = []
+    for f in found:
+        info = fs.info(f)
+        version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+        out.append((scheme + f, int(info["size"]), str(version)))
+    return out
 
 
 def _filesystem(path: str):
@@ -89,25 +98,28 @@ def load(cfg: CorpusConfig) -> Corpus:
     if not cfg.path:
         raise ConfigError("corpus.name=webdataset needs corpus.path (shards: .tar, dir or glob)")
     shards = shard_files(cfg.path)
-    uris = [u for u, _ in shards]
+    uris = [u for u, _, _ in shards]
     texts = ray.data.read_webdataset(
         uris,
         filesystem=_filesystem(cfg.path),
         decoder=None,
         suffixes=list(TEXT_SUFFIXES),
     )
-    index = list(texts.iter_rows())  # captions only: small
+    # Ray Data yields rows in completion order: sort, so `limit` and the key are stable.
+    index = sorted(texts.iter_rows(), key=lambda r: str(r["__key__"]))
+    keys = [str(r["__key__"]) for r in index]
+    repeated = sorted({a for a, b in zip(keys, keys[1:], strict=False) if a == b})
+    if repeated:
+        raise CorpusError(
+            f"webdataset {cfg.path!r}: sample keys appear more than once ({repeated[:5]}); "
+            "keys must be unique across shards (they name the cached images)"
+        )
+    if cfg.limit:
+        index = index[: cfg.limit]
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for sample in index:
         image_id = str(sample["__key__"])
-        if image_id in seen:
-            raise CorpusError(
-                f"webdataset {cfg.path!r}: sample key {image_id!r} appears twice; keys must be "
-                "unique across shards (they name the cached images)"
-            )
-        if cfg.limit and len(seen) >= cfg.limit:
-            break
         seen.add(image_id)
         captions, negatives, split = _sample_text(sample, cfg)
         if negatives and len(negatives) != len(captions):
@@ -126,9 +138,9 @@ def load(cfg: CorpusConfig) -> Corpus:
     pairs = pairs_table(rows)
     check_unique(pairs, f"webdataset {cfg.path!r}")
     settings = {k: getattr(cfg, k) for k in _KEY_FIELDS}
-    # Shard names and sizes stand for the images; the caption index stands for the text.
-    names = [(posixpath.basename(u), size) for u, size in shards]
-    key = content_key("webdataset", WEBDATASET_VERSION, names, settings, _table_digest(pairs))
+    # Shard names, sizes and versions (ETag on S3, mtime locally) stand for the images; the
+    # pairs (hashed with their negatives by `load_corpus`) for the text.
+    key = content_key("webdataset", WEBDATASET_VERSION, shards, settings)
     keep = set(seen)
 
     def read_images() -> ray.data.Dataset:
@@ -166,17 +178,6 @@ class _ImageRows:
                 "image": pa.array([images[i] for i in keep], pa.binary()),
             }
         )
-
-
-def _table_digest(table: pa.Table) -> str:
-    import hashlib
-
-    import pyarrow.ipc as ipc
-
-    sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
 _KEY_FIELDS = ("caption_key", "negative_key", "split_key", "limit", "seed", "val_fraction")

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The GPU check of issue 3, for a machine with torch and transformers but no Ray (the borrowed
+# device): the extract actor's batch function (every layer pooled, bf16 autocast) against a
+# bare forward loop, for a random ViT-B/16 and a random 12-layer BERT-base, at two batch sizes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/device-embed}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+for batch in 64 256; do
+  HF_HUB_OFFLINE=1 PYTHONPATH=. python -m raysys.cli bench embed --device cuda --rows 2048 \
+    --out "$OUT/batch-$batch" extract.batch_size="$batch"
+done
