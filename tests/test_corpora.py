@@ -289,32 +289,34 @@ def test_unreachable_bucket_fails_fast(s3_server, monkeypatch) -> None:
 
 def test_webdataset_extraction_streams_and_resumes(ray_cluster, scenes, tmp_path) -> None:
     """The image pass reads the shards through Ray Data (never the driver); a pass that lost
-    its manifest and some parts (as a killed one would) embeds only the missing ids."""
-    from raysys.extract import extract
+    its manifest and some parts (as a killed one would) embeds only the missing ids. (The
+    image pass alone: the text pass of a webdataset corpus is the in-memory one.)"""
+    from raysys.extract import configured_backbone, image_rows, run_pass
 
     _write_shards(tmp_path / "shards", scenes)
     overrides = [
         "corpus.name=webdataset",
         f"corpus.path={tmp_path / 'shards'}",
-        f"extract.cache_dir={tmp_path / 'cache'}",
         "extract.image_size=64",
         "extract.batch_size=2",
         "extract.part_rows=2",
     ]
     cfg = config.load(None, overrides)
-    ext = extract(cfg)
-    assert ext.image_manifest["rows"] == N_IMAGES and ext.image_manifest["rejects"] == 0
-    assert ext.text_manifest["rows"] == N_IMAGES + 3
-    parts = sorted(ext.image_dir.glob("part-*.parquet"))
+    corpus = load_corpus(cfg.corpus)
+    out = tmp_path / "image"
+    backbone = configured_backbone(cfg.extract, "image")
+    manifest = run_pass(backbone, image_rows(corpus), out, cfg.extract, {})
+    assert manifest["rows"] == N_IMAGES and manifest["rejects"] == 0
+    parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) >= 3
     lost = cache.ids_in([str(p) for p in parts[:2]])
     for p in parts[:2]:
         p.unlink()
-    (ext.image_dir / cache.MANIFEST).unlink()
-    again = extract(cfg)
-    assert again.image_manifest["resumed_rows"] == N_IMAGES - len(lost)
-    ids = cache.read_ids(ext.image_dir, ["L00"])
-    assert sorted(ids) == sorted(str(i) for i in load_corpus(cfg.corpus).image_ids.to_pylist())
+    (out / cache.MANIFEST).unlink()
+    again = run_pass(backbone, image_rows(corpus), out, cfg.extract, {})
+    assert again["resumed_rows"] == N_IMAGES - len(lost)
+    ids = cache.read_ids(out, ["L00"])
+    assert sorted(ids) == sorted(str(i) for i in corpus.image_ids.to_pylist())
 
 
 def test_coco_captions_become_a_manifest(scenes, tmp_path) -> None:
