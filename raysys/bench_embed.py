@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysys.bench_step import BENCH_FILE
+from raysys.bench_step import BENCH_FILE, resolve_device, sync
 
 WORDS = "a the red blue green small large circle square dog cat on under left right of".split()
 
@@ -44,13 +44,11 @@ def _save_models(root: Path) -> tuple[str, str]:
 
 def _time(fn, batches: list[dict[str, np.ndarray]], device: torch.device) -> float:
     fn(batches[0])  # warm-up (kernels, allocator)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     started = time.perf_counter()
     for batch in batches:
         fn(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - started
 
 
@@ -99,9 +97,9 @@ def _bare(backbone: Any):
 
 
 def bench_embed(out_dir: Path, device: str = "auto", rows: int = 256, batch: int = 64) -> dict:
-    from raysys.backbones import get_backbone, pick_device
+    from raysys.backbones import get_backbone
 
-    dev = pick_device(True) if device == "auto" else torch.device(device)
+    dev = resolve_device(device)
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,9 +33,8 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     import ray
     import torch
 
-    from raysys.backbones import get_backbone
     from raysys.corpora import load_corpus
-    from raysys.extract import run_pass
+    from raysys.extract import configured_backbone, run_pass
     from raysys.runtime import cluster_resources, init_ray
 
     table = load_corpus(cfg.corpus).images
@@ -53,14 +52,11 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     table = table.slice(0, images)
     ecfg = cfg.extract
 
-    def backbone() -> Any:
-        return get_backbone(ecfg.vision, "image", image_size=ecfg.image_size)
-
     # Bare loop: decode first (untimed), one warm-up batch, then the timed forwards.
     cpus = max(1, int(cluster_resources().cpus))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cpus)
-    bare = backbone()
+    bare = configured_backbone(ecfg, "image")
     bare.load(torch.device("cpu"))
     decoded = bare.preprocess(
         {"id": np.asarray(table["id"]), "image": np.asarray(table["image"].to_pylist(), object)}
@@ -77,7 +73,7 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="raysys-bench-extract-"))
     try:
         started = time.perf_counter()
-        manifest = run_pass(backbone(), table, work / "image", ecfg, {})
+        manifest = run_pass(configured_backbone(ecfg, "image"), table, work / "image", ecfg, {})
         pipeline_s = time.perf_counter() - started
     finally:
         shutil.rmtree(work, ignore_errors=True)

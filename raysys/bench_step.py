@@ -38,13 +38,15 @@ class StepBench:
     device: str = "auto"  # auto = cuda when available
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when available; anything else is taken as torch spells it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures the work, not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -53,7 +55,7 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
     """Time `bench.steps` training steps after `bench.warmup_steps`; print and write
     `out_dir/bench.json` (samples/s, step ms, peak device memory, the settings)."""
     tcfg = cfg.train
-    device = _device(bench.device)
+    device = resolve_device(bench.device)
     torch.manual_seed(tcfg.seed)
     started = time.perf_counter()
     # Random embeddings stand in for a cache: the step's cost does not depend on the values.
@@ -69,12 +71,12 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
     setup_s = time.perf_counter() - started
 
     def run(steps: int) -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             index = torch.as_tensor(plan.worker_batch(trainer.step, 0, 1), device=device)
             trainer.train_step(data["image"][index], data["text"][index], data["negative"][index])
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     run(bench.warmup_steps)

@@ -37,13 +37,16 @@ REJECT_PARTS = "rejects.parts"  # actors' reject files, merged into cache.REJECT
 
 @dataclass
 class Extracted:
-    """Where one corpus's embeddings live; what `train` and `evaluate` read."""
+    """Where one corpus's embeddings live; what `train` and `evaluate` read. The corpus it
+    was read from rides along, so later stages (the projector's thumbnails) need not read
+    it again."""
 
     corpus_dir: Path
     image_dir: Path
     text_dir: Path
     image_manifest: dict[str, Any]
     text_manifest: dict[str, Any]
+    corpus: Corpus
 
 
 @dataclass
@@ -82,9 +85,7 @@ class Prepare:
 
 def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bytes of each image file (local or s3://), and a reject reason for each one that
-    cannot be read; S3 objects are fetched concurrently (one s3fs `cat` per batch)."""
-    from raysys import storage
-
+    cannot be read; S3 objects are fetched concurrently (one s3fs `cat_ranges` per batch)."""
     data = np.empty(len(uris), dtype=object)
     reasons = np.full(len(uris), "", dtype=object)
     todo = [i for i, u in enumerate(uris) if isinstance(u, str) and u]
@@ -113,8 +114,8 @@ def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _SkipDone:
     """Drop rows whose id a finished part already holds (a resumed pass over a dataset)."""
 
-    def __init__(self, done: np.ndarray) -> None:
-        self.done = pa.array(done, pa.string())
+    def __init__(self, done: pa.Array) -> None:
+        self.done = done
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return batch.filter(pc.invert(pc.is_in(batch["id"], self.done)))
@@ -246,9 +247,10 @@ def run_pass(
     cache.remove_temporary(out_dir)
     rejects_dir = out_dir / REJECT_PARTS
     done = cache.ids_in(cache.data_files(out_dir) + cache.data_files(rejects_dir))
+    done = pa.array(done, pa.string())  # one Arrow array for every filter below
     source = PassRows.of(rows)
     total = len(source.ids)
-    n_todo = total - int(pc.sum(pc.is_in(source.ids, pa.array(done, pa.string()))).as_py() or 0)
+    n_todo = total - int(pc.sum(pc.is_in(source.ids, done)).as_py() or 0)
     if len(done):
         print(
             f"[extract] {backbone.modality:5s} {backbone.name}: resuming, {len(done)} of "
@@ -258,9 +260,7 @@ def run_pass(
     if n_todo:
         part_rows = _part_rows(n_todo, actors, ecfg)
         if source.table is not None:
-            todo = source.table.filter(
-                pc.invert(pc.is_in(source.table["id"], pa.array(done, pa.string())))
-            )
+            todo = source.table.filter(pc.invert(pc.is_in(source.table["id"], done)))
             ds = ray.data.from_arrow(todo).repartition(math.ceil(todo.num_rows / part_rows))
         else:  # read by Ray Data, block by block; parts form in the batching below
             ds = source.dataset().map_batches(_SkipDone(done), batch_format="pyarrow")
@@ -405,16 +405,12 @@ def extract(cfg: Config) -> Extracted:
         backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
         out_dir = cache.stage_dir(cache_dir, corpus.key, modality, backbone_key)
         manifest = cache.read_manifest(out_dir)
-        if (
-            remote
-            and manifest is not None
-            and not storage.exists(
-                storage.join(_remote(cfg.extract, out_dir, cache_dir), cache.MANIFEST)
-            )
-        ):  # finished here, but its upload never completed: publish it now
-            _upload_stage(out_dir, _remote(cfg.extract, out_dir, cache_dir))
-        if manifest is None and remote:
-            manifest = _download_stage(_remote(cfg.extract, out_dir, cache_dir), out_dir)
+        published = _remote(cfg.extract, out_dir, cache_dir) if remote else ""
+        if published and manifest is not None:
+            if not storage.exists(storage.join(published, cache.MANIFEST)):
+                _upload_stage(out_dir, published)  # finished here, its upload never completed
+        elif published:
+            manifest = _download_stage(published, out_dir)
         if manifest is None:
             init_ray(cfg.ray)
             provenance = {
@@ -425,15 +421,17 @@ def extract(cfg: Config) -> Extracted:
                 | {"extract": dataclasses.asdict(cfg.extract)},
             }
             manifest = run_pass(backbone, inputs[modality], out_dir, cfg.extract, provenance)
-            if remote:
-                _upload_stage(out_dir, _remote(cfg.extract, out_dir, cache_dir))
+            if published:
+                _upload_stage(out_dir, published)
         else:
             print(
                 f"[extract] {modality:5s} {backbone.name}: cached ({manifest['rows']} rows) "
                 f"{out_dir}"
             )
         dirs[modality], manifests[modality] = out_dir, manifest
-    return Extracted(corpus_dir, dirs["image"], dirs["text"], manifests["image"], manifests["text"])
+    return Extracted(
+        corpus_dir, dirs["image"], dirs["text"], manifests["image"], manifests["text"], corpus
+    )
 
 
 def local_cache_dir(ecfg: ExtractConfig) -> Path:
@@ -480,7 +478,7 @@ def _download_stage(uri: str, local: Path) -> dict[str, Any] | None:
     shutil.rmtree(local, ignore_errors=True)  # an unfinished local pass: S3's is whole
     staging.replace(local)
     print(f"[extract] downloaded the finished stage {uri} -> {local}", flush=True)
-    return cache.read_manifest(local)
+    return manifest
 
 
 def configured_backbone(ecfg: ExtractConfig, modality: str) -> Backbone:

@@ -15,7 +15,7 @@ import numpy as np
 
 from raysys import cache, config, storage
 from raysys.config import Config
-from raysys.corpora import load_corpus
+from raysys.corpora import Corpus
 from raysys.errors import ConfigError
 from raysys.evaluate import score_model, score_raw
 from raysys.extract import Extracted, extract
@@ -124,7 +124,7 @@ def run(
         f"{rows[0]['mutual_knn']:.3f}",
         flush=True,
     )
-    sample = projector_sample(cfg, test)
+    sample = projector_sample(ext.corpus, test)
     metrics_log: dict[str, Any] = {}
     for objective in objectives:
         run_cfg = dataclasses.replace(
@@ -202,12 +202,11 @@ def evaluate_model(cfg: Config, model_dir: Path) -> list[dict[str, Any]]:
 PROJECTOR_POINTS = 200  # enough to see the structure, small enough for the browser
 
 
-def projector_sample(cfg: Config, test: cache.Pairs) -> dict[str, Any]:
-    """The first test pairs, with their captions and image thumbnails, for the projector."""
+def projector_sample(corpus: Corpus, test: cache.Pairs) -> dict[str, Any]:
+    """The first test pairs, with their captions and image thumbnails (None where the corpus
+    cannot hand out single images cheaply, as tar shards), for the projector."""
     n = min(PROJECTOR_POINTS, len(test))
-    thumbnails = None  # tar shards cannot hand out single images cheaply
-    if cfg.corpus.name != "webdataset":
-        thumbnails = load_corpus(cfg.corpus).thumbnails(str(i) for i in test.image_ids[:n])
+    thumbnails = corpus.thumbnails(str(i) for i in test.image_ids[:n])
     return {
         "image": test.image[:n],
         "text": test.text[:n],

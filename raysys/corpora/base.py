@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     import ray.data
 
 PAIR_COLUMNS = ("pair_id", "image_id", "caption", "negative", "negative_source", "split")
+# CorpusConfig fields that shape the pairs of any read corpus, and so its key.
+KEY_FIELDS = (
+    "caption_key",
+    "negative_key",
+    "split_key",
+    "limit",
+    "seed",
+    "val_fraction",
+    "test_fraction",
+)
 SPLITS = ("train", "val", "test")
 # Split names other corpora use for ours; Karpathy's COCO split calls extra train images restval.
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val", "restval": "train"}
@@ -72,6 +82,11 @@ class Corpus:
                 return None
             out.append(value)
         return out
+
+
+def settings(cfg: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The key-shaping config fields of a corpus (see KEY_FIELDS), by name."""
+    return {k: getattr(cfg, k) for k in KEY_FIELDS + extra}
 
 
 def split_of(image_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:

@@ -32,6 +32,7 @@ from raysys.corpora.base import (
     image_pairs,
     normalise_split,
     pairs_table,
+    settings,
     split_of,
 )
 from raysys.errors import ConfigError, CorpusError
@@ -208,25 +209,14 @@ def load(cfg: CorpusConfig) -> Corpus:
         raise CorpusError(
             f"manifest {cfg.path!r} mixes inline image bytes and image paths; use one or the other"
         )
-    settings = {k: getattr(cfg, k) for k in _KEY_FIELDS}
     # The resolved location too: the same manifest elsewhere names other image files.
-    key = content_key("manifest", MANIFEST_VERSION, digest, settings, base)
+    key = content_key("manifest", MANIFEST_VERSION, digest, settings(cfg, IMAGE_KEY_FIELDS), base)
     info = {"kind": "manifest", "source": cfg.path, "sha256": digest, "images": len(ids)}
     return Corpus(key=key, pairs=pairs, images=image_table, info=info)
 
 
-# Config fields that change which pairs a manifest yields (and so the corpus key).
-_KEY_FIELDS = (
-    "image_key",
-    "caption_key",
-    "negative_key",
-    "id_key",
-    "split_key",
-    "limit",
-    "seed",
-    "val_fraction",
-    "test_fraction",
-)
+# Beyond the shared fields: the columns that name a manifest's images and their ids.
+IMAGE_KEY_FIELDS = ("image_key", "id_key")
 
 
 def coco_rows(annotations: dict[str, Any], image_dir: str = "") -> list[dict[str, Any]]:

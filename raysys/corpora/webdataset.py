@@ -28,6 +28,7 @@ from raysys.corpora.base import (
     image_pairs,
     normalise_split,
     pairs_table,
+    settings,
     split_of,
 )
 from raysys.errors import ConfigError, CorpusError
@@ -137,10 +138,9 @@ def load(cfg: CorpusConfig) -> Corpus:
         rows += image_pairs(image_id, list(zip(texts, negs, strict=True)), split)
     pairs = pairs_table(rows)
     check_unique(pairs, f"webdataset {cfg.path!r}")
-    settings = {k: getattr(cfg, k) for k in _KEY_FIELDS}
     # Shard names, sizes and versions (ETag on S3, mtime locally) stand for the images; the
     # pairs (hashed with their negatives by `load_corpus`) for the text.
-    key = content_key("webdataset", WEBDATASET_VERSION, shards, settings)
+    key = content_key("webdataset", WEBDATASET_VERSION, shards, settings(cfg))
     keep = set(seen)
 
     def read_images() -> ray.data.Dataset:
@@ -178,7 +178,3 @@ class _ImageRows:
                 "image": pa.array([images[i] for i in keep], pa.binary()),
             }
         )
-
-
-_KEY_FIELDS = ("caption_key", "negative_key", "split_key", "limit", "seed", "val_fraction")
-_KEY_FIELDS += ("test_fraction",)
