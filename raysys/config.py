@@ -19,6 +19,7 @@ import yaml
 from raysys.errors import ConfigError
 
 OBJECTIVES = ("con", "negcon", "spread")
+SEARCHES = ("grid", "random", "asha")
 
 
 @dataclass
@@ -164,6 +165,41 @@ class RayConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A Ray Tune sweep over the paper's three axes (`raysys sweep`, and `raysys run`'s small one).
+
+    Trials are the product of the top-level `objectives` × `models` × layer pairs × `params`.
+    - `models`: (vision, text) pairs, each `VISION+TEXT` (or a two-item YAML list); empty = the
+      `extract.vision` / `extract.text` pair.
+    - `layers`: explicit pairs `V:T`, each side an index (`8`, `-1`) or a relative depth
+      (`0.5`, `1.0`), so models of different depth share one axis; empty = the grid
+      `vision_depths` × `text_depths`; all empty = `train.vision_layer:train.text_layer`.
+    - `params`: any `train.*` key to a list of values, e.g. `{train.lr: [1e-3, 3e-4]}`;
+      `train.alpha` and `train.k` only vary Spread trials (the others ignore them).
+    `search`: `grid` runs every trial; `random` a seeded sample of `num_samples` of them; `asha`
+    runs the grid (or the sample, with `num_samples`) under ASHA early stopping on
+    `train.best_metric`. Trials are small, so several share a device: each has
+    `workers_per_trial` Ray Train workers of `1/trials_per_gpu` GPU (or `cpus_per_worker` CPU,
+    default 1), and `max_concurrent` (0 = derived from the cluster) of them run at once.
+    Each trial keeps its `keep_checkpoints` best checkpoints (a JAM checkpoint is ~40 MB; a
+    stopped trial resumes from the newest one kept) and exports its best model.
+    """
+
+    models: list[Any] = field(default_factory=list)
+    layers: list[Any] = field(default_factory=list)
+    vision_depths: list[float] = field(default_factory=list)
+    text_depths: list[float] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    search: str = "grid"
+    num_samples: int = 0
+    seed: int = 0
+    workers_per_trial: int = 1
+    trials_per_gpu: int = 4
+    keep_checkpoints: int = 1
+    max_concurrent: int = 0
+
+
+@dataclass
 class Config:
     """The whole pipeline; `objectives` is what `raysys run` trains one after another.
 
@@ -179,6 +215,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> Config:
         """Reject values that would only fail deep inside a Ray worker."""
@@ -227,6 +264,15 @@ class Config:
                 f"multiple of train.num_workers={self.train.num_workers} that divides "
                 f"train.batch_size={self.train.batch_size}"
             )
+        if self.sweep.search not in SEARCHES:
+            raise ConfigError(
+                f"sweep.search={self.sweep.search!r} must be one of {', '.join(SEARCHES)}"
+            )
+        for key in ("workers_per_trial", "trials_per_gpu", "keep_checkpoints"):
+            if getattr(self.sweep, key) < 1:
+                raise ConfigError(f"sweep.{key}={getattr(self.sweep, key)} must be at least 1")
+        if self.sweep.num_samples < 0 or self.sweep.max_concurrent < 0:
+            raise ConfigError("sweep.num_samples and sweep.max_concurrent must be >= 0")
         if self.train.data_on_device not in ("auto", "true", "false", "stream"):
             raise ConfigError(
                 f"train.data_on_device={self.train.data_on_device!r} must be auto, true, false "
@@ -272,6 +318,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} expects a list (e.g. {key}=a,b), got {value!r}")
         return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} expects a mapping, e.g. {key}.train.lr=[0.001,0.0003]")
+        return {str(k): v for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -307,6 +357,10 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
                 f"unknown config key {dotted!r}; valid keys are: " + ", ".join(_valid_keys(Config))
             )
         hint = typing.get_type_hints(type(node))[part]
+        if typing.get_origin(hint) is dict and i < len(parts) - 1:
+            # A mapping field takes dotted keys of its own: sweep.params.train.lr=[...]
+            getattr(node, part)[".".join(parts[i + 1 :])] = value
+            return
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(hint):
                 if not isinstance(value, dict):
@@ -321,10 +375,36 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
         node = getattr(node, part)
 
 
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set one dotted key to a Python value, coerced and checked as an override would be."""
+    _set(cfg, dotted, value)
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _mapping_keys(cls: type | None = None, prefix: str = "") -> set[str]:
+    """Dotted names of mapping-valued fields (e.g. sweep.params): YAML gives them whole."""
+    cls = cls or Config
+    keys: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys |= _mapping_keys(hint, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) is dict:
+            keys.add(prefix + f.name)
+    return keys
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and prefix + key not in _mapping_keys():
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
@@ -350,8 +430,20 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, int) and ":" in raw:
+            value = raw.strip()  # YAML 1.1 reads 8:6 as the base-60 number 486
+        _set(cfg, key.strip(), value)
     return cfg.validate()
+
+
+def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> set[str]:
+    """The dotted keys a user set, in the YAML file or as overrides (not the defaults)."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        keys |= set(_flatten(tree)) if isinstance(tree, dict) else set()
+    return keys
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
