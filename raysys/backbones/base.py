@@ -163,6 +163,15 @@ class Backbone(ABC):
                 "(a bug in this backbone, not in your config)"
             )
 
+    def param_count(self) -> int:
+        """Parameters of the frozen model: the x axis of the paper's scale curves. Loads the
+        weights on CPU once (in the sweep driver) and lets them go."""
+        self.load(torch.device("cpu"))
+        try:
+            return sum(p.numel() for p in self.model.parameters())
+        finally:
+            del self.model
+
     def autocast(self):
         """bf16 on GPU (the backbone is frozen, so its precision only affects features); fp32
         on CPU, where bf16 is slower than fp32 on most cores."""

@@ -171,6 +171,17 @@ class HFTextEncoder(PairedText):
             "attention_mask": tokens["attention_mask"].astype(np.int8),
         }
 
+    def param_count(self) -> int:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+        from raysys.backbones.hfsource import meta_param_count
+
+        config = self._kind()[1]
+        return meta_param_count(
+            getattr(transformers, MODEL_MAPPING_NAMES[config.model_type]), config
+        )
+
     def load(self, device: torch.device) -> None:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES

@@ -168,6 +168,17 @@ class HFVision(Backbone):
         )
         return {"id": batch["id"], "pixels": pixels, REJECT: reasons}
 
+    def param_count(self) -> int:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+        from raysys.backbones.hfsource import meta_param_count
+
+        config = self.config
+        return meta_param_count(
+            getattr(transformers, MODEL_MAPPING_NAMES[config.model_type]), config
+        )
+
     def load(self, device: torch.device) -> None:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES

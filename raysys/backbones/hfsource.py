@@ -165,3 +165,13 @@ def load_model(cls, source: HFSource, what: str, ignore: tuple[str, ...] = ()):
             f"{source.location} (e.g. {sorted(missing)[:3]}); is it the right model?"
         )
     return model.eval().requires_grad_(False)
+
+
+def meta_param_count(cls, config) -> int:
+    """Parameters of `cls(config)` built on the meta device: no weights read, no memory
+    taken, so a sweep driver can size a 7B model on a CPU head."""
+    import torch
+
+    with quiet_transformers(), torch.device("meta"):
+        model = cls(config)
+    return sum(p.numel() for p in model.parameters())
