@@ -552,6 +552,10 @@ def train_loop(config: dict[str, Any]) -> None:
         sums, window_start, window_steps = {}, time.perf_counter(), 0
     if writer:
         writer.close()
+        if config.get("tensorboard_uri"):  # this worker's node may share no disk with the driver
+            from raysys import storage
+
+            storage.upload_dir(config["tensorboard_dir"], config["tensorboard_uri"])
 
 
 @dataclass
@@ -643,12 +647,17 @@ def train(
     name: str,
     resume: bool = False,
     storage_uri: str | None = None,
+    callbacks: list[Any] | None = None,
+    scaling_plan: tuple[Any, int] | None = None,
+    tensorboard_uri: str | None = None,
 ) -> TrainResult:
     """Fit one JAM model with Ray Train; returns the exported best model and its history.
 
     With `resume`, training continues from the newest checkpoint under `<out_dir>/ray/<name>`
     (a run stopped by Ctrl-C or a lost driver); a finished run returns at once. With
     `storage_uri` (e.g. s3://bucket/run/ray) Ray Train keeps its checkpoints there instead.
+    A sweep trial passes Tune's report callback and its packed `(ScalingConfig, threads)`, and
+    with `tensorboard_uri` rank 0 uploads its event files there at the end.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -657,7 +666,7 @@ def train(
 
     init_ray(cfg.ray)
     tcfg = cfg.train
-    scaling_config, threads = scaling(tcfg)
+    scaling_config, threads = scaling_plan or scaling(tcfg)
     out_dir = out_dir.resolve()
     storage_fs, storage_path = None, str(out_dir / "ray")
     if storage_uri:
@@ -673,6 +682,7 @@ def train(
             "paths": dataclasses.asdict(paths),
             "threads": threads,
             "tensorboard_dir": str(out_dir / "tensorboard" / name),
+            "tensorboard_uri": tensorboard_uri,
             "resume_from": latest_checkpoint(out_dir / "ray" / name) if resume else None,
             **streaming,
         },
@@ -690,6 +700,7 @@ def train(
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
             # Ray Train logs every report at INFO; the validation summaries are what users read.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
     try:
