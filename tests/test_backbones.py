@@ -609,3 +609,22 @@ def test_open_clip_names_fail_check_clearly(tiny_clip, tmp_path) -> None:
     keys.add(cache.content_key(get_backbone(image.name, "image", pooling="mean").describe()))
     keys.add(cache.content_key(get_backbone(image.name, "image", layers="-1").describe()))
     assert len(keys) == 3
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "clip", "bert", "llama"])
+def test_param_count_from_the_config_matches_the_loaded_model(kind: str, zoo) -> None:
+    """The scale axis counts parameters on the meta device (no weights read); it must agree
+    with the model the extraction actors load."""
+    folder, _ = zoo(kind)
+    modality = "image" if kind in VISION_FAMILIES else "text"
+    backbone = get_backbone(f"hf:{folder}", modality)
+    counted = backbone.param_count()
+    backbone.load(torch.device("cpu"))
+    assert counted == sum(p.numel() for p in backbone.model.parameters()) > 1000
+
+
+def test_param_count_of_the_offline_defaults() -> None:
+    lite0 = get_backbone("efficientnet-lite0", "image").param_count()
+    lite2 = get_backbone("efficientnet-lite2", "image").param_count()
+    assert 4e6 < lite0 < lite2 < 7e6
+    assert 22e6 < get_backbone("minilm-l6", "text").param_count() < 23e6
