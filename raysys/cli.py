@@ -13,11 +13,15 @@ from raysys.errors import ConfigError, RaysysError
 
 COMMANDS = {
     "run": "the whole pipeline on the embedded defaults: synthetic corpus, offline backbones, "
-    "extract, train every objective in `objectives`, evaluate, report",
+    "extract, a small sweep (every objective x 2 layer depths x EfficientNet-Lite0/1 vs "
+    "MiniLM), report",
     "extract": "corpus -> embedding cache (Parquet, every layer), reused when unchanged",
     "train": "one JAM training run (train.objective) on the cached embeddings, then its report",
+    "sweep": "a Ray Tune sweep over objectives x layer pairs x model pairs x train.* params "
+    "(sweep.*), then its report (results.csv, report.md, pareto/layers/scale PNGs)",
     "evaluate": "score an exported model (runs/<run>/models/<objective>) on a corpus's cache",
-    "report": "rebuild report.md from a finished run directory's results.csv",
+    "report": "rebuild report.md (and a sweep's plots) from a finished run or sweep "
+    "directory's results.csv",
     "bench": "throughput of a stage against a bare PyTorch loop on the same work (bench.json)",
 }
 
@@ -26,7 +30,10 @@ overrides:
   Any config key as dotted key=value after the command, e.g.
     raysys run corpus.size=500 train.epochs=3
     raysys train train.objective=spread train.alpha=0.7 train.vision_layer=12
-  Sections: corpus.*, extract.*, train.*, eval.*, ray.*, plus `objectives`.
+    raysys sweep sweep.models=efficientnet-lite0+minilm-l6,efficientnet-lite2+minilm-l6 \
+        sweep.layers=0.5:0.5,1.0:1.0 sweep.params.train.lr=[0.001,0.0003]
+  Sections: corpus.*, extract.*, train.*, eval.*, ray.*, sweep.*, plus `objectives`.
+  `resume=DIR` continues a stopped run, train or sweep (finished trials are not rerun).
   `raysys run --show-config` prints every key with its default.
 
 cluster:
@@ -52,21 +59,25 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if name == "report":
-            p.add_argument("run_dir", type=Path, help="a run directory holding results.csv")
+            p.add_argument(
+                "run_dir", type=Path, help="a run or sweep directory holding results.csv"
+            )
             continue
         if name == "evaluate":
             p.add_argument("model_dir", type=Path, help="an exported model directory")
         if name == "bench":
             p.add_argument(
                 "stage",
-                choices=["train", "step", "extract", "embed"],
+                choices=["train", "step", "extract", "embed", "sweep"],
                 help="train: Ray Train vs a bare loop on the cache; step: the training step "
                 "alone (no Ray) on random embeddings held on the device; extract: the Ray "
                 "Data image pass vs a bare loop over pre-decoded images; embed: the extract "
-                "actor's batch function (no Ray) vs a bare forward, ViT-B/16 and BERT-base",
+                "actor's batch function (no Ray) vs a bare forward, ViT-B/16 and BERT-base; "
+                "sweep: identical small trials one at a time vs packed by the sweep",
             )
             p.add_argument("--images", type=int, default=1000, help="extract: images embedded")
             p.add_argument("--rows", type=int, default=256, help="embed: rows per modality")
+            p.add_argument("--trials", type=int, default=4, help="sweep: identical trials")
             p.add_argument("--pairs", type=int, default=200_000, help="step: pairs on device")
             p.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
             p.add_argument("--steps", type=int, default=50, help="step: timed steps")
@@ -99,6 +110,22 @@ def _bench_step(args: argparse.Namespace, cfg: Config, out: Path) -> None:
         )
     bench = StepBench(args.pairs, d_image, d_text, steps=args.steps, device=args.device)
     bench_step(cfg, out, bench)
+
+
+def run_defaults(cfg: Config, given: set[str]) -> Config:
+    """`raysys run`'s small sweep, for whatever the user did not set: EfficientNet-Lite0 and
+    Lite1 (two scales) against MiniLM, at half and full depth, with a narrower JAM (hidden
+    256, 256) so the 12 trials fit in 10 minutes on 2 cores."""
+    from raysys.sweep import RUN_HIDDEN, RUN_LAYERS, RUN_MODELS
+
+    if not given & {"sweep.models", "extract.vision", "extract.text"}:
+        cfg.sweep.models = list(RUN_MODELS)
+    layer_keys = {"sweep.layers", "sweep.vision_depths", "sweep.text_depths"}
+    if not given & (layer_keys | {"train.vision_layer", "train.text_layer"}):
+        cfg.sweep.layers = list(RUN_LAYERS)
+    if "train.hidden" not in given:
+        cfg.train.hidden = list(RUN_HIDDEN)
+    return cfg
 
 
 def _out_dir(args: argparse.Namespace, cfg: Config) -> Path | str:
@@ -150,14 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *stray]
     try:
         if args.command == "report":
-            from raysys.report import read_results, table, write_report
+            from raysys.report import (
+                SWEEP_SHOWN,
+                is_sweep,
+                read_results,
+                table,
+                write_report,
+                write_sweep_report,
+            )
 
             rows = read_results(args.run_dir)
-            path = write_report(args.run_dir, rows)
-            print(table(rows))
+            if is_sweep(rows):
+                path = write_sweep_report(args.run_dir, rows)
+                print(table(rows, SWEEP_SHOWN))
+            else:
+                path = write_report(args.run_dir, rows)
+                print(table(rows))
             print(f"\nreport: {path}")
             return 0
         cfg = config.load(args.config, args.overrides)
+        if args.command == "run":
+            cfg = run_defaults(cfg, config.given_keys(args.config, args.overrides))
         if args.show_config:
             import yaml
 
@@ -183,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                 from raysys.bench_extract import bench_extract
 
                 bench_extract(cfg, out, args.images)
+            elif args.stage == "sweep":
+                from raysys.bench_sweep import bench_sweep
+
+                if args.trials < 2:
+                    raise ConfigError(f"--trials must be >= 2, got {args.trials}")
+                bench_sweep(cfg, out, args.trials)
             elif args.stage == "embed":
                 from raysys.bench_embed import bench_embed
 
@@ -195,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
                 bench_train(cfg, out)
             print(f"outputs:     {out}/bench.json")
             return 0
-        from raysys.pipeline import run
-
         resume = bool(cfg.resume)
         if resume:
             out = Path(cfg.resume)
@@ -207,14 +251,22 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config.load(saved, [o for o in args.overrides if not o.startswith("resume=")])
         else:
             out = _out_dir(args, cfg)
-        objectives = cfg.objectives if args.command == "run" else [cfg.train.objective]
-        run(cfg, out, objectives, resume=resume)
+        if args.command in ("run", "sweep"):
+            from raysys.sweep import sweep
+
+            sweep(cfg, out, resume=resume)
+        else:
+            from raysys.pipeline import run
+
+            run(cfg, out, [cfg.train.objective], resume=resume)
         _where(out)
         print(f"elapsed:     {time.perf_counter() - started:.0f} s ({args.command})")
         return 0
     except RaysysError as exc:
         print(f"raysys: error: {exc}", file=sys.stderr)
-        return 2
+        from raysys.sweep import Interrupted
+
+        return 130 if isinstance(exc, Interrupted) else 2
 
 
 if __name__ == "__main__":

@@ -33,8 +33,25 @@ SHOWN = [
 ]
 
 
+# A sweep's columns after DESIGN.md's fixed ones, in this order; swept params follow, sorted.
+SWEEP_COLUMNS = [
+    "trial",
+    "vision_depth",
+    "text_depth",
+    "vision_params",
+    "text_params",
+    "raw_mutual_knn",
+    "raw_cka",
+    "raw_unbiased_cka",
+    "raw_cknna",
+    "raw_svcca",
+    "train_s",
+]
+
+
 def write_results(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
-    extra = sorted({k for r in rows for k in r} - set(RESULT_COLUMNS))
+    keys = {k for r in rows for k in r} - set(RESULT_COLUMNS)
+    extra = [c for c in SWEEP_COLUMNS if c in keys] + sorted(keys - set(SWEEP_COLUMNS))
     path = out_dir / RESULTS
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS + extra, restval="")
@@ -63,6 +80,8 @@ def read_results(run_dir: Path) -> list[dict[str, str]]:
 def _cell(value: Any) -> str:
     if value in ("", None):
         return "—"
+    if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+        return str(value)  # layer indices, parameter counts
     try:
         return f"{float(value):.3f}"
     except (TypeError, ValueError):
@@ -98,17 +117,86 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (
         "",
         "- `raw`: the frozen backbones' embeddings before alignment. Retrieval and hard-negative "
         "accuracy need one shared space, so they are blank there.",
-        "- `i2t_rK` / `t2i_rK`: recall at K, image→text and text→image (fractions in [0, 1]).",
-        "- `hardneg_acc`: fraction of images closer to their caption than to its hard negative.",
+        *LEGEND,
         "- `mutual_knn`, `cka`, `cknna`, `svcca`: representational alignment of the image and "
         "text representations (Platonic Representation Hypothesis definitions).",
-        "- `recon_mse`: autoencoder reconstruction error in standardised embedding units.",
         "",
         f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
         f"{run_dir / 'tensorboard'}`.",
     ]
+    return _write(run_dir, lines, notes)
+
+
+# How to read the metric columns, in every report.
+LEGEND = [
+    "- `i2t_rK` / `t2i_rK`: recall at K, image→text and text→image (fractions in [0, 1]).",
+    "- `hardneg_acc`: fraction of images closer to their caption than to its hard negative.",
+    "- `recon_mse`: autoencoder reconstruction error in standardised embedding units.",
+]
+
+
+def _write(run_dir: Path, lines: list[str], notes: list[str]) -> Path:
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
     path = run_dir / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# The sweep table: the axes, then the metrics a reader compares first (all are in the CSV).
+SWEEP_SHOWN = [*RESULT_COLUMNS[:5], "i2t_r1", "t2i_r1", "hardneg_acc", "mutual_knn", "cka"]
+SWEEP_SHOWN += ["cknna", "recon_mse"]
+
+
+def is_sweep(rows: list[dict[str, Any]]) -> bool:
+    return any(r.get("trial") for r in rows)
+
+
+def write_sweep_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = ()) -> Path:
+    """results.csv, the PNG plots and report.md of a sweep (rows: raw baselines and trials)."""
+    from raysys.plots import write_plots
+
+    run_dir = Path(run_dir)
+    if not any(r.get("trial") for r in rows):
+        raise RaysysError(f"no finished trial in {str(run_dir)!r}: nothing to report")
+    write_results(run_dir, rows)
+    plots, skipped = write_plots(run_dir, rows)
+    trials = [r for r in rows if r.get("trial")]
+    axes = {
+        "objectives": sorted({r["objective"] for r in trials}),
+        "model pairs": sorted({f"{r['vision']} + {r['text']}" for r in trials}),
+        "layer pairs": sorted({f"{r['vision_layer']}:{r['text_layer']}" for r in trials}),
+    }
+    lines = [
+        f"# raysys sweep — {run_dir.name}",
+        "",
+        f"{len(trials)} trials over "
+        + "; ".join(f"{len(v)} {k} ({', '.join(v)})" for k, v in axes.items())
+        + ". Metrics on the test split; `raw` rows are the frozen backbones before alignment.",
+        "",
+        table(rows, SWEEP_SHOWN),
+        "",
+    ]
+    for plot in plots:
+        lines += [
+            f"## {plot.title}",
+            "",
+            f"![{plot.title}]({plot.path.name})",
+            "",
+            f"*x: {plot.xlabel}; y: {plot.ylabel}.*",
+            "",
+        ]
+    for skip in skipped:
+        lines += [f"- Not drawn, {skip.name}: {skip.reason}."]
+    lines += [
+        "",
+        *LEGEND,
+        "- `mutual_knn`, `cka`, `cknna`: alignment after JAM; `raw_*` columns in "
+        f"`{RESULTS}` hold the same layer pair before alignment.",
+        "- Layer indices are hidden-state numbers (0 = embeddings); depths in `results.csv` are "
+        "relative (layer / last layer).",
+        "",
+        f"All columns: `{RESULTS}`. TensorBoard (curves of every trial; HParams compares them): "
+        f"`tensorboard --logdir {run_dir / 'tensorboard'}`.",
+    ]
+    return _write(run_dir, lines, notes)

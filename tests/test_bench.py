@@ -133,3 +133,17 @@ def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> Non
         assert math.isclose(
             result["ratio"], result["actor_per_s"] / result["bare_per_s"], rel_tol=0.05
         )
+
+
+def test_bench_sweep_summary_compares_the_same_trials() -> None:
+    """The sweeps themselves are the real ones (tests/test_sweep_run.py runs one end to end);
+    the bench adds this arithmetic and refuses to compare runs that did not finish alike."""
+    from raysys.bench_sweep import summary
+    from raysys.errors import RaysysError
+
+    rows = [{"train_s": 30.0}, {"train_s": 34.0}, {"train_s": 32.0}, {"train_s": 31.0}]
+    result = summary(160.0, 100.0, 2, rows, rows)
+    assert result["ideal_packed_s"] == 80.0 and result["efficiency"] == 0.8
+    assert result["serial_trial_s"] == [30.0, 34.0, 32.0, 31.0] and result["trials"] == 4
+    with pytest.raises(RaysysError, match="3 packed"):
+        summary(160.0, 100.0, 2, rows, rows[:3])

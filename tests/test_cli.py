@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from raysys import config
 from raysys.cli import main
 from raysys.evaluate import RESULT_COLUMNS
 from raysys.report import read_results, write_results
@@ -38,6 +39,27 @@ def test_show_config_resolves_overrides(capsys) -> None:
     assert main(["run", "--show-config", "corpus.size=500", "train.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "size: 500" in out and "epochs: 3" in out
+    # `run` is a small sweep: two Lite scales against MiniLM, half and full depth.
+    assert "- efficientnet-lite1+minilm-l6" in out and "- 0.5:0.5" in out
+
+
+def test_run_sweep_defaults_yield_to_the_users_choice(tmp_path) -> None:
+    from raysys.cli import run_defaults
+
+    def run(*overrides: str, path=None) -> config.Config:
+        return run_defaults(config.load(path, overrides), config.given_keys(path, overrides))
+
+    cfg = run()
+    assert len(cfg.sweep.models) == 2 and cfg.sweep.layers == ["0.5:0.5", "1.0:1.0"]
+    assert cfg.train.hidden == [256, 256]
+    mine = run("extract.vision=efficientnet-lite2", "train.hidden=512,512,512")
+    assert mine.sweep.models == [] and mine.sweep.layers == ["0.5:0.5", "1.0:1.0"]
+    assert mine.train.hidden == [512, 512, 512]  # given, even though it equals the default
+    layer = run("train.vision_layer=3")
+    assert layer.sweep.layers == [] and len(layer.sweep.models) == 2
+    path = tmp_path / "run.yaml"
+    path.write_text("sweep:\n  vision_depths: [0.5]\n  text_depths: [1.0]\n")
+    assert run(path=path).sweep.layers == []
 
 
 def test_overrides_may_follow_options_but_stray_words_fail(capsys) -> None:

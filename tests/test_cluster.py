@@ -5,6 +5,7 @@ process id afterwards)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import signal
@@ -266,6 +267,8 @@ def test_raysys_run_submitted_as_a_job_writes_its_report(ray_head, small_cache, 
         f"corpus.size={cfg.corpus.size}",
         f"extract.cache_dir={cfg.extract.cache_dir}",
         "objectives=con",
+        "sweep.models=efficientnet-lite0+minilm-l6",  # `run` is a sweep: keep it to one trial
+        "sweep.layers=-1:-1",
         "train.epochs=1",
         "train.batch_size=16",
         "train.eval_every=3",
@@ -300,14 +303,40 @@ def test_a_bad_config_fails_the_job_with_a_clear_error(ray_head) -> None:
     assert "Traceback" not in logs  # a user error is one line, not a stack
 
 
+AXES = ("objectives", "depth", "scale")
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_job_configs_resolve(path: Path) -> None:
     """Every key is a real config key with a valid value, and the backbone names parse
     (models and corpus are not downloaded)."""
     from raysys import config
     from raysys.extract import configured_backbone
+    from raysys.sweep import layer_pairs, model_pairs, param_grid
 
     cfg = config.load(path)
     assert cfg.corpus.path.startswith("s3://") and cfg.extract.cache_dir.startswith("s3://")
-    for modality in ("image", "text"):
-        assert configured_backbone(cfg.extract, modality).modality == modality
+    for vision, text in model_pairs(cfg):  # the extract pair when the job names no models
+        pair = dataclasses.replace(cfg.extract, vision=vision, text=text)
+        for modality in ("image", "text"):
+            assert configured_backbone(pair, modality).modality == modality
+    assert layer_pairs(cfg)
+    for objective in cfg.objectives:
+        assert param_grid(cfg, objective)
+
+
+def test_the_paper_jobs_sweep_the_three_axes() -> None:
+    from raysys import config
+    from raysys.sweep import layer_pairs, model_pairs, param_grid
+
+    jobs = {name: config.load(ROOT / "jobs" / f"paper-{name}.yaml") for name in AXES}
+    assert set(jobs["objectives"].objectives) == {"con", "negcon", "spread"}
+    assert len(param_grid(jobs["objectives"], "spread")) > len(
+        param_grid(jobs["objectives"], "con")
+    )
+    assert len(layer_pairs(jobs["depth"])) == 16
+    scale = model_pairs(jobs["scale"])
+    assert len({v for v, _ in scale}) == 4 and len({t for _, t in scale}) == 3
+    assert all(v.startswith("hf:facebook/dinov2-") for v, _ in scale)
+    for cfg in jobs.values():  # trials pack onto GPUs
+        assert cfg.train.use_gpu

@@ -110,8 +110,10 @@ def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
         f"extract.cache_dir={cfg.extract.cache_dir}",
         f"corpus.size={cfg.corpus.size}",
         "train.batch_size=16",
-        "train.epochs=60",
+        "train.epochs=100",  # 300 steps: long enough to stop it after two checkpoints
         "train.eval_every=15",
+        "train.hidden=128",  # small, so the 300 steps and 20 checkpoints take seconds
+        "train.latent=32",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(
@@ -144,7 +146,7 @@ def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
     import json
 
     history = json.loads((out / "metrics.json").read_text())["con"]["history"]
-    assert [h["step"] for h in history] == list(range(15, 181, 15))
+    assert [h["step"] for h in history] == list(range(15, 301, 15))
 
 
 def test_early_stopping_ends_every_rank_together(small_cache, tmp_path) -> None:

@@ -1,0 +1,193 @@
+"""The sweep's axes, trial plan and packing: pure functions, no Ray (the end-to-end sweep on a
+real local Ray, its report and its resume are in test_sweep_run.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysys import config
+from raysys.errors import ConfigError
+from raysys.runtime import Resources
+from raysys.sweep import (
+    Prepared,
+    layer_pairs,
+    model_pairs,
+    packing,
+    param_grid,
+    plan_trials,
+    trial_config,
+)
+
+
+def _cfg(*overrides: str) -> config.Config:
+    return config.load(None, list(overrides))
+
+
+def test_model_pairs_accept_plus_strings_lists_and_mappings(tmp_path) -> None:
+    assert model_pairs(_cfg()) == [("efficientnet-lite0", "minilm-l6")]
+    cfg = _cfg("sweep.models=efficientnet-lite0+minilm-l6,hf:facebook/dinov2-small+minilm-l6")
+    assert model_pairs(cfg) == [
+        ("efficientnet-lite0", "minilm-l6"),
+        ("hf:facebook/dinov2-small", "minilm-l6"),
+    ]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "sweep:\n  models:\n    - [open_clip:ViT-B-32:openai, hf:Qwen/Qwen2-0.5B]\n"
+        "    - {vision: efficientnet-lite2, text: minilm-l6}\n"
+    )
+    assert model_pairs(config.load(path)) == [
+        ("open_clip:ViT-B-32:openai", "hf:Qwen/Qwen2-0.5B"),
+        ("efficientnet-lite2", "minilm-l6"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("models", "match"),
+    [("efficientnet-lite0", "not a \\(vision, text\\) pair"), ("a+b,a+b", "twice")],
+)
+def test_bad_model_pairs_are_refused(models: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        model_pairs(_cfg(f"sweep.models={models}"))
+
+
+def test_layer_pairs_explicit_grid_and_default() -> None:
+    cfg = _cfg("sweep.layers=0.5:0.5,-1:6,8:1.0")
+    assert layer_pairs(cfg) == [(0.5, 0.5), (-1, 6), (8, 1.0)]
+    assert isinstance(layer_pairs(cfg)[1][0], int) and isinstance(layer_pairs(cfg)[0][0], float)
+    grid = _cfg("sweep.vision_depths=0.5,1.0", "sweep.text_depths=0.25,1.0")
+    assert layer_pairs(grid) == [(0.5, 0.25), (0.5, 1.0), (1.0, 0.25), (1.0, 1.0)]
+    assert layer_pairs(_cfg("train.vision_layer=3")) == [(3, -1)]
+
+
+def test_a_single_index_pair_override_is_not_read_as_base_60() -> None:
+    # YAML 1.1 reads 8:6 as 486; an override keeps what the user typed.
+    assert layer_pairs(_cfg("sweep.layers=8:6")) == [(8, 6)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["sweep.layers=0.5"], "not a V:T pair"),
+        (["sweep.layers=1.5:1.0"], "relative depth in \\(0, 1\\]"),
+        (["sweep.layers=a:1"], "layer index"),
+        (["sweep.layers=1:1,1:1"], "repeat"),
+        (["sweep.vision_depths=0.5"], "both"),
+    ],
+)
+def test_bad_layer_pairs_are_refused(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        layer_pairs(_cfg(*overrides))
+
+
+def test_unquoted_yaml_index_pair_gets_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("sweep:\n  layers:\n    - 8:6\n")
+    with pytest.raises(ConfigError, match="base 60"):
+        layer_pairs(config.load(path))
+
+
+def test_params_grid_varies_spread_knobs_only_for_spread() -> None:
+    cfg = _cfg("sweep.params.train.lr=[0.001,0.0003]", "sweep.params.train.alpha=[0.25,0.75]")
+    assert cfg.sweep.params == {"train.lr": [0.001, 0.0003], "train.alpha": [0.25, 0.75]}
+    assert param_grid(cfg, "con") == [{"train.lr": 0.001}, {"train.lr": 0.0003}]
+    spread = param_grid(cfg, "spread")
+    assert len(spread) == 4 and {"train.lr": 0.0003, "train.alpha": 0.75} in spread
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("sweep.params.train.objective=[con]", "axes of their own"),
+        ("sweep.params.corpus.size=[100]", "train.\\* hyper-parameter"),
+        ("sweep.params.train.nope=[1]", "unknown config key"),
+        ("sweep.params.train.epochs=[two]", "expects a number"),
+        ("sweep.params.train.lr=0.1", "non-empty list"),
+    ],
+)
+def test_bad_params_fail_before_any_trial(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        param_grid(_cfg(override), "con")
+
+
+def _prepared(vision: str, params: int, depths: list[float]) -> Prepared:
+    layers = [
+        {
+            "vision_layer": int(d * 16),
+            "text_layer": int(d * 6),
+            "vision_depth": d,
+            "text_depth": d,
+            "paths": {},
+            "raw": {"mutual_knn": 0.5},
+        }
+        for d in depths
+    ]
+    return Prepared(vision, "minilm-l6", params, 22_700_000, layers)
+
+
+def test_plan_is_the_full_product_with_unique_ids() -> None:
+    cfg = _cfg("objectives=con,negcon,spread", "sweep.params.train.k=[0,2]")
+    prepared = [_prepared("efficientnet-lite0", 4_600_000, [0.5, 1.0])]
+    prepared.append(_prepared("efficientnet-lite1", 5_400_000, [0.5, 1.0]))
+    trials = plan_trials(cfg, prepared)
+    # con and negcon: 2 models x 2 layers; spread also x 2 values of k.
+    assert len(trials) == 4 + 4 + 8
+    assert len({t["id"] for t in trials}) == len(trials)
+    assert {t["objective"] for t in trials} == {"con", "negcon", "spread"}
+    spread = [t for t in trials if t["objective"] == "spread"]
+    assert sorted(t["params"]["train.k"] for t in spread) == [0] * 4 + [2] * 4
+    assert all(t["params"] == {} for t in trials if t["objective"] != "spread")
+    assert trials[0]["id"].startswith("t000-con-efficientnet-lite0-minilm-l6-v8-t3")
+
+
+def test_random_search_draws_a_seeded_subset() -> None:
+    prepared = [_prepared("efficientnet-lite0", 4_600_000, [0.25, 0.5, 0.75, 1.0])]
+    draw = ["sweep.search=random", "sweep.num_samples=5"]
+    first = plan_trials(_cfg(*draw), prepared)
+    again = plan_trials(_cfg(*draw), prepared)
+    other = plan_trials(_cfg(*draw, "sweep.seed=1"), prepared)
+    assert len(first) == 5 and first == again
+    keys = [(t["objective"], t["vision_layer"]) for t in first]
+    assert len(set(keys)) == 5  # without replacement
+    assert keys != [(t["objective"], t["vision_layer"]) for t in other]
+    with pytest.raises(ConfigError, match="num_samples"):
+        plan_trials(_cfg("sweep.search=random"), prepared)
+
+
+def test_trial_config_applies_the_trial_and_sweep_settings() -> None:
+    base = _cfg("sweep.workers_per_trial=2", "train.batch_size=64", "sweep.keep_checkpoints=2")
+    trial = {"objective": "spread", "params": {"train.alpha": 0.25, "train.lr": 0.01}}
+    cfg = trial_config(base, trial)
+    assert (cfg.train.objective, cfg.train.alpha, cfg.train.lr) == ("spread", 0.25, 0.01)
+    assert cfg.train.num_workers == 2 and cfg.train.keep_checkpoints == 2
+    assert base.train.objective == "con"  # the base is not modified
+
+
+def test_packing_by_cores_and_by_gpu_fractions() -> None:
+    cpu = packing(_cfg(), Resources(cpus=2, gpus=0))
+    assert (cpu.concurrent, cpu.workers, cpu.cpus_per_worker, cpu.gpus_per_worker) == (2, 1, 1, 0)
+    assert packing(_cfg("sweep.max_concurrent=1"), Resources(cpus=2, gpus=0)).concurrent == 1
+    assert packing(_cfg(), Resources(cpus=16, gpus=0)).concurrent == 16
+    # 8 GPUs, 4 trials each, but 16 CPUs at 1 per worker: the CPUs bound it.
+    gpu = packing(_cfg("train.use_gpu=true"), Resources(cpus=16, gpus=8))
+    assert (gpu.concurrent, gpu.gpus_per_worker) == (16, 0.25)
+    half = _cfg("train.use_gpu=true", "train.cpus_per_worker=0.5", "sweep.workers_per_trial=2")
+    assert packing(half, Resources(cpus=64, gpus=8)).concurrent == 16  # 32 slots / 2 workers
+    with pytest.raises(ConfigError, match="lower sweep.workers_per_trial"):
+        packing(_cfg("sweep.workers_per_trial=4"), Resources(cpus=2, gpus=0))
+    with pytest.raises(ConfigError, match="no GPU"):
+        packing(_cfg("train.use_gpu=true"), Resources(cpus=2, gpus=0))
+
+
+def test_yaml_list_layer_pairs(tmp_path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("sweep:\n  layers:\n    - [8, 6]\n    - [0.5, 1.0]\n    - '-1:-1'\n")
+    assert layer_pairs(config.load(path)) == [(8, 6), (0.5, 1.0), (-1, -1)]
+
+
+def test_a_narrow_extract_spec_is_widened_to_the_swept_layers() -> None:
+    from raysys.sweep import _needed_layers
+
+    assert _needed_layers("all", [3, 8], 17) == "all"
+    assert _needed_layers("-1", [8], 17) == "8,16"  # -1 of 17 hidden states is 16
+    assert _needed_layers("0.5,1.0", [8, 16], 17) == "8,16"
+    assert _needed_layers("0,4", [11], 22) == "0,4,11"

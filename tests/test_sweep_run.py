@@ -1,0 +1,233 @@
+"""A real 2x2x2 sweep (objectives x model scales x layer depths) on local Ray: stopped with
+Ctrl-C part-way, resumed without rerunning the finished trials, then its report, plots and
+TensorBoard HParams read back."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from raysys import config
+from raysys.cli import main
+from raysys.sweep import TUNE_DIR, trial_status
+
+pytestmark = pytest.mark.slow
+
+OBJECTIVES = ["con", "spread"]
+MODELS = [("efficientnet-lite0", "minilm-l6"), ("efficientnet-lite1", "minilm-l6")]
+LAYERS = ["0.5:0.5", "1.0:1.0"]
+
+
+def _overrides(cache_dir: Path) -> list[str]:
+    return [
+        "corpus.size=60",
+        f"extract.cache_dir={cache_dir}",
+        "train.batch_size=16",
+        "train.epochs=2",
+        "train.eval_every=3",
+        "train.hidden=64",
+        "train.latent=32",
+        f"objectives={','.join(OBJECTIVES)}",
+        "sweep.models=" + ",".join(f"{v}+{t}" for v, t in MODELS),
+        f"sweep.layers={','.join(LAYERS)}",
+    ]
+
+
+def _files(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+
+
+def _any_finished(out: Path) -> bool:
+    try:
+        return "TERMINATED" in trial_status(out).values()
+    except Exception:  # Tune has not written its experiment state yet
+        return False
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(ray_cluster, small_cache, tmp_path_factory):
+    """Start `raysys sweep` in its own process, press Ctrl-C once a trial has exported its
+    model, then resume it here; returns the sweep dir and what was finished before."""
+    cfg, _ = small_cache
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    log = out.parent / "first.log"
+    args = ["sweep", "--out", str(out), *_overrides(Path(cfg.extract.cache_dir))]
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raysys.cli", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own Ray; a stray signal never reaches pytest
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            models = out / "models"
+            if models.is_dir() and any(models.iterdir()):
+                # Its model is exported; Ctrl-C once Tune has recorded the trial as finished.
+                if _any_finished(out):
+                    break
+            time.sleep(1)
+        assert proc.poll() is None, (
+            "the sweep ended before it could be interrupted:\n" + (log.read_text()[-3000:])
+        )
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    first = log.read_text()
+    assert code == 130, first[-3000:]
+    assert f"resume={out}" in first
+    status = trial_status(out)
+    finished = {name for name, s in status.items() if s == "TERMINATED"}
+    before = {name: _files(out / "tensorboard" / name) for name in finished}
+    before |= {f"model:{name}": _files(out / "models" / name) for name in finished}
+    assert main(["sweep", f"resume={out}"]) == 0
+    return out, status, finished, before
+
+
+def test_interrupted_sweep_resumes_and_runs_only_the_rest(resumed_sweep) -> None:
+    out, status, finished, before = resumed_sweep
+    assert 1 <= len(finished) < 8, status  # some finished, some left for the resume
+    for name in finished:  # finished trials were not run again: their outputs are untouched
+        assert _files(out / "tensorboard" / name) == before[name]
+        assert _files(out / "models" / name) == before[f"model:{name}"]
+    after = trial_status(out)
+    assert len(after) == 8 and set(after.values()) == {"TERMINATED"}
+    assert len(list((out / "models").iterdir())) == 8
+
+
+def test_results_have_a_row_per_trial_and_a_raw_row_per_layer_pair(resumed_sweep) -> None:
+    out, *_ = resumed_sweep
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    trials = [r for r in rows if r["trial"]]
+    raw = [r for r in rows if r["objective"] == "raw"]
+    assert len(trials) == 8 and len(raw) == 4
+    combos = {(r["objective"], r["vision"], r["vision_depth"], r["text_depth"]) for r in trials}
+    assert len(combos) == 8
+    assert {r["objective"] for r in trials} == set(OBJECTIVES)
+    assert {r["vision"] for r in trials} == {v for v, _ in MODELS}
+    for r in trials:
+        for column in ("i2t_r1", "i2t_r10", "t2i_r5", "hardneg_acc", "mutual_knn", "cka"):
+            assert 0.0 <= float(r[column]) <= 1.0 + 1e-6, (column, r[column])
+        assert -1.0 <= float(r["cknna"]) <= 1.0  # unbiased: may dip below 0 on 6 test pairs
+        assert float(r["recon_mse"]) > 0 and float(r["train_s"]) > 0
+        assert 0.0 <= float(r["raw_mutual_knn"]) <= 1.0
+        # Relative depth 0.5 of Lite0's 17 hidden states is layer 8, of Lite1's 22 layer 11.
+        if r["vision_depth"] not in ("1", "1.0"):
+            assert (r["vision"], r["vision_layer"]) in {
+                ("efficientnet-lite0", "8"),
+                ("efficientnet-lite1", "11"),
+            }
+    lite = {r["vision"]: int(r["vision_params"]) for r in trials}
+    assert lite["efficientnet-lite0"] < lite["efficientnet-lite1"]  # the scale axis is real
+    # The raw row of a layer pair carries the before-alignment scores its trials quote.
+    for r in trials:
+        [match] = [
+            x
+            for x in raw
+            if (x["vision"], x["vision_layer"], x["text_layer"])
+            == (r["vision"], r["vision_layer"], r["text_layer"])
+        ]
+        assert float(match["mutual_knn"]) == pytest.approx(float(r["raw_mutual_knn"]), abs=1e-5)
+
+
+def test_report_embeds_every_plot_with_its_axes(resumed_sweep) -> None:
+    out, *_ = resumed_sweep
+    report = (out / "report.md").read_text()
+    names = ["pareto_mutual_knn.png", "pareto_i2t_r1.png"]
+    names += [f"{kind}_{o}.png" for kind in ("layers", "scale") for o in OBJECTIVES]
+    for name in names:
+        with Image.open(out / name) as image:
+            image.verify()
+        assert f"]({name})" in report, name
+    for label in (
+        "reconstruction MSE (test, lower is better)",
+        "vision layer depth (relative)",
+        "text layer depth (relative)",
+        "vision model parameters (M)",
+    ):
+        assert label in report, label
+    assert "Not drawn" not in report
+    assert report.count("| spread") == 4 and report.count("| raw") == 4
+
+
+def test_report_command_rebuilds_the_sweep_report(resumed_sweep, capsys) -> None:
+    out, *_ = resumed_sweep
+    (out / "pareto_i2t_r1.png").unlink()
+    before = (out / "results.csv").read_text()
+    assert main(["report", str(out)]) == 0
+    assert (out / "pareto_i2t_r1.png").is_file()
+    assert (out / "results.csv").read_text() == before
+    assert "vision_layer" in capsys.readouterr().out
+
+
+def test_config_yaml_holds_the_resolved_sweep(resumed_sweep) -> None:
+    out, *_ = resumed_sweep
+    saved = config.load(out / "config.yaml")
+    assert saved.sweep.layers == LAYERS and saved.objectives == OBJECTIVES
+    assert (out / TUNE_DIR).is_dir()
+
+
+def test_hparams_tab_compares_every_trial(resumed_sweep) -> None:
+    from tensorboard.backend import context
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+    from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    out, *_ = resumed_sweep
+    logdir = str(out / "tensorboard")
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(logdir)
+    multiplexer.Reload()
+    provider = MultiplexerDataProvider(multiplexer, logdir)
+    tb_context = base_plugin.TBContext(
+        data_provider=provider, multiplexer=multiplexer, logdir=logdir
+    )
+    request = api_pb2.ListSessionGroupsRequest(
+        allowed_statuses=[api_pb2.STATUS_SUCCESS], start_index=0, slice_size=100
+    )
+    response = list_session_groups.Handler(
+        context.RequestContext(), backend_context.Context(tb_context), "", request
+    ).run()
+    groups = list(response.session_groups)
+    assert len(groups) == 8
+    keys = {frozenset(g.hparams) for g in groups}
+    assert keys == {
+        frozenset(
+            {
+                "objective",
+                "vision",
+                "text",
+                "vision_layer",
+                "text_layer",
+                "vision_depth",
+                "text_depth",
+                "vision_params",
+                "text_params",
+            }
+        )
+    }
+    assert {g.hparams["objective"].string_value for g in groups} == set(OBJECTIVES)
+    for group in groups:
+        metrics = {m.name.tag: m.value for m in group.metric_values}
+        assert 0.0 <= metrics["hparam/test/i2t_r1"] <= 1.0
+    # Each trial's training curves live beside its HParams session.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    name = sorted((out / "tensorboard").iterdir())[0]
+    acc = EventAccumulator(str(name))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and "val/i2t_r1" in acc.Tags()["scalars"]
