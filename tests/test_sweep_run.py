@@ -181,7 +181,7 @@ def test_config_yaml_holds_the_resolved_sweep(resumed_sweep) -> None:
 
 
 def test_hparams_tab_compares_every_trial(resumed_sweep) -> None:
-    from tensorboard.backend import context
+    from tensorboard import context
     from tensorboard.backend.event_processing import plugin_event_multiplexer
     from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
     from tensorboard.plugins import base_plugin
