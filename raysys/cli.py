@@ -196,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nreport: {path}")
             return 0
         cfg = config.load(args.config, args.overrides)
+        given = config.given_keys(args.config, args.overrides)
+        if args.command in ("run", "sweep") and "train.objective" in given:
+            raise ConfigError(
+                f"{args.command} trains every entry of `objectives`; set objectives="
+                f"{cfg.train.objective} instead of train.objective"
+            )
         if args.command == "run":
-            cfg = run_defaults(cfg, config.given_keys(args.config, args.overrides))
+            cfg = run_defaults(cfg, given)
         if args.show_config:
             import yaml
 

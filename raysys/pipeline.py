@@ -69,7 +69,7 @@ def check_best_metric(cfg: Config) -> None:
 def prepare_out_dir(out_dir: Path) -> None:
     """Refuse to reuse a finished run's directory: Ray Train would resume its old
     checkpoints and the new results would silently be the old model's."""
-    used = [name for name in ("results.csv", "ray", "models") if (out_dir / name).exists()]
+    used = [n for n in ("results.csv", "ray", "models", "tune") if (out_dir / n).exists()]
     if used:
         raise ConfigError(
             f"{str(out_dir)!r} already holds a run ({', '.join(used)}); choose another --out "

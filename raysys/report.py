@@ -152,11 +152,15 @@ def is_sweep(rows: list[dict[str, Any]]) -> bool:
     return any(r.get("trial") for r in rows)
 
 
-def write_sweep_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = ()) -> Path:
-    """results.csv, the PNG plots and report.md of a sweep (rows: raw baselines and trials)."""
+def write_sweep_report(
+    run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (), location: str | None = None
+) -> Path:
+    """results.csv, the PNG plots and report.md of a sweep (rows: raw baselines and trials).
+    `location` is where the report will live when `run_dir` is only its staging copy."""
     from raysys.plots import write_plots
 
     run_dir = Path(run_dir)
+    where = location or str(run_dir)
     if not any(r.get("trial") for r in rows):
         raise RaysysError(f"no finished trial in {str(run_dir)!r}: nothing to report")
     write_results(run_dir, rows)
@@ -165,10 +169,12 @@ def write_sweep_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[st
     axes = {
         "objectives": sorted({r["objective"] for r in trials}),
         "model pairs": sorted({f"{r['vision']} + {r['text']}" for r in trials}),
-        "layer pairs": sorted({f"{r['vision_layer']}:{r['text_layer']}" for r in trials}),
+        "layer pairs (relative depth)": sorted(
+            {f"{float(r['vision_depth']):.2f}:{float(r['text_depth']):.2f}" for r in trials}
+        ),
     }
     lines = [
-        f"# raysys sweep — {run_dir.name}",
+        f"# raysys sweep — {where.rstrip('/').rsplit('/', 1)[-1]}",
         "",
         f"{len(trials)} trials over "
         + "; ".join(f"{len(v)} {k} ({', '.join(v)})" for k, v in axes.items())
@@ -197,6 +203,7 @@ def write_sweep_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[st
         "relative (layer / last layer).",
         "",
         f"All columns: `{RESULTS}`. TensorBoard (curves of every trial; HParams compares them): "
-        f"`tensorboard --logdir {run_dir / 'tensorboard'}`.",
+        f"`tensorboard --logdir {where.rstrip('/')}/tensorboard`"
+        + (" (sync it to a local folder first)." if location else "."),
     ]
     return _write(run_dir, lines, notes)

@@ -29,6 +29,7 @@ from raysys.errors import ConfigError, RaysysError
 from raysys.runtime import Resources
 
 DRIVER_MEMORY = 512 * 2**20  # a trial function's process: torch, raysys, the test split
+ASHA_MAX_T = 10**6  # reports (validations): far beyond any trial's
 TUNE_DIR = "tune"  # Tune's experiment under the sweep directory (what resume restores)
 ROW = "row"  # key of the results row in a trial's last Tune report
 SPREAD_ONLY = ("train.alpha", "train.k")  # Spread's own knobs: other objectives ignore them
@@ -36,6 +37,8 @@ SPREAD_ONLY = ("train.alpha", "train.k")  # Spread's own knobs: other objectives
 RUN_MODELS = ("efficientnet-lite0+minilm-l6", "efficientnet-lite1+minilm-l6")
 RUN_LAYERS = ("0.5:0.5", "1.0:1.0")
 RUN_HIDDEN = (256, 256)  # a fifth of the default JAM's compute: 12 trials fit in 10 minutes
+# Set by the sweep for every trial alike (packing, checkpoints), so not sweepable.
+FIXED_KEYS = ("train.use_gpu", "train.cpus_per_worker", "train.keep_checkpoints")
 AXIS_KEYS = ("train.objective", "train.vision_layer", "train.text_layer", "train.num_workers")
 
 
@@ -119,7 +122,8 @@ def layer_pairs(cfg: Config) -> list[tuple[Side, Side]]:
         ]
     else:
         pairs = [(cfg.train.vision_layer, cfg.train.text_layer)]
-    if len(set(pairs)) != len(pairs):
+    keys = [tuple((type(side).__name__, side) for side in pair) for pair in pairs]
+    if len(set(keys)) != len(keys):  # 1 (layer one) and 1.0 (full depth) are different layers
         raise ConfigError(f"sweep layer pairs repeat: {pairs}")
     return pairs
 
@@ -128,10 +132,11 @@ def param_grid(cfg: Config, objective: str) -> list[dict[str, Any]]:
     """Every combination of `sweep.params` for one objective (Spread's knobs only for it)."""
     params = cfg.sweep.params
     for key, values in params.items():
-        if not key.startswith("train.") or key in AXIS_KEYS:
+        if not key.startswith("train.") or key in AXIS_KEYS + FIXED_KEYS:
             raise ConfigError(
                 f"sweep.params key {key!r}: sweep any train.* hyper-parameter except "
-                f"{', '.join(AXIS_KEYS)} (objectives, layers and workers are axes of their own)"
+                f"{', '.join(AXIS_KEYS + FIXED_KEYS)} (objectives, layers and workers are axes "
+                "of their own; devices and checkpoints are set once for the whole sweep)"
             )
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.params.{key} must be a non-empty list of values")
@@ -171,7 +176,12 @@ class Prepared:
 
 def _short(name: str) -> str:
     tail = re.split(r"[/:]", name.rstrip("/"))[-1] or name
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", tail)[:24]
+    return _slug(tail)[:24]
+
+
+def _slug(value: Any) -> str:
+    """Safe in a directory name, an S3 key and a Ray Train run name."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value)).strip("-")
 
 
 def _needed_layers(spec: str, ids: list[int], n: int) -> str:
@@ -184,17 +194,31 @@ def _needed_layers(spec: str, ids: list[int], n: int) -> str:
     return ",".join(str(i) for i in sorted(set(select_layers(spec, n)) | set(ids)))
 
 
-def prepare(cfg: Config) -> list[Prepared]:
-    """Extract every model pair once (all layers any trial needs) and score the raw pairs."""
-    from raysys.backbones import layer_name, select_layers
-    from raysys.evaluate import score_raw
-    from raysys.extract import configured_backbone, extract
-    from raysys.pipeline import check_best_metric, check_split_sizes
-    from raysys.train import Paths
+def check_plan(cfg: Config) -> None:
+    """Every trial's config is valid, and the search is well set: checked before any
+    extraction, so a typo costs seconds, not hours of embedding."""
+    from raysys.pipeline import check_best_metric
 
     check_best_metric(cfg)
+    if cfg.sweep.search == "random" and not cfg.sweep.num_samples:
+        raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
+    for objective in cfg.objectives:
+        for params in param_grid(cfg, objective):
+            try:
+                trial_config(cfg, {"objective": objective, "params": params})
+            except ConfigError as err:
+                what = params or "the base config"
+                raise ConfigError(f"a {objective} trial with {what}: {err}") from None
+
+
+def resolve_layers(cfg: Config) -> list[tuple[str, str, dict[str, Any], list[tuple[int, int]]]]:
+    """Per model pair: its backbones (all layers) and the hidden-state ids of each layer
+    pair. Every pair is checked (model ids, layer ranges) before anything is extracted."""
+    from raysys.backbones import select_layers
+    from raysys.extract import configured_backbone
+
     layer_axis = layer_pairs(cfg)
-    prepared, params_cache = [], {}
+    resolved = []
     for vision, text in model_pairs(cfg):
         ecfg = dataclasses.replace(
             cfg.extract, vision=vision, text=text, vision_layers="all", text_layers="all"
@@ -202,14 +226,36 @@ def prepare(cfg: Config) -> list[Prepared]:
         full = {m: configured_backbone(ecfg, m) for m in ("image", "text")}
         for backbone in full.values():
             backbone.check()
-        totals = {m: len(b.layer_ids) for m, b in full.items()}
         ids = []
         for v, t in layer_axis:
             pair = []
             for side, modality in ((v, "image"), (t, "text")):
                 spec = repr(float(side)) if isinstance(side, float) else str(side)
-                pair.append(select_layers(spec, totals[modality], full[modality].name)[0])
+                n = len(full[modality].layer_ids)
+                pair.append(select_layers(spec, n, full[modality].name)[0])
             ids.append(tuple(pair))
+        if len(set(ids)) != len(ids):
+            same = [layer_axis[i] for i, x in enumerate(ids) if ids.count(x) > 1]
+            raise ConfigError(
+                f"sweep layer pairs {same} name the same layers of {vision} + {text} "
+                f"({sorted(set(x for x in ids if ids.count(x) > 1))}); drop one"
+            )
+        resolved.append((vision, text, full, ids))
+    return resolved
+
+
+def prepare(cfg: Config) -> list[Prepared]:
+    """Extract every model pair once (all layers any trial needs) and score the raw pairs."""
+    from raysys.backbones import layer_name
+    from raysys.evaluate import score_raw
+    from raysys.extract import extract
+    from raysys.pipeline import check_split_sizes
+    from raysys.train import Paths
+
+    check_plan(cfg)
+    prepared, params_cache = [], {}
+    for vision, text, full, ids in resolve_layers(cfg):
+        totals = {m: len(b.layer_ids) for m, b in full.items()}
         ecfg = dataclasses.replace(
             cfg.extract,
             vision=vision,
@@ -237,15 +283,10 @@ def prepare(cfg: Config) -> list[Prepared]:
             for manifest, column in ((ext.image_manifest, vid), (ext.text_manifest, tid)):
                 if layer_name(column) not in manifest["layers"]:
                     raise ConfigError(f"layer {column} of {manifest['backbone']} is not cached")
-            test = paths.load("test")
-            check_split_sizes(
-                cfg,
-                {
-                    "train": len(paths.index("train")),
-                    "val": len(paths.load("val")),
-                    "test": len(test),
-                },
-            )
+            sizes = {"train": len(paths.index("train"))}
+            sizes |= {split: len(paths.load(split)) for split in ("val", "test")}
+            check_split_sizes(cfg, sizes)
+            scored = paths.load(cfg.eval.split)  # the split the trials are scored on
             layers.append(
                 {
                     "vision_layer": vid,
@@ -253,7 +294,7 @@ def prepare(cfg: Config) -> list[Prepared]:
                     "vision_depth": round(vid / max(1, totals["image"] - 1), 4),
                     "text_depth": round(tid / max(1, totals["text"] - 1), 4),
                     "paths": dataclasses.asdict(paths),
-                    "raw": score_raw(test, cfg.eval),
+                    "raw": score_raw(scored, cfg.eval),
                 }
             )
         prepared.append(Prepared(vision, text, params_cache[vision], params_cache[text], layers))
@@ -285,7 +326,7 @@ def plan_trials(cfg: Config, prepared: list[Prepared]) -> list[dict[str, Any]]:
         keep = sorted(random.Random(cfg.sweep.seed).sample(range(len(trials)), n))
         trials = [trials[i] for i in keep]
     for i, trial in enumerate(trials):
-        extra = "".join(f"-{k.split('.')[-1]}{v}" for k, v in trial["params"].items())
+        extra = "".join(f"-{k.split('.')[-1]}{_slug(v)}" for k, v in trial["params"].items())
         trial["id"] = (
             f"t{i:03d}-{trial['objective']}-{_short(trial['vision'])}-{_short(trial['text'])}"
             f"-v{trial['vision_layer']}-t{trial['text_layer']}{extra}"
@@ -467,8 +508,14 @@ def _tuner(
         storage_fs, storage_path = storage.pyarrow_fs(uri)
     scheduler = None
     if cfg.sweep.search == "asha":
+        # Rungs at 1, 4, 16, … validations; a trial that survives every rung runs to its end
+        # (and its test row): no max_t cut-off, whatever the number of validations.
         scheduler = ASHAScheduler(
-            metric=cfg.train.best_metric, mode=cfg.train.best_mode, grace_period=1
+            metric=cfg.train.best_metric,
+            mode=cfg.train.best_mode,
+            grace_period=1,
+            max_t=ASHA_MAX_T,
+            stop_last_trials=False,
         )
     return ray.tune.Tuner(
         trainable,
@@ -491,9 +538,15 @@ def _tuner(
     )
 
 
-def sweep(cfg: Config, out_dir: Path | str, resume: bool = False) -> list[dict[str, Any]]:
+def sweep(
+    cfg: Config,
+    out_dir: Path | str,
+    resume: bool = False,
+    timings: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """Extract, run every trial under Tune (or the unfinished ones of a stopped sweep), then
-    write the report; returns the results rows (raw baselines first)."""
+    write the report; returns the results rows (raw baselines first). `timings` receives
+    `fit_s`, the seconds Tune ran the trials (what `bench sweep` compares)."""
     from raysys.pipeline import prepare_out_dir
     from raysys.report import SWEEP_SHOWN, table, write_sweep_report
     from raysys.runtime import init_ray
@@ -519,10 +572,18 @@ def sweep(cfg: Config, out_dir: Path | str, resume: bool = False) -> list[dict[s
     else:
         prepare_out_dir(out_dir)
         config.dump(cfg, out_dir / "config.yaml")
+    init_ray(cfg.ray)
+    pack = packing(cfg)  # a trial the cluster cannot hold fails before any extraction
     prepared = prepare(cfg)
     trials = plan_trials(cfg, prepared)
-    init_ray(cfg.ray)
-    pack = packing(cfg)
+    if resume:
+        started_ids = set(trial_status(out_dir)) - {t["id"] for t in trials}
+        if started_ids:
+            raise ConfigError(
+                f"the sweep in {str(out_dir)!r} ran trials its config no longer plans "
+                f"({sorted(started_ids)[:3]}); resume with the config it started with (no "
+                "overrides of objectives, sweep.*, corpus.* or extract.*)"
+            )
     axes = [
         f"{len(cfg.objectives)} objective(s)",
         f"{len(prepared)} model pair(s)",
@@ -530,7 +591,10 @@ def sweep(cfg: Config, out_dir: Path | str, resume: bool = False) -> list[dict[s
     ] + [f"{k} in {v}" for k, v in cfg.sweep.params.items()]
     print(f"[sweep] {len(trials)} trials: {' x '.join(axes)}; {pack.describe()}", flush=True)
     tuner = _tuner(cfg, out_dir, trials, pack, restore=resume, uri=uri)
+    fit_started = time.perf_counter()
     grid = tuner.fit()
+    if timings is not None:
+        timings["fit_s"] = time.perf_counter() - fit_started
     status = trial_status(uri or out_dir)
     rows, problems = [], []
     for result in grid:
@@ -544,14 +608,14 @@ def sweep(cfg: Config, out_dir: Path | str, resume: bool = False) -> list[dict[s
             problems.append(f"trial {name} failed: {str(result.error).strip().splitlines()[-1]}")
     rows.sort(key=lambda r: r["trial"])
     # Tune creates trials lazily: one never started is in no status at all.
-    unfinished = len(trials) - sum(st in ("TERMINATED", "ERROR") for st in status.values())
+    unfinished = sum(status.get(t["id"]) not in ("TERMINATED", "ERROR") for t in trials)
     raw = raw_rows(prepared)
     wall = time.perf_counter() - started
     notes = [f"{len(rows)} of {len(trials)} trials finished; wall time {wall:.0f}s."]
     if unfinished:
         notes.append(f"Interrupted: {unfinished} trials unfinished (resume to run them).")
     if rows:
-        write_sweep_report(out_dir, raw + rows, notes=notes + problems)
+        write_sweep_report(out_dir, raw + rows, notes=notes + problems, location=uri)
         print("\n" + table(raw + rows, SWEEP_SHOWN) + "\n", flush=True)
     for problem in problems:
         print(f"[sweep] {problem}", flush=True)
@@ -559,9 +623,14 @@ def sweep(cfg: Config, out_dir: Path | str, resume: bool = False) -> list[dict[s
         storage.upload_dir(out_dir, uri)
         shutil.rmtree(out_dir, ignore_errors=True)
     if unfinished:
+        how = (
+            f"they are on {uri}; an s3:// sweep cannot be resumed yet"
+            if uri
+            else f"resume with: raysys sweep resume={out_dir}"
+        )
         raise Interrupted(
             f"the sweep stopped with {unfinished} of {len(trials)} trials unfinished; "
-            f"finished trials are kept. Resume with: raysys sweep resume={out_dir}"
+            f"finished trials are kept: {how}"
         )
     return raw + rows
 

@@ -305,9 +305,12 @@ def fit_global_input_stats(model: JAM, image: torch.Tensor, text: torch.Tensor) 
     set_global_input_stats(model, input_moments(image, text))
 
 
-def keep_on_device(setting: str, rows: int, width: int, device: torch.device) -> tuple[bool, str]:
+def keep_on_device(
+    setting: str, rows: int, width: int, device: torch.device, share: float = 1.0
+) -> tuple[bool, str]:
     """Whether a worker's shard lives on its GPU (fast indexing) or in host memory (copied
-    per batch); the reason is printed so a user knows which one they got."""
+    per batch); the reason is printed so a user knows which one they got. `share` is this
+    worker's fraction of the GPU: packed sweep trials split its free memory."""
     need = rows * width * 2  # float16
     if device.type != "cuda":
         return True, "in host memory, the CPU device's own"
@@ -315,6 +318,7 @@ def keep_on_device(setting: str, rows: int, width: int, device: torch.device) ->
         on = setting == "true"
         return on, f"{'on the GPU' if on else 'in pinned host memory'} (data_on_device={setting})"
     free, _ = torch.cuda.mem_get_info(device)
+    free = int(free * share)
     fits = need < free // 2
     where = "on the GPU" if fits else "in pinned host memory"
     return fits, f"{where} ({need / 2**30:.2f} GiB vs {free / 2**30:.1f} GiB free)"
@@ -353,10 +357,11 @@ class MemoryBatches:
         rank: int,
         world: int,
         device: torch.device,
+        share: float = 1.0,
     ) -> None:
         # Embeddings stay float16 in memory (half the footprint); the model casts per batch.
         width = data.image.shape[1] + 2 * data.text.shape[1]
-        on_device, self.where = keep_on_device(setting, len(data), width, device)
+        on_device, self.where = keep_on_device(setting, len(data), width, device, share)
         self.home = device if on_device else torch.device("cpu")
         arrays = (data.image, data.text, data.negative)
         self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]
@@ -477,7 +482,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed + 1000 * rank + trainer.step)
 
     if stream_rows is None:
-        batches = MemoryBatches(data, plan, tcfg.data_on_device, rank, world, device)
+        share = config.get("gpu_share", 1.0)
+        batches = MemoryBatches(data, plan, tcfg.data_on_device, rank, world, device, share)
         where = (
             f"{plan.shards} data shard(s) of {plan.shard_size} pairs; each worker holds "
             f"{len(data)} pairs {batches.where}"
@@ -683,6 +689,8 @@ def train(
             "threads": threads,
             "tensorboard_dir": str(out_dir / "tensorboard" / name),
             "tensorboard_uri": tensorboard_uri,
+            # A packed trial's worker owns only its fraction of the GPU's memory.
+            "gpu_share": (scaling_config.resources_per_worker or {}).get("GPU", 1.0) or 1.0,
             "resume_from": latest_checkpoint(out_dir / "ray" / name) if resume else None,
             **streaming,
         },

@@ -147,3 +147,11 @@ def test_bench_sweep_summary_compares_the_same_trials() -> None:
     assert result["serial_trial_s"] == [30.0, 34.0, 32.0, 31.0] and result["trials"] == 4
     with pytest.raises(RaysysError, match="3 packed"):
         summary(160.0, 100.0, 2, rows, rows[:3])
+
+
+def test_bench_sweep_ideal_counts_rounds_of_trials() -> None:
+    from raysys.bench_sweep import summary
+
+    rows = [{"train_s": 30.0}] * 3
+    # 3 trials on 2 slots take 2 rounds at best: ideal = serial x 2 / 3.
+    assert summary(90.0, 75.0, 2, rows, rows)["ideal_packed_s"] == 60.0

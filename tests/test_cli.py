@@ -139,3 +139,8 @@ def test_best_metric_must_be_a_reported_validation_metric() -> None:
     check_best_metric(config.load(None, ["eval.retrieval_ks=1,3", "train.best_metric=val/t2i_r3"]))
     with pytest.raises(ConfigError, match="not a validation metric.*val/mutual_knn"):
         check_best_metric(config.load(None, ["train.best_metric=val/accuracy"]))
+
+
+def test_a_sweep_names_its_objectives_not_train_objective(capsys) -> None:
+    assert main(["sweep", "train.objective=spread"]) == 2
+    assert "set objectives=spread instead" in capsys.readouterr().err

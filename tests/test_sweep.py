@@ -191,3 +191,38 @@ def test_a_narrow_extract_spec_is_widened_to_the_swept_layers() -> None:
     assert _needed_layers("-1", [8], 17) == "8,16"  # -1 of 17 hidden states is 16
     assert _needed_layers("0.5,1.0", [8, 16], 17) == "8,16"
     assert _needed_layers("0,4", [11], 22) == "0,4,11"
+
+
+def test_an_index_and_a_depth_are_different_layers_but_the_same_layer_twice_is_refused() -> None:
+    from raysys.sweep import resolve_layers
+
+    assert layer_pairs(_cfg("sweep.layers=1:1,1.0:1.0")) == [(1, 1), (1.0, 1.0)]
+    [(vision, text, _, ids)] = resolve_layers(_cfg("sweep.layers=1:1,1.0:1.0"))
+    assert (vision, text, ids) == ("efficientnet-lite0", "minilm-l6", [(1, 1), (16, 6)])
+    with pytest.raises(ConfigError, match="name the same layers"):
+        resolve_layers(_cfg("sweep.layers=-1:-1,1.0:1.0"))  # both are the last layers
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["sweep.params.train.alpha=[0.5,1.5]", "objectives=spread"], "alpha=1.5"),
+        (["sweep.workers_per_trial=3"], "divide evenly"),
+        (["sweep.params.train.use_gpu=[true,false]"], "set once for the whole sweep"),
+        (["sweep.search=random"], "num_samples"),
+        (["train.best_metric=val/nope"], "not a validation metric"),
+    ],
+)
+def test_the_plan_is_checked_before_any_extraction(overrides: list[str], match: str) -> None:
+    from raysys.sweep import check_plan
+
+    with pytest.raises(ConfigError, match=match):
+        check_plan(_cfg(*overrides))
+
+
+def test_trial_ids_are_safe_in_paths_and_keys() -> None:
+    cfg = _cfg("objectives=con", "sweep.params.train.hidden=[[512,512],[256]]")
+    trials = plan_trials(cfg, [_prepared("hf:org/vit-base", 86_000_000, [1.0])])
+    assert [t["id"].rsplit("-hidden", 1)[1] for t in trials] == ["512-512", "256"]
+    for trial in trials:
+        assert all(c.isalnum() or c in ".-" for c in trial["id"]), trial["id"]
