@@ -52,7 +52,8 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     prepare(base)  # extraction (and raw scores) outside both timings
     init_ray(base.ray)
-    slots = packing(base).concurrent
+    pack = packing(base)
+    slots = pack.concurrent
     if slots < 2:
         print(f"[bench] the cluster fits {slots} trial at a time: nothing to pack", flush=True)
     print(f"[bench] sweep: {trials} identical trials, serial then {slots} at a time", flush=True)
@@ -61,7 +62,7 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     packed_s, packed_rows = _timed_sweep(base, out / "packed")
     result = summary(serial_s, packed_s, slots, serial_rows, packed_rows)
     result |= {
-        "packing": dataclasses.asdict(packing(base)),
+        "packing": dataclasses.asdict(pack),
         "config": {"train": config.to_dict(base.train), "corpus": config.to_dict(base.corpus)},
         "host": {"cpus": os.cpu_count() or 1, "python": platform.python_version()},
     }

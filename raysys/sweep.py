@@ -283,10 +283,12 @@ def prepare(cfg: Config) -> list[Prepared]:
             for manifest, column in ((ext.image_manifest, vid), (ext.text_manifest, tid)):
                 if layer_name(column) not in manifest["layers"]:
                     raise ConfigError(f"layer {column} of {manifest['backbone']} is not cached")
-            sizes = {"train": len(paths.index("train"))}
-            sizes |= {split: len(paths.load(split)) for split in ("val", "test")}
+            splits = {split: paths.load(split) for split in ("val", "test")}
+            sizes = {"train": len(paths.index("train"))} | {k: len(v) for k, v in splits.items()}
             check_split_sizes(cfg, sizes)
-            scored = paths.load(cfg.eval.split)  # the split the trials are scored on
+            # The split the trials are scored on, read once.
+            split = cfg.eval.split
+            scored = splits[split] if split in splits else paths.load(split)
             layers.append(
                 {
                     "vision_layer": vid,
@@ -457,18 +459,26 @@ def run_trial(
     ray.tune.report({**result.metrics, **{f"test/{k}": v for k, v in scores.items()}, ROW: row})
 
 
+HPARAM_AXES = (
+    "objective",
+    "vision",
+    "text",
+    "vision_layer",
+    "text_layer",
+    "vision_depth",
+    "text_depth",
+    "vision_params",
+    "text_params",
+)
+
+
 def write_trial_hparams(
     log_dir: Path, trial: dict[str, Any], params: dict[str, Any], scores: dict[str, float]
 ) -> None:
     """One HParams session per trial, all with the same keys, so the tab compares them all."""
     from raysys.tensorboard import write_hparams
 
-    hparams = {
-        k: trial[k]
-        for k in ("objective", "vision", "text", "vision_layer", "text_layer", "vision_depth")
-    }
-    hparams |= {"text_depth": trial["text_depth"], "vision_params": trial["vision_params"]}
-    hparams |= {"text_params": trial["text_params"], **params}
+    hparams = {k: trial[k] for k in HPARAM_AXES} | params
     write_hparams(log_dir, hparams, {f"test/{k}": v for k, v in scores.items()})
 
 
