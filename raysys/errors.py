@@ -19,3 +19,7 @@ class BackboneError(RaysysError):
 
 class CacheError(RaysysError):
     """An embedding cache that is missing, incomplete or inconsistent."""
+
+
+class Interrupted(RaysysError):
+    """A sweep stopped (Ctrl-C) with trials left; `resume=` runs only those (exit code 130)."""

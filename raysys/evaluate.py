@@ -16,28 +16,7 @@ from raysys.config import EvalConfig
 from raysys.jam import JAM
 
 if TYPE_CHECKING:  # the cache (pyarrow) is not needed to score arrays
-    from raysys.cache import Pairs
-
-RESULT_COLUMNS = [
-    "objective",
-    "vision",
-    "text",
-    "vision_layer",
-    "text_layer",
-    "i2t_r1",
-    "i2t_r5",
-    "i2t_r10",
-    "t2i_r1",
-    "t2i_r5",
-    "t2i_r10",
-    "hardneg_acc",
-    "mutual_knn",
-    "cka",
-    "unbiased_cka",
-    "cknna",
-    "svcca",
-    "recon_mse",
-]
+    from raysys.data.cache import Pairs
 
 
 def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig):

@@ -24,10 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysys import cache, storage
-from raysys.backbones import REJECT, Backbone, get_backbone, pick_device
+from raysys import storage
+from raysys.backbones import REJECT, Backbone, configured_backbone, pick_device
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import Corpus, load_corpus, negative_counts
+from raysys.data import cache
 from raysys.errors import ConfigError, CorpusError
 
 PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
@@ -479,18 +480,6 @@ def _download_stage(uri: str, local: Path) -> dict[str, Any] | None:
     staging.replace(local)
     print(f"[extract] downloaded the finished stage {uri} -> {local}", flush=True)
     return manifest
-
-
-def configured_backbone(ecfg: ExtractConfig, modality: str) -> Backbone:
-    side = "vision" if modality == "image" else "text"
-    return get_backbone(
-        getattr(ecfg, side),
-        modality,
-        max_text_length=ecfg.max_text_length,
-        image_size=ecfg.image_size,
-        layers=getattr(ecfg, f"{side}_layers"),
-        pooling=getattr(ecfg, f"{side}_pooling"),
-    )
 
 
 def image_rows(corpus: Corpus) -> PassRows:

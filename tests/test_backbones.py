@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import cache
 from raysys.backbones import REJECT, get_backbone, layer_name, select_layers
+from raysys.data import cache
 from raysys.errors import BackboneError
 
 CPU = torch.device("cpu")

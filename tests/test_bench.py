@@ -8,7 +8,8 @@ import math
 import pytest
 
 from raysys import config
-from raysys.bench import BENCH_FILE, bench_train, ray_timeline, steady_rate, window_bounds
+from raysys.bench import BENCH_FILE
+from raysys.bench.train import bench_train, ray_timeline, steady_rate, window_bounds
 
 
 def test_windows_end_where_the_worker_validates() -> None:
@@ -98,7 +99,7 @@ def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_p
 
 @pytest.mark.slow
 def test_bench_extract_times_the_pass_and_the_bare_loop(ray_cluster, tmp_path) -> None:
-    from raysys.bench_extract import bench_extract
+    from raysys.bench.extract import bench_extract
     from raysys.errors import ConfigError
 
     cfg = config.load(None, ["corpus.size=60", "extract.batch_size=16"])
@@ -121,7 +122,7 @@ def test_bench_extract_times_the_pass_and_the_bare_loop(ray_cluster, tmp_path) -
 def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> None:
     """ViT-B/16 and BERT-base from configs (random weights), through the `hf:` path: the
     actor's batch function and the bare forward on the same tensors, both recorded."""
-    from raysys.bench_embed import bench_embed
+    from raysys.bench.embed import bench_embed
 
     bench = bench_embed(tmp_path, "cpu", rows=2, batch=2)
     saved = json.loads((tmp_path / BENCH_FILE).read_text())
@@ -138,7 +139,7 @@ def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> Non
 def test_bench_sweep_summary_compares_the_same_trials() -> None:
     """The sweeps themselves are the real ones (tests/test_sweep_run.py runs one end to end);
     the bench adds this arithmetic and refuses to compare runs that did not finish alike."""
-    from raysys.bench_sweep import summary
+    from raysys.bench.sweep import summary
     from raysys.errors import RaysysError
 
     rows = [{"train_s": 30.0}, {"train_s": 34.0}, {"train_s": 32.0}, {"train_s": 31.0}]
@@ -150,7 +151,7 @@ def test_bench_sweep_summary_compares_the_same_trials() -> None:
 
 
 def test_bench_sweep_ideal_counts_rounds_of_trials() -> None:
-    from raysys.bench_sweep import summary
+    from raysys.bench.sweep import summary
 
     rows = [{"train_s": 30.0}] * 3
     # 3 trials on 2 slots take 2 rounds at best: ideal = serial x 2 / 3.

@@ -38,6 +38,6 @@ def test_bench_step_rejects_bad_sizes(tmp_path, capsys, args, message) -> None:
 
 def test_the_step_imports_neither_ray_nor_pyarrow() -> None:
     # The GPU machine used for step measurements has torch but cannot take Ray.
-    code = "import sys, raysys.bench_step; print(sorted({'ray', 'pyarrow'} & set(sys.modules)))"
+    code = "import sys, raysys.bench.step; print(sorted({'ray', 'pyarrow'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysys import cache
+from raysys.data import cache
 from raysys.errors import CacheError
 from raysys.jam import JAM, JAMConfig
-from raysys.train import check_dims
+from raysys.train.step import check_dims
 
 
 def _write(directory, ids, columns: dict[str, np.ndarray], rejects=()) -> None:

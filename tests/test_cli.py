@@ -8,8 +8,8 @@ import pytest
 
 from raysys import config
 from raysys.cli import main
-from raysys.evaluate import RESULT_COLUMNS
-from raysys.report import read_results, write_results
+from raysys.report.report import read_results, write_results
+from raysys.report.schema import RESULT_COLUMNS
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -44,7 +44,7 @@ def test_show_config_resolves_overrides(capsys) -> None:
 
 
 def test_run_sweep_defaults_yield_to_the_users_choice(tmp_path) -> None:
-    from raysys.cli import run_defaults
+    from raysys.commands import run_defaults
 
     def run(*overrides: str, path=None) -> config.Config:
         return run_defaults(config.load(path, overrides), config.given_keys(path, overrides))
@@ -119,8 +119,8 @@ def test_every_pipeline_command_takes_out_and_config(command: str) -> None:
 
 def test_too_small_splits_fail_before_training() -> None:
     from raysys import config
+    from raysys.checks import check_split_sizes
     from raysys.errors import ConfigError
-    from raysys.pipeline import check_split_sizes
 
     cfg = config.load(None, ["train.batch_size=64"])
     check_split_sizes(cfg, {"train": 64, "val": 4, "test": 4})
@@ -132,8 +132,8 @@ def test_too_small_splits_fail_before_training() -> None:
 
 def test_best_metric_must_be_a_reported_validation_metric() -> None:
     from raysys import config
+    from raysys.checks import check_best_metric
     from raysys.errors import ConfigError
-    from raysys.pipeline import check_best_metric
 
     check_best_metric(config.load(None, ["train.best_metric=val/recon_mse"]))
     check_best_metric(config.load(None, ["eval.retrieval_ks=1,3", "train.best_metric=val/t2i_r3"]))

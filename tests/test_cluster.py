@@ -311,8 +311,8 @@ def test_job_configs_resolve(path: Path) -> None:
     """Every key is a real config key with a valid value, and the backbone names parse
     (models and corpus are not downloaded)."""
     from raysys import config
-    from raysys.extract import configured_backbone
-    from raysys.sweep import layer_pairs, model_pairs, param_grid
+    from raysys.backbones import configured_backbone
+    from raysys.sweep.plan import layer_pairs, model_pairs, param_grid
 
     cfg = config.load(path)
     assert cfg.corpus.path.startswith("s3://") and cfg.extract.cache_dir.startswith("s3://")
@@ -327,7 +327,7 @@ def test_job_configs_resolve(path: Path) -> None:
 
 def test_the_paper_jobs_sweep_the_three_axes() -> None:
     from raysys import config
-    from raysys.sweep import layer_pairs, model_pairs, param_grid
+    from raysys.sweep.plan import layer_pairs, model_pairs, param_grid
 
     jobs = {name: config.load(ROOT / "jobs" / f"paper-{name}.yaml") for name in AXES}
     assert set(jobs["objectives"].objectives) == {"con", "negcon", "spread"}

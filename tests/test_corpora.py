@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysys import cache, config, storage
+from raysys import config, storage
 from raysys.config import CorpusConfig
 from raysys.corpora import load_corpus
 from raysys.corpora.base import split_of
 from raysys.corpora.synthetic import SyntheticConfig, generate
+from raysys.data import cache
 from raysys.errors import ConfigError, CorpusError
 
 N_IMAGES = 12
@@ -291,7 +292,8 @@ def test_webdataset_extraction_streams_and_resumes(ray_cluster, scenes, tmp_path
     """The image pass reads the shards through Ray Data (never the driver); a pass that lost
     its manifest and some parts (as a killed one would) embeds only the missing ids. (The
     image pass alone: the text pass of a webdataset corpus is the in-memory one.)"""
-    from raysys.extract import configured_backbone, image_rows, run_pass
+    from raysys.backbones import configured_backbone
+    from raysys.extract import image_rows, run_pass
 
     _write_shards(tmp_path / "shards", scenes)
     overrides = [

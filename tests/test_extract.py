@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import cache, config
+from raysys import config
 from raysys.config import ExtractConfig
 from raysys.corpora import load_corpus
+from raysys.data import cache
 from raysys.errors import BackboneError, CacheError, CorpusError
 from raysys.extract import REJECT_PARTS, extract, run_pass
 

@@ -12,10 +12,11 @@ import os
 import pytest
 import torch
 
-from raysys import cache, config
+from raysys import config
 from raysys.cli import main
-from raysys.evaluate import RESULT_COLUMNS
+from raysys.data import cache
 from raysys.jam import JAM
+from raysys.report.schema import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysys.plots import METRIC_LABELS, Plot, Skipped, pareto_front, write_plots
+from raysys.report.plots import METRIC_LABELS, Plot, Skipped, pareto_front, write_plots
 
 NAN = math.nan
 

@@ -8,7 +8,8 @@ import pytest
 from raysys import config
 from raysys.errors import ConfigError
 from raysys.runtime import Resources
-from raysys.sweep import (
+from raysys.sweep.plan import (
+    LayerPair,
     Prepared,
     layer_pairs,
     model_pairs,
@@ -111,14 +112,14 @@ def test_bad_params_fail_before_any_trial(override: str, match: str) -> None:
 
 def _prepared(vision: str, params: int, depths: list[float]) -> Prepared:
     layers = [
-        {
-            "vision_layer": int(d * 16),
-            "text_layer": int(d * 6),
-            "vision_depth": d,
-            "text_depth": d,
-            "paths": {},
-            "raw": {"mutual_knn": 0.5},
-        }
+        LayerPair(
+            vision_layer=int(d * 16),
+            text_layer=int(d * 6),
+            vision_depth=d,
+            text_depth=d,
+            source={},
+            raw={"mutual_knn": 0.5},
+        )
         for d in depths
     ]
     return Prepared(vision, "minilm-l6", params, 22_700_000, layers)
@@ -131,12 +132,12 @@ def test_plan_is_the_full_product_with_unique_ids() -> None:
     trials = plan_trials(cfg, prepared)
     # con and negcon: 2 models x 2 layers; spread also x 2 values of k.
     assert len(trials) == 4 + 4 + 8
-    assert len({t["id"] for t in trials}) == len(trials)
-    assert {t["objective"] for t in trials} == {"con", "negcon", "spread"}
-    spread = [t for t in trials if t["objective"] == "spread"]
-    assert sorted(t["params"]["train.k"] for t in spread) == [0] * 4 + [2] * 4
-    assert all(t["params"] == {} for t in trials if t["objective"] != "spread")
-    assert trials[0]["id"].startswith("t000-con-efficientnet-lite0-minilm-l6-v8-t3")
+    assert len({t.id for t in trials}) == len(trials)
+    assert {t.objective for t in trials} == {"con", "negcon", "spread"}
+    spread = [t for t in trials if t.objective == "spread"]
+    assert sorted(t.params["train.k"] for t in spread) == [0] * 4 + [2] * 4
+    assert all(t.params == {} for t in trials if t.objective != "spread")
+    assert trials[0].id.startswith("t000-con-efficientnet-lite0-minilm-l6-v8-t3")
 
 
 def test_random_search_draws_a_seeded_subset() -> None:
@@ -146,17 +147,16 @@ def test_random_search_draws_a_seeded_subset() -> None:
     again = plan_trials(_cfg(*draw), prepared)
     other = plan_trials(_cfg(*draw, "sweep.seed=1"), prepared)
     assert len(first) == 5 and first == again
-    keys = [(t["objective"], t["vision_layer"]) for t in first]
+    keys = [(t.objective, t.layer.vision_layer) for t in first]
     assert len(set(keys)) == 5  # without replacement
-    assert keys != [(t["objective"], t["vision_layer"]) for t in other]
+    assert keys != [(t.objective, t.layer.vision_layer) for t in other]
     with pytest.raises(ConfigError, match="num_samples"):
         plan_trials(_cfg("sweep.search=random"), prepared)
 
 
 def test_trial_config_applies_the_trial_and_sweep_settings() -> None:
     base = _cfg("sweep.workers_per_trial=2", "train.batch_size=64", "sweep.keep_checkpoints=2")
-    trial = {"objective": "spread", "params": {"train.alpha": 0.25, "train.lr": 0.01}}
-    cfg = trial_config(base, trial)
+    cfg = trial_config(base, "spread", {"train.alpha": 0.25, "train.lr": 0.01})
     assert (cfg.train.objective, cfg.train.alpha, cfg.train.lr) == ("spread", 0.25, 0.01)
     assert cfg.train.num_workers == 2 and cfg.train.keep_checkpoints == 2
     assert base.train.objective == "con"  # the base is not modified
@@ -185,7 +185,7 @@ def test_yaml_list_layer_pairs(tmp_path) -> None:
 
 
 def test_a_narrow_extract_spec_is_widened_to_the_swept_layers() -> None:
-    from raysys.sweep import _needed_layers
+    from raysys.sweep.prepare import needed_layers as _needed_layers
 
     assert _needed_layers("all", [3, 8], 17) == "all"
     assert _needed_layers("-1", [8], 17) == "8,16"  # -1 of 17 hidden states is 16
@@ -194,7 +194,7 @@ def test_a_narrow_extract_spec_is_widened_to_the_swept_layers() -> None:
 
 
 def test_an_index_and_a_depth_are_different_layers_but_the_same_layer_twice_is_refused() -> None:
-    from raysys.sweep import resolve_layers
+    from raysys.sweep.plan import resolve_layers
 
     assert layer_pairs(_cfg("sweep.layers=1:1,1.0:1.0")) == [(1, 1), (1.0, 1.0)]
     [(vision, text, _, ids)] = resolve_layers(_cfg("sweep.layers=1:1,1.0:1.0"))
@@ -214,7 +214,7 @@ def test_an_index_and_a_depth_are_different_layers_but_the_same_layer_twice_is_r
     ],
 )
 def test_the_plan_is_checked_before_any_extraction(overrides: list[str], match: str) -> None:
-    from raysys.sweep import check_plan
+    from raysys.sweep.plan import check_plan
 
     with pytest.raises(ConfigError, match=match):
         check_plan(_cfg(*overrides))
@@ -223,6 +223,6 @@ def test_the_plan_is_checked_before_any_extraction(overrides: list[str], match: 
 def test_trial_ids_are_safe_in_paths_and_keys() -> None:
     cfg = _cfg("objectives=con", "sweep.params.train.hidden=[[512,512],[256]]")
     trials = plan_trials(cfg, [_prepared("hf:org/vit-base", 86_000_000, [1.0])])
-    assert [t["id"].rsplit("-hidden", 1)[1] for t in trials] == ["512-512", "256"]
+    assert [t.id.rsplit("-hidden", 1)[1] for t in trials] == ["512-512", "256"]
     for trial in trials:
-        assert all(c.isalnum() or c in ".-" for c in trial["id"]), trial["id"]
+        assert all(c.isalnum() or c in ".-" for c in trial.id), trial.id

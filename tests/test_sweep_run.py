@@ -17,7 +17,7 @@ from PIL import Image
 
 from raysys import config
 from raysys.cli import main
-from raysys.sweep import TUNE_DIR, trial_status
+from raysys.sweep.tune import TUNE_DIR, trial_status
 
 pytestmark = pytest.mark.slow
 

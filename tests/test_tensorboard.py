@@ -29,7 +29,7 @@ from tensorboard.plugins.projector.projector_plugin import ProjectorPlugin
 from torch.utils.tensorboard import SummaryWriter
 from werkzeug.test import Client
 
-from raysys.tensorboard import (
+from raysys.report.tensorboard import (
     EMPTY_LABEL,
     METRIC_PREFIX,
     PROJECTOR_CONFIG,

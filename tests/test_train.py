@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from raysys import config
+from raysys.data.batches import BatchPlan, keep_on_device
 from raysys.jam import JAM
-from raysys.train import (
-    BatchPlan,
-    Trainer,
-    alignment_loss,
-    fit_global_input_stats,
-    jam_config,
-    keep_on_device,
-)
+from raysys.train.step import Trainer, alignment_loss, fit_global_input_stats, jam_config
 
 
 def test_shards_are_equal_disjoint_and_fixed() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from raysys import config
-from raysys.pipeline import train_paths
-from raysys.train import train
+from raysys.commands import trained_source as train_paths
+from raysys.train.driver import train
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raysys import cache
+    from raysys.data import cache
     from raysys.errors import CacheError
 
     cfg, ext = small_cache
@@ -201,7 +201,7 @@ def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> N
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raysys import cache, stream
+    from raysys.data import cache, stream
 
     cfg, ext = small_cache
     run_cfg = config.load(
@@ -248,9 +248,9 @@ def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
     import numpy as np
     import pyarrow as pa
 
-    from raysys import cache
+    from raysys.data import cache
+    from raysys.data.stream import arrays
     from raysys.errors import CacheError
-    from raysys.stream import arrays
 
     image = np.ones((3, 4), np.float16)
     text = np.ones((3, 2), np.float16)
@@ -270,7 +270,7 @@ def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
 
 
 def test_auto_streams_only_a_shard_too_big_for_memory(ray_cluster) -> None:
-    from raysys.stream import stream_reason
+    from raysys.data.stream import stream_reason
 
     assert stream_reason("auto", rows=48, width=2048, workers=2) is None
     assert stream_reason("false", rows=10**12, width=2048, workers=2) is None

@@ -19,6 +19,7 @@ from raysys.backbones.base import REJECT, Backbone, layer_name, pick_device, sel
 from raysys.backbones.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from raysys.backbones.efficientnet import EfficientNetLite
 from raysys.backbones.hf_text import MINILM_PACKAGE, HFTextEncoder, minilm_path
+from raysys.config import ExtractConfig
 from raysys.errors import BackboneError
 
 VISION = tuple(EFFICIENTNET_VARIANTS)
@@ -68,10 +69,24 @@ def get_backbone(
     raise BackboneError(f"unknown text backbone {name!r}; available: {', '.join(TEXT)}, {GENERIC}")
 
 
+def configured_backbone(ecfg: ExtractConfig, modality: str) -> Backbone:
+    """The backbone an extract config names for `modality` (the `vision` side embeds images)."""
+    side = "vision" if modality == "image" else "text"
+    return get_backbone(
+        getattr(ecfg, side),
+        modality,
+        max_text_length=ecfg.max_text_length,
+        image_size=ecfg.image_size,
+        layers=getattr(ecfg, f"{side}_layers"),
+        pooling=getattr(ecfg, f"{side}_pooling"),
+    )
+
+
 __all__ = [
     "REJECT",
     "Backbone",
     "BackboneError",
+    "configured_backbone",
     "get_backbone",
     "layer_name",
     "pick_device",

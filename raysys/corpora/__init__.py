@@ -22,11 +22,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from raysys.cache import content_key
 from raysys.config import CorpusConfig
 from raysys.corpora.base import Corpus, pairs_table, table_digest
 from raysys.corpora.negatives import Negative, fill_negatives, make_negative
 from raysys.corpora.synthetic import SyntheticConfig, corpus_key, generate
+from raysys.data.cache import content_key
 from raysys.errors import ConfigError
 
 KINDS = ("synthetic", "manifest", "webdataset")

@@ -23,7 +23,6 @@ from typing import Any
 import pyarrow as pa
 
 from raysys import storage
-from raysys.cache import content_key
 from raysys.config import CorpusConfig
 from raysys.corpora.base import (
     Corpus,
@@ -35,6 +34,7 @@ from raysys.corpora.base import (
     settings,
     split_of,
 )
+from raysys.data.cache import content_key
 from raysys.errors import ConfigError, CorpusError
 
 MANIFEST_VERSION = 1  # bump when how rows become pairs changes: it re-keys every cache

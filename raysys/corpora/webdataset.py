@@ -19,7 +19,6 @@ from typing import Any
 import pyarrow as pa
 
 from raysys import storage
-from raysys.cache import content_key
 from raysys.config import CorpusConfig
 from raysys.corpora.base import (
     Corpus,
@@ -31,6 +30,7 @@ from raysys.corpora.base import (
     settings,
     split_of,
 )
+from raysys.data.cache import content_key
 from raysys.errors import ConfigError, CorpusError
 
 WEBDATASET_VERSION = 1

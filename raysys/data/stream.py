@@ -18,29 +18,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
 
+from raysys.data import cache
 from raysys.errors import CacheError
 
 if TYPE_CHECKING:
-    import ray.data
-
-    from raysys.train import Paths
+    from raysys.data.source import PairSource
 
 DONE = "_view.json"  # written last: a view without it is unfinished and rebuilt
 COLUMNS = ("image", "text", "negative")
 
 
-def view_dir(paths: Paths, split: str) -> Path:
+def view_dir(source: PairSource, split: str) -> Path:
     """Where a split's view lives, named by what it is built from: both caches' manifests
     and data files, so a re-extracted or edited cache never reuses a stale view."""
-    from raysys import cache
-
     sources = []
-    for directory in (Path(paths.image_dir), Path(paths.text_dir)):
+    for directory in (Path(source.image_dir), Path(source.text_dir)):
         files = [(Path(f).name, Path(f).stat().st_size) for f in cache.data_files(directory)]
         sources.append({"manifest": cache.read_manifest(directory), "files": files})
-    key = cache.content_key(sources, paths.image_layer, paths.text_layer, split)
-    return Path(paths.corpus_dir) / "views" / f"{split}-{key}"
+    key = cache.content_key(sources, source.image_layer, source.text_layer, split)
+    return Path(source.corpus_dir) / "views" / f"{split}-{key}"
 
 
 def read_view(directory: Path) -> dict[str, Any] | None:
@@ -48,42 +49,36 @@ def read_view(directory: Path) -> dict[str, Any] | None:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
-def write_pair_view(paths: Paths, split: str, rows: int) -> Path:
+def write_pair_view(source: PairSource, split: str, rows: int) -> Path:
     """Join the split's pairs with both caches into a pair view (once; then reused).
 
     `rows` is the split's usable pair count from `cache.pair_index`, which already checked
     that every pair is in both caches or among their rejects; the joined view must hold
     exactly that many rows.
     """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    import ray.data
-
-    from raysys import cache
-
-    out = view_dir(paths, split)
+    out = view_dir(source, split)
     done = read_view(out)
     if done is not None and done["rows"] == rows:
         return out
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    index = cache.read_pairs(Path(paths.corpus_dir))
+    index = cache.read_pairs(Path(source.corpus_dir))
     index = index.filter(pc.equal(index["split"], split)).select(["pair_id", "image_id"])
-    image_files = cache.data_files(Path(paths.image_dir))
-    text_files = cache.data_files(Path(paths.text_dir))
+    image_files = cache.data_files(Path(source.image_dir))
+    text_files = cache.data_files(Path(source.text_dir))
     pairs = ray.data.from_arrow(index)
-    images = ray.data.read_parquet(image_files).select_columns(["id", paths.image_layer])
+    images = ray.data.read_parquet(image_files).select_columns(["id", source.image_layer])
     texts = ray.data.read_parquet(text_files).select_columns(
-        ["id", paths.text_layer, "neg_" + paths.text_layer]
+        ["id", source.text_layer, "neg_" + source.text_layer]
     )
-    images = images.rename_columns({"id": "image_id", paths.image_layer: "image"})
+    images = images.rename_columns({"id": "image_id", source.image_layer: "image"})
     texts = texts.rename_columns(
-        {"id": "pair_id", paths.text_layer: "text", "neg_" + paths.text_layer: "negative"}
+        {"id": "pair_id", source.text_layer: "text", "neg_" + source.text_layer: "negative"}
     )
     # Partitions bound each join task's memory; ~64 MB of embeddings per partition.
-    image_dir, text_dir = Path(paths.image_dir), Path(paths.text_dir)
+    image_dir, text_dir = Path(source.image_dir), Path(source.text_dir)
     width = 2 * (
-        column_width(image_dir, paths.image_layer) + 2 * column_width(text_dir, paths.text_layer)
+        column_width(image_dir, source.image_layer) + 2 * column_width(text_dir, source.text_layer)
     )
     parts = max(2, math.ceil(rows * width / 64e6))
     view = pairs.join(texts, "inner", num_partitions=parts, on=("pair_id",))
@@ -106,10 +101,6 @@ def write_pair_view(paths: Paths, split: str, rows: int) -> Path:
 
 def column_width(directory: Path, column: str) -> int:
     """An embedding column's dimension, from a cache's Parquet schema."""
-    import pyarrow.parquet as pq
-
-    from raysys import cache
-
     files = cache.data_files(directory)
     if not files:
         raise CacheError(f"cache {str(directory)!r} holds no Parquet files")
@@ -121,10 +112,6 @@ def column_width(directory: Path, column: str) -> int:
 
 def open_view(directory: Path) -> ray.data.Dataset:
     """The view as a Dataset whose file order is reshuffled every epoch."""
-    import ray.data
-
-    from raysys import cache
-
     return ray.data.read_parquet(cache.data_files(directory), shuffle="files")
 
 
@@ -138,8 +125,6 @@ def stream_reason(setting: str, rows: int, width: int, workers: int) -> str | No
         return "train.data_on_device=stream"
     if setting != "auto":
         return None
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     memory = min(n["Resources"].get("memory", 0.0) for n in nodes) if nodes else 0.0
     per_node = math.ceil(workers / max(1, len(nodes)))
@@ -153,8 +138,6 @@ def stream_reason(setting: str, rows: int, width: int, workers: int) -> str | No
 def arrays(batch: Any) -> dict[str, np.ndarray]:
     """A pyarrow batch of the view as `[rows, dim]` float16 matrices, with NaN or inf rows
     reported by pair id (`cache.check_finite_rows`)."""
-    from raysys import cache
-
     out = {c: cache.to_numpy(batch.column(c)) for c in COLUMNS}
     pair_ids = np.asarray(batch.column("pair_id").to_pylist())
     cache.check_finite_rows(pair_ids, list(out.values()), "in the streamed pair view")

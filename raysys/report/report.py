@@ -1,60 +1,43 @@
 """Report: the results table as printed text, `results.csv` and `report.md`.
 
 `results.csv` is the contract (one row per trained model plus a `raw` row, columns fixed by
-DESIGN.md); the Markdown report is rebuilt from it, so `raysys report DIR` can regenerate it
-after the fact without re-running anything.
+`raysys.report.schema`); the Markdown report is rebuilt from it, so `raysys report DIR` can
+regenerate it after the fact without re-running anything.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from raysys.errors import RaysysError
-from raysys.evaluate import RESULT_COLUMNS
+from raysys.report.plots import write_plots
+from raysys.report.schema import (
+    DEFAULT_KS,
+    SHOWN,
+    SWEEP_COLUMNS,
+    SWEEP_SHOWN,
+    result_columns,
+)
 
 RESULTS = "results.csv"
 REPORT = "report.md"
-# The columns the printed table shows (all of them are in results.csv).
-SHOWN = [
-    "objective",
-    "i2t_r1",
-    "i2t_r5",
-    "t2i_r1",
-    "t2i_r5",
-    "hardneg_acc",
-    "mutual_knn",
-    "cka",
-    "cknna",
-    "svcca",
-    "recon_mse",
-]
 
 
-# A sweep's columns after DESIGN.md's fixed ones, in this order; swept params follow, sorted.
-SWEEP_COLUMNS = [
-    "trial",
-    "vision_depth",
-    "text_depth",
-    "vision_params",
-    "text_params",
-    "raw_mutual_knn",
-    "raw_cka",
-    "raw_unbiased_cka",
-    "raw_cknna",
-    "raw_svcca",
-    "train_s",
-]
-
-
-def write_results(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
-    keys = {k for r in rows for k in r} - set(RESULT_COLUMNS)
+def write_results(
+    out_dir: Path, rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS
+) -> Path:
+    """results.csv: the fixed columns (retrieval at `eval.retrieval_ks`), then a sweep's
+    columns, then any other (swept params), sorted."""
+    fixed = result_columns(ks)
+    keys = {k for r in rows for k in r} - set(fixed)
     extra = [c for c in SWEEP_COLUMNS if c in keys] + sorted(keys - set(SWEEP_COLUMNS))
     path = out_dir / RESULTS
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS + extra, restval="")
+        writer = csv.DictWriter(f, fieldnames=fixed + extra, restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(v) for k, v in row.items()})
@@ -143,27 +126,24 @@ def _write(run_dir: Path, lines: list[str], notes: list[str]) -> Path:
     return path
 
 
-# The sweep table: the axes, then the metrics a reader compares first (all are in the CSV).
-SWEEP_SHOWN = [*RESULT_COLUMNS[:5], "i2t_r1", "t2i_r1", "hardneg_acc", "mutual_knn", "cka"]
-SWEEP_SHOWN += ["cknna", "recon_mse"]
-
-
 def is_sweep(rows: list[dict[str, Any]]) -> bool:
     return any(r.get("trial") for r in rows)
 
 
 def write_sweep_report(
-    run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (), location: str | None = None
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    notes: list[str] = (),
+    location: str | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
 ) -> Path:
     """results.csv, the PNG plots and report.md of a sweep (rows: raw baselines and trials).
     `location` is where the report will live when `run_dir` is only its staging copy."""
-    from raysys.plots import write_plots
-
     run_dir = Path(run_dir)
     where = location or str(run_dir)
     if not any(r.get("trial") for r in rows):
         raise RaysysError(f"no finished trial in {str(run_dir)!r}: nothing to report")
-    write_results(run_dir, rows)
+    write_results(run_dir, rows, ks)
     plots, skipped = write_plots(run_dir, rows)
     trials = [r for r in rows if r.get("trial")]
     axes = {

@@ -45,6 +45,12 @@ from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+from raysys import config
+from raysys.config import Config
+from raysys.corpora import Corpus
+from raysys.data.cache import Pairs
+from raysys.jam import JAM
+
 logger = logging.getLogger(__name__)
 
 HParamValue = bool | int | float | str
@@ -305,3 +311,40 @@ def _read_projector_config(path: Path) -> ProjectorConfig:
             logger.warning("replacing unreadable %s: %s", path, err)
             config = ProjectorConfig()
     return config
+
+
+PROJECTOR_POINTS = 200  # enough to see the structure, small enough for the browser
+
+
+def projector_sample(corpus: Corpus, test: Pairs) -> dict[str, Any]:
+    """The first test pairs, with their captions and image thumbnails (None where the corpus
+    cannot hand out single images cheaply, as tar shards), for the projector."""
+    n = min(PROJECTOR_POINTS, len(test))
+    thumbnails = corpus.thumbnails(str(i) for i in test.image_ids[:n])
+    return {
+        "image": test.image[:n],
+        "text": test.text[:n],
+        "labels": [str(c) for c in test.captions[:n]],
+        "thumbnails": thumbnails,
+    }
+
+
+def write_run_summaries(
+    log_dir: Path, cfg: Config, model: JAM, scores: dict[str, float], sample: dict[str, Any]
+) -> None:
+    """HParams (config -> test metrics, so runs compare in the HParams tab) and the
+    embedding projector over a sample of test latents with captions and thumbnails."""
+    hparams = {
+        "objective": cfg.train.objective,
+        "vision": cfg.extract.vision,
+        "text": cfg.extract.text,
+        "train": {k: v for k, v in config.to_dict(cfg.train).items() if k != "objective"},
+    }
+    write_hparams(log_dir, hparams, {f"test/{k}": v for k, v in scores.items()})
+    model.eval()
+    with torch.no_grad():
+        latents = {
+            "image": model.encode_image(torch.as_tensor(sample["image"])),
+            "text": model.encode_text(torch.as_tensor(sample["text"])),
+        }
+    write_projector(log_dir, latents, sample["labels"], sample["thumbnails"])

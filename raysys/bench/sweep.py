@@ -20,12 +20,12 @@ from typing import Any
 
 from raysys import config
 from raysys.config import Config
-from raysys.errors import RaysysError
+from raysys.errors import ConfigError, RaysysError
 
 
 def _timed_sweep(cfg: Config, out: Path) -> tuple[float, list[dict[str, Any]]]:
     """Seconds Tune ran the trials (the cached-extraction check and the report excluded)."""
-    from raysys.sweep import sweep
+    from raysys.commands import sweep
 
     shutil.rmtree(out, ignore_errors=True)
     timings: dict[str, float] = {}
@@ -34,8 +34,9 @@ def _timed_sweep(cfg: Config, out: Path) -> tuple[float, list[dict[str, Any]]]:
 
 
 def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
-    from raysys.runtime import init_ray
-    from raysys.sweep import packing, prepare
+    from raysys.runtime import cluster_resources, init_ray
+    from raysys.sweep.plan import check_sweep, packing
+    from raysys.sweep.prepare import prepare
 
     base = config.from_dict(config.to_dict(cfg))
     base.objectives = [cfg.train.objective]
@@ -50,9 +51,9 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
         params={"train.seed": list(range(trials))},
     )
     out.mkdir(parents=True, exist_ok=True)
-    prepare(base)  # extraction (and raw scores) outside both timings
+    prepare(base, check_sweep(base))  # extraction (and raw scores) outside both timings
     init_ray(base.ray)
-    pack = packing(base)
+    pack = packing(base, cluster_resources())
     slots = pack.concurrent
     if slots < 2:
         print(f"[bench] the cluster fits {slots} trial at a time: nothing to pack", flush=True)
@@ -107,3 +108,10 @@ def summary(
         "serial_trial_s": [r["train_s"] for r in serial_rows],
         "packed_trial_s": [r["train_s"] for r in packed_rows],
     }
+
+
+def run(args: Any, cfg: Config, out: Path) -> None:
+    """`raysys bench sweep --trials T` (at least two, or there is nothing to pack)."""
+    if args.trials < 2:
+        raise ConfigError(f"--trials must be >= 2, got {args.trials}")
+    bench_sweep(cfg, out, args.trials)

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from raysys.bench.common import BENCH_FILE, resolve_device, sync
 from raysys.config import Config, to_dict
+from raysys.data.batches import batch_plan
+from raysys.errors import ConfigError
 from raysys.jam import JAM
-from raysys.train import Trainer, batch_plan, jam_config
-
-BENCH_FILE = "bench.json"
+from raysys.train.step import Trainer, jam_config
 
 
 @dataclass
@@ -36,19 +37,6 @@ class StepBench:
     steps: int = 50
     warmup_steps: int = 5
     device: str = "auto"  # auto = cuda when available
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is cuda when available; anything else is taken as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer measures the work, not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
@@ -107,3 +95,18 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BENCH_FILE).write_text(json.dumps(result, indent=1))
     return result
+
+
+def run(args: Any, cfg: Config, out: Path) -> None:
+    """`raysys bench step --pairs N --dims I,T --steps S --device D`."""
+    try:
+        d_image, d_text = (int(d) for d in args.dims.split(","))
+    except ValueError:
+        raise ConfigError(f"--dims {args.dims!r} must be two widths, e.g. 1024,4096") from None
+    if min(args.pairs, args.steps, d_image, d_text) < 1 or args.pairs < cfg.train.batch_size:
+        raise ConfigError(
+            f"--pairs ({args.pairs}) must hold a global batch (train.batch_size="
+            f"{cfg.train.batch_size}); --steps and --dims must be positive"
+        )
+    bench = StepBench(args.pairs, d_image, d_text, steps=args.steps, device=args.device)
+    bench_step(cfg, out, bench)

@@ -62,16 +62,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from raysys.bench.common import BENCH_FILE, load_average
+from raysys.checks import check_split_sizes
 from raysys.config import Config, to_dict
+from raysys.data.batches import batch_plan
+from raysys.data.source import PairSource
 from raysys.evaluate import score_model
 from raysys.jam import JAM
-from raysys.pipeline import check_split_sizes, train_paths
-from raysys.train import Paths, Trainer, batch_plan, jam_config
+from raysys.train.step import Trainer, jam_config
 
 WINDOWS = 6  # throughput windows per path; the first is warm-up, the median of the rest counts
 RUN_NAME = "bench"
 RAY_RUN_DIR = "ray-run"  # under out_dir; replaced on every bench
-BENCH_FILE = "bench.json"
 STEP_TAG = "train/loss"  # a scalar the worker writes at every step
 
 
@@ -176,7 +178,7 @@ class BareRun:
 
 
 def bare_loop(
-    cfg: Config, paths: Paths, bounds: list[int], threads: int, device: torch.device
+    cfg: Config, paths: PairSource, bounds: list[int], threads: int, device: torch.device
 ) -> BareRun:
     """Train JAM as the Ray worker does, minus Ray: same data, model, batches and schedule.
 
@@ -223,15 +225,6 @@ def bare_loop(
         torch.set_num_threads(previous_threads)
 
 
-def load_average() -> float | None:
-    """1-minute load average: well above the CPU count, other processes took part of the time
-    (the paths run one after the other, so contention skews the ratio either way)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Benchmark `raysys train` (Ray Train, 1 worker) against a bare PyTorch loop.
 
@@ -242,9 +235,10 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """
     import ray
 
+    from raysys.commands import trained_source
     from raysys.extract import extract
     from raysys.runtime import init_ray
-    from raysys.train import scaling, train
+    from raysys.train.driver import scaling, train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +248,7 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     ray_init_s = 0.0 if was_running else time.perf_counter() - ray_init_started
 
     ext = extract(cfg)
-    paths: Paths = train_paths(cfg, ext)
+    paths: PairSource = trained_source(cfg, ext)
     # Fail here, clearly, on a cache too small for one batch or for validation.
     sizes = {split: len(paths.index(split)) for split in ("train", "val", "test")}
     check_split_sizes(cfg, sizes)
@@ -400,3 +394,8 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, (float, np.floating)) and not math.isfinite(value):
         return None
     return value
+
+
+def run(args: Any, cfg: Config, out: Path) -> None:
+    """`raysys bench train` (no arguments of its own)."""
+    bench_train(cfg, out)

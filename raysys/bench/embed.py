@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysys.bench_step import BENCH_FILE, resolve_device, sync
+from raysys.bench.common import BENCH_FILE, resolve_device, sync
+from raysys.config import Config
+from raysys.errors import ConfigError
 
 WORDS = "a the red blue green small large circle square dog cat on under left right of".split()
 
@@ -145,3 +147,10 @@ def bench_embed(out_dir: Path, device: str = "auto", rows: int = 256, batch: int
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BENCH_FILE).write_text(json.dumps(bench, indent=2))
     return bench
+
+
+def run(args: Any, cfg: Config, out: Path) -> None:
+    """`raysys bench embed --rows N --device D`, at `extract.batch_size`."""
+    if args.rows < 1:
+        raise ConfigError(f"--rows must be >= 1, got {args.rows}")
+    bench_embed(out, args.device, args.rows, cfg.extract.batch_size)

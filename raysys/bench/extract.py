@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raysys.bench import BENCH_FILE, load_average
+from raysys.bench.common import BENCH_FILE, load_average
 from raysys.config import Config
 from raysys.errors import ConfigError
 
@@ -33,8 +33,9 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     import ray
     import torch
 
+    from raysys.backbones import configured_backbone
     from raysys.corpora import load_corpus
-    from raysys.extract import configured_backbone, run_pass
+    from raysys.extract import run_pass
     from raysys.runtime import cluster_resources, init_ray
 
     table = load_corpus(cfg.corpus).images
@@ -112,3 +113,8 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
         flush=True,
     )
     return result
+
+
+def run(args: Any, cfg: Config, out: Path) -> None:
+    """`raysys bench extract --images N`."""
+    bench_extract(cfg, out, args.images)

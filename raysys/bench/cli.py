@@ -1,0 +1,46 @@
+"""`raysys bench <stage>`: the arguments and which benchmark runs each stage.
+
+Each benchmark module checks its own arguments in its `run(args, cfg, out)`; the modules
+are imported when their stage runs, because `step` and `embed` must run where Ray is absent
+(a torch-only GPU machine) and the others import Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from raysys.bench import BENCH_FILE
+from raysys.config import Config
+
+STAGES = {
+    "train": "Ray Train vs a bare loop on the cache",
+    "step": "the training step alone (no Ray) on random embeddings held on the device",
+    "extract": "the Ray Data image pass vs a bare loop over pre-decoded images",
+    "embed": "the extract actor's batch function (no Ray) vs a bare forward, ViT-B/16 and "
+    "BERT-base",
+    "sweep": "identical small trials one at a time vs packed by the sweep",
+}
+
+__all__ = ["BENCH_FILE", "STAGES", "add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "stage",
+        choices=list(STAGES),
+        help="; ".join(f"{name}: {what}" for name, what in STAGES.items()),
+    )
+    parser.add_argument("--images", type=int, default=1000, help="extract: images embedded")
+    parser.add_argument("--rows", type=int, default=256, help="embed: rows per modality")
+    parser.add_argument("--trials", type=int, default=4, help="sweep: identical trials")
+    parser.add_argument("--pairs", type=int, default=200_000, help="step: pairs on device")
+    parser.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
+    parser.add_argument("--steps", type=int, default=50, help="step: timed steps")
+    parser.add_argument("--device", default="auto", help="step, embed: auto, cpu, cuda, …")
+
+
+def run(args: argparse.Namespace, cfg: Config, out: Path) -> None:
+    module = importlib.import_module(f"raysys.bench.{args.stage}")
+    module.run(args, cfg, out)

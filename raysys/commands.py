@@ -1,0 +1,303 @@
+"""The commands, each the story of one `raysys <command>` told top-down.
+
+`run` and `sweep`: check -> extract (prepare) -> plan -> tune (train -> evaluate) -> report.
+`train`: check -> extract -> train one objective -> evaluate -> report. Every check that needs
+no data runs before Ray starts or anything is extracted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raysys import config, storage
+from raysys.checks import (
+    check_best_metric,
+    check_command,
+    check_split_sizes,
+    check_train_layers,
+)
+from raysys.config import Config
+from raysys.data.cache import Pairs, resolve_layer
+from raysys.data.source import PairSource, pair_source
+from raysys.errors import ConfigError, Interrupted
+from raysys.evaluate import score_model, score_raw
+from raysys.extract import Extracted, extract
+from raysys.jam import JAM
+from raysys.report.report import (
+    is_sweep,
+    read_results,
+    table,
+    write_report,
+    write_results,
+    write_sweep_report,
+)
+from raysys.report.schema import RAW, SWEEP_SHOWN, ks_of, model_row, raw_sweep_rows
+from raysys.report.tensorboard import projector_sample, write_run_summaries
+from raysys.rundir import CONFIG_FILE, RunDir, open_run
+from raysys.runtime import cluster_resources, init_ray
+from raysys.sweep.plan import Trial, check_sweep, packing, plan_trials
+from raysys.sweep.prepare import Prepared, prepare
+from raysys.sweep.tune import TUNE_DIR, Outcome, check_resumable, check_same_plan, run_trials
+from raysys.train.driver import train as fit
+from raysys.train.step import check_dims
+
+PROVENANCE = "provenance.json"  # beside an exported model: what it was trained on
+# `raysys run`'s sweep: two vision scales against one text model, half and full depth.
+RUN_MODELS = ("efficientnet-lite0+minilm-l6", "efficientnet-lite1+minilm-l6")
+RUN_LAYERS = ("0.5:0.5", "1.0:1.0")
+RUN_HIDDEN = (256, 256)  # a fifth of the default JAM's compute: 12 trials fit in 10 minutes
+
+
+def configure(command: str, cfg: Config, given: set[str]) -> Config:
+    """A command's config from the user's (`given` names the keys they set): checked for
+    keys the command cannot take, with `raysys run`'s defaults filled in."""
+    check_command(command, cfg, given)
+    return run_defaults(cfg, given) if command == "run" else cfg
+
+
+def run_defaults(cfg: Config, given: set[str]) -> Config:
+    """`raysys run`'s small sweep, for whatever the user did not set: EfficientNet-Lite0 and
+    Lite1 (two scales) against MiniLM, at half and full depth, with a narrower JAM (hidden
+    256, 256) so the 12 trials fit in 10 minutes on 2 cores."""
+    if not given & {"sweep.models", "extract.vision", "extract.text"}:
+        cfg.sweep.models = list(RUN_MODELS)
+    layer_keys = {"sweep.layers", "sweep.vision_depths", "sweep.text_depths"}
+    if not given & (layer_keys | {"train.vision_layer", "train.text_layer"}):
+        cfg.sweep.layers = list(RUN_LAYERS)
+    if "train.hidden" not in given:
+        cfg.train.hidden = list(RUN_HIDDEN)
+    return cfg
+
+
+# --- sweep (and run) ---------------------------------------------------------------------------
+
+
+def sweep(
+    cfg: Config, out: Path | str, resume: bool = False, timings: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Extract, run every trial under Tune (or the unfinished ones of a stopped sweep), then
+    write the report; returns the results rows (raw baselines first). `timings` receives
+    `fit_s`, the seconds Tune ran the trials (what `bench sweep` compares)."""
+    started = time.perf_counter()
+    resolved = check_sweep(cfg)
+    run = open_run(cfg, out, resume, kind="sweep", marker=TUNE_DIR)
+    if resume:
+        check_resumable(run.local)
+    init_ray(cfg.ray)
+    pack = packing(cfg, cluster_resources())  # one the cluster cannot hold fails now
+    prepared = prepare(cfg, resolved)
+    trials = plan_trials(cfg, prepared)
+    if resume:
+        check_same_plan(run.local, trials)
+    print(f"[sweep] {len(trials)} trials: {_axes(cfg, prepared)}; {pack.describe()}", flush=True)
+    outcome = run_trials(cfg, run, trials, pack, resume)
+    if timings is not None:
+        timings["fit_s"] = outcome.fit_s
+    rows = raw_sweep_rows(prepared) + outcome.rows
+    _sweep_report(cfg, run, rows, trials, outcome, time.perf_counter() - started)
+    run.finish()
+    if outcome.unfinished:
+        how = (
+            f"they are on {run.uri}; an s3:// sweep cannot be resumed yet"
+            if run.uri
+            else f"resume with: raysys sweep resume={run.local}"
+        )
+        raise Interrupted(
+            f"the sweep stopped with {outcome.unfinished} of {len(trials)} trials unfinished; "
+            f"finished trials are kept: {how}"
+        )
+    return rows
+
+
+def _axes(cfg: Config, prepared: list[Prepared]) -> str:
+    axes = [
+        f"{len(cfg.objectives)} objective(s)",
+        f"{len(prepared)} model pair(s)",
+        f"{len(prepared[0].layers)} layer pair(s)",
+    ] + [f"{k} in {v}" for k, v in cfg.sweep.params.items()]
+    return " x ".join(axes)
+
+
+def _sweep_report(
+    cfg: Config,
+    run: RunDir,
+    rows: list[dict[str, Any]],
+    trials: list[Trial],
+    outcome: Outcome,
+    wall: float,
+) -> None:
+    notes = [f"{len(outcome.rows)} of {len(trials)} trials finished; wall time {wall:.0f}s."]
+    if outcome.unfinished:
+        notes.append(f"Interrupted: {outcome.unfinished} trials unfinished (resume to run them).")
+    if outcome.rows:
+        notes += outcome.problems
+        write_sweep_report(run.local, rows, notes, location=run.uri, ks=cfg.eval.retrieval_ks)
+        print("\n" + table(rows, SWEEP_SHOWN) + "\n", flush=True)
+    for problem in outcome.problems:
+        print(f"[sweep] {problem}", flush=True)
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def train(cfg: Config, out: Path | str, resume: bool = False) -> list[dict[str, Any]]:
+    """One Ray Train run of `train.objective` beside the raw baseline; returns the rows.
+
+    With `resume`, `out` is a stopped run: training continues from its latest checkpoint
+    (a finished one returns at once)."""
+    started = time.perf_counter()
+    check_best_metric(cfg)
+    check_train_layers(cfg)
+    run = open_run(cfg, out, resume)
+    ext = extract(cfg)
+    source = trained_source(cfg, ext)
+    test = _checked_test_split(cfg, source)
+    axes = _axes_of(cfg, ext, source)
+    rows = [model_row(RAW, **axes, scores=score_raw(test, cfg.eval))]
+    print(
+        f"[evaluate] raw embeddings on {len(test)} test pairs: mutual_knn "
+        f"{rows[0]['mutual_knn']:.3f}",
+        flush=True,
+    )
+    rows.append(_fit_and_score(cfg, run, ext, source, test, axes, resume))
+    _train_report(cfg, run, rows, test, time.perf_counter() - started)
+    run.finish()
+    return rows
+
+
+def _fit_and_score(
+    cfg: Config,
+    run: RunDir,
+    ext: Extracted,
+    source: PairSource,
+    test: Pairs,
+    axes: dict[str, Any],
+    resume: bool,
+) -> dict[str, Any]:
+    """Train `train.objective`, export the best model with its provenance, score it on the
+    test split and write its TensorBoard summaries; returns its results row."""
+    objective = cfg.train.objective
+    print(
+        f"[train] {objective}: {cfg.train.epochs} epochs, {cfg.train.num_workers} workers",
+        flush=True,
+    )
+    result = fit(cfg, source, run.local, objective, resume, storage_uri=run.remote("ray"))
+    provenance = {**axes, "objective": objective, "corpus_key": ext.image_manifest["corpus_key"]}
+    provenance |= {"image_layer": source.image_layer, "text_layer": source.text_layer}
+    (result.model_dir / PROVENANCE).write_text(json.dumps(provenance, indent=1))
+    model = JAM.load(result.model_dir)
+    scores = score_model(model, test, cfg.eval)
+    sample = projector_sample(ext.corpus, test)
+    write_run_summaries(run.local / "tensorboard" / objective, cfg, model, scores, sample)
+    print(
+        f"[train] {objective}: {result.seconds:.0f}s, test i2t_r1 {scores['i2t_r1']:.3f}, "
+        f"mutual_knn {scores['mutual_knn']:.3f} -> {result.model_dir}",
+        flush=True,
+    )
+    # history: Ray Train's checkpointed reports, i.e. one entry per validation.
+    metrics_log = {objective: {"test": scores, "history": result.history}}
+    (run.local / "metrics.json").write_text(json.dumps(metrics_log, indent=1, default=str))
+    return model_row(objective, **axes, scores=scores, train_s=round(result.seconds, 1))
+
+
+def trained_source(cfg: Config, ext: Extracted) -> PairSource:
+    """The extraction at `train.vision_layer` / `train.text_layer`."""
+    return pair_source(
+        ext,
+        resolve_layer(ext.image_manifest, cfg.train.vision_layer),
+        resolve_layer(ext.text_manifest, cfg.train.text_layer),
+    )
+
+
+def _checked_test_split(cfg: Config, source: PairSource) -> Pairs:
+    """Bad caches and too-small splits fail here, clearly, not inside a Ray worker. The train
+    split's embeddings are read only by the workers, each its own shard; the driver reads its
+    ids (and the small val/test splits whole). Returns the test split."""
+    splits = {"train": source.index("train"), **{s: source.load(s) for s in ("val", "test")}}
+    check_split_sizes(cfg, {k: len(v) for k, v in splits.items()})
+    return splits["test"]
+
+
+def _axes_of(cfg: Config, ext: Extracted, source: PairSource) -> dict[str, Any]:
+    """A row's model and layer columns (layers as hidden-state positions in the cache)."""
+    return {
+        "vision": cfg.extract.vision,
+        "text": cfg.extract.text,
+        "vision_layer": ext.image_manifest["layers"].index(source.image_layer),
+        "text_layer": ext.text_manifest["layers"].index(source.text_layer),
+    }
+
+
+def _train_report(
+    cfg: Config, run: RunDir, rows: list[dict[str, Any]], test: Pairs, wall: float
+) -> None:
+    write_results(run.local, rows, cfg.eval.retrieval_ks)
+    images = len(np.unique(test.image_ids))
+    notes = [
+        f"Test split: {len(test)} pairs over {images} images; chance R@1 is {1 / images:.3f}.",
+        f"Wall time {wall:.0f}s.",
+    ]
+    write_report(run.local, rows, notes=notes)
+    print("\n" + table(rows) + "\n", flush=True)
+
+
+# --- evaluate, extract, report -----------------------------------------------------------------
+
+
+def evaluate(cfg: Config, model_dir: Path, out: Path | None) -> list[dict[str, Any]]:
+    """Score an exported model on any corpus's cache (`eval.split`), beside the raw row.
+
+    The layers default to those the model was trained on (its provenance.json); the corpus
+    and backbones come from the config, so the same model can be scored on another corpus."""
+    if out is not None and storage.is_remote(out):
+        raise ConfigError("evaluate writes a local --out directory")
+    model = JAM.load(model_dir)
+    prov_path = model_dir / PROVENANCE
+    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    ext = extract(cfg)
+    source = trained_source(cfg, ext)
+    if "image_layer" in provenance:
+        source.image_layer, source.text_layer = provenance["image_layer"], provenance["text_layer"]
+    pairs = source.load(cfg.eval.split)
+    check_dims(model, pairs.image.shape[1], pairs.text.shape[1], f"model {str(model_dir)!r}")
+    axes = _axes_of(cfg, ext, source)
+    name = provenance.get("objective", model_dir.name)
+    rows = [
+        model_row(RAW, **axes, scores=score_raw(pairs, cfg.eval)),
+        model_row(name, **axes, scores=score_model(model, pairs, cfg.eval)),
+    ]
+    print("\n" + table(rows) + "\n")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, out / CONFIG_FILE)
+        write_results(out, rows, cfg.eval.retrieval_ks)
+        write_report(out, rows, notes=[f"Model {model_dir}, {cfg.eval.split} split."])
+        print(f"outputs:     {out}/ (config.yaml, results.csv, report.md)")
+    return rows
+
+
+def extract_cache(cfg: Config, out: str | None) -> Extracted:
+    """`raysys extract`: `--out` is the cache itself (a path or s3://)."""
+    if out:
+        cfg.extract.cache_dir = out
+    ext = extract(cfg)
+    print(f"cache: {ext.image_dir}\n       {ext.text_dir}")
+    return ext
+
+
+def report(run_dir: Path) -> Path:
+    """Rebuild report.md (and a sweep's plots) from a finished run's results.csv."""
+    rows = read_results(run_dir)
+    if is_sweep(rows):
+        path = write_sweep_report(run_dir, rows, ks=ks_of(rows))
+        print(table(rows, SWEEP_SHOWN))
+    else:
+        path = write_report(run_dir, rows)
+        print(table(rows))
+    print(f"\nreport: {path}")
+    return path

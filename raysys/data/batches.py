@@ -1,0 +1,189 @@
+"""Training batches: which pairs make up each global batch, and where a worker keeps them.
+
+`BatchPlan` cuts the train split into fixed, seeded shards; each worker holds only its
+shards (`MemoryBatches`, on the GPU or in host memory) and takes an equal slice of every
+global batch from them. A split too large for memory streams instead (`StreamBatches`,
+over the pair view of `raysys.data.stream`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from raysys.config import TrainConfig
+
+if TYPE_CHECKING:  # `bench step` imports the step without pyarrow
+    from raysys.data.cache import Pairs
+
+
+@dataclass
+class BatchPlan:
+    """Which pairs make up every global batch, and which worker holds them.
+
+    The split's `n` pairs are cut once into `shards` equal, seeded shards (the remainder,
+    fewer than `shards` pairs, is left out). Global batch `step` takes `batch_size / shards`
+    pairs from each shard, in shard order, from a per-(epoch, shard) permutation. Worker r of
+    N holds shards r·S/N … (r+1)·S/N − 1, and its slice of each global batch is exactly its
+    shards' parts, so the gathered batch is the same for any N that divides S, and a run
+    resumed at any step sees the batches it would have seen without the interruption.
+    """
+
+    n: int
+    batch_size: int
+    shards: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._epoch_orders: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def shard_size(self) -> int:
+        return self.n // self.shards
+
+    @property
+    def per_shard(self) -> int:
+        return self.batch_size // self.shards
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.shard_size // self.per_shard
+
+    @functools.cached_property
+    def _order(self) -> np.ndarray:
+        """The one seeded permutation the shards are cut from."""
+        return np.random.default_rng([self.seed, self.n]).permutation(self.n)
+
+    def shard_rows(self, shard: int) -> np.ndarray:
+        """Positions (in the split's pair index) of the pairs in `shard`, ascending."""
+        size = self.shard_size
+        return np.sort(self._order[shard * size : (shard + 1) * size])
+
+    def worker_shards(self, rank: int, world: int) -> range:
+        per_worker = self.shards // world
+        return range(rank * per_worker, (rank + 1) * per_worker)
+
+    def worker_rows(self, rank: int, world: int) -> np.ndarray:
+        """What worker `rank` loads: its shards' pairs, shard after shard."""
+        return np.concatenate([self.shard_rows(s) for s in self.worker_shards(rank, world)])
+
+    def _in_shard(self, step: int, shard: int) -> np.ndarray:
+        """Positions within `shard` of its part of global batch `step`."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        key = (epoch, shard)
+        if key not in self._epoch_orders:
+            if len(self._epoch_orders) > 2 * self.shards:  # keep about one epoch's orders
+                self._epoch_orders.clear()
+            rng = np.random.default_rng([self.seed, epoch, shard])
+            self._epoch_orders[key] = rng.permutation(self.shard_size)
+        return self._epoch_orders[key][index * self.per_shard : (index + 1) * self.per_shard]
+
+    def worker_batch(self, step: int, rank: int, world: int) -> np.ndarray:
+        """Worker `rank`'s slice of global batch `step`, as positions in its `worker_rows`."""
+        shards = self.worker_shards(rank, world)
+        return np.concatenate(
+            [i * self.shard_size + self._in_shard(step, s) for i, s in enumerate(shards)]
+        )
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """Global batch `step` as positions in the split's pair index (one process)."""
+        return self.worker_rows(0, 1)[self.worker_batch(step, 0, 1)]
+
+
+def batch_plan(tcfg: TrainConfig, n: int) -> BatchPlan:
+    return BatchPlan(n, tcfg.batch_size, tcfg.data_shards or tcfg.num_workers, tcfg.seed)
+
+
+def keep_on_device(
+    setting: str, rows: int, width: int, device: torch.device, share: float = 1.0
+) -> tuple[bool, str]:
+    """Whether a worker's shard lives on its GPU (fast indexing) or in host memory (copied
+    per batch); the reason is printed so a user knows which one they got. `share` is this
+    worker's fraction of the GPU: packed sweep trials split its free memory."""
+    need = rows * width * 2  # float16
+    if device.type != "cuda":
+        return True, "in host memory, the CPU device's own"
+    if setting != "auto":
+        on = setting == "true"
+        return on, f"{'on the GPU' if on else 'in pinned host memory'} (data_on_device={setting})"
+    free, _ = torch.cuda.mem_get_info(device)
+    free = int(free * share)
+    fits = need < free // 2
+    where = "on the GPU" if fits else "in pinned host memory"
+    return fits, f"{where} ({need / 2**30:.2f} GiB vs {free / 2**30:.1f} GiB free)"
+
+
+class MemoryBatches:
+    """Batches from a worker's in-memory shard, by `BatchPlan`: any step, in any order."""
+
+    def __init__(
+        self,
+        data: Pairs,
+        plan: BatchPlan,
+        setting: str,
+        rank: int,
+        world: int,
+        device: torch.device,
+        share: float = 1.0,
+    ) -> None:
+        # Embeddings stay float16 in memory (half the footprint); the model casts per batch.
+        width = data.image.shape[1] + 2 * data.text.shape[1]
+        on_device, self.where = keep_on_device(setting, len(data), width, device, share)
+        self.home = device if on_device else torch.device("cpu")
+        arrays = (data.image, data.text, data.negative)
+        self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]
+        if self.home != device and device.type == "cuda":
+            self.tensors = [t.pin_memory() for t in self.tensors]  # asynchronous copies
+        self.plan, self.rank, self.world, self.device = plan, rank, world, device
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        mine = self.plan.worker_batch(step, self.rank, self.world)
+        mine_t = torch.as_tensor(mine, device=self.home)
+        return tuple(t[mine_t].to(self.device, non_blocking=True) for t in self.tensors)
+
+
+class StreamBatches:
+    """Batches from this worker's Ray Data shard of the pair view, in stream order.
+
+    Steps must be asked for in order. A resumed run skips the batches of the current epoch
+    that were already trained on (their count, not the same pairs: Ray Data's order is not
+    fixed). Every epoch is read to its end, so the next one starts cleanly on all workers.
+    """
+
+    def __init__(
+        self, shard: Any, per_worker: int, steps_per_epoch: int, device: torch.device
+    ) -> None:
+        self.shard, self.per_worker, self.device = shard, per_worker, device
+        self.steps_per_epoch = steps_per_epoch
+        self._iter: Any = None
+
+    def _epochs(self, start: int) -> Any:
+        # Lazy: the stream module reads Parquet, and `bench step` runs without pyarrow.
+        from raysys.data.stream import COLUMNS, arrays
+
+        skip = start % self.steps_per_epoch
+        while True:
+            taken = 0
+            for i, batch in enumerate(
+                self.shard.iter_batches(
+                    batch_size=self.per_worker,
+                    batch_format="pyarrow",
+                    drop_last=True,
+                    local_shuffle_buffer_size=4 * self.per_worker,
+                )
+            ):
+                if i < skip or taken + skip >= self.steps_per_epoch:
+                    continue
+                x = arrays(batch)
+                taken += 1
+                yield tuple(torch.as_tensor(x[c]).to(self.device) for c in COLUMNS)
+            skip = 0
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        if self._iter is None:
+            self._iter = self._epochs(step)
+        return next(self._iter)

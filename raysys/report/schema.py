@@ -1,0 +1,121 @@
+"""The results schema: metric names, `results.csv` columns and the rows, built in one place.
+
+`results.csv` is the contract between a run and its readers (the report, the plots,
+`raysys report`, a user's notebook): one row per trained model plus `raw` rows, the fixed
+columns first. Retrieval columns follow `eval.retrieval_ks`; the default is r1, r5, r10.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raysys.sweep.plan import LayerPair, Prepared, Trial
+
+DEFAULT_KS = (1, 5, 10)
+AXES = ["objective", "vision", "text", "vision_layer", "text_layer"]
+SHARED_SPACE = ["hardneg_acc"]  # needs one space: blank on raw rows, with retrieval
+ALIGNMENT = ["mutual_knn", "cka", "unbiased_cka", "cknna", "svcca"]  # raw rows have these too
+RECONSTRUCTION = ["recon_mse"]
+RAW = "raw"  # the objective of a row that scores the frozen backbones before alignment
+
+# A sweep's columns after the fixed ones, in this order; swept params follow, sorted.
+SWEEP_COLUMNS = [
+    "trial",
+    "vision_depth",
+    "text_depth",
+    "vision_params",
+    "text_params",
+    *(f"raw_{m}" for m in ALIGNMENT),
+    "train_s",
+]
+
+
+def retrieval_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    return [f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in ks]
+
+
+def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """Every metric a trained model is scored on (and validation reports as `val/<name>`)."""
+    return retrieval_names(ks) + SHARED_SPACE + ALIGNMENT + RECONSTRUCTION
+
+
+def result_columns(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    return AXES + metric_names(ks)
+
+
+RESULT_COLUMNS = result_columns()
+
+# The columns the printed tables show (all of them are in results.csv).
+SHOWN = ["objective", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", *SHARED_SPACE]
+SHOWN += ["mutual_knn", "cka", "cknna", "svcca", *RECONSTRUCTION]
+SWEEP_SHOWN = [*AXES, "i2t_r1", "t2i_r1", *SHARED_SPACE, "mutual_knn", "cka", "cknna"]
+SWEEP_SHOWN += RECONSTRUCTION
+
+
+def ks_of(rows: list[dict[str, Any]]) -> list[int]:
+    """The retrieval cut-offs of rows read back from a results.csv (every row has every
+    column there); the default set when there are none."""
+    ks = sorted({int(k.split("_r")[1]) for r in rows for k in r if k.startswith("i2t_r")})
+    return ks or list(DEFAULT_KS)
+
+
+def model_row(
+    objective: str,
+    vision: str,
+    text: str,
+    vision_layer: int,
+    text_layer: int,
+    scores: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """One results row: the axes, the scores, then any extra columns (`train_s`, …)."""
+    axes = dict(zip(AXES, (objective, vision, text, vision_layer, text_layer), strict=True))
+    return {**axes, **scores, **extra}
+
+
+def _sweep_axes(vision_params: int, text_params: int, layer: LayerPair) -> dict[str, Any]:
+    return {
+        "vision_depth": layer.vision_depth,
+        "text_depth": layer.text_depth,
+        "vision_params": vision_params,
+        "text_params": text_params,
+    }
+
+
+def raw_sweep_rows(prepared: list[Prepared]) -> list[dict[str, Any]]:
+    """One `raw` row per (model pair, layer pair): the unaligned baseline."""
+    return [
+        {"trial": ""}
+        | model_row(
+            RAW,
+            pair.vision,
+            pair.text,
+            layer.vision_layer,
+            layer.text_layer,
+            layer.raw,
+            **_sweep_axes(pair.vision_params, pair.text_params, layer),
+        )
+        for pair in prepared
+        for layer in pair.layers
+    ]
+
+
+def trial_row(
+    trial: Trial, scores: dict[str, float], seconds: float, params: dict[str, Any]
+) -> dict[str, Any]:
+    """A finished trial's row: its axes, test scores, the same layers' raw scores, params."""
+    layer = trial.layer
+    return {"trial": trial.id} | model_row(
+        trial.objective,
+        trial.vision,
+        trial.text,
+        layer.vision_layer,
+        layer.text_layer,
+        scores,
+        **_sweep_axes(trial.vision_params, trial.text_params, layer),
+        **{f"raw_{k}": v for k, v in layer.raw.items()},
+        train_s=round(seconds, 1),
+        **params,
+    )

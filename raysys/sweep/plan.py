@@ -1,0 +1,336 @@
+"""The sweep's plan: its axes, its trials and how they share the cluster; no Ray, no data.
+
+Axes are objective x model pair x layer pair x any `train.*` hyper-parameter. Everything here
+is checked before any extraction, so a typo costs seconds, not hours of embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from raysys import config
+from raysys.backbones import Backbone, select_layers
+from raysys.checks import check_best_metric
+from raysys.config import Config
+from raysys.errors import ConfigError
+from raysys.extract import configured_backbone
+from raysys.runtime import Resources
+
+SPREAD_ONLY = ("train.alpha", "train.k")  # Spread's own knobs: other objectives ignore them
+# Set by the sweep for every trial alike (packing, checkpoints), so not sweepable.
+FIXED_KEYS = ("train.use_gpu", "train.cpus_per_worker", "train.keep_checkpoints")
+AXIS_KEYS = ("train.objective", "train.vision_layer", "train.text_layer", "train.num_workers")
+
+
+def model_pairs(cfg: Config) -> list[tuple[str, str]]:
+    """`sweep.models` as (vision, text) pairs; the extract pair when none are given."""
+    entries = cfg.sweep.models or [[cfg.extract.vision, cfg.extract.text]]
+    pairs: list[tuple[str, str]] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            parts = entry.split("+")
+        elif isinstance(entry, (list, tuple)):
+            parts = list(entry)
+        elif isinstance(entry, dict) and set(entry) == {"vision", "text"}:
+            parts = [entry["vision"], entry["text"]]
+        else:
+            parts = []
+        if len(parts) != 2 or not all(isinstance(p, str) and p.strip() for p in parts):
+            raise ConfigError(
+                f"sweep.models entry {entry!r} is not a (vision, text) pair; write "
+                "VISION+TEXT (efficientnet-lite1+minilm-l6) or a two-item list"
+            )
+        pair = (parts[0].strip(), parts[1].strip())
+        if pair in pairs:
+            raise ConfigError(f"sweep.models lists {pair[0]}+{pair[1]} twice")
+        pairs.append(pair)
+    return pairs
+
+
+Side = int | float  # a layer index, or a relative depth in (0, 1]
+
+
+def _side(value: Any, entry: Any) -> Side:
+    bad = ConfigError(
+        f"sweep.layers entry {entry!r}: each side is a layer index (8, -1) or a relative "
+        "depth in (0, 1] written with a point (0.5, 1.0)"
+    )
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text) if ("." in text or "e" in text.lower()) else int(text)
+        except ValueError:
+            raise bad from None
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise bad
+    if not isinstance(value, (int, float)):
+        raise bad
+    return value
+
+
+def layer_pairs(cfg: Config) -> list[tuple[Side, Side]]:
+    """(vision, text) layer pairs: explicit `sweep.layers`, else the depth grid, else the
+    train config's single pair."""
+    s = cfg.sweep
+    if s.layers:
+        pairs = []
+        for entry in s.layers:
+            if isinstance(entry, int) and entry >= 60:
+                raise ConfigError(
+                    f"sweep.layers entry {entry!r} is a number: YAML reads an unquoted 8:6 as "
+                    "base 60; quote the pair ('8:6') or write it as a list [8, 6]"
+                )
+            parts = entry.split(":") if isinstance(entry, str) else entry
+            if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+                raise ConfigError(f"sweep.layers entry {entry!r} is not a V:T pair (e.g. 0.5:1.0)")
+            pairs.append((_side(parts[0], entry), _side(parts[1], entry)))
+    elif s.vision_depths or s.text_depths:
+        if not (s.vision_depths and s.text_depths):
+            raise ConfigError("set both sweep.vision_depths and sweep.text_depths for a depth grid")
+        pairs = [
+            (_side(float(v), v), _side(float(t), t))
+            for v, t in itertools.product(s.vision_depths, s.text_depths)
+        ]
+    else:
+        pairs = [(cfg.train.vision_layer, cfg.train.text_layer)]
+    keys = [tuple((type(side).__name__, side) for side in pair) for pair in pairs]
+    if len(set(keys)) != len(keys):  # 1 (layer one) and 1.0 (full depth) are different layers
+        raise ConfigError(f"sweep layer pairs repeat: {pairs}")
+    return pairs
+
+
+def param_grid(cfg: Config, objective: str) -> list[dict[str, Any]]:
+    """Every combination of `sweep.params` for one objective (Spread's knobs only for it)."""
+    params = cfg.sweep.params
+    for key, values in params.items():
+        if not key.startswith("train.") or key in AXIS_KEYS + FIXED_KEYS:
+            raise ConfigError(
+                f"sweep.params key {key!r}: sweep any train.* hyper-parameter except "
+                f"{', '.join(AXIS_KEYS + FIXED_KEYS)} (objectives, layers and workers are axes "
+                "of their own; devices and checkpoints are set once for the whole sweep)"
+            )
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.params.{key} must be a non-empty list of values")
+        for value in values:
+            config.set_key(Config(), key, value)  # a bad key or value fails now, clearly
+    keys = [k for k in params if objective == "spread" or k not in SPREAD_ONLY]
+    return [
+        dict(zip(keys, combo, strict=True))
+        for combo in itertools.product(*(params[k] for k in keys))
+    ]
+
+
+def trial_config(base: Config, objective: str, params: dict[str, Any]) -> Config:
+    """The config one trial trains with: the base plus its objective, params and workers."""
+    cfg = config.from_dict(config.to_dict(base))
+    config.set_key(cfg, "train.objective", objective)
+    config.set_key(cfg, "train.num_workers", base.sweep.workers_per_trial)
+    config.set_key(cfg, "train.keep_checkpoints", base.sweep.keep_checkpoints)
+    for key, value in params.items():
+        config.set_key(cfg, key, value)
+    return cfg.validate()
+
+
+def _short(name: str) -> str:
+    tail = re.split(r"[/:]", name.rstrip("/"))[-1] or name
+    return _slug(tail)[:24]
+
+
+def _slug(value: Any) -> str:
+    """Safe in a directory name, an S3 key and a Ray Train run name."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value)).strip("-")
+
+
+def check_plan(cfg: Config) -> None:
+    """Every trial's config is valid, and the search is well set: checked before any
+    extraction, so a typo costs seconds, not hours of embedding."""
+    check_best_metric(cfg)
+    if cfg.sweep.search == "random" and not cfg.sweep.num_samples:
+        raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
+    for objective in cfg.objectives:
+        for params in param_grid(cfg, objective):
+            try:
+                trial_config(cfg, objective, params)
+            except ConfigError as err:
+                what = params or "the base config"
+                raise ConfigError(f"a {objective} trial with {what}: {err}") from None
+
+
+# A model pair's names, its backbones by modality (all layers) and its layer pairs' ids.
+Resolved = tuple[str, str, dict[str, Backbone], list[tuple[int, int]]]
+
+
+def check_sweep(cfg: Config) -> list[Resolved]:
+    """Every check a sweep can make without data (trial configs, search, model ids, layer
+    specs against each model's depth); returns the resolved layer pairs `prepare` extracts."""
+    check_plan(cfg)
+    return resolve_layers(cfg)
+
+
+def resolve_layers(cfg: Config) -> list[Resolved]:
+    """Per model pair: its backbones (all layers) and the hidden-state ids of each layer
+    pair. Every pair is checked (model ids, layer ranges) before anything is extracted."""
+    layer_axis = layer_pairs(cfg)
+    resolved = []
+    for vision, text in model_pairs(cfg):
+        ecfg = dataclasses.replace(
+            cfg.extract, vision=vision, text=text, vision_layers="all", text_layers="all"
+        )
+        full = {m: configured_backbone(ecfg, m) for m in ("image", "text")}
+        for backbone in full.values():
+            backbone.check()
+        ids = []
+        for v, t in layer_axis:
+            pair = []
+            for side, modality in ((v, "image"), (t, "text")):
+                spec = repr(float(side)) if isinstance(side, float) else str(side)
+                n = len(full[modality].layer_ids)
+                pair.append(select_layers(spec, n, full[modality].name)[0])
+            ids.append(tuple(pair))
+        if len(set(ids)) != len(ids):
+            same = [layer_axis[i] for i, x in enumerate(ids) if ids.count(x) > 1]
+            raise ConfigError(
+                f"sweep layer pairs {same} name the same layers of {vision} + {text} "
+                f"({sorted(set(x for x in ids if ids.count(x) > 1))}); drop one"
+            )
+        resolved.append((vision, text, full, ids))
+    return resolved
+
+
+# --- typed records ---------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPair:
+    """One layer pair of one model pair: hidden-state ids, relative depths, the pair source
+    (a `PairSource` as a dict: it travels to Tune trials) and the raw test scores."""
+
+    vision_layer: int
+    text_layer: int
+    vision_depth: float
+    text_depth: float
+    source: dict[str, str]
+    raw: dict[str, float]
+
+
+@dataclass
+class Prepared:
+    """One model pair's extraction and the per-layer-pair facts trials need."""
+
+    vision: str
+    text: str
+    vision_params: int
+    text_params: int
+    layers: list[LayerPair]
+
+
+@dataclass
+class Trial:
+    """One trial: an objective on one layer pair of one model pair, with swept params."""
+
+    id: str
+    objective: str
+    vision: str
+    text: str
+    vision_params: int
+    text_params: int
+    layer: LayerPair
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as Tune's search space and experiment state hold them."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Trial:
+        return cls(**{**d, "layer": LayerPair(**d["layer"])})
+
+
+def plan_trials(cfg: Config, prepared: list[Prepared]) -> list[Trial]:
+    """Every trial (objective x models x layers x params), then the `random` sample if asked."""
+    combos = [
+        (objective, pair, layer, params)
+        for objective in cfg.objectives
+        for pair in prepared
+        for layer in pair.layers
+        for params in param_grid(cfg, objective)
+    ]
+    n = cfg.sweep.num_samples
+    if cfg.sweep.search == "random" and not n:
+        raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
+    if n and n < len(combos):
+        keep = sorted(random.Random(cfg.sweep.seed).sample(range(len(combos)), n))
+        combos = [combos[i] for i in keep]
+    trials = []
+    for i, (objective, pair, layer, params) in enumerate(combos):
+        extra = "".join(f"-{k.split('.')[-1]}{_slug(v)}" for k, v in params.items())
+        trial_id = (
+            f"t{i:03d}-{objective}-{_short(pair.vision)}-{_short(pair.text)}"
+            f"-v{layer.vision_layer}-t{layer.text_layer}{extra}"
+        )
+        trials.append(
+            Trial(
+                trial_id,
+                objective,
+                pair.vision,
+                pair.text,
+                pair.vision_params,
+                pair.text_params,
+                layer,
+                params,
+            )
+        )
+    return trials
+
+
+# --- packing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Packing:
+    """How trials share the cluster: each trial's workers and what each worker reserves."""
+
+    concurrent: int
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    threads: int
+
+    def describe(self) -> str:
+        device = f"{self.gpus_per_worker:g} GPU + " if self.gpus_per_worker else ""
+        return (
+            f"{self.concurrent} at a time, each {self.workers} worker(s) of "
+            f"{device}{self.cpus_per_worker:g} CPU"
+        )
+
+
+def packing(cfg: Config, res: Resources) -> Packing:
+    """Fractional GPUs per trial on a GPU cluster, whole cores on CPU; `max_concurrent_trials`
+    is what fits, so Tune never starts a trial whose workers would wait for resources."""
+    s, tcfg = cfg.sweep, cfg.train
+    workers = s.workers_per_trial
+    cpus = tcfg.cpus_per_worker or 1.0
+    if tcfg.use_gpu:
+        if res.gpus <= 0:
+            raise ConfigError("train.use_gpu is set but the cluster has no GPU")
+        gpus = 1.0 / s.trials_per_gpu
+        fits = min(int(res.gpus * s.trials_per_gpu) // workers, int(res.cpus // (cpus * workers)))
+    else:
+        gpus = 0.0
+        fits = int(res.cpus // (cpus * workers))
+    if fits < 1:
+        raise ConfigError(
+            f"one trial needs {workers} worker(s) of {cpus:g} CPU"
+            + (f" and {gpus:g} GPU" if gpus else "")
+            + f"; the cluster has {res.cpus:g} CPU and {res.gpus:g} GPU: lower "
+            "sweep.workers_per_trial or train.cpus_per_worker"
+        )
+    concurrent = min(s.max_concurrent, fits) if s.max_concurrent else fits
+    return Packing(concurrent, workers, cpus, gpus, max(1, int(cpus)))

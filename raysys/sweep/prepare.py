@@ -1,0 +1,73 @@
+"""Everything a sweep's trials read, made before Tune starts: each model pair extracted once
+(for every layer any trial needs), its parameter counts, and the raw (unaligned) scores of
+every layer pair."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from raysys.backbones import Backbone, layer_name, select_layers
+from raysys.checks import check_split_sizes
+from raysys.config import Config
+from raysys.data.source import pair_source
+from raysys.errors import ConfigError
+from raysys.evaluate import score_raw
+from raysys.extract import Extracted, extract
+from raysys.sweep.plan import LayerPair, Prepared, Resolved
+
+
+def needed_layers(spec: str, ids: list[int], n: int) -> str:
+    """The extract layer spec (over a model's `n` hidden states) widened to every layer the
+    sweep trains on."""
+    if spec.strip().lower() in ("", "all"):
+        return spec
+    return ",".join(str(i) for i in sorted(set(select_layers(spec, n)) | set(ids)))
+
+
+def prepare(cfg: Config, resolved: list[Resolved]) -> list[Prepared]:
+    """Extract every model pair once (all layers any trial needs) and score the raw pairs;
+    `resolved` is `check_sweep`'s answer."""
+    prepared, params_cache = [], {}
+    for vision, text, full, ids in resolved:
+        totals = {m: len(b.layer_ids) for m, b in full.items()}
+        ecfg = dataclasses.replace(
+            cfg.extract,
+            vision=vision,
+            text=text,
+            vision_layers=needed_layers(
+                cfg.extract.vision_layers, [i for i, _ in ids], totals["image"]
+            ),
+            text_layers=needed_layers(cfg.extract.text_layers, [j for _, j in ids], totals["text"]),
+        )
+        ext = extract(dataclasses.replace(cfg, extract=ecfg))
+        for name, backbone in ((vision, full["image"]), (text, full["text"])):
+            if name not in params_cache:
+                params_cache[name] = backbone.param_count()
+        layers = [layer_pair(cfg, ext, vid, tid, full) for vid, tid in ids]
+        prepared.append(Prepared(vision, text, params_cache[vision], params_cache[text], layers))
+    return prepared
+
+
+def layer_pair(
+    cfg: Config, ext: Extracted, vid: int, tid: int, full: dict[str, Backbone]
+) -> LayerPair:
+    """One layer pair of an extraction: checked for size, scored raw on `eval.split`."""
+    source = pair_source(ext, layer_name(vid), layer_name(tid))
+    for manifest, column in ((ext.image_manifest, vid), (ext.text_manifest, tid)):
+        if layer_name(column) not in manifest["layers"]:
+            raise ConfigError(f"layer {column} of {manifest['backbone']} is not cached")
+    splits = {split: source.load(split) for split in ("val", "test")}
+    sizes = {"train": len(source.index("train"))} | {k: len(v) for k, v in splits.items()}
+    check_split_sizes(cfg, sizes)
+    # The split the trials are scored on, read once.
+    split = cfg.eval.split
+    scored = splits[split] if split in splits else source.load(split)
+    totals = {m: len(b.layer_ids) for m, b in full.items()}
+    return LayerPair(
+        vision_layer=vid,
+        text_layer=tid,
+        vision_depth=round(vid / max(1, totals["image"] - 1), 4),
+        text_depth=round(tid / max(1, totals["text"] - 1), 4),
+        source=dataclasses.asdict(source),
+        raw=score_raw(scored, cfg.eval),
+    )

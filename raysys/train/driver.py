@@ -1,0 +1,203 @@
+"""The training driver: one JAM run as a Ray Train `TorchTrainer`, then its best model.
+
+Ray Train's four steps: the worker function (`raysys.train.worker.train_loop`), a
+`ScalingConfig` that leaves the data tasks a core, a `TorchTrainer`, `fit()`. The best
+checkpoint is exported as a plain model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
+from ray.train.torch import TorchTrainer
+
+from raysys import storage
+from raysys.config import Config, TrainConfig, to_dict
+from raysys.data import stream
+from raysys.data.source import PairSource
+from raysys.errors import ConfigError, RaysysError
+from raysys.jam import JAM
+from raysys.runtime import cluster_resources, init_ray
+from raysys.train.worker import HISTORY_FILE, MODEL_DIR, STATE_FILE, train_loop
+
+
+@dataclass
+class TrainResult:
+    objective: str
+    model_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def scaling(tcfg: TrainConfig) -> tuple[Any, int]:
+    """Ray Train scaling, leaving CPU headroom: workers that reserve every core starve the
+    Ray Data tasks that feed them, and on 2 cores that deadlocks without a word."""
+    res = cluster_resources()
+    if tcfg.use_gpu and res.gpus < tcfg.num_workers:
+        raise ConfigError(
+            f"train.use_gpu with train.num_workers={tcfg.num_workers} needs that many GPUs; "
+            f"the cluster has {res.gpus:g}"
+        )
+    cpus = tcfg.cpus_per_worker or max(0.1, min(1.0, (res.cpus - 1) / tcfg.num_workers))
+    threads = max(1, int(res.cpus // tcfg.num_workers)) if not tcfg.use_gpu else 2
+    return (
+        ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker={"CPU": cpus},
+        ),
+        threads,
+    )
+
+
+def _user_error(err: BaseException | None) -> RaysysError | None:
+    """The raysys error inside a Ray worker failure, however Ray wrapped it."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, RaysysError):
+            return err
+        cause = getattr(err, "cause", None)
+        err = cause if isinstance(cause, BaseException) else err.__cause__
+        seen += 1
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint with the most steps under a Ray Train run directory, if any.
+
+    Ray Train restores its own checkpoint list only when the stopped run managed to write
+    its snapshot file; finding the newest checkpoint ourselves makes resume work either way.
+    """
+    best: tuple[int, str] | None = None
+    for ckpt in Path(run_dir).glob("checkpoint_*"):
+        history = ckpt / HISTORY_FILE
+        if (ckpt / STATE_FILE).is_file() and history.is_file():
+            step = json.loads(history.read_text())[-1]["step"]
+            if best is None or step > best[0]:
+                best = (step, str(ckpt))
+    return best[1] if best else None
+
+
+def stream_plan(
+    tcfg: TrainConfig, source: PairSource
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Ray Data datasets and worker settings when the train split streams; else nothing."""
+    rows = len(source.index("train"))
+    dims = [
+        stream.column_width(Path(source.image_dir), source.image_layer),
+        stream.column_width(Path(source.text_dir), source.text_layer),
+    ]
+    width = dims[0] + 2 * dims[1]
+    reason = stream.stream_reason(tcfg.data_on_device, rows, width, tcfg.num_workers)
+    if reason is None:
+        return None, {}
+    view = stream.write_pair_view(source, "train", rows)
+    settings = {"stream_rows": rows, "stream_reason": reason, "dims": dims}
+    return {"train": stream.open_view(view)}, settings
+
+
+def train(
+    cfg: Config,
+    source: PairSource,
+    out_dir: Path,
+    name: str,
+    resume: bool = False,
+    storage_uri: str | None = None,
+    callbacks: list[Any] | None = None,
+    scaling_plan: tuple[ScalingConfig, int] | None = None,
+    tensorboard_uri: str | None = None,
+) -> TrainResult:
+    """Fit one JAM model with Ray Train; returns the exported best model and its history.
+
+    With `resume`, training continues from the newest checkpoint under `<out_dir>/ray/<name>`
+    (a run stopped by Ctrl-C or a lost driver); a finished run returns at once. With
+    `storage_uri` (e.g. s3://bucket/run/ray) Ray Train keeps its checkpoints there instead.
+    A sweep trial passes Tune's report callback and its packed `(ScalingConfig, threads)`, and
+    with `tensorboard_uri` rank 0 uploads its event files there at the end.
+    """
+    init_ray(cfg.ray)
+    scaling_config, threads = scaling_plan or scaling(cfg.train)
+    out_dir = out_dir.resolve()
+    started = time.perf_counter()
+    datasets, streaming = stream_plan(cfg.train, source)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "source": asdict(source),
+            "threads": threads,
+            "tensorboard_dir": str(out_dir / "tensorboard" / name),
+            "tensorboard_uri": tensorboard_uri,
+            # A packed trial's worker owns only its fraction of the GPU's memory.
+            "gpu_share": (scaling_config.resources_per_worker or {}).get("GPU", 1.0) or 1.0,
+            "resume_from": latest_checkpoint(out_dir / "ray" / name) if resume else None,
+            **streaming,
+        },
+        datasets=datasets,
+        scaling_config=scaling_config,
+        run_config=_run_config(cfg.train, out_dir, name, storage_uri, callbacks),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        # A bad cache found by a worker (e.g. NaN rows in its shard) is the user's error:
+        # show its message, not Ray's wrapped traceback.
+        for failure in getattr(err, "worker_failures", {}).values():
+            cause = _user_error(failure)
+            if cause is not None:
+                raise cause from None
+        raise
+    seconds = time.perf_counter() - started
+    model_dir = out_dir / "models" / name
+    tcfg = cfg.train
+    best = result.get_best_checkpoint(tcfg.best_metric, tcfg.best_mode) or result.checkpoint
+    export_model(best, model_dir)
+    with result.checkpoint.as_directory() as ckpt:
+        history = json.loads((Path(ckpt) / HISTORY_FILE).read_text())
+    return TrainResult(tcfg.objective, model_dir, result.metrics, history, seconds)
+
+
+def _run_config(
+    tcfg: TrainConfig,
+    out_dir: Path,
+    name: str,
+    storage_uri: str | None,
+    callbacks: list[Any] | None,
+) -> RunConfig:
+    """Checkpoints kept by the best validation metric, under `out_dir/ray` or the URI."""
+    storage_fs, storage_path = None, str(out_dir / "ray")
+    if storage_uri:
+        storage_fs, storage_path = storage.pyarrow_fs(storage_uri)
+    return RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=tcfg.keep_checkpoints,
+            checkpoint_score_attribute=tcfg.best_metric,
+            checkpoint_score_order=tcfg.best_mode,
+        ),
+        failure_config=FailureConfig(max_failures=tcfg.max_failures),
+        # Ray Train logs every report at INFO; the validation summaries are what users read.
+        logging_config=LoggingConfig(log_level="WARNING"),
+        callbacks=callbacks,
+    )
+
+
+def export_model(checkpoint: Checkpoint, model_dir: Path) -> None:
+    """A checkpoint's model as a plain model directory (`JAM.load` reads it)."""
+    with checkpoint.as_directory() as ckpt:
+        JAM.load(Path(ckpt) / MODEL_DIR).save(model_dir)
