@@ -1,4 +1,4 @@
-"""raysys.plots: the Pareto mask by hand, and the PNGs a small csv-like sweep produces."""
+"""raysys.report.plots: the Pareto mask by hand, and the PNGs a small csv-like sweep produces."""
 
 from __future__ import annotations
 

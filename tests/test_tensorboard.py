@@ -1,4 +1,4 @@
-"""Tests for raysys.tensorboard: every file is read back with TensorBoard's own code.
+"""Tests for raysys.report.tensorboard: every file is read back with TensorBoard's own code.
 
 HParams summaries go through EventAccumulator and, for a sweep, through the HParams plugin's
 ListSessionGroups handler (what the HParams tab displays). Projector output is parsed with the
