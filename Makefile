@@ -1,7 +1,8 @@
 # raysys — `make run` and `make test` from a fresh checkout (Python 3.11, no network but PyPI).
 #
 # Versions are pinned to the set that installs and runs together on the project's machines
-# (see ../shared/ENV-NOTES.md); pyproject.toml keeps ranges for library users.
+# (torch 2.14.1 with torchvision 0.29.1: an unpinned torch pulls a newer multi-GB build, and
+# other torchvision builds fail to import beside it); pyproject.toml keeps ranges for users.
 
 PYTHON ?= python3
 VENV   ?= .venv
