@@ -42,7 +42,7 @@ def loopback_env() -> None:
 
 def init_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, or start a private loopback-only one."""
-    import ray
+    import ray  # lazy: Ray reads `loopback_env`'s variables when it is first imported
 
     if ray.is_initialized():
         return

@@ -11,6 +11,9 @@ Names are what users write in configs (`extract.vision=efficientnet-lite1`):
 `layers` picks the cached hidden states (see `base.select_layers`) and `pooling` how each is
 pooled (`cls`, `mean`, `last`; empty = the family's default). Nothing here loads weights: that
 happens in `Backbone.load` inside the actor; `Backbone.check` validates a name up front.
+transformers and open_clip are imported where a model of that family is built or sized, not
+here: each takes seconds to import, and a driver naming only the offline defaults never
+needs them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from raysys.backbones.base import (
     resolve_pooling,
     select_layers,
 )
-from raysys.backbones.hfsource import HFSource, load_model
+from raysys.backbones.hfsource import WEIGHTS, HFSource, load_model, meta_param_count
 from raysys.backbones.texts import PairedText
 from raysys.errors import BackboneError
 
@@ -133,8 +133,6 @@ class HFTextEncoder(PairedText):
         return [self._kind()[1].hidden_size] * len(self.layer_ids)
 
     def check(self) -> None:
-        from raysys.backbones.hfsource import WEIGHTS
-
         _ = self.kind  # the model type first: the most useful error for a wrong model
         self.source.require(WEIGHTS, TOKENIZER_FILES, what=self.name)
         _ = self.pooling
@@ -174,8 +172,6 @@ class HFTextEncoder(PairedText):
     def param_count(self) -> int:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-        from raysys.backbones.hfsource import meta_param_count
 
         config = self._kind()[1]
         return meta_param_count(

@@ -30,7 +30,13 @@ from raysys.backbones.base import (
     resolve_pooling,
     select_layers,
 )
-from raysys.backbones.hfsource import WEIGHTS, HFSource, load_model, quiet_transformers
+from raysys.backbones.hfsource import (
+    WEIGHTS,
+    HFSource,
+    load_model,
+    meta_param_count,
+    quiet_transformers,
+)
 from raysys.backbones.images import prepare_images
 from raysys.errors import BackboneError
 
@@ -171,8 +177,6 @@ class HFVision(Backbone):
     def param_count(self) -> int:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-        from raysys.backbones.hfsource import meta_param_count
 
         config = self.config
         return meta_param_count(

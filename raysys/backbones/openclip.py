@@ -25,10 +25,11 @@ supported (not timm, ResNet or Hugging Face text towers, nor CoCa's text tower).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -303,8 +304,6 @@ class _OpenCLIPTower:
     def tower_cfg(self):
         """The tower's settings with open_clip's defaults filled in; a tower whose blocks are
         not open_clip's own transformer is refused here, wherever it is first touched."""
-        from dataclasses import fields
-
         from open_clip import CLIPTextCfg, CLIPVisionCfg
 
         cls = CLIPVisionCfg if self.cfg_key == "vision_cfg" else CLIPTextCfg
@@ -333,8 +332,6 @@ class _OpenCLIPTower:
         return [self.tower_cfg().width] * len(self.layer_ids)
 
     def _describe(self, extra: dict[str, Any]) -> dict[str, Any]:
-        import hashlib
-
         import open_clip
 
         source, revision = self.source.source_and_revision()

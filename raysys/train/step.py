@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from raysys.config import TrainConfig
 from raysys.errors import CacheError
@@ -152,8 +153,6 @@ def input_moments(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 def set_global_input_stats(model: JAM, moments: torch.Tensor) -> None:
     """Input standardisation from the moments of every worker's shard together, so all
     ranks (and a one-worker run on the same shards) standardise identically."""
-    import torch.distributed as dist
-
     flat = moments.clone()
     if dist.is_available() and dist.is_initialized():
         flat = flat.to(model.image_mean.device)
@@ -175,8 +174,6 @@ def fit_global_input_stats(model: JAM, image: torch.Tensor, text: torch.Tensor) 
 
 def _global_mean(value: torch.Tensor) -> float:
     """Mean over ranks of a per-rank scalar (for logging only)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return float(value)
     tensor = value.detach().float().reshape(1)  # stays on its device: NCCL needs GPU tensors
@@ -186,8 +183,6 @@ def _global_mean(value: torch.Tensor) -> float:
 
 def all_agree(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision, on every rank (early stopping must stop all DDP ranks together)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)

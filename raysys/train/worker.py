@@ -18,6 +18,7 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
 from raysys.config import Config, from_dict
@@ -80,8 +81,6 @@ def train_loop(config: dict[str, Any]) -> None:
         print(f"[train] {cfg.train.objective}: {world} worker(s), {where}", flush=True)
     writer = None
     if rank == 0 and config.get("tensorboard_dir"):
-        from torch.utils.tensorboard import SummaryWriter
-
         # purge_step drops events a crashed attempt logged past the checkpoint we resume from.
         writer = SummaryWriter(config["tensorboard_dir"], purge_step=trainer.step + 1)
     _steps(cfg, trainer, batches, val, progress, steps_per_epoch, writer, device)
