@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue 4, for a machine with torch but no Ray (the borrowed device):
+# GPU throughput of the training step (samples/s, ms per step, peak GPU memory), for a machine
+# with torch but no Ray (the borrowed device):
 # the training step alone with 200k pairs of 1024/4096-d embeddings held on the GPU, for each
 # objective, at the default model size. Writes $OUT/step-<objective>/bench.json.
 set -euo pipefail

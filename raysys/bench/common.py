@@ -6,6 +6,8 @@ Imports torch only: `bench step` and `bench embed` run on a GPU machine without 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import platform
 from pathlib import Path
@@ -14,6 +16,16 @@ from typing import Any
 import torch
 
 from raysys.bench import BENCH_FILE
+
+__all__ = [
+    "BENCH_FILE",
+    "finite_or_none",
+    "host_info",
+    "load_average",
+    "resolve_device",
+    "sync",
+    "write_result",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,7 +51,8 @@ def load_average() -> float | None:
 
 
 def host_info() -> dict[str, Any]:
-    """The machine a figure was measured on, written beside every result."""
+    """The machine a figure was measured on, written beside every result; the one place a
+    bench reads its machine facts, so they agree wherever a bench repeats them."""
     return {
         "cpus": os.cpu_count() or 1,
         "python": platform.python_version(),
@@ -50,9 +63,25 @@ def host_info() -> dict[str, Any]:
     }
 
 
-def write_result(out_dir: Path, result: dict[str, Any]) -> Path:
-    """`bench.json`, with the host facts added under `host` unless the bench gave its own."""
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: an unmeasured quantity is written as null."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_result(out_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write `out_dir/bench.json` and return exactly what was written, so a caller's result
+    equals the file read back.
+
+    The host facts go under `host`; a bench's own `host` keys win over them (a bench that
+    quotes a host fact elsewhere in its result passes the block it quoted, so both agree).
+    """
+    record = finite_or_none(result | {"host": host_info() | result.get("host", {})})
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / BENCH_FILE
-    path.write_text(json.dumps({"host": host_info()} | result, indent=1) + "\n")
-    return path
+    (out_dir / BENCH_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return record

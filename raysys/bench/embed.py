@@ -10,19 +10,20 @@ stage: it runs where torch and transformers are installed but Ray is not.
 
 from __future__ import annotations
 
-import json
-import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raysys.bench.common import BENCH_FILE, resolve_device, sync
+from raysys.bench.common import host_info, resolve_device, sync, write_result
 from raysys.config import Config
 from raysys.errors import ConfigError
+
+Batch = dict[str, np.ndarray]
 
 WORDS = "a the red blue green small large circle square dog cat on under left right of".split()
 
@@ -44,8 +45,9 @@ def _save_models(root: Path) -> tuple[str, str]:
     return f"hf:{vision}", f"hf:{text}"
 
 
-def _time(fn, batches: list[dict[str, np.ndarray]], device: torch.device) -> float:
-    fn(batches[0])  # warm-up (kernels, allocator)
+def _time(fn: Callable[[Batch], Any], batches: list[Batch], device: torch.device) -> float:
+    """Seconds for every batch, after one untimed warm-up batch (kernels, allocator)."""
+    fn(batches[0])
     sync(device)
     started = time.perf_counter()
     for batch in batches:
@@ -54,7 +56,8 @@ def _time(fn, batches: list[dict[str, np.ndarray]], device: torch.device) -> flo
     return time.perf_counter() - started
 
 
-def _inputs(backbone: Any, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _inputs(backbone: Any, n: int, rng: np.random.Generator) -> Batch:
+    """`n` raw rows as the corpus hands them over: PNG bytes, or captions with negatives."""
     import io
 
     from PIL import Image
@@ -77,11 +80,11 @@ def _inputs(backbone: Any, n: int, rng: np.random.Generator) -> dict[str, np.nda
     }
 
 
-def _bare(backbone: Any):
+def _bare(backbone: Any) -> Callable[[Batch], None]:
     """The model call alone on the same tensors, under the same autocast."""
     model, device = backbone.model, backbone.device
 
-    def run(batch: dict[str, np.ndarray]) -> None:
+    def run(batch: Batch) -> None:
         with torch.inference_mode(), backbone.autocast():
             if backbone.modality == "image":
                 x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(device)
@@ -98,7 +101,12 @@ def _bare(backbone: Any):
     return run
 
 
-def bench_embed(out_dir: Path, device: str = "auto", rows: int = 256, batch: int = 64) -> dict:
+def bench_embed(
+    out_dir: Path, device: str = "auto", rows: int = 256, batch: int = 64
+) -> dict[str, Any]:
+    """Time both models' actor batch function and bare forward on `rows` rows in batches of
+    `batch`; print one line per model, write `out_dir/bench.json` and return what it holds.
+    Preprocessing is left out of both timings: the actor gets its batches preprocessed."""
     from raysys.backbones import get_backbone
 
     dev = resolve_device(device)
@@ -134,19 +142,17 @@ def bench_embed(out_dir: Path, device: str = "auto", rows: int = 256, batch: int
                 flush=True,
             )
             del backbone
+    host = host_info()
     bench = {
         "stage": "embed",
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev)
-        if dev.type == "cuda"
-        else platform.processor(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else host["processor"],
         "rows": rows,
         "batch_size": batch,
         **results,
+        "host": host,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / BENCH_FILE).write_text(json.dumps(bench, indent=2))
-    return bench
+    return write_result(out_dir, bench)
 
 
 def run(args: Any, cfg: Config, out: Path) -> None:

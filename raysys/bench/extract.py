@@ -15,28 +15,55 @@ idle Ray; the bare loop runs first. The 1-minute load average is recorded beside
 
 from __future__ import annotations
 
-import json
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raysys.bench.common import BENCH_FILE, load_average
-from raysys.config import Config
+import numpy as np
+import torch
+
+from raysys.bench.common import host_info, write_result
+from raysys.config import Config, ExtractConfig
 from raysys.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
-    import numpy as np
-    import ray
-    import torch
-
-    from raysys.backbones import configured_backbone
-    from raysys.corpora import load_corpus
-    from raysys.extract import run_pass
+    """Time the bare loop, then the pipeline, on the first `images` images of the corpus; print
+    both rates and their ratio, write `out_dir/bench.json` and return what it holds."""
     from raysys.runtime import cluster_resources, init_ray
+
+    table = _corpus_images(cfg, images)
+    init_ray(cfg.ray)
+    cluster_cpus = cluster_resources().cpus
+    cpus = max(1, int(cluster_cpus))
+    bare_s, image_size = _bare_pass(cfg.extract, table, cpus)
+    pipeline_s, manifest = _pipeline_pass(cfg.extract, table)
+    result = write_result(
+        out_dir,
+        _result(cfg.extract, images, bare_s, pipeline_s, image_size, manifest, cpus, cluster_cpus),
+    )
+    print(
+        f"[bench] extract {cfg.extract.vision} at {image_size}px, {images} images, batch "
+        f"{cfg.extract.batch_size}\n"
+        f"[bench] bare torch loop ({cpus} threads, pre-decoded): {result['bare_per_s']:8.1f} "
+        f"images/s\n"
+        f"[bench] ray data pass ({manifest['actors']['count']} actors, end to end): "
+        f"{result['pipeline_per_s']:8.1f} images/s\n"
+        f"[bench] ratio {result['ratio']:.3f} (goal >= 0.7 on 2 CPU cores, >= 0.9 on a GPU)",
+        flush=True,
+    )
+    return result
+
+
+def _corpus_images(cfg: Config, images: int) -> pa.Table:
+    """The first `images` rows of the corpus, which must hold the image bytes inline: both
+    paths must start from the same bytes."""
+    from raysys.corpora import load_corpus
 
     table = load_corpus(cfg.corpus).images
     if table is None or "image" not in table.column_names:
@@ -49,38 +76,63 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
             f"--images {images}: the corpus has {table.num_rows} images; choose 1 to "
             f"{table.num_rows} or raise corpus.size"
         )
-    init_ray(cfg.ray)
-    table = table.slice(0, images)
-    ecfg = cfg.extract
+    return table.slice(0, images)
 
-    # Bare loop: decode first (untimed), one warm-up batch, then the timed forwards.
-    cpus = max(1, int(cluster_resources().cpus))
+
+def _bare_pass(ecfg: ExtractConfig, table: pa.Table, threads: int) -> tuple[float, int]:
+    """Seconds of forwards over images decoded before the clock starts (after one warm-up
+    batch), with `threads` torch threads: the model-only upper bound. Also the input size."""
+    from raysys.backbones import configured_backbone
+
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(cpus)
-    bare = configured_backbone(ecfg, "image")
-    bare.load(torch.device("cpu"))
-    decoded = bare.preprocess(
-        {"id": np.asarray(table["id"]), "image": np.asarray(table["image"].to_pylist(), object)}
-    )
-    batch = ecfg.batch_size
-    bare.embed({k: v[:batch] for k, v in decoded.items()})
-    started = time.perf_counter()
-    for i in range(0, images, batch):
-        bare.embed({k: v[i : i + batch] for k, v in decoded.items()})
-    bare_s = time.perf_counter() - started
-    torch.set_num_threads(threads_before)
+    torch.set_num_threads(threads)
+    try:
+        bare = configured_backbone(ecfg, "image")
+        bare.load(torch.device("cpu"))
+        decoded = bare.preprocess(
+            {"id": np.asarray(table["id"]), "image": np.asarray(table["image"].to_pylist(), object)}
+        )
+        batch = ecfg.batch_size
+        bare.embed({k: v[:batch] for k, v in decoded.items()})
+        started = time.perf_counter()
+        for i in range(0, table.num_rows, batch):
+            bare.embed({k: v[i : i + batch] for k, v in decoded.items()})
+        return time.perf_counter() - started, bare.image_size
+    finally:
+        torch.set_num_threads(threads_before)
 
-    # Pipeline: the real pass, into a directory of its own.
+
+def _pipeline_pass(ecfg: ExtractConfig, table: pa.Table) -> tuple[float, dict[str, Any]]:
+    """Seconds of `raysys extract`'s real pass, end to end, into a directory of its own (removed
+    after), and the pass's manifest."""
+    from raysys.backbones import configured_backbone
+    from raysys.extract import run_pass
+
     work = Path(tempfile.mkdtemp(prefix="raysys-bench-extract-"))
     try:
         started = time.perf_counter()
         manifest = run_pass(configured_backbone(ecfg, "image"), table, work / "image", ecfg, {})
-        pipeline_s = time.perf_counter() - started
+        return time.perf_counter() - started, manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+
+def _result(
+    ecfg: ExtractConfig,
+    images: int,
+    bare_s: float,
+    pipeline_s: float,
+    image_size: int,
+    manifest: dict[str, Any],
+    threads: int,
+    cluster_cpus: float,
+) -> dict[str, Any]:
+    """The figures and the settings `bench.json` holds."""
+    import ray
+
     pipeline_per_s, bare_per_s = images / pipeline_s, images / bare_s
-    result: dict[str, Any] = {
+    host = host_info()
+    return {
         "pipeline_per_s": pipeline_per_s,
         "bare_per_s": bare_per_s,
         "ratio": pipeline_per_s / bare_per_s,
@@ -88,31 +140,20 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
         "bare_s": bare_s,
         "settings": {
             "backbone": ecfg.vision,
-            "image_size": bare.image_size,
+            "image_size": image_size,
             "images": images,
-            "batch_size": batch,
+            "batch_size": ecfg.batch_size,
             "cached_rows": manifest["rows"],
             "actors": manifest["actors"],
-            "bare_torch_threads": cpus,
-            "cluster_cpus": cluster_resources().cpus,
-            "torch": torch.__version__,
+            "bare_torch_threads": threads,
+            "cluster_cpus": cluster_cpus,
+            "torch": host["torch"],
             "ray": ray.__version__,
-            "python": platform.python_version(),
-            "load_average_1m": load_average(),
+            "python": host["python"],
+            "load_average_1m": host["load_average_1m"],
         },
+        "host": host,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / BENCH_FILE).write_text(json.dumps(result, indent=1))
-    print(
-        f"[bench] extract {ecfg.vision} at {bare.image_size}px, {images} images, batch {batch}\n"
-        f"[bench] bare torch loop ({cpus} threads, pre-decoded): {result['bare_per_s']:8.1f} "
-        f"images/s\n"
-        f"[bench] ray data pass ({manifest['actors']['count']} actors, end to end): "
-        f"{result['pipeline_per_s']:8.1f} images/s\n"
-        f"[bench] ratio {result['ratio']:.3f} (goal >= 0.7 on 2 CPU cores, >= 0.9 on a GPU)",
-        flush=True,
-    )
-    return result
 
 
 def run(args: Any, cfg: Config, out: Path) -> None:

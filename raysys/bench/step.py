@@ -3,17 +3,15 @@
 What a Ray Train worker does per step once its shard is on the device (index the global
 batch, forward both autoencoders, gather, loss, backward, clip, AdamW, schedules), timed over
 random float16 embeddings held on the device: the ceiling `raysys train` can reach on that
-device, and a check that a GPU is used well (bf16 autocast there). The default scale is the
-paper-sized one of issue 4 (200k pairs, 1024-d vision, 4096-d text); a 2-core CPU wants far
-less (`--pairs 20000 --dims 384,384`).
+device, and a check that a GPU is used well (bf16 autocast there). The default scale is that of
+a large-model sweep (200k pairs, 1024-d vision, 4096-d text); a 2-core CPU wants far less
+(`--pairs 20000 --dims 384,384`).
 
 Runs where Ray cannot be installed: it imports torch, numpy, PyYAML and safetensors only.
 """
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 import torch
 
-from raysys.bench.common import BENCH_FILE, resolve_device, sync
+from raysys.bench.common import host_info, resolve_device, sync, write_result
 from raysys.config import Config, to_dict
 from raysys.data.batches import batch_plan
 from raysys.errors import ConfigError
@@ -31,6 +29,8 @@ from raysys.train.step import Trainer, jam_config
 
 @dataclass
 class StepBench:
+    """The scale to time at: `--pairs`, `--dims`, `--steps`, `--device`."""
+
     pairs: int = 200_000
     d_image: int = 1024
     d_text: int = 4096
@@ -58,7 +58,7 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
     trainer = Trainer(model, tcfg, total_steps=bench.warmup_steps + bench.steps)
     setup_s = time.perf_counter() - started
 
-    def run(steps: int) -> float:
+    def timed(steps: int) -> float:
         sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -67,12 +67,13 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
         sync(device)
         return time.perf_counter() - t0
 
-    run(bench.warmup_steps)
+    timed(bench.warmup_steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = run(bench.steps)
+    seconds = timed(bench.steps)
     rate = bench.steps * tcfg.batch_size / seconds
-    result = {
+    host = host_info()
+    result: dict[str, Any] = {
         "stage": "step",
         "samples_per_s": rate,
         "step_ms": 1000 * seconds / bench.steps,
@@ -82,9 +83,10 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
         else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        "torch": host["torch"],
+        "machine": host["machine"],
         "settings": {**asdict(bench), "device": str(device), "train": to_dict(tcfg)},
+        "host": host,
     }
     print(
         f"[bench step] {bench.pairs:,} pairs of {bench.d_image}/{bench.d_text}-d on "
@@ -92,9 +94,7 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
         f"{tcfg.batch_size})",
         flush=True,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / BENCH_FILE).write_text(json.dumps(result, indent=1))
-    return result
+    return write_result(out_dir, result)
 
 
 def run(args: Any, cfg: Config, out: Path) -> None:

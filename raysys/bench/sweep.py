@@ -10,15 +10,13 @@ run of the trials is timed: the extraction is cached and the report is written a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import platform
 import shutil
 from pathlib import Path
 from typing import Any
 
 from raysys import config
+from raysys.bench.common import write_result
 from raysys.config import Config
 from raysys.errors import ConfigError, RaysysError
 
@@ -34,6 +32,9 @@ def _timed_sweep(cfg: Config, out: Path) -> tuple[float, list[dict[str, Any]]]:
 
 
 def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
+    """Run `trials` seed-only variants of the configured trial serially, then packed; print
+    both wall times and the packing efficiency, write `out/bench.json` and return what it
+    holds. The extraction runs first, outside both timings, so only Tune's work compares."""
     from raysys.runtime import cluster_resources, init_ray
     from raysys.sweep.plan import check_sweep, packing
     from raysys.sweep.prepare import prepare
@@ -65,9 +66,8 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     result |= {
         "packing": dataclasses.asdict(pack),
         "config": {"train": config.to_dict(base.train), "corpus": config.to_dict(base.corpus)},
-        "host": {"cpus": os.cpu_count() or 1, "python": platform.python_version()},
     }
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    result = write_result(out, result)  # `host` (cpus, python, …) comes from common.host_info
     serial_each = ", ".join(f"{t:.0f}" for t in result["serial_trial_s"])
     packed_each = ", ".join(f"{t:.0f}" for t in result["packed_trial_s"])
     print(

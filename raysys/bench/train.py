@@ -47,10 +47,7 @@ embedding cache exists) with `train.eval_every` overridden to give `WINDOWS` win
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -61,8 +58,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raysys.bench.common import BENCH_FILE, load_average
+from raysys.bench.common import BENCH_FILE, host_info, load_average, sync, write_result
 from raysys.checks import check_split_sizes
 from raysys.config import Config, to_dict
 from raysys.data.batches import batch_plan
@@ -155,8 +153,8 @@ def ray_timeline(
 
 def read_step_walls(log_dir: Path, tag: str = STEP_TAG) -> dict[int, float]:
     """Wall time of each step's `tag` scalar in a TensorBoard log dir ({} if unreadable)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    if not Path(log_dir).is_dir():  # TensorBoard raises its own error for a missing dir
+        return {}
     try:
         acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
         acc.Reload()
@@ -209,8 +207,7 @@ def bare_loop(
             while trainer.step < end:
                 index = torch.as_tensor(plan.worker_batch(trainer.step, 0, 1), device=device)
                 trainer.train_step(*(t[index] for t in tensors))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             elapsed = time.perf_counter() - started
             rates.append((trainer.step - start_step) * tcfg.batch_size / elapsed)
             started = time.perf_counter()
@@ -225,30 +222,87 @@ def bare_loop(
         torch.set_num_threads(previous_threads)
 
 
+@dataclass
+class Workload:
+    """What both paths run: the same cache, config, steps, windows, threads and device."""
+
+    cfg: Config  # the user's config with one worker, `eval_every` per window, no early stop
+    paths: PairSource
+    train_pairs: int
+    total_steps: int
+    bounds: list[int]
+    threads: int
+    device: torch.device
+
+
+@dataclass
+class RayRun:
+    """The Ray Train run as its driver and worker saw it."""
+
+    window_per_s: list[float]  # the worker's samples/s over each window's training steps
+    t_call: float  # wall clock (time.time()) when `train()` was called
+    t_return: float  # and when it returned
+    log_dir: Path  # the worker's TensorBoard events, one scalar per step
+
+    @property
+    def steady_per_s(self) -> float:
+        """The pipeline's rate once warmed up (see `steady_rate`)."""
+        return steady_rate(self.window_per_s)
+
+
 def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Benchmark `raysys train` (Ray Train, 1 worker) against a bare PyTorch loop.
 
     Prints one line per path, the ratio and Ray's fixed overhead; writes `out_dir/bench.json`
-    (throughputs, ratio, start-up breakdown, per-window rates, load averages and the settings
-    used) and returns the same dict. `out_dir/ray-run` holds the Ray run's outputs and is
+    (throughputs, ratio, start-up breakdown, per-window rates, load averages, the settings and
+    the host) and returns the same dict. `out_dir/ray-run` holds the Ray run's outputs and is
     replaced on every call.
     """
-    import ray
-
-    from raysys.commands import trained_source
-    from raysys.extract import extract
-    from raysys.runtime import init_ray
-    from raysys.train.driver import scaling, train
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ray_init_started = time.perf_counter()
+    ray_init_s = _start_ray(cfg)
+    work = _workload(cfg)
+    tcfg = work.cfg.train
+    print(
+        f"[bench] {work.total_steps} steps of batch {tcfg.batch_size} ({tcfg.epochs} epochs of "
+        f"{work.train_pairs} pairs), {len(work.bounds)} windows, {work.threads} torch threads, "
+        f"{work.device}",
+        flush=True,
+    )
+    load = {"before_bare": load_average()}
+    bare = bare_loop(work.cfg, work.paths, work.bounds, work.threads, work.device)
+    print(
+        f"[bench] bare torch loop      : {steady_rate(bare.window_per_s):8.0f} samples/s",
+        flush=True,
+    )
+    ray_run = _ray_run(work, out_dir, load)
+    timeline = _decompose(work, ray_run, bare)
+    report = write_result(out_dir, _report(work, bare, ray_run, timeline, ray_init_s, load))
+    _print_summary(report, timeline, bare, out_dir / BENCH_FILE)
+    return report
+
+
+def _start_ray(cfg: Config) -> float:
+    """Seconds `ray.init` took, 0 when Ray was already up: one Ray serves a whole session, so
+    its start is reported apart from the run's start-up."""
+    import ray
+
+    from raysys.runtime import init_ray
+
+    started = time.perf_counter()
     was_running = ray.is_initialized()
     init_ray(cfg.ray)
-    ray_init_s = 0.0 if was_running else time.perf_counter() - ray_init_started
+    return 0.0 if was_running else time.perf_counter() - started
 
-    ext = extract(cfg)
-    paths: PairSource = trained_source(cfg, ext)
+
+def _workload(cfg: Config) -> Workload:
+    """The cache (extracted if missing) and the config both paths run: one worker, a window per
+    `eval_every` steps and no early stop, so both paths take the same steps."""
+    from raysys.commands import trained_source
+    from raysys.extract import extract
+    from raysys.train.driver import scaling
+
+    paths: PairSource = trained_source(cfg, extract(cfg))
     # Fail here, clearly, on a cache too small for one batch or for validation.
     sizes = {split: len(paths.index(split)) for split in ("train", "val", "test")}
     check_split_sizes(cfg, sizes)
@@ -260,57 +314,77 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
             cfg.train, num_workers=1, eval_every=eval_every, early_stop_patience=0
         ),
     )
-    tcfg = run_cfg.train
-    bounds = window_bounds(total_steps, eval_every)
-    _, threads = scaling(tcfg)
-    use_cuda = tcfg.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
-    cpus = os.cpu_count() or 1
-
-    print(
-        f"[bench] {total_steps} steps of batch {tcfg.batch_size} ({tcfg.epochs} epochs of "
-        f"{sizes['train']} pairs), {len(bounds)} windows, {threads} torch threads, {device}",
-        flush=True,
+    _, threads = scaling(run_cfg.train)
+    use_cuda = run_cfg.train.use_gpu and torch.cuda.is_available()
+    return Workload(
+        cfg=run_cfg,
+        paths=paths,
+        train_pairs=sizes["train"],
+        total_steps=total_steps,
+        bounds=window_bounds(total_steps, eval_every),
+        threads=threads,
+        device=torch.device("cuda" if use_cuda else "cpu"),
     )
-    load = {"before_bare": load_average()}
-    bare = bare_loop(run_cfg, paths, bounds, threads, device)
-    bare_per_s = steady_rate(bare.window_per_s)
-    print(f"[bench] bare torch loop      : {bare_per_s:8.0f} samples/s", flush=True)
+
+
+def _ray_run(work: Workload, out_dir: Path, load: dict[str, float | None]) -> RayRun:
+    """Run `raysys train`'s Ray Train path into `out_dir/ray-run`, recording the load average
+    before and after in `load`; it must validate where the bare loop's windows end."""
+    from raysys.train.driver import train
 
     run_dir = out_dir.resolve() / RAY_RUN_DIR
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a leftover run would be resumed and its events mixed in
     load["before_ray"] = load_average()
     t_call = time.time()
-    result = train(run_cfg, paths, run_dir, RUN_NAME)
+    result = train(work.cfg, work.paths, run_dir, RUN_NAME)
     t_return = time.time()
     load["after_ray"] = load_average()
     steps = [int(h["step"]) for h in result.history]
-    if steps != bounds:
-        raise RuntimeError(f"the Ray run validated at steps {steps}, expected {bounds}")
-    ray_rates = [float(h["train/samples_per_s"]) for h in result.history]
-    pipeline_per_s = steady_rate(ray_rates)
-    window_steps = np.diff([0, *bounds]).tolist()
-    window_seconds = [k * tcfg.batch_size / r for k, r in zip(window_steps, ray_rates, strict=True)]
-    walls = read_step_walls(run_dir / "tensorboard" / RUN_NAME)
+    if steps != work.bounds:
+        raise RuntimeError(f"the Ray run validated at steps {steps}, expected {work.bounds}")
+    rates = [float(h["train/samples_per_s"]) for h in result.history]
+    return RayRun(rates, t_call, t_return, run_dir / "tensorboard" / RUN_NAME)
+
+
+def _decompose(work: Workload, ray_run: RayRun, bare: BareRun) -> Timeline:
+    """Where the Ray run's wall time went, from the worker's own window timings and step
+    events; the bare loop's validations stand in when the events cannot be read."""
+    batch_size = work.cfg.train.batch_size
+    window_steps = np.diff([0, *work.bounds]).tolist()
+    window_seconds = [
+        k * batch_size / r for k, r in zip(window_steps, ray_run.window_per_s, strict=True)
+    ]
+    walls = read_step_walls(ray_run.log_dir)
+    bounds = work.bounds
     bound_walls = [walls[b] for b in bounds] if all(b in walls for b in bounds) else None
-    timeline = ray_timeline(
-        t_call,
-        t_return,
+    return ray_timeline(
+        ray_run.t_call,
+        ray_run.t_return,
         window_seconds,
         bound_walls,
-        total_steps,
-        tcfg.batch_size,
-        pipeline_per_s,
+        work.total_steps,
+        batch_size,
+        ray_run.steady_per_s,
         statistics.mean(bare.validation_s),
     )
-    ratio = pipeline_per_s / bare_per_s
 
-    model = JAM(jam_config(tcfg, bare.d_image, bare.d_text))
-    report: dict[str, Any] = {
+
+def _report(
+    work: Workload,
+    bare: BareRun,
+    ray_run: RayRun,
+    timeline: Timeline,
+    ray_init_s: float,
+    load: dict[str, float | None],
+) -> dict[str, Any]:
+    """The figures `bench.json` holds (see the module docstring for what each one means)."""
+    pipeline_per_s, bare_per_s = ray_run.steady_per_s, steady_rate(bare.window_per_s)
+    host = host_info()
+    return {
         "pipeline_per_s": pipeline_per_s,
         "bare_per_s": bare_per_s,
-        "ratio": ratio,
+        "ratio": pipeline_per_s / bare_per_s,
         "startup_s": timeline.startup_s,
         "startup": {
             "to_first_step_s": timeline.to_first_step_s,
@@ -323,45 +397,58 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
             "train_s": timeline.train_s,
             "excess_train_s": timeline.excess_train_s,
             "validation_s": timeline.validation_s,
-            "validations": len(bounds),
+            "validations": len(work.bounds),
             "ray_init_s": ray_init_s,
-            "window_per_s": ray_rates,
+            "window_per_s": ray_run.window_per_s,
         },
         "bare": {"window_per_s": bare.window_per_s, "validation_s": bare.validation_s},
         "load_average": load,
-        "settings": {
-            "objective": tcfg.objective,
-            "model": {
-                "d_image": model.cfg.d_image,
-                "d_text": model.cfg.d_text,
-                "hidden": list(tcfg.hidden),
-                "latent": tcfg.latent,
-                "parameters": sum(p.numel() for p in model.parameters()),
-            },
-            "vision": cfg.extract.vision,
-            "text": cfg.extract.text,
-            "image_layer": paths.image_layer,
-            "text_layer": paths.text_layer,
-            "train_pairs": sizes["train"],
-            "batch_size": tcfg.batch_size,
-            "epochs": tcfg.epochs,
-            "steps": total_steps,
-            "eval_every": eval_every,
-            "window_ends": bounds,
-            "workers": tcfg.num_workers,
-            "torch_threads": threads,
-            "device": str(device),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "python": platform.python_version(),
-            "cpu_count": cpus,
-            "ray_cpus": float(ray.cluster_resources().get("CPU", 0.0)),
-            "train": to_dict(tcfg),
-        },
+        "settings": _settings(work, bare, host),
+        "host": host,
     }
-    report = _finite_or_none(report)
-    (out_dir / BENCH_FILE).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"[bench] ray train, 1 worker  : {pipeline_per_s:8.0f} samples/s", flush=True)
+
+
+def _settings(work: Workload, bare: BareRun, host: dict[str, Any]) -> dict[str, Any]:
+    """What was run and where: enough to tell whether two `bench.json` compare alike."""
+    import ray
+
+    cfg, tcfg = work.cfg, work.cfg.train
+    model = JAM(jam_config(tcfg, bare.d_image, bare.d_text))
+    return {
+        "objective": tcfg.objective,
+        "model": {
+            "d_image": model.cfg.d_image,
+            "d_text": model.cfg.d_text,
+            "hidden": list(tcfg.hidden),
+            "latent": tcfg.latent,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "vision": cfg.extract.vision,
+        "text": cfg.extract.text,
+        "image_layer": work.paths.image_layer,
+        "text_layer": work.paths.text_layer,
+        "train_pairs": work.train_pairs,
+        "batch_size": tcfg.batch_size,
+        "epochs": tcfg.epochs,
+        "steps": work.total_steps,
+        "eval_every": tcfg.eval_every,
+        "window_ends": work.bounds,
+        "workers": tcfg.num_workers,
+        "torch_threads": work.threads,
+        "device": str(work.device),
+        "torch": host["torch"],
+        "ray": ray.__version__,
+        "python": host["python"],
+        "cpu_count": host["cpus"],
+        "ray_cpus": float(ray.cluster_resources().get("CPU", 0.0)),
+        "train": to_dict(tcfg),
+    }
+
+
+def _print_summary(report: dict[str, Any], timeline: Timeline, bare: BareRun, path: Path) -> None:
+    """The Ray path's rate, the ratio against the goals, and a warning when other processes
+    loaded the machine during the runs."""
+    print(f"[bench] ray train, 1 worker  : {report['pipeline_per_s']:8.0f} samples/s", flush=True)
     first = (
         f"{timeline.to_first_step_s:.1f} s to the first step (of which {bare.setup_s:.1f} s "
         f"loading data and building the model) + {timeline.shutdown_s:.1f} s shutdown"
@@ -369,31 +456,20 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
         else "estimated"
     )
     print(
-        f"[bench] ratio {ratio:.3f} (goal >= 0.9); Ray start-up {timeline.startup_s:.1f} s "
-        f"(goal <= 10 s): {first}; {timeline.validation_s:.1f} s in {len(bounds)} validations "
-        f"-> {out_dir / BENCH_FILE}",
+        f"[bench] ratio {report['ratio']:.3f} (goal >= 0.9); Ray start-up "
+        f"{timeline.startup_s:.1f} s (goal <= 10 s): {first}; {timeline.validation_s:.1f} s in "
+        f"{report['ray_run']['validations']} validations -> {path}",
         flush=True,
     )
     # The bench itself keeps about `threads` (= the CPUs) busy; well above that, others were.
-    busy = [v for v in load.values() if v is not None and v > 1.5 * cpus]
+    cpus = report["settings"]["cpu_count"]
+    busy = [v for v in report["load_average"].values() if v is not None and v > 1.5 * cpus]
     if busy:
         print(
             f"[bench] warning: load average up to {max(busy):.1f} on {cpus} CPUs; other "
             "processes competed for the CPUs and the rates above are not reliable",
             flush=True,
         )
-    return report
-
-
-def _finite_or_none(value: Any) -> Any:
-    """JSON has no NaN: an unmeasured quantity is written as null."""
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        return None
-    return value
 
 
 def run(args: Any, cfg: Config, out: Path) -> None:
