@@ -22,8 +22,9 @@ from raysys import config
 from raysys.config import ExtractConfig
 from raysys.corpora import load_corpus
 from raysys.data import cache
+from raysys.embed import REJECT_PARTS
 from raysys.errors import BackboneError, CacheError, CorpusError
-from raysys.extract import REJECT_PARTS, extract, run_pass
+from raysys.extract import extract, run_pass
 
 
 def _direct_image_layers(image_bytes: bytes, size: int) -> list[np.ndarray]:

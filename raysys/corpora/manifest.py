@@ -21,6 +21,8 @@ import posixpath
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from raysys import storage
 from raysys.config import CorpusConfig
@@ -40,6 +42,8 @@ from raysys.errors import ConfigError, CorpusError
 MANIFEST_VERSION = 1  # bump when how rows become pairs changes: it re-keys every cache
 FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv"}
 FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
+# Beyond the shared fields: the columns that name a manifest's images and their ids.
+IMAGE_KEY_FIELDS = ("image_key", "id_key")
 
 
 def read_records(uri: str) -> tuple[list[dict[str, Any]], str]:
@@ -63,14 +67,10 @@ def read_records(uri: str) -> tuple[list[dict[str, Any]], str]:
         return _json_records(data, uri), digest
     try:
         if kind == "csv":
-            import pyarrow.csv as pcsv
-
             names = pcsv.read_csv(io.BytesIO(data)).column_names
             options = pcsv.ConvertOptions(column_types={n: pa.string() for n in names})
             table = pcsv.read_csv(io.BytesIO(data), convert_options=options)
         else:
-            import pyarrow.parquet as pq
-
             table = pq.read_table(io.BytesIO(data))
     except pa.ArrowInvalid as e:
         raise CorpusError(f"cannot parse manifest {uri!r} as {kind}: {e}") from e
@@ -126,8 +126,24 @@ def _image_value(value: Any) -> str | bytes | None:
 
 
 def load(cfg: CorpusConfig) -> Corpus:
+    """The manifest's pairs and image table, keyed by its bytes, settings and location."""
     if not cfg.path:
         raise ConfigError("corpus.name=manifest needs corpus.path (a .jsonl, .csv or .parquet)")
+    records, digest = _read_table(cfg)
+    base = _base_dir(cfg.path)
+    images, captions, splits = _parse_rows(cfg, records, base)
+    _check_buckets(images)
+    pairs = _pairs(cfg, captions, splits)
+    image_table = _image_table(cfg, images)
+    # The resolved location too: the same manifest elsewhere names other image files.
+    key = content_key("manifest", MANIFEST_VERSION, digest, settings(cfg, IMAGE_KEY_FIELDS), base)
+    info = {"kind": "manifest", "source": cfg.path, "sha256": digest, "images": len(images)}
+    return Corpus(key=key, pairs=pairs, images=image_table, info=info)
+
+
+def _read_table(cfg: CorpusConfig) -> tuple[list[dict[str, Any]], str]:
+    """`read_records`, then a check that the image and caption columns exist (among the
+    first 1,000 rows), so a wrong `corpus.*_key` fails with the columns there are."""
     records, digest = read_records(cfg.path)
     columns = sorted({k for r in records[:1000] for k in r})
     for key in ("image_key", "caption_key"):
@@ -136,25 +152,28 @@ def load(cfg: CorpusConfig) -> Corpus:
                 f"manifest {cfg.path!r} has no column {getattr(cfg, key)!r} (corpus.{key}); "
                 f"its columns: {', '.join(columns)}"
             )
-    if storage.is_remote(cfg.path):
-        base = posixpath.dirname(cfg.path.rstrip("/"))
-    else:
-        base = os.path.dirname(os.path.abspath(cfg.path))
+    return records, digest
 
+
+def _base_dir(path: str) -> str:
+    """The manifest's directory, which relative image paths are relative to."""
+    if storage.is_remote(path):
+        return posixpath.dirname(path.rstrip("/"))
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _parse_rows(
+    cfg: CorpusConfig, records: list[dict[str, Any]], base: str
+) -> tuple[dict[str, Any], dict[str, list[tuple[Any, Any]]], dict[str, str]]:
+    """Images (id -> bytes or uri, the first `corpus.limit` of them), their (caption,
+    negative) pairs and given splits. A row without an image or caption still gives a pair,
+    which the image or text pass rejects with its reason."""
     images: dict[str, Any] = {}  # image id -> bytes or uri
     captions: dict[str, list[tuple[Any, Any]]] = {}  # image id -> [(caption, negative)]
     splits: dict[str, str] = {}
     for n, record in enumerate(records):
         image = _image_value(record.get(cfg.image_key))
-        given_id = record.get(cfg.id_key) if cfg.id_key else None
-        if given_id is not None and str(given_id) != "":
-            image_id = str(given_id)
-        elif isinstance(image, str):
-            image_id = image
-        elif isinstance(image, bytes):
-            image_id = "sha256-" + hashlib.sha256(image).hexdigest()[:20]
-        else:
-            image_id = f"row-{n:09d}"  # no image: the image pass rejects it
+        image_id = _image_id(record.get(cfg.id_key) if cfg.id_key else None, image, n)
         value = _image_uri(image, base) if isinstance(image, str) else image
         if image_id not in images:
             if cfg.limit and len(images) >= cfg.limit:
@@ -178,45 +197,57 @@ def load(cfg: CorpusConfig) -> Corpus:
             texts, negs = [None], []
         pairs = captions.setdefault(image_id, [])
         pairs.extend(zip(texts, negs or [None] * len(texts), strict=True))
+    return images, captions, splits
+
+
+def _image_id(given: Any, image: str | bytes | None, n: int) -> str:
+    """The id column's value if set, else the image path, else a hash of the inline bytes;
+    a row with no image gets a placeholder id, unique per row."""
+    if given is not None and str(given) != "":
+        return str(given)
+    if isinstance(image, str):
+        return image
+    if isinstance(image, bytes):
+        return "sha256-" + hashlib.sha256(image).hexdigest()[:20]
+    return f"row-{n:09d}"  # no image: the image pass rejects it
+
+
+def _check_buckets(images: dict[str, Any]) -> None:
+    """A wrong image bucket fails now, not after the pass has rejected every image."""
     buckets = {
         v[5:].split("/", 1)[0]
         for v in images.values()
         if isinstance(v, str) and storage.is_remote(v)
     }
-    for bucket in sorted(buckets):  # a wrong image bucket fails now, not after the pass
+    for bucket in sorted(buckets):
         storage.check_readable(f"s3://{bucket}", "image bucket")
 
-    rows_out: list[dict[str, Any]] = []
+
+def _pairs(
+    cfg: CorpusConfig, captions: dict[str, list[tuple[Any, Any]]], splits: dict[str, str]
+) -> pa.Table:
+    """The pairs table: each image's captions, in the image's given split or a seeded one."""
+    rows: list[dict[str, Any]] = []
     for image_id, pairs in captions.items():
         split = splits.get(image_id) or split_of(
             image_id, cfg.seed, cfg.val_fraction, cfg.test_fraction
         )
-        rows_out += image_pairs(image_id, pairs, split)
-    pairs = pairs_table(rows_out)
-    check_unique(pairs, f"manifest {cfg.path!r}")
-    ids = list(images)
+        rows += image_pairs(image_id, pairs, split)
+    table = pairs_table(rows)
+    check_unique(table, f"manifest {cfg.path!r}")
+    return table
+
+
+def _image_table(cfg: CorpusConfig, images: dict[str, Any]) -> pa.Table:
+    """`id` plus inline `image` bytes or a `uri` the image pass reads; never both kinds."""
     values = list(images.values())
     inline = any(isinstance(v, bytes) for v in values)
-    image_table = pa.table(
-        {"id": pa.array(ids, pa.string())}
-        | (
-            {"image": pa.array([v if isinstance(v, bytes) else None for v in values], pa.binary())}
-            if inline
-            else {"uri": pa.array(values, pa.string())}
-        )
-    )
     if inline and any(isinstance(v, str) for v in values):
         raise CorpusError(
             f"manifest {cfg.path!r} mixes inline image bytes and image paths; use one or the other"
         )
-    # The resolved location too: the same manifest elsewhere names other image files.
-    key = content_key("manifest", MANIFEST_VERSION, digest, settings(cfg, IMAGE_KEY_FIELDS), base)
-    info = {"kind": "manifest", "source": cfg.path, "sha256": digest, "images": len(ids)}
-    return Corpus(key=key, pairs=pairs, images=image_table, info=info)
-
-
-# Beyond the shared fields: the columns that name a manifest's images and their ids.
-IMAGE_KEY_FIELDS = ("image_key", "id_key")
+    column, kind = ("image", pa.binary()) if inline else ("uri", pa.string())
+    return pa.table({"id": pa.array(list(images), pa.string()), column: pa.array(values, kind)})
 
 
 def coco_rows(annotations: dict[str, Any], image_dir: str = "") -> list[dict[str, Any]]:

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raysys import config
-from raysys.backbones import Backbone, select_layers
+from raysys.backbones import Backbone, configured_backbone, select_layers
 from raysys.checks import check_best_metric
 from raysys.config import Config
 from raysys.errors import ConfigError
-from raysys.extract import configured_backbone
 from raysys.runtime import Resources
 
 SPREAD_ONLY = ("train.alpha", "train.k")  # Spread's own knobs: other objectives ignore them

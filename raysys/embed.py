@@ -1,0 +1,136 @@
+"""Extraction's compute, without Ray: a batch's CPU preprocessing (`Prepare`) and the frozen
+backbone's forward over it (`EmbedActor`, `embed_batch`).
+
+`raysys.extract` runs these as Ray Data's `map_batches` stage and actor pool; `raysys bench
+embed` times `embed_batch` alone against a bare forward.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from raysys import storage
+from raysys.backbones import REJECT, Backbone, layer_name, pick_device
+from raysys.data import cache
+
+REJECT_PARTS = "rejects.parts"  # actors' reject files, merged into cache.REJECTS at the end
+
+
+class Prepare:
+    """The CPU stage: read images named by URI, then the backbone's own preprocessing
+    (decode/resize or tokenize); a reason given upstream (an unreadable file) wins over the
+    one preprocessing would give the empty row."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prior = np.full(len(batch["id"]), "", dtype=object)
+        if "uri" in batch:
+            batch = dict(batch)
+            batch["image"], prior = read_images(batch.pop("uri"))
+        out = self.backbone.preprocess(batch)
+        reasons = np.asarray(out[REJECT], dtype=object)
+        out[REJECT] = np.where(prior != "", prior, reasons)
+        return out
+
+
+def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of each image file (local or s3://), and a reject reason for each one that
+    cannot be read; S3 objects are fetched concurrently (one s3fs `cat_ranges` per batch)."""
+    data = np.empty(len(uris), dtype=object)
+    reasons = np.full(len(uris), "", dtype=object)
+    todo = [i for i, u in enumerate(uris) if isinstance(u, str) and u]
+    remote = [i for i in todo if storage.is_remote(uris[i])]
+    if remote:
+        fs, _ = storage.fsspec_fs(uris[remote[0]])
+        paths = [storage.fsspec_fs(uris[i])[1] for i in remote]
+        # cat_ranges, not cat: cat expands glob characters, which are legal in S3 keys.
+        got = fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
+        for i, value in zip(remote, got, strict=True):
+            if isinstance(value, bytes):
+                data[i] = value
+            else:
+                reasons[i] = f"missing or unreadable image file: {type(value).__name__}"
+    for i in set(todo) - set(remote):
+        try:
+            with open(uris[i].removeprefix("file://"), "rb") as f:
+                data[i] = f.read()
+        except OSError as e:
+            reasons[i] = f"missing or unreadable image file: {e.strerror or type(e).__name__}"
+    for i in set(range(len(uris))) - set(todo):
+        reasons[i] = "no image in the corpus row"
+    return data, reasons
+
+
+class EmbedActor:
+    """Holds one frozen backbone for the lifetime of a Ray actor; each call embeds one part
+    (`extract.part_rows` rows, in forward batches of `extract.batch_size`) and writes it.
+
+    The actor writes its part itself, atomically, good rows to the cache and bad rows to the
+    rejects, so the pass streams through once (no materialized copy of every embedding) and
+    a killed pass leaves only whole parts, which a rerun keeps and skips.
+    """
+
+    def __init__(
+        self, backbone: Backbone, use_gpu: bool, num_threads: int, out_dir: str, batch_size: int
+    ) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.backbone = backbone
+        self.backbone.load(pick_device(use_gpu))
+        self.out_dir = Path(out_dir)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        table = pa.concat_tables(
+            embed_batch(self.backbone, {k: v[i : i + self.batch_size] for k, v in batch.items()})
+            for i in range(0, n, self.batch_size)
+        )
+        name = uuid.uuid4().hex
+        bad = pc.not_equal(table[REJECT], "")
+        n_bad = pc.sum(bad.cast("int64")).as_py() or 0
+        if n_bad:  # rejects first: a part whose rejects are written is never redone for them
+            rejects = table.filter(bad).select(["id", REJECT]).rename_columns(["id", "reason"])
+            (self.out_dir / REJECT_PARTS).mkdir(parents=True, exist_ok=True)
+            cache.write_part(rejects, self.out_dir / REJECT_PARTS / f"{name}.parquet")
+        if n_bad < n:
+            good = table.filter(pc.invert(bad)).drop_columns([REJECT])
+            cache.write_part(good, self.out_dir / f"part-{name}.parquet")
+        return {"rows": np.array([n - n_bad]), "rejects": np.array([n_bad])}
+
+
+def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:
+    """Embed the good rows of a preprocessed batch; bad rows pass through with their reason
+    and empty layers, so nothing is dropped before it is counted."""
+    reasons = np.asarray(batch[REJECT], dtype=object)
+    good = np.flatnonzero(reasons == "")
+    columns: dict[str, Any] = {"id": pa.array(batch["id"].astype(str))}
+    if len(good):
+        layers = backbone.embed({k: v[good] for k, v in batch.items() if k != REJECT})
+    for name, dim in layer_dims(backbone).items():
+        full = np.zeros((len(reasons), dim), dtype=np.float16)
+        if len(good):
+            with np.errstate(over="ignore"):
+                full[good] = layers[name]
+            # A value past float16's range (±65504) would be cached as inf: reject the row.
+            broken = good[~np.isfinite(full[good]).all(1)]
+            reasons[broken] = [r or f"non-finite {name} embedding" for r in reasons[broken]]
+        columns[name] = cache.float16_list_array(full)
+    columns[REJECT] = pa.array(reasons.astype(str))
+    return pa.table(columns)
+
+
+def layer_dims(backbone: Backbone) -> dict[str, int]:
+    """Column name -> width of every cached layer; a text pass also caches its negatives'."""
+    dims = {layer_name(i): d for i, d in zip(backbone.layer_ids, backbone.dims, strict=True)}
+    if backbone.modality == "text":
+        dims |= {"neg_" + name: d for name, d in dims.items()}
+    return dims
