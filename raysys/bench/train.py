@@ -1,7 +1,7 @@
 """`raysys bench train`: what Ray Train costs over a bare PyTorch loop for the same JAM fit.
 
 The same model, cached embeddings, global batch, number of steps and torch thread count are
-trained twice: once through `raysys.train.train` (a Ray Train `TorchTrainer` with 1 worker,
+trained twice: once through `raysys.train.driver.train` (a Ray Train `TorchTrainer` with 1 worker,
 exactly what `raysys train` runs) and once by a `Trainer` driven in this process over in-memory
 tensors. Two numbers answer "is Ray worth it here":
 
