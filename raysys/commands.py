@@ -36,11 +36,11 @@ from raysys.report.report import (
     write_results,
     write_sweep_report,
 )
-from raysys.report.schema import RAW, SWEEP_SHOWN, ks_of, model_row, raw_sweep_rows
+from raysys.report.schema import RAW, SWEEP_SHOWN, ks_of, model_row
 from raysys.report.tensorboard import projector_sample, write_run_summaries
 from raysys.rundir import CONFIG_FILE, RunDir, open_run
 from raysys.runtime import cluster_resources, init_ray
-from raysys.sweep.plan import Trial, check_sweep, packing, plan_trials
+from raysys.sweep.plan import Trial, check_sweep, packing, plan_trials, raw_sweep_rows
 from raysys.sweep.prepare import Prepared, prepare
 from raysys.sweep.tune import TUNE_DIR, Outcome, check_resumable, check_same_plan, run_trials
 from raysys.train.driver import train as fit

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 
 from raysys.report.report import read_results, write_results
-from raysys.report.schema import RESULT_COLUMNS, ks_of, metric_names, raw_sweep_rows, trial_row
-from raysys.sweep.plan import LayerPair, Prepared, Trial
+from raysys.report.schema import RESULT_COLUMNS, ks_of, metric_names
+from raysys.sweep.plan import LayerPair, Prepared, Trial, raw_sweep_rows, trial_row
 
 
 def _layer() -> LayerPair:

@@ -8,10 +8,7 @@ columns first. Retrieval columns follow `eval.retrieval_ks`; the default is r1, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from raysys.sweep.plan import LayerPair, Prepared, Trial
+from typing import Any
 
 DEFAULT_KS = (1, 5, 10)
 AXES = ["objective", "vision", "text", "vision_layer", "text_layer"]
@@ -61,6 +58,18 @@ def ks_of(rows: list[dict[str, Any]]) -> list[int]:
     return ks or list(DEFAULT_KS)
 
 
+def sweep_axes(
+    vision_params: int, text_params: int, vision_depth: float, text_depth: float
+) -> dict[str, Any]:
+    """A sweep row's columns beside the axes: relative depths and model sizes."""
+    return {
+        "vision_depth": vision_depth,
+        "text_depth": text_depth,
+        "vision_params": vision_params,
+        "text_params": text_params,
+    }
+
+
 def model_row(
     objective: str,
     vision: str,
@@ -73,49 +82,3 @@ def model_row(
     """One results row: the axes, the scores, then any extra columns (`train_s`, …)."""
     axes = dict(zip(AXES, (objective, vision, text, vision_layer, text_layer), strict=True))
     return {**axes, **scores, **extra}
-
-
-def _sweep_axes(vision_params: int, text_params: int, layer: LayerPair) -> dict[str, Any]:
-    return {
-        "vision_depth": layer.vision_depth,
-        "text_depth": layer.text_depth,
-        "vision_params": vision_params,
-        "text_params": text_params,
-    }
-
-
-def raw_sweep_rows(prepared: list[Prepared]) -> list[dict[str, Any]]:
-    """One `raw` row per (model pair, layer pair): the unaligned baseline."""
-    return [
-        {"trial": ""}
-        | model_row(
-            RAW,
-            pair.vision,
-            pair.text,
-            layer.vision_layer,
-            layer.text_layer,
-            layer.raw,
-            **_sweep_axes(pair.vision_params, pair.text_params, layer),
-        )
-        for pair in prepared
-        for layer in pair.layers
-    ]
-
-
-def trial_row(
-    trial: Trial, scores: dict[str, float], seconds: float, params: dict[str, Any]
-) -> dict[str, Any]:
-    """A finished trial's row: its axes, test scores, the same layers' raw scores, params."""
-    layer = trial.layer
-    return {"trial": trial.id} | model_row(
-        trial.objective,
-        trial.vision,
-        trial.text,
-        layer.vision_layer,
-        layer.text_layer,
-        scores,
-        **_sweep_axes(trial.vision_params, trial.text_params, layer),
-        **{f"raw_{k}": v for k, v in layer.raw.items()},
-        train_s=round(seconds, 1),
-        **params,
-    )

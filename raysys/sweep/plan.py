@@ -18,6 +18,7 @@ from raysys.backbones import Backbone, configured_backbone, select_layers
 from raysys.checks import check_best_metric
 from raysys.config import Config
 from raysys.errors import ConfigError
+from raysys.report.schema import RAW, model_row, sweep_axes
 from raysys.runtime import Resources
 
 SPREAD_ONLY = ("train.alpha", "train.k")  # Spread's own knobs: other objectives ignore them
@@ -250,6 +251,45 @@ class Trial:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trial:
         return cls(**{**d, "layer": LayerPair(**d["layer"])})
+
+
+def raw_sweep_rows(prepared: list[Prepared]) -> list[dict[str, Any]]:
+    """One `raw` row per (model pair, layer pair): the unaligned baseline."""
+    return [
+        {"trial": ""}
+        | model_row(
+            RAW,
+            pair.vision,
+            pair.text,
+            layer.vision_layer,
+            layer.text_layer,
+            layer.raw,
+            **sweep_axes(
+                pair.vision_params, pair.text_params, layer.vision_depth, layer.text_depth
+            ),
+        )
+        for pair in prepared
+        for layer in pair.layers
+    ]
+
+
+def trial_row(
+    trial: Trial, scores: dict[str, float], seconds: float, params: dict[str, Any]
+) -> dict[str, Any]:
+    """A finished trial's row: its axes, test scores, the same layers' raw scores, params."""
+    layer = trial.layer
+    return {"trial": trial.id} | model_row(
+        trial.objective,
+        trial.vision,
+        trial.text,
+        layer.vision_layer,
+        layer.text_layer,
+        scores,
+        **sweep_axes(trial.vision_params, trial.text_params, layer.vision_depth, layer.text_depth),
+        **{f"raw_{k}": v for k, v in layer.raw.items()},
+        train_s=round(seconds, 1),
+        **params,
+    )
 
 
 def plan_trials(cfg: Config, prepared: list[Prepared]) -> list[Trial]:

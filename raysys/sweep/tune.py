@@ -28,10 +28,9 @@ from raysys.data.source import PairSource
 from raysys.errors import ConfigError
 from raysys.evaluate import score_model
 from raysys.jam import JAM
-from raysys.report.schema import trial_row
 from raysys.report.tensorboard import write_hparams
 from raysys.rundir import RunDir
-from raysys.sweep.plan import Packing, Trial, trial_config
+from raysys.sweep.plan import Packing, Trial, trial_config, trial_row
 from raysys.train.driver import train
 
 DRIVER_MEMORY = 512 * 2**20  # a trial function's process: torch, raysys, the test split
