@@ -101,17 +101,23 @@ def sweep(
     rows = raw_sweep_rows(prepared) + outcome.rows
     _sweep_report(cfg, run, rows, trials, outcome, time.perf_counter() - started)
     run.finish()
-    if outcome.unfinished:
-        how = (
-            f"they are on {run.uri}; an s3:// sweep cannot be resumed yet"
-            if run.uri
-            else f"resume with: raysys sweep resume={run.local}"
-        )
-        raise Interrupted(
-            f"the sweep stopped with {outcome.unfinished} of {len(trials)} trials unfinished; "
-            f"finished trials are kept: {how}"
-        )
+    _stop_if_unfinished(run, outcome, len(trials))
     return rows
+
+
+def _stop_if_unfinished(run: RunDir, outcome: Outcome, trials: int) -> None:
+    """A stopped sweep exits 130 with the command that resumes it."""
+    if not outcome.unfinished:
+        return
+    how = (
+        f"they are on {run.uri}; an s3:// sweep cannot be resumed yet"
+        if run.uri
+        else f"resume with: raysys sweep resume={run.local}"
+    )
+    raise Interrupted(
+        f"the sweep stopped with {outcome.unfinished} of {trials} trials unfinished; "
+        f"finished trials are kept: {how}"
+    )
 
 
 def _axes(cfg: Config, prepared: list[Prepared]) -> str:
