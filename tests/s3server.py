@@ -13,6 +13,15 @@ A fixture is five lines::
             yield server
 
 and a test sets the environment with ``server.patch_env(monkeypatch)`` (or ``server.env``).
+
+Where the environment must be fixed before the server is wanted (Ray's workers inherit the
+environment Ray starts with), hold a port first and start the server on it later, if at all::
+
+    port = ReservedPort()            # bound on 127.0.0.1, not listening; nothing started
+    os.environ.update(port.env)      # the endpoint and credentials the server will answer to
+    ...
+    with moto_server(port=port) as server:   # releases the port and listens on it
+        ...
 """
 
 from __future__ import annotations
@@ -54,6 +63,49 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def s3_env(endpoint_url: str) -> dict[str, str]:
+    """The environment that points boto3, s3fs, pyarrow and raysys at `endpoint_url`."""
+    return {
+        "AWS_ENDPOINT_URL_S3": endpoint_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # no EC2 instance-metadata probes (they stall for seconds off EC2)
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # botocore and aiohttp honour HTTP(S)_PROXY: keep 127.0.0.1 direct
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+
+
+class ReservedPort:
+    """A port on 127.0.0.1 held for a server that may start later.
+
+    The socket stays bound (not listening) until :meth:`release`, so no other socket (another
+    process's, or any ``bind`` to port 0) is given the port meanwhile; ``moto_server(port=...)``
+    releases it just before the server binds it.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((HOST, 0))
+        self.port: int = self._sock.getsockname()[1]
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What ``S3Server.env`` will hold once a server runs on this port."""
+        return s3_env(self.endpoint_url)
+
+    def release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 @dataclass
@@ -124,25 +176,34 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def moto_server(start_timeout_s: float = START_TIMEOUT_S) -> Iterator[S3Server]:
+def moto_server(
+    start_timeout_s: float = START_TIMEOUT_S, port: ReservedPort | None = None
+) -> Iterator[S3Server]:
     """Start ``moto_server -H 127.0.0.1 -p <free port>`` (the one beside ``sys.executable``),
     wait until it answers HTTP, yield an :class:`S3Server`, and stop it on exit.
+
+    With `port`, the server listens on that reserved port (released here) and nowhere else:
+    whoever was given ``port.env`` expects it there.
 
     Nothing global is changed here; apply ``server.env`` where needed.
     """
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     if not os.path.exists(exe):
         raise RuntimeError(f"{exe} not found; install the dev extras (moto[server])")
+    if port is not None:
+        port.release()
+    # Another process may grab a free port first: try others, unless the port was promised.
+    attempts = 3 if port is None else 1
     with tempfile.TemporaryFile() as log:
-        for _attempt in range(3):  # another process may grab the free port first
-            port = free_port()
+        for _attempt in range(attempts):
+            port_number = free_port() if port is None else port.port
             proc = subprocess.Popen(
-                [exe, "-H", HOST, "-p", str(port)],
+                [exe, "-H", HOST, "-p", str(port_number)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            url = f"http://{HOST}:{port}"
+            url = f"http://{HOST}:{port_number}"
             deadline = time.monotonic() + start_timeout_s
             while proc.poll() is None and time.monotonic() < deadline:
                 if _answers(url + "/"):
@@ -161,24 +222,10 @@ def moto_server(start_timeout_s: float = START_TIMEOUT_S) -> Iterator[S3Server]:
         else:
             log.seek(0)
             raise RuntimeError(
-                "moto_server exited before answering:\n"
+                f"moto_server exited before answering (last tried {url}):\n"
                 + log.read().decode(errors="replace")[-2000:]
             )
         try:
-            yield S3Server(
-                endpoint_url=url,
-                pid=proc.pid,
-                env={
-                    "AWS_ENDPOINT_URL_S3": url,
-                    "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                    # no EC2 instance-metadata probes (they stall for seconds off EC2)
-                    "AWS_EC2_METADATA_DISABLED": "true",
-                    # botocore and aiohttp honour HTTP(S)_PROXY: keep 127.0.0.1 direct
-                    "NO_PROXY": "127.0.0.1,localhost",
-                    "no_proxy": "127.0.0.1,localhost",
-                },
-            )
+            yield S3Server(endpoint_url=url, pid=proc.pid, env=s3_env(url))
         finally:
             _stop(proc)

@@ -1,4 +1,5 @@
-"""`raysys.bench`: the timing arithmetic on known numbers, and one real bench end to end."""
+"""`raysys.bench`: the timing arithmetic on known numbers, and `bench embed` (no Ray) end to
+end. (`bench train` and `bench extract` on a real local Ray: tests/test_bench_ray.py.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import math
 
 import pytest
 
-from raysys import config
 from raysys.bench import BENCH_FILE
-from raysys.bench.train import bench_train, ray_timeline, steady_rate, window_bounds
+from raysys.bench.train import ray_timeline, steady_rate, window_bounds
 
 
 def test_windows_end_where_the_worker_validates() -> None:
@@ -49,76 +49,6 @@ def test_timeline_without_step_times_estimates_validations() -> None:
     assert math.isnan(t.to_first_step_s) and math.isnan(t.shutdown_s)
 
 
-@pytest.mark.slow
-def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_path) -> None:
-    import ray
-    import torch
-
-    cfg = config.load(
-        None,
-        [
-            "corpus.size=200",
-            f"extract.cache_dir={tmp_path / 'cache'}",
-            "train.batch_size=32",
-            "train.hidden=64",
-            "train.latent=16",
-            "train.epochs=4",
-            "train.num_workers=2",  # the bench must still run Ray Train with one worker
-            "train.early_stop_patience=1",  # and must not stop early
-        ],
-    )
-    out = tmp_path / "bench"
-    stale = out / "ray-run" / "tensorboard" / "bench" / "events.out.tfevents.stale"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"")  # a previous bench's run: replaced, never resumed or mixed in
-    result = bench_train(cfg, out)
-
-    written = json.loads((out / BENCH_FILE).read_text())
-    assert written == result
-    for key in ("pipeline_per_s", "bare_per_s", "ratio", "startup_s"):
-        assert isinstance(written[key], float), key
-        assert math.isfinite(written[key]) and written[key] > 0, key
-    assert written["ratio"] == written["pipeline_per_s"] / written["bare_per_s"]
-
-    # 160 train pairs / batch 32 = 5 steps per epoch, 4 epochs: 5 windows of ceil(20 / 6) steps.
-    settings = written["settings"]
-    assert settings["steps"] == 20 and settings["window_ends"] == [4, 8, 12, 16, 20]
-    assert settings["batch_size"] == 32 and settings["workers"] == 1
-    assert settings["model"]["hidden"] == [64] and settings["model"]["latent"] == 16
-    assert settings["torch_threads"] == 2  # both CPUs of the test cluster to the one worker
-    assert settings["device"] == "cpu"
-    assert settings["torch"] == torch.__version__ and settings["ray"] == ray.__version__
-    assert len(written["ray_run"]["window_per_s"]) == len(written["bare"]["window_per_s"]) == 5
-    assert written["startup"]["source"] == "tensorboard"
-    run = written["ray_run"]
-    parts = run["train_s"] + run["excess_train_s"] + run["validation_s"] + written["startup_s"]
-    assert parts == pytest.approx(run["wall_s"])
-    assert (out / "ray-run" / "models" / "bench" / "model.safetensors").is_file()
-    assert not stale.exists()
-
-
-@pytest.mark.slow
-def test_bench_extract_times_the_pass_and_the_bare_loop(ray_cluster, tmp_path) -> None:
-    from raysys.bench.extract import bench_extract
-    from raysys.errors import ConfigError
-
-    cfg = config.load(None, ["corpus.size=60", "extract.batch_size=16"])
-    out = tmp_path / "bench"
-    result = bench_extract(cfg, out, images=40)
-    assert json.loads((out / BENCH_FILE).read_text()) == result
-    for key in ("pipeline_per_s", "bare_per_s", "ratio"):
-        assert math.isfinite(result[key]) and result[key] > 0, key
-    assert result["ratio"] == pytest.approx(result["pipeline_per_s"] / result["bare_per_s"])
-    assert result["pipeline_per_s"] == pytest.approx(40 / result["pipeline_s"])
-    settings = result["settings"]
-    assert settings["images"] == settings["cached_rows"] == 40  # the pass really embedded all
-    assert settings["image_size"] == 128 and settings["batch_size"] == 16
-    assert settings["actors"]["count"] >= 1
-    with pytest.raises(ConfigError, match="the corpus has 60 images"):
-        bench_extract(cfg, out, images=61)
-
-
-@pytest.mark.slow
 def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> None:
     """ViT-B/16 and BERT-base from configs (random weights), through the `hf:` path: the
     actor's batch function and the bare forward on the same tensors, both recorded."""
@@ -137,7 +67,7 @@ def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> Non
 
 
 def test_bench_sweep_summary_compares_the_same_trials() -> None:
-    """The sweeps themselves are the real ones (tests/test_sweep_run.py runs one end to end);
+    """The sweeps themselves are the real ones (tests/test_sweep_ray.py runs one end to end);
     the bench adds this arithmetic and refuses to compare runs that did not finish alike."""
     from raysys.bench.sweep import summary
     from raysys.errors import RaysysError

@@ -1,5 +1,5 @@
 """The sweep's axes, trial plan and packing: pure functions, no Ray (the end-to-end sweep on a
-real local Ray, its report and its resume are in test_sweep_run.py)."""
+real local Ray, its report and its resume are in test_sweep_ray.py)."""
 
 from __future__ import annotations
 

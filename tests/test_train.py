@@ -1,4 +1,5 @@
-"""The training step without Ray: schedules, batching and that a step actually learns."""
+"""The training step without Ray: schedules, batching, that a step actually learns, and NaN
+rows in a streamed batch named by pair id."""
 
 from __future__ import annotations
 
@@ -132,3 +133,28 @@ def test_alignment_loss_dispatches_on_objective() -> None:
     ):
         tcfg.objective = objective
         torch.testing.assert_close(alignment_loss(tcfg, zi, zt, zn, s), want)
+
+
+def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from raysys.data import cache
+    from raysys.data.stream import arrays
+    from raysys.errors import CacheError
+
+    image = np.ones((3, 4), np.float16)
+    text = np.ones((3, 2), np.float16)
+    batch = pa.table(
+        {
+            "pair_id": ["a", "b", "c"],
+            "image": cache.float16_list_array(image),
+            "text": cache.float16_list_array(text),
+            "negative": cache.float16_list_array(text),
+        }
+    )
+    assert arrays(batch)["image"].shape == (3, 4)
+    text[1, 0] = np.inf
+    bad = batch.set_column(2, "text", cache.float16_list_array(text))
+    with pytest.raises(CacheError, match=r"1 pair\(s\) have NaN or inf.*\['b'\]"):
+        arrays(bad)

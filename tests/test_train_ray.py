@@ -18,8 +18,6 @@ from raysys import config
 from raysys.commands import trained_source as train_paths
 from raysys.train.driver import train
 
-pytestmark = pytest.mark.slow
-
 SMALL = [
     "train.hidden=64",
     "train.latent=16",
@@ -242,31 +240,6 @@ def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> N
     before = {p: p.stat().st_mtime_ns for p in view.iterdir()}
     assert stream.write_pair_view(paths, "train", 48) == view
     assert {p: p.stat().st_mtime_ns for p in view.iterdir()} == before
-
-
-def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
-    import numpy as np
-    import pyarrow as pa
-
-    from raysys.data import cache
-    from raysys.data.stream import arrays
-    from raysys.errors import CacheError
-
-    image = np.ones((3, 4), np.float16)
-    text = np.ones((3, 2), np.float16)
-    batch = pa.table(
-        {
-            "pair_id": ["a", "b", "c"],
-            "image": cache.float16_list_array(image),
-            "text": cache.float16_list_array(text),
-            "negative": cache.float16_list_array(text),
-        }
-    )
-    assert arrays(batch)["image"].shape == (3, 4)
-    text[1, 0] = np.inf
-    bad = batch.set_column(2, "text", cache.float16_list_array(text))
-    with pytest.raises(CacheError, match=r"1 pair\(s\) have NaN or inf.*\['b'\]"):
-        arrays(bad)
 
 
 def test_auto_streams_only_a_shard_too_big_for_memory(ray_cluster) -> None:

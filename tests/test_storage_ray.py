@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from raysys import storage
 from raysys.cli import main
 from raysys.jam import JAM
-
-pytestmark = pytest.mark.slow
 
 
 def test_checkpoints_and_metrics_round_trip_through_s3(small_cache, s3_server, tmp_path) -> None:

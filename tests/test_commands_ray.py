@@ -1,6 +1,6 @@
 """`raysys train` end to end on a real local Ray: extract, Ray Train DDP (2 gloo workers),
 evaluation, report, TensorBoard event files read back with TensorBoard's own reader. (`raysys
-run` is a sweep now: tests/test_sweep_run.py.)"""
+run` is a sweep now: tests/test_sweep_ray.py.)"""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from raysys.cli import main
 from raysys.data import cache
 from raysys.jam import JAM
 from raysys.report.schema import RESULT_COLUMNS
-
-pytestmark = pytest.mark.slow
 
 OVERRIDES = [
     "corpus.size=300",

@@ -19,8 +19,6 @@ from raysys import config
 from raysys.cli import main
 from raysys.sweep.tune import TUNE_DIR, trial_status
 
-pytestmark = pytest.mark.slow
-
 OBJECTIVES = ["con", "spread"]
 MODELS = [("efficientnet-lite0", "minilm-l6"), ("efficientnet-lite1", "minilm-l6")]
 LAYERS = ["0.5:0.5", "1.0:1.0"]
