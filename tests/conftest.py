@@ -150,6 +150,14 @@ def ray_cluster(s3_port):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def scenes() -> list[dict]:
+    """The synthetic scenes the corpus tests write as manifests and shards, once per module."""
+    from corpus_files import make_scenes
+
+    return make_scenes()
+
+
 @pytest.fixture(scope="session")
 def small_cache(ray_cluster, tmp_path_factory):
     """A finished extraction of a small synthetic corpus, shared by the tests that read it."""

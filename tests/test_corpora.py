@@ -13,7 +13,6 @@ from corpus_files import (
     N_IMAGES,
     corpus_config,
     jsonl,
-    make_scenes,
     per_pair_rows,
     write_images,
 )
@@ -22,11 +21,6 @@ from raysys.config import CorpusConfig
 from raysys.corpora import load_corpus
 from raysys.corpora.base import split_of
 from raysys.errors import ConfigError, CorpusError
-
-
-@pytest.fixture(scope="module")
-def scenes() -> list[dict]:
-    return make_scenes()
 
 
 def test_manifest_shapes_and_formats_give_the_same_pairs(scenes, tmp_path) -> None:

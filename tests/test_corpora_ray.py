@@ -12,7 +12,6 @@ from corpus_files import (
     N_IMAGES,
     corpus_config,
     jsonl,
-    make_scenes,
     per_pair_rows,
     write_images,
     write_shards,
@@ -22,11 +21,6 @@ from raysys import config, storage
 from raysys.corpora import load_corpus
 from raysys.data import cache
 from raysys.errors import ConfigError, CorpusError
-
-
-@pytest.fixture(scope="module")
-def scenes() -> list[dict]:
-    return make_scenes()
 
 
 def test_webdataset_shards_read_with_ray_data(ray_cluster, scenes, tmp_path) -> None:
