@@ -12,15 +12,6 @@ from raysys.report.schema import metric_names
 MIN_EVAL_PAIRS = 4  # unbiased HSIC (unbiased CKA, CKNNA) needs more than 3 samples
 
 
-def check_command(command: str, cfg: Config, given: set[str]) -> None:
-    """Keys that make no sense for a command: `run` and `sweep` train every objective."""
-    if command in ("run", "sweep") and "train.objective" in given:
-        raise ConfigError(
-            f"{command} trains every entry of `objectives`; set objectives="
-            f"{cfg.train.objective} instead of train.objective"
-        )
-
-
 def check_best_metric(cfg: Config) -> None:
     """train.best_metric must name a metric validation actually reports."""
     names = metric_names(cfg.eval.retrieval_ks)

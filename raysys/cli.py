@@ -148,7 +148,7 @@ def _config(args: argparse.Namespace) -> Config:
     is the base its overrides apply to."""
     cfg = config.load(args.config, args.overrides)
     given = config.given_keys(args.config, args.overrides)
-    cfg = _commands().configure(args.command, cfg, given)
+    cfg = config.for_command(args.command, cfg, given)
     if args.command in WRITES_RUN_DIR:
         args.resume = bool(cfg.resume)
         if args.resume:

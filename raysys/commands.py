@@ -17,7 +17,6 @@ import numpy as np
 from raysys import config, storage
 from raysys.checks import (
     check_best_metric,
-    check_command,
     check_split_sizes,
     check_train_layers,
 )
@@ -47,31 +46,6 @@ from raysys.train.driver import train as fit
 from raysys.train.step import check_dims
 
 PROVENANCE = "provenance.json"  # beside an exported model: what it was trained on
-# `raysys run`'s sweep: two vision scales against one text model, half and full depth.
-RUN_MODELS = ("efficientnet-lite0+minilm-l6", "efficientnet-lite1+minilm-l6")
-RUN_LAYERS = ("0.5:0.5", "1.0:1.0")
-RUN_HIDDEN = (256, 256)  # a fifth of the default JAM's compute: 12 trials fit in 10 minutes
-
-
-def configure(command: str, cfg: Config, given: set[str]) -> Config:
-    """A command's config from the user's (`given` names the keys they set): checked for
-    keys the command cannot take, with `raysys run`'s defaults filled in."""
-    check_command(command, cfg, given)
-    return run_defaults(cfg, given) if command == "run" else cfg
-
-
-def run_defaults(cfg: Config, given: set[str]) -> Config:
-    """`raysys run`'s small sweep, for whatever the user did not set: EfficientNet-Lite0 and
-    Lite1 (two scales) against MiniLM, at half and full depth, with a narrower JAM (hidden
-    256, 256) so the 12 trials fit in 10 minutes on 2 cores."""
-    if not given & {"sweep.models", "extract.vision", "extract.text"}:
-        cfg.sweep.models = list(RUN_MODELS)
-    layer_keys = {"sweep.layers", "sweep.vision_depths", "sweep.text_depths"}
-    if not given & (layer_keys | {"train.vision_layer", "train.text_layer"}):
-        cfg.sweep.layers = list(RUN_LAYERS)
-    if "train.hidden" not in given:
-        cfg.train.hidden = list(RUN_HIDDEN)
-    return cfg
 
 
 # --- sweep (and run) ---------------------------------------------------------------------------

@@ -20,6 +20,10 @@ from raysys.errors import ConfigError
 
 OBJECTIVES = ("con", "negcon", "spread")
 SEARCHES = ("grid", "random", "asha")
+# `raysys run`'s sweep: two vision scales against one text model, half and full depth.
+RUN_MODELS = ("efficientnet-lite0+minilm-l6", "efficientnet-lite1+minilm-l6")
+RUN_LAYERS = ("0.5:0.5", "1.0:1.0")
+RUN_HIDDEN = (256, 256)  # a fifth of the default JAM's compute: 12 trials fit in 10 minutes
 
 
 @dataclass
@@ -451,4 +455,29 @@ def from_dict(tree: dict[str, Any]) -> Config:
     cfg = Config()
     for key, value in _flatten(tree).items():
         _set(cfg, key, value)
+    return cfg
+
+
+def for_command(command: str, cfg: Config, given: set[str]) -> Config:
+    """A command's config from the user's (`given` names the keys they set): keys the command
+    cannot take are refused, and `raysys run`'s defaults fill what the user left unset."""
+    if command in ("run", "sweep") and "train.objective" in given:
+        raise ConfigError(
+            f"{command} trains every entry of `objectives`; set objectives="
+            f"{cfg.train.objective} instead of train.objective"
+        )
+    return run_defaults(cfg, given) if command == "run" else cfg
+
+
+def run_defaults(cfg: Config, given: set[str]) -> Config:
+    """`raysys run`'s small sweep, for whatever the user did not set: EfficientNet-Lite0 and
+    Lite1 (two scales) against MiniLM, at half and full depth, with a narrower JAM (hidden
+    256, 256) so the 12 trials fit in 10 minutes on 2 cores."""
+    if not given & {"sweep.models", "extract.vision", "extract.text"}:
+        cfg.sweep.models = list(RUN_MODELS)
+    layer_keys = {"sweep.layers", "sweep.vision_depths", "sweep.text_depths"}
+    if not given & (layer_keys | {"train.vision_layer", "train.text_layer"}):
+        cfg.sweep.layers = list(RUN_LAYERS)
+    if "train.hidden" not in given:
+        cfg.train.hidden = list(RUN_HIDDEN)
     return cfg

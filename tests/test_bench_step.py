@@ -36,8 +36,19 @@ def test_bench_step_rejects_bad_sizes(tmp_path, capsys, args, message) -> None:
     assert message in capsys.readouterr().err
 
 
-def test_the_step_imports_neither_ray_nor_pyarrow() -> None:
-    # The GPU machine used for step measurements has torch but cannot take Ray.
+def test_the_step_imports_neither_ray_nor_pyarrow(tmp_path) -> None:
+    # The GPU machine used for step measurements has torch but cannot take Ray: neither the
+    # module nor the command line that scripts/device-step.sh runs may import them.
     code = "import sys, raysys.bench.step; print(sorted({'ray', 'pyarrow'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    args = ["bench", "step", "--pairs", "128", "--dims", "8,8", "--steps", "1", "--device", "cpu"]
+    args += ["--out", str(tmp_path), *SMALL]
+    code = (
+        "import sys; from raysys.cli import main; code = main(sys.argv[1:]); "
+        "print(code, sorted({'ray', 'pyarrow'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr

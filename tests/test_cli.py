@@ -44,7 +44,7 @@ def test_show_config_resolves_overrides(capsys) -> None:
 
 
 def test_run_sweep_defaults_yield_to_the_users_choice(tmp_path) -> None:
-    from raysys.commands import run_defaults
+    from raysys.config import run_defaults
 
     def run(*overrides: str, path=None) -> config.Config:
         return run_defaults(config.load(path, overrides), config.given_keys(path, overrides))
