@@ -176,7 +176,7 @@ class BareRun:
 
 
 def bare_loop(
-    cfg: Config, paths: PairSource, bounds: list[int], threads: int, device: torch.device
+    cfg: Config, source: PairSource, bounds: list[int], threads: int, device: torch.device
 ) -> BareRun:
     """Train JAM as the Ray worker does, minus Ray: same data, model, batches and schedule.
 
@@ -188,10 +188,10 @@ def bare_loop(
     torch.set_num_threads(threads)
     try:
         started = time.perf_counter()
-        index = paths.index("train")
+        index = source.index("train")
         plan = batch_plan(tcfg, len(index))  # one worker: all its shards
-        train_data = paths.load_index(index, select=plan.worker_rows(0, 1))
-        val_data = paths.load("val")
+        train_data = source.load_index(index, select=plan.worker_rows(0, 1))
+        val_data = source.load("val")
         torch.manual_seed(tcfg.seed)
         model = JAM(jam_config(tcfg, train_data.image.shape[1], train_data.text.shape[1]))
         model.fit_input_stats(torch.as_tensor(train_data.image), torch.as_tensor(train_data.text))
@@ -227,7 +227,7 @@ class Workload:
     """What both paths run: the same cache, config, steps, windows, threads and device."""
 
     cfg: Config  # the user's config with one worker, `eval_every` per window, no early stop
-    paths: PairSource
+    source: PairSource
     train_pairs: int
     total_steps: int
     bounds: list[int]
@@ -270,7 +270,7 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
         flush=True,
     )
     load = {"before_bare": load_average()}
-    bare = bare_loop(work.cfg, work.paths, work.bounds, work.threads, work.device)
+    bare = bare_loop(work.cfg, work.source, work.bounds, work.threads, work.device)
     print(
         f"[bench] bare torch loop      : {steady_rate(bare.window_per_s):8.0f} samples/s",
         flush=True,
@@ -302,9 +302,9 @@ def _workload(cfg: Config) -> Workload:
     from raysys.extract import extract
     from raysys.train.driver import scaling
 
-    paths: PairSource = trained_source(cfg, extract(cfg))
+    source: PairSource = trained_source(cfg, extract(cfg))
     # Fail here, clearly, on a cache too small for one batch or for validation.
-    sizes = {split: len(paths.index(split)) for split in ("train", "val", "test")}
+    sizes = {split: len(source.index(split)) for split in ("train", "val", "test")}
     check_split_sizes(cfg, sizes)
     total_steps = sizes["train"] // cfg.train.batch_size * cfg.train.epochs
     eval_every = max(1, math.ceil(total_steps / WINDOWS))
@@ -318,7 +318,7 @@ def _workload(cfg: Config) -> Workload:
     use_cuda = run_cfg.train.use_gpu and torch.cuda.is_available()
     return Workload(
         cfg=run_cfg,
-        paths=paths,
+        source=source,
         train_pairs=sizes["train"],
         total_steps=total_steps,
         bounds=window_bounds(total_steps, eval_every),
@@ -337,7 +337,7 @@ def _ray_run(work: Workload, out_dir: Path, load: dict[str, float | None]) -> Ra
         shutil.rmtree(run_dir)  # a leftover run would be resumed and its events mixed in
     load["before_ray"] = load_average()
     t_call = time.time()
-    result = train(work.cfg, work.paths, run_dir, RUN_NAME)
+    result = train(work.cfg, work.source, run_dir, RUN_NAME)
     t_return = time.time()
     load["after_ray"] = load_average()
     steps = [int(h["step"]) for h in result.history]
@@ -425,8 +425,8 @@ def _settings(work: Workload, bare: BareRun, host: dict[str, Any]) -> dict[str, 
         },
         "vision": cfg.extract.vision,
         "text": cfg.extract.text,
-        "image_layer": work.paths.image_layer,
-        "text_layer": work.paths.text_layer,
+        "image_layer": work.source.image_layer,
+        "text_layer": work.source.text_layer,
         "train_pairs": work.train_pairs,
         "batch_size": tcfg.batch_size,
         "epochs": tcfg.epochs,
