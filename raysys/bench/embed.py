@@ -10,6 +10,7 @@ stage: it runs where torch and transformers are installed but Ray is not.
 
 from __future__ import annotations
 
+import io
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers as T
 
+from raysys.backbones import get_backbone
 from raysys.bench.common import host_info, resolve_device, sync, write_result
 from raysys.config import Config
 from raysys.errors import ConfigError
@@ -30,8 +33,6 @@ WORDS = "a the red blue green small large circle square dog cat on under left ri
 
 def _save_models(root: Path) -> tuple[str, str]:
     """ViT-B/16 (224 px, 12 layers, 768 wide) and BERT-base (12 layers, 768 wide), random."""
-    import transformers as T
-
     vision, text = root / "vit-b16", root / "bert-base"
     T.ViTModel(T.ViTConfig(), add_pooling_layer=False).save_pretrained(vision)
     T.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(vision)
@@ -58,7 +59,6 @@ def _time(fn: Callable[[Batch], Any], batches: list[Batch], device: torch.device
 
 def _inputs(backbone: Any, n: int, rng: np.random.Generator) -> Batch:
     """`n` raw rows as the corpus hands them over: PNG bytes, or captions with negatives."""
-    import io
 
     from PIL import Image
 
@@ -107,7 +107,6 @@ def bench_embed(
     """Time both models' actor batch function and bare forward on `rows` rows in batches of
     `batch`; print one line per model, write `out_dir/bench.json` and return what it holds.
     Preprocessing is left out of both timings: the actor gets its batches preprocessed."""
-    from raysys.backbones import get_backbone
 
     dev = resolve_device(device)
     rng = np.random.default_rng(0)

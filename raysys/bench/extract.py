@@ -19,23 +19,25 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
 import torch
 
+from raysys.backbones import configured_backbone
 from raysys.bench.common import host_info, write_result
 from raysys.config import Config, ExtractConfig
+from raysys.corpora import load_corpus
 from raysys.errors import ConfigError
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from raysys.extract import run_pass
+from raysys.runtime import cluster_resources, init_ray
 
 
 def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     """Time the bare loop, then the pipeline, on the first `images` images of the corpus; print
     both rates and their ratio, write `out_dir/bench.json` and return what it holds."""
-    from raysys.runtime import cluster_resources, init_ray
 
     table = _corpus_images(cfg, images)
     init_ray(cfg.ray)
@@ -63,7 +65,6 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
 def _corpus_images(cfg: Config, images: int) -> pa.Table:
     """The first `images` rows of the corpus, which must hold the image bytes inline: both
     paths must start from the same bytes."""
-    from raysys.corpora import load_corpus
 
     table = load_corpus(cfg.corpus).images
     if table is None or "image" not in table.column_names:
@@ -82,7 +83,6 @@ def _corpus_images(cfg: Config, images: int) -> pa.Table:
 def _bare_pass(ecfg: ExtractConfig, table: pa.Table, threads: int) -> tuple[float, int]:
     """Seconds of forwards over images decoded before the clock starts (after one warm-up
     batch), with `threads` torch threads: the model-only upper bound. Also the input size."""
-    from raysys.backbones import configured_backbone
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -105,8 +105,6 @@ def _bare_pass(ecfg: ExtractConfig, table: pa.Table, threads: int) -> tuple[floa
 def _pipeline_pass(ecfg: ExtractConfig, table: pa.Table) -> tuple[float, dict[str, Any]]:
     """Seconds of `raysys extract`'s real pass, end to end, into a directory of its own (removed
     after), and the pass's manifest."""
-    from raysys.backbones import configured_backbone
-    from raysys.extract import run_pass
 
     work = Path(tempfile.mkdtemp(prefix="raysys-bench-extract-"))
     try:
@@ -128,7 +126,6 @@ def _result(
     cluster_cpus: float,
 ) -> dict[str, Any]:
     """The figures and the settings `bench.json` holds."""
-    import ray
 
     pipeline_per_s, bare_per_s = images / pipeline_s, images / bare_s
     host = host_info()

@@ -17,13 +17,16 @@ from typing import Any
 
 from raysys import config
 from raysys.bench.common import write_result
+from raysys.commands import sweep
 from raysys.config import Config
 from raysys.errors import ConfigError, RaysysError
+from raysys.runtime import cluster_resources, init_ray
+from raysys.sweep.plan import check_sweep, packing
+from raysys.sweep.prepare import prepare
 
 
 def _timed_sweep(cfg: Config, out: Path) -> tuple[float, list[dict[str, Any]]]:
     """Seconds Tune ran the trials (the cached-extraction check and the report excluded)."""
-    from raysys.commands import sweep
 
     shutil.rmtree(out, ignore_errors=True)
     timings: dict[str, float] = {}
@@ -35,9 +38,6 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     """Run `trials` seed-only variants of the configured trial serially, then packed; print
     both wall times and the packing efficiency, write `out/bench.json` and return what it
     holds. The extraction runs first, outside both timings, so only Tune's work compares."""
-    from raysys.runtime import cluster_resources, init_ray
-    from raysys.sweep.plan import check_sweep, packing
-    from raysys.sweep.prepare import prepare
 
     base = config.from_dict(config.to_dict(cfg))
     base.objectives = [cfg.train.objective]

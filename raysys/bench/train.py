@@ -57,16 +57,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raysys.bench.common import BENCH_FILE, host_info, load_average, sync, write_result
 from raysys.checks import check_split_sizes
+from raysys.commands import trained_source
 from raysys.config import Config, to_dict
 from raysys.data.batches import batch_plan
 from raysys.data.source import PairSource
 from raysys.evaluate import score_model
+from raysys.extract import extract
 from raysys.jam import JAM
+from raysys.runtime import init_ray
+from raysys.train.driver import scaling, train
 from raysys.train.step import Trainer, jam_config
 
 WINDOWS = 6  # throughput windows per path; the first is warm-up, the median of the rest counts
@@ -285,9 +290,6 @@ def bench_train(cfg: Config, out_dir: Path) -> dict[str, Any]:
 def _start_ray(cfg: Config) -> float:
     """Seconds `ray.init` took, 0 when Ray was already up: one Ray serves a whole session, so
     its start is reported apart from the run's start-up."""
-    import ray
-
-    from raysys.runtime import init_ray
 
     started = time.perf_counter()
     was_running = ray.is_initialized()
@@ -298,9 +300,6 @@ def _start_ray(cfg: Config) -> float:
 def _workload(cfg: Config) -> Workload:
     """The cache (extracted if missing) and the config both paths run: one worker, a window per
     `eval_every` steps and no early stop, so both paths take the same steps."""
-    from raysys.commands import trained_source
-    from raysys.extract import extract
-    from raysys.train.driver import scaling
 
     source: PairSource = trained_source(cfg, extract(cfg))
     # Fail here, clearly, on a cache too small for one batch or for validation.
@@ -330,7 +329,6 @@ def _workload(cfg: Config) -> Workload:
 def _ray_run(work: Workload, out_dir: Path, load: dict[str, float | None]) -> RayRun:
     """Run `raysys train`'s Ray Train path into `out_dir/ray-run`, recording the load average
     before and after in `load`; it must validate where the bare loop's windows end."""
-    from raysys.train.driver import train
 
     run_dir = out_dir.resolve() / RAY_RUN_DIR
     if run_dir.exists():
@@ -410,7 +408,6 @@ def _report(
 
 def _settings(work: Workload, bare: BareRun, host: dict[str, Any]) -> dict[str, Any]:
     """What was run and where: enough to tell whether two `bench.json` compare alike."""
-    import ray
 
     cfg, tcfg = work.cfg, work.cfg.train
     model = JAM(jam_config(tcfg, bare.d_image, bare.d_text))
