@@ -127,7 +127,7 @@ def _s3fs(probe: bool = False) -> fsspec.AbstractFileSystem:
     Listings are not cached: pyarrow, Ray workers and other processes write to the same
     prefixes, and a stale listing would make :func:`exists` lie.
     """
-    import s3fs
+    import s3fs  # lazy, as fsspec and pyarrow.fs: the CLI imports this module for --help
 
     endpoint = s3_endpoint()
     client_kwargs: dict[str, Any] = {}

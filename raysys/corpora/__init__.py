@@ -21,8 +21,10 @@ import dataclasses
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raysys.config import CorpusConfig
+from raysys.corpora import manifest, webdataset
 from raysys.corpora.base import Corpus, pairs_table, table_digest
 from raysys.corpora.negatives import Negative, fill_negatives, make_negative
 from raysys.corpora.synthetic import SyntheticConfig, corpus_key, generate
@@ -67,10 +69,7 @@ def _load(cfg: CorpusConfig) -> Corpus:
             images=table,
             info={"kind": "synthetic", "images": len(images)},
         )
-    if cfg.name == "manifest":
-        from raysys.corpora import manifest as source
-    else:
-        from raysys.corpora import webdataset as source
+    source = manifest if cfg.name == "manifest" else webdataset
     corpus = source.load(cfg)
     corpus.pairs = pairs_table(fill_negatives(corpus.pairs.to_pylist()))
     # The final pairs, generated negatives included, key the cache: a change to the
@@ -81,8 +80,6 @@ def _load(cfg: CorpusConfig) -> Corpus:
 
 def negative_counts(pairs: pa.Table) -> dict[str, Any]:
     """How many negatives came from where (the corpus manifest records it)."""
-    import pyarrow.compute as pc
-
     return {r["values"]: r["counts"] for r in pc.value_counts(pairs["negative_source"]).to_pylist()}
 
 

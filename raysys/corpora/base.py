@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.ipc as ipc
 
+from raysys import storage
 from raysys.errors import CorpusError
 
 if TYPE_CHECKING:
@@ -63,8 +65,6 @@ class Corpus:
         corpus cannot fetch single images cheaply (tar shards)."""
         if self.images is None:
             return None
-        from raysys import storage
-
         wanted = list(image_ids)
         index = {i: k for k, i in enumerate(self.images["id"].to_pylist())}
         column = "image" if "image" in self.images.column_names else "uri"
@@ -151,8 +151,6 @@ def check_unique(pairs: pa.Table, where: str) -> None:
 
 def table_digest(table: pa.Table) -> str:
     """A hash of a table's content (Arrow IPC bytes): what the pairs add to a corpus key."""
-    import pyarrow.ipc as ipc
-
     sink = pa.BufferOutputStream()
     with ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

@@ -94,7 +94,7 @@ def _sample_text(row: dict[str, Any], cfg: CorpusConfig) -> tuple[list, list, An
 
 def load(cfg: CorpusConfig) -> Corpus:
     """The caption index (read by Ray Data: the caller has started Ray) and the image reader."""
-    import ray.data
+    import ray.data  # lazy: Ray Data takes seconds to import; only this corpus reads with it
 
     if not cfg.path:
         raise ConfigError("corpus.name=webdataset needs corpus.path (shards: .tar, dir or glob)")

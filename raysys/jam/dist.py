@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 
 def world_size() -> int:
@@ -44,8 +45,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if world_size() <= 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
     with warnings.catch_warnings():
         # Deprecated in favour of a private `_functional_collectives` API; the public
         # function still works and is what open_clip uses, so keep it and stay quiet.
