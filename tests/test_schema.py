@@ -44,3 +44,13 @@ def test_trial_and_raw_rows_share_the_axes() -> None:
     assert raw["objective"] == "raw" and raw["trial"] == "" and raw["mutual_knn"] == 0.25
     shared = ["vision", "text", "vision_layer", "text_layer", "vision_depth", "vision_params"]
     assert {k: raw[k] for k in shared} == {k: row[k] for k in shared}
+
+
+def test_a_trial_of_a_sweep_started_by_the_flat_format_still_loads() -> None:
+    """Tune restores the trial configs a stopped sweep stored; before trials were records
+    they were flat dicts naming their pair source `paths`."""
+    trial = Trial("t000-con", "con", "lite0", "minilm", 4, 22, _layer(), {"train.lr": 0.01})
+    flat = {k: v for k, v in trial.to_dict().items() if k != "layer"}
+    layer = trial.to_dict()["layer"]
+    flat |= {k: v for k, v in layer.items() if k != "source"} | {"paths": layer["source"]}
+    assert Trial.from_dict(flat) == trial

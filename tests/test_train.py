@@ -158,3 +158,46 @@ def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
     bad = batch.set_column(2, "text", cache.float16_list_array(text))
     with pytest.raises(CacheError, match=r"1 pair\(s\) have NaN or inf.*\['b'\]"):
         arrays(bad)
+
+
+def _checkpoint(run_dir, name: str, step: int, r1: float, seed: int) -> None:
+    """A checkpoint directory as the worker writes it: model, optimiser state, history."""
+    import json
+
+    from raysys.train.worker import HISTORY_FILE, MODEL_DIR, STATE_FILE
+
+    torch.manual_seed(seed)
+    ckpt = run_dir / name
+    JAM(jam_config(config.load(None, ["train.hidden=8", "train.latent=4"]).train, 6, 6)).save(
+        ckpt / MODEL_DIR
+    )
+    (ckpt / STATE_FILE).write_bytes(b"state")
+    history = [{"step": s, "val/i2t_r1": 0.1} for s in range(10, step, 10)]
+    (ckpt / HISTORY_FILE).write_text(json.dumps([*history, {"step": step, "val/i2t_r1": r1}]))
+
+
+@pytest.mark.parametrize(("mode", "best"), [("max", "checkpoint_1"), ("min", "checkpoint_2")])
+def test_a_run_resumed_after_its_last_step_exports_its_best_checkpoint(
+    tmp_path, mode: str, best: str
+) -> None:
+    """Stopped after its final checkpoint, a resumed fit reports nothing: the best and the
+    latest checkpoints on disk give its model and history (was: Ray's "No checkpoint")."""
+    from raysys.train.driver import finished_before, latest_checkpoint
+    from raysys.train.worker import MODEL_DIR
+
+    run_dir = tmp_path / "ray" / "t000"
+    _checkpoint(run_dir, "checkpoint_1", 20, 0.9, seed=1)
+    _checkpoint(run_dir, "checkpoint_2", 30, 0.2, seed=2)
+    _checkpoint(run_dir, "checkpoint_3", 10, 0.5, seed=3)
+    (run_dir / "checkpoint_4").mkdir()  # unfinished: no state, no history
+    assert latest_checkpoint(run_dir) == str(run_dir / "checkpoint_2")
+    tcfg = config.load(None, [f"train.best_mode={mode}"]).train
+    result = finished_before(tcfg, run_dir, tmp_path / "model", seconds=1.0)
+    assert result.metrics == {"step": 30, "val/i2t_r1": 0.2}  # the latest report
+    assert [r["step"] for r in result.history] == [10, 20, 30]
+    exported, expected = JAM.load(tmp_path / "model"), JAM.load(run_dir / best / MODEL_DIR)
+    got, want = exported.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    other = JAM.load(run_dir / "checkpoint_3" / MODEL_DIR).state_dict()
+    assert not all(torch.equal(got[k], other[k]) for k in got)  # the pick is visible

@@ -250,6 +250,14 @@ class Trial:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trial:
+        if "layer" not in d:  # a sweep started before trials were records: flat, `paths`
+            keys = ("vision_layer", "text_layer", "vision_depth", "text_depth", "raw")
+            layer = {k: d[k] for k in keys} | {"source": d["paths"]}
+            d = {k: d[k] for k in ("id", "objective", "vision", "text", "params")} | {
+                "vision_params": d["vision_params"],
+                "text_params": d["text_params"],
+                "layer": layer,
+            }
         return cls(**{**d, "layer": LayerPair(**d["layer"])})
 
 

@@ -8,6 +8,7 @@ checkpoint is exported as a plain model directory.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,20 +76,55 @@ def _user_error(err: BaseException | None) -> RaysysError | None:
     return None
 
 
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """The checkpoint with the most steps under a Ray Train run directory, if any.
+@dataclass
+class SavedCheckpoint:
+    """A checkpoint directory of a Ray Train run and the reports it carries (one per
+    validation, the last one its own)."""
+
+    path: Path
+    history: list[dict[str, Any]]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.history[-1]
+
+
+def saved_checkpoints(run_dir: Path) -> list[SavedCheckpoint]:
+    """The complete checkpoints under a Ray Train run directory, read from disk.
 
     Ray Train restores its own checkpoint list only when the stopped run managed to write
-    its snapshot file; finding the newest checkpoint ourselves makes resume work either way.
+    its snapshot file; reading the checkpoints ourselves makes resume work either way.
     """
-    best: tuple[int, str] | None = None
+    saved = []
     for ckpt in Path(run_dir).glob("checkpoint_*"):
         history = ckpt / HISTORY_FILE
         if (ckpt / STATE_FILE).is_file() and history.is_file():
-            step = json.loads(history.read_text())[-1]["step"]
-            if best is None or step > best[0]:
-                best = (step, str(ckpt))
-    return best[1] if best else None
+            saved.append(SavedCheckpoint(ckpt, json.loads(history.read_text())))
+    return saved
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint with the most steps under a Ray Train run directory, if any."""
+    saved = saved_checkpoints(run_dir)
+    return str(max(saved, key=lambda c: c.report["step"]).path) if saved else None
+
+
+def finished_before(
+    tcfg: TrainConfig, run_dir: Path, model_dir: Path, seconds: float
+) -> TrainResult:
+    """The result of a resumed run that had already trained its last step (it was stopped
+    after its final checkpoint, so this fit reported nothing): its best and latest
+    checkpoints on disk stand for the fit's."""
+    saved = saved_checkpoints(run_dir)
+    if not saved:
+        raise RaysysError(
+            f"the run in {str(run_dir)!r} reported no checkpoint; delete it and rerun"
+        )
+    sign = 1.0 if tcfg.best_mode == "max" else -1.0
+    best = max(saved, key=lambda c: sign * c.report.get(tcfg.best_metric, -sign * math.inf))
+    latest = max(saved, key=lambda c: c.report["step"])
+    JAM.load(best.path / MODEL_DIR).save(model_dir)
+    return TrainResult(tcfg.objective, model_dir, latest.report, latest.history, seconds)
 
 
 def stream_plan(
@@ -163,6 +199,8 @@ def train(
     seconds = time.perf_counter() - started
     model_dir = out_dir / "models" / name
     tcfg = cfg.train
+    if result.checkpoint is None and resume:
+        return finished_before(tcfg, out_dir / "ray" / name, model_dir, seconds)
     best = result.get_best_checkpoint(tcfg.best_metric, tcfg.best_mode) or result.checkpoint
     export_model(best, model_dir)
     with result.checkpoint.as_directory() as ckpt:
