@@ -28,14 +28,12 @@ from raysys.evaluate import score_model, score_raw
 from raysys.extract import Extracted, extract
 from raysys.jam import JAM
 from raysys.report.report import (
-    is_sweep,
-    read_results,
     table,
     write_report,
     write_results,
     write_sweep_report,
 )
-from raysys.report.schema import RAW, SWEEP_SHOWN, ks_of, model_row
+from raysys.report.schema import RAW, SWEEP_SHOWN, model_row
 from raysys.report.tensorboard import projector_sample, write_run_summaries
 from raysys.rundir import CONFIG_FILE, RunDir, open_run
 from raysys.runtime import cluster_resources, init_ray
@@ -68,7 +66,10 @@ def sweep(
     trials = plan_trials(cfg, prepared)
     if resume:
         check_same_plan(run.local, trials)
-    print(f"[sweep] {len(trials)} trials: {_axes(cfg, prepared)}; {pack.describe()}", flush=True)
+    print(
+        f"[sweep] {len(trials)} trials: {_describe_axes(cfg, prepared)}; {pack.describe()}",
+        flush=True,
+    )
     outcome = run_trials(cfg, run, trials, pack, resume)
     if timings is not None:
         timings["fit_s"] = outcome.fit_s
@@ -94,7 +95,7 @@ def _stop_if_unfinished(run: RunDir, outcome: Outcome, trials: int) -> None:
     )
 
 
-def _axes(cfg: Config, prepared: list[Prepared]) -> str:
+def _describe_axes(cfg: Config, prepared: list[Prepared]) -> str:
     axes = [
         f"{len(cfg.objectives)} objective(s)",
         f"{len(prepared)} model pair(s)",
@@ -268,16 +269,3 @@ def extract_cache(cfg: Config, out: str | None) -> Extracted:
     ext = extract(cfg)
     print(f"cache: {ext.image_dir}\n       {ext.text_dir}")
     return ext
-
-
-def report(run_dir: Path) -> Path:
-    """Rebuild report.md (and a sweep's plots) from a finished run's results.csv."""
-    rows = read_results(run_dir)
-    if is_sweep(rows):
-        path = write_sweep_report(run_dir, rows, ks=ks_of(rows))
-        print(table(rows, SWEEP_SHOWN))
-    else:
-        path = write_report(run_dir, rows)
-        print(table(rows))
-    print(f"\nreport: {path}")
-    return path

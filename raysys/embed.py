@@ -1,8 +1,9 @@
 """Extraction's compute, without Ray: a batch's CPU preprocessing (`Prepare`) and the frozen
 backbone's forward over it (`EmbedActor`, `embed_batch`).
 
-`raysys.extract` runs these as Ray Data's `map_batches` stage and actor pool; `raysys bench
-embed` times `embed_batch` alone against a bare forward.
+`raysys.extract` runs these as Ray Data's `map_batches` stage and actor pool. (`raysys bench
+embed` times `Backbone.embed`, what `embed_batch` calls, without this module: it must run
+where pyarrow is absent.)
 """
 
 from __future__ import annotations

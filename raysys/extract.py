@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray.data
 
 from raysys import runtime, storage
 from raysys.backbones import Backbone, configured_backbone
@@ -287,8 +288,6 @@ def _part_rows(rows: int, actors: int, ecfg: ExtractConfig) -> int:
 def _embed(p: _Pass) -> None:
     """The Ray Data pipeline: CPU `map_batches` (read, decode or tokenize) feeding the actor
     pool, whose actors write the parts themselves; only per-part counts reach the driver."""
-    import ray.data  # here, not at the top: raysys.sweep.plan imports this module, Ray-free
-
     if p.source.table is not None:
         todo = _SkipDone(p.done)(p.source.table)
         ds = ray.data.from_arrow(todo).repartition(math.ceil(todo.num_rows / p.part_rows))

@@ -27,10 +27,6 @@ class RunDir:
     local: Path
     uri: str | None = None
 
-    @property
-    def home(self) -> Path | str:
-        return self.uri or self.local
-
     def remote(self, *parts: str) -> str | None:
         """A path under the URI, for what Ray writes straight to object storage."""
         return storage.join(self.uri, *parts) if self.uri else None
@@ -88,11 +84,10 @@ def open_run(
         if storage.exists(storage.join(uri, marker)):
             raise ConfigError(f"{uri!r} already holds a {kind}; choose another --out")
         out = tempfile.mkdtemp(prefix=f"raysys-{kind}-")
-    local = Path(out).resolve()
     if not resume:
-        prepare_out_dir(local)
-        config.dump(cfg, local / CONFIG_FILE)
-    return RunDir(local, uri)
+        prepare_out_dir(Path(out))  # its message names the directory as the user gave it
+        config.dump(cfg, Path(out) / CONFIG_FILE)
+    return RunDir(Path(out).resolve(), uri)
 
 
 def print_where(out: Path | str) -> None:

@@ -28,6 +28,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
+from raysys.report.schema import RAW
+
 METRIC_LABELS: dict[str, str] = {
     "i2t_r1": "image→text R@1 (test)",
     "i2t_r5": "image→text R@5 (test)",
@@ -45,7 +47,6 @@ METRIC_LABELS: dict[str, str] = {
     "raw_mutual_knn": "mutual kNN before alignment (test)",
 }
 
-RAW = "raw"
 OBJECTIVE_ORDER = ("con", "negcon", "spread")
 PARETO_METRICS = ("mutual_knn", "i2t_r1")
 PANEL_METRICS = ("i2t_r1", "mutual_knn")  # the rows of the layer heat maps, the scale panels

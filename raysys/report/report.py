@@ -20,6 +20,7 @@ from raysys.report.schema import (
     SHOWN,
     SWEEP_COLUMNS,
     SWEEP_SHOWN,
+    ks_of,
     result_columns,
 )
 
@@ -187,3 +188,17 @@ def write_sweep_report(
         + (" (sync it to a local folder first)." if location else "."),
     ]
     return _write(run_dir, lines, notes)
+
+
+def rebuild(run_dir: Path) -> Path:
+    """`raysys report`: report.md (and a sweep's plots) again from a finished run's
+    results.csv, with the table printed."""
+    rows = read_results(run_dir)
+    if is_sweep(rows):
+        path = write_sweep_report(run_dir, rows, ks=ks_of(rows))
+        print(table(rows, SWEEP_SHOWN))
+    else:
+        path = write_report(run_dir, rows)
+        print(table(rows))
+    print(f"\nreport: {path}")
+    return path

@@ -54,7 +54,8 @@ SWEEP_SHOWN += RECONSTRUCTION
 def ks_of(rows: list[dict[str, Any]]) -> list[int]:
     """The retrieval cut-offs of rows read back from a results.csv (every row has every
     column there); the default set when there are none."""
-    ks = sorted({int(k.split("_r")[1]) for r in rows for k in r if k.startswith("i2t_r")})
+    found = (int(k.split("_r")[1]) for r in rows for k in r if k.startswith("i2t_r"))
+    ks = list(dict.fromkeys(found))  # in the file's order: eval.retrieval_ks need not be sorted
     return ks or list(DEFAULT_KS)
 
 
