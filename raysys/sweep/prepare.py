@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from raysys.backbones import Backbone, layer_name, select_layers
+from raysys.backbones import layer_name, select_layers
 from raysys.checks import check_split_sizes
 from raysys.config import Config
 from raysys.data.source import pair_source
@@ -43,15 +43,16 @@ def prepare(cfg: Config, resolved: list[Resolved]) -> list[Prepared]:
         for name, backbone in ((vision, full["image"]), (text, full["text"])):
             if name not in params_cache:
                 params_cache[name] = backbone.param_count()
-        layers = [layer_pair(cfg, ext, vid, tid, full) for vid, tid in ids]
+        layers = [layer_pair(cfg, ext, vid, tid, totals) for vid, tid in ids]
         prepared.append(Prepared(vision, text, params_cache[vision], params_cache[text], layers))
     return prepared
 
 
 def layer_pair(
-    cfg: Config, ext: Extracted, vid: int, tid: int, full: dict[str, Backbone]
+    cfg: Config, ext: Extracted, vid: int, tid: int, totals: dict[str, int]
 ) -> LayerPair:
-    """One layer pair of an extraction: checked for size, scored raw on `eval.split`."""
+    """One layer pair of an extraction (`totals`: each modality's hidden-state count):
+    checked for size, scored raw on `eval.split`."""
     source = pair_source(ext, layer_name(vid), layer_name(tid))
     for manifest, column in ((ext.image_manifest, vid), (ext.text_manifest, tid)):
         if layer_name(column) not in manifest["layers"]:
@@ -62,7 +63,6 @@ def layer_pair(
     # The split the trials are scored on, read once.
     split = cfg.eval.split
     scored = splits[split] if split in splits else source.load(split)
-    totals = {m: len(b.layer_ids) for m, b in full.items()}
     return LayerPair(
         vision_layer=vid,
         text_layer=tid,

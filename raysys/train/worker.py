@@ -11,6 +11,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,13 +71,15 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     val = source.load("val") if rank == 0 else None
-    batches, model, steps_per_epoch, where = _data_and_model(config, source, rank, world, device)
+    model, steps_per_epoch, batches_of = _data_and_model(cfg, config, source, rank, world)
     trainer = Trainer(
         ray.train.torch.prepare_model(model), cfg.train, steps_per_epoch * cfg.train.epochs
     )
     progress = _restore(config, trainer, rank)
     # Same initial weights on every rank (DDP also broadcasts them), independent dropout.
     torch.manual_seed(cfg.train.seed + 1000 * rank + trainer.step)
+    # After the model and its optimiser state: a GPU's free memory decides where data lives.
+    batches, where = batches_of(device)
     if rank == 0:
         print(f"[train] {cfg.train.objective}: {world} worker(s), {where}", flush=True)
     writer = None
@@ -90,12 +93,15 @@ def train_loop(config: dict[str, Any]) -> None:
             storage.upload_dir(config["tensorboard_dir"], config["tensorboard_uri"])
 
 
+Batches = MemoryBatches | StreamBatches
+
+
 def _data_and_model(
-    config: dict[str, Any], source: PairSource, rank: int, world: int, device: torch.device
-) -> tuple[MemoryBatches | StreamBatches, JAM, int, str]:
-    """This worker's batches and the model, standardised by the moments of every worker's
-    data; returns also the steps per epoch and a line saying where the data lives."""
-    tcfg = from_dict(config["cfg"]).train
+    cfg: Config, config: dict[str, Any], source: PairSource, rank: int, world: int
+) -> tuple[JAM, int, Callable[[torch.device], tuple[Batches, str]]]:
+    """The model, standardised by the moments of every worker's data, the steps per epoch,
+    and how to make this worker's batches on a device (with a line saying where they live)."""
+    tcfg = cfg.train
     stream_rows = config.get("stream_rows")
     if stream_rows is None:
         # Only this worker's shards are read (two layer columns, row batches at a time).
@@ -104,13 +110,17 @@ def _data_and_model(
         data = source.load_index(index, select=plan.worker_rows(rank, world))
         model = JAM(jam_config(tcfg, data.image.shape[1], data.text.shape[1]))
         fit_global_input_stats(model, torch.as_tensor(data.image), torch.as_tensor(data.text))
-        share = config.get("gpu_share", 1.0)
-        batches = MemoryBatches(data, plan, tcfg.data_on_device, rank, world, device, share)
-        where = (
-            f"{plan.shards} data shard(s) of {plan.shard_size} pairs; each worker holds "
-            f"{len(data)} pairs {batches.where}"
-        )
-        return batches, model, plan.steps_per_epoch, where
+
+        def memory_batches(device: torch.device) -> tuple[Batches, str]:
+            share = config.get("gpu_share", 1.0)
+            batches = MemoryBatches(data, plan, tcfg.data_on_device, rank, world, device, share)
+            where = (
+                f"{plan.shards} data shard(s) of {plan.shard_size} pairs; each worker holds "
+                f"{len(data)} pairs {batches.where}"
+            )
+            return batches, where
+
+        return model, plan.steps_per_epoch, memory_batches
     # Ray Train hands each worker an equal share of the pair view, one epoch per pass.
     shard = ray.train.get_dataset_shard("train")
     per_worker = tcfg.batch_size // world
@@ -121,12 +131,15 @@ def _data_and_model(
         x = arrays(batch)
         moments.append(input_moments(torch.as_tensor(x["image"]), torch.as_tensor(x["text"])))
     set_global_input_stats(model, torch.stack(moments).sum(0))
-    batches = StreamBatches(shard, per_worker, steps_per_epoch, device)
     where = (
         f"streaming {stream_rows} pairs through Ray Data ({config['stream_reason']}), "
         f"{per_worker} per worker per step"
     )
-    return batches, model, steps_per_epoch, where
+
+    def stream_batches(device: torch.device) -> tuple[Batches, str]:
+        return StreamBatches(shard, per_worker, steps_per_epoch, device), where
+
+    return model, steps_per_epoch, stream_batches
 
 
 def _restore(config: dict[str, Any], trainer: Trainer, rank: int) -> Progress:
@@ -154,7 +167,7 @@ def _restore(config: dict[str, Any], trainer: Trainer, rank: int) -> Progress:
 def _steps(
     cfg: Config,
     trainer: Trainer,
-    batches: MemoryBatches | StreamBatches,
+    batches: Batches,
     val: Pairs | None,
     progress: Progress,
     steps_per_epoch: int,
