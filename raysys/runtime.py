@@ -20,9 +20,12 @@ def loopback_env() -> None:
     """Environment that keeps every Ray listener (and gloo, for DDP) on 127.0.0.1.
 
     Ray reads these when it is first imported, so `raysys/__init__.py` calls this before
-    anything imports ray; worker processes inherit them. Skipped when joining a cluster.
+    anything imports ray. Only a process that will start a private Ray sets them: with
+    `RAY_ADDRESS` it joins a cluster, and a Ray worker process (`RAY_RAYLET_PID`, set by the
+    raylet that started it) has its node's environment already: on a private Ray, the
+    driver's, inherited; on a cluster node, one that must not pin gloo to loopback.
     """
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_RAYLET_PID"):
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -91,3 +91,23 @@ def test_round_trip_through_dict_and_yaml(tmp_path) -> None:
 
 def test_integral_floats_are_accepted_for_ints() -> None:
     assert config.load(None, ["train.epochs=1e1"]).train.epochs == 10
+
+
+@pytest.mark.parametrize(
+    ("extra", "pinned"),
+    [({}, True), ({"RAY_ADDRESS": "127.0.0.1:6379"}, False), ({"RAY_RAYLET_PID": "1"}, False)],
+)
+def test_loopback_settings_only_for_a_private_ray(extra: dict[str, str], pinned: bool) -> None:
+    """Only a process that starts its own Ray pins Ray and gloo to loopback: a job driver on
+    a cluster (RAY_ADDRESS) and a Ray worker on any node (RAY_RAYLET_PID) keep their node's
+    environment, or DDP across nodes would try to talk over `lo`."""
+    import os
+    import subprocess
+    import sys
+
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GLOO_"))}
+    code = "import os, raysys; print(os.environ.get('GLOO_SOCKET_IFNAME', '-'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=keep | extra, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == ("lo" if pinned else "-")
