@@ -7,6 +7,7 @@ import importlib
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -92,33 +93,45 @@ def _commands():
     return importlib.import_module("raysys.commands")
 
 
-def _run(args: argparse.Namespace, cfg: Config) -> None:
-    _commands().sweep(cfg, args.run_dir, resume=args.resume)
+@dataclass
+class Invocation:
+    """A parsed command line: its arguments, the resolved config, and for the commands that
+    write a run directory, which one (`out`) and whether it continues a stopped run."""
+
+    args: argparse.Namespace
+    cfg: Config
+    out: Path | str = ""
+    resume: bool = False
 
 
-def _train(args: argparse.Namespace, cfg: Config) -> None:
-    _commands().train(cfg, args.run_dir, resume=args.resume)
+def _run(inv: Invocation) -> None:
+    _commands().sweep(inv.cfg, inv.out, resume=inv.resume)
 
 
-def _evaluate(args: argparse.Namespace, cfg: Config) -> None:
-    out = rundir.default_out(args.command, args.out, cfg) if args.out else None
-    _commands().evaluate(cfg, args.model_dir, out)
+def _train(inv: Invocation) -> None:
+    _commands().train(inv.cfg, inv.out, resume=inv.resume)
 
 
-def _extract(args: argparse.Namespace, cfg: Config) -> None:
-    _commands().extract_cache(cfg, args.out)
+def _evaluate(inv: Invocation) -> None:
+    args = inv.args
+    out = rundir.default_out(args.command, args.out, inv.cfg) if args.out else None
+    _commands().evaluate(inv.cfg, args.model_dir, out)
 
 
-def _bench(args: argparse.Namespace, cfg: Config) -> None:
-    out = rundir.default_out(args.command, args.out, cfg)
+def _extract(inv: Invocation) -> None:
+    _commands().extract_cache(inv.cfg, inv.args.out)
+
+
+def _bench(inv: Invocation) -> None:
+    out = rundir.default_out(inv.args.command, inv.args.out, inv.cfg)
     if not isinstance(out, Path):
         raise ConfigError("bench writes a local --out directory")
-    bench.run(args, cfg, out)
+    bench.run(inv.args, inv.cfg, out)
     print(f"outputs:     {out}/{bench.BENCH_FILE}")
 
 
 # What each command does with its resolved config (`report` takes no config).
-DISPATCH: dict[str, Callable[[argparse.Namespace, Config], None]] = {
+DISPATCH: dict[str, Callable[[Invocation], None]] = {
     "run": _run,
     "sweep": _run,
     "train": _train,
@@ -142,20 +155,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _config(args: argparse.Namespace) -> Config:
-    """The command's config: file + overrides, checked. For the commands that write a run
-    directory, `args.run_dir` and `args.resume` say which; a resumed run's own saved config
-    is the base its overrides apply to."""
+def _invocation(args: argparse.Namespace) -> Invocation:
+    """The command's config (file + overrides, checked) and, for the commands that write a
+    run directory, which one: `resume=DIR` continues DIR with its own saved config as the
+    base the other overrides apply to."""
     cfg = config.load(args.config, args.overrides)
     given = config.given_keys(args.config, args.overrides)
     cfg = config.for_command(args.command, cfg, given)
-    if args.command in WRITES_RUN_DIR:
-        args.resume = bool(cfg.resume)
-        if args.resume:
-            cfg, args.run_dir = rundir.resumed_config(cfg, args.overrides)
-        else:
-            args.run_dir = rundir.default_out(args.command, args.out, cfg)
-    return cfg
+    if args.command not in WRITES_RUN_DIR:
+        return Invocation(args, cfg)
+    if cfg.resume:
+        cfg, out = rundir.resumed_config(cfg, args.overrides)
+        return Invocation(args, cfg, out, resume=True)
+    return Invocation(args, cfg, rundir.default_out(args.command, args.out, cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             # Not through `commands`: a report needs neither Ray nor torch (0.5 s to load).
             importlib.import_module("raysys.report.report").rebuild(args.run_dir)
             return 0
-        cfg = _config(args)
+        inv = _invocation(args)
         if args.show_config:
-            print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+            print(yaml.safe_dump(config.to_dict(inv.cfg), sort_keys=False), end="")
             return 0
-        DISPATCH[args.command](args, cfg)
+        DISPATCH[args.command](inv)
         if args.command in WRITES_RUN_DIR:
-            rundir.print_where(args.run_dir)
+            rundir.print_where(inv.out)
             print(f"elapsed:     {time.perf_counter() - started:.0f} s ({args.command})")
         return 0
     except RaysysError as exc:
