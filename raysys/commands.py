@@ -167,7 +167,16 @@ def _fit_and_score(
         f"[train] {objective}: {cfg.train.epochs} epochs, {cfg.train.num_workers} workers",
         flush=True,
     )
-    result = fit(cfg, source, run.local, objective, resume, storage_uri=run.remote("ray"))
+    result = fit(
+        cfg,
+        source,
+        run.local,
+        objective,
+        resume,
+        storage_uri=run.remote("ray"),
+        # Rank 0 may run on a node that shares no disk with this driver: it uploads its own.
+        tensorboard_uri=run.remote("tensorboard", objective),
+    )
     provenance = {**axes, "objective": objective, "corpus_key": ext.image_manifest["corpus_key"]}
     provenance |= {"image_layer": source.image_layer, "text_layer": source.text_layer}
     (result.model_dir / PROVENANCE).write_text(json.dumps(provenance, indent=1))

@@ -42,6 +42,8 @@ def test_checkpoints_and_metrics_round_trip_through_s3(small_cache, s3_server, t
     # same shape; the exported best one is among the kept checkpoints.
     assert from_s3.cfg == exported.cfg
     assert storage.exists(f"{uri}/tensorboard/con/projector_config.pbtxt")
+    fs, path = storage.fsspec_fs(f"{uri}/tensorboard/con")
+    assert any(p.rsplit("/", 1)[-1].startswith("events.out.tfevents") for p in fs.ls(path))
     assert main(args) == 2  # the same S3 prefix is not reused silently
 
 
