@@ -4,10 +4,16 @@ be found in one place."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from raysys.backbones import configured_backbone
 from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.report.schema import metric_names
+
+if TYPE_CHECKING:
+    from raysys.data.cache import Pairs
+    from raysys.data.source import PairSource
 
 MIN_EVAL_PAIRS = 4  # unbiased HSIC (unbiased CKA, CKNNA) needs more than 3 samples
 
@@ -35,6 +41,18 @@ def check_train_layers(cfg: Config) -> None:
                 f"train.{side}_layer={layer} is out of range for {backbone.name}: "
                 f"extract.{side}_layers caches {n} layers (0..{n - 1}, or -1 for the last)"
             )
+
+
+def checked_eval_splits(cfg: Config, source: PairSource) -> dict[str, Pairs]:
+    """The val and test splits, read once, after checking that every split is big enough.
+
+    Bad caches and too-small splits fail here, in the driver, not inside a Ray worker. The
+    train split's embeddings are read only by the workers, each its own shard: the driver
+    reads its ids."""
+    splits = {split: source.load(split) for split in ("val", "test")}
+    sizes = {"train": len(source.index("train"))} | {k: len(v) for k, v in splits.items()}
+    check_split_sizes(cfg, sizes)
+    return splits
 
 
 def check_split_sizes(cfg: Config, sizes: dict[str, int]) -> None:

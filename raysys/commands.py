@@ -17,8 +17,8 @@ import numpy as np
 from raysys import config, storage
 from raysys.checks import (
     check_best_metric,
-    check_split_sizes,
     check_train_layers,
+    checked_eval_splits,
 )
 from raysys.config import Config
 from raysys.data.cache import Pairs, resolve_layer
@@ -137,7 +137,7 @@ def train(cfg: Config, out: Path | str, resume: bool = False) -> list[dict[str, 
     run = open_run(cfg, out, resume)
     ext = extract(cfg)
     source = trained_source(cfg, ext)
-    test = _checked_test_split(cfg, source)
+    test = checked_eval_splits(cfg, source)["test"]
     axes = _axes_of(cfg, ext, source)
     rows = [model_row(RAW, **axes, scores=score_raw(test, cfg.eval))]
     print(
@@ -202,15 +202,6 @@ def trained_source(cfg: Config, ext: Extracted) -> PairSource:
         resolve_layer(ext.image_manifest, cfg.train.vision_layer),
         resolve_layer(ext.text_manifest, cfg.train.text_layer),
     )
-
-
-def _checked_test_split(cfg: Config, source: PairSource) -> Pairs:
-    """Bad caches and too-small splits fail here, clearly, not inside a Ray worker. The train
-    split's embeddings are read only by the workers, each its own shard; the driver reads its
-    ids (and the small val/test splits whole). Returns the test split."""
-    splits = {"train": source.index("train"), **{s: source.load(s) for s in ("val", "test")}}
-    check_split_sizes(cfg, {k: len(v) for k, v in splits.items()})
-    return splits["test"]
 
 
 def _axes_of(cfg: Config, ext: Extracted, source: PairSource) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from raysys.backbones import layer_name, select_layers
-from raysys.checks import check_split_sizes
+from raysys.checks import checked_eval_splits
 from raysys.config import Config
 from raysys.data.source import pair_source
 from raysys.errors import ConfigError
@@ -57,9 +57,7 @@ def layer_pair(
     for manifest, column in ((ext.image_manifest, vid), (ext.text_manifest, tid)):
         if layer_name(column) not in manifest["layers"]:
             raise ConfigError(f"layer {column} of {manifest['backbone']} is not cached")
-    splits = {split: source.load(split) for split in ("val", "test")}
-    sizes = {"train": len(source.index("train"))} | {k: len(v) for k, v in splits.items()}
-    check_split_sizes(cfg, sizes)
+    splits = checked_eval_splits(cfg, source)
     # The split the trials are scored on, read once.
     split = cfg.eval.split
     scored = splits[split] if split in splits else source.load(split)
