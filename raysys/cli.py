@@ -39,12 +39,14 @@ overrides:
     raysys sweep sweep.models=efficientnet-lite0+minilm-l6,efficientnet-lite2+minilm-l6 \
         sweep.layers=0.5:0.5,1.0:1.0 sweep.params.train.lr=[0.001,0.0003]
   Sections: corpus.*, extract.*, train.*, eval.*, ray.*, sweep.*, plus `objectives`.
-  `resume=DIR` continues a stopped run, train or sweep (finished trials are not rerun).
+  `resume=DIR` (or `resume=s3://BUCKET/PREFIX`, from any machine) continues a stopped run,
+  train or sweep from its checkpoints (finished trials are not rerun).
   `raysys run --show-config` prints every key with its default.
 
 cluster:
   With RAY_ADDRESS set (ray job submit sets it) raysys joins that cluster; otherwise it starts
-  a private local Ray bound to 127.0.0.1.
+  a private local Ray bound to 127.0.0.1. On a cluster of several nodes (or whose driver node
+  has no CPUs) run, train and sweep need --out s3://BUCKET/PREFIX: no node sees another's disk.
 """
 
 

@@ -59,13 +59,13 @@ def sweep(
     resolved = check_sweep(cfg)
     run = open_run(cfg, out, resume, kind="sweep", marker=TUNE_DIR)
     if resume:
-        check_resumable(run.local)
+        check_resumable(run.root)
     init_ray(cfg.ray)
     pack = packing(cfg, cluster_resources())  # one the cluster cannot hold fails now
     prepared = prepare(cfg, resolved)
     trials = plan_trials(cfg, prepared)
     if resume:
-        check_same_plan(run.local, trials)
+        check_same_plan(run.root, trials)
     print(
         f"[sweep] {len(trials)} trials: {_describe_axes(cfg, prepared)}; {pack.describe()}",
         flush=True,
@@ -81,17 +81,13 @@ def sweep(
 
 
 def _stop_if_unfinished(run: RunDir, outcome: Outcome, trials: int) -> None:
-    """A stopped sweep exits 130 with the command that resumes it."""
+    """A stopped sweep exits 130 with the command that resumes it (from any machine, for
+    an s3:// sweep)."""
     if not outcome.unfinished:
         return
-    how = (
-        f"they are on {run.uri}; an s3:// sweep cannot be resumed yet"
-        if run.uri
-        else f"resume with: raysys sweep resume={run.local}"
-    )
     raise Interrupted(
         f"the sweep stopped with {outcome.unfinished} of {trials} trials unfinished; "
-        f"finished trials are kept: {how}"
+        f"finished trials are kept: resume with: raysys sweep resume={run.root}"
     )
 
 

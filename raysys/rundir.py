@@ -1,12 +1,16 @@
 """Run directories: where a command writes, local or `s3://`, and how a stopped run resumes.
 
 An `s3://` output is written in a local staging directory and uploaded when the command
-ends; what Ray Train and Tune write (checkpoints, the experiment) goes to the URI directly.
+ends; what Ray Train and Tune write (checkpoints, the experiment) goes to the URI directly, so
+`resume=s3://…` continues a run from any machine. On a cluster of several nodes only such a
+URI works: a worker elsewhere cannot see the driver's disk.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +31,11 @@ class RunDir:
     local: Path
     uri: str | None = None
 
+    @property
+    def root(self) -> Path | str:
+        """Where the run ends up: its URI, else its local directory."""
+        return self.uri or self.local
+
     def remote(self, *parts: str) -> str | None:
         """A path under the URI, for what Ray writes straight to object storage."""
         return storage.join(self.uri, *parts) if self.uri else None
@@ -45,14 +54,25 @@ def default_out(command: str, out: str | None, cfg: Config) -> Path | str:
     return Path("runs") / (cfg.name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def resumed_config(cfg: Config, overrides: list[str]) -> tuple[Config, Path]:
-    """The config saved in the run `resume=` names, with the other overrides on top (e.g.
-    more epochs): the run's own config is the base."""
-    out = Path(cfg.resume)
-    saved = out / CONFIG_FILE
-    if not saved.is_file():
-        raise ConfigError(f"resume={cfg.resume!r} is not a run directory (no {CONFIG_FILE})")
-    return config.load(saved, [o for o in overrides if not o.startswith("resume=")]), out
+def resumed_config(cfg: Config, overrides: list[str]) -> tuple[Config, Path | str]:
+    """The config saved in the run `resume=` names (a directory or an `s3://` URI), with the
+    other overrides on top (e.g. more epochs): the run's own config is the base."""
+    out: Path | str = cfg.resume if storage.is_remote(cfg.resume) else Path(cfg.resume)
+    rest = [o for o in overrides if not o.startswith("resume=")]
+    if not storage.is_remote(out):
+        saved = Path(out) / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"resume={cfg.resume!r} is not a run directory (no {CONFIG_FILE})")
+        return config.load(saved, rest), out
+    storage.check_readable(out, "resume")  # a wrong bucket or endpoint fails in seconds
+    try:
+        text = storage.read_text(storage.join(out, CONFIG_FILE))
+    except FileNotFoundError:
+        raise ConfigError(f"resume={cfg.resume!r} is not a run (no {CONFIG_FILE})") from None
+    with tempfile.TemporaryDirectory(prefix="raysys-resume-") as tmp:
+        saved = Path(tmp) / CONFIG_FILE
+        saved.write_text(text)
+        return config.load(saved, rest), out
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -71,23 +91,71 @@ def open_run(
     cfg: Config, out: Path | str, resume: bool, kind: str = "run", marker: str = "results.csv"
 ) -> RunDir:
     """The run directory of a `train` (`kind` run) or `sweep`, checked before any work: a
-    remote one must be writable and new (`marker` names what a finished one holds), a
-    resumed one must exist; a new one gets the resolved config."""
+    remote one must be writable and new (`marker` names what a finished one holds) unless
+    resumed, a local one must be one the cluster's nodes can all reach, a resumed one must
+    exist; a new one gets the resolved config."""
     uri = None
     if storage.is_remote(out):
         uri = str(out)
-        if resume:
-            raise ConfigError(
-                f"resume= needs a local {kind} directory; s3:// resume is not supported"
-            )
         storage.check_writable(uri)
-        if storage.exists(storage.join(uri, marker)):
+        if not resume and storage.exists(storage.join(uri, marker)):
             raise ConfigError(f"{uri!r} already holds a {kind}; choose another --out")
+        # Staged here, uploaded by `finish`; a resumed run's files already there are kept.
         out = tempfile.mkdtemp(prefix=f"raysys-{kind}-")
+    else:
+        check_local_out(cfg, out, kind)
     if not resume:
         prepare_out_dir(Path(out))  # its message names the directory as the user gave it
         config.dump(cfg, Path(out) / CONFIG_FILE)
     return RunDir(Path(out).resolve(), uri)
+
+
+def check_local_out(cfg: Config, out: Path | str, kind: str = "run") -> None:
+    """Refuse a local `--out` on a cluster whose work runs on other nodes: Ray Train keeps
+    checkpoints under it, and another node cannot see this machine's disk (the run would fail
+    late, or lose its outputs with the node). Only a joined cluster (`RAY_ADDRESS`, or Ray
+    already initialised by the caller) is asked; a private local Ray is one node, this one."""
+    if not os.environ.get("RAY_ADDRESS") and not _ray_initialized():
+        return
+    from raysys.runtime import init_ray  # joins the cluster (cheap when already joined)
+
+    init_ray(cfg.ray)
+    nodes, driver_cpus = _cluster_shape()
+    refusal = local_out_refusal(out, kind, nodes, driver_cpus)
+    if refusal:
+        raise ConfigError(refusal)
+
+
+def local_out_refusal(out: Path | str, kind: str, nodes: int, driver_cpus: float) -> str | None:
+    """Why a local output directory cannot hold a `kind` on this cluster, or None when it can:
+    more than one node, or a driver node without CPUs (a head like cluster/gpu.yaml's, where
+    every task and worker runs on nodes that may not even exist yet)."""
+    if nodes > 1:
+        reason = f"the Ray cluster has {nodes} nodes"
+    elif driver_cpus <= 0:
+        reason = "this driver's Ray node has no CPUs, so the work runs on other nodes"
+    else:
+        return None
+    return (
+        f"--out {str(out)!r} is a local directory, but {reason}: Ray Train's checkpoints and "
+        f"the models and TensorBoard files of this {kind} would land on disks this machine "
+        "cannot see. Write to object storage instead: --out s3://BUCKET/PREFIX"
+    )
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")  # not imported by this module: `--help` must stay light
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _cluster_shape() -> tuple[int, float]:
+    """(alive nodes, CPUs of the node this driver runs on) of the joined cluster."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    cpus = sum(float(n.get("Resources", {}).get("CPU", 0.0)) for n in alive if n["NodeID"] == here)
+    return len(alive), cpus
 
 
 def print_where(out: Path | str) -> None:

@@ -217,6 +217,17 @@ def exists(uri: PathLike) -> bool:
     return bool(fs.exists(path))
 
 
+def list_names(uri: PathLike) -> list[str]:
+    """The names directly under a directory or prefix, sorted; none when nothing is there."""
+    fs, path = fsspec_fs(uri)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != path}
+    return sorted(names)
+
+
 def write_text(uri: PathLike, text: str) -> None:
     """Write UTF-8 text, creating local parent directories (S3 has none to create)."""
     fs, path = fsspec_fs(uri)

@@ -56,13 +56,14 @@ def run_trial(
     params = {key: config.get_key(cfg, key) for key in cfg.sweep.params}
     source = PairSource(**trial.layer.source)
     out = Path(tempfile.mkdtemp(prefix="raysys-trial-")) if uri else Path(out_dir)
-    # resume: a trial restarted by `Tuner.restore` continues from its latest checkpoint.
+    # resume: a trial restarted by `Tuner.restore` continues from its latest checkpoint,
+    # under the sweep's directory or on its URI (read from whichever machine runs it now).
     result = train(
         cfg,
         source,
         out,
         trial.id,
-        resume=uri is None,
+        resume=True,
         storage_uri=storage.join(uri, "ray") if uri else None,
         callbacks=[TuneReportCallback()],
         scaling_plan=_scaling(Packing(**pack)),
@@ -160,16 +161,17 @@ def _tuner(
     # The trial function only waits on its trainer, whose workers hold the CPUs and GPUs; it
     # reserves the memory its process takes (Tune refuses an empty request), no core.
     trainable = ray.tune.with_resources(trainable, {"CPU": 0, "memory": DRIVER_MEMORY})
-    if restore:
-        return ray.tune.Tuner.restore(
-            str(run.local / TUNE_DIR),
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-        )
     storage_fs, storage_path = None, str(run.local)
     if run.uri:  # Tune keeps its experiment state on S3 itself
         storage_fs, storage_path = storage.pyarrow_fs(run.uri)
+    if restore:
+        return ray.tune.Tuner.restore(
+            storage.join(storage_path, TUNE_DIR),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_fs,
+        )
     return ray.tune.Tuner(
         trainable,
         param_space={"trial": ray.tune.grid_search([t.to_dict() for t in trials])},
@@ -215,12 +217,13 @@ def trial_status(out_dir: Path | str) -> dict[str, str]:
     return {t.config["trial"]["id"]: t.status for t in analysis.trials}
 
 
-def check_resumable(out_dir: Path) -> None:
-    if not (out_dir / TUNE_DIR).is_dir():
+def check_resumable(out_dir: Path | str) -> None:
+    """A sweep to resume (a directory or `s3://` URI) holds Tune's experiment."""
+    if not storage.exists(storage.join(out_dir, TUNE_DIR)):
         raise ConfigError(f"{str(out_dir)!r} holds no sweep to resume (no {TUNE_DIR}/)")
 
 
-def check_same_plan(out_dir: Path, trials: list[Trial]) -> None:
+def check_same_plan(out_dir: Path | str, trials: list[Trial]) -> None:
     """A resumed sweep must plan the trials it started with."""
     started_ids = set(trial_status(out_dir)) - {t.id for t in trials}
     if started_ids:

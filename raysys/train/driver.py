@@ -78,10 +78,10 @@ def _user_error(err: BaseException | None) -> RaysysError | None:
 
 @dataclass
 class SavedCheckpoint:
-    """A checkpoint directory of a Ray Train run and the reports it carries (one per
-    validation, the last one its own)."""
+    """A checkpoint directory of a Ray Train run (a path or URI) and the reports it carries
+    (one per validation, the last one its own)."""
 
-    path: Path
+    path: str
     history: list[dict[str, Any]]
 
     @property
@@ -89,32 +89,40 @@ class SavedCheckpoint:
         return self.history[-1]
 
 
-def saved_checkpoints(run_dir: Path) -> list[SavedCheckpoint]:
-    """The complete checkpoints under a Ray Train run directory, read from disk.
+def saved_checkpoints(run_dir: Path | str) -> list[SavedCheckpoint]:
+    """The complete checkpoints under a Ray Train run directory (local or `s3://`).
 
     Ray Train restores its own checkpoint list only when the stopped run managed to write
     its snapshot file; reading the checkpoints ourselves makes resume work either way.
     """
     saved = []
-    for ckpt in Path(run_dir).glob("checkpoint_*"):
-        history = ckpt / HISTORY_FILE
-        if (ckpt / STATE_FILE).is_file() and history.is_file():
-            saved.append(SavedCheckpoint(ckpt, json.loads(history.read_text())))
+    for name in storage.list_names(run_dir):
+        if not name.startswith("checkpoint_"):
+            continue
+        ckpt = storage.join(run_dir, name)
+        if not storage.exists(storage.join(ckpt, STATE_FILE)):
+            continue  # half-written: the state is saved before the history
+        try:
+            history = json.loads(storage.read_text(storage.join(ckpt, HISTORY_FILE)))
+        except FileNotFoundError:
+            continue
+        saved.append(SavedCheckpoint(ckpt, history))
     return saved
 
 
-def latest_checkpoint(run_dir: Path) -> str | None:
-    """The checkpoint with the most steps under a Ray Train run directory, if any."""
+def latest_checkpoint(run_dir: Path | str) -> str | None:
+    """The checkpoint with the most steps under a Ray Train run directory (a path or URI,
+    as the worker's `resume_from` takes it), if any."""
     saved = saved_checkpoints(run_dir)
-    return str(max(saved, key=lambda c: c.report["step"]).path) if saved else None
+    return max(saved, key=lambda c: c.report["step"]).path if saved else None
 
 
 def finished_before(
-    tcfg: TrainConfig, run_dir: Path, model_dir: Path, seconds: float
+    tcfg: TrainConfig, run_dir: Path | str, model_dir: Path, seconds: float
 ) -> TrainResult:
     """The result of a resumed run that had already trained its last step (it was stopped
     after its final checkpoint, so this fit reported nothing): its best and latest
-    checkpoints on disk stand for the fit's."""
+    checkpoints, local or on `s3://`, stand for the fit's."""
     saved = saved_checkpoints(run_dir)
     if not saved:
         raise RaysysError(
@@ -123,8 +131,15 @@ def finished_before(
     sign = 1.0 if tcfg.best_mode == "max" else -1.0
     best = max(saved, key=lambda c: sign * c.report.get(tcfg.best_metric, -sign * math.inf))
     latest = max(saved, key=lambda c: c.report["step"])
-    JAM.load(best.path / MODEL_DIR).save(model_dir)
+    export_model(checkpoint_at(best.path), model_dir)
     return TrainResult(tcfg.objective, model_dir, latest.report, latest.history, seconds)
+
+
+def checkpoint_at(uri: str) -> Checkpoint:
+    """A Ray Train checkpoint at a local path or an `s3://` URI (read through storage's
+    filesystem, so the endpoint and credentials are the environment's)."""
+    fs, path = storage.pyarrow_fs(uri)
+    return Checkpoint(path=path, filesystem=fs)
 
 
 def stream_plan(
@@ -133,8 +148,8 @@ def stream_plan(
     """Ray Data datasets and worker settings when the train split streams; else nothing."""
     rows = len(source.index("train"))
     dims = [
-        stream.column_width(Path(source.image_dir), source.image_layer),
-        stream.column_width(Path(source.text_dir), source.text_layer),
+        stream.column_width(source.image_dir, source.image_layer),
+        stream.column_width(source.text_dir, source.text_layer),
     ]
     width = dims[0] + 2 * dims[1]
     reason = stream.stream_reason(tcfg.data_on_device, rows, width, tcfg.num_workers)
@@ -158,9 +173,10 @@ def train(
 ) -> TrainResult:
     """Fit one JAM model with Ray Train; returns the exported best model and its history.
 
-    With `resume`, training continues from the newest checkpoint under `<out_dir>/ray/<name>`
-    (a run stopped by Ctrl-C or a lost driver); a finished run returns at once. With
-    `storage_uri` (e.g. s3://bucket/run/ray) Ray Train keeps its checkpoints there instead.
+    With `storage_uri` (e.g. s3://bucket/run/ray) Ray Train keeps its checkpoints there,
+    else under `<out_dir>/ray`. With `resume`, training continues from the newest checkpoint
+    of `<name>` there (a run stopped by Ctrl-C or a lost driver, on any machine); a finished
+    run returns at once.
     A sweep trial passes Tune's report callback and its packed `(ScalingConfig, threads)`, and
     with `tensorboard_uri` rank 0 uploads its event files there at the end.
     """
@@ -169,6 +185,7 @@ def train(
     out_dir = out_dir.resolve()
     started = time.perf_counter()
     datasets, streaming = stream_plan(cfg.train, source)
+    run_dir = storage.join(storage_uri or out_dir / "ray", name)  # Ray Train's, for `name`
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -179,7 +196,7 @@ def train(
             "tensorboard_uri": tensorboard_uri,
             # A packed trial's worker owns only its fraction of the GPU's memory.
             "gpu_share": (scaling_config.resources_per_worker or {}).get("GPU", 1.0) or 1.0,
-            "resume_from": latest_checkpoint(out_dir / "ray" / name) if resume else None,
+            "resume_from": latest_checkpoint(run_dir) if resume else None,
             **streaming,
         },
         datasets=datasets,
@@ -200,7 +217,7 @@ def train(
     model_dir = out_dir / "models" / name
     tcfg = cfg.train
     if result.checkpoint is None and resume:
-        return finished_before(tcfg, out_dir / "ray" / name, model_dir, seconds)
+        return finished_before(tcfg, run_dir, model_dir, seconds)
     best = result.get_best_checkpoint(tcfg.best_metric, tcfg.best_mode) or result.checkpoint
     export_model(best, model_dir)
     with result.checkpoint.as_directory() as ckpt:

@@ -144,10 +144,12 @@ def _data_and_model(
 
 def _restore(config: dict[str, Any], trainer: Trainer, rank: int) -> Progress:
     """Continue from Ray Train's checkpoint (a restarted worker group) or the driver's
-    `resume_from` (a stopped run); a fresh run starts at step 0."""
+    `resume_from` (a stopped run: a path, or an `s3://` URI this worker reads itself, as it
+    may run on a node that shares no disk with the driver); a fresh run starts at step 0."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+        fs, path = storage.pyarrow_fs(config["resume_from"])
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
     if not checkpoint:
         return Progress()
     with checkpoint.as_directory() as ckpt:
