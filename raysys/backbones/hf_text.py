@@ -16,7 +16,6 @@ wheel, so the embedded pipeline runs with no network.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +101,6 @@ class HFTextEncoder(PairedText):
         self._tokenizer = None
         self._config = None
 
-    @property
-    def path(self) -> Path:
-        return Path(self.source.location)
-
     def _kind(self) -> tuple[str, Any]:
         if self._config is None:
             self._config = self.source.config()
@@ -143,8 +138,7 @@ class HFTextEncoder(PairedText):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            tok = AutoTokenizer.from_pretrained(self.source.location, **self.source.kwargs())
+            tok = AutoTokenizer.from_pretrained(self.source.files_dir(), **self.source.kwargs())
             tok.padding_side = "left" if self.kind == "decoder" else "right"
             if tok.pad_token is None:
                 if tok.eos_token is None:
@@ -182,7 +176,6 @@ class HFTextEncoder(PairedText):
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.device = device
         kind, config = self._kind()
         cls = getattr(transformers, MODEL_MAPPING_NAMES[config.model_type])

@@ -16,7 +16,6 @@ that do not), and position embeddings are interpolated.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any
 
 import numpy as np
@@ -118,10 +117,9 @@ class HFVision(Backbone):
         if self._processor is None:
             from transformers import AutoImageProcessor
 
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             with quiet_transformers():
                 self._processor = AutoImageProcessor.from_pretrained(
-                    self.source.location, **self.source.kwargs()
+                    self.source.files_dir(), **self.source.kwargs()
                 )
         return self._processor
 
@@ -187,7 +185,6 @@ class HFVision(Backbone):
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.device = device
         cls = getattr(transformers, MODEL_MAPPING_NAMES[self.config.model_type])
         model = load_model(cls, self.source, self.name, ignore=("pooler", "head"))

@@ -1,6 +1,11 @@
-"""Where a Hugging Face model lives: a local folder, or a hub id (optionally `@revision`) that
-must already be in the local Hugging Face cache, because raysys runs offline (HF_HUB_OFFLINE):
-an actor that starts a multi-GB download mid-extraction is worse than a clear error up front.
+"""Where a Hugging Face model lives: a local folder, a folder on S3 (`s3://bucket/prefix`,
+what `save_pretrained` wrote), or a hub id (optionally `@revision`).
+
+An S3 folder is copied once per node (`raysys.backbones.fetch`): the small files wherever the
+model is checked or its inputs prepared, the weights only where it is loaded. A hub id comes
+from the Hub where the environment allows it (a cluster node: `HF_HUB_OFFLINE` unset); offline
+(raysys's own local Ray) it must already be in the local Hugging Face cache, because an actor
+that fails mid-extraction is worse than a clear error up front.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from raysys import storage
+from raysys.backbones.fetch import RemoteFolder, hub_download, hub_files, hub_offline
 from raysys.errors import BackboneError
 
 WEIGHTS = (
@@ -25,29 +32,85 @@ def _looks_like_path(text: str) -> bool:
 
 
 class HFSource:
-    """`spec` is `<hub id>[@revision]` or a folder path. A path that exists is always a
-    folder (as in `from_pretrained`); anything else that is not path-like is a hub id."""
+    """`spec` is `<hub id>[@revision]`, a folder path or an `s3://` folder. A path that exists
+    is always a folder (as in `from_pretrained`); anything else that is not path-like is a hub
+    id."""
 
     def __init__(self, spec: str) -> None:
         if not spec.strip():
             raise BackboneError("empty Hugging Face model: write hf:<hub id or folder>[@revision]")
         self.spec = spec
         self.revision: str | None = None
+        self.commit: str | None = None  # a hub id's resolved commit, pinned for the actors
+        self._repo_files: set[str] | None = None
+        self.remote: RemoteFolder | None = None
+        if storage.is_remote(spec):
+            self.remote = RemoteFolder(spec, f"hf:{spec}")
+            self.local = False
+            self.location = self.remote.uri
+            return
         path = Path(spec).expanduser()
         if not path.is_dir() and "@" in spec and not _looks_like_path(spec):
             spec, self.revision = spec.rsplit("@", 1)
             path = Path(spec).expanduser()
+        if "://" in spec:
+            raise BackboneError(
+                f"hf:{self.spec}: only s3:// URIs are supported for model folders (or a local "
+                "folder, or a hub id)"
+            )
         self.local = path.is_dir() or _looks_like_path(spec)
         if self.local and self.revision:
             raise BackboneError(f"hf:{self.spec}: @revision applies to hub ids, not folders")
         # Absolute, because Ray workers run in their own working directories.
         self.location = str(path.resolve()) if self.local else spec
 
+    @property
+    def hub(self) -> bool:
+        return not self.local and self.remote is None
+
     def kwargs(self) -> dict[str, Any]:
-        """Extra `from_pretrained` arguments: hub ids resolve from the cache only."""
-        if self.local:
+        """Extra `from_pretrained` arguments: hub ids resolve from the cache only when offline,
+        and at the commit the driver resolved when online (every actor loads the same model)."""
+        if not self.hub:
             return {}
-        return {"revision": self.revision, "local_files_only": True}
+        if hub_offline():
+            return {"revision": self.revision, "local_files_only": True}
+        return {"revision": self.commit or self.revision}
+
+    def files_dir(self) -> str:
+        """What `from_pretrained` of a config, tokenizer or processor reads: for an S3 folder,
+        a node-local copy of its small files (never the weights)."""
+        if self.remote is not None:
+            return str(self.remote.local_copy(self.remote.small_files()))
+        return self.location
+
+    def weights_dir(self) -> str:
+        """What the model's `from_pretrained` reads: for an S3 folder, a node-local copy of
+        the small files and of the weight files transformers loads."""
+        if self.remote is not None:
+            return str(self.remote.local_copy(self.remote.small_files() + self._weight_files()))
+        return self.location
+
+    def _weight_files(self) -> list[str]:
+        """The weight files transformers reads from this S3 folder (safetensors first, as it
+        does; a sharded checkpoint's shards from its index), so other formats and stray
+        checkpoints beside them are never copied."""
+        assert self.remote is not None
+        for index, single in (WEIGHTS[1], WEIGHTS[0]), (WEIGHTS[3], WEIGHTS[2]):
+            if self.remote.has(index):
+                shards = sorted(set(self.remote.read_json(index).get("weight_map", {}).values()))
+                absent = [s for s in shards if not self.remote.has(s)]
+                if absent or not shards:
+                    raise BackboneError(
+                        f"hf:{self.spec}: {index} lists shards that are not in the folder "
+                        f"({', '.join(absent[:3]) or 'none listed'}); upload the whole folder "
+                        "save_pretrained wrote"
+                    )
+                return shards
+            if self.remote.has(single):
+                return [single]
+        self.require(WEIGHTS)  # raises, naming the folder and what to upload
+        return []
 
     def _cached(self, filename: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
@@ -59,21 +122,40 @@ class HFSource:
         rev = f" --revision {self.revision}" if self.revision else ""
         return (
             f"download it first with `huggingface-cli download {self.location}{rev}` (on every "
-            "node, or with a shared HF_HOME), or give a local folder saved with save_pretrained "
-            "as hf:/path/to/folder"
+            "node, or with a shared HF_HOME), give a local folder saved with save_pretrained "
+            "as hf:/path/to/folder, or on a cluster an S3 copy of that folder as "
+            "hf:s3://bucket/prefix (or leave HF_HUB_OFFLINE unset where nodes reach the Hub)"
         )
+
+    def _on_hub(self, name: str) -> bool:
+        if self._repo_files is None:
+            self._repo_files = hub_files(f"hf:{self.spec}", self.location, self._revision())
+        return name in self._repo_files
+
+    def _revision(self) -> str | None:
+        return self.commit or self.revision
 
     def require(self, *groups: tuple[str, ...], what: str = "model") -> None:
         """Each group of alternative file names must have one present (config, weights,
-        processor…); checks file existence only, never loads."""
+        processor…); checks file existence only (listings, never downloads of weights)."""
         for names in groups:
             if self.local:
                 found = any((Path(self.location) / n).is_file() for n in names)
+            elif self.remote is not None:
+                found = any(self.remote.has(n) for n in names)
             else:
                 found = any(self._cached(n) for n in names)
+                if not found and not hub_offline():
+                    found = any(self._on_hub(n) for n in names)
             if found:
                 continue
             wanted = " or ".join(names)
+            if self.remote is not None:
+                raise BackboneError(
+                    f"{what}: the folder {self.location} has no {wanted}; upload the whole "
+                    "folder that save_pretrained wrote for the model and its tokenizer or "
+                    f"image processor (e.g. `aws s3 sync ./my-model {self.location}`)"
+                )
             if self.local:
                 if not Path(self.location).is_dir():
                     raise BackboneError(
@@ -85,34 +167,50 @@ class HFSource:
                     "tokenizer or image processor) there with save_pretrained"
                 )
             at = f"@{self.revision}" if self.revision else ""
+            if not hub_offline():
+                raise BackboneError(
+                    f"{what} {self.location}{at}: the repo has no {wanted} on the Hugging Face "
+                    "Hub; is it the right model?"
+                )
             raise BackboneError(
                 f"{what} {self.location}{at}: {wanted} is not in the local Hugging Face cache "
-                f"and raysys runs offline; {self._how_to_fix()}"
+                f"and raysys runs offline (HF_HUB_OFFLINE is set); {self._how_to_fix()}"
             )
 
     def config(self):
-        """The model's `AutoConfig` (config.json only)."""
+        """The model's `AutoConfig` (config.json only; online, fetched from the Hub, which
+        also pins the commit every actor will load)."""
         from transformers import AutoConfig
 
+        if self.hub and not hub_offline() and not self._cached("config.json"):
+            hub_download(f"hf:{self.spec}", self.location, "config.json", self.revision)
         self.require(("config.json",))
+        if self.hub and not hub_offline():
+            self.commit = self.commit or self._snapshot()
         try:
-            return AutoConfig.from_pretrained(self.location, **self.kwargs())
+            return AutoConfig.from_pretrained(self.files_dir(), **self.kwargs())
         except (OSError, ValueError, KeyError) as exc:
             raise BackboneError(f"cannot read the config of {self.location}: {exc}") from exc
 
     def source(self) -> str:
-        """What names the model in a cache key: the hub id, or the folder for local models."""
+        """What names the model in a cache key: the hub id, the S3 URI, or the folder for
+        local models."""
         return self.location
 
+    def _snapshot(self) -> str | None:
+        found = self._cached("config.json")
+        return Path(found).parent.name if found else None  # .../snapshots/<commit>/config.json
+
     def revision_key(self) -> str:
-        """The commit a hub id resolves to in the local cache (so `@main` keys the cache by
-        what was actually used), or a fingerprint of a local folder's files (names, sizes,
-        mtimes and config text) so a re-saved model never reuses a stale cache."""
+        """The commit a hub id resolves to (so `@main` keys the cache by what was actually
+        used), the sizes and ETags of an S3 folder's files, or a fingerprint of a local
+        folder's files (names, sizes, mtimes and config text) so a re-saved model never reuses
+        a stale cache."""
+        if self.remote is not None:
+            used = self.remote.small_files() + self._weight_files()
+            return "s3:" + self.remote.version(used)
         if not self.local:
-            found = self._cached("config.json")
-            if found:
-                return Path(found).parent.name  # .../snapshots/<commit>/config.json
-            return self.revision or "main"
+            return self.commit or self._snapshot() or self.revision or "main"
         folder = Path(self.location)
         files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
         return "local:" + fingerprint(files, folder / "config.json")
@@ -156,7 +254,7 @@ def load_model(cls, source: HFSource, what: str, ignore: tuple[str, ...] = ()):
     one of `ignore` (heads we never read)."""
     with quiet_transformers():
         model, info = cls.from_pretrained(
-            source.location, output_loading_info=True, **source.kwargs()
+            source.weights_dir(), output_loading_info=True, **source.kwargs()
         )
     missing = [k for k in info.get("missing_keys", ()) if not any(s in k for s in ignore)]
     if missing:

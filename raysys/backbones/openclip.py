@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -247,7 +246,6 @@ class OpenCLIPText(_OpenCLIPTower, PairedText):
         if self._tokenizer is None:
             import open_clip
 
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             self.source.register()
             self._tokenizer = open_clip.get_tokenizer(self.source.model_name)
         return self._tokenizer

@@ -12,9 +12,13 @@ Names (after `open_clip:`):
   (`{"model_cfg": {...}, "preprocess_cfg": {...}}`) plus a weights file
   (`open_clip_model.safetensors`, `open_clip_pytorch_model.bin`, …). This is how a custom
   architecture with its weights is usually given.
-- `hf-hub:<org/repo>` — the same format on the Hugging Face hub; it must be in the local cache.
-- `<arch>:<pretrained tag>` — a built-in architecture and one of its tags (its weights must be
-  in the local cache), e.g. `ViT-B-32:laion2b_s34b_b79k`.
+- `s3://bucket/prefix` (or `local-dir:s3://bucket/prefix`) — the same folder on S3, copied once
+  per node into a local cache (`raysys.backbones.fetch`): its small files where the model is
+  checked or captions are tokenized, its weights file only where the model is loaded.
+- `hf-hub:<org/repo>` — the same format on the Hugging Face hub; fetched from the Hub where the
+  environment allows it (`HF_HUB_OFFLINE` unset), else it must be in the local cache.
+- `<arch>:<pretrained tag>` — a built-in architecture and one of its tags (offline, its
+  weights must be in the local cache), e.g. `ViT-B-32:laion2b_s34b_b79k`.
 - `<arch>:<weights file>` — a built-in architecture with a local checkpoint, or a custom one:
   `<arch>` may be a path to a model-config JSON (`{"embed_dim", "vision_cfg", "text_cfg"}`)
   registered with `open_clip.add_model_config`; its file stem becomes the architecture name.
@@ -31,14 +35,27 @@ from typing import Any
 
 import torch
 
+from raysys import storage
+from raysys.backbones.fetch import RemoteFolder, hub_download, hub_files, hub_offline, is_weights
 from raysys.backbones.hfsource import fingerprint
 from raysys.errors import BackboneError
 
 PREFIX = "open_clip:"
 CONFIG_FILE = "open_clip_config.json"
 HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# The weights file open_clip takes from a folder when there are several (its own preference).
+FOLDER_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
 FORMS = (
-    "open_clip:local-dir:<folder>, open_clip:hf-hub:<org/repo>, "
+    "open_clip:local-dir:<folder>, open_clip:s3://bucket/<folder>, open_clip:hf-hub:<org/repo>, "
     "open_clip:<arch>:<pretrained tag or weights file>, open_clip:<config.json>:<weights file>"
 )
 
@@ -55,7 +72,10 @@ class OpenCLIPSource:
         self.arch_file: Path | None = None
         self.tag = ""
         self.weights: Path | None = None
-        if spec.startswith("local-dir:"):
+        self.remote: RemoteFolder | None = None
+        if storage.is_remote(spec.removeprefix("local-dir:")):
+            self.remote = RemoteFolder(spec.removeprefix("local-dir:"), name)
+        elif spec.startswith("local-dir:"):
             self.folder = Path(spec[len("local-dir:") :]).expanduser().resolve()
         elif spec.startswith("hf-hub:"):
             self.repo = spec[len("hf-hub:") :]
@@ -65,6 +85,11 @@ class OpenCLIPSource:
                 raise BackboneError(
                     f"backbone {name!r} names no weights (a random tower is useless here); "
                     f"write one of {FORMS}"
+                )
+            if "://" in pretrained or "://" in arch:
+                raise BackboneError(
+                    f"backbone {name!r}: a URI is accepted only as a whole open_clip folder, "
+                    "open_clip:s3://bucket/<folder> (open_clip_config.json and a weights file)"
                 )
             if arch.endswith(".json"):
                 self.arch_file = Path(arch).expanduser().resolve()
@@ -78,7 +103,10 @@ class OpenCLIPSource:
 
     @property
     def model_name(self) -> str:
-        """The name open_clip's own `create_model` / `get_tokenizer` take."""
+        """The name open_clip's own `create_model` / `get_tokenizer` take (for an S3 folder:
+        the node-local copy of its small files, enough for the tokenizer)."""
+        if self.remote is not None:
+            return f"local-dir:{self.remote.local_copy(self.remote.small_files())}"
         if self.folder is not None:
             return f"local-dir:{self.folder}"
         if self.repo:
@@ -113,12 +141,22 @@ class OpenCLIPSource:
     def _not_cached(self, what: str, repo: str) -> BackboneError:
         return BackboneError(
             f"{self.name}: {what} is not in the local Hugging Face cache and raysys runs "
-            f"offline; download it first with `huggingface-cli download {repo}` (on every node, "
-            "or with a shared HF_HOME), or give a local folder as open_clip:local-dir:<folder>"
+            f"offline (HF_HUB_OFFLINE is set); download it first with `huggingface-cli download "
+            f"{repo}` (on every node, or with a shared HF_HOME), give a local folder as "
+            "open_clip:local-dir:<folder>, or on a cluster an S3 copy of that folder as "
+            "open_clip:s3://bucket/<folder>"
         )
 
     def _folder_config(self) -> dict[str, Any]:
-        if self.folder is not None:
+        if self.remote is not None:
+            if not self.remote.has(CONFIG_FILE):
+                raise BackboneError(
+                    f"{self.name}: no {CONFIG_FILE} in {self.remote.uri}; upload an open_clip "
+                    'folder there: {"model_cfg": ..., "preprocess_cfg": ...} in '
+                    f"{CONFIG_FILE} and a weights file"
+                )
+            path = self.remote.local_copy(self.remote.small_files()) / CONFIG_FILE
+        elif self.folder is not None:
             path = self.folder / CONFIG_FILE
             if not path.is_file():
                 raise BackboneError(
@@ -127,6 +165,8 @@ class OpenCLIPSource:
                 )
         else:
             found = self._hub_file(self.repo, CONFIG_FILE)
+            if found is None and not hub_offline():
+                found = hub_download(self.name, self.repo, CONFIG_FILE)
             if found is None:
                 raise self._not_cached(CONFIG_FILE, self.repo)
             path = Path(found)
@@ -138,7 +178,7 @@ class OpenCLIPSource:
     def model_cfg(self) -> dict[str, Any]:
         import open_clip
 
-        if self.folder is not None or self.repo:
+        if self.folder is not None or self.repo or self.remote is not None:
             return self._folder_config()["model_cfg"]
         self.register()
         cfg = open_clip.get_model_config(self.arch)
@@ -155,16 +195,35 @@ class OpenCLIPSource:
         from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
         base = asdict(PreprocessCfg())
-        if self.folder is not None or self.repo:
+        if self.folder is not None or self.repo or self.remote is not None:
             return merge_preprocess_dict(base, self._folder_config().get("preprocess_cfg", {}))
         if self.tag:
             return merge_preprocess_dict(base, open_clip.get_pretrained_cfg(self.arch, self.tag))
         return base
 
+    def remote_weights(self) -> str:
+        """The one weights file of an S3 folder that open_clip would load from it."""
+        assert self.remote is not None
+        names = [n for n in self.remote.files() if is_weights(n)]
+        usable = [n for n in names if n.endswith((".safetensors", ".bin", ".pth"))]
+        if not usable:
+            raise BackboneError(
+                f"{self.name}: no weights (*.safetensors, *.bin, *.pth) in {self.remote.uri}; "
+                "upload the weights file beside open_clip_config.json (open_clip would build "
+                "a random model)"
+            )
+        preferred = [n for n in FOLDER_WEIGHTS if n in usable]
+        if preferred:
+            return preferred[0]
+        return sorted(usable, key=lambda n: (not n.endswith(".safetensors"), n))[0]
+
     def check_weights(self) -> None:
         import open_clip
 
-        if self.folder is not None:
+        if self.remote is not None:
+            self._folder_config()
+            self.remote_weights()
+        elif self.folder is not None:
             self._folder_config()
             weights = [f for p in ("*.safetensors", "*.bin", "*.pth") for f in self.folder.glob(p)]
             if not weights:
@@ -174,8 +233,14 @@ class OpenCLIPSource:
                 )
         elif self.repo:
             self._folder_config()
-            if not any(self._hub_file(self.repo, f) for f in HUB_WEIGHTS):
+            if any(self._hub_file(self.repo, f) for f in HUB_WEIGHTS):
+                return
+            if hub_offline():
                 raise self._not_cached(" or ".join(HUB_WEIGHTS), self.repo)
+            if not set(HUB_WEIGHTS) & hub_files(self.name, self.repo):
+                raise BackboneError(
+                    f"{self.name}: the Hub repo {self.repo} has no {' or '.join(HUB_WEIGHTS)}"
+                )
         elif self.weights is not None:
             if not self.weights.is_file():
                 raise BackboneError(f"{self.name}: weights file {str(self.weights)!r} not found")
@@ -191,9 +256,13 @@ class OpenCLIPSource:
                 repo, filename = os.path.split(cfg["hf_hub"])
                 names = [filename] if filename else list(HUB_WEIGHTS)
                 names += [n.rsplit(".", 1)[0] + ".safetensors" for n in names]
-                if not any(self._hub_file(repo, n) for n in names):
+                if any(self._hub_file(repo, n) for n in names):
+                    return
+                if hub_offline():
                     raise self._not_cached(f"the weights of {self.arch}:{self.tag}", repo)
-            else:
+                if not set(names) & hub_files(self.name, repo):
+                    raise BackboneError(f"{self.name}: the Hub repo {repo} has no {names[0]}")
+            elif hub_offline():
                 target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
                 if not target.is_file():
                     raise BackboneError(
@@ -205,6 +274,9 @@ class OpenCLIPSource:
         """Cache-key fields: no machine-specific path for hub models or tags."""
         import open_clip
 
+        if self.remote is not None:
+            used = self.remote.small_files() + [self.remote_weights()]
+            return self.remote.uri, "s3:" + self.remote.version(used)
         if self.folder is not None:
             files = sorted(f for f in self.folder.iterdir() if f.is_file())
             return str(self.folder), "local:" + fingerprint(files, self.folder / CONFIG_FILE)
@@ -221,12 +293,15 @@ class OpenCLIPSource:
     def create(self, device: torch.device, image_size: int) -> torch.nn.Module:
         import open_clip
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.register()
         pretrained = str(self.weights) if self.weights else (self.tag or None)
+        model_name = self.model_name
+        if self.remote is not None:  # the small files and the one weights file open_clip reads
+            used = self.remote.small_files() + [self.remote_weights()]
+            model_name = f"local-dir:{self.remote.local_copy(used)}"
         try:
             model = open_clip.create_model(
-                self.model_name,
+                model_name,
                 pretrained=pretrained,
                 device=device,
                 precision="fp32",
