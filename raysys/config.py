@@ -162,10 +162,19 @@ class EvalConfig:
 @dataclass
 class RayConfig:
     """A private local Ray: its CPUs and whether to run the dashboard (on 127.0.0.1; Ray
-    Train's state API needs it). Set RAY_ADDRESS to join a running cluster instead."""
+    Train's state API needs it). Set RAY_ADDRESS to join a running cluster instead.
+
+    On a joined cluster that cannot yet hold the work (an autoscaling one whose GPU nodes start
+    on demand, `cluster/gpu.yaml`), the extraction actors, a sweep trial's workers and
+    `raysys train`'s workers are requested from the autoscaler, and raysys waits up to
+    `scale_timeout_s` seconds for the nodes (a cloud GPU node takes minutes to boot) before
+    failing with what was missing; 0 fails at once, as on a fixed-size cluster. A private
+    local Ray never waits.
+    """
 
     num_cpus: int | None = None
     dashboard: bool = True
+    scale_timeout_s: float = 900.0
 
 
 @dataclass

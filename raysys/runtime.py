@@ -2,18 +2,29 @@
 
 A private local Ray binds to loopback only (a laptop or CI box must not expose Ray's ports); with
 RAY_ADDRESS set (`ray job submit` sets it, or export `RAY_ADDRESS=auto` on a cluster node) raysys
-joins that cluster instead.
+joins that cluster instead. A joined cluster may be an autoscaling one whose worker nodes start
+only on demand (`cluster/gpu.yaml`: a CPU-less head, GPU types with `min_workers: 0`), so work
+is sized by `ensure_resources`, which asks the autoscaler for what is missing and waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from raysys.config import RayConfig
+from raysys.errors import ConfigError
 
 LOOPBACK = "127.0.0.1"
+POLL_S = 2.0  # how often the wait for the autoscaler looks at the cluster's nodes
+PROGRESS_S = 30.0  # how often it says it is still waiting
+
+Bundle = dict[str, float]  # one scheduling unit (an actor, a Train worker): it needs one node
 
 
 def loopback_env() -> None:
@@ -47,6 +58,8 @@ def init_ray(cfg: RayConfig) -> None:
     """Join the configured cluster, or start a private loopback-only one."""
     import ray  # lazy: Ray reads `loopback_env`'s variables when it is first imported
 
+    global _scale_timeout_s
+    _scale_timeout_s = cfg.scale_timeout_s  # what `ensure_resources` waits by default
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -69,7 +82,170 @@ class Resources:
 
 
 def cluster_resources() -> Resources:
+    """The cluster's total CPUs and GPUs now (a head started with no CPUs reports none)."""
     import ray
 
     res = ray.cluster_resources()
-    return Resources(cpus=float(res.get("CPU", 1.0)), gpus=float(res.get("GPU", 0.0)))
+    return Resources(cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0)))
+
+
+# --- waiting for the autoscaler ---------------------------------------------------------------
+
+_scale_timeout_s: float = RayConfig().scale_timeout_s  # set by `init_ray` from the config
+
+
+def unplaced(
+    bundles: Iterable[Mapping[str, float]], nodes: list[Mapping[str, float]]
+) -> list[Bundle]:
+    """The bundles that do not fit on the nodes (each node's total resources), placed largest
+    first, each whole on one node: a 1-GPU actor needs a node with a GPU, and two half-empty
+    nodes do not make one. A first-fit packing, so it may miss an exotic fit; for the few
+    identical bundles raysys asks for it is exact. Zero amounts are no demand."""
+    free = [dict(node) for node in nodes]
+    wanted = [{k: float(v) for k, v in b.items() if v > 0} for b in bundles]
+    left: list[Bundle] = []
+    for bundle in sorted(wanted, key=lambda b: (b.get("GPU", 0.0), sum(b.values())), reverse=True):
+        node = next((n for n in free if all(n.get(k, 0.0) >= v for k, v in bundle.items())), None)
+        if node is None:
+            left.append(bundle)
+            continue
+        for k, v in bundle.items():
+            node[k] -= v
+    return left
+
+
+def describe_bundles(bundles: Iterable[Mapping[str, float]], zeros: bool = False) -> str:
+    """`2 x {GPU: 1, CPU: 1} + 1 x {CPU: 0.5}`: identical bundles counted, GPU first; with
+    `zeros`, zero amounts too (a node's `CPU: 0`)."""
+    order = {"GPU": 0, "CPU": 1}
+    shapes = Counter(
+        tuple(
+            sorted(
+                ((k, float(v)) for k, v in b.items() if zeros or v > 0),
+                key=lambda kv: (order.get(kv[0], 2), kv[0]),
+            )
+        )
+        for b in bundles
+    )
+    parts = [
+        f"{n} x {{{', '.join(f'{k}: {v:g}' for k, v in shape)}}}" for shape, n in shapes.items()
+    ]
+    return " + ".join(parts) or "nothing"
+
+
+def joined_cluster() -> bool:
+    """Whether raysys joined a running cluster (RAY_ADDRESS), the only kind with an autoscaler
+    to ask; a private local Ray that raysys started has exactly the CPUs it was given."""
+    import ray
+
+    return bool(os.environ.get("RAY_ADDRESS")) and ray.is_initialized()
+
+
+def node_resources() -> list[Bundle]:
+    """Each alive node's total resources."""
+    import ray
+
+    return [
+        {k: float(v) for k, v in node.get("Resources", {}).items()}
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+
+
+def ensure_resources(
+    bundles: list[Bundle], what: str, hint: str = "", timeout_s: float | None = None
+) -> Resources:
+    """The cluster's resources once it can hold `bundles` (each on one node), asking the
+    autoscaler for them and waiting when it cannot yet.
+
+    A private local Ray never waits: this returns what it has at once and the caller's own check
+    says what does not fit. On a joined cluster, missing bundles are requested with
+    `ray.autoscaler.sdk.request_resources` and the wait (`timeout_s`, default
+    `ray.scale_timeout_s`) ends when they fit; past it, a ConfigError names what was missing
+    and `hint` (the setting that shrinks the demand).
+    """
+    if not joined_cluster():
+        return cluster_resources()
+    if unplaced(bundles, node_resources()):
+        from ray.autoscaler.sdk import request_resources
+
+        def ask(wanted: list[Bundle]) -> None:
+            request_resources(bundles=wanted)
+
+        timeout = _scale_timeout_s if timeout_s is None else timeout_s
+        wait_for_nodes(bundles, what, hint, timeout, node_resources, ask)
+    return cluster_resources()
+
+
+def wait_for_nodes(
+    bundles: list[Bundle],
+    what: str,
+    hint: str,
+    timeout_s: float,
+    nodes: Callable[[], list[Bundle]],
+    ask: Callable[[list[Bundle]], None],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Bundle]:
+    """Ask (`ask`) for `bundles` until `nodes()` can hold them; returns those nodes.
+
+    Says once what it waits for, then every `PROGRESS_S` what is still missing; past
+    `timeout_s` it raises a ConfigError. The request is re-sent on every look (it is one per
+    cluster: another job's request replaces it) and withdrawn (`ask([])`) when the wait ends
+    either way: the nodes are up and the work scheduled on them now keeps them, while a
+    standing request would keep the cluster from ever scaling down.
+    """
+    started = said = clock()
+    current = nodes()
+    before = len(current)
+    print(
+        f"[ray] waiting up to {timeout_s:g} s for the autoscaler: "
+        f"{describe_bundles(bundles)} ({what})",
+        flush=True,
+    )
+    try:
+        while True:
+            ask([dict(b) for b in bundles])
+            current = nodes()
+            missing = unplaced(bundles, current)
+            now = clock()
+            if not missing:
+                print(
+                    f"[ray] {what} fit after {now - started:.0f} s: the cluster has "
+                    f"{len(current)} node(s) ({_describe_nodes(current)}), "
+                    f"{len(current) - before:+d}",
+                    flush=True,
+                )
+                return current
+            if now - started >= timeout_s:
+                raise ConfigError(
+                    f"{what} need {describe_bundles(bundles)}, each on one node; after "
+                    f"{timeout_s:g} s (ray.scale_timeout_s) the cluster's {len(current)} "
+                    f"node(s) ({_describe_nodes(current)}) still lack room for "
+                    f"{describe_bundles(missing)}: "
+                    + (f"{hint}, or " if hint else "")
+                    + "check that a node type of the cluster can hold that and that its "
+                    "max_workers allow it (`ray status`), or raise ray.scale_timeout_s if "
+                    "nodes are slow to start"
+                )
+            if now - said >= PROGRESS_S:
+                said = now
+                print(
+                    f"[ray] still waiting for the autoscaler ({now - started:.0f} of "
+                    f"{timeout_s:g} s): {describe_bundles(missing)} to place; the cluster has "
+                    f"{len(current)} node(s) ({_describe_nodes(current)})",
+                    flush=True,
+                )
+            sleep(POLL_S)
+    finally:
+        # A failure to withdraw must not hide the error (or Ctrl-C) that ended the wait.
+        with contextlib.suppress(Exception):
+            ask([])
+
+
+def _describe_nodes(nodes: list[Mapping[str, float]]) -> str:
+    """The nodes' CPUs and GPUs, e.g. `1 x {CPU: 0} + 2 x {GPU: 1, CPU: 8}`."""
+    shown = [
+        {"CPU": n.get("CPU", 0.0)} | ({"GPU": n["GPU"]} if n.get("GPU") else {}) for n in nodes
+    ]
+    return describe_bundles(shown, zeros=True) if nodes else "no nodes"

@@ -1,4 +1,5 @@
-"""The sweep's plan: its axes, its trials and how they share the cluster; no Ray, no data.
+"""The sweep's plan: its axes, its trials and how they share the cluster; no Ray, no data
+(but `packing`, which on a joined cluster first makes sure one trial fits on it).
 
 Axes are objective x model pair x layer pair x any `train.*` hyper-parameter. Everything here
 is checked before any extraction, so a typo costs seconds, not hours of embedding.
@@ -13,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from raysys import config
+from raysys import config, runtime
 from raysys.backbones import Backbone, configured_backbone, select_layers
 from raysys.checks import check_best_metric
 from raysys.config import Config
@@ -360,17 +361,29 @@ class Packing:
 
 def packing(cfg: Config, res: Resources) -> Packing:
     """Fractional GPUs per trial on a GPU cluster, whole cores on CPU; `max_concurrent_trials`
-    is what fits, so Tune never starts a trial whose workers would wait for resources."""
+    is what fits, so Tune never starts a trial whose workers would wait for resources.
+
+    `res` is what the cluster has now. On a joined cluster (RAY_ADDRESS) one trial's workers are
+    first checked node by node and, where they do not fit yet, requested from the autoscaler
+    (`runtime.ensure_resources`); the trials are then packed onto what arrived. A private local
+    Ray is packed as given, so this stays a pure function in tests.
+    """
     s, tcfg = cfg.sweep, cfg.train
     workers = s.workers_per_trial
     cpus = tcfg.cpus_per_worker or 1.0
+    gpus = 1.0 / s.trials_per_gpu if tcfg.use_gpu else 0.0
+    if runtime.joined_cluster():
+        worker = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+        res = runtime.ensure_resources(
+            [worker] * workers,
+            "one sweep trial's workers",
+            hint="lower sweep.workers_per_trial or train.cpus_per_worker",
+        )
     if tcfg.use_gpu:
         if res.gpus <= 0:
             raise ConfigError("train.use_gpu is set but the cluster has no GPU")
-        gpus = 1.0 / s.trials_per_gpu
         fits = min(int(res.gpus * s.trials_per_gpu) // workers, int(res.cpus // (cpus * workers)))
     else:
-        gpus = 0.0
         fits = int(res.cpus // (cpus * workers))
     if fits < 1:
         raise ConfigError(

@@ -30,7 +30,7 @@ from raysys.data import stream
 from raysys.data.source import PairSource
 from raysys.errors import ConfigError, RaysysError
 from raysys.jam import JAM
-from raysys.runtime import cluster_resources, init_ray
+from raysys.runtime import ensure_resources, init_ray
 from raysys.train.worker import HISTORY_FILE, MODEL_DIR, STATE_FILE, train_loop
 
 
@@ -45,8 +45,15 @@ class TrainResult:
 
 def scaling(tcfg: TrainConfig) -> tuple[Any, int]:
     """Ray Train scaling, leaving CPU headroom: workers that reserve every core starve the
-    Ray Data tasks that feed them, and on 2 cores that deadlocks without a word."""
-    res = cluster_resources()
+    Ray Data tasks that feed them, and on 2 cores that deadlocks without a word. On a joined
+    cluster that cannot hold the workers yet (GPU nodes that start on demand), they are
+    requested from the autoscaler first and the plan is sized from what arrived."""
+    worker = {"CPU": tcfg.cpus_per_worker or 1.0} | ({"GPU": 1.0} if tcfg.use_gpu else {})
+    res = ensure_resources(
+        [worker] * tcfg.num_workers,
+        f"{tcfg.num_workers} Ray Train worker(s)",
+        hint="lower train.num_workers" + (" or set train.use_gpu=false" if tcfg.use_gpu else ""),
+    )
     if tcfg.use_gpu and res.gpus < tcfg.num_workers:
         raise ConfigError(
             f"train.use_gpu with train.num_workers={tcfg.num_workers} needs that many GPUs; "

@@ -1,0 +1,150 @@
+"""Sizing work to the cluster without Ray: the per-node fit, the wait for the autoscaler (on a
+scripted list of nodes and a clock that the test advances), and that a private local Ray never
+waits. The real autoscaler is in tests/test_autoscale_ray.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysys import config, runtime
+from raysys.errors import ConfigError
+from raysys.runtime import Resources, describe_bundles, unplaced, wait_for_nodes
+
+HEAD = {"CPU": 0.0, "memory": 1e9}  # a cluster/gpu.yaml head: the driver only
+GPU_NODE = {"CPU": 8.0, "GPU": 1.0, "memory": 3e10}
+
+
+def test_a_bundle_must_fit_on_one_node_not_in_the_sum() -> None:
+    assert unplaced([{"CPU": 2}], [{"CPU": 1}, {"CPU": 1}]) == [{"CPU": 2.0}]
+    assert unplaced([{"CPU": 1}, {"CPU": 1}], [{"CPU": 1}, {"CPU": 1}]) == []
+    assert unplaced([{"CPU": 1}] * 3, [HEAD, {"CPU": 2}]) == [{"CPU": 1.0}]
+
+
+def test_gpu_bundles_need_a_gpu_node_and_share_it_by_fraction() -> None:
+    actor = {"GPU": 1, "CPU": 1}
+    assert unplaced([actor], [HEAD]) == [{"GPU": 1.0, "CPU": 1.0}]
+    assert unplaced([actor], [HEAD, GPU_NODE]) == []
+    assert unplaced([actor, actor], [HEAD, GPU_NODE]) == [{"GPU": 1.0, "CPU": 1.0}]
+    quarter = {"CPU": 1, "GPU": 0.25}  # four packed trial workers share one GPU
+    assert unplaced([quarter] * 4, [HEAD, GPU_NODE]) == []
+    assert len(unplaced([quarter] * 5, [HEAD, GPU_NODE])) == 1
+
+
+def test_zero_amounts_are_no_demand() -> None:
+    assert unplaced([{"CPU": 1, "GPU": 0}], [{"CPU": 1}]) == []
+    assert unplaced([], []) == []
+
+
+def test_bundles_are_described_by_shape_and_count() -> None:
+    actor = {"CPU": 1, "GPU": 1}
+    assert describe_bundles([actor]) == "1 x {GPU: 1, CPU: 1}"
+    assert describe_bundles([actor, actor, {"CPU": 0.5}]) == (
+        "2 x {GPU: 1, CPU: 1} + 1 x {CPU: 0.5}"
+    )
+    assert describe_bundles([{"CPU": 0}], zeros=True) == "1 x {CPU: 0}"
+    assert describe_bundles([]) == "nothing"
+
+
+class Cluster:
+    """Scripted nodes: `arrive_at` seconds into the wait, a GPU node joins the head."""
+
+    def __init__(self, arrive_at: float | None) -> None:
+        self.now = 0.0
+        self.arrive_at = arrive_at
+        self.asked: list[list[dict[str, float]]] = []
+
+    def nodes(self) -> list[dict[str, float]]:
+        if self.arrive_at is not None and self.now >= self.arrive_at:
+            return [HEAD, GPU_NODE]
+        return [HEAD]
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def wait(self, bundles: list[dict[str, float]], timeout_s: float = 900) -> list:
+        return wait_for_nodes(
+            bundles,
+            "extraction actors",
+            "set extract.num_gpus_per_actor=0 to run on CPU",
+            timeout_s,
+            self.nodes,
+            self.asked.append,
+            clock=lambda: self.now,
+            sleep=self.sleep,
+        )
+
+
+def test_waits_for_the_node_then_withdraws_its_request(capsys) -> None:
+    cluster = Cluster(arrive_at=75)
+    actor = {"GPU": 1.0, "CPU": 1.0}
+    assert cluster.wait([actor]) == [HEAD, GPU_NODE]
+    assert cluster.asked[0] == [actor]  # asked for exactly the bundles
+    assert cluster.asked[-1] == []  # and withdrawn, so the cluster can scale down again
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "[ray] waiting up to 900 s for the autoscaler: 1 x {GPU: 1, CPU: 1} (extraction actors)"
+    )
+    progress = [line for line in out if line.startswith("[ray] still waiting")]
+    assert len(progress) == 2  # at 30 s and 60 s, not on every 2 s look
+    assert "1 x {GPU: 1, CPU: 1} to place" in progress[0]
+    assert out[-1].startswith("[ray] extraction actors fit after 76 s: the cluster has 2 node(s)")
+    assert out[-1].endswith("+1")
+
+
+def test_past_the_timeout_it_says_what_was_missing_and_what_to_change() -> None:
+    cluster = Cluster(arrive_at=None)
+    with pytest.raises(ConfigError) as err:
+        cluster.wait([{"GPU": 1.0, "CPU": 1.0}] * 2, timeout_s=60)
+    message = str(err.value)
+    assert "extraction actors need 2 x {GPU: 1, CPU: 1}, each on one node" in message
+    assert "after 60 s (ray.scale_timeout_s)" in message
+    assert "1 node(s) (1 x {CPU: 0})" in message
+    assert "set extract.num_gpus_per_actor=0 to run on CPU" in message
+    assert cluster.now == pytest.approx(60, abs=runtime.POLL_S)
+    assert cluster.asked[-1] == []
+
+
+def test_a_zero_timeout_fails_at_the_first_look() -> None:
+    cluster = Cluster(arrive_at=10)
+    with pytest.raises(ConfigError, match="after 0 s"):
+        cluster.wait([{"GPU": 1.0}], timeout_s=0)
+    assert cluster.now == 0 and cluster.asked == [[{"GPU": 1.0}], []]
+
+
+def test_ctrl_c_during_the_wait_withdraws_the_request() -> None:
+    cluster = Cluster(arrive_at=None)
+
+    def interrupt(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    cluster.sleep = interrupt  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        cluster.wait([{"GPU": 1.0}])
+    assert cluster.asked[-1] == []
+
+
+def test_a_private_local_ray_never_waits(monkeypatch, capsys) -> None:
+    """No RAY_ADDRESS (raysys starts its own Ray): what it has is what it gets, at once; the
+    caller's own check then fails with its usual message."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "cluster_resources", lambda: Resources(cpus=2, gpus=0))
+    got = runtime.ensure_resources([{"GPU": 1.0, "CPU": 1.0}], "extraction actors")
+    assert got == Resources(cpus=2, gpus=0)
+    assert capsys.readouterr().out == ""
+
+
+def test_train_scaling_on_a_private_ray_fails_at_once_with_its_message(monkeypatch) -> None:
+    from raysys.train.driver import scaling
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "cluster_resources", lambda: Resources(cpus=2, gpus=0))
+    cfg = config.load(None, ["train.use_gpu=true", "train.num_workers=2"])
+    with pytest.raises(ConfigError, match="needs that many GPUs; the cluster has 0"):
+        scaling(cfg.train)
+    plan, threads = scaling(config.load(None, ["train.num_workers=2"]).train)
+    assert plan.resources_per_worker == {"CPU": 0.5} and threads == 1
+
+
+def test_the_timeout_is_a_ray_setting() -> None:
+    assert config.load(None, []).ray.scale_timeout_s == 900
+    assert config.load(None, ["ray.scale_timeout_s=60"]).ray.scale_timeout_s == 60
