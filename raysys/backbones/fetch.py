@@ -271,8 +271,12 @@ def hub_error(what: str, repo: str, wanted: str, exc: Exception) -> BackboneErro
         why = "no such revision"
     elif isinstance(exc, errors.EntryNotFoundError):
         why = f"the repo has no {wanted}"
+    elif isinstance(exc, errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        why = f"the Hub answered HTTP {status}"
     else:
-        why = f"the Hub did not answer ({type(exc).__name__}: {exc})"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        why = f"the Hub could not be reached ({type(exc).__name__}: {first})"
     return BackboneError(
         f"{what}: cannot get {wanted} of {repo} from the Hugging Face Hub: {why}. Where the "
         "cluster cannot reach the Hub, save the model (save_pretrained) to an S3 folder and "

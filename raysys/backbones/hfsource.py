@@ -178,15 +178,16 @@ class HFSource:
             )
 
     def config(self):
-        """The model's `AutoConfig` (config.json only; online, fetched from the Hub, which
-        also pins the commit every actor will load)."""
+        """The model's `AutoConfig` (config.json only). Online, a hub id's config comes from
+        this machine's HF cache if there, else from the Hub; either way its commit is pinned,
+        so every actor loads the model the cache key names."""
         from transformers import AutoConfig
 
-        if self.hub and not hub_offline() and not self._cached("config.json"):
-            hub_download(f"hf:{self.spec}", self.location, "config.json", self.revision)
-        self.require(("config.json",))
         if self.hub and not hub_offline():
+            if not self._cached("config.json"):
+                hub_download(f"hf:{self.spec}", self.location, "config.json", self.revision)
             self.commit = self.commit or self._snapshot()
+        self.require(("config.json",))
         try:
             return AutoConfig.from_pretrained(self.files_dir(), **self.kwargs())
         except (OSError, ValueError, KeyError) as exc:
