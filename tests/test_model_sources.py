@@ -157,6 +157,34 @@ def test_the_cache_key_follows_the_objects(models, node, tmp_path) -> None:
     assert len(copies) == 2  # the small files (unchanged) and the new full copy
 
 
+def test_only_the_weights_transformers_reads_are_copied(models, node, tmp_path) -> None:
+    """A sharded checkpoint copies its index's shards; other formats and stray checkpoints
+    beside them (a .bin twin, TF weights, a sub-folder) stay on S3."""
+    from transformers import ViTModel
+
+    folder, _ = models["vit"]
+    sharded = tmp_path / "sharded"
+    ViTModel.from_pretrained(folder).save_pretrained(sharded, max_shard_size="40KB")
+    shutil.copy(folder / "preprocessor_config.json", sharded)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    for stray in ("pytorch_model.bin", "tf_model.h5", "onnx/model.onnx"):
+        (sharded / stray).parent.mkdir(exist_ok=True)
+        (sharded / stray).write_bytes(b"never copied")
+    uri = f"s3://{BUCKET}/models/vit-sharded"
+    storage.upload_dir(sharded, uri)
+
+    root = node()
+    backbone = get_backbone(f"hf:{uri}", "image", layers="-1")
+    backbone.check()
+    backbone.load(CPU)
+    local = get_backbone(f"hf:{folder}", "image", layers="-1")
+    local.load(CPU)
+    pre = _good(local.preprocess(IMAGE_ROWS))
+    np.testing.assert_array_equal(backbone.embed(pre)["L02"], local.embed(pre)["L02"])
+    assert _weights_under(root) == shards
+
+
 COPY = """
 import sys, time
 from pathlib import Path
