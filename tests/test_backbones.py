@@ -623,6 +623,18 @@ def test_param_count_from_the_config_matches_the_loaded_model(kind: str, zoo) ->
     assert counted == sum(p.numel() for p in backbone.model.parameters()) > 1000
 
 
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_open_clip_param_count_from_the_config_matches_the_loaded_tower(
+    modality: str, tiny_clip
+) -> None:
+    """Counted on the meta device, so a sweep driver never reads (or copies) the weights."""
+    folder, _ = tiny_clip
+    backbone = get_backbone(f"open_clip:local-dir:{folder}", modality)
+    counted = backbone.param_count()
+    backbone.load(CPU)
+    assert counted == sum(p.numel() for p in backbone.model.parameters()) > 1000
+
+
 def test_param_count_of_the_offline_defaults() -> None:
     lite0 = get_backbone("efficientnet-lite0", "image").param_count()
     lite2 = get_backbone("efficientnet-lite2", "image").param_count()

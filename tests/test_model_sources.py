@@ -280,6 +280,7 @@ def test_open_clip_s3_folder_embeds_like_the_local_folder(models, node) -> None:
     text = get_backbone(spellings[0], "text")
     text.check()
     assert text.preprocess(TEXT_ROWS)["input_ids"].shape == (3, 16)  # tokenizer from S3 files
+    assert backbones[0].param_count() == local.param_count()  # the scale axis, from the config
     assert _weights_under(driver) == []
 
     gpu_node = node()

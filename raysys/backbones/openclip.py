@@ -123,6 +123,27 @@ class _OpenCLIPTower:
     def dims(self) -> list[int]:
         return [self.tower_cfg().width] * len(self.layer_ids)
 
+    def param_count(self) -> int:
+        """The tower's parameters, counted on the meta device from the config: no weights
+        read, so a sweep driver on a CPU head never copies or downloads them (the loaded
+        tower: the image tower alone, or everything but it for text)."""
+        import inspect
+
+        import open_clip
+
+        cfg = dict(self.model_cfg)
+        if cfg.pop("custom_text", False) or "multimodal_cfg" in cfg:
+            cls = open_clip.CustomTextCLIP
+        else:
+            cls = open_clip.CLIP
+        known = inspect.signature(cls).parameters
+        with torch.device("meta"):
+            model = cls(**{k: v for k, v in cfg.items() if k in known})
+        visual = sum(p.numel() for p in model.visual.parameters())
+        if self.cfg_key == "vision_cfg":
+            return visual
+        return sum(p.numel() for p in model.parameters()) - visual
+
     def _describe(self, extra: dict[str, Any]) -> dict[str, Any]:
         import open_clip
 
