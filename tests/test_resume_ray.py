@@ -1,0 +1,141 @@
+"""`resume=s3://…` from a fresh working directory, as from another machine: a train run and a
+stopped sweep continue from what they left on S3 (moto on 127.0.0.1), nothing local."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from raysys import storage
+from raysys.cli import main
+from raysys.sweep.tune import trial_status
+
+SMALL = ["train.batch_size=16", "train.hidden=32", "train.latent=16"]
+
+
+def _objects(uri: str) -> dict[str, tuple[str, object]]:
+    """Every object under `uri`: its key below `uri` -> (ETag, LastModified)."""
+    fs, path = storage.fsspec_fs(uri)
+    if not fs.exists(path):
+        return {}
+    found = fs.find(path, detail=True)
+    return {
+        k.removeprefix(path + "/"): (v.get("ETag"), v.get("LastModified")) for k, v in found.items()
+    }
+
+
+def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
+    small_cache, s3_server, tmp_path, monkeypatch, capfd
+) -> None:
+    cfg, _ = small_cache
+    uri = f"{s3_server.make_bucket('resume-train')}/run1"
+    first = [
+        "train",
+        "--out",
+        uri,
+        f"extract.cache_dir={cfg.extract.cache_dir}",
+        f"corpus.size={cfg.corpus.size}",
+        "train.epochs=1",  # 3 steps, one checkpoint; the resume asks for a second epoch
+        "train.eval_every=3",
+        *SMALL,
+    ]
+    assert main(first) == 0
+    events_before = [k for k in _objects(f"{uri}/tensorboard/con") if "tfevents" in k]
+    capfd.readouterr()
+
+    monkeypatch.chdir(tmp_path)  # another machine: no staging dir, no config file here
+    assert main(["train", f"resume={uri}", "train.epochs=2"]) == 0
+    out, err = capfd.readouterr()
+    resumed = re.search(r"resumed at step (\d+)", out + err)
+    assert resumed and int(resumed.group(1)) == 3, (out + err)[-3000:]
+    history = json.loads(storage.read_text(f"{uri}/metrics.json"))["con"]["history"]
+    assert [h["step"] for h in history] == [3, 6]  # the first run's report, then the new one
+    assert "resume=" not in storage.read_text(f"{uri}/config.yaml")  # the run's own config
+    events = [k for k in _objects(f"{uri}/tensorboard/con") if "tfevents" in k]
+    assert set(events_before) < set(events)  # the first run's curves are kept
+    assert list(tmp_path.iterdir()) == []  # nothing was written locally
+
+
+def _first_sweep(args: list[str], uri: str, log) -> int:
+    """Run `raysys sweep` in its own process and press Ctrl-C once one trial has finished
+    and the next has a checkpoint on S3 (trials run one at a time); returns its exit code."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysys.cli", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own Ray; a stray signal never reaches pytest
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = set(storage.list_names(f"{uri}/models"))
+            started = {
+                k.split("/")[0]
+                for k in _objects(f"{uri}/ray")
+                if k.endswith("/history.json") and "/checkpoint_" in k
+            }
+            if done and started - done:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
+    small_cache, s3_server, tmp_path, monkeypatch, capfd
+) -> None:
+    cfg, _ = small_cache
+    uri = f"{s3_server.make_bucket('resume-sweep')}/sw1"
+    args = [
+        "sweep",
+        "--out",
+        uri,
+        f"extract.cache_dir={cfg.extract.cache_dir}",
+        f"corpus.size={cfg.corpus.size}",
+        "objectives=con",
+        "sweep.params.train.epochs=[1,200]",  # a short trial, then a long one to stop
+        "sweep.max_concurrent=1",
+        "train.eval_every=40",
+        *SMALL,
+    ]
+    with (tmp_path / "first.log").open("w") as log:
+        code = _first_sweep(args, uri, log)
+    first = (tmp_path / "first.log").read_text()
+    assert code == 130, first[-3000:]
+    assert f"resume={uri}" in first  # the message names the URI to resume
+    status = trial_status(uri)
+    finished = {name for name, s in status.items() if s == "TERMINATED"}
+    assert len(finished) == 1, status
+    [done] = finished
+    kept = {p: _objects(f"{uri}/{p}/{done}") for p in ("models", "tensorboard", "ray")}
+    assert all(kept.values()), kept
+
+    fresh = tmp_path / "elsewhere"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    capfd.readouterr()
+    assert main(["sweep", f"resume={uri}"]) == 0
+    out, err = capfd.readouterr()
+    status = trial_status(uri)
+    assert set(status.values()) == {"TERMINATED"} and len(status) == 2, status
+    [rest] = set(status) - finished
+    # The unfinished trial continued from its checkpoint on S3; the finished one never ran.
+    resumed = re.findall(r"\[train\] con: resumed at step (\d+)", out + err)
+    assert resumed and int(resumed[0]) >= 40, (out + err)[-3000:]
+    for part, objects in kept.items():
+        assert _objects(f"{uri}/{part}/{done}") == objects, part
+    assert storage.list_names(f"{uri}/models") == sorted([done, rest])
+    results = storage.read_text(f"{uri}/results.csv")
+    assert done in results and rest in results  # the report covers both trials
+    assert storage.exists(f"{uri}/report.md")
+    assert list(fresh.iterdir()) == []
