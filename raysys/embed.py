@@ -9,7 +9,6 @@ where pyarrow is absent.)
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,9 +74,11 @@ class EmbedActor:
     """Holds one frozen backbone for the lifetime of a Ray actor; each call embeds one part
     (`extract.part_rows` rows, in forward batches of `extract.batch_size`) and writes it.
 
-    The actor writes its part itself, atomically, good rows to the cache and bad rows to the
-    rejects, so the pass streams through once (no materialized copy of every embedding) and
-    a killed pass leaves only whole parts, which a rerun keeps and skips.
+    The actor writes its part itself, whole, straight to the cache (`out_dir`: a path, or an
+    `s3://` URI when the actor runs on a node that shares no disk with the driver): good rows
+    to a part and bad rows to a reject part. The pass streams through once (no materialized
+    copy of every embedding), a killed pass leaves only whole parts, which a rerun keeps and
+    skips, and only the part's name, counts and checksum travel back to the driver.
     """
 
     def __init__(
@@ -86,7 +87,7 @@ class EmbedActor:
         torch.set_num_threads(max(1, num_threads))
         self.backbone = backbone
         self.backbone.load(pick_device(use_gpu))
-        self.out_dir = Path(out_dir)
+        self.out_dir = out_dir
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,12 +101,19 @@ class EmbedActor:
         n_bad = pc.sum(bad.cast("int64")).as_py() or 0
         if n_bad:  # rejects first: a part whose rejects are written is never redone for them
             rejects = table.filter(bad).select(["id", REJECT]).rename_columns(["id", "reason"])
-            (self.out_dir / REJECT_PARTS).mkdir(parents=True, exist_ok=True)
-            cache.write_part(rejects, self.out_dir / REJECT_PARTS / f"{name}.parquet")
+            where = storage.join(self.out_dir, REJECT_PARTS, f"{name}.parquet")
+            cache.write_part(rejects, where)
+        part, sha256 = "", ""
         if n_bad < n:
             good = table.filter(pc.invert(bad)).drop_columns([REJECT])
-            cache.write_part(good, self.out_dir / f"part-{name}.parquet")
-        return {"rows": np.array([n - n_bad]), "rejects": np.array([n_bad])}
+            written = cache.write_part(good, storage.join(self.out_dir, f"part-{name}.parquet"))
+            part, sha256 = written.name, written.sha256
+        return {
+            "rows": np.array([n - n_bad]),
+            "rejects": np.array([n_bad]),
+            "part": np.array([part]),
+            "sha256": np.array([sha256]),
+        }
 
 
 def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -2,27 +2,26 @@
 
 Two passes, vision over unique images and language over captions plus hard negatives. Each pass
 is CPU `map_batches` (decode / tokenize) feeding an `ActorPoolStrategy` of actors that each hold
-one frozen backbone and return the pooled hidden state of every layer in ONE forward. A pass
-whose manifest matches is skipped, so an unchanged stage is never recomputed.
+one frozen backbone and return the pooled hidden state of every layer in ONE forward. The
+actors write their parts straight to `extract.cache_dir`, a local path or an `s3://` URI: on a
+cluster they run on GPU nodes that share no disk with the driver, so the bucket is the one
+place both see. A pass whose manifest matches, and whose files check out against it, is
+skipped; damaged files are deleted and their rows re-embedded.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import math
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray.data
 
 from raysys import runtime, storage
@@ -39,13 +38,13 @@ PARTS_PER_ACTOR = 8  # enough parts per actor that the pool drains evenly
 
 @dataclass
 class Extracted:
-    """Where one corpus's embeddings live; what `train` and `evaluate` read. The corpus it
-    was read from rides along, so later stages (the projector's thumbnails) need not read
-    it again."""
+    """Where one corpus's embeddings live (absolute paths or `s3://` URIs, as every process
+    reads them); what `train` and `evaluate` read. The corpus it was read from rides along,
+    so later stages (the projector's thumbnails) need not read it again."""
 
-    corpus_dir: Path
-    image_dir: Path
-    text_dir: Path
+    corpus_dir: str
+    image_dir: str
+    text_dir: str
     image_manifest: dict[str, Any]
     text_manifest: dict[str, Any]
     corpus: Corpus
@@ -76,13 +75,9 @@ def extract(cfg: Config) -> Extracted:
     if storage.is_remote(cfg.extract.cache_dir):
         storage.check_writable(cfg.extract.cache_dir)  # fails in seconds, before any work
     corpus = load_corpus(cfg.corpus)
-    # Absolute: Ray workers run in their own working directories, not the driver's.
-    cache_dir = local_cache_dir(cfg.extract)
-    corpus_dir = cache_dir / corpus.key
+    cache_dir = cache.location(cfg.extract.cache_dir)
+    corpus_dir = storage.join(cache_dir, corpus.key)
     cache.write_pairs(corpus_dir, corpus.pairs)
-    if storage.is_remote(cfg.extract.cache_dir):
-        pairs = corpus_dir / cache.PAIRS
-        storage.upload_file(pairs, _remote(cfg.extract, pairs, cache_dir))
     inputs = {"image": image_rows(corpus), "text": text_rows(corpus.pairs)}
     stages = {m: _stage(cfg, corpus, b, inputs[m], cache_dir) for m, b in backbones.items()}
     (image_dir, image_manifest), (text_dir, text_manifest) = stages["image"], stages["text"]
@@ -90,23 +85,19 @@ def extract(cfg: Config) -> Extracted:
 
 
 def _stage(
-    cfg: Config, corpus: Corpus, backbone: Backbone, rows: pa.Table | PassRows, cache_dir: Path
-) -> tuple[Path, dict[str, Any]]:
-    """One modality's stage directory and manifest: the finished local stage, else the one
-    published on S3, else a fresh pass (then published); keyed by the backbone's settings."""
+    cfg: Config, corpus: Corpus, backbone: Backbone, rows: pa.Table | PassRows, cache_dir: str
+) -> tuple[str, dict[str, Any]]:
+    """One modality's stage directory and manifest: the finished stage if its files check
+    out, else a fresh or resumed pass; keyed by the backbone's settings."""
     backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
     out_dir = cache.stage_dir(cache_dir, corpus.key, backbone.modality, backbone_key)
     manifest = cache.read_manifest(out_dir)
-    remote = storage.is_remote(cfg.extract.cache_dir)
-    published = _remote(cfg.extract, out_dir, cache_dir) if remote else ""
-    if published and manifest is not None:
-        if not storage.exists(storage.join(published, cache.MANIFEST)):
-            _upload_stage(out_dir, published)  # finished here, its upload never completed
-    elif published:
-        manifest = _download_stage(published, out_dir)
     if manifest is not None:
-        _say(backbone, f"cached ({manifest['rows']} rows) {out_dir}")
-        return out_dir, manifest
+        damaged = cache.check_files(out_dir, manifest)
+        if not damaged:
+            _say(backbone, f"cached ({manifest['rows']} rows) {out_dir}")
+            return out_dir, manifest
+        _repair(backbone, out_dir, damaged)
     runtime.init_ray(cfg.ray)
     provenance = {
         "corpus_key": corpus.key,
@@ -115,58 +106,21 @@ def _stage(
         "config": {"corpus": dataclasses.asdict(cfg.corpus)}
         | {"extract": dataclasses.asdict(cfg.extract)},
     }
-    manifest = run_pass(backbone, rows, out_dir, cfg.extract, provenance)
-    if published:
-        _upload_stage(out_dir, published)
-    return out_dir, manifest
+    return out_dir, run_pass(backbone, rows, out_dir, cfg.extract, provenance)
 
 
-def local_cache_dir(ecfg: ExtractConfig) -> Path:
-    """Where extraction writes and training reads. For an `s3://` cache this is a local
-    mirror (`extract.mirror_dir`, by default under ~/.cache/raysys), one per bucket prefix."""
-    if not storage.is_remote(ecfg.cache_dir):
-        return Path(ecfg.cache_dir).resolve()
-    root = Path(ecfg.mirror_dir or Path.home() / ".cache" / "raysys" / "mirror").expanduser()
-    return (root / cache.content_key(ecfg.cache_dir.rstrip("/"))).resolve()
-
-
-def _remote(ecfg: ExtractConfig, local: Path, cache_dir: Path) -> str:
-    """The S3 twin of a path in the local mirror."""
-    return storage.join(ecfg.cache_dir, local.relative_to(cache_dir).as_posix())
-
-
-def _upload_stage(local: Path, uri: str) -> None:
-    """Publish a finished stage: parts and rejects first, the manifest last, so a stage on
-    S3 with a manifest is always whole (the same rule as on local disk)."""
-    started = time.perf_counter()
-    files = [local / name for name in cache.read_manifest(local)["files"]]
-    for path in files:
-        storage.upload_file(path, storage.join(uri, path.name))
-    storage.upload_file(local / cache.MANIFEST, storage.join(uri, cache.MANIFEST))
-    size = sum(p.stat().st_size for p in files) / 2**20
-    print(
-        f"[extract] uploaded {len(files)} files ({size:.1f} MiB) in "
-        f"{time.perf_counter() - started:.1f} s -> {uri}",
-        flush=True,
+def _repair(backbone: Backbone, out_dir: str, damaged: list[cache.Damage]) -> None:
+    """A finished stage with missing, truncated or altered files: unpublish it (manifest
+    first, so no reader trusts it meanwhile), drop the damaged files, and let the pass
+    re-embed just their rows. A damaged reject file costs its rows a re-embed, too."""
+    _say(
+        backbone,
+        f"{len(damaged)} damaged file(s) in {out_dir}: {', '.join(map(str, damaged))}; "
+        "re-embedding their rows",
     )
-
-
-def _download_stage(uri: str, local: Path) -> dict[str, Any] | None:
-    """A finished stage from S3 into the local mirror, or None when S3 has none (no
-    manifest: never extracted, or unfinished; the local pass then runs and publishes it)."""
-    try:
-        manifest = json.loads(storage.read_text(storage.join(uri, cache.MANIFEST)))
-    except FileNotFoundError:
-        return None
-    staging = local.with_name(f".{local.name}.{uuid.uuid4().hex}{cache.TMP_SUFFIX}")
-    staging.mkdir(parents=True)
-    # Only the files the manifest lists: a concurrent or broken publisher's strays stay out.
-    for name in [*manifest["files"], cache.MANIFEST]:
-        storage.download_file(storage.join(uri, name), staging / name)
-    shutil.rmtree(local, ignore_errors=True)  # an unfinished local pass: S3's is whole
-    staging.replace(local)
-    print(f"[extract] downloaded the finished stage {uri} -> {local}", flush=True)
-    return manifest
+    cache.remove(storage.join(out_dir, cache.MANIFEST))
+    for d in damaged:
+        cache.remove(storage.join(out_dir, d.name))
 
 
 def image_rows(corpus: Corpus) -> PassRows:
@@ -184,7 +138,7 @@ def text_rows(pairs: pa.Table) -> pa.Table:
 def run_pass(
     backbone: Backbone,
     rows: pa.Table | PassRows,
-    out_dir: Path,
+    out_dir: str,
     ecfg: ExtractConfig,
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
@@ -206,16 +160,17 @@ class _Pass:
     """One pass, planned before any embedding: what is left to do and who does it."""
 
     backbone: Backbone
-    out_dir: Path
+    out_dir: str  # a path or an s3:// URI
     ecfg: ExtractConfig
     source: PassRows
-    done: pa.Array  # ids that finished parts already hold
+    done: pa.Array  # ids that finished parts (or a repaired stage's rejects) already hold
     n_todo: int
     actors: int
     cpus: float  # per actor, as are gpus and threads
     gpus: float
     threads: int
     started: float  # perf_counter at the start: the manifest's `seconds`
+    written: dict[str, str] = dataclasses.field(default_factory=dict)  # part -> its SHA-256
 
     @property
     def part_rows(self) -> int:
@@ -224,15 +179,15 @@ class _Pass:
 
 
 def _plan_pass(
-    backbone: Backbone, rows: pa.Table | PassRows, out_dir: Path, ecfg: ExtractConfig
+    backbone: Backbone, rows: pa.Table | PassRows, out_dir: str, ecfg: ExtractConfig
 ) -> _Pass:
-    """Resume: parts a killed pass finished are whole (written atomically); keep them and
-    plan only the ids that are in none of them."""
+    """Resume: parts a killed pass finished are whole (written in one go); keep them and
+    plan only the ids that are in none of them. The parts are listed where they are, so a
+    pass killed on one machine resumes on any other that reaches the bucket."""
     actors, cpus, gpus, threads = _actor_plan(ecfg)  # a cluster too small fails before any I/O
     started = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache.remove_temporary(out_dir)
-    done = cache.ids_in(cache.data_files(out_dir) + cache.data_files(out_dir / REJECT_PARTS))
+    done = cache.ids_in(_kept_files(out_dir))
     done = pa.array(done, pa.string())  # one Arrow array for every filter below
     source = PassRows.of(rows)
     total = len(source.ids)
@@ -285,9 +240,22 @@ def _part_rows(rows: int, actors: int, ecfg: ExtractConfig) -> int:
     return batch * max(1, min(most, balanced))
 
 
+def _kept_files(out_dir: str) -> list[str]:
+    """Every file whose ids are done: parts, actors' reject parts, and the merged rejects a
+    repaired stage kept."""
+    rejects = storage.join(out_dir, cache.REJECTS)
+    merged = [rejects] if cache.REJECTS in cache.list_files(out_dir) else []
+    return cache.data_files(out_dir) + _reject_parts(out_dir) + merged
+
+
+def _reject_parts(out_dir: str) -> list[str]:
+    return cache.data_files(storage.join(out_dir, REJECT_PARTS))
+
+
 def _embed(p: _Pass) -> None:
     """The Ray Data pipeline: CPU `map_batches` (read, decode or tokenize) feeding the actor
-    pool, whose actors write the parts themselves; only per-part counts reach the driver."""
+    pool, whose actors write the parts themselves; only per-part names, counts and checksums
+    reach the driver."""
     if p.source.table is not None:
         todo = _SkipDone(p.done)(p.source.table)
         ds = ray.data.from_arrow(todo).repartition(math.ceil(todo.num_rows / p.part_rows))
@@ -299,7 +267,7 @@ def _embed(p: _Pass) -> None:
         "backbone": p.backbone,
         "use_gpu": p.gpus > 0,
         "num_threads": p.threads,
-        "out_dir": str(p.out_dir.resolve()),
+        "out_dir": p.out_dir,
         "batch_size": p.ecfg.batch_size,
     }
     pool = ray.data.ActorPoolStrategy(size=p.actors)
@@ -311,7 +279,9 @@ def _embed(p: _Pass) -> None:
         num_gpus=p.gpus,
         **parts,
     )
-    ds.materialize()  # only the per-part counts; the embeddings are already on disk
+    for row in ds.select_columns(["part", "sha256"]).take_all():
+        if row["part"]:
+            p.written[str(row["part"])] = str(row["sha256"])
 
 
 class _SkipDone:
@@ -327,10 +297,12 @@ class _SkipDone:
 def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
     """Check the parts, merge the rejects, and write the manifest last: a stage with a
     manifest is finished (and skipped next time), so a pass killed before it resumes."""
-    rejects = _checked_rejects(p)
+    rejects, rows_in = _checked_rejects(p)
     n_rejects = rejects.num_rows if rejects is not None else 0
+    reject_file = storage.join(p.out_dir, cache.REJECTS)
     if n_rejects:
-        pq.write_table(rejects.sort_by("id"), p.out_dir / cache.REJECTS)
+        merged = cache.write_part(rejects.sort_by("id"), reject_file)
+        p.written[merged.name], rows_in[merged.name] = merged.sha256, n_rejects
     total = len(p.source.ids)
     fraction = n_rejects / max(1, total)
     if fraction > p.ecfg.max_reject_fraction:
@@ -338,7 +310,7 @@ def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
         raise CorpusError(
             f"{n_rejects} of {total} {p.backbone.modality} rows rejected "
             f"({fraction:.1%} > extract.max_reject_fraction={p.ecfg.max_reject_fraction:.1%}); "
-            f"reasons: {reasons}; see {p.out_dir / cache.REJECTS}"
+            f"reasons: {reasons}; see {reject_file}"
         )
     elapsed = time.perf_counter() - p.started
     dims = layer_dims(p.backbone)
@@ -354,14 +326,13 @@ def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(elapsed, 2),
         "resumed_rows": len(p.done),
         "actors": {"count": p.actors, "cpus": p.cpus, "gpus": p.gpus, "threads": p.threads},
-        # What a published copy must hold: a download takes these and nothing stray.
-        "files": sorted(Path(f).name for f in cache.data_files(p.out_dir))
-        + ([cache.REJECTS] if n_rejects else []),
+        # What a reader may open, and what it must find: sizes, rows, checksums.
+        "files": _file_records(p, rows_in),
         "cache_version": cache.CACHE_VERSION,
         **provenance,
     }
     cache.write_manifest(p.out_dir, manifest)
-    shutil.rmtree(p.out_dir / REJECT_PARTS, ignore_errors=True)  # merged into cache.REJECTS
+    cache.remove(storage.join(p.out_dir, REJECT_PARTS), recursive=True)  # merged above
     rate = p.n_todo / max(elapsed, 1e-9)
     _say(
         p.backbone,
@@ -371,48 +342,81 @@ def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def _checked_rejects(p: _Pass) -> pa.Table | None:
-    """Exactly one row per id, none missing: check what the parts hold, not what ran (a late
-    writer's duplicates are dropped first). Returns the actors' reject parts as one table."""
-    rejects_dir = p.out_dir / REJECT_PARTS
-    dropped, seen = _drop_duplicate_rows(
-        cache.data_files(p.out_dir) + cache.data_files(rejects_dir)
-    )
+def _file_records(p: _Pass, rows_in: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The manifest's entry for every file it publishes, from one listing. A part this run's
+    actors wrote has the checksum they computed; a part kept from a killed run (or rewritten
+    without duplicates) is read once to compute it."""
+    listed = cache.list_files(p.out_dir)
+    records = {}
+    for name, rows in sorted(rows_in.items()):
+        seen = listed[name]
+        digest = p.written.get(name)
+        if digest is None:
+            digest = hashlib.sha256(cache.get_bytes(storage.join(p.out_dir, name))).hexdigest()
+        records[name] = cache.record(cache.Written(name, rows, seen.size, digest), seen)
+    return records
+
+
+def _checked_rejects(p: _Pass) -> tuple[pa.Table | None, dict[str, int]]:
+    """Exactly one row per id, none missing: check what the files hold, not what ran (a late
+    writer's duplicates are dropped first). Returns every reject as one table, and the row
+    count of each data part."""
+    parts = cache.data_files(p.out_dir)
+    rejected = _reject_parts(p.out_dir)
+    merged = storage.join(p.out_dir, cache.REJECTS)
+    if cache.REJECTS in cache.list_files(p.out_dir):
+        rejected.append(merged)  # a repaired stage's earlier rejects
+    dropped, seen, rows_in = _drop_duplicate_rows(parts + rejected, p.written)
     if dropped:
         _say(
             p.backbone,
             f"dropped {dropped} duplicate rows (a killed run's actors finished parts this run "
             "had redone)",
         )
-    rejected = cache.data_files(rejects_dir)
-    rejects = pq.ParquetDataset(rejected).read() if rejected else None
+    rejected = [f for f in rejected if rows_in.get(f, 0)]
+    rejects = pa.concat_tables(cache.read_parquet(f) for f in rejected) if rejected else None
     expected = set(p.source.ids.to_pylist())
     if seen != expected:
         raise CorpusError(
-            f"the {p.backbone.modality} parts in {str(p.out_dir)!r} hold {len(seen)} ids for "
+            f"the {p.backbone.modality} parts in {p.out_dir!r} hold {len(seen)} ids for "
             f"{len(expected)} rows ({len(expected - seen)} missing, {len(seen - expected)} "
             "foreign); delete the directory and rerun"
         )
-    return rejects
+    return rejects, {f.rsplit("/", 1)[-1]: rows_in[f] for f in parts if rows_in.get(f, 0)}
 
 
-def _drop_duplicate_rows(files: list[str]) -> tuple[int, set[str]]:
-    """Keep each id in the oldest part that holds it; rewrite (atomically) or delete the
-    others; returns how many rows went and the ids left (each now once). Duplicates arise
-    when a killed driver's actors outlive it for a moment and finish a part a rerun also
-    embedded; embeddings of the same input are the same, so which copy survives does not
-    matter."""
+def _drop_duplicate_rows(
+    files: list[str], written: dict[str, str]
+) -> tuple[int, set[str], dict[str, int]]:
+    """Keep each id in the oldest file that holds it; rewrite (whole) or delete the others;
+    returns how many rows went, the ids left (each now once) and each file's rows left;
+    `written` (part name -> SHA-256) follows the rewrites.
+    Duplicates arise when a killed driver's actors outlive it for a moment and finish a part
+    a rerun also embedded; embeddings of the same input are the same, so which copy survives
+    does not matter."""
+    listed = {
+        d: cache.list_files(d) for d in {f.rsplit("/", 1)[0] for f in files}
+    }  # one LIST per directory, for the files' ages
+
+    def age(f: str) -> tuple[float, str]:
+        directory, name = f.rsplit("/", 1)
+        found = listed[directory].get(name)
+        return (found.mtime if found else 0.0, f)
+
     seen: set[str] = set()
-    dropped = 0
-    for path in sorted(files, key=lambda f: (Path(f).stat().st_mtime_ns, f)):
-        ids = pq.read_table(path, columns=["id"])["id"].to_pylist()  # ids only: cheap
+    dropped, rows_in = 0, {}
+    for path in sorted(files, key=age):
+        ids = cache.read_parquet(path, ["id"])["id"].to_pylist()  # ids only: cheap
         repeated = np.array([i in seen for i in ids], dtype=bool)
         seen.update(ids)
+        rows_in[path] = len(ids) - int(repeated.sum())
         if repeated.any():
             dropped += int(repeated.sum())
-            keep = pq.read_table(path).filter(pa.array(~repeated))
+            keep = cache.read_parquet(path).filter(pa.array(~repeated))
+            written.pop(path.rsplit("/", 1)[-1], None)  # rewritten: its checksum changes
             if keep.num_rows:
-                cache.write_part(keep, Path(path))
+                part = cache.write_part(keep, path)
+                written[part.name] = part.sha256
             else:
-                Path(path).unlink()
-    return dropped, seen
+                cache.remove(path)
+    return dropped, seen, rows_in

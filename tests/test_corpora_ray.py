@@ -4,6 +4,7 @@ from local disk and from a real S3 server (moto on 127.0.0.1), on a real local R
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -66,7 +67,7 @@ def test_manifest_extraction_rejects_unreadable_files(ray_cluster, scenes, tmp_p
     ]
     ext = extract(config.load(None, overrides))
     assert ext.image_manifest["rows"] == N_IMAGES and ext.image_manifest["rejects"] == 3
-    rejects = pq.read_table(ext.image_dir / cache.REJECTS).to_pydict()
+    rejects = pq.read_table(Path(ext.image_dir) / cache.REJECTS).to_pydict()
     reasons = dict(zip(rejects["id"], rejects["reason"], strict=True))
     assert reasons["img/missing.png"].startswith("missing or unreadable image file")
     assert "img/corrupt.png" in reasons and reasons["row-000000026"] == "no image in the corpus row"
@@ -93,42 +94,36 @@ def test_s3_manifest_and_shards_extract(ray_cluster, s3_server, scenes, tmp_path
     images = {r["id"]: r["image"] for r in shards.read_images().take_all()}
     assert images["000000000"] == scenes[0]["image"]
 
-    # The cache on S3 too: extraction works in a local mirror and publishes finished stages.
+    # The cache on S3 too: the actors write their parts there, nothing is kept locally.
     overrides = [
         "corpus.name=manifest",
         f"corpus.path={bucket}/coco/m.jsonl",
         f"extract.cache_dir={bucket}/cache",
-        f"extract.mirror_dir={tmp_path / 'mirror1'}",
         "extract.image_size=64",
     ]
     ext = extract(config.load(None, overrides))
+    assert ext.image_dir.startswith(f"{bucket}/cache/") and ext.corpus_dir.startswith(bucket)
     assert ext.image_manifest["rows"] == N_IMAGES and ext.image_manifest["rejects"] == 0
     ids, cols = cache.read_layers(ext.image_dir, [ext.image_manifest["layers"][-1]])
     assert sorted(ids) == sorted(s["name"] for s in scenes)
     assert np.isfinite(next(iter(cols.values())).astype(np.float32)).all()
-    key = ext.corpus_dir.name
     for stage in (ext.image_dir, ext.text_dir):
-        rel = stage.relative_to(ext.corpus_dir.parent).as_posix()
-        assert json.loads(storage.read_text(f"{bucket}/cache/{rel}/manifest.json"))["rows"] > 0
-    assert storage.exists(f"{bucket}/cache/{key}/pairs.parquet")
+        manifest = json.loads(storage.read_text(f"{stage}/manifest.json"))
+        listed = cache.list_files(stage)
+        assert manifest["rows"] > 0 and manifest["files"]
+        for name, entry in manifest["files"].items():  # each file recorded as it is on S3
+            assert (listed[name].size, listed[name].etag) == (entry["bytes"], entry["etag"])
+    assert storage.exists(f"{ext.corpus_dir}/pairs.parquet")
 
-    # A finished stage whose upload never completed is published by the next run.
-    rel = ext.image_dir.relative_to(ext.corpus_dir.parent).as_posix()
-    fs, path = storage.fsspec_fs(f"{bucket}/cache/{rel}/manifest.json")
-    fs.rm_file(path)
-    fs.pipe_file(path.replace("manifest.json", "part-stray.parquet"), b"a half-published part")
-    extract(config.load(None, overrides))
-    assert storage.exists(f"{bucket}/cache/{rel}/manifest.json")
-
-    # Another machine (another mirror) downloads the finished stages instead of recomputing,
-    # and only the files their manifests list (not the stray part).
-    again = extract(
-        config.load(None, overrides[:3] + [f"extract.mirror_dir={tmp_path / 'm2'}"] + overrides[4:])
-    )
-    assert again.image_dir.is_relative_to(tmp_path / "m2")
+    # A second run reuses every part (none rewritten) and never reads a stray file that is
+    # not in the manifest.
+    fs, path = storage.fsspec_fs(f"{ext.image_dir}/part-stray.parquet")
+    fs.pipe_file(path, b"a stray file a broken writer left")
+    before = {s: cache.list_files(s) for s in (ext.image_dir, ext.text_dir)}
+    again = extract(config.load(None, overrides))
     assert again.image_manifest == ext.image_manifest  # the same stage, not a new pass
+    assert {s: cache.list_files(s) for s in (ext.image_dir, ext.text_dir)} == before
     assert cache.read_ids(again.image_dir, ["L00"]).tolist() == ids.tolist()
-    assert not (again.image_dir / "part-stray.parquet").exists()
 
 
 def test_webdataset_extraction_streams_and_resumes(ray_cluster, scenes, tmp_path) -> None:
@@ -150,7 +145,7 @@ def test_webdataset_extraction_streams_and_resumes(ray_cluster, scenes, tmp_path
     corpus = load_corpus(cfg.corpus)
     out = tmp_path / "image"
     backbone = configured_backbone(cfg.extract, "image")
-    manifest = run_pass(backbone, image_rows(corpus), out, cfg.extract, {})
+    manifest = run_pass(backbone, image_rows(corpus), str(out), cfg.extract, {})
     assert manifest["rows"] == N_IMAGES and manifest["rejects"] == 0
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) >= 3
@@ -158,7 +153,7 @@ def test_webdataset_extraction_streams_and_resumes(ray_cluster, scenes, tmp_path
     for p in parts[:2]:
         p.unlink()
     (out / cache.MANIFEST).unlink()
-    again = run_pass(backbone, image_rows(corpus), out, cfg.extract, {})
+    again = run_pass(backbone, image_rows(corpus), str(out), cfg.extract, {})
     assert again["resumed_rows"] == N_IMAGES - len(lost)
     ids = cache.read_ids(out, ["L00"])
     assert sorted(ids) == sorted(str(i) for i in corpus.image_ids.to_pylist())

@@ -105,8 +105,9 @@ def test_duplicate_rows_from_late_writers_are_dropped(tmp_path) -> None:
         return str(path)
 
     files = [part("a", ["x", "y"]), part("b", ["y", "z"]), part("c", ["x"])]
-    dropped, ids = _drop_duplicate_rows(files)
+    dropped, ids, _ = _drop_duplicate_rows(files, {})
     assert dropped == 2 and ids == {"x", "y", "z"}
     assert not Path(files[2]).exists()  # only duplicates: deleted
     assert cache.ids_in(files[:2]).tolist() == ["x", "y", "z"]
-    assert _drop_duplicate_rows(files[:2]) == (0, {"x", "y", "z"})
+    rows_left = {files[0]: 2, files[1]: 1}
+    assert _drop_duplicate_rows(files[:2], {}) == (0, {"x", "y", "z"}, rows_left)

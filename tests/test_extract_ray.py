@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -90,7 +91,8 @@ def test_cache_layout_and_manifest(small_cache) -> None:
     cfg, ext = small_cache
     corpus = load_corpus(cfg.corpus)
     key, rows = corpus.key, corpus.pairs.to_pylist()
-    assert ext.image_dir.parent.parent.name == key and ext.image_dir.parent.name == "image"
+    stage = Path(ext.image_dir)
+    assert stage.parent.parent.name == key and stage.parent.name == "image"
     manifest = ext.text_manifest
     assert manifest["rows"] == len(rows) and manifest["rejects"] == 0
     assert manifest["corpus_key"] == key and manifest["dtype"] == "float16"
@@ -104,10 +106,10 @@ def test_cache_layout_and_manifest(small_cache) -> None:
 
 def test_unchanged_stage_is_reused_not_recomputed(small_cache) -> None:
     cfg, ext = small_cache
-    before = {p: p.stat().st_mtime_ns for p in ext.image_dir.iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in Path(ext.image_dir).iterdir()}
     again = extract(cfg)
     assert again.image_dir == ext.image_dir and again.text_dir == ext.text_dir
-    assert {p: p.stat().st_mtime_ns for p in again.image_dir.iterdir()} == before
+    assert {p: p.stat().st_mtime_ns for p in Path(again.image_dir).iterdir()} == before
 
 
 def test_pairs_join_both_caches_per_split(small_cache) -> None:
@@ -249,8 +251,61 @@ def test_killed_extraction_resumes_exactly(ray_cluster, tmp_path) -> None:
     assert 0 < len(kept_ids) < 400
 
     ext = extract(cfg)  # the rerun, on the test's own Ray
-    assert ext.image_dir == stage and ext.image_manifest["resumed_rows"] == len(kept_ids)
+    assert ext.image_dir == str(stage) and ext.image_manifest["resumed_rows"] == len(kept_ids)
     ids = cache.read_ids(stage, ["L00"])  # fails on a duplicated id
     assert sorted(ids) == sorted({r["image_id"] for r in rows})
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished parts left alone
     assert not list(stage.rglob(f"*{cache.TMP_SUFFIX}"))
+
+
+def test_a_damaged_s3_cache_is_named_and_repaired(ray_cluster, s3_server, capsys) -> None:
+    """Issue 13's corrupt cache: truncate one part and alter another of a finished `s3://`
+    cache. Readers refuse it, naming both and the repair; the next extraction names both,
+    re-embeds exactly their rows, and the pairs training reads are exactly the corpus's."""
+    from raysys import storage
+    from raysys.data.source import pair_source
+
+    bucket = s3_server.make_bucket("raysys-damaged")
+    cfg = config.load(
+        None,
+        ["corpus.size=60", f"extract.cache_dir={bucket}/cache", "extract.part_rows=16"],
+    )
+    ext = extract(cfg)
+    layer = ext.text_manifest["layers"][-1]
+    source = pair_source(ext, ext.image_manifest["layers"][-1], layer)
+    ids, before = cache.read_layers(ext.text_dir, [layer])
+    truncated, altered, *_ = cache.data_files(ext.text_dir)
+    lost = len(cache.ids_in([truncated, altered]))
+    data = cache.get_bytes(truncated)
+    cache.put_bytes(truncated, data[: len(data) // 2])
+    data = bytearray(cache.get_bytes(altered))
+    data[len(data) // 2] ^= 0xFF  # one byte, same size: only a checksum can tell
+    cache.put_bytes(altered, bytes(data))
+    names = [f.rsplit("/", 1)[-1] for f in (truncated, altered)]
+
+    with pytest.raises(CacheError, match="raysys extract") as err:
+        source.index("train")
+    assert all(n in str(err.value) for n in names)
+    # A reader that opens the altered part anyway fails on its page checksum, by name.
+    with pytest.raises(CacheError, match=names[1]):
+        cache.read_parquet(altered)
+
+    capsys.readouterr()
+    again = extract(cfg)
+    said = capsys.readouterr().out
+    assert "2 damaged file(s)" in said and all(n in said for n in names)
+    assert again.text_manifest["resumed_rows"] == len(ids) - lost
+    assert not cache.check_files(again.text_dir, again.text_manifest)
+    assert storage.exists(f"{again.text_dir}/{cache.MANIFEST}")
+    ids_after, after = cache.read_layers(again.text_dir, [layer])
+    order, order_after = np.argsort(ids), np.argsort(ids_after)
+    assert ids_after[order_after].tolist() == ids[order].tolist()
+    np.testing.assert_allclose(  # the re-embedded rows are the rows that were lost
+        after[layer][order_after].astype(np.float32),
+        before[layer][order].astype(np.float32),
+        rtol=1e-2,
+        atol=2e-3,
+    )
+    pairs = load_corpus(cfg.corpus).pairs.to_pylist()
+    train = sorted(r["pair_id"] for r in pairs if r["split"] == "train")
+    assert sorted(source.index("train").pair_ids.tolist()) == train

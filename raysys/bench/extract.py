@@ -7,6 +7,8 @@ The same vision backbone, images, input size and forward batch size run twice:
 - **pipeline**: `extract.run_pass` into a fresh directory, exactly what `raysys extract` does
   (Ray Data decode + an actor pool of the backbone + Parquet parts), timed end to end, so its
   rate includes starting the actors and loading the model in each, decoding and writing.
+  With `extract.cache_dir=s3://…` the parts go to a fresh prefix in that bucket, as on a
+  cluster (`settings.cache` says which).
 
 The ratio `pipeline_per_s / bare_per_s` is what the pipeline delivers of the model's own
 speed. Ray is started before either run (one Ray serves a whole session), so both see the same
@@ -15,9 +17,9 @@ idle Ray; the bare loop runs first. The 1-minute load average is recorded beside
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,12 @@ import pyarrow as pa
 import ray
 import torch
 
+from raysys import storage
 from raysys.backbones import configured_backbone
 from raysys.bench.common import host_info, write_result
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import load_corpus
+from raysys.data import cache
 from raysys.errors import ConfigError
 from raysys.extract import run_pass
 from raysys.runtime import cluster_resources, init_ray
@@ -40,6 +44,8 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     both rates and their ratio, write `out_dir/bench.json` and return what it holds."""
 
     table = _corpus_images(cfg, images)
+    if storage.is_remote(cfg.extract.cache_dir):
+        storage.check_writable(cfg.extract.cache_dir)  # a wrong bucket fails before the clock
     init_ray(cfg.ray)
     cluster_cpus = cluster_resources().cpus
     cpus = max(1, int(cluster_cpus))
@@ -104,15 +110,20 @@ def _bare_pass(ecfg: ExtractConfig, table: pa.Table, threads: int) -> tuple[floa
 
 def _pipeline_pass(ecfg: ExtractConfig, table: pa.Table) -> tuple[float, dict[str, Any]]:
     """Seconds of `raysys extract`'s real pass, end to end, into a directory of its own (removed
-    after), and the pass's manifest."""
+    after), and the pass's manifest. With an `s3://` `extract.cache_dir` the actors write
+    their parts to a fresh prefix there, as on a cluster; else to a local temp directory."""
 
-    work = Path(tempfile.mkdtemp(prefix="raysys-bench-extract-"))
+    if storage.is_remote(ecfg.cache_dir):
+        work = storage.join(ecfg.cache_dir, f"bench-extract-{uuid.uuid4().hex}")
+    else:
+        work = tempfile.mkdtemp(prefix="raysys-bench-extract-")
     try:
         started = time.perf_counter()
-        manifest = run_pass(configured_backbone(ecfg, "image"), table, work / "image", ecfg, {})
+        out = storage.join(work, "image")
+        manifest = run_pass(configured_backbone(ecfg, "image"), table, out, ecfg, {})
         return time.perf_counter() - started, manifest
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        cache.remove(work, recursive=True)
 
 
 def _result(
@@ -141,6 +152,7 @@ def _result(
             "images": images,
             "batch_size": ecfg.batch_size,
             "cached_rows": manifest["rows"],
+            "cache": "s3" if storage.is_remote(ecfg.cache_dir) else "local",
             "actors": manifest["actors"],
             "bare_torch_threads": threads,
             "cluster_cpus": cluster_cpus,

@@ -1,16 +1,24 @@
-"""The embedding cache: Parquet per (corpus, modality, backbone), named by content hashes.
+"""The embedding cache: Parquet per (corpus, modality, backbone), named by content hashes, on
+a local path or an `s3://` URI alike.
 
 Layout: `<cache>/<corpus-key>/pairs.parquet` (the corpus index: ids, captions, split) and
 `<cache>/<corpus-key>/<modality>/<backbone-key>/` holding `part-*.parquet` files, each written
 whole by one extraction actor (column `id` plus one fixed-size float16 list column per layer,
 `L00`, `L01`, …; text adds `neg_L00`, …), `manifest.json` and, when rows were bad,
-`rejects.parquet`. The manifest is written last, so a directory without one is an unfinished
-extraction: never read as a cache, and resumed from its finished parts.
+`rejects.parquet`. The manifest is written last (one PUT on S3, a rename on disk), so a
+directory without one is an unfinished extraction: never read as a cache, and resumed from its
+finished parts.
+
+A cache proves itself: the manifest lists every file with its size, row count and SHA-256 (and
+its S3 ETag), and every reader checks the listing against it before it opens a part (one LIST
+per directory), then reads with Parquet page checksums on. A missing, truncated or altered part
+is a `CacheError` that names it and the command that repairs it, never a pyarrow traceback.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -23,12 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysys import storage
 from raysys.errors import CacheError
 
 MANIFEST = "manifest.json"
 PAIRS = "pairs.parquet"
 REJECTS = "rejects.parquet"
-CACHE_VERSION = 1  # bump when the on-disk format changes
+CACHE_VERSION = 2  # bump when the on-disk format changes (2: manifests list checked files)
+TMP_SUFFIX = ".tmp"  # a local part being written; never read, removed when a pass restarts
+# What every damage message ends with: the next extraction finds the damage and re-embeds.
+REPAIR = (
+    "rerun `raysys extract` (or this command) with the same config: it re-embeds the rows of "
+    "damaged parts"
+)
+
+Location = str | os.PathLike[str]
 
 
 def content_key(*parts: Any) -> str:
@@ -37,51 +54,222 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def stage_dir(cache_dir: str | Path, corpus_key: str, modality: str, backbone_key: str) -> Path:
-    return Path(cache_dir) / corpus_key / modality / backbone_key
+def stage_dir(cache_dir: Location, corpus_key: str, modality: str, backbone_key: str) -> str:
+    return storage.join(cache_dir, corpus_key, modality, backbone_key)
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = directory / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+def location(where: Location) -> str:
+    """A cache location as the one string every process understands: an absolute local path
+    or an `s3://` URI (Ray workers run in their own working directories)."""
+    text = os.fspath(where)
+    return text if storage.is_remote(text) else os.path.abspath(os.path.expanduser(text))
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(directory / MANIFEST)  # atomic: readers see no manifest or a whole one
+# --- files on a path or a URI --------------------------------------------------------------
 
 
-TMP_SUFFIX = ".tmp"  # a part being written; never read, removed when a pass restarts
+@dataclass
+class Listed:
+    """What one LIST says about a file: enough to tell a truncated or replaced part."""
+
+    size: int
+    mtime: float  # seconds since the epoch
+    etag: str  # S3's content fingerprint; empty on local disk
 
 
-def write_part(table: pa.Table, path: Path) -> None:
-    """Write a Parquet part atomically: a killed writer leaves a `.tmp`, never half a part,
-    so every `*.parquet` in a cache directory is whole (what resuming relies on)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    pq.write_table(table, tmp)
+def list_files(directory: Location) -> dict[str, Listed]:
+    """The files directly under `directory` by name (none when it does not exist)."""
+    fs, path = storage.fsspec_fs(directory)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    listed = {}
+    for e in entries:
+        if e.get("type") != "file":
+            continue
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        modified = e.get("mtime") or e.get("LastModified")
+        mtime = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
+        listed[name] = Listed(int(e["size"]), mtime, str(e.get("ETag", "")).strip('"'))
+    return listed
+
+
+def put_bytes(uri: Location, data: bytes) -> None:
+    """Write a whole file at once: a rename on disk, one PUT on S3, so no reader ever sees
+    half of it."""
+    fs, path = storage.fsspec_fs(uri)
+    if storage.is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
-def remove_temporary(directory: Path) -> int:
-    """Delete the `.tmp` files killed writers left under `directory`; returns how many."""
-    stale = list(Path(directory).rglob(f"*{TMP_SUFFIX}")) if Path(directory).is_dir() else []
+def get_bytes(uri: Location) -> bytes:
+    fs, path = storage.fsspec_fs(uri)
+    return fs.cat_file(path)
+
+
+def remove(uri: Location, recursive: bool = False) -> None:
+    """Delete a file (or a directory tree); nothing there is fine."""
+    fs, path = storage.fsspec_fs(uri)
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+
+
+def read_manifest(directory: Location) -> dict[str, Any] | None:
+    try:
+        return json.loads(get_bytes(storage.join(directory, MANIFEST)))
+    except FileNotFoundError:
+        return None
+
+
+def write_manifest(directory: Location, manifest: dict[str, Any]) -> None:
+    """Written last and whole: readers see no manifest or a complete one."""
+    data = json.dumps(manifest, indent=2, default=str).encode()
+    put_bytes(storage.join(directory, MANIFEST), data)
+
+
+@dataclass
+class Written:
+    """A part as its writer saw it: what the manifest records."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def write_part(table: pa.Table, uri: Location) -> Written:
+    """Serialise a Parquet part in memory (with page checksums, so readers can verify it)
+    and write it whole: a killed writer leaves nothing, or a `.tmp` on disk, never half a
+    part, so every `*.parquet` in a cache directory is whole (what resuming relies on)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, write_page_checksum=True)
+    data = sink.getvalue()
+    put_bytes(uri, data)
+    name = os.fspath(uri).rstrip("/").rsplit("/", 1)[-1]
+    return Written(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
+
+
+def remove_temporary(directory: Location) -> int:
+    """Delete the `.tmp` files killed local writers left under `directory` (S3 has none: a PUT
+    is whole or absent); returns how many."""
+    if storage.is_remote(directory) or not Path(directory).is_dir():
+        return 0
+    stale = list(Path(directory).rglob(f"*{TMP_SUFFIX}"))
     for path in stale:
         path.unlink()
     return len(stale)
+
+
+def parquet_file(uri: Location) -> pq.ParquetFile:
+    """A Parquet file opened for reading, its page checksums verified as pages are read."""
+    fs, path = storage.pyarrow_fs(uri)
+    return pq.ParquetFile(fs.open_input_file(path), page_checksum_verification=True)
+
+
+def read_parquet(uri: Location, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (or a list of them, all on one filesystem) as a table; a damaged
+    file is a CacheError naming it."""
+    try:
+        return parquet_file(uri).read(columns=columns)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"cannot read {os.fspath(uri)!r}: {e}; {REPAIR}") from e
 
 
 def ids_in(files: list[str]) -> np.ndarray:
     """The ids of some Parquet parts (id column only), e.g. an unfinished cache's."""
     if not files:
         return np.array([], dtype=str)
-    ids = pq.ParquetDataset(files).read(columns=["id"]).column("id")
-    return ids.to_numpy(zero_copy_only=False).astype(str)
+    ids = pa.chunked_array([read_parquet(f, ["id"])["id"] for f in files])
+    return ids.to_numpy().astype(str)
 
 
-def data_files(directory: Path) -> list[str]:
-    """The embedding parts (Ray Data names them; the rejects file lives beside them)."""
-    return sorted(str(p) for p in Path(directory).glob("*.parquet") if p.name != REJECTS)
+def data_files(directory: Location) -> list[str]:
+    """The embedding parts of a cache directory: the manifest's own list when it is finished
+    (strays a concurrent or broken writer left are never read), else whatever is there."""
+    manifest = read_manifest(directory)
+    if manifest is not None and "files" in manifest:
+        names = [n for n in manifest["files"] if n != REJECTS]
+    else:
+        names = [n for n in list_files(directory) if n.endswith(".parquet") and n != REJECTS]
+    return [storage.join(directory, n) for n in sorted(names)]
+
+
+def record(written: Written, listed: Listed | None) -> dict[str, Any]:
+    """A file's manifest entry: the writer's size, rows and SHA-256, and S3's ETag."""
+    entry = {"rows": written.rows, "bytes": written.bytes, "sha256": written.sha256}
+    if listed is not None and listed.etag:
+        entry["etag"] = listed.etag
+    return entry
+
+
+@dataclass
+class Damage:
+    name: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.problem})"
+
+
+def check_files(directory: Location, manifest: dict[str, Any]) -> list[Damage]:
+    """Every file the manifest lists, checked against one listing: present, the recorded
+    size, the recorded ETag (S3) or, for a local file changed after the manifest was written,
+    the recorded SHA-256. Cheap: nothing is read unless it looks changed."""
+    listed = list_files(directory)
+    written_at = listed[MANIFEST].mtime if MANIFEST in listed else float("inf")
+    damaged = []
+    for name, entry in sorted(manifest.get("files", {}).items()):
+        got = listed.get(name)
+        if got is None:
+            damaged.append(Damage(name, "missing"))
+        elif got.size != entry["bytes"]:
+            damaged.append(Damage(name, f"{got.size} bytes, the manifest says {entry['bytes']}"))
+        elif got.etag and entry.get("etag") and got.etag != entry["etag"]:
+            damaged.append(Damage(name, "altered: its ETag is not the one recorded"))
+        elif not got.etag and got.mtime > written_at:
+            digest = hashlib.sha256(get_bytes(storage.join(directory, name))).hexdigest()
+            if digest != entry["sha256"]:
+                damaged.append(Damage(name, "altered: its SHA-256 is not the one recorded"))
+    return damaged
+
+
+def damage_error(directory: Location, damaged: list[Damage]) -> CacheError:
+    return CacheError(
+        f"cache {os.fspath(directory)!r} is damaged: {len(damaged)} file(s) "
+        f"{', '.join(map(str, damaged))}; {REPAIR}"
+    )
+
+
+def write_pairs(corpus_dir: Location, rows: pa.Table | list[dict[str, Any]]) -> str:
+    """The corpus index every later stage joins on (no image bytes); written once."""
+    path = storage.join(corpus_dir, PAIRS)
+    if not storage.exists(path):
+        cols = ("pair_id", "image_id", "caption", "negative", "negative_source", "split")
+        if isinstance(rows, pa.Table):
+            table = rows.select(list(cols))
+        else:
+            table = pa.table({c: [r.get(c) for r in rows] for c in cols})
+        write_part(table, path)
+    return path
+
+
+def read_pairs(corpus_dir: Location) -> pa.Table:
+    path = storage.join(corpus_dir, PAIRS)
+    try:
+        return read_parquet(path)
+    except FileNotFoundError:
+        raise CacheError(f"no corpus index at {path!r}; run `raysys extract` first") from None
 
 
 def float16_list_array(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -97,105 +285,100 @@ def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def write_pairs(corpus_dir: Path, rows: pa.Table | list[dict[str, Any]]) -> Path:
-    """The corpus index every later stage joins on (no image bytes)."""
-    corpus_dir.mkdir(parents=True, exist_ok=True)
-    path = corpus_dir / PAIRS
-    if not path.is_file():
-        cols = ("pair_id", "image_id", "caption", "negative", "negative_source", "split")
-        if isinstance(rows, pa.Table):
-            table = rows.select(list(cols))
-        else:
-            table = pa.table({c: [r.get(c) for r in rows] for c in cols})
-        pq.write_table(table, corpus_dir / (PAIRS + ".tmp"))
-        (corpus_dir / (PAIRS + ".tmp")).replace(path)
-    return path
-
-
-def read_pairs(corpus_dir: Path) -> pa.Table:
-    path = Path(corpus_dir) / PAIRS
-    if not path.is_file():
-        raise CacheError(f"no corpus index at {str(path)!r}; run `raysys extract` first")
-    return pq.read_table(path)
-
-
-def _finished(directory: Path, columns: list[str]) -> list[str]:
-    """The data files of a finished cache that holds `columns`, or a clear error."""
+def finished_parts(directory: Location, columns: list[str]) -> list[str]:
+    """The data files of a finished, undamaged cache that holds `columns`, or a clear error."""
     manifest = read_manifest(directory)
+    where = os.fspath(directory)
     if manifest is None:
-        raise CacheError(
-            f"no finished embedding cache at {str(directory)!r}; run `raysys extract` first"
-        )
+        raise CacheError(f"no finished embedding cache at {where!r}; run `raysys extract` first")
     missing = [c for c in columns if c not in manifest["columns"]]
     if missing:
         raise CacheError(
-            f"layer column(s) {missing} not in cache {str(directory)!r}; it holds "
+            f"layer column(s) {missing} not in cache {where!r}; it holds "
             f"{', '.join(manifest['columns'])}"
         )
+    damaged = check_files(directory, manifest)
+    if damaged:
+        raise damage_error(directory, damaged)
     files = data_files(directory)
     if not files:
-        raise CacheError(f"cache {str(directory)!r} holds no rows (were they all rejected?)")
+        raise CacheError(f"cache {where!r} holds no rows (were they all rejected?)")
     return files
 
 
-def read_ids(directory: Path, columns: list[str]) -> np.ndarray:
+def read_ids(directory: Location, columns: list[str]) -> np.ndarray:
     """Every id in a cache (the id column only: cheap even for a huge cache), checked for
     duplicates; `columns` must exist in it."""
-    files = _finished(directory, columns)
-    ids = pq.ParquetDataset(files).read(columns=["id"]).column("id")
-    ids = ids.to_numpy(zero_copy_only=False).astype(str)
+    ids = ids_in(finished_parts(directory, columns))
     if len(np.unique(ids)) != len(ids):
-        raise CacheError(f"cache {str(directory)!r} holds duplicate ids; delete it and rerun")
+        raise CacheError(f"cache {os.fspath(directory)!r} holds duplicate ids; delete it and rerun")
     return ids
 
 
-def read_layers(directory: Path, columns: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def read_layers(
+    directory: Location, columns: list[str]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Ids and the requested layer columns only: Parquet column projection means a sweep over
     one layer never reads the others."""
     ids = read_ids(directory, columns)
-    table = pq.ParquetDataset(data_files(directory)).read(columns=columns)
+    table = pa.concat_tables(read_parquet(f, columns) for f in data_files(directory))
     return ids, {c: to_numpy(table.column(c)) for c in columns}
 
 
 def read_rows(
-    directory: Path, columns: list[str], want: np.ndarray, batch_rows: int = 8192
+    directory: Location, columns: list[str], want: np.ndarray, batch_rows: int = 8192
 ) -> dict[str, np.ndarray]:
     """The requested layer columns for the ids in `want` (repeats allowed), in that order.
 
     Only the wanted rows are ever held: files are read a record batch at a time, two layer
-    columns at most, so a training worker's memory is its shard, not the whole cache.
+    columns at most, so a training worker's memory is its shard, not the whole cache. Files
+    are read where they are (local or S3), their page checksums verified.
     """
     unique, inverse = np.unique(want, return_inverse=True)
-    files = _finished(directory, columns)
-    schema = pq.read_schema(files[0])
-    out = {
-        c: np.zeros((len(unique), schema.field(c).type.list_size), dtype=np.float16)
-        for c in columns
-    }
+    files = finished_parts(directory, columns)
+    out: dict[str, np.ndarray] = {}
     found = np.zeros(len(unique), dtype=bool)
     for path in files:
-        parquet = pq.ParquetFile(path)
-        file_ids = parquet.read(columns=["id"]).column("id")
-        slot = _positions(unique, file_ids.to_numpy(zero_copy_only=False).astype(str))
-        if not (slot >= 0).any():
-            continue
-        offset = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
-            here = slot[offset : offset + batch.num_rows]
-            offset += batch.num_rows
-            hit = here >= 0
-            if not hit.any():
-                continue
-            mask = pa.array(hit)
-            for c in columns:
-                out[c][here[hit]] = to_numpy(batch.column(c).filter(mask))
-            found[here[hit]] = True
+        try:
+            _read_wanted(parquet_file(path), columns, unique, out, found, batch_rows)
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(f"cannot read cache part {path!r}: {e}; {REPAIR}") from e
     if not found.all():
         raise CacheError(
-            f"{int((~found).sum())} id(s) missing from cache {str(directory)!r}, e.g. "
+            f"{int((~found).sum())} id(s) missing from cache {os.fspath(directory)!r}, e.g. "
             f"{unique[~found][:5].tolist()}"
         )
     return {c: values[inverse] for c, values in out.items()}
+
+
+def _read_wanted(
+    parquet: pq.ParquetFile,
+    columns: list[str],
+    unique: np.ndarray,
+    out: dict[str, np.ndarray],
+    found: np.ndarray,
+    batch_rows: int,
+) -> None:
+    """Copy one part's rows whose ids are in `unique` into `out` (allocated on first use)."""
+    for c in columns:
+        if c not in out:
+            width = parquet.schema_arrow.field(c).type.list_size
+            out[c] = np.zeros((len(unique), width), dtype=np.float16)
+    file_ids = parquet.read(columns=["id"]).column("id")
+    slot = _positions(unique, file_ids.to_numpy().astype(str))
+    if not (slot >= 0).any():
+        return
+    offset = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+        here = slot[offset : offset + batch.num_rows]
+        offset += batch.num_rows
+        hit = here >= 0
+        if not hit.any():
+            continue
+        mask = pa.array(hit)
+        for c in columns:
+            out[c][here[hit]] = to_numpy(batch.column(c).filter(mask))
+        found[here[hit]] = True
 
 
 @dataclass
@@ -244,9 +427,9 @@ class PairIndex:
 
 
 def pair_index(
-    corpus_dir: Path,
-    image_dir: Path,
-    text_dir: Path,
+    corpus_dir: Location,
+    image_dir: Location,
+    text_dir: Location,
     image_layer: str,
     text_layer: str,
     split: str | None,
@@ -257,7 +440,7 @@ def pair_index(
     if split is not None:
         index = index.filter(pc.equal(index["split"], split))
     if index.num_rows == 0:
-        raise CacheError(f"split {split!r} of {str(corpus_dir)!r} is empty")
+        raise CacheError(f"split {split!r} of {os.fspath(corpus_dir)!r} is empty")
     image_ids = read_ids(image_dir, [image_layer])
     text_ids = read_ids(text_dir, [text_layer, "neg_" + text_layer])
     want_image = index["image_id"].to_numpy(zero_copy_only=False).astype(str)
@@ -272,7 +455,7 @@ def pair_index(
         if len(missing):
             raise CacheError(
                 f"{len(missing)} {name} id(s) of split {split!r} are neither in the cache "
-                f"{str(directory)!r} nor among its rejects, e.g. {missing[:5].tolist()}; the "
+                f"{os.fspath(directory)!r} nor among its rejects, e.g. {missing[:5].tolist()}; the "
                 "cache does not belong to this corpus: delete it and rerun `raysys extract`"
             )
     keep = (image_pos >= 0) & (text_pos >= 0)
@@ -286,9 +469,9 @@ def pair_index(
 
 
 def load_pairs(
-    corpus_dir: Path,
-    image_dir: Path,
-    text_dir: Path,
+    corpus_dir: Location,
+    image_dir: Location,
+    text_dir: Location,
     image_layer: str,
     text_layer: str,
     split: str | None,
@@ -301,8 +484,8 @@ def load_pairs(
 
 
 def load_index_rows(
-    image_dir: Path,
-    text_dir: Path,
+    image_dir: Location,
+    text_dir: Location,
     image_layer: str,
     text_layer: str,
     rows: PairIndex,
@@ -347,11 +530,12 @@ def check_finite_rows(pair_ids: np.ndarray, matrices: list[np.ndarray], where: s
         )
 
 
-def rejected_ids(directory: Path) -> np.ndarray:
-    path = Path(directory) / REJECTS
-    if not path.is_file():
+def rejected_ids(directory: Location) -> np.ndarray:
+    try:
+        table = read_parquet(storage.join(directory, REJECTS), ["id"])
+    except FileNotFoundError:
         return np.array([], dtype=str)
-    return pq.read_table(path, columns=["id"])["id"].to_numpy(zero_copy_only=False).astype(str)
+    return table["id"].to_numpy().astype(str)
 
 
 def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray:

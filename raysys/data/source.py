@@ -1,13 +1,13 @@
 """The pair source a training run reads: a corpus index and two caches, at one layer each.
 
-Plain strings, because a source crosses process boundaries (driver -> Tune trial -> Ray
-Train worker) as a dict.
+Plain strings (absolute paths or `s3://` URIs), because a source crosses process boundaries
+(driver -> Tune trial -> Ray Train worker, on any node) as a dict, and each process reads the
+caches where they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,17 +28,17 @@ class PairSource:
     image_layer: str
     text_layer: str
 
-    def _args(self) -> tuple[Path, Path, Path, str, str]:
-        dirs = (Path(self.corpus_dir), Path(self.image_dir), Path(self.text_dir))
-        return (*dirs, self.image_layer, self.text_layer)
+    def _args(self) -> tuple[str, str, str, str, str]:
+        return (self.corpus_dir, self.image_dir, self.text_dir, self.image_layer, self.text_layer)
 
     def load(self, split: str, select: np.ndarray | None = None) -> cache.Pairs:
         return cache.load_pairs(*self._args(), split, select=select)
 
     def load_index(self, rows: cache.PairIndex, select: np.ndarray | None = None) -> cache.Pairs:
         """Embeddings of an index from `index()` (or of its `select` positions)."""
-        dirs = (Path(self.image_dir), Path(self.text_dir))
-        return cache.load_index_rows(*dirs, self.image_layer, self.text_layer, rows, select)
+        return cache.load_index_rows(
+            self.image_dir, self.text_dir, self.image_layer, self.text_layer, rows, select
+        )
 
     def index(self, split: str) -> cache.PairIndex:
         """The split's usable pairs, ids only (no embeddings read)."""
@@ -48,9 +48,9 @@ class PairSource:
 def pair_source(ext: Extracted, image_layer: str, text_layer: str) -> PairSource:
     """The source of an extraction at two cached layers (column names such as `L08`)."""
     return PairSource(
-        corpus_dir=str(ext.corpus_dir),
-        image_dir=str(ext.image_dir),
-        text_dir=str(ext.text_dir),
+        corpus_dir=ext.corpus_dir,
+        image_dir=ext.image_dir,
+        text_dir=ext.text_dir,
         image_layer=image_layer,
         text_layer=text_layer,
     )

@@ -3,26 +3,29 @@
 The caches are keyed differently (images by image id, captions by pair id), so streaming
 first joins them once, with Ray Data's hash join, into a *pair view*: Parquet files of
 (pair id, image layer, text layer, negative layer) for one split and one pair of layers,
-kept beside the caches and reused by every run on the same layers (the three objectives of
-`raysys run`, a sweep's trials). Training workers then read the view through
-`ray.train.get_dataset_shard`, an equal share each, epoch after epoch.
+kept beside the caches (a path or an `s3://` URI, like them) and reused by every run on the
+same layers (the three objectives of `raysys run`, a sweep's trials). Training workers then
+read the view through `ray.train.get_dataset_shard`, an equal share each, epoch after epoch.
+
+A view is published by a marker written last that names its files. Two trials that build the
+same view at once each write their own attempt directory; whichever marker lands last is the
+view, and nothing is ever deleted under a reader.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from pathlib import Path
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from raysys import storage
 from raysys.data import cache
 from raysys.errors import CacheError
 
@@ -33,64 +36,63 @@ DONE = "_view.json"  # written last: a view without it is unfinished and rebuilt
 COLUMNS = ("image", "text", "negative")
 
 
-def view_dir(source: PairSource, split: str) -> Path:
-    """Where a split's view lives, named by what it is built from: both caches' manifests
-    and data files, so a re-extracted or edited cache never reuses a stale view."""
-    sources = []
-    for directory in (Path(source.image_dir), Path(source.text_dir)):
-        files = [(Path(f).name, Path(f).stat().st_size) for f in cache.data_files(directory)]
-        sources.append({"manifest": cache.read_manifest(directory), "files": files})
-    key = cache.content_key(sources, source.image_layer, source.text_layer, split)
-    return Path(source.corpus_dir) / "views" / f"{split}-{key}"
+def view_dir(source: PairSource, split: str) -> str:
+    """Where a split's view lives, named by what it is built from: both caches' manifests,
+    which list every file with its checksum, so a re-extracted or repaired cache never reuses
+    a stale view."""
+    manifests = [cache.read_manifest(d) for d in (source.image_dir, source.text_dir)]
+    key = cache.content_key(manifests, source.image_layer, source.text_layer, split)
+    return storage.join(source.corpus_dir, "views", f"{split}-{key}")
 
 
-def read_view(directory: Path) -> dict[str, Any] | None:
-    done = Path(directory) / DONE
-    return json.loads(done.read_text()) if done.is_file() else None
+def read_view(directory: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(cache.get_bytes(storage.join(directory, DONE)))
+    except FileNotFoundError:
+        return None
 
 
-def write_pair_view(source: PairSource, split: str, rows: int) -> Path:
+def write_pair_view(source: PairSource, split: str, rows: int) -> str:
     """Join the split's pairs with both caches into a pair view (once; then reused).
 
     `rows` is the split's usable pair count from `cache.pair_index`, which already checked
-    that every pair is in both caches or among their rejects; the joined view must hold
-    exactly that many rows.
+    that every pair is in both caches or among their rejects (and that their files are
+    whole); the joined view must hold exactly that many rows.
     """
     out = view_dir(source, split)
     done = read_view(out)
     if done is not None and done["rows"] == rows:
         return out
-    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    index = cache.read_pairs(Path(source.corpus_dir))
+    index = cache.read_pairs(source.corpus_dir)
     index = index.filter(pc.equal(index["split"], split)).select(["pair_id", "image_id"])
-    image_files = cache.data_files(Path(source.image_dir))
-    text_files = cache.data_files(Path(source.text_dir))
     pairs = ray.data.from_arrow(index)
-    images = ray.data.read_parquet(image_files).select_columns(["id", source.image_layer])
-    texts = ray.data.read_parquet(text_files).select_columns(
-        ["id", source.text_layer, "neg_" + source.text_layer]
-    )
+    images = _read(source.image_dir, ["id", source.image_layer])
+    texts = _read(source.text_dir, ["id", source.text_layer, "neg_" + source.text_layer])
     images = images.rename_columns({"id": "image_id", source.image_layer: "image"})
     texts = texts.rename_columns(
         {"id": "pair_id", source.text_layer: "text", "neg_" + source.text_layer: "negative"}
     )
     # Partitions bound each join task's memory; ~64 MB of embeddings per partition.
-    image_dir, text_dir = Path(source.image_dir), Path(source.text_dir)
     width = 2 * (
-        column_width(image_dir, source.image_layer) + 2 * column_width(text_dir, source.text_layer)
+        column_width(source.image_dir, source.image_layer)
+        + 2 * column_width(source.text_dir, source.text_layer)
     )
     parts = max(2, math.ceil(rows * width / 64e6))
     view = pairs.join(texts, "inner", num_partitions=parts, on=("pair_id",))
     view = view.join(images, "inner", num_partitions=parts, on=("image_id",))
-    view.select_columns(["pair_id", *COLUMNS]).write_parquet(str(out))
-    written = sum(pq.ParquetFile(f).metadata.num_rows for f in cache.data_files(out))
+    attempt = uuid.uuid4().hex  # this build's own directory: a concurrent build has another
+    fs, path = storage.pyarrow_fs(storage.join(out, attempt))
+    view.select_columns(["pair_id", *COLUMNS]).write_parquet(path, filesystem=fs)
+    files = [f"{attempt}/{name}" for name in sorted(cache.list_files(storage.join(out, attempt)))]
+    written = sum(cache.parquet_file(storage.join(out, f)).metadata.num_rows for f in files)
     if written != rows:
         raise CacheError(
-            f"the {split} pair view {str(out)!r} holds {written} rows, not the {rows} pairs "
+            f"the {split} pair view {out!r} holds {written} rows, not the {rows} pairs "
             "both caches hold; delete it and rerun"
         )
-    (out / DONE).write_text(json.dumps({"rows": rows, "split": split}))
+    marker = {"rows": rows, "split": split, "files": files}
+    cache.put_bytes(storage.join(out, DONE), json.dumps(marker).encode())
     print(
         f"[train] pair view of {rows} {split} pairs ({parts} partitions) in "
         f"{time.perf_counter() - started:.0f}s -> {out}",
@@ -99,20 +101,38 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> Path:
     return out
 
 
-def column_width(directory: Path, column: str) -> int:
+def _read(directory: str, columns: list[str]) -> ray.data.Dataset:
+    """A cache's parts (its manifest's, checked) as a Dataset of some columns."""
+    files = cache.finished_parts(directory, columns[1:])
+    fs, _ = storage.pyarrow_fs(directory)
+    paths = [storage.pyarrow_fs(f)[1] for f in files]
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+
+
+def column_width(directory: str, column: str) -> int:
     """An embedding column's dimension, from a cache's Parquet schema."""
     files = cache.data_files(directory)
     if not files:
-        raise CacheError(f"cache {str(directory)!r} holds no Parquet files")
-    schema = pq.read_schema(files[0])
+        raise CacheError(f"cache {directory!r} holds no Parquet files")
+    schema = cache.parquet_file(files[0]).schema_arrow
     if column not in schema.names:
-        raise CacheError(f"layer {column!r} is not in cache {str(directory)!r}")
+        raise CacheError(f"layer {column!r} is not in cache {directory!r}")
     return schema.field(column).type.list_size
 
 
-def open_view(directory: Path) -> ray.data.Dataset:
+def view_files(directory: str) -> list[str]:
+    """A published view's files, as its marker names them."""
+    marker = read_view(directory)
+    if marker is None:
+        raise CacheError(f"no finished pair view at {directory!r}")
+    return [storage.join(directory, f) for f in marker["files"]]
+
+
+def open_view(directory: str) -> ray.data.Dataset:
     """The view as a Dataset whose file order is reshuffled every epoch."""
-    return ray.data.read_parquet(cache.data_files(directory), shuffle="files")
+    fs, _ = storage.pyarrow_fs(directory)
+    paths = [storage.pyarrow_fs(f)[1] for f in view_files(directory)]
+    return ray.data.read_parquet(paths, filesystem=fs, shuffle="files")
 
 
 def stream_reason(setting: str, rows: int, width: int, workers: int) -> str | None:
