@@ -68,9 +68,9 @@ class ExtractConfig:
     for real photos). 128 suits the synthetic scenes' flat shapes: on 2 cores it extracts
     about 3x faster than Lite0's native 224 with the same JAM retrieval. It keys the cache, so
     caches of different sizes never mix.
-    `cache_dir` may be `s3://bucket/prefix`: extraction then works in a local mirror
-    (`mirror_dir`, default ~/.cache/raysys/mirror) and publishes each finished stage to S3;
-    a run on another machine downloads a finished stage instead of recomputing it.
+    `cache_dir` may be `s3://bucket/prefix`: the extraction actors write their parts there
+    themselves and train workers read them from there, on whichever node they run, so on a
+    cluster the bucket is the only storage the nodes need to share.
     `vision_layers` / `text_layers` pick the hidden states cached: `all`, explicit indices
     (`0,6,12`) or relative depths in (0, 1] (`0.25,0.5,1.0`, rounded to the nearest layer) so
     models of different depth share one sweep axis. `*_pooling` is `cls`, `mean` or `last`
@@ -84,7 +84,6 @@ class ExtractConfig:
     vision_pooling: str = ""
     text_pooling: str = ""
     cache_dir: str = "runs/cache"
-    mirror_dir: str = ""
     batch_size: int = 64
     part_rows: int = 1024
     max_text_length: int = 64
