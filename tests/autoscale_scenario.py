@@ -20,6 +20,8 @@ machine, one filesystem). By hand::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -228,6 +230,38 @@ def _submit_and_watch(scratch: Path, out: str, facts: dict[str, Any]) -> None:
     )
     if not status.is_terminal():
         client.stop_job(job)
+    facts["request_after_job"] = _standing_request()
+    _probe_timeout(facts)
+
+
+def _standing_request() -> Any:
+    """The cluster's standing `request_resources` (the v1 autoscaler reads it from Ray's KV)."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else None
+
+
+def _probe_timeout(facts: dict[str, Any]) -> None:
+    """From this driver, as a joined cluster: ask for a GPU no node type has; the wait must
+    end past its timeout with raysys's message, and withdraw the request."""
+    os.environ["RAY_ADDRESS"] = "auto"  # before raysys is imported: a joined cluster
+    from raysys import runtime
+    from raysys.errors import ConfigError
+
+    said = io.StringIO()
+    started = time.monotonic()
+    try:
+        with contextlib.redirect_stdout(said):
+            runtime.ensure_resources(
+                [{"GPU": 1.0, "CPU": 1.0}], "a GPU probe", hint="use a GPU type", timeout_s=4
+            )
+    except ConfigError as err:
+        facts["probe_error"] = str(err)
+    facts["probe_s"] = round(time.monotonic() - started, 1)
+    facts["probe_said"] = said.getvalue().splitlines()
+    facts["request_after_probe"] = _standing_request()
 
 
 def _get(s3: Any, key: str) -> str | None:
@@ -247,7 +281,7 @@ def _autoscaler_lines(scratch: Path) -> list[str]:
         for line in log.read_text(errors="replace").splitlines():
             if re.search(r"Adding \d+ node|Launching|Removing \d+ node|Terminating|Resized", line):
                 lines.append(line.strip()[-240:])
-    return lines
+    return list(dict.fromkeys(lines))  # the monitor logs each event line twice
 
 
 def _namespace_processes() -> list[str]:

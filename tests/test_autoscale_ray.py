@@ -44,6 +44,21 @@ def test_the_job_said_what_it_waited_for_and_the_autoscaler_launched_a_node(fact
     assert "Adding 1 node(s) of type cpu_worker" in log, log
 
 
+def test_the_request_is_withdrawn_and_a_wait_past_its_timeout_says_what_was_missing(
+    facts,
+) -> None:
+    assert facts["request_after_job"] == []  # the cluster may scale down again
+    assert facts["probe_said"] == [
+        "[ray] waiting up to 4 s for the autoscaler: 1 x {GPU: 1, CPU: 1} (a GPU probe)"
+    ]
+    error = facts["probe_error"]
+    assert error.startswith("a GPU probe need 1 x {GPU: 1, CPU: 1}, each on one node; after 4 s")
+    assert "(ray.scale_timeout_s)" in error and "use a GPU type" in error
+    assert "2 node(s) (" in error and "1 x {CPU: 0}" in error and "1 x {CPU: 2}" in error
+    assert 4 <= facts["probe_s"] < 15
+    assert facts["request_after_probe"] == []
+
+
 def test_every_process_of_the_scenario_is_gone(facts) -> None:
     assert facts["namespace_processes_after"] == []  # `ray stop` left nothing in its namespace
     assert facts["leftover_pids"] == []  # and nothing outside it mentions its temp dir
