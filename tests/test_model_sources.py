@@ -227,6 +227,7 @@ def test_two_loads_on_one_node_copy_once(models, node, tmp_path) -> None:
     assert [p.returncode for p in procs] == [0, 0], outs
     text = "".join(outs)
     assert text.count("[model] race: copying 2 files") == 1, text
+    assert text.count("[model] race: copied in") == 1, text
     paths = {line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("PATH ")}
     assert len(paths) == 1
     copy = Path(paths.pop())
@@ -373,3 +374,19 @@ def test_remote_folder_lists_top_level_files(models, node) -> None:
     assert "model.safetensors" in folder.files()
     assert "model.safetensors" not in folder.small_files()
     assert folder.version(["config.json"]) != folder.version(["config.json", "model.safetensors"])
+
+
+def test_threads_of_one_process_copy_once_too(models, node, capsys) -> None:
+    """Eight threads (actors sharing a worker process) ask for one folder at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, uri = models["bert"]
+    root = node()
+    folder = RemoteFolder(uri, "threads")
+    folder.files()
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(lambda _: folder.local_copy(folder.files()), range(8)))
+    assert len(paths) == 1 and capsys.readouterr().out.count("threads: copying") == 1
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [
+        paths.pop().name
+    ]

@@ -161,15 +161,18 @@ class RemoteFolder:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, waiting: str) -> Iterator[None]:
     """An exclusive lock on `path` across processes and threads (each open is its own lock
     holder); released by the kernel if the holder dies, so no lock is ever left stale. Where
-    the filesystem has no locks the rename below still keeps copies whole."""
+    the filesystem has no locks the rename in `node_copy` still keeps copies whole."""
     with open(path, "a+b") as handle:
         try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:
-            pass
+            pass  # no locks on this filesystem
         yield
 
 
@@ -187,7 +190,8 @@ def node_copy(folder: RemoteFolder, names: list[str], key: str) -> Path:
             f"{folder.what}: cannot create the model cache {root}: {exc}; set {CACHE_ENV} to a "
             "writable directory on the node's local disk"
         ) from exc
-    with _locked(root / f".{key}.lock"):
+    waiting = f"[model] {folder.what}: another process on this node is copying it; waiting"
+    with _locked(root / f".{key}.lock", waiting):
         if final.is_dir():  # another process copied it while this one waited
             return final
         for stale in root.glob(f".tmp-{key}-*"):  # left by a process that died mid-copy
