@@ -158,8 +158,11 @@ def ensure_resources(
     """The cluster's resources once it can hold `bundles` (each on one node), asking the
     autoscaler for them and waiting when it cannot yet.
 
-    A private local Ray never waits: this returns what it has at once and the caller's own check
-    says what does not fit. On a joined cluster, missing bundles are requested with
+    Capacity is what counts, not what is free now: work queued behind another job's waits in
+    Ray's scheduler, not here. A private local Ray never waits: this returns what it has at once
+    and the caller's own check says what does not fit. A joined cluster without an autoscaler
+    (a fixed set of `ray start` nodes) looks the same from here; `ray.scale_timeout_s=0` makes
+    it fail at once. On a joined cluster, missing bundles are requested with
     `ray.autoscaler.sdk.request_resources` and the wait (`timeout_s`, default
     `ray.scale_timeout_s`) ends when they fit; past it, a ConfigError names what was missing
     and `hint` (the setting that shrinks the demand).
