@@ -390,3 +390,19 @@ def test_threads_of_one_process_copy_once_too(models, node, capsys) -> None:
     assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [
         paths.pop().name
     ]
+
+
+def test_hub_failures_say_which_case_it_is() -> None:
+    """An unreachable Hub (huggingface_hub retries for about 25 s, then raises this) reads
+    differently from a missing repo or file; each names the ways round the Hub."""
+    from huggingface_hub import errors
+
+    from raysys.backbones.fetch import hub_error
+
+    unreachable = errors.LocalEntryNotFoundError("not in the cache")
+    unreachable.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    message = str(hub_error("hf:org/m", "org/m", "config.json", unreachable))
+    assert "the Hub could not be reached (ConnectionRefusedError" in message
+    assert "hf:s3://bucket/prefix" in message and "HF_HUB_OFFLINE=1" in message
+    missing = str(hub_error("hf:org/m", "org/m", "config.json", errors.EntryNotFoundError("")))
+    assert "the repo has no config.json" in missing

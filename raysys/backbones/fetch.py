@@ -267,7 +267,11 @@ def hub_error(what: str, repo: str, wanted: str, exc: Exception) -> BackboneErro
     """A Hub failure as a BackboneError that says which case it is and what to do."""
     from huggingface_hub import errors
 
-    if isinstance(exc, errors.GatedRepoError):
+    if isinstance(exc, errors.LocalEntryNotFoundError):  # no answer, and not in the cache
+        cause = exc.__cause__ or exc
+        first = (str(cause).strip().splitlines() or [""])[0]
+        why = f"the Hub could not be reached ({type(cause).__name__}: {first})"
+    elif isinstance(exc, errors.GatedRepoError):
         why = "the repo is gated: accept its terms on the Hub and set HF_TOKEN on every node"
     elif isinstance(exc, errors.RepositoryNotFoundError):
         why = "no such repo (or it is private: set HF_TOKEN on every node)"
@@ -279,7 +283,7 @@ def hub_error(what: str, repo: str, wanted: str, exc: Exception) -> BackboneErro
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         why = f"the Hub answered HTTP {status}"
     else:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = (str(exc).strip().splitlines() or [""])[0]
         why = f"the Hub could not be reached ({type(exc).__name__}: {first})"
     return BackboneError(
         f"{what}: cannot get {wanted} of {repo} from the Hugging Face Hub: {why}. Where the "
