@@ -107,6 +107,8 @@ def open_run(
     if not resume:
         prepare_out_dir(Path(out))  # its message names the directory as the user gave it
         config.dump(cfg, Path(out) / CONFIG_FILE)
+        if uri:  # now, not at the end: a run whose driver dies must still be resumable
+            storage.upload_file(Path(out) / CONFIG_FILE, storage.join(uri, CONFIG_FILE))
     return RunDir(Path(out).resolve(), uri)
 
 

@@ -61,14 +61,16 @@ def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
     assert list(tmp_path.iterdir()) == []  # nothing was written locally
 
 
-def _first_sweep(args: list[str], uri: str, log) -> int:
-    """Run `raysys sweep` in its own process and press Ctrl-C once one trial has finished
-    and the next has a checkpoint on S3 (trials run one at a time); returns its exit code."""
+def _first_sweep(args: list[str], uri: str, log, address: str) -> int:
+    """Run `raysys sweep` in its own process, a job driver on the session's Ray (`address`),
+    and press Ctrl-C once one trial has finished and the next has a checkpoint on S3 (trials
+    run one at a time); returns its exit code."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "raysys.cli", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own Ray; a stray signal never reaches pytest
+        env={**os.environ, "RAY_ADDRESS": address},
+        start_new_session=True,  # a stray signal never reaches pytest
     )
     try:
         deadline = time.monotonic() + 300
@@ -92,7 +94,7 @@ def _first_sweep(args: list[str], uri: str, log) -> int:
 
 
 def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
-    small_cache, s3_server, tmp_path, monkeypatch, capfd
+    ray_cluster, small_cache, s3_server, tmp_path, monkeypatch, capfd
 ) -> None:
     cfg, _ = small_cache
     uri = f"{s3_server.make_bucket('resume-sweep')}/sw1"
@@ -109,7 +111,7 @@ def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
         *SMALL,
     ]
     with (tmp_path / "first.log").open("w") as log:
-        code = _first_sweep(args, uri, log)
+        code = _first_sweep(args, uri, log, ray_cluster.get_runtime_context().gcs_address)
     first = (tmp_path / "first.log").read_text()
     assert code == 130, first[-3000:]
     assert f"resume={uri}" in first  # the message names the URI to resume

@@ -60,6 +60,15 @@ def test_a_resumed_uri_run_is_staged_in_a_fresh_directory(s3, tmp_path, monkeypa
     assert "train:" in storage.read_text(f"{uri}/{CONFIG_FILE}")
 
 
+def test_a_new_uri_run_holds_its_config_before_any_work(s3) -> None:
+    """A driver lost mid-run (a killed job, a lost head) leaves a run that `resume=` finds."""
+    uri = f"{s3.make_bucket('resume-early')}/run1"
+    run = open_run(config.load(None, ["train.epochs=7"]), uri, resume=False)
+    cfg, out = resumed_config(config.load(None, [f"resume={uri}"]), [f"resume={uri}"])
+    assert (out, cfg.train.epochs) == (uri, 7)
+    run.finish()
+
+
 def test_local_out_is_refused_where_the_work_runs_on_other_nodes() -> None:
     assert local_out_refusal("runs/x", "run", nodes=1, driver_cpus=2.0) is None  # make run
     several = local_out_refusal("runs/x", "sweep", nodes=2, driver_cpus=4.0)
