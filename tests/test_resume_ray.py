@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from raysys import storage
+from raysys import config, rundir, storage
 from raysys.cli import main
 from raysys.sweep.tune import trial_status
 
@@ -141,3 +141,10 @@ def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
     assert done in results and rest in results  # the report covers both trials
     assert storage.exists(f"{uri}/report.md")
     assert list(fresh.iterdir()) == []
+
+
+def test_a_local_out_on_one_node_with_cpus_is_accepted(ray_cluster, tmp_path) -> None:
+    """`make run`'s case, read from a real Ray's node table: one node, this driver's, with
+    CPUs (a cluster of several nodes or a CPU-less head is refused: test_rundir.py)."""
+    assert rundir._cluster_shape() == (1, 2.0)
+    rundir.check_local_out(config.load(None, []), tmp_path / "run", "run")
