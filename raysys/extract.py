@@ -201,9 +201,20 @@ def _plan_pass(
 
 def _actor_plan(ecfg: ExtractConfig) -> tuple[int, float, float, int]:
     """Actor count, CPUs and GPUs per actor, torch threads: derived from the cluster so that
-    preprocessing tasks always keep a CPU (two 1-CPU actors on 2 cores deadlock Ray Data)."""
-    res = runtime.cluster_resources()  # looked up on the module, so a test can stand in for it
+    preprocessing tasks always keep a CPU (two 1-CPU actors on 2 cores deadlock Ray Data).
+    On a joined cluster that cannot hold them yet (GPU nodes that start on demand), the actors
+    (`extract.num_actors`, or one) and a preprocessing slot are first requested from the
+    autoscaler; the pool is then sized from what arrived."""
     gpus = ecfg.num_gpus_per_actor
+    actor = {"CPU": ecfg.cpus_per_actor or 1.0} | ({"GPU": gpus} if gpus > 0 else {})
+    # Looked up on the module, so a test can stand in for the cluster (runtime.cluster_resources).
+    res = runtime.ensure_resources(
+        [actor] * (ecfg.num_actors or 1) + [{"CPU": PREPROCESS_CPUS}],
+        "extraction actors",
+        hint="set extract.num_gpus_per_actor=0 to run on CPU"
+        if gpus > 0
+        else "lower extract.num_actors or extract.cpus_per_actor",
+    )
     if gpus > 0:
         if res.gpus < gpus:
             raise ConfigError(

@@ -187,8 +187,10 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
     bad_dir.mkdir()
     column_index = table.schema.get_field_index(paths.image_layer)
     table = table.set_column(column_index, paths.image_layer, cache.float16_list_array(values))
-    pq.write_table(table, bad_dir / "part-0.parquet")
-    cache.write_manifest(bad_dir, cache.read_manifest(ext.image_dir))
+    written = cache.write_part(table, bad_dir / "part-0.parquet")
+    manifest = cache.read_manifest(ext.image_dir)  # listing the copy's one part, as it is
+    manifest["files"] = {written.name: cache.record(written, None)}
+    cache.write_manifest(bad_dir, manifest)
     paths.image_dir = str(bad_dir)
     with pytest.raises(CacheError, match=r"pair\(s\) have NaN or inf") as err:
         train(run_cfg, paths, tmp_path / "run", "con")
@@ -197,7 +199,7 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
 
 def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> None:
     import numpy as np
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     from raysys.data import cache, stream
 
@@ -224,7 +226,7 @@ def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> N
     # The view joins every train pair with its own image and caption rows, once.
     view = stream.view_dir(paths, "train")
     assert stream.read_view(view)["rows"] == 48
-    table = pq.ParquetDataset(cache.data_files(view)).read()
+    table = pa.concat_tables(cache.read_parquet(f) for f in stream.view_files(view))
     index = paths.index("train")
     assert sorted(table.column("pair_id").to_pylist()) == sorted(index.pair_ids.tolist())
     pairs = paths.load("train")
@@ -237,9 +239,21 @@ def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> N
         np.testing.assert_array_equal(negative, pairs.negative[i])
 
     # Another run on the same layers (the next objective) reuses the view as it is.
-    before = {p: p.stat().st_mtime_ns for p in view.iterdir()}
+    files = stream.view_files(view)
+    before = {f: Path(f).stat().st_mtime_ns for f in files}
     assert stream.write_pair_view(paths, "train", 48) == view
-    assert {p: p.stat().st_mtime_ns for p in view.iterdir()} == before
+    assert {f: Path(f).stat().st_mtime_ns for f in stream.view_files(view)} == before
+
+    # A build never deletes another's files: with the marker gone and another trial's
+    # half-built attempt beside it, a new build writes its own attempt and publishes that.
+    Path(view, stream.DONE).unlink()
+    half = Path(view, "another-attempt", "part-0.parquet")
+    half.parent.mkdir()
+    half.write_bytes(b"half a file")
+    assert stream.write_pair_view(paths, "train", 48) == view
+    assert half.exists() and all(Path(f).exists() for f in files)
+    rebuilt = stream.view_files(view)
+    assert not set(rebuilt) & set(files) and stream.read_view(view)["rows"] == 48
 
 
 def test_auto_streams_only_a_shard_too_big_for_memory(ray_cluster) -> None:
