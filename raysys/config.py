@@ -192,7 +192,8 @@ class SweepConfig:
     runs the grid (or the sample, with `num_samples`) under ASHA early stopping on
     `train.best_metric`. Trials are small, so several share a device: each has
     `workers_per_trial` Ray Train workers of `1/trials_per_gpu` GPU (or `cpus_per_worker` CPU,
-    default 1), and `max_concurrent` (0 = derived from the cluster) of them run at once.
+    default 1), and `max_concurrent` (0 = what the cluster holds now; on an autoscaling cluster
+    set it: trials past the nodes that are up ask the autoscaler for more) of them run at once.
     Each trial keeps its `keep_checkpoints` best checkpoints (a JAM checkpoint is ~40 MB; a
     stopped trial resumes from the newest one kept) and exports its best model.
     """

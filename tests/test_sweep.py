@@ -178,6 +178,21 @@ def test_packing_by_cores_and_by_gpu_fractions() -> None:
         packing(_cfg("train.use_gpu=true"), Resources(cpus=2, gpus=0))
 
 
+def test_an_autoscaling_cluster_runs_max_concurrent_trials(monkeypatch) -> None:
+    """On a joined cluster, `sweep.max_concurrent` is taken as asked (waiting trials make the
+    autoscaler add nodes); without it, or on a private Ray, what is up now bounds it."""
+    from raysys import runtime
+
+    up_now = Resources(cpus=8, gpus=1)  # one GPU node: 4 trials of a quarter GPU
+    monkeypatch.setattr(runtime, "joined_cluster", lambda: True)
+    monkeypatch.setattr(runtime, "ensure_resources", lambda *_a, **_k: up_now)
+    gpu = ("train.use_gpu=true",)
+    assert packing(_cfg(*gpu, "sweep.max_concurrent=16"), up_now).concurrent == 16
+    assert packing(_cfg(*gpu), up_now).concurrent == 4
+    monkeypatch.setattr(runtime, "joined_cluster", lambda: False)
+    assert packing(_cfg(*gpu, "sweep.max_concurrent=16"), up_now).concurrent == 4
+
+
 def test_yaml_list_layer_pairs(tmp_path) -> None:
     path = tmp_path / "sweep.yaml"
     path.write_text("sweep:\n  layers:\n    - [8, 6]\n    - [0.5, 1.0]\n    - '-1:-1'\n")

@@ -366,7 +366,9 @@ def packing(cfg: Config, res: Resources) -> Packing:
     `res` is what the cluster has now. On a joined cluster (RAY_ADDRESS) one trial's workers are
     first checked node by node and, where they do not fit yet, requested from the autoscaler
     (`runtime.ensure_resources`); the trials are then packed onto what arrived. A private local
-    Ray is packed as given, so this stays a pure function in tests.
+    Ray is packed as given, so this stays a pure function in tests. There, `sweep.max_concurrent`
+    caps the trials at what fits; on a joined cluster it is taken as asked, so an autoscaling
+    cluster grows to run that many at once.
     """
     s, tcfg = cfg.sweep, cfg.train
     workers = s.workers_per_trial
@@ -392,5 +394,10 @@ def packing(cfg: Config, res: Resources) -> Packing:
             + f"; the cluster has {res.cpus:g} CPU and {res.gpus:g} GPU: lower "
             "sweep.workers_per_trial or train.cpus_per_worker"
         )
-    concurrent = min(s.max_concurrent, fits) if s.max_concurrent else fits
+    if s.max_concurrent and runtime.joined_cluster():
+        # Trials past what is up now wait in Tune as pending placement groups, which the
+        # autoscaler answers with nodes (up to each node type's max_workers).
+        concurrent = s.max_concurrent
+    else:
+        concurrent = min(s.max_concurrent, fits) if s.max_concurrent else fits
     return Packing(concurrent, workers, cpus, gpus, max(1, int(cpus)))
