@@ -117,11 +117,12 @@ def check_local_out(cfg: Config, out: Path | str, kind: str = "run") -> None:
     checkpoints under it, and another node cannot see this machine's disk (the run would fail
     late, or lose its outputs with the node). Only a joined cluster (`RAY_ADDRESS`, or Ray
     already initialised by the caller) is asked; a private local Ray is one node, this one."""
-    if not os.environ.get("RAY_ADDRESS") and not _ray_initialized():
-        return
-    from raysys.runtime import init_ray  # joins the cluster (cheap when already joined)
+    if not _ray_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            return
+        from raysys.runtime import init_ray  # joins the cluster the work will run on
 
-    init_ray(cfg.ray)
+        init_ray(cfg.ray)
     nodes, driver_cpus = _cluster_shape()
     refusal = local_out_refusal(out, kind, nodes, driver_cpus)
     if refusal:

@@ -80,8 +80,9 @@ def test_local_out_is_refused_where_the_work_runs_on_other_nodes() -> None:
 
 
 def test_a_local_run_without_a_cluster_asks_no_ray(monkeypatch, tmp_path) -> None:
-    """No RAY_ADDRESS and no Ray started: a private Ray is this machine, nothing to check
-    (this file's conftest guard fails the test if Ray were started)."""
+    """No RAY_ADDRESS: the private Ray raysys starts is this machine, nothing to ask (this
+    file's conftest guard fails the test if Ray were started here; a Ray the session already
+    runs is one node with CPUs, also accepted)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run = open_run(config.load(None, []), tmp_path / "run", resume=False)
     assert (run.local / CONFIG_FILE).is_file() and run.uri is None
