@@ -129,14 +129,17 @@ def run(scenario: str, timeout: float = 600, keep: bool | None = None) -> dict[s
             env=_clean_env() | deadline,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C in a terminal reaches the caller only ...
+            preexec_fn=_die_with_parent,  # ... and if the caller dies, so does the scenario
         )
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            proc.kill()  # --kill-child: PID 1 dies, and the kernel kills its namespace
-            proc.wait()
+        finally:  # a timeout, or the caller interrupted (KeyboardInterrupt)
+            if proc.poll() is None:
+                proc.kill()  # --kill-child: PID 1 dies, and the kernel kills its namespace
+                proc.wait()
     facts: dict[str, Any] = {}
     if facts_file.exists():
         facts = json.loads(facts_file.read_text())
@@ -157,6 +160,14 @@ def run(scenario: str, timeout: float = 600, keep: bool | None = None) -> dict[s
     else:
         subprocess.run(["rm", "-rf", str(scratch)], check=False)
     return facts
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when its parent exits (PR_SET_PDEATHSIG), so a
+    killed pytest takes `unshare`, and through --kill-child the whole namespace, with it."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def _clean_env() -> dict[str, str]:

@@ -117,21 +117,35 @@ def test_a_second_job_reuses_every_cache_part(two_nodes) -> None:
 # --- scenarios 2 and 3: RAYSYS_MULTINODE_FULL=1 ------------------------------------------------
 
 
-@full_only
-def test_losing_the_worker_node_mid_sweep_completes_without_rerunning_finished_trials() -> None:
+@pytest.fixture(scope="module")
+def node_loss() -> dict[str, Any]:
     facts = _scenario("scenario2", timeout=1200)
     print(json.dumps(multinode._without_tails(facts), indent=1))
+    return facts
+
+
+@full_only
+def test_losing_the_worker_node_mid_sweep_completes_without_rerunning_finished_trials(
+    node_loss,
+) -> None:
+    facts = node_loss
     loss = facts.get("node_loss", {})
     assert loss.get("done"), "the worker node was not killed mid-sweep\n" + _why(facts, "sweep")
     assert facts["leftover_pids"] == [] and facts["leaked_mounts"] == []
-    assert facts["sweep"]["status"] == "SUCCEEDED", _why(facts, "sweep")
-    finished_before = _trained(loss["models_on_s3"])
     runs = facts["sweep_train_runs"]
-    assert all(runs[o]["starts"] == 1 for o in finished_before), runs
+    assert all(runs[o]["starts"] == 1 for o in _trained(loss["models_on_s3"])), runs
+    assert facts["sweep"]["status"] == "SUCCEEDED", _why(facts, "sweep")
     assert _trained(facts["out_sweep"]["models"]) == {"con", "negcon", "spread"}
-    # Resuming a finished sweep from s3:// on a fresh working directory trains nothing.
-    assert facts["resume"]["status"] == "SUCCEEDED", _why(facts, "resume")
-    assert facts["resume_train_runs"] == {}
+
+
+@full_only
+def test_a_sweep_resumed_from_s3_runs_only_its_unfinished_trials(node_loss) -> None:
+    """`raysys sweep resume=s3://…` as a new job (a fresh working directory on the head)."""
+    facts = node_loss
+    assert facts.get("resume", {}).get("status") == "SUCCEEDED", _why(facts, "sweep", "resume")
+    unfinished = {"con", "negcon", "spread"} - _trained(facts["out_sweep"]["models"])
+    assert set(facts["resume_train_runs"]) == unfinished, facts["resume_train_runs"]
+    assert _trained(facts["out_after_resume"]["models"]) == {"con", "negcon", "spread"}
 
 
 @full_only
