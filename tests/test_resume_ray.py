@@ -46,6 +46,11 @@ def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
     ]
     assert main(first) == 0
     events_before = [k for k in _objects(f"{uri}/tensorboard/con") if "tfevents" in k]
+    # As if the driver had died before Ray Train wrote its snapshot: the worker then resumes
+    # from the checkpoint URI the driver found itself (`resume_from`), read straight from S3.
+    snapshot = f"{uri}/ray/con/checkpoint_manager_snapshot.json"
+    fs, path = storage.fsspec_fs(snapshot)
+    fs.rm_file(path)
     capfd.readouterr()
 
     monkeypatch.chdir(tmp_path)  # another machine: no staging dir, no config file here
