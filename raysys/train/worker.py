@@ -7,6 +7,7 @@ this module adds what only a Ray Train worker does: its data share, checkpoints 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -86,11 +87,18 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0 and config.get("tensorboard_dir"):
         # purge_step drops events a crashed attempt logged past the checkpoint we resume from.
         writer = SummaryWriter(config["tensorboard_dir"], purge_step=trainer.step + 1)
-    _steps(cfg, trainer, batches, val, progress, steps_per_epoch, writer, device)
+    publish = None
+    if writer and config.get("tensorboard_uri"):
+        # This worker's node may share no disk with the driver, and may be lost: its curves
+        # go to the URI at every validation, not only at the end.
+        tensorboard = (config["tensorboard_dir"], config["tensorboard_uri"])
+        publish = functools.partial(storage.upload_dir, *tensorboard)
+
+    _steps(cfg, trainer, batches, val, progress, steps_per_epoch, writer, device, publish)
     if writer:
         writer.close()
-        if config.get("tensorboard_uri"):  # this worker's node may share no disk with the driver
-            storage.upload_dir(config["tensorboard_dir"], config["tensorboard_uri"])
+        if publish:
+            publish()
 
 
 Batches = MemoryBatches | StreamBatches
@@ -175,8 +183,10 @@ def _steps(
     steps_per_epoch: int,
     writer: Any,
     device: torch.device,
+    publish: Callable[[], None] | None = None,
 ) -> None:
-    """Train to the last step, validating and reporting every `eval_every` steps."""
+    """Train to the last step, validating and reporting every `eval_every` steps (and
+    publishing the TensorBoard events after each, where `publish` is given)."""
     tcfg = cfg.train
     sums: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
@@ -194,6 +204,8 @@ def _steps(
         report["train/samples_per_s"] = window_steps * tcfg.batch_size / elapsed
         report |= {"step": trainer.step, "epoch": trainer.step / steps_per_epoch}
         stop = _report(cfg, trainer, val, progress, report, writer)
+        if publish:
+            publish()
         if all_agree(stop, device):
             break
         sums, window_start, window_steps = {}, time.perf_counter(), 0
