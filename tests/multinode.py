@@ -262,6 +262,20 @@ class WorkerNode:
         return [pid for pid in _pids() if self.mntns and _ns(pid, "mnt") == self.mntns]
 
 
+def _hide_repo() -> str:
+    """Shell lines that put an empty tmpfs over the repository (its `runs/`, its source: the
+    code reaches the node only as the job's --working-dir package, as on a real cluster) and
+    keep the virtualenv at its path when it lies inside (its scripts name that path)."""
+    venv = Path(sys.prefix)
+    if not venv.is_relative_to(ROOT):
+        return f"mount -t tmpfs none {ROOT}"
+    keep = "/tmp/.venv-keep"  # /tmp is the node's own tmpfs by now
+    return (
+        f"mkdir {keep} && mount --bind {venv} {keep} && mount -t tmpfs none {ROOT} && "
+        f"mkdir -p {venv} && mount --move {keep} {venv} && rmdir {keep}"
+    )
+
+
 @dataclass
 class Cluster:
     """A Ray head (`head_cpus`, 0 like cluster/gpu.yaml) and worker nodes, an S3 server, and
@@ -333,8 +347,9 @@ class Cluster:
 
     def start_worker(self, cpus: int = 2, timeout: float = 180) -> WorkerNode:
         """`ray start --address=… --block` in a mount namespace of its own, with empty tmpfs
-        over /tmp (the head's temp dir and this harness's scratch lie there) and ~/.cache;
-        returns once the node is alive in the cluster."""
+        over /tmp (the head's temp dir and this harness's scratch lie there), ~/.cache and
+        the repository (all but its virtualenv); returns once the node is alive in the
+        cluster."""
         index = len(self.workers)
         agent, grpc, metrics, runtime = _free_ports(4)
         temp = f"/tmp/w{index}"  # on the node's own tmpfs
@@ -359,7 +374,7 @@ class Cluster:
             f"--max-worker-port={21999 + 2000 * index}",
             "--disable-usage-stats",
         ]
-        script = f"set -e; {mounts}; mkdir -p {temp}; exec {' '.join(ray_start)}"
+        script = f"set -e; {mounts}; {_hide_repo()}; mkdir -p {temp}; exec {' '.join(ray_start)}"
         before = {n["node_id"] for n in self.alive_nodes()}
         log = (self.scratch / f"worker{index}.log").open("ab")
         proc = subprocess.Popen(
@@ -454,6 +469,8 @@ class Cluster:
             "tmpfs_mounts": tmpfs,
             "sees_head_temp": Path(root + str(self.head_temp)).exists(),
             "sees_scratch": Path(root + str(self.scratch)).exists(),
+            "sees_repo": Path(root + str(ROOT / "raysys")).exists(),
+            "sees_venv": Path(root + sys.executable).exists(),
             "own_tmp": sorted(os.listdir(root + "/tmp")),
         }
 
@@ -582,6 +599,7 @@ def _job(c: Cluster, facts: Facts, name: str, args: list[str], timeout: float, *
         "command": "raysys " + " ".join(args),
         "status": status,
         "wall_s": wall,
+        "load_avg_1min_after": round(os.getloadavg()[0], 1),  # wall times on a shared box
         "actors": placement,
         "errors": _error_lines(logs),
         "log_tail": logs[-6000:],

@@ -90,6 +90,7 @@ def test_the_cluster_is_a_cpu_less_head_and_a_worker_that_shares_no_disk(two_nod
     assert "/tmp" in seen["tmpfs_mounts"], seen
     assert str(cache) in seen["tmpfs_mounts"] or not cache.exists(), seen
     assert not seen["sees_head_temp"] and not seen["sees_scratch"], seen
+    assert not seen["sees_repo"] and seen["sees_venv"], seen  # code comes as --working-dir
 
 
 def test_a_run_job_on_two_nodes_puts_its_outputs_on_s3(two_nodes) -> None:
