@@ -669,6 +669,12 @@ def _train_lines(logs: str) -> dict[str, dict[str, int]]:
     return runs
 
 
+def _last_steps(logs: str) -> dict[str, tuple[int, int]]:
+    """Per objective, the last `[train] <objective> step K/N` line's K and N."""
+    steps = re.findall(r"\[train\] (\w+) step (\d+)/(\d+)", logs)
+    return {o: (int(k), int(n)) for o, k, n in steps}
+
+
 def scenario2(scratch: Path, facts: Facts) -> None:
     """Node loss: kill the worker node once the sweep has trained (ideally once one trial has
     exported its model), start a fresh one, and see whether the job completes and what ran
@@ -683,14 +689,22 @@ def scenario2(scratch: Path, facts: Facts) -> None:
         trained_since: list[float] = []  # when the log first showed training
 
         def lose_node() -> bool:
-            """Kill once a trial's model is on S3, or 150 s after training began."""
+            """Kill while a trial is mid-training after another exported its model (so both a
+            finished trial and a checkpointed, unfinished one are at stake), or, failing
+            that, 240 s after training began."""
             logs = c.logs(job)
             if "[train]" not in logs:
                 return False
             trained_since[:] = trained_since or [time.monotonic()]
             exported = sorted(s3_objects(out + "/models/"))
-            if not exported and time.monotonic() - trained_since[0] < 150:
+            done = {m.group(1) for k in exported if (m := re.search(r"/t\d+-(\w+?)-", k))}
+            # Past its second validation (SWEEP's eval_every=3): its first checkpoint is
+            # surely reported, so a restart has one to continue from.
+            steps = _last_steps(logs).items()
+            midway = {o: s for o, s in steps if o not in done and 6 <= s[0] < s[1]}
+            if not (exported and midway) and time.monotonic() - trained_since[0] < 240:
                 return False
+            kill["midway_steps"] = {o: f"{s[0]}/{s[1]}" for o, s in midway.items()}
             kill.update(
                 done=True,
                 at_s=round(time.monotonic() - submitted, 1),

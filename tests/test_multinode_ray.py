@@ -136,7 +136,10 @@ def test_losing_the_worker_node_mid_sweep_completes_without_rerunning_finished_t
     runs = facts["sweep_train_runs"]
     assert all(runs[o]["starts"] == 1 for o in _trained(loss["models_on_s3"])), runs
     assert facts["sweep"]["status"] == "SUCCEEDED", _why(facts, "sweep")
-    assert _trained(facts["out_sweep"]["models"]) == {"con", "negcon", "spread"}
+    trained = _trained(facts["out_sweep"]["models"])
+    assert trained == {"con", "negcon", "spread"}, f"only {trained}\n" + _why(facts, "sweep")
+    # A trial caught mid-training continued from its checkpoint on S3 (its rank 0 says so).
+    assert all(runs[o]["resumes"] >= 1 for o in loss.get("midway_steps", {})), runs
 
 
 @full_only
