@@ -689,19 +689,21 @@ def scenario2(scratch: Path, facts: Facts) -> None:
         trained_since: list[float] = []  # when the log first showed training
 
         def lose_node() -> bool:
-            """Kill while a trial is mid-training after another exported its model (so both a
-            finished trial and a checkpointed, unfinished one are at stake), or, failing
-            that, 240 s after training began."""
+            """Kill while a trial is mid-training with a checkpoint its Train controller has
+            registered (its checkpoint_manager_snapshot.json is on S3), after another trial
+            exported its model; failing that, 240 s after training began."""
             logs = c.logs(job)
             if "[train]" not in logs:
                 return False
             trained_since[:] = trained_since or [time.monotonic()]
             exported = sorted(s3_objects(out + "/models/"))
             done = {m.group(1) for k in exported if (m := re.search(r"/t\d+-(\w+?)-", k))}
-            # Past its second validation (SWEEP's eval_every=3): its first checkpoint is
-            # surely reported, so a restart has one to continue from.
+            snapshot = re.compile(r"/ray/t\d+-(\w+?)-[^/]*/checkpoint_manager_snapshot\.json$")
+            registered = {
+                m.group(1) for k in s3_objects(out + "/ray/") if (m := snapshot.search(k))
+            }
             steps = _last_steps(logs).items()
-            midway = {o: s for o, s in steps if o not in done and 6 <= s[0] < s[1]}
+            midway = {o: s for o, s in steps if o in registered - done and s[0] < s[1]}
             if not (exported and midway) and time.monotonic() - trained_since[0] < 240:
                 return False
             kill["midway_steps"] = {o: f"{s[0]}/{s[1]}" for o, s in midway.items()}

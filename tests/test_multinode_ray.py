@@ -138,8 +138,9 @@ def test_losing_the_worker_node_mid_sweep_completes_without_rerunning_finished_t
     assert facts["sweep"]["status"] == "SUCCEEDED", _why(facts, "sweep")
     trained = _trained(facts["out_sweep"]["models"])
     assert trained == {"con", "negcon", "spread"}, f"only {trained}\n" + _why(facts, "sweep")
-    # A trial caught mid-training continued from its checkpoint on S3 (its rank 0 says so).
-    assert all(runs[o]["resumes"] >= 1 for o in loss.get("midway_steps", {})), runs
+    # The trial caught mid-training continued from its checkpoint on S3 (rank 0 says so).
+    assert loss.get("midway_steps"), f"the kill caught no trial mid-training: {loss}"
+    assert all(runs[o]["resumes"] >= 1 for o in loss["midway_steps"]), (loss, runs)
 
 
 @full_only
