@@ -10,15 +10,19 @@ namespaces, so nothing escapes them:
 - a PID namespace whose first process reaps orphans and whose exit makes the kernel kill
   everything still running in it (every daemon, worker and server, even after a timeout);
 - a mount namespace per worker node, with empty tmpfs over `/tmp` (the head's Ray temp dir
-  lives there) and `~/.cache`, and a Ray temp dir of its own.
+  lives there), `~/.cache` and the repository (only its virtualenv is kept, at its path: the
+  code reaches the node as the job's `--working-dir` package), and a Ray temp dir of its own.
 
 The only storage both nodes share is a moto S3 server on 127.0.0.1 inside the namespace.
+Scenarios: 1, `raysys run` as a job with `--out` and the cache on s3://, then again on the
+same cache; 2, the worker node killed mid-sweep and started afresh, then `raysys sweep
+resume=s3://…` as a new job; 3, scenario 1's first job on a one-node cluster (wall time).
 
 Each scenario is a function returning a JSON-able dict of facts (job statuses, wall seconds,
 S3 keys, log lines); `tests/test_multinode_ray.py` asserts on them. By hand::
 
     .venv/bin/python tests/multinode.py scenario1      # prints the facts as JSON
-    MULTINODE_KEEP=1 .venv/bin/python tests/multinode.py scenario2   # keep logs and temp dirs
+    .venv/bin/python tests/multinode.py scenario2 --keep --full  # keep logs; full log tails
 """
 
 from __future__ import annotations
