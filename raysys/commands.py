@@ -23,7 +23,7 @@ from raysys.checks import (
 from raysys.config import Config
 from raysys.data.cache import Pairs, resolve_layer
 from raysys.data.source import PairSource, pair_source
-from raysys.errors import ConfigError, Interrupted
+from raysys.errors import ConfigError, Interrupted, RaysysError
 from raysys.evaluate import score_model, score_raw
 from raysys.extract import Extracted, extract
 from raysys.jam import JAM
@@ -81,14 +81,20 @@ def sweep(
 
 
 def _stop_if_unfinished(run: RunDir, outcome: Outcome, trials: int) -> None:
-    """A stopped sweep exits 130 with the command that resumes it (from any machine, for
-    an s3:// sweep)."""
-    if not outcome.unfinished:
-        return
-    raise Interrupted(
-        f"the sweep stopped with {outcome.unfinished} of {trials} trials unfinished; "
-        f"finished trials are kept: resume with: raysys sweep resume={run.root}"
-    )
+    """A stopped sweep exits 130, and one with failed trials exits with an error (a job that
+    lost trials must not report success), each with the command that resumes it (from any
+    machine, for an s3:// sweep); the report of the finished trials is written first."""
+    if outcome.unfinished:
+        raise Interrupted(
+            f"the sweep stopped with {outcome.unfinished} of {trials} trials unfinished; "
+            f"finished trials are kept: resume with: raysys sweep resume={run.root}"
+        )
+    if outcome.failed:
+        raise RaysysError(
+            f"{len(outcome.failed)} of {trials} trials failed ({', '.join(outcome.failed[:3])}"
+            f"{', …' if len(outcome.failed) > 3 else ''}; reasons above); the report holds the "
+            f"others; rerun the failed ones with: raysys sweep resume={run.root}"
+        )
 
 
 def _describe_axes(cfg: Config, prepared: list[Prepared]) -> str:

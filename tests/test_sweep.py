@@ -3,6 +3,8 @@ real local Ray, its report and its resume are in test_sweep_ray.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from raysys import config
@@ -241,3 +243,21 @@ def test_trial_ids_are_safe_in_paths_and_keys() -> None:
     assert [t.id.rsplit("-hidden", 1)[1] for t in trials] == ["512-512", "256"]
     for trial in trials:
         assert all(c.isalnum() or c in ".-" for c in trial.id), trial.id
+
+
+def test_a_sweep_with_failed_or_unfinished_trials_does_not_exit_cleanly() -> None:
+    """A job that lost trials must not report success: failed trials are an error, stopped
+    ones an interruption, each naming the command that reruns them."""
+    from raysys.commands import _stop_if_unfinished
+    from raysys.errors import Interrupted, RaysysError
+    from raysys.rundir import RunDir
+    from raysys.sweep.tune import Outcome
+
+    run = RunDir(Path("/tmp/raysys-sweep"), "s3://bucket/sweep")
+    _stop_if_unfinished(run, Outcome(rows=[{}, {}]), 2)  # all finished: returns
+    with pytest.raises(
+        RaysysError, match=r"1 of 3 trials failed \(t001;.*resume=s3://bucket/sweep"
+    ):
+        _stop_if_unfinished(run, Outcome(failed=["t001"]), 3)
+    with pytest.raises(Interrupted, match="2 of 3 trials unfinished.*resume=s3://bucket/sweep"):
+        _stop_if_unfinished(run, Outcome(unfinished=2), 3)

@@ -119,6 +119,7 @@ class Outcome:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # trial ids that ended in an error
     unfinished: int = 0
     fit_s: float = 0.0
 
@@ -142,6 +143,7 @@ def run_trials(
         elif result.error is not None:
             error = str(result.error).strip().splitlines()[-1]
             outcome.problems.append(f"trial {name} failed: {error}")
+            outcome.failed.append(name)
     outcome.rows.sort(key=lambda r: r["trial"])
     # Tune creates trials lazily: one never started is in no status at all.
     outcome.unfinished = sum(status.get(t.id) not in ("TERMINATED", "ERROR") for t in trials)
@@ -189,6 +191,10 @@ def _tuner(
             storage_filesystem=storage_fs,
             verbose=0,
             log_to_file=True,
+            # A trial whose process died with its node starts again and continues from its
+            # latest checkpoint (run_trial resumes); `train.max_failures` bounds both this and
+            # Ray Train's restarts of a trial's workers.
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
 
