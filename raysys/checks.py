@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 MIN_EVAL_PAIRS = 4  # unbiased HSIC (unbiased CKA, CKNNA) needs more than 3 samples
 
 
+def check_corpus(cfg: Config) -> None:
+    """An unknown corpus kind is a config error, found before a run directory or Ray exists
+    (on a cluster: before any node scales up)."""
+    from raysys.corpora import KINDS  # lazy: the corpora read Parquet, this module need not
+
+    if cfg.corpus.name not in KINDS:
+        raise ConfigError(f"unknown corpus {cfg.corpus.name!r}; available: {', '.join(KINDS)}")
+
+
 def check_best_metric(cfg: Config) -> None:
     """train.best_metric must name a metric validation actually reports."""
     names = metric_names(cfg.eval.retrieval_ks)

@@ -17,6 +17,7 @@ import numpy as np
 from raysys import config, storage
 from raysys.checks import (
     check_best_metric,
+    check_corpus,
     check_train_layers,
     checked_eval_splits,
 )
@@ -56,6 +57,7 @@ def sweep(
     write the report; returns the results rows (raw baselines first). `timings` receives
     `fit_s`, the seconds Tune ran the trials (what `bench sweep` compares)."""
     started = time.perf_counter()
+    check_corpus(cfg)
     resolved = check_sweep(cfg)
     run = open_run(cfg, out, resume, kind="sweep", marker=TUNE_DIR)
     if resume:
@@ -135,6 +137,7 @@ def train(cfg: Config, out: Path | str, resume: bool = False) -> list[dict[str, 
     (a finished one returns at once)."""
     started = time.perf_counter()
     check_best_metric(cfg)
+    check_corpus(cfg)
     check_train_layers(cfg)
     run = open_run(cfg, out, resume)
     ext = extract(cfg)

@@ -33,6 +33,8 @@ def no_ray(monkeypatch):
         (["sweep", "sweep.layers=0.5:1.5"], "relative depth in \\(0, 1\\]"),
         (["sweep", "sweep.models=efficientnet-lite9+minilm-l6"], "efficientnet-lite9"),
         (["run", "sweep.layers=40:3"], "out of range"),
+        (["run", "corpus.name=coco"], "unknown corpus 'coco'; available: synthetic"),
+        (["train", "corpus.name=coco"], "unknown corpus 'coco'"),
     ],
 )
 def test_data_free_checks_fail_before_ray_and_extraction(
