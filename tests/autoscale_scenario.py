@@ -34,24 +34,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from small_job import SMALL_RUN
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 BIN = Path(sys.executable).parent
 BUCKET = "scaleup"
 WORKER_TYPE = "cpu_worker"
 
-# tests/test_cluster_ray.py's small job: one model pair, one layer pair, one epoch.
-JOB_ARGS = [
-    "corpus.size=60",
-    "objectives=con",
-    "sweep.models=efficientnet-lite0+minilm-l6",
-    "sweep.layers=-1:-1",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.eval_every=3",
-    "train.hidden=64",
-    "train.latent=16",
-]
+JOB_ARGS = SMALL_RUN  # tests/small_job.py: one model pair, one layer pair, one epoch
 
 
 def run(timeout: float = 420) -> dict[str, Any]:

@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s3server import CONFLICTING_ENV
+from small_job import SMALL_RUN
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 BIN = Path(sys.executable).parent
@@ -50,18 +53,7 @@ RAY = str(BIN / "ray")
 HOST = "127.0.0.1"
 BUCKET = "mnode"
 
-# The small job of tests/test_cluster_ray.py: one model pair, one layer pair, one epoch.
-SMALL = [
-    "corpus.size=60",
-    "objectives=con",
-    "sweep.models=efficientnet-lite0+minilm-l6",
-    "sweep.layers=-1:-1",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.eval_every=3",
-    "train.hidden=64",
-    "train.latent=16",
-]
+SMALL = SMALL_RUN  # one model pair, one layer pair, one epoch (tests/small_job.py)
 # Three trials (one per objective) long enough to lose a node in the middle of the sweep.
 SWEEP = [
     "corpus.size=60",
@@ -86,14 +78,35 @@ NOT_FOR_CLUSTER = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
-    "AWS_ENDPOINT_URL",
-    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_REGION",
+    *CONFLICTING_ENV,
 )
+
+
+def head_args(temp: Path | str, cpus: int) -> list[str]:
+    """`ray start --head` on 127.0.0.1 with ports of its own (several heads may run at once)
+    and its own temp dir; `--port=` and `--dashboard-port=` name what clients reach."""
+    gcs, dash, agent, grpc, client, metrics, runtime = _free_ports(7)
+    return [
+        RAY,
+        "start",
+        "--head",
+        f"--num-cpus={cpus}",
+        f"--node-ip-address={HOST}",
+        f"--port={gcs}",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={grpc}",
+        f"--ray-client-server-port={client}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
+
+
+def port_of(args: list[str], flag: str) -> int:
+    return int(next(a for a in args if a.startswith(f"{flag}=")).split("=", 1)[1])
 
 
 # --- from the host: run a scenario inside fresh namespaces --------------------------------------
@@ -314,24 +327,8 @@ class Cluster:
 
     def start_head(self) -> None:
         for attempt in (1, 2):
-            gcs, dash, agent, grpc, client, metrics, runtime = _free_ports(7)
-            args = [
-                RAY,
-                "start",
-                "--head",
-                f"--num-cpus={self.head_cpus}",
-                f"--node-ip-address={HOST}",
-                f"--port={gcs}",
-                f"--dashboard-host={HOST}",
-                f"--dashboard-port={dash}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--dashboard-agent-grpc-port={grpc}",
-                f"--ray-client-server-port={client}",
-                f"--metrics-export-port={metrics}",
-                f"--runtime-env-agent-port={runtime}",
-                f"--temp-dir={self.head_temp}",
-                "--disable-usage-stats",
-            ]
+            args = head_args(self.head_temp, self.head_cpus)
+            gcs, dash = port_of(args, "--port"), port_of(args, "--dashboard-port")
             done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=240)
             if done.returncode == 0:
                 self.gcs_port, self.dashboard = gcs, f"http://{HOST}:{dash}"
@@ -629,9 +626,11 @@ def _up(c: Cluster, facts: Facts, workers: int) -> None:
 
 
 def scenario1(scratch: Path, facts: Facts) -> None:
-    """Two nodes: `raysys run --out s3://` with an s3:// cache succeeds and leaves its outputs
-    on S3; a second run on the same cache rewrites no cache part."""
-    cache, out_a, out_b = f"s3://{BUCKET}/cache", "runs/a", "runs/b"
+    """Two nodes, the acceptance in one cluster session: `raysys run --out s3://` with an s3://
+    cache succeeds and leaves its outputs on S3; then a sweep on the same cache (a second job:
+    it must rewrite no cache part) loses its worker node mid-way and still completes; then
+    `raysys sweep resume=s3://…` runs as a new job."""
+    cache, out_a = f"s3://{BUCKET}/cache", "runs/a"
     with cluster(scratch) as c:
         facts["head_up_s"] = c.head_up_s
         _up(c, facts, workers=1)
@@ -641,10 +640,9 @@ def scenario1(scratch: Path, facts: Facts) -> None:
         before = s3_objects("cache/")
         facts["cache_keys"] = sorted(before)
         if status != "SUCCEEDED":
-            facts["run_b"] = {"status": "SKIPPED", "why": "run_a did not succeed"}
+            facts["sweep"] = {"status": "SKIPPED", "why": "run_a did not succeed"}
             return
-        _job(c, facts, "run_b", ["run", "--out", f"s3://{BUCKET}/{out_b}", *args], 600)
-        facts["out_b"] = run_outputs(list(s3_objects(out_b)), out_b)
+        _sweep_losing_a_node(c, facts, cache)
         facts["cache_diff"] = s3_diff(before, s3_objects("cache/"))
 
 
@@ -680,60 +678,64 @@ def _last_steps(logs: str) -> dict[str, tuple[int, int]]:
 
 
 def scenario2(scratch: Path, facts: Facts) -> None:
-    """Node loss: kill the worker node once the sweep has trained (ideally once one trial has
-    exported its model), start a fresh one, and see whether the job completes and what ran
-    twice; then `raysys sweep resume=s3://…` as a new job (a fresh working directory)."""
-    out = "runs/s"
-    uri = f"s3://{BUCKET}/{out}"
+    """Node loss alone (scenario1 runs it after a run job): a sweep that loses its worker node
+    mid-way, then `raysys sweep resume=s3://…` as a new job."""
     with cluster(scratch) as c:
         facts["head_up_s"] = c.head_up_s
         _up(c, facts, workers=1)
-        job = "sweep"
-        kill: dict[str, Any] = {"done": False}
-        trained_since: list[float] = []  # when the log first showed training
+        _sweep_losing_a_node(c, facts, f"s3://{BUCKET}/cache")
 
-        def lose_node() -> bool:
-            """Kill while a trial is mid-training with a checkpoint its Train controller has
-            registered (its checkpoint_manager_snapshot.json is on S3), after another trial
-            exported its model; failing that, 240 s after training began."""
-            logs = c.logs(job)
-            if "[train]" not in logs:
-                return False
-            trained_since[:] = trained_since or [time.monotonic()]
-            exported = sorted(s3_objects(out + "/models/"))
-            done = {m.group(1) for k in exported if (m := re.search(r"/t\d+-(\w+?)-", k))}
-            snapshot = re.compile(r"/ray/t\d+-(\w+?)-[^/]*/checkpoint_manager_snapshot\.json$")
-            registered = {
-                m.group(1) for k in s3_objects(out + "/ray/") if (m := snapshot.search(k))
-            }
-            steps = _last_steps(logs).items()
-            midway = {o: s for o, s in steps if o in registered - done and s[0] < s[1]}
-            if not (exported and midway) and time.monotonic() - trained_since[0] < 240:
-                return False
-            kill["midway_steps"] = {o: f"{s[0]}/{s[1]}" for o, s in midway.items()}
-            kill.update(
-                done=True,
-                at_s=round(time.monotonic() - submitted, 1),
-                models_on_s3=exported,
-                train_runs_before=_train_lines(logs),
-                processes_killed=c.kill_worker(c.workers[-1]),
-            )
-            facts["node_loss"] = kill
-            restarted = time.monotonic()
-            c.start_worker(cpus=2)
-            kill["new_node_up_s"] = round(time.monotonic() - restarted, 1)
-            facts["node_loss"] = kill
-            return True
 
-        submitted = time.monotonic()
-        args = ["sweep", "--out", uri, f"extract.cache_dir=s3://{BUCKET}/cache", *SWEEP]
-        _job(c, facts, job, args, 900, during=lose_node)
+def _sweep_losing_a_node(c: Cluster, facts: Facts, cache: str) -> None:
+    """Kill the worker node once the sweep has trained (ideally once one trial has exported
+    its model), start a fresh one, and see whether the job completes and what ran twice; then
+    `raysys sweep resume=s3://…` as a new job (a fresh working directory)."""
+    out = "runs/s"
+    uri = f"s3://{BUCKET}/{out}"
+    job = "sweep"
+    kill: dict[str, Any] = {"done": False}
+    trained_since: list[float] = []  # when the log first showed training
+
+    def lose_node() -> bool:
+        """Kill while a trial is mid-training with a checkpoint its Train controller has
+        registered (its checkpoint_manager_snapshot.json is on S3), after another trial
+        exported its model; failing that, 240 s after training began."""
+        logs = c.logs(job)
+        if "[train]" not in logs:
+            return False
+        trained_since[:] = trained_since or [time.monotonic()]
+        exported = sorted(s3_objects(out + "/models/"))
+        done = {m.group(1) for k in exported if (m := re.search(r"/t\d+-(\w+?)-", k))}
+        snapshot = re.compile(r"/ray/t\d+-(\w+?)-[^/]*/checkpoint_manager_snapshot\.json$")
+        registered = {m.group(1) for k in s3_objects(out + "/ray/") if (m := snapshot.search(k))}
+        steps = _last_steps(logs).items()
+        midway = {o: s for o, s in steps if o in registered - done and s[0] < s[1]}
+        if not (exported and midway) and time.monotonic() - trained_since[0] < 240:
+            return False
+        kill["midway_steps"] = {o: f"{s[0]}/{s[1]}" for o, s in midway.items()}
+        kill.update(
+            done=True,
+            at_s=round(time.monotonic() - submitted, 1),
+            models_on_s3=exported,
+            train_runs_before=_train_lines(logs),
+            processes_killed=c.kill_worker(c.workers[-1]),
+        )
         facts["node_loss"] = kill
-        facts["sweep_train_runs"] = _train_lines(c.logs(job))
-        facts["out_sweep"] = run_outputs(list(s3_objects(out)), out)
-        _job(c, facts, "resume", ["sweep", f"resume={uri}"], 600)
-        facts["resume_train_runs"] = _train_lines(c.logs("resume"))
-        facts["out_after_resume"] = run_outputs(list(s3_objects(out)), out)
+        restarted = time.monotonic()
+        c.start_worker(cpus=2)
+        kill["new_node_up_s"] = round(time.monotonic() - restarted, 1)
+        facts["node_loss"] = kill
+        return True
+
+    submitted = time.monotonic()
+    args = ["sweep", "--out", uri, f"extract.cache_dir={cache}", *SWEEP]
+    _job(c, facts, job, args, 900, during=lose_node)
+    facts["node_loss"] = kill
+    facts["sweep_train_runs"] = _train_lines(c.logs(job))
+    facts["out_sweep"] = run_outputs(list(s3_objects(out)), out)
+    _job(c, facts, "resume", ["sweep", f"resume={uri}"], 600)
+    facts["resume_train_runs"] = _train_lines(c.logs("resume"))
+    facts["out_after_resume"] = run_outputs(list(s3_objects(out)), out)
 
 
 SCENARIOS: dict[str, Callable[[Path, Facts], None]] = {

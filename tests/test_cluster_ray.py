@@ -1,12 +1,12 @@
 """Real `ray job submit` runs against a real Ray head started here (`ray start --head`,
-loopback only, its own temp dir, stopped by process id afterwards)."""
+loopback only, its own temp dir, stopped by process id afterwards). Successful jobs on a
+cluster shaped like cluster/gpu.yaml are tests/test_multinode_ray.py's."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,19 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from multinode import head_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _proc_table() -> list[tuple[int, int, str]]:
@@ -65,27 +56,6 @@ def _job_env() -> dict[str, str]:
     return env
 
 
-def _head_args(temp: str) -> list[str]:
-    gcs, dash, agent, grpc, client, metrics, runtime = _free_ports(7)
-    return [
-        RAY,
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={grpc}",
-        f"--ray-client-server-port={client}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime}",
-        "--num-cpus=2",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]
-
-
 def _stop_head(temp: str) -> None:
     """Kill exactly the processes of the head started in `temp`: its daemons (one process
     group, not pytest's) and the workers its raylet started (each in a session of its own)."""
@@ -106,7 +76,7 @@ def ray_head():
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are capped
     try:
         for attempt in (1, 2):
-            args = _head_args(temp)
+            args = head_args(temp, cpus=2)
             # A session of its own: Ray's daemons inherit `ray start`'s process group, and
             # the teardown kills that group, which must not be pytest's.
             started = subprocess.run(
@@ -180,45 +150,11 @@ def _logs(address: str, job_id: str) -> str:
     return _job_cli(address, "logs", job_id)
 
 
-def test_raysys_run_submitted_as_a_job_writes_its_report(ray_head, small_cache, tmp_path) -> None:
-    ray_head, temp = ray_head
-    cfg, _ = small_cache  # the job reuses this cache: the test times submission, not extraction
-    out = tmp_path / "job-run"
-    _submit(
-        ray_head,
-        "raysys-run",
-        "run",
-        "--out",
-        str(out),
-        f"corpus.size={cfg.corpus.size}",
-        f"extract.cache_dir={cfg.extract.cache_dir}",
-        "objectives=con",
-        "sweep.models=efficientnet-lite0+minilm-l6",  # `run` is a sweep: keep it to one trial
-        "sweep.layers=-1:-1",
-        "train.epochs=1",
-        "train.batch_size=16",
-        "train.eval_every=3",
-        "train.hidden=64",
-        "train.latent=16",
-    )
-    status = _wait(ray_head, "raysys-run")
-    assert status == "SUCCEEDED", _logs(ray_head, "raysys-run")[-3000:]
-    report = (out / "report.md").read_text()
-    assert re.search(r"^\| con +\|", report, re.M) and re.search(r"^\| raw +\|", report, re.M)
-    assert "i2t_r1" in (out / "results.csv").read_text()
-    assert "elapsed:" in _logs(ray_head, "raysys-run")
-    # The upload honoured .gitignore: the code travelled, no virtualenv or run outputs.
-    found = temp.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
-    packages = [p for p in found if p.is_dir()]  # beside them: downloaded zips, locks
-    assert any((p / "raysys" / "cli.py").is_file() and (p / "cluster").is_dir() for p in packages)
-    for package in packages:
-        assert not (package / ".venv").exists() and not (package / "runs").exists()
-        size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
-        assert size < 20 * 2**20, f"{size / 2**20:.1f} MiB uploaded"
-
-
 def test_a_bad_config_fails_the_job_with_a_clear_error(ray_head) -> None:
-    ray_head, _ = ray_head
+    """A job with a bad config fails at once with raysys's one-line error; its upload (what
+    every job sends) honoured .gitignore. A `raysys run` job that succeeds, on a cluster whose
+    head has no CPUs, is tests/test_multinode_ray.py's."""
+    ray_head, temp = ray_head
     _submit(ray_head, "raysys-bad", "run", "corpus.name=coco")
     assert _wait(ray_head, "raysys-bad", timeout=300) == "FAILED"
     logs = _logs(ray_head, "raysys-bad")
@@ -226,3 +162,12 @@ def test_a_bad_config_fails_the_job_with_a_clear_error(ray_head) -> None:
         logs
     )
     assert "Traceback" not in logs  # a user error is one line, not a stack
+    # The upload honoured .gitignore: the code travelled, no virtualenv or run outputs.
+    found = temp.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+    packages = [p for p in found if p.is_dir()]  # beside them: downloaded zips, locks
+    assert any((p / "raysys" / "cli.py").is_file() and (p / "cluster").is_dir() for p in packages)
+    for package in packages:
+        # (A bad config fails before the job makes a run directory in its working dir.)
+        assert not (package / ".venv").exists() and not (package / "runs").exists()
+        size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+        assert size < 20 * 2**20, f"{size / 2**20:.1f} MiB uploaded"

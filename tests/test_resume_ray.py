@@ -146,6 +146,19 @@ def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
     assert done in results and rest in results  # the report covers both trials
     assert storage.exists(f"{uri}/report.md")
     assert list(fresh.iterdir()) == []
+    # Everything a sweep writes reached the URI: Tune's state, Train's checkpoints, each
+    # trial's model and TensorBoard files (uploaded from wherever it ran), the report.
+    fs, path = storage.fsspec_fs(uri)
+    files = {p.removeprefix(path + "/") for p in fs.find(path)}
+    for name in ("config.yaml", "results.csv", "report.md", "pareto_i2t_r1.png"):
+        assert name in files, name
+    for trial in (done, rest):
+        assert f"models/{trial}/model.safetensors" in files
+        board = [f for f in files if f.startswith(f"tensorboard/{trial}/events.out.tfevents")]
+        assert len(board) >= 2  # the worker's training curves and the trial's HParams session
+        assert any(f.startswith(f"ray/{trial}/checkpoint_") for f in files)
+    assert any(f.startswith("tune/experiment_state") for f in files)
+    assert main(args) == 2  # a new sweep never silently reuses a finished sweep's prefix
 
 
 def test_a_local_out_on_one_node_with_cpus_is_accepted(ray_cluster, tmp_path) -> None:

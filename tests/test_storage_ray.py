@@ -59,36 +59,3 @@ def test_unwritable_bucket_fails_fast(small_cache, s3_server, capsys) -> None:
     ]
     assert main(args) == 2
     assert "no-such-bucket" in capsys.readouterr().err
-
-
-def test_a_sweep_writes_straight_to_s3(small_cache, s3_server) -> None:
-    """Tune's state, Train's checkpoints and each trial's model and TensorBoard files go to
-    S3 from wherever they run; the report is uploaded at the end."""
-    cfg, _ = small_cache
-    uri = f"{s3_server.make_bucket('raysys-sweeps')}/sw1"
-    args = [
-        "sweep",
-        "--out",
-        uri,
-        f"extract.cache_dir={cfg.extract.cache_dir}",
-        f"corpus.size={cfg.corpus.size}",
-        "objectives=con",
-        "train.batch_size=16",
-        "train.epochs=1",
-        "train.eval_every=3",
-        "train.hidden=32",
-        "train.latent=16",
-    ]
-    assert main(args) == 0
-    fs, path = storage.fsspec_fs(uri)
-    files = {p.removeprefix(path + "/") for p in fs.find(path)}
-    [trial] = {f.split("/")[1] for f in files if f.startswith("models/")}
-    for name in ("config.yaml", "results.csv", "report.md", "pareto_i2t_r1.png"):
-        assert name in files, name
-    assert f"models/{trial}/model.safetensors" in files
-    board = [f for f in files if f.startswith(f"tensorboard/{trial}/events.out.tfevents")]
-    assert len(board) >= 2  # the worker's training curves and the trial's HParams session
-    assert any(f.startswith(f"ray/{trial}/checkpoint_") for f in files)
-    assert any(f.startswith("tune/experiment_state") for f in files)
-    assert trial in storage.read_text(f"{uri}/results.csv")
-    assert main(args) == 2  # the same S3 prefix is not reused silently
