@@ -279,17 +279,24 @@ class WorkerNode:
         return [pid for pid in _pids() if self.mntns and _ns(pid, "mnt") == self.mntns]
 
 
-def _hide_repo() -> str:
-    """Shell lines that put an empty tmpfs over the repository (its `runs/`, its source: the
-    code reaches the node only as the job's --working-dir package, as on a real cluster) and
-    keep the virtualenv at its path when it lies inside (its scripts name that path)."""
+def _hide_node_disks(hidden: list[str]) -> str:
+    """Shell lines that put an empty tmpfs over each of `hidden` and over the repository (its
+    `runs/`, its source: the code reaches the node only as the job's --working-dir package,
+    as on a real cluster), keeping the virtualenv at its path (its scripts name that path),
+    wherever it lies: inside the repository, or under /tmp as in a CI clone. The virtualenv
+    is held meanwhile on a private tmpfs outside all of them (this namespace's own mount)."""
     venv = Path(sys.prefix)
-    if not venv.is_relative_to(ROOT):
-        return f"mount -t tmpfs none {ROOT}"
-    keep = "/tmp/.venv-keep"  # /tmp is the node's own tmpfs by now
+    covered = [Path(d) for d in [*hidden, str(ROOT)]]
+    hide = " && ".join(
+        f'{{ [ ! -d "{d}" ] || mount -t tmpfs -o size=8g none "{d}"; }}' for d in covered
+    )
+    if not any(venv.is_relative_to(d) for d in covered):
+        return hide
+    holds = ("/mnt", "/media", "/srv", "/opt")
+    hold = next(d for d in holds if Path(d).is_dir() and not venv.is_relative_to(d))
     return (
-        f"mkdir {keep} && mount --bind {venv} {keep} && mount -t tmpfs none {ROOT} && "
-        f"mkdir -p {venv} && mount --move {keep} {venv} && rmdir {keep}"
+        f"mount -t tmpfs none {hold} && mkdir {hold}/venv && mount --bind {venv} {hold}/venv"
+        f" && {hide} && mkdir -p {venv} && mount --move {hold}/venv {venv}"
     )
 
 
@@ -355,9 +362,6 @@ class Cluster:
         agent, grpc, metrics, runtime = _free_ports(4)
         temp = f"/tmp/w{index}"  # on the node's own tmpfs
         hidden = [str(self.head_temp), "/tmp", str(Path.home() / ".cache")]
-        mounts = " && ".join(
-            f'{{ [ ! -d "{d}" ] || mount -t tmpfs -o size=8g none "{d}"; }}' for d in hidden
-        )
         ray_start = [
             RAY,
             "start",
@@ -375,7 +379,7 @@ class Cluster:
             f"--max-worker-port={21999 + 2000 * index}",
             "--disable-usage-stats",
         ]
-        script = f"set -e; {mounts}; {_hide_repo()}; mkdir -p {temp}; exec {' '.join(ray_start)}"
+        script = f"set -e; {_hide_node_disks(hidden)}; mkdir -p {temp}; exec {' '.join(ray_start)}"
         before = {n["node_id"] for n in self.alive_nodes()}
         log = (self.scratch / f"worker{index}.log").open("ab")
         proc = subprocess.Popen(
