@@ -31,7 +31,13 @@ from raysys.data.source import PairSource
 from raysys.errors import ConfigError, RaysysError
 from raysys.jam import JAM
 from raysys.runtime import ensure_resources, init_ray
-from raysys.train.worker import HISTORY_FILE, MODEL_DIR, STATE_FILE, train_loop
+from raysys.train.worker import (
+    HISTORY_FILE,
+    MODEL_DIR,
+    STATE_FILE,
+    checkpoint_at,
+    train_loop,
+)
 
 
 @dataclass
@@ -140,13 +146,6 @@ def finished_before(
     latest = max(saved, key=lambda c: c.report["step"])
     export_model(checkpoint_at(best.path), model_dir)
     return TrainResult(tcfg.objective, model_dir, latest.report, latest.history, seconds)
-
-
-def checkpoint_at(uri: str) -> Checkpoint:
-    """A Ray Train checkpoint at a local path or an `s3://` URI (read through storage's
-    filesystem, so the endpoint and credentials are the environment's)."""
-    fs, path = storage.pyarrow_fs(uri)
-    return Checkpoint(path=path, filesystem=fs)
 
 
 def stream_plan(

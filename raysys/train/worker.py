@@ -150,14 +150,20 @@ def _data_and_model(
     return model, steps_per_epoch, stream_batches
 
 
+def checkpoint_at(uri: str) -> ray.train.Checkpoint:
+    """A Ray Train checkpoint at a local path or an `s3://` URI (read through storage's
+    filesystem, so the endpoint and credentials are the environment's)."""
+    fs, path = storage.pyarrow_fs(uri)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
 def _restore(config: dict[str, Any], trainer: Trainer, rank: int) -> Progress:
     """Continue from Ray Train's checkpoint (a restarted worker group) or the driver's
     `resume_from` (a stopped run: a path, or an `s3://` URI this worker reads itself, as it
     may run on a node that shares no disk with the driver); a fresh run starts at step 0."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
-        fs, path = storage.pyarrow_fs(config["resume_from"])
-        checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+        checkpoint = checkpoint_at(config["resume_from"])
     if not checkpoint:
         return Progress()
     with checkpoint.as_directory() as ckpt:
