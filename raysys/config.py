@@ -20,6 +20,8 @@ from raysys.errors import ConfigError
 
 OBJECTIVES = ("con", "negcon", "spread")
 SEARCHES = ("grid", "random", "asha")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+CACHE_DTYPES = ("auto", "float16", "float32")
 # `raysys run`'s sweep: two vision scales against one text model, half and full depth.
 RUN_MODELS = ("efficientnet-lite0+minilm-l6", "efficientnet-lite1+minilm-l6")
 RUN_LAYERS = ("0.5:0.5", "1.0:1.0")
@@ -92,6 +94,8 @@ class ExtractConfig:
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.0
     max_reject_fraction: float = 0.01
+    precision: str = "auto"
+    cache_dtype: str = "auto"
 
 
 @dataclass
@@ -290,6 +294,16 @@ class Config:
             raise ConfigError(
                 f"train.data_on_device={self.train.data_on_device!r} must be auto, true, false "
                 "or stream"
+            )
+        if self.extract.precision not in PRECISIONS:
+            raise ConfigError(
+                f"extract.precision={self.extract.precision!r} must be one of "
+                f"{', '.join(PRECISIONS)}"
+            )
+        if self.extract.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(
+                f"extract.cache_dtype={self.extract.cache_dtype!r} must be one of "
+                f"{', '.join(CACHE_DTYPES)}"
             )
         return self
 
