@@ -220,3 +220,73 @@ def test_lambda_schedule_linear_endpoints_and_clamp() -> None:
     assert losses.lambda_schedule(-5, total, start, end) == pytest.approx(start)
     assert losses.lambda_schedule(10 * total, total, start, end) == pytest.approx(end)
     assert losses.lambda_schedule(0, 1, start, end) == pytest.approx(start)
+
+
+# --- float32 inside a bf16 autocast region (the training step's, on a GPU) --------------------
+
+AUTOCAST_LOSSES = {
+    "con": lambda v, t, n, s: losses.con(v, t, s),
+    "negcon": losses.negcon,
+    "spread": lambda v, t, n, s: losses.spread(v, t, n, s, alpha=0.7, k=8),
+}
+
+
+def _latents(aligned: bool, b: int = 256, d: int = 64) -> list[torch.Tensor]:
+    """Random latents, or nearly aligned ones (what training produces): captions within a
+    few degrees of their image, hard negatives a little further."""
+    v = _rand(b, d, seed=1).float()
+    if not aligned:
+        return [v, _rand(b, d, seed=2).float(), _rand(b, d, seed=3).float()]
+    t = v + 0.05 * _rand(b, d, seed=2).float()
+    n = v + 0.15 * _rand(b, d, seed=3).float()
+    return [v, t, n]
+
+
+def _value_and_grads(fn, tensors: list[torch.Tensor], s: float, autocast: bool):
+    leaves = [x.clone().requires_grad_(True) for x in tensors]
+    region = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with region:
+        loss = fn(*leaves, s)
+    loss.backward()
+    return loss.detach(), torch.cat([x.grad.flatten() for x in leaves if x.grad is not None])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["random", "aligned"])
+@pytest.mark.parametrize("s", [14.3, 100.0])
+@pytest.mark.parametrize("name", sorted(AUTOCAST_LOSSES))
+def test_each_loss_is_float32_inside_a_bf16_autocast_region(name, s, aligned):
+    tensors = _latents(aligned)
+    fn = AUTOCAST_LOSSES[name]
+    loss32, grad32 = _value_and_grads(fn, tensors, s, autocast=False)
+    loss_ac, grad_ac = _value_and_grads(fn, tensors, s, autocast=True)
+    assert loss_ac.dtype == torch.float32
+    assert abs(float(loss_ac - loss32)) <= 1e-4 * abs(float(loss32)) + 1e-7
+    assert _rel(grad_ac, grad32) <= 1e-3
+
+
+def test_without_the_float32_guard_bf16_autocast_loses_spread():
+    """The case the guard exists for: nearly aligned latents at s = 100, where Spread's two
+    log-sum-exps in bf16 differ by less than bf16 resolves."""
+    tensors = _latents(aligned=True)
+    raw = losses.spread.__wrapped__  # the loss body without `in_float32`
+
+    def spread(v, t, n, s):
+        return raw(v, t, n, s, alpha=0.7, k=8)
+
+    loss32, grad32 = _value_and_grads(spread, tensors, 100.0, autocast=False)
+    loss_ac, grad_ac = _value_and_grads(spread, tensors, 100.0, autocast=True)
+    assert abs(float(loss_ac - loss32)) > 1e-3 * abs(float(loss32)) or _rel(grad_ac, grad32) > 1e-2
+
+
+def test_reconstruction_is_float32_inside_a_bf16_autocast_region():
+    x = _rand(256, 512, seed=4).float()
+    x_hat = x + 0.01 * _rand(256, 512, seed=5).float()
+    plain = losses.reconstruction(x.half(), x_hat)  # a float16 target, as the cache stores it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guarded = losses.reconstruction(x.half(), x_hat)
+    assert guarded.dtype == torch.float32
+    assert abs(float(guarded - plain)) <= 1e-6 * float(plain)

@@ -2,9 +2,11 @@
 
 All contrastive losses take *raw* latents and L2-normalise them here, so callers never have to
 remember to; the logit scale ``s`` multiplies cosine similarities (CLIP's ``1/temperature``) and
-may be a float or a 0-d tensor (e.g. a learnt :meth:`JAM.logit_scale`). Inputs in float16 /
-bfloat16 (autocast) are upcast to float32 because softmax over a batch at scale 100 loses too
-much in half precision; float64 stays float64.
+may be a float or a 0-d tensor (e.g. a learnt :meth:`JAM.logit_scale`). Every loss runs in
+float32 even when called inside an autocast region (the training step's bf16 one): half inputs
+are upcast and autocast is switched off for the loss's own ops, because at a scale of 100
+bf16 matmuls and log-sum-exps lose the loss entirely on nearly aligned latents (Spread's
+difference of two log-sum-exps most of all). float64 stays float64.
 
 In data-parallel training the caller passes latents gathered from every rank
 (:func:`raysys.jam.dist.gather_with_grad`); the functions themselves know nothing of ranks.
@@ -17,6 +19,11 @@ over the batch and returns a 0-d tensor. Log-softmaxes are computed with ``logsu
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 
@@ -24,12 +31,38 @@ Scale = float | torch.Tensor
 
 __all__ = ["con", "negcon", "spread", "reconstruction", "lambda_schedule"]
 
+HALF = (torch.float16, torch.bfloat16)
+F_ = TypeVar("F_", bound=Callable[..., torch.Tensor])
+
+
+def _upcast(x: object) -> object:
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in HALF else x
+
+
+def in_float32(fn: F_) -> F_:
+    """Run a loss in (at least) float32 whatever autocast region it is called from: half
+    tensors are upcast (differentiably) and autocast is off for the loss's ops."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        off = (
+            torch.autocast(device, enabled=False)
+            if torch.amp.is_autocast_available(device)
+            else contextlib.nullcontext()
+        )
+        with off:
+            args = tuple(_upcast(a) for a in args)
+            kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 def _unit(z: torch.Tensor) -> torch.Tensor:
     """L2-normalise rows, in at least float32."""
-    if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()
-    return F.normalize(z, dim=-1)
+    return F.normalize(_upcast(z), dim=-1)
 
 
 def _targets(b: int, device: torch.device) -> torch.Tensor:
@@ -41,6 +74,7 @@ def _text_to_image(v: torch.Tensor, t: torch.Tensor, s: Scale) -> torch.Tensor:
     return F.cross_entropy(s * t @ v.T, _targets(v.shape[0], v.device))
 
 
+@in_float32
 def con(zv: torch.Tensor, zt: torch.Tensor, s: Scale) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): ``½(CE(image→text) + CE(text→image))``.
 
@@ -52,6 +86,7 @@ def con(zv: torch.Tensor, zt: torch.Tensor, s: Scale) -> torch.Tensor:
     return 0.5 * (F.cross_entropy(logits, y) + _text_to_image(v, t, s))
 
 
+@in_float32
 def negcon(zv: torch.Tensor, zt: torch.Tensor, zn: torch.Tensor, s: Scale) -> torch.Tensor:
     """CLIP with hard negatives on the image side.
 
@@ -90,6 +125,7 @@ def context_mask(zt: torch.Tensor, k: int = 0) -> torch.Tensor:
     return mask
 
 
+@in_float32
 def spread(
     zv: torch.Tensor,
     zt: torch.Tensor,
@@ -127,8 +163,10 @@ def spread(
     return 0.5 * (i2t + _text_to_image(v, t, s))
 
 
+@in_float32
 def reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over all elements; the target is cast to the prediction's dtype."""
+    """Mean squared error over all elements, in at least float32 (a float16 target, as the
+    cache stores it, meets a float32 prediction)."""
     return F.mse_loss(x_hat, x.to(x_hat.dtype))
 
 
