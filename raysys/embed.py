@@ -19,6 +19,7 @@ import torch
 from raysys import storage
 from raysys.backbones import REJECT, Backbone, layer_name, pick_device
 from raysys.data import cache
+from raysys.errors import CacheError
 
 REJECT_PARTS = "rejects.parts"  # actors' reject files, merged into cache.REJECTS at the end
 
@@ -82,18 +83,30 @@ class EmbedActor:
     """
 
     def __init__(
-        self, backbone: Backbone, use_gpu: bool, num_threads: int, out_dir: str, batch_size: int
+        self,
+        backbone: Backbone,
+        use_gpu: bool,
+        num_threads: int,
+        out_dir: str,
+        batch_size: int,
+        dtype: str = "float16",
     ) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.backbone = backbone
         self.backbone.load(pick_device(use_gpu))
         self.out_dir = out_dir
         self.batch_size = batch_size
+        self.dtype = dtype  # the stage's resolved `extract.cache_dtype`
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
+        # A float16 overflow raises here, before anything of the part is written.
         table = pa.concat_tables(
-            embed_batch(self.backbone, {k: v[i : i + self.batch_size] for k, v in batch.items()})
+            embed_batch(
+                self.backbone,
+                {k: v[i : i + self.batch_size] for k, v in batch.items()},
+                self.dtype,
+            )
             for i in range(0, n, self.batch_size)
         )
         name = uuid.uuid4().hex
@@ -116,25 +129,66 @@ class EmbedActor:
         }
 
 
-def embed_batch(backbone: Backbone, batch: dict[str, np.ndarray]) -> pa.Table:
-    """Embed the good rows of a preprocessed batch; bad rows pass through with their reason
-    and empty layers, so nothing is dropped before it is counted."""
+def embed_batch(
+    backbone: Backbone, batch: dict[str, np.ndarray], dtype: str = "float16"
+) -> pa.Table:
+    """Embed the good rows of a preprocessed batch, layers stored as `dtype`; bad rows pass
+    through with their reason and empty layers, so nothing is dropped before it is counted.
+
+    A row the model itself made NaN or inf is one bad row: a counted reject. A finite value
+    that `dtype` cannot hold is the layer's scale, not the row's fault: every later part
+    would lose rows the same way and the pass would fail only at its end, after all the GPU
+    time, so it raises `CacheError` (see `check_range`) at the first batch that has one."""
     reasons = np.asarray(batch[REJECT], dtype=object)
     good = np.flatnonzero(reasons == "")
-    columns: dict[str, Any] = {"id": pa.array(batch["id"].astype(str))}
+    ids = batch["id"].astype(str)
+    columns: dict[str, Any] = {"id": pa.array(ids)}
     if len(good):
         layers = backbone.embed({k: v[good] for k, v in batch.items() if k != REJECT})
     for name, dim in layer_dims(backbone).items():
-        full = np.zeros((len(reasons), dim), dtype=np.float16)
+        full = np.zeros((len(reasons), dim), dtype=dtype)
         if len(good):
-            with np.errstate(over="ignore"):
-                full[good] = layers[name]
-            # A value past float16's range (±65504) would be cached as inf: reject the row.
-            broken = good[~np.isfinite(full[good]).all(1)]
+            values = np.asarray(layers[name])
+            broken = good[~np.isfinite(values).all(1)]  # the model's own NaN or inf
             reasons[broken] = [r or f"non-finite {name} embedding" for r in reasons[broken]]
-        columns[name] = cache.float16_list_array(full)
+            full[good] = check_range(values, dtype, backbone, name, ids[good])
+        columns[name] = cache.list_array(full, dtype)
     columns[REJECT] = pa.array(reasons.astype(str))
     return pa.table(columns)
+
+
+def check_range(
+    values: np.ndarray, dtype: str, backbone: Backbone, column: str, ids: np.ndarray
+) -> np.ndarray:
+    """`values` cast to `dtype`, or a `CacheError` when a finite value would become inf
+    there: it names the backbone, the layer, the largest |value| and the fix."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = values.astype(dtype)
+    overflow = np.isinf(cast) & np.isfinite(values)
+    if overflow.any():
+        rows = overflow.any(1)
+        peak = float(np.abs(values[np.isfinite(values)]).max())
+        limit = float(np.finfo(dtype).max)
+        raise CacheError(
+            f"{backbone.modality} backbone {backbone.name}: layer {column} has values up to "
+            f"{peak:,.0f} in absolute value ({int(rows.sum())} of {len(values)} rows of one "
+            f"batch, e.g. id {str(ids[rows][0])!r}), past {dtype}'s largest finite value "
+            f"({limit:,.0f}): cached as {dtype} they would be inf. The pass stopped at the "
+            "first part with one (that part was not written); set extract.cache_dtype=float32 "
+            "and rerun (auto picks float32 only for the text layers of decoder-only LMs)"
+        )
+    return cast
+
+
+def cache_dtype(backbone: Backbone, setting: str) -> str:
+    """`extract.cache_dtype` resolved for one backbone. `auto` keeps the text layers of
+    decoder-only LMs in float32 (their outlier dimensions reach 1e3–1e4, where float16's step
+    is 4–8, and can pass its 65,504) and everything else in float16 (half the bytes, and
+    encoders' and vision models' features sit well inside its range)."""
+    if setting != "auto":
+        return setting
+    decoder = backbone.modality == "text" and getattr(backbone, "kind", None) == "decoder"
+    return "float32" if decoder else "float16"
 
 
 def layer_dims(backbone: Backbone) -> dict[str, int]:

@@ -7,6 +7,11 @@ actors write their parts straight to `extract.cache_dir`, a local path or an `s3
 cluster they run on GPU nodes that share no disk with the driver, so the bucket is the one
 place both see. A pass whose manifest matches, and whose files check out against it, is
 skipped; damaged files are deleted and their rows re-embedded.
+
+Layers are stored in `extract.cache_dtype`, resolved per backbone (`embed.cache_dtype`) and
+part of the stage's key, so a float16 and a float32 cache of one model never mix. A value
+float16 cannot hold stops the pass at the first part that has one, with the actor's own
+`CacheError` (not Ray Data's wrapper), rather than rejecting rows until the pass ends.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
+import ray.exceptions
 
 from raysys import runtime, storage
 from raysys.backbones import Backbone, configured_backbone
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import Corpus, load_corpus, negative_counts
 from raysys.data import cache
-from raysys.embed import REJECT_PARTS, EmbedActor, Prepare, layer_dims
-from raysys.errors import ConfigError, CorpusError
+from raysys.embed import REJECT_PARTS, EmbedActor, Prepare, cache_dtype, layer_dims
+from raysys.errors import ConfigError, CorpusError, RaysysError
 
 PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
 PARTS_PER_ACTOR = 8  # enough parts per actor that the pool drains evenly
@@ -88,8 +94,8 @@ def _stage(
     cfg: Config, corpus: Corpus, backbone: Backbone, rows: pa.Table | PassRows, cache_dir: str
 ) -> tuple[str, dict[str, Any]]:
     """One modality's stage directory and manifest: the finished stage if its files check
-    out, else a fresh or resumed pass; keyed by the backbone's settings."""
-    backbone_key = cache.content_key(backbone.describe(), cache.CACHE_VERSION)
+    out, else a fresh or resumed pass; keyed by the backbone's settings and storage dtype."""
+    backbone_key = stage_key(backbone, cache_dtype(backbone, cfg.extract.cache_dtype))
     out_dir = cache.stage_dir(cache_dir, corpus.key, backbone.modality, backbone_key)
     manifest = cache.read_manifest(out_dir)
     if manifest is not None:
@@ -107,6 +113,12 @@ def _stage(
         | {"extract": dataclasses.asdict(cfg.extract)},
     }
     return out_dir, run_pass(backbone, rows, out_dir, cfg.extract, provenance)
+
+
+def stage_key(backbone: Backbone, dtype: str) -> str:
+    """The backbone key of a stage directory: what the backbone computes and the dtype it is
+    stored in, so a float16 cache is never read (or resumed) as a float32 one."""
+    return cache.content_key(backbone.describe() | {"cache_dtype": dtype}, cache.CACHE_VERSION)
 
 
 def _repair(backbone: Backbone, out_dir: str, damaged: list[cache.Damage]) -> None:
@@ -169,6 +181,7 @@ class _Pass:
     cpus: float  # per actor, as are gpus and threads
     gpus: float
     threads: int
+    dtype: str  # the resolved extract.cache_dtype the layers are stored in
     started: float  # perf_counter at the start: the manifest's `seconds`
     written: dict[str, str] = dataclasses.field(default_factory=dict)  # part -> its SHA-256
 
@@ -194,8 +207,9 @@ def _plan_pass(
     n_todo = total - int(pc.sum(pc.is_in(source.ids, done)).as_py() or 0)
     if len(done):
         _say(backbone, f"resuming, {len(done)} of {total} rows already in finished parts")
+    dtype = cache_dtype(backbone, ecfg.cache_dtype)
     return _Pass(
-        backbone, out_dir, ecfg, source, done, n_todo, actors, cpus, gpus, threads, started
+        backbone, out_dir, ecfg, source, done, n_todo, actors, cpus, gpus, threads, dtype, started
     )
 
 
@@ -280,6 +294,7 @@ def _embed(p: _Pass) -> None:
         "num_threads": p.threads,
         "out_dir": p.out_dir,
         "batch_size": p.ecfg.batch_size,
+        "dtype": p.dtype,
     }
     pool = ray.data.ActorPoolStrategy(size=p.actors)
     ds = ds.map_batches(
@@ -290,9 +305,38 @@ def _embed(p: _Pass) -> None:
         num_gpus=p.gpus,
         **parts,
     )
-    for row in ds.select_columns(["part", "sha256"]).take_all():
+    ds = ds.select_columns(["part", "sha256"])
+    # The actors' own exception, not Ray Data's UserCodeException (which loses its cause on
+    # the way to the driver): a raysys error then reaches the user as itself.
+    ds.context.raise_original_map_exception = True
+    try:
+        rows = ds.take_all()
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is not None:
+            raise cause from None
+        raise
+    for row in rows:
         if row["part"]:
             p.written[str(row["part"])] = str(row["sha256"])
+
+
+RAY_DATA_SUFFIX = "\nFailed to apply UDF transform"  # what Ray Data appends to a UDF's error
+
+
+def _user_error(err: BaseException) -> RaysysError | None:
+    """The raysys error an actor raised, however Ray wrapped it, as a plain instance of its
+    class with the actor's message (Ray Data appends advice on retries that does not apply)."""
+    for _ in range(8):
+        if isinstance(err, RaysysError) and not isinstance(err, ray.exceptions.RayError):
+            message = str(err.args[0]) if err.args else str(err)
+            return type(err)(message.split(RAY_DATA_SUFFIX, 1)[0])
+        cause = getattr(err, "cause", None)
+        nxt = cause if isinstance(cause, BaseException) else err.__cause__
+        if nxt is None:
+            return None
+        err = nxt
+    return None
 
 
 class _SkipDone:
@@ -331,7 +375,7 @@ def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
         "layers": [c for c in dims if not c.startswith("neg_")],
         "columns": list(dims),
         "dims": list(p.backbone.dims),
-        "dtype": "float16",
+        "dtype": p.dtype,
         "rows": total - n_rejects,
         "rejects": n_rejects,
         "seconds": round(elapsed, 2),

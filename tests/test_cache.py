@@ -13,9 +13,9 @@ from raysys.jam import JAM, JAMConfig
 from raysys.train.step import check_dims
 
 
-def _write(directory, ids, columns: dict[str, np.ndarray], rejects=()) -> None:
+def _write(directory, ids, columns: dict[str, np.ndarray], rejects=(), dtype="float16") -> None:
     directory.mkdir(parents=True)
-    table = {"id": pa.array(ids)} | {k: cache.float16_list_array(v) for k, v in columns.items()}
+    table = {"id": pa.array(ids)} | {k: cache.list_array(v, dtype) for k, v in columns.items()}
     pq.write_table(pa.table(table), directory / "part-0.parquet")
     if rejects:
         pq.write_table(
@@ -25,7 +25,7 @@ def _write(directory, ids, columns: dict[str, np.ndarray], rejects=()) -> None:
     cache.write_manifest(directory, {"columns": list(columns), "layers": ["L00"]})
 
 
-def _corpus(tmp_path, n=6, image=None, text=None, image_ids=None, rejects=()):
+def _corpus(tmp_path, n=6, image=None, text=None, image_ids=None, rejects=(), text_dtype="float16"):
     rng = np.random.default_rng(0)
     rows = [
         {
@@ -43,7 +43,8 @@ def _corpus(tmp_path, n=6, image=None, text=None, image_ids=None, rejects=()):
     text = rng.normal(size=(n, 3)) if text is None else text
     ids = image_ids or [f"i{i}" for i in range(n)]
     _write(tmp_path / "img", ids, {"L00": image}, rejects=rejects)
-    _write(tmp_path / "txt", [f"p{i}" for i in range(n)], {"L00": text, "neg_L00": -text})
+    text_columns = {"L00": text, "neg_L00": -text}
+    _write(tmp_path / "txt", [f"p{i}" for i in range(n)], text_columns, dtype=text_dtype)
     return tmp_path / "corpus", tmp_path / "img", tmp_path / "txt"
 
 
@@ -80,6 +81,25 @@ def test_nan_and_inf_are_reported_with_their_ids(tmp_path) -> None:
     with pytest.raises(CacheError, match=r"2 pair\(s\) have NaN or inf") as err:
         _load(_corpus(tmp_path, image=image, text=text))
     assert "'p2'" in str(err.value) and "'p4'" in str(err.value)
+
+
+def test_float16_image_and_float32_text_layers_load_together(tmp_path) -> None:
+    """A decoder LM's text cache is float32 (auto), the vision cache float16: every reader
+    returns each layer in its stored dtype, the float32 values past float16's range intact."""
+    text = np.array([[70000.25, -1.5, 3.0]] * 6) * np.arange(1, 7)[:, None]
+    dirs = _corpus(tmp_path, text=text, text_dtype="float32")
+    full = _load(dirs)
+    assert (full.image.dtype, full.text.dtype, full.negative.dtype) == (
+        np.float16,
+        np.float32,
+        np.float32,
+    )
+    np.testing.assert_array_equal(full.text, text.astype(np.float32))
+    np.testing.assert_array_equal(full.negative, -text.astype(np.float32))
+    part = cache.load_pairs(*dirs, "L00", "L00", "test", select=np.array([4, 1]))
+    np.testing.assert_array_equal(part.text, full.text[[4, 1]])
+    _, layers = cache.read_layers(dirs[2], ["L00"])
+    assert layers["L00"].dtype == np.float32
 
 
 def test_ids_from_another_corpus_are_refused(tmp_path) -> None:

@@ -3,11 +3,17 @@ a local path or an `s3://` URI alike.
 
 Layout: `<cache>/<corpus-key>/pairs.parquet` (the corpus index: ids, captions, split) and
 `<cache>/<corpus-key>/<modality>/<backbone-key>/` holding `part-*.parquet` files, each written
-whole by one extraction actor (column `id` plus one fixed-size float16 list column per layer,
-`L00`, `L01`, …; text adds `neg_L00`, …), `manifest.json` and, when rows were bad,
+whole by one extraction actor (column `id` plus one fixed-size list column per layer, `L00`,
+`L01`, …; text adds `neg_L00`, …), `manifest.json` and, when rows were bad,
 `rejects.parquet`. The manifest is written last (one PUT on S3, a rename on disk), so a
 directory without one is an unfinished extraction: never read as a cache, and resumed from its
 finished parts.
+
+Layers are stored in the stage's `extract.cache_dtype` (the manifest's `dtype`, part of the
+backbone key): float16 by default, half the bytes; float32 for the text layers of decoder-only
+LMs, whose outlier dimensions reach 1e3–1e4 (a float16 step of 4–8) and can pass float16's
+65,504. Readers return each column in its stored dtype, so a float16 image layer and a float32
+text layer load side by side.
 
 A cache proves itself: the manifest lists every file with its size, row count and SHA-256 (and
 its S3 ETag), and every reader checks the listing against it before it opens a part (one LIST
@@ -272,13 +278,20 @@ def read_pairs(corpus_dir: Location) -> pa.Table:
         raise CacheError(f"no corpus index at {path!r}; run `raysys extract` first") from None
 
 
-def float16_list_array(values: np.ndarray) -> pa.FixedSizeListArray:
-    values = np.ascontiguousarray(values, dtype=np.float16)
+def list_array(values: np.ndarray, dtype: str = "float16") -> pa.FixedSizeListArray:
+    """`[rows, dim]` values as a fixed-size list column of `dtype` (a cached layer). Values
+    past `dtype`'s range become inf: extraction checks them first (`embed.embed_batch`)."""
+    values = np.ascontiguousarray(values, dtype=dtype)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
+def float16_list_array(values: np.ndarray) -> pa.FixedSizeListArray:
+    return list_array(values, "float16")
+
+
 def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size list column as a `[rows, dim]` array (float16, as stored)."""
+    """A fixed-size list column as a `[rows, dim]` array, in its stored dtype (float16 or
+    float32): consumers cast where they compute, so a cache is never copied wider in memory."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     width = column.type.list_size
@@ -361,9 +374,10 @@ def _read_wanted(
 ) -> None:
     """Copy one part's rows whose ids are in `unique` into `out` (allocated on first use)."""
     for c in columns:
-        if c not in out:
-            width = parquet.schema_arrow.field(c).type.list_size
-            out[c] = np.zeros((len(unique), width), dtype=np.float16)
+        if c not in out:  # each column in its stored dtype: float16 and float32 layers mix
+            kind = parquet.schema_arrow.field(c).type
+            dtype = kind.value_type.to_pandas_dtype()
+            out[c] = np.zeros((len(unique), kind.list_size), dtype=dtype)
     file_ids = parquet.read(columns=["id"]).column("id")
     slot = _positions(unique, file_ids.to_numpy().astype(str))
     if not (slot >= 0).any():
@@ -388,7 +402,8 @@ class Pairs:
     pair_ids: np.ndarray
     image_ids: np.ndarray
     captions: np.ndarray
-    image: np.ndarray  # [N, d_image] float16, repeated when captions share an image
+    # Each in its cache's dtype (float16, or float32 for e.g. a decoder LM's text layers).
+    image: np.ndarray  # [N, d_image], repeated when captions share an image
     text: np.ndarray  # [N, d_text]
     negative: np.ndarray  # [N, d_text] hard-negative captions' embeddings
 
@@ -510,7 +525,8 @@ def load_index_rows(
 
 
 def check_finite(pairs: Pairs, what: str) -> None:
-    """NaN or inf embeddings (e.g. a float16 overflow) would silently poison training."""
+    """NaN or inf embeddings (a model's own, or an old float16 cache's overflow) would
+    silently poison training."""
     check_finite_rows(
         pairs.pair_ids, [pairs.image, pairs.text, pairs.negative], f"in layers {what}"
     )

@@ -1,0 +1,113 @@
+"""The embedding cache's storage dtype, without Ray: `extract.cache_dtype` resolved per
+backbone and keying the stage, and a float16 overflow caught at the first part that has one
+(a model's own NaN stays a counted reject)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raysys.backbones import REJECT, Backbone, get_backbone
+from raysys.data import cache
+from raysys.embed import REJECT_PARTS, EmbedActor, cache_dtype, embed_batch
+from raysys.errors import CacheError
+
+
+class Given(Backbone):
+    """A backbone whose 'model' returns its input rows: any value, NaN or overflow, on cue."""
+
+    modality = "image"
+    name = "given-values"
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return [0]
+
+    @property
+    def dims(self) -> list[int]:
+        return [3]
+
+    def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return batch
+
+    def load(self, device: torch.device) -> None:
+        self.device = device
+
+    def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"L00": np.asarray(batch["x"], dtype=np.float32)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"backbone": self.name}
+
+
+def _batch(rows: list[list[float]], reasons: list[str] | None = None) -> dict[str, np.ndarray]:
+    n = len(rows)
+    return {
+        "id": np.array([f"r{i}" for i in range(n)]),
+        "x": np.array(rows, dtype=np.float32),
+        REJECT: np.array(reasons or [""] * n, dtype=object),
+    }
+
+
+def _decoder_lm(folder: Path) -> Backbone:
+    """A decoder-only LM's text tower, as far as the cache dtype needs it: its config."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=16).save_pretrained(folder)
+    return get_backbone(f"hf:{folder}", "text")
+
+
+def test_auto_stores_decoder_lm_text_layers_in_float32(tmp_path) -> None:
+    from raysys.extract import stage_key
+
+    decoder = _decoder_lm(tmp_path / "gpt2")
+    encoder = get_backbone("minilm-l6", "text")
+    vision = get_backbone("efficientnet-lite0", "image")
+    assert cache_dtype(decoder, "auto") == "float32"
+    assert cache_dtype(encoder, "auto") == cache_dtype(vision, "auto") == "float16"
+    assert cache_dtype(vision, "float32") == "float32"  # an explicit choice wins
+    assert cache_dtype(decoder, "float16") == "float16"
+    # The dtype keys the stage: float16 and float32 caches of one model never mix.
+    assert stage_key(encoder, "float16") != stage_key(encoder, "float32")
+    assert stage_key(encoder, "float16") == stage_key(get_backbone("minilm-l6", "text"), "float16")
+
+
+def test_model_nan_is_a_reject_and_overflow_stops_the_part() -> None:
+    backbone = Given()
+    rows = [[1.0, -2.5, 65504.0], [np.nan, 0.0, 0.0], [0.5, 0.5, 0.5]]
+    table = embed_batch(backbone, _batch(rows, ["", "", "bad bytes"]))
+    assert table[REJECT].to_pylist() == ["", "non-finite L00 embedding", "bad bytes"]
+    assert table.schema.field("L00").type.value_type == "halffloat"
+    np.testing.assert_array_equal(cache.to_numpy(table["L00"])[0], rows[0])  # 65,504 fits
+
+    overflow = [[1.0, 2.0, 3.0], [0.0, -70000.0, 0.0], [np.nan, 1e6, 0.0]]
+    with pytest.raises(CacheError) as err:
+        embed_batch(backbone, _batch(overflow))
+    message = str(err.value)
+    for part in ("given-values", "layer L00", "1,000,000", "'r1'", "extract.cache_dtype=float32"):
+        assert part in message, part
+
+    # Stored as float32, the same values are kept exactly; the model's NaN row is a reject.
+    table = embed_batch(backbone, _batch(overflow), "float32")
+    assert table.schema.field("L00").type.value_type == "float"
+    assert table[REJECT].to_pylist() == ["", "", "non-finite L00 embedding"]
+    np.testing.assert_array_equal(cache.to_numpy(table["L00"])[:2], overflow[:2])
+
+
+def test_an_actor_writes_nothing_of_a_part_that_overflows(tmp_path) -> None:
+    actor = EmbedActor(Given(), False, 1, str(tmp_path), batch_size=2)
+    fine = actor(_batch([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [np.nan, 0.0, 0.0]]))
+    assert (int(fine["rows"][0]), int(fine["rejects"][0])) == (2, 1)
+    written = {p.name for p in tmp_path.rglob("*.parquet")}
+    # The overflow is in the part's second forward batch: its first is not written either.
+    with pytest.raises(CacheError, match="layer L00 has values up to 100,000"):
+        actor(_batch([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [1e5, 0.0, 0.0]]))
+    assert {p.name for p in tmp_path.rglob("*.parquet")} == written
+    assert len(list((tmp_path / REJECT_PARTS).iterdir())) == 1  # the first part's NaN row
+    (part,) = tmp_path.glob("part-*.parquet")
+    assert pq.read_schema(part).field("L00").type.value_type == "halffloat"
