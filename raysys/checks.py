@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from raysys.data.source import PairSource
 
 MIN_EVAL_PAIRS = 4  # unbiased HSIC (unbiased CKA, CKNNA) needs more than 3 samples
+SHARED_GPU_FIX = (
+    "set sweep.trials_per_gpu=1 (each of a trial's workers gets a whole GPU) or "
+    "sweep.workers_per_trial=1 (one-rank trials share each GPU)"
+)
 
 
 def check_corpus(cfg: Config) -> None:
@@ -34,6 +38,33 @@ def check_best_metric(cfg: Config) -> None:
         raise ConfigError(
             f"train.best_metric={cfg.train.best_metric!r} is not a validation metric; choose "
             "from " + ", ".join(f"val/{n}" for n in names)
+        )
+
+
+def check_whole_gpus(workers: int, gpus_per_worker: float, what: str, fix: str) -> None:
+    """Ranks of one Train run must not share a GPU: Ray places workers that each ask for a
+    fraction of a GPU on the same one whenever it can, and NCCL then stops the run at its first
+    collective ("Duplicate GPU detected"), after the workers and their data have started. One
+    rank may hold a fraction (packed one-worker trials), and whole GPUs never overlap."""
+    if workers > 1 and gpus_per_worker > 0 and not float(gpus_per_worker).is_integer():
+        raise ConfigError(
+            f"{what} gives each of a run's {workers} Ray Train workers {gpus_per_worker:g} of a "
+            "GPU, so Ray may put two ranks of one run on the same GPU and NCCL would fail "
+            f'("Duplicate GPU detected"): {fix}'
+        )
+
+
+def check_sweep_gpus(cfg: Config) -> None:
+    """A GPU sweep's trials either have one worker or whole GPUs (see `check_whole_gpus`);
+    checked with the plan, before Ray starts."""
+    s = cfg.sweep
+    if cfg.train.use_gpu:
+        check_whole_gpus(
+            s.workers_per_trial,
+            1.0 / s.trials_per_gpu,
+            f"sweep.workers_per_trial={s.workers_per_trial} with "
+            f"sweep.trials_per_gpu={s.trials_per_gpu}",
+            SHARED_GPU_FIX,
         )
 
 

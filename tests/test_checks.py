@@ -6,8 +6,10 @@ import re
 
 import pytest
 
-from raysys import commands
+from raysys import commands, config
+from raysys.checks import check_sweep_gpus, check_whole_gpus
 from raysys.cli import main
+from raysys.errors import ConfigError
 
 
 @pytest.fixture
@@ -35,6 +37,14 @@ def no_ray(monkeypatch):
         (["run", "sweep.layers=40:3"], "out of range"),
         (["run", "corpus.name=coco"], "unknown corpus 'coco'; available: synthetic"),
         (["train", "corpus.name=coco"], "unknown corpus 'coco'"),
+        (
+            ["sweep", "train.use_gpu=true", "sweep.workers_per_trial=2"],
+            "Duplicate GPU detected.*sweep.trials_per_gpu=1",
+        ),
+        (
+            ["run", "train.use_gpu=true", "sweep.workers_per_trial=2", "sweep.trials_per_gpu=2"],
+            "0.5 of a GPU",
+        ),
     ],
 )
 def test_data_free_checks_fail_before_ray_and_extraction(
@@ -48,3 +58,34 @@ def test_data_free_checks_fail_before_ray_and_extraction(
     assert re.search(match, err), err
     assert not cache.exists()  # nothing was extracted
     assert not (out / "config.yaml").exists()  # no run directory was made for a bad config
+
+
+def test_ranks_of_one_run_never_share_a_gpu() -> None:
+    """NCCL refuses two ranks on one device; Ray puts fractional-GPU workers on one GPU."""
+    check_whole_gpus(1, 0.25, "one packed worker", "-")  # one rank may hold a fraction
+    check_whole_gpus(4, 1.0, "whole GPUs", "-")
+    check_whole_gpus(4, 2.0, "two GPUs each", "-")
+    check_whole_gpus(4, 0.0, "CPU workers", "-")
+    for gpus in (0.5, 0.25, 1.5):
+        with pytest.raises(ConfigError, match="may put two ranks of one run on the same GPU"):
+            check_whole_gpus(2, gpus, "a plan", "use whole GPUs")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["sweep.workers_per_trial=2"], True),  # trials_per_gpu=4 by default
+        (["sweep.workers_per_trial=2", "sweep.trials_per_gpu=1"], False),
+        (["sweep.workers_per_trial=1", "sweep.trials_per_gpu=8"], False),
+    ],
+)
+def test_a_gpu_sweep_gives_a_multi_worker_trial_whole_gpus(
+    overrides: list[str], refused: bool
+) -> None:
+    cfg = config.load(None, ["train.use_gpu=true", *overrides])
+    if refused:
+        with pytest.raises(ConfigError, match="sweep.workers_per_trial=1"):
+            check_sweep_gpus(cfg)
+    else:
+        check_sweep_gpus(cfg)
+    check_sweep_gpus(config.load(None, overrides))  # CPU trials share no GPU

@@ -172,12 +172,26 @@ def test_packing_by_cores_and_by_gpu_fractions() -> None:
     # 8 GPUs, 4 trials each, but 16 CPUs at 1 per worker: the CPUs bound it.
     gpu = packing(_cfg("train.use_gpu=true"), Resources(cpus=16, gpus=8))
     assert (gpu.concurrent, gpu.gpus_per_worker) == (16, 0.25)
-    half = _cfg("train.use_gpu=true", "train.cpus_per_worker=0.5", "sweep.workers_per_trial=2")
-    assert packing(half, Resources(cpus=64, gpus=8)).concurrent == 16  # 32 slots / 2 workers
+    half = _cfg("train.use_gpu=true", "train.cpus_per_worker=0.5")
+    assert packing(half, Resources(cpus=64, gpus=8)).concurrent == 32  # 8 GPUs x 4 trials
+    # Two-worker trials get whole GPUs (trials_per_gpu=1): ranks never share a GPU.
+    whole = _cfg("train.use_gpu=true", "sweep.workers_per_trial=2", "sweep.trials_per_gpu=1")
+    assert packing(whole, Resources(cpus=64, gpus=8)).gpus_per_worker == 1.0
+    assert packing(whole, Resources(cpus=64, gpus=8)).concurrent == 4
     with pytest.raises(ConfigError, match="lower sweep.workers_per_trial"):
         packing(_cfg("sweep.workers_per_trial=4"), Resources(cpus=2, gpus=0))
     with pytest.raises(ConfigError, match="no GPU"):
         packing(_cfg("train.use_gpu=true"), Resources(cpus=2, gpus=0))
+
+
+def test_packing_refuses_ranks_of_one_trial_on_one_gpu() -> None:
+    """Ray may put two quarter-GPU workers of one trial on the same GPU, which NCCL refuses
+    ("Duplicate GPU detected"): packing says so instead, with the settings that avoid it."""
+    shared = _cfg("train.use_gpu=true", "sweep.workers_per_trial=2", "sweep.trials_per_gpu=4")
+    with pytest.raises(ConfigError, match=r"0.25 of a GPU.*sweep.trials_per_gpu=1"):
+        packing(shared, Resources(cpus=64, gpus=8))
+    cpu = _cfg("sweep.workers_per_trial=2", "sweep.trials_per_gpu=4")  # no GPU to share
+    assert packing(cpu, Resources(cpus=4, gpus=0)).concurrent == 2
 
 
 def test_an_autoscaling_cluster_runs_max_concurrent_trials(monkeypatch) -> None:
@@ -228,6 +242,7 @@ def test_an_index_and_a_depth_are_different_layers_but_the_same_layer_twice_is_r
         (["sweep.params.train.use_gpu=[true,false]"], "set once for the whole sweep"),
         (["sweep.search=random"], "num_samples"),
         (["train.best_metric=val/nope"], "not a validation metric"),
+        (["train.use_gpu=true", "sweep.workers_per_trial=2"], "Duplicate GPU detected"),
     ],
 )
 def test_the_plan_is_checked_before_any_extraction(overrides: list[str], match: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from raysys import config, runtime
 from raysys.backbones import Backbone, configured_backbone, select_layers
-from raysys.checks import check_best_metric
+from raysys.checks import check_best_metric, check_sweep_gpus
 from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.report.schema import RAW, model_row, sweep_axes
@@ -150,9 +150,11 @@ def _slug(value: Any) -> str:
 
 
 def check_plan(cfg: Config) -> None:
-    """Every trial's config is valid, and the search is well set: checked before any
-    extraction, so a typo costs seconds, not hours of embedding."""
+    """Every trial's config is valid, the search is well set and no two ranks of a trial can
+    share a GPU: checked before any extraction, so a typo costs seconds, not hours of
+    embedding."""
     check_best_metric(cfg)
+    check_sweep_gpus(cfg)
     if cfg.sweep.search == "random" and not cfg.sweep.num_samples:
         raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
     for objective in cfg.objectives:
@@ -361,7 +363,8 @@ class Packing:
 
 def packing(cfg: Config, res: Resources) -> Packing:
     """Fractional GPUs per trial on a GPU cluster, whole cores on CPU; `max_concurrent_trials`
-    is what fits, so Tune never starts a trial whose workers would wait for resources.
+    is what fits, so Tune never starts a trial whose workers would wait for resources. A
+    fraction of a GPU is for one-worker trials only: ranks of one trial never share a GPU.
 
     `res` is what the cluster has now. On a joined cluster (RAY_ADDRESS) one trial's workers are
     first checked node by node and, where they do not fit yet, requested from the autoscaler
@@ -371,6 +374,7 @@ def packing(cfg: Config, res: Resources) -> Packing:
     cluster grows to run that many at once.
     """
     s, tcfg = cfg.sweep, cfg.train
+    check_sweep_gpus(cfg)  # a fraction of a GPU per worker is for one-worker trials only
     workers = s.workers_per_trial
     cpus = tcfg.cpus_per_worker or 1.0
     gpus = 1.0 / s.trials_per_gpu if tcfg.use_gpu else 0.0
