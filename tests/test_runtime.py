@@ -145,6 +145,20 @@ def test_train_scaling_on_a_private_ray_fails_at_once_with_its_message(monkeypat
     assert plan.resources_per_worker == {"CPU": 0.5} and threads == 1
 
 
+def test_train_scaling_gives_each_gpu_worker_a_whole_gpu(monkeypatch) -> None:
+    """`raysys train` with train.use_gpu: Ray Train reserves a whole GPU per worker, so its
+    ranks never share one (what NCCL requires)."""
+    from raysys.checks import check_whole_gpus
+    from raysys.train.driver import scaling, worker_bundle
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "cluster_resources", lambda: Resources(cpus=32, gpus=8))
+    plan, _ = scaling(config.load(None, ["train.use_gpu=true", "train.num_workers=4"]).train)
+    worker = worker_bundle(plan)
+    assert worker["GPU"] == 1.0 and plan.num_workers == 4
+    check_whole_gpus(plan.num_workers, worker["GPU"], "raysys train", "-")
+
+
 def test_the_timeout_is_a_ray_setting() -> None:
     assert config.load(None, []).ray.scale_timeout_s == 900
     assert config.load(None, ["ray.scale_timeout_s=60"]).ray.scale_timeout_s == 60

@@ -276,3 +276,15 @@ def test_a_sweep_with_failed_or_unfinished_trials_does_not_exit_cleanly() -> Non
         _stop_if_unfinished(run, Outcome(failed=["t001"]), 3)
     with pytest.raises(Interrupted, match="2 of 3 trials unfinished.*resume=s3://bucket/sweep"):
         _stop_if_unfinished(run, Outcome(unfinished=2), 3)
+
+
+def test_a_trial_reserves_its_packed_share_and_raysys_train_whole_gpus() -> None:
+    """What each Train worker reserves, as Ray Train fills in a scaling plan: the memory
+    budget counts workers of that shape on a node."""
+    from raysys.sweep.plan import Packing
+    from raysys.sweep.tune import _scaling
+    from raysys.train.driver import worker_bundle
+
+    plan, threads = _scaling(Packing(8, 1, 1.0, 0.25, 1))
+    assert worker_bundle(plan) == {"CPU": 1.0, "GPU": 0.25} and threads == 1
+    assert worker_bundle(_scaling(Packing(2, 2, 0.5, 0.0, 1))[0]) == {"CPU": 0.5}

@@ -18,6 +18,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import ray.data
 from raysys import storage
 from raysys.data import cache
 from raysys.errors import CacheError
+from raysys.runtime import node_resources
 
 if TYPE_CHECKING:
     from raysys.data.source import PairSource
@@ -135,24 +137,89 @@ def open_view(directory: str) -> ray.data.Dataset:
     return ray.data.read_parquet(paths, filesystem=fs, shuffle="files")
 
 
-def stream_reason(setting: str, rows: int, width: int, workers: int) -> str | None:
+HOST_SHARE = 4  # a shard may take 1/HOST_SHARE of its worker's share of a node's Ray memory
+
+
+def value_bytes(directory: str, column: str) -> int:
+    """Bytes per value of an embedding column as cached (and as a worker holds it: float16 is
+    2, float32 4), from a cache's Parquet schema."""
+    files = cache.data_files(directory)
+    if not files:
+        raise CacheError(f"cache {directory!r} holds no Parquet files")
+    schema = cache.parquet_file(files[0]).schema_arrow
+    if column not in schema.names:
+        raise CacheError(f"layer {column!r} is not in cache {directory!r}")
+    return schema.field(column).type.value_type.bit_width // 8
+
+
+def shard_bytes(rows: int, width: int, workers: int, bytes_per_value: float = 2) -> float:
+    """Host memory one worker's shard takes: its share of `rows` rows of `width` values."""
+    return rows / workers * width * bytes_per_value
+
+
+def workers_on_node(node: Mapping[str, float], worker: Mapping[str, float], running: int) -> int:
+    """How many of the `running` Train workers (every concurrent trial's, each reserving
+    `worker`) one node can hold at once. Ray Train packs a run's workers onto as few nodes as
+    it can and Tune packs trials, so a node may be as full as its resources allow."""
+    fits = [math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in worker.items() if v > 0]
+    return max(0, min([running, *fits]))
+
+
+def host_memory_reason(node_memory: float, workers: int, shard: float) -> str | None:
+    """Why `workers` shards of `shard` bytes do not fit in a node's host memory (None: they
+    do). Each worker's shard gets 1/HOST_SHARE of its share of the node's Ray memory: the
+    loader, the standardisation and the batches hold copies beside it."""
+    budget = node_memory / HOST_SHARE / workers
+    if shard <= budget:
+        return None
+    return (
+        f"a worker's shard ({_gib(shard)} GiB) × {workers} worker(s) on a node "
+        f"({_gib(shard * workers)} GiB) exceeds a quarter of the node's "
+        f"{_gib(node_memory)} GiB of Ray memory"
+    )
+
+
+def nodes_reason(
+    nodes: list[Mapping[str, float]], worker: Mapping[str, float], running: int, shard: float
+) -> str | None:
+    """`host_memory_reason` on the tightest node that can hold a worker (a node without room
+    for one, such as a CPU-less head, holds no shard); None when every such node has room, or
+    none reports its memory."""
+    tightest: tuple[float, float, int] | None = None
+    for node in nodes:
+        workers, memory = workers_on_node(node, worker, running), node.get("memory", 0.0)
+        if workers and memory and (tightest is None or memory / workers < tightest[0]):
+            tightest = (memory / workers, memory, workers)
+    return host_memory_reason(tightest[1], tightest[2], shard) if tightest else None
+
+
+def stream_reason(
+    setting: str,
+    rows: int,
+    width: int,
+    workers: int,
+    worker: Mapping[str, float] | None = None,
+    running: int | None = None,
+    bytes_per_value: float = 2,
+) -> str | None:
     """Why the train split streams (None: workers load their shards into memory).
 
-    `auto` streams when a worker's shard would take more than a quarter of the memory Ray
-    gives the smallest node per worker (float16 rows, counted as in memory).
+    `auto` streams when the shards of all Train workers that can run on one node at once
+    would take more than a quarter of its Ray memory: `worker` is what each reserves, and
+    `running` how many run in the cluster at once (a sweep's concurrent trials times their
+    workers; default `workers`, one run). `bytes_per_value` is the cache's (float16: 2;
+    a row mixing float16 and float32 columns passes its average).
     """
     if setting == "stream":
         return "train.data_on_device=stream"
     if setting != "auto":
         return None
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    memory = min(n["Resources"].get("memory", 0.0) for n in nodes) if nodes else 0.0
-    per_node = math.ceil(workers / max(1, len(nodes)))
-    shard = rows / workers * width * 2
-    budget = memory / per_node / 4
-    if memory and shard > budget:
-        return f"a worker's shard ({shard / 2**30:.1f} GiB) exceeds {budget / 2**30:.1f} GiB"
-    return None
+    shard = shard_bytes(rows, width, workers, bytes_per_value)
+    return nodes_reason(node_resources(), worker or {}, running or workers, shard)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f}"
 
 
 def arrays(batch: Any) -> dict[str, np.ndarray]:

@@ -55,6 +55,7 @@ def run_trial(
     # set but unused), so all trials share one set of HParams columns.
     params = {key: config.get_key(cfg, key) for key in cfg.sweep.params}
     source = PairSource(**trial.layer.source)
+    packed = Packing(**pack)
     out = Path(tempfile.mkdtemp(prefix="raysys-trial-")) if uri else Path(out_dir)
     # resume: a trial restarted by `Tuner.restore` continues from its latest checkpoint,
     # under the sweep's directory or on its URI (read from whichever machine runs it now).
@@ -66,8 +67,10 @@ def run_trial(
         resume=True,
         storage_uri=storage.join(uri, "ray") if uri else None,
         callbacks=[TuneReportCallback()],
-        scaling_plan=_scaling(Packing(**pack)),
+        scaling_plan=_scaling(packed),
         tensorboard_uri=storage.join(uri, "tensorboard", trial.id) if uri else None,
+        # The other trials packed beside this one load their shards into the same nodes.
+        trials_at_once=packed.concurrent,
     )
     scores = score_model(JAM.load(result.model_dir), source.load(cfg.eval.split), cfg.eval)
     write_trial_hparams(out / "tensorboard" / trial.id, trial, params, scores)

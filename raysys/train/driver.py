@@ -25,6 +25,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from raysys import storage
+from raysys.checks import check_whole_gpus
 from raysys.config import Config, TrainConfig, to_dict
 from raysys.data import stream
 from raysys.data.source import PairSource
@@ -53,7 +54,8 @@ def scaling(tcfg: TrainConfig) -> tuple[Any, int]:
     """Ray Train scaling, leaving CPU headroom: workers that reserve every core starve the
     Ray Data tasks that feed them, and on 2 cores that deadlocks without a word. On a joined
     cluster that cannot hold the workers yet (GPU nodes that start on demand), they are
-    requested from the autoscaler first and the plan is sized from what arrived."""
+    requested from the autoscaler first and the plan is sized from what arrived. With
+    `use_gpu` each worker has a whole GPU (Ray Train's default), so no two ranks share one."""
     worker = {"CPU": tcfg.cpus_per_worker or 1.0} | ({"GPU": 1.0} if tcfg.use_gpu else {})
     res = ensure_resources(
         [worker] * tcfg.num_workers,
@@ -148,17 +150,43 @@ def finished_before(
     return TrainResult(tcfg.objective, model_dir, latest.report, latest.history, seconds)
 
 
+def worker_bundle(scaling_config: ScalingConfig) -> dict[str, float]:
+    """What each Train worker of a scaling plan reserves, as Ray Train fills it in: `use_gpu`
+    without a "GPU" amount is a whole GPU, a plan with no resources one CPU."""
+    bundle = {k: float(v) for k, v in (scaling_config.resources_per_worker or {}).items() if v}
+    if scaling_config.use_gpu:
+        bundle.setdefault("GPU", 1.0)
+    return bundle or {"CPU": 1.0}
+
+
 def stream_plan(
-    tcfg: TrainConfig, source: PairSource
+    tcfg: TrainConfig,
+    source: PairSource,
+    worker: dict[str, float] | None = None,
+    running: int | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Ray Data datasets and worker settings when the train split streams; else nothing."""
+    """Ray Data datasets and worker settings when the train split streams; else nothing.
+
+    `worker` (what each Train worker reserves) and `running` (how many run at once in the
+    cluster: a sweep's concurrent trials times their workers) size the host-memory budget of
+    the workers that share a node."""
     rows = len(source.index("train"))
-    dims = [
-        stream.column_width(source.image_dir, source.image_layer),
-        stream.column_width(source.text_dir, source.text_layer),
-    ]
+    columns = ((source.image_dir, source.image_layer), (source.text_dir, source.text_layer))
+    dims = [stream.column_width(d, c) for d, c in columns]
     width = dims[0] + 2 * dims[1]
-    reason = stream.stream_reason(tcfg.data_on_device, rows, width, tcfg.num_workers)
+    # Each cache's own value type (a float32 text cache may sit beside a float16 image one),
+    # averaged over a row: image, text, negative.
+    sizes = [stream.value_bytes(d, c) for d, c in columns]
+    value_bytes = (dims[0] * sizes[0] + 2 * dims[1] * sizes[1]) / width
+    reason = stream.stream_reason(
+        tcfg.data_on_device,
+        rows,
+        width,
+        tcfg.num_workers,
+        worker=worker,
+        running=running,
+        bytes_per_value=value_bytes,
+    )
     if reason is None:
         return None, {}
     view = stream.write_pair_view(source, "train", rows)
@@ -176,6 +204,7 @@ def train(
     callbacks: list[Any] | None = None,
     scaling_plan: tuple[ScalingConfig, int] | None = None,
     tensorboard_uri: str | None = None,
+    trials_at_once: int = 1,
 ) -> TrainResult:
     """Fit one JAM model with Ray Train; returns the exported best model and its history.
 
@@ -183,14 +212,23 @@ def train(
     else under `<out_dir>/ray`. With `resume`, training continues from the newest checkpoint
     of `<name>` there (a run stopped by Ctrl-C or a lost driver, on any machine); a finished
     run returns at once.
-    A sweep trial passes Tune's report callback and its packed `(ScalingConfig, threads)`, and
-    with `tensorboard_uri` rank 0 uploads its event files there at the end.
+    A sweep trial passes Tune's report callback, its packed `(ScalingConfig, threads)` and
+    `trials_at_once` (its packing's concurrent trials, whose workers share the nodes' host
+    memory), and with `tensorboard_uri` rank 0 uploads its event files there at the end.
     """
     init_ray(cfg.ray)
     scaling_config, threads = scaling_plan or scaling(cfg.train)
+    worker = worker_bundle(scaling_config)
+    check_whole_gpus(
+        scaling_config.num_workers,
+        worker.get("GPU", 0.0),
+        "this Ray Train scaling plan",
+        "give each worker a whole GPU, or use one worker",
+    )
     out_dir = out_dir.resolve()
     started = time.perf_counter()
-    datasets, streaming = stream_plan(cfg.train, source)
+    running = scaling_config.num_workers * trials_at_once
+    datasets, streaming = stream_plan(cfg.train, source, worker, running)
     run_dir = storage.join(storage_uri or out_dir / "ray", name)  # Ray Train's, for `name`
     trainer = TorchTrainer(
         train_loop,
