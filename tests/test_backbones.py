@@ -182,7 +182,10 @@ def test_hf_vision_matches_a_direct_forward(kind: str, zoo) -> None:
         backbone.check()
         assert backbone.layer_ids == [0, n - 1] and backbone.dims == [32, 32]
         pre = backbone.preprocess(IMAGE_ROWS)
-        assert pre["pixels"].shape == (5, 3, 32, 32)
+        # uint8 through the object store: the processor's resize and crop, not its rescale
+        # and normalise (those run on the device, in embed); the reference below is the
+        # processor's own normalised float32 output fed to the model.
+        assert pre["pixels"].shape == (5, 3, 32, 32) and pre["pixels"].dtype == np.uint8
         assert list(pre[REJECT]) == ["", "", "", "corrupt image: UnidentifiedImageError"] + [
             "missing image bytes"
         ]
@@ -212,7 +215,7 @@ def test_hf_vision_resized_input_interpolates(kind: str, zoo) -> None:
     backbone = get_backbone(f"hf:{folder}", "image", image_size=48, layers="-1")
     assert backbone.image_size == 48
     pre = backbone.preprocess(IMAGE_ROWS)
-    assert pre["pixels"].shape == (5, 3, 48, 48)
+    assert pre["pixels"].shape == (5, 3, 48, 48) and pre["pixels"].dtype == np.uint8
     backbone.load(CPU)
     out = backbone.embed(_good(pre, 3))[layer_name(2)]
     processor = AutoImageProcessor.from_pretrained(folder)
@@ -525,10 +528,14 @@ def test_open_clip_image_tower_matches_a_direct_forward(pooling: str, tiny_clip)
     backbone.load(CPU)
     out = backbone.embed(_good(pre, 3))
 
-    # Reference: open_clip's own transform for this folder, and the tower written out.
+    # Reference: open_clip's own transform for this folder (float32, normalised on the CPU),
+    # and the tower written out. The CPU stage ships its resize and crop as uint8 only.
     _, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     pixels = torch.stack([transform(img) for img in _pil()])
-    np.testing.assert_allclose(pre["pixels"][:3], pixels.numpy(), atol=1e-6)
+    assert pre["pixels"].dtype == np.uint8
+    mean, std = (np.array(NORM[k], np.float32)[:, None, None] for k in ("mean", "std"))
+    scaled = (pre["pixels"][:3] / np.float32(255) - mean) / std
+    np.testing.assert_allclose(scaled, pixels.numpy(), atol=1e-5)
     v = model.visual
     with torch.no_grad():
         x = v.conv1(pixels).flatten(2).transpose(1, 2)
@@ -547,7 +554,7 @@ def test_open_clip_image_tower_resizes(tiny_clip) -> None:
     backbone = get_backbone(f"open_clip:local-dir:{folder}", "image", image_size=48, layers="-1")
     assert backbone.image_size == 48 and backbone.describe()["input"] == {"size": 48}
     pre = backbone.preprocess(IMAGE_ROWS)
-    assert pre["pixels"].shape == (5, 3, 48, 48)
+    assert pre["pixels"].shape == (5, 3, 48, 48) and pre["pixels"].dtype == np.uint8
     backbone.load(CPU)  # position embeddings interpolated from 4x4 to 6x6 patches
     out = backbone.embed(_good(pre, 3))[layer_name(2)]
     assert out.shape == (3, 32) and np.isfinite(out).all()

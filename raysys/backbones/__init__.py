@@ -16,8 +16,11 @@ hub ids download where `HF_HUB_OFFLINE` is unset (a cluster node) and come from 
 Hugging Face cache only where it is set (raysys's own local Ray sets it).
 
 `layers` picks the cached hidden states (see `base.select_layers`) and `pooling` how each is
-pooled (`cls`, `mean`, `last`; empty = the family's default). Nothing here loads weights: that
-happens in `Backbone.load` inside the actor; `Backbone.check` validates a name up front.
+pooled (`cls`, `mean`, `last`; empty = the family's default). `precision` is the dtype every
+family loads its weights in (`extract.precision`, `auto` resolved by `configured_backbone`:
+bfloat16 where the actors hold GPUs, else float32); it is in `describe()`, so the cache key.
+Nothing here loads weights: that happens in `Backbone.load` inside the actor;
+`Backbone.check` validates a name up front.
 transformers and open_clip are imported where a model of that family is built or sized, not
 here: each takes seconds to import, and a driver naming only the offline defaults never
 needs them.
@@ -25,7 +28,14 @@ needs them.
 
 from __future__ import annotations
 
-from raysys.backbones.base import REJECT, Backbone, layer_name, pick_device, select_layers
+from raysys.backbones.base import (
+    REJECT,
+    Backbone,
+    layer_name,
+    pick_device,
+    resolve_precision,
+    select_layers,
+)
 from raysys.backbones.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from raysys.backbones.efficientnet import EfficientNetLite
 from raysys.backbones.hf_text import MINILM_PACKAGE, HFTextEncoder, minilm_path
@@ -49,39 +59,43 @@ def get_backbone(
     image_size: int = 0,
     layers: str = "all",
     pooling: str = "",
+    precision: str = "float32",
 ) -> Backbone:
     """A backbone by registry name, without loading its weights (that happens in the actor).
 
-    `image_size` 0 keeps a vision model's native input resolution."""
+    `image_size` 0 keeps a vision model's native input resolution; `precision` is a resolved
+    weight dtype (`float32`, `bfloat16`, `float16`; see `resolve_precision` for `auto`)."""
     if modality not in ("image", "text"):
         raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
     if name.startswith(HF):
         if modality == "image":
             from raysys.backbones.hf_vision import HFVision
 
-            return HFVision(name, name[len(HF) :], image_size, layers, pooling)
-        return HFTextEncoder(name, name[len(HF) :], max_text_length, layers, pooling)
+            return HFVision(name, name[len(HF) :], image_size, layers, pooling, precision)
+        spec = name[len(HF) :]
+        return HFTextEncoder(name, spec, max_text_length, layers, pooling, precision=precision)
     if name.startswith(OPEN_CLIP):
         from raysys.backbones.openclip import OpenCLIPImage, OpenCLIPText
 
         if modality == "image":
-            return OpenCLIPImage(name, image_size, layers, pooling)
-        return OpenCLIPText(name, max_text_length, layers, pooling)
+            return OpenCLIPImage(name, image_size, layers, pooling, precision)
+        return OpenCLIPText(name, max_text_length, layers, pooling, precision)
     if modality == "image":
         if name in EFFICIENTNET_VARIANTS:
-            return EfficientNetLite(name, image_size=image_size, layers=layers, pooling=pooling)
+            return EfficientNetLite(name, image_size, layers, pooling, precision)
         raise BackboneError(
             f"unknown vision backbone {name!r}; available: {', '.join(VISION)}, {GENERIC}"
         )
     if name == "minilm-l6":
         return HFTextEncoder(
-            name, minilm_path(), max_text_length, layers, pooling, package=MINILM_PACKAGE
+            name, minilm_path(), max_text_length, layers, pooling, MINILM_PACKAGE, precision
         )
     raise BackboneError(f"unknown text backbone {name!r}; available: {', '.join(TEXT)}, {GENERIC}")
 
 
 def configured_backbone(ecfg: ExtractConfig, modality: str) -> Backbone:
-    """The backbone an extract config names for `modality` (the `vision` side embeds images)."""
+    """The backbone an extract config names for `modality` (the `vision` side embeds images),
+    its weight dtype resolved where the actors run (`extract.num_gpus_per_actor > 0`: GPU)."""
     side = "vision" if modality == "image" else "text"
     return get_backbone(
         getattr(ecfg, side),
@@ -90,6 +104,7 @@ def configured_backbone(ecfg: ExtractConfig, modality: str) -> Backbone:
         image_size=ecfg.image_size,
         layers=getattr(ecfg, f"{side}_layers"),
         pooling=getattr(ecfg, f"{side}_pooling"),
+        precision=resolve_precision(ecfg.precision, ecfg.num_gpus_per_actor > 0),
     )
 
 
@@ -101,6 +116,7 @@ __all__ = [
     "get_backbone",
     "layer_name",
     "pick_device",
+    "resolve_precision",
     "select_layers",
     "TEXT",
     "VISION",

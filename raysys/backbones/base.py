@@ -22,8 +22,31 @@ from raysys.errors import BackboneError
 
 REJECT = "reject"  # per-row reason string; empty when the row is good
 POOLINGS = ("cls", "mean", "last")
-# One policy for every family; recorded in `describe()` because it changes the features.
-COMPUTE = "float32 on CPU; bfloat16 autocast on GPU"
+# The dtypes frozen weights load in (`extract.precision`, once `auto` is resolved).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """The weight dtype `extract.precision` names: `auto` is bfloat16 where the actors hold a
+    GPU (half the memory of float32, the range of float32, and what autocast computes in
+    anyway) and float32 on CPU, where bf16 is slower than fp32 on most cores."""
+    name = precision.strip().lower()
+    if name == "auto":
+        return "bfloat16" if use_gpu else "float32"
+    if name not in DTYPES:
+        raise BackboneError(
+            f"precision {precision!r} is not one of auto, {', '.join(DTYPES)} (extract.precision)"
+        )
+    return name
+
+
+def compute_policy(precision: str) -> str:
+    """How a forward runs with weights in `precision`, for the cache key: the same weights
+    give other features under another compute. On GPU, autocast in bfloat16 (float16 for
+    float16 weights, which a bf16 autocast would round again on every matmul); on CPU, no
+    autocast: the forward runs in the weight dtype, inputs cast to it."""
+    gpu = "float16" if precision == "float16" else "bfloat16"
+    return f"{precision} weights; {gpu} autocast on GPU; {precision} on CPU"
 
 
 def layer_name(i: int, prefix: str = "") -> str:
@@ -124,8 +147,23 @@ class Backbone(ABC):
     modality: str  # "image" or "text"
     name: str
 
-    def __init__(self) -> None:
+    def __init__(self, precision: str = "float32") -> None:
         self.device = torch.device("cpu")
+        if precision not in DTYPES:  # resolved before here: `auto` needs to know the device
+            raise BackboneError(
+                f"weight precision {precision!r} must be one of {', '.join(DTYPES)} (resolve "
+                "`auto` with resolve_precision first)"
+            )
+        self.precision = precision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights load in."""
+        return DTYPES[self.precision]
+
+    @property
+    def compute(self) -> str:
+        return compute_policy(self.precision)
 
     @property
     @abstractmethod
@@ -173,11 +211,19 @@ class Backbone(ABC):
             del self.model
 
     def autocast(self):
-        """bf16 on GPU (the backbone is frozen, so its precision only affects features); fp32
-        on CPU, where bf16 is slower than fp32 on most cores."""
+        """bf16 on GPU (the backbone is frozen, so its precision only affects features; fp16
+        for fp16 weights); none on CPU, where the forward runs in the weight dtype (see
+        `cast_input`)."""
         if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            half = torch.float16 if self.dtype == torch.float16 else torch.bfloat16
+            return torch.autocast("cuda", dtype=half)
         return torch.autocast("cpu", enabled=False)
+
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A floating input in the weight dtype: without autocast (CPU) a bf16 or fp16
+        convolution or matmul refuses float32 inputs; under autocast the cast is one it would
+        make anyway."""
+        return x.to(self.dtype) if x.is_floating_point() else x
 
     def __getstate__(self) -> dict[str, Any]:
         """Ship the recipe, not the weights: Ray pickles backbones into every task and actor,

@@ -9,17 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from raysys.backbones.base import (
-    COMPUTE,
     REJECT,
     Backbone,
     layer_name,
     resolve_pooling,
     select_layers,
 )
-from raysys.backbones.images import MAX_IMAGE_PIXELS, prepare_images
+from raysys.backbones.images import MAX_IMAGE_PIXELS, device_pixels, prepare_images
 from raysys.errors import BackboneError
 
 # name -> (weights package, class inside it, input resolution)
@@ -55,9 +53,14 @@ class EfficientNetLite(Backbone):
     modality = "image"
 
     def __init__(
-        self, name: str, image_size: int = 0, layers: str = "all", pooling: str = ""
+        self,
+        name: str,
+        image_size: int = 0,
+        layers: str = "all",
+        pooling: str = "",
+        precision: str = "float32",
     ) -> None:
-        super().__init__()
+        super().__init__(precision)
         if name not in VARIANTS:
             raise BackboneError(f"unknown EfficientNet-Lite {name!r}; known: {sorted(VARIANTS)}")
         self.pooling = resolve_pooling(pooling, ("mean",), "mean", f"{name} (a CNN)")
@@ -105,6 +108,10 @@ class EfficientNetLite(Backbone):
         super().check()
 
     def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """uint8 `[B, H, W, 3]`, resized but not normalised (that happens on the device): the
+        channels-last layout the convolutions run in, so the device needs no transpose."""
+        from PIL import Image
+
         size = self.image_size
         pixels, reasons = prepare_images(
             batch["image"],
@@ -118,18 +125,21 @@ class EfficientNetLite(Backbone):
         self.device = device
         # channels_last: the depthwise convolutions run about 2x faster in NHWC on CPU (measured
         # on this project's 2-core box) and it is the layout GPU convolution kernels prefer.
+        # The BatchNorms are folded in float32, then the weights cast to their load dtype.
         model = _fold_batchnorms(self._build(pretrained=True))
-        self.model = model.to(device, memory_format=torch.channels_last)
+        self.model = model.to(device, self.dtype, memory_format=torch.channels_last)
 
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.model is not None, "call load() first"
-        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
-        x = (x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD  # NHWC memory, NCHW view
+        mean, std = (MEAN,) * 3, (STD,) * 3
+        x = device_pixels(batch["pixels"], self.device, mean, std, channels_last=True)
+        x = self.cast_input(x)
         wanted = self.layer_ids
         pooled: dict[int, torch.Tensor] = {}
 
         def keep(i: int):
-            return lambda _m, _i, out: pooled.__setitem__(i, out.mean((2, 3)))
+            # Averaged in float32 whatever the activations' dtype.
+            return lambda _m, _i, out: pooled.__setitem__(i, out.mean((2, 3), dtype=torch.float32))
 
         blocks = self.model._blocks
         hooks = [blocks[i].register_forward_hook(keep(i)) for i in wanted if i < len(blocks)]
@@ -139,7 +149,7 @@ class EfficientNetLite(Backbone):
         finally:
             for hook in hooks:
                 hook.remove()
-        pooled[len(blocks)] = head.mean((2, 3))
+        pooled[len(blocks)] = head.mean((2, 3), dtype=torch.float32)
         return {layer_name(i): pooled[i].float().cpu().numpy() for i in wanted}
 
     def describe(self) -> dict[str, Any]:
@@ -147,7 +157,8 @@ class EfficientNetLite(Backbone):
             "backbone": self.name,
             "source": VARIANTS[self.name][0],
             "revision": importlib.metadata.version(VARIANTS[self.name][0].replace("_", "-")),
-            "compute": COMPUTE,
+            "weights": self.precision,
+            "compute": self.compute,
             "pooling": "mean",  # global average over H×W of each block's output
             "layer_ids": self.layer_ids,
             "dims": self.dims,

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from raysys.backbones.base import (
-    COMPUTE,
     POOLINGS,
     pool_tokens,
     resolve_pooling,
@@ -87,8 +86,9 @@ class HFTextEncoder(PairedText):
         layers: str = "all",
         pooling: str = "",
         package: str = "",
+        precision: str = "float32",
     ) -> None:
-        super().__init__()
+        super().__init__(precision)
         self.name = name
         self.source = HFSource(str(path))
         self.max_length = max_length
@@ -179,7 +179,7 @@ class HFTextEncoder(PairedText):
         self.device = device
         kind, config = self._kind()
         cls = getattr(transformers, MODEL_MAPPING_NAMES[config.model_type])
-        model = load_model(cls, self.source, self.name, ignore=("pooler",))
+        model = load_model(cls, self.source, self.name, ignore=("pooler",), dtype=self.dtype)
         self.model = model.to(device)
 
     def encode(self, tokens: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -193,6 +193,9 @@ class HFTextEncoder(PairedText):
         extra = {}
         if self.kind == "decoder":  # left padding: count positions from the first real token
             extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            # One forward, nothing generated: a KV cache would only hold memory (for a 7B LM
+            # at batch 256 x 64 tokens, gigabytes) until the output is dropped.
+            extra["use_cache"] = False
         with torch.inference_mode(), self.autocast():
             out = self.model(
                 input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra
@@ -210,7 +213,8 @@ class HFTextEncoder(PairedText):
             "source": source,
             "revision": revision,
             "kind": self.kind,
-            "compute": COMPUTE,
+            "weights": self.precision,
+            "compute": self.compute,
             "pooling": self.pooling,
             "layer_ids": self.layer_ids,
             "dims": self.dims,

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from raysys.backbones.base import (
-    COMPUTE,
     REJECT,
     Backbone,
     layer_name,
@@ -36,7 +35,7 @@ from raysys.backbones.hfsource import (
     meta_param_count,
     quiet_transformers,
 )
-from raysys.backbones.images import prepare_images
+from raysys.backbones.images import device_pixels, prepare_images, to_uint8
 from raysys.errors import BackboneError
 
 # vision model type -> tokens before the patches (class, distillation, registers)
@@ -64,9 +63,15 @@ class HFVision(Backbone):
     modality = "image"
 
     def __init__(
-        self, name: str, spec: str, image_size: int = 0, layers: str = "all", pooling: str = ""
+        self,
+        name: str,
+        spec: str,
+        image_size: int = 0,
+        layers: str = "all",
+        pooling: str = "",
+        precision: str = "float32",
     ) -> None:
-        super().__init__()
+        super().__init__(precision)
         self.name = name
         self.source = HFSource(spec)
         self.requested_size = image_size
@@ -77,6 +82,7 @@ class HFVision(Backbone):
         self.model: torch.nn.Module | None = None
         self._processor = None
         self._config = None
+        self._normalise: tuple[float, list[float], list[float]] | None = None
 
     @property
     def config(self):
@@ -160,15 +166,34 @@ class HFVision(Backbone):
         _ = self.pooling, self._plan()
         super().check()
 
+    @property
+    def normalise(self) -> tuple[float, list[float], list[float]]:
+        """(scale, mean, std) of the processor's rescale and normalise steps, which run on
+        the device (`embed`); a step the processor skips is an identity here too. Plain
+        floats, kept when the backbone is pickled into an actor."""
+        if self._normalise is None:
+            p = self.processor
+            scale = float(p.rescale_factor) if getattr(p, "do_rescale", False) else 1.0
+            mean, std = [0.0] * 3, [1.0] * 3
+            if getattr(p, "do_normalize", False):
+                mean = [float(v) for v in np.broadcast_to(p.image_mean, 3)]
+                std = [float(v) for v in np.broadcast_to(p.image_std, 3)]
+            self._normalise = (scale, mean, std)
+        return self._normalise
+
     def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """uint8 `[B, 3, H, W]`: the processor's resize and crop only; its rescale and
+        normalise run on the device."""
         over, (height, width) = self._plan()
+        over |= {"do_rescale": False, "do_normalize": False}
+        _ = self.normalise  # read from the processor here, so a pickled copy carries it
 
         def run(images: list) -> np.ndarray:
             out = self.processor(images=images, return_tensors="np", **over)["pixel_values"]
-            return np.asarray(out, dtype=np.float32)
+            return to_uint8(out)
 
         pixels, reasons = prepare_images(
-            batch["image"], (3, height, width), np.float32, lambda img: run([img])[0], run
+            batch["image"], (3, height, width), np.uint8, lambda img: run([img])[0], run
         )
         return {"id": batch["id"], "pixels": pixels, REJECT: reasons}
 
@@ -187,12 +212,13 @@ class HFVision(Backbone):
 
         self.device = device
         cls = getattr(transformers, MODEL_MAPPING_NAMES[self.config.model_type])
-        model = load_model(cls, self.source, self.name, ignore=("pooler", "head"))
+        model = load_model(cls, self.source, self.name, ("pooler", "head"), self.dtype)
         self.model = model.to(device)
 
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.model is not None, "call load() first"
-        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
+        scale, mean, std = self.normalise
+        x = self.cast_input(device_pixels(batch["pixels"], self.device, mean, std, scale))
         extra = {}
         native = getattr(self.config, "image_size", None)
         resized = x.shape[-1] != native or x.shape[-2] != native
@@ -217,7 +243,8 @@ class HFVision(Backbone):
             "source": self.source.source(),
             "revision": self.source.revision_key(),
             "model_type": self.config.model_type,
-            "compute": COMPUTE,
+            "weights": self.precision,
+            "compute": self.compute,
             "pooling": self.pooling,
             "layer_ids": self.layer_ids,
             "dims": self.dims,

@@ -249,13 +249,31 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_model(cls, source: HFSource, what: str, ignore: tuple[str, ...] = ()):
-    """`cls.from_pretrained` from the source, eval and frozen; weights that the model needs
-    but the checkpoint lacks are an error (not a silent random init), except names containing
-    one of `ignore` (heads we never read)."""
+def dtype_kwargs(dtype) -> dict[str, Any]:
+    """`from_pretrained`'s weight-dtype argument for the installed transformers: `dtype` from
+    4.56 (5.x warns on the old name), `torch_dtype` before it (which pyproject still allows).
+    Always given: left out, 4.x loads float32 and 5.x the checkpoint's own dtype, so the same
+    config would load a 7B LM in 28 GB on one version and 14 GB on the other."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__).release >= (4, 56)
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
+def load_model(cls, source: HFSource, what: str, ignore: tuple[str, ...] = (), dtype=None):
+    """`cls.from_pretrained` from the source, eval and frozen, with weights in `dtype`
+    (default float32); weights that the model needs but the checkpoint lacks are an error
+    (not a silent random init), except names containing one of `ignore` (heads we never
+    read)."""
+    import torch
+
     with quiet_transformers():
         model, info = cls.from_pretrained(
-            source.weights_dir(), output_loading_info=True, **source.kwargs()
+            source.weights_dir(),
+            output_loading_info=True,
+            **dtype_kwargs(dtype or torch.float32),
+            **source.kwargs(),
         )
     missing = [k for k in info.get("missing_keys", ()) if not any(s in k for s in ignore)]
     if missing:

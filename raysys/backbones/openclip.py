@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from raysys.backbones.base import (
-    COMPUTE,
     REJECT,
     Backbone,
     layer_name,
@@ -35,7 +34,7 @@ from raysys.backbones.base import (
     resolve_pooling,
     select_layers,
 )
-from raysys.backbones.images import prepare_images
+from raysys.backbones.images import device_pixels, prepare_images, to_uint8
 from raysys.backbones.openclip_source import OpenCLIPSource
 from raysys.backbones.texts import PairedText
 from raysys.errors import BackboneError
@@ -155,7 +154,8 @@ class _OpenCLIPTower:
             "revision": revision,
             "model_cfg_sha": hashlib.sha256(cfg).hexdigest()[:16],
             "open_clip": open_clip.__version__,
-            "compute": COMPUTE,
+            "weights": self.precision,
+            "compute": self.compute,
             "pooling": self.pooling,
             "layer_ids": self.layer_ids,
             "dims": self.dims,
@@ -169,13 +169,21 @@ class OpenCLIPImage(_OpenCLIPTower, Backbone):
     modality = "image"
     cfg_key = "vision_cfg"
 
-    def __init__(self, name: str, image_size: int = 0, layers: str = "all", pooling: str = ""):
-        Backbone.__init__(self)
+    def __init__(
+        self,
+        name: str,
+        image_size: int = 0,
+        layers: str = "all",
+        pooling: str = "",
+        precision: str = "float32",
+    ) -> None:
+        Backbone.__init__(self, precision)
         if pooling.strip().lower() not in ("", "cls", "mean"):
             resolve_pooling(pooling, ("cls", "mean"), "cls", f"{name} (an image tower)")
         self._setup(name, layers, pooling)
         self.requested_size = image_size
         self._transform = None
+        self._normalise: tuple[list[float], list[float]] | None = None
 
     @property
     def pooling(self) -> str:
@@ -192,31 +200,68 @@ class OpenCLIPImage(_OpenCLIPTower, Backbone):
         _ = self.pooling
         Backbone.check(self)
 
+    def _split_transform(self) -> None:
+        """open_clip's own eval transform, cut where its images become tensors: the image
+        steps before (resize, crop or pad, RGB) run in the CPU stage, and its `ToTensor`
+        (/255) and `Normalize` on the device, with that `Normalize`'s mean and std."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        from torchvision import transforms
+
+        cfg = self.source.preprocess_cfg() | {"size": self.image_size}
+        steps = list(image_transform_v2(PreprocessCfg(**cfg), is_train=False).transforms)
+        # The tail must be (Maybe)ToTensor then Normalize, with neither before it.
+        tensor, norm = transforms.ToTensor, transforms.Normalize
+        head = steps[:-2]
+        if (
+            len(steps) < 2
+            or not isinstance(steps[-2], tensor)
+            or not isinstance(steps[-1], norm)
+            or any(isinstance(t, (tensor, norm)) for t in head)
+        ):
+            raise BackboneError(
+                f"{self.name}: open_clip's eval transform is {steps}, not image steps then "
+                "ToTensor and Normalize; this open_clip version is not supported"
+            )
+        self._transform = transforms.Compose(head)
+        mean, std = steps[-1].mean, steps[-1].std
+        self._normalise = ([float(v) for v in mean], [float(v) for v in std])
+
     @property
     def transform(self):
+        """The CPU half of the eval transform: an RGB PIL image of the input size."""
         if self._transform is None:
-            from open_clip.transform import PreprocessCfg, image_transform_v2
-
-            cfg = self.source.preprocess_cfg() | {"size": self.image_size}
-            self._transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+            self._split_transform()
         return self._transform
 
+    @property
+    def normalise(self) -> tuple[list[float], list[float]]:
+        """(mean, std) of the eval transform's `Normalize`; plain floats, kept when the
+        backbone is pickled into an actor."""
+        if self._normalise is None:
+            self._split_transform()
+        assert self._normalise is not None
+        return self._normalise
+
     def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """uint8 `[B, 3, H, W]`, resized and cropped; scaled and normalised on the device."""
         size = self.image_size
-        pixels, reasons = prepare_images(
-            batch["image"], (3, size, size), np.float32, lambda img: self.transform(img).numpy()
-        )
+        _ = self.normalise  # read here, so a pickled copy carries it
+
+        def run(img) -> np.ndarray:
+            return to_uint8(np.asarray(self.transform(img))).transpose(2, 0, 1)
+
+        pixels, reasons = prepare_images(batch["image"], (3, size, size), np.uint8, run)
         return {"id": batch["id"], "pixels": pixels, REJECT: reasons}
 
     def load(self, device: torch.device) -> None:
         self.device = device
-        self.model = self.source.create(
-            device, self.requested_size
-        ).visual  # the text tower is dropped
+        model = self.source.create(device, self.requested_size, self.dtype)
+        self.model = model.visual  # the text tower is dropped
 
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.model is not None, "call load() first"
-        x = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device)
+        mean, std = self.normalise
+        x = self.cast_input(device_pixels(batch["pixels"], self.device, mean, std))
         wanted = self.layer_ids
         with hidden_states(self.model.transformer, wanted) as states:
             with torch.inference_mode(), self.autocast():
@@ -237,8 +282,15 @@ class OpenCLIPText(_OpenCLIPTower, PairedText):
 
     cfg_key = "text_cfg"
 
-    def __init__(self, name: str, max_length: int = 64, layers: str = "all", pooling: str = ""):
-        PairedText.__init__(self)
+    def __init__(
+        self,
+        name: str,
+        max_length: int = 64,
+        layers: str = "all",
+        pooling: str = "",
+        precision: str = "float32",
+    ) -> None:
+        PairedText.__init__(self, precision)
         if pooling.strip().lower() not in ("", "cls", "mean", "last"):
             resolve_pooling(pooling, ("last", "mean", "cls"), "last", f"{name} (a text tower)")
         self._setup(name, layers, pooling)
@@ -286,7 +338,7 @@ class OpenCLIPText(_OpenCLIPTower, PairedText):
 
     def load(self, device: torch.device) -> None:
         self.device = device
-        model = self.source.create(device, 0)
+        model = self.source.create(device, 0, self.dtype)
         model.visual = torch.nn.Identity()  # the image tower is never used here
         self.model = model
 

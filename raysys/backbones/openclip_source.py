@@ -54,6 +54,11 @@ FOLDER_WEIGHTS = (
     "pytorch_model.pth",
     "model.pth",
 )
+OPEN_CLIP_PRECISION = {
+    torch.float32: "fp32",
+    torch.bfloat16: "pure_bf16",
+    torch.float16: "pure_fp16",
+}
 FORMS = (
     "open_clip:local-dir:<folder>, open_clip:s3://bucket/<folder>, open_clip:hf-hub:<org/repo>, "
     "open_clip:<arch>:<pretrained tag or weights file>, open_clip:<config.json>:<weights file>"
@@ -290,7 +295,12 @@ class OpenCLIPSource:
         cfg = open_clip.get_pretrained_cfg(self.arch, self.tag) or {}
         return f"{arch}:{self.tag}", cfg.get("hf_hub") or cfg.get("url") or self.tag
 
-    def create(self, device: torch.device, image_size: int) -> torch.nn.Module:
+    def create(
+        self, device: torch.device, image_size: int, dtype: torch.dtype = torch.float32
+    ) -> torch.nn.Module:
+        """The model on `device` with every weight in `dtype`: open_clip's `pure_*`
+        precisions cast the whole model (its plain `bf16`/`fp16` keep LayerNorms in float32,
+        a mixed model whose CPU forward needs autocast)."""
         import open_clip
 
         self.register()
@@ -304,7 +314,7 @@ class OpenCLIPSource:
                 model_name,
                 pretrained=pretrained,
                 device=device,
-                precision="fp32",
+                precision=OPEN_CLIP_PRECISION[dtype],
                 force_image_size=image_size or None,
                 require_pretrained=True,
             )
