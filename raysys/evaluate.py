@@ -15,8 +15,8 @@ from raysys import metrics
 from raysys.config import EvalConfig
 from raysys.jam import JAM
 
-if TYPE_CHECKING:  # the cache (pyarrow) is not needed to score arrays
-    from raysys.data.cache import Pairs
+if TYPE_CHECKING:
+    from raysys.data.pairs import Pairs
 
 
 def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig):
@@ -49,7 +49,8 @@ def score_raw(pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
 
 @torch.no_grad()
 def encode(model: JAM, pairs: Pairs, batch_size: int = 1024) -> dict[str, torch.Tensor]:
-    """Latents and reconstruction error of a split, in eval mode (no dropout)."""
+    """Latents and reconstruction error of a split, in eval mode (no dropout), left on the
+    model's device: a training worker on a GPU scores there rather than on its CPU."""
     model.eval()
     device = next(model.parameters()).device
     out: dict[str, list[torch.Tensor]] = {"zi": [], "zt": [], "zn": [], "sq": []}
@@ -58,16 +59,16 @@ def encode(model: JAM, pairs: Pairs, batch_size: int = 1024) -> dict[str, torch.
         image = torch.as_tensor(pairs.image[sl]).to(device)
         text = torch.as_tensor(pairs.text[sl]).to(device)
         res = model(image, text)
-        out["zi"].append(res["zi"].float().cpu())
-        out["zt"].append(res["zt"].float().cpu())
-        out["zn"].append(model.encode_text(torch.as_tensor(pairs.negative[sl]).to(device)).cpu())
+        out["zi"].append(res["zi"].float())
+        out["zt"].append(res["zt"].float())
+        out["zn"].append(model.encode_text(torch.as_tensor(pairs.negative[sl]).to(device)).float())
         sq = torch.cat(
             [
                 (res["image_hat"] - res["image_target"]).pow(2).mean(1),
                 (res["text_hat"] - res["text_target"]).pow(2).mean(1),
             ]
         )
-        out["sq"].append(sq.float().cpu())
+        out["sq"].append(sq.float())
     return {k: torch.cat(v) for k, v in out.items()}
 
 

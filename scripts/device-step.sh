@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device-step}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 for objective in con negcon spread; do
-  PYTHONPATH=. python -m raysys.cli bench step --device cuda --pairs 200000 --dims 1024,4096 \
+  PYTHONPATH=. "${PYTHON:-python3}" -m raysys.cli bench step --device cuda --pairs 200000 --dims 1024,4096 \
     --steps 200 --out "$OUT/step-$objective" train.objective="$objective" train.num_workers=1
 done

@@ -10,7 +10,15 @@ import torch
 from raysys import config
 from raysys.data.batches import BatchPlan, keep_on_device
 from raysys.jam import JAM
-from raysys.train.step import Trainer, alignment_loss, fit_global_input_stats, jam_config
+from raysys.train.loop import Progress, read_state, save_checkpoint
+from raysys.train.step import (
+    Trainer,
+    alignment_loss,
+    fit_global_input_stats,
+    host_stats,
+    input_moments,
+    jam_config,
+)
 
 
 def test_shards_are_equal_disjoint_and_fixed() -> None:
@@ -67,6 +75,52 @@ def test_input_stats_without_a_process_group_match_the_local_fit() -> None:
     for name in ("image_mean", "image_std", "text_mean", "text_std"):
         torch.testing.assert_close(
             getattr(global_, name), getattr(local, name), atol=2e-3, rtol=2e-3
+        )
+
+
+def test_moments_in_chunks_equal_the_one_shot_moments() -> None:
+    rng = np.random.default_rng(0)
+    image = (rng.standard_normal((1000, 24)) * 30 + 5).astype(np.float16)
+    text = (rng.standard_normal((1000, 16)) * 400).astype(np.float16)  # outlier-sized values
+    one_shot = [torch.tensor([1000.0], dtype=torch.float64)]
+    for x in (image, text):
+        x64 = torch.from_numpy(x.astype(np.float64))
+        one_shot += [x64.sum(0), (x64 * x64).sum(0)]
+    want = torch.cat(one_shot)
+    for chunk in (1, 7, 256, 5000):
+        got = input_moments(image, text, "cpu", chunk=chunk)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_a_resumed_optimiser_state_lands_on_the_given_device(tmp_path) -> None:
+    """Saved by a worker on one device, read for another: `map_location` decides, not the
+    device the tensors were saved from (a cuda:3 that the resuming node may not have)."""
+    cfg = config.load(None, ["train.hidden=16", "train.latent=8"])
+    model = JAM(jam_config(cfg.train, 12, 10))
+    model.fit_input_stats(torch.randn(32, 12), torch.randn(32, 10))
+    trainer = Trainer(model, cfg.train, total_steps=4)
+    trainer.train_step(torch.randn(8, 12), torch.randn(8, 10), torch.randn(8, 10))
+    save_checkpoint(tmp_path, trainer, Progress(), {"step": 1})
+    state = read_state(tmp_path, torch.device("meta"))
+    moments = [v for s in state["trainer"]["optimizer"]["state"].values() for v in s.values()]
+    assert moments and all(t.device.type == "meta" for t in moments)
+
+
+def test_step_statistics_stay_on_the_device_until_a_window_is_read() -> None:
+    cfg = config.load(None, ["train.hidden=16", "train.latent=8", "train.objective=negcon"])
+    image, text, negative = _toy()
+    model = JAM(jam_config(cfg.train, 24, 16))
+    model.fit_input_stats(image, text)
+    trainer = Trainer(model, cfg.train, total_steps=10)
+    window = [trainer.train_step(image, text, negative) for _ in range(3)]
+    assert all(isinstance(s["align"], torch.Tensor) for s in window)
+    rows = host_stats(window)
+    assert [r["lambda"] for r in rows] == [s["lambda"] for s in window]
+    for row, step in zip(rows, window, strict=True):
+        assert row["align"] == pytest.approx(float(step["align"]))
+        assert row["loss"] == pytest.approx(
+            float(step["align"]) + step["lambda"] * float(step["rec"])
         )
 
 

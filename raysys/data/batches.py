@@ -17,8 +17,8 @@ import torch
 
 from raysys.config import TrainConfig
 
-if TYPE_CHECKING:  # `bench step` imports the step without pyarrow
-    from raysys.data.cache import Pairs
+if TYPE_CHECKING:
+    from raysys.data.pairs import Pairs
 
 
 @dataclass
@@ -118,7 +118,14 @@ def keep_on_device(
 
 
 class MemoryBatches:
-    """Batches from a worker's in-memory shard, by `BatchPlan`: any step, in any order."""
+    """Batches from a worker's in-memory shard, by `BatchPlan`: any step, in any order.
+
+    On the GPU, the shard is indexed there. In host memory (the CPU device, or a GPU whose
+    free memory it does not fit), the shard stays where it was read (as cached: float16, or
+    float32 for caches that store it) and each batch is gathered into one of two reused
+    pinned buffers, so its copy to the GPU is truly asynchronous; a pinned copy of the whole
+    shard would double the host memory, and indexing it returns unpinned memory anyway.
+    """
 
     def __init__(
         self,
@@ -130,20 +137,41 @@ class MemoryBatches:
         device: torch.device,
         share: float = 1.0,
     ) -> None:
-        # Embeddings stay float16 in memory (half the footprint); the model casts per batch.
         width = data.image.shape[1] + 2 * data.text.shape[1]
         on_device, self.where = keep_on_device(setting, len(data), width, device, share)
         self.home = device if on_device else torch.device("cpu")
         arrays = (data.image, data.text, data.negative)
-        self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]
-        if self.home != device and device.type == "cuda":
-            self.tensors = [t.pin_memory() for t in self.tensors]  # asynchronous copies
+        self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]  # no host copy
         self.plan, self.rank, self.world, self.device = plan, rank, world, device
+        self.staging: list[list[torch.Tensor]] = []
+        self.copied: list[Any] = [None, None]  # per buffer: the event its last copy recorded
+        if self.home != device and device.type == "cuda":
+            rows = len(plan.worker_batch(0, rank, world))
+            self.staging = [
+                [
+                    torch.empty((rows, *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+                    for t in self.tensors
+                ]
+                for _ in range(2)
+            ]
 
     def get(self, step: int) -> tuple[torch.Tensor, ...]:
-        mine = self.plan.worker_batch(step, self.rank, self.world)
-        mine_t = torch.as_tensor(mine, device=self.home)
-        return tuple(t[mine_t].to(self.device, non_blocking=True) for t in self.tensors)
+        mine = torch.as_tensor(self.plan.worker_batch(step, self.rank, self.world))
+        if not self.staging:
+            mine = mine.to(self.home)
+            return tuple(t[mine].to(self.device) for t in self.tensors)
+        # Two buffers: the batch before this one may still be copying out of the other.
+        slot = step % 2
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # the copy that last read this buffer is done
+        out = []
+        for t, buffer in zip(self.tensors, self.staging[slot], strict=True):
+            torch.index_select(t, 0, mine, out=buffer)
+            out.append(buffer.to(self.device, non_blocking=True))
+        event = torch.cuda.Event()
+        event.record()
+        self.copied[slot] = event
+        return tuple(out)
 
 
 class StreamBatches:

@@ -22,10 +22,20 @@ def world_size() -> int:
     return 1
 
 
+def collective_device(device: torch.device) -> torch.device:
+    """Where a tensor must live for a collective of the current process group: NCCL takes
+    only CUDA tensors (a CPU tensor fails with "No backend type associated with device type
+    cpu"), gloo takes CPU and CUDA ones; so `device` unless the backend says otherwise."""
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``x`` along dim 0 in rank order, keeping the autograd graph.
 
-    Without a process group (or with one rank) ``x`` is returned unchanged.
+    Without a process group ``x`` is returned unchanged. A one-rank group still runs the
+    collective (a device copy), so a single-GPU check exercises the real NCCL path.
 
     Why every rank computes the *full* global loss, and why the gradients come out right:
     let ``L`` be the loss on the gathered batch ``Z = [z_0; …; z_{W-1}]``. Every rank holds the
@@ -43,7 +53,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     All ranks must pass the same shape (equal per-rank batch sizes, e.g. ``drop_last=True``):
     ``all_gather`` does not support ragged inputs.
     """
-    if world_size() <= 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return x
     with warnings.catch_warnings():
         # Deprecated in favour of a private `_functional_collectives` API; the public

@@ -1,0 +1,32 @@
+"""One split's embeddings as aligned arrays: what training, validation and the metrics read.
+
+Plain numpy (no pyarrow), so the training loop and its GPU self-check run where only torch
+is installed; `raysys.data.cache` builds it from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Pairs:
+    """One split's aligned arrays: row i of `image`, `text` and `negative` belong to pair i."""
+
+    pair_ids: np.ndarray
+    image_ids: np.ndarray
+    captions: np.ndarray
+    image: np.ndarray  # [N, d_image] as cached, repeated when captions share an image
+    text: np.ndarray  # [N, d_text]
+    negative: np.ndarray  # [N, d_text] hard-negative captions' embeddings
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def image_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each unique image, and per caption the index of its image among those:
+        retrieval ranks unique images, while several captions may share one."""
+        _, first, inverse = np.unique(self.image_ids, return_index=True, return_inverse=True)
+        return first, inverse
