@@ -349,6 +349,24 @@ def test_describe_keys_the_cache_by_layers_and_pooling(zoo) -> None:
         get_backbone("efficientnet-lite0", "image", pooling="cls")
 
 
+def test_efficientnet_uint8_pixels_match_the_float_path() -> None:
+    """The CPU stage ships uint8 `[B, H, W, 3]`; normalised on the device, the features equal
+    the model fed the float32 input normalised on the CPU as before ((x / 255 - 0.5) / 0.5)."""
+    backbone = get_backbone("efficientnet-lite0", "image", image_size=64, layers="0,-1")
+    pre = backbone.preprocess(IMAGE_ROWS)
+    assert pre["pixels"].dtype == np.uint8 and pre["pixels"].shape == (5, 64, 64, 3)
+    backbone.load(CPU)
+    out = backbone.embed(_good(pre, 3))
+    x = (torch.from_numpy(pre["pixels"][:3]).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    first = []
+    hook = backbone.model._blocks[0].register_forward_hook(lambda _m, _i, o: first.append(o))
+    with torch.no_grad():
+        head = backbone.model.extract_features(x)
+    hook.remove()
+    np.testing.assert_allclose(out["L00"], first[0].mean((2, 3)).numpy(), atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(out["L16"], head.mean((2, 3)).numpy(), atol=ATOL, rtol=1e-4)
+
+
 def test_pickled_backbone_ships_no_weights(zoo) -> None:
     folder, _ = zoo("clip")
     backbone = get_backbone(f"hf:{folder}", "image", layers="-1")

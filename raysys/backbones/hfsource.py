@@ -249,15 +249,19 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def dtype_kwargs(dtype) -> dict[str, Any]:
-    """`from_pretrained`'s weight-dtype argument for the installed transformers: `dtype` from
-    4.56 (5.x warns on the old name), `torch_dtype` before it (which pyproject still allows).
-    Always given: left out, 4.x loads float32 and 5.x the checkpoint's own dtype, so the same
-    config would load a 7B LM in 28 GB on one version and 14 GB on the other."""
-    import transformers
+def dtype_kwargs(dtype, version: str = "") -> dict[str, Any]:
+    """`from_pretrained`'s weight-dtype argument for transformers `version` (default: the
+    installed one): `dtype` from 4.56 (5.x warns on the old name), `torch_dtype` before it
+    (which pyproject still allows). Always given: left out, 4.x loads float32 and 5.x the
+    checkpoint's own dtype, so one config would load a 7B LM in 28 GB on one version and
+    14 GB on the other."""
     from packaging.version import Version
 
-    new = Version(transformers.__version__).release >= (4, 56)
+    if not version:
+        import transformers
+
+        version = transformers.__version__
+    new = Version(version).release >= (4, 56)
     return {"dtype" if new else "torch_dtype": dtype}
 
 
