@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -57,6 +60,9 @@ def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> Non
     bench = bench_embed(tmp_path, "cpu", rows=2, batch=2)
     saved = json.loads((tmp_path / BENCH_FILE).read_text())
     assert saved == bench and saved["device"] == "cpu"
+    assert saved["precision"] == "float32"  # extract.precision=auto on a CPU
+    # The CPU stage hands the actor uint8 pixels: a quarter of float32's bytes.
+    assert saved["image"]["input_bytes_per_row"] == 3 * 224 * 224
     for modality, layers in (("image", 13), ("text", 13)):
         result = saved[modality]
         assert result["layers"] == layers  # every hidden state of a 12-layer model
@@ -86,3 +92,69 @@ def test_bench_sweep_ideal_counts_rounds_of_trials() -> None:
     rows = [{"train_s": 30.0}] * 3
     # 3 trials on 2 slots take 2 rounds at best: ideal = serial x 2 / 3.
     assert summary(90.0, 75.0, 2, rows, rows)["ideal_packed_s"] == 60.0
+
+
+# Run in a fresh interpreter where Pillow, pyarrow and Ray cannot be imported: the borrowed GPU
+# machine has torch and transformers only.
+WITHOUT = """
+import sys
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("PIL", "pyarrow", "ray"):
+            raise ImportError(f"no module named {name!r} (absent in this test)")
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_bench_embed_imports_and_embeds_text_without_pillow() -> None:
+    """`raysys bench embed`'s import chain needs neither Pillow nor pyarrow nor Ray, and a
+    text backbone embeds there; the image half knows it must be skipped."""
+    script = WITHOUT + textwrap.dedent(
+        """
+        import numpy as np
+        import torch
+        import raysys.cli
+        from raysys.bench.embed import pillow_missing
+        from raysys.backbones import get_backbone
+
+        assert "Pillow" in pillow_missing()
+        get_backbone("efficientnet-lite0", "image").describe()
+        text = get_backbone("minilm-l6", "text", layers="-1")
+        rows = {"id": np.array(["a"]), "caption": np.array(["a red circle"], dtype=object)}
+        rows["negative"] = np.array(["a blue circle"], dtype=object)
+        pre = text.preprocess(rows)
+        text.load(torch.device("cpu"))
+        out = text.embed({k: v for k, v in pre.items() if k != "reject"})
+        assert out["L06"].shape == (1, 384) and out["neg_L06"].dtype == np.float32
+        assert not {"PIL", "pyarrow", "ray"} & set(sys.modules)
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_bench_extract_times_the_bare_loop_where_the_actors_run() -> None:
+    """The bare loop runs on the actors' device: the CPU for CPU actors; for GPU actors cuda,
+    or, in a process that sees no GPU, the CPU with a note that the ratio is not like for like."""
+    import torch
+
+    from raysys.bench.extract import _device_facts, bare_device
+    from raysys.config import ExtractConfig
+
+    cpu = ExtractConfig()
+    assert bare_device(cpu) == torch.device("cpu")
+    facts = _device_facts(cpu, bare_device(cpu))
+    assert (facts["bare_device"], facts["actor_device"]) == ("cpu", "cpu")
+    assert "bare_note" not in facts
+    gpu = ExtractConfig(num_gpus_per_actor=1.0)
+    facts = _device_facts(gpu, bare_device(gpu))
+    assert facts["actor_device"] == "cuda"
+    if torch.cuda.is_available():
+        assert facts["bare_device"] == "cuda" and "bare_note" not in facts
+    else:
+        assert facts["bare_device"] == "cpu" and "unlike devices" in facts["bare_note"]

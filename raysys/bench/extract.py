@@ -2,8 +2,9 @@
 
 The same vision backbone, images, input size and forward batch size run twice:
 
-- **bare**: one process, every CPU's thread to torch, over images decoded *before* the clock
-  starts — the model-only upper bound;
+- **bare**: one process on the device the actors use (cuda where `extract.num_gpus_per_actor`
+  > 0, else the CPU with every CPU's thread to torch), the same weight dtype, over images
+  decoded *before* the clock starts — the model-only upper bound;
 - **pipeline**: `extract.run_pass` into a fresh directory, exactly what `raysys extract` does
   (Ray Data decode + an actor pool of the backbone + Parquet parts), timed end to end, so its
   rate includes starting the actors and loading the model in each, decoding and writing.
@@ -29,8 +30,8 @@ import ray
 import torch
 
 from raysys import storage
-from raysys.backbones import configured_backbone
-from raysys.bench.common import host_info, write_result
+from raysys.backbones import configured_backbone, pick_device
+from raysys.bench.common import host_info, sync, write_result
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import load_corpus
 from raysys.data import cache
@@ -49,16 +50,20 @@ def bench_extract(cfg: Config, out_dir: Path, images: int) -> dict[str, Any]:
     init_ray(cfg.ray)
     cluster_cpus = cluster_resources().cpus
     cpus = max(1, int(cluster_cpus))
-    bare_s, image_size = _bare_pass(cfg.extract, table, cpus)
+    device = bare_device(cfg.extract)
+    threads = cpus if device.type == "cpu" else torch.get_num_threads()
+    bare_s, image_size = _bare_pass(cfg.extract, table, threads, device)
     pipeline_s, manifest = _pipeline_pass(cfg.extract, table)
-    result = write_result(
-        out_dir,
-        _result(cfg.extract, images, bare_s, pipeline_s, image_size, manifest, cpus, cluster_cpus),
+    figures = _result(
+        cfg.extract, images, bare_s, pipeline_s, image_size, manifest, threads, cluster_cpus
     )
+    result = write_result(out_dir, figures | _device_facts(cfg.extract, device))
+    where = f"{device}, {cpus} threads" if device.type == "cpu" else str(device)
     print(
         f"[bench] extract {cfg.extract.vision} at {image_size}px, {images} images, batch "
-        f"{cfg.extract.batch_size}\n"
-        f"[bench] bare torch loop ({cpus} threads, pre-decoded): {result['bare_per_s']:8.1f} "
+        f"{cfg.extract.batch_size}, {result['settings']['precision']} weights\n"
+        + (f"[bench] note: {result['bare_note']}\n" if result.get("bare_note") else "")
+        + f"[bench] bare torch loop ({where}, pre-decoded): {result['bare_per_s']:8.1f} "
         f"images/s\n"
         f"[bench] ray data pass ({manifest['actors']['count']} actors, end to end): "
         f"{result['pipeline_per_s']:8.1f} images/s\n"
@@ -86,23 +91,53 @@ def _corpus_images(cfg: Config, images: int) -> pa.Table:
     return table.slice(0, images)
 
 
-def _bare_pass(ecfg: ExtractConfig, table: pa.Table, threads: int) -> tuple[float, int]:
-    """Seconds of forwards over images decoded before the clock starts (after one warm-up
-    batch), with `threads` torch threads: the model-only upper bound. Also the input size."""
+def bare_device(ecfg: ExtractConfig) -> torch.device:
+    """Where the bare loop runs: where the actors run (`pick_device`, as `EmbedActor` picks
+    it), so the ratio compares the pipeline with the model on the same kind of device."""
+    return pick_device(ecfg.num_gpus_per_actor > 0)
+
+
+def _device_facts(ecfg: ExtractConfig, device: torch.device) -> dict[str, Any]:
+    """The bare loop's device for `bench.json`, and a note when it cannot be the actors'
+    (GPU actors, but no GPU in this process): that ratio compares unlike devices."""
+    facts: dict[str, Any] = {
+        "bare_device": str(device),
+        "bare_device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else host_info()["processor"] or "cpu",
+        "actor_device": "cuda" if ecfg.num_gpus_per_actor > 0 else "cpu",
+    }
+    if ecfg.num_gpus_per_actor > 0 and device.type != "cuda":
+        facts["bare_note"] = (
+            "the actors hold GPUs but this process sees none, so the bare loop ran on the "
+            "CPU and the ratio compares unlike devices; run the bench where the GPU is"
+        )
+    return facts
+
+
+def _bare_pass(
+    ecfg: ExtractConfig, table: pa.Table, threads: int, device: torch.device
+) -> tuple[float, int]:
+    """Seconds of forwards on `device` over images decoded before the clock starts (after
+    one warm-up batch), with `threads` torch threads: the model-only upper bound.
+    Each batch's uint8 pixels are copied to the device inside the clock, as in the actors.
+    Also the input size."""
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        bare = configured_backbone(ecfg, "image")
-        bare.load(torch.device("cpu"))
+        bare = configured_backbone(ecfg, "image")  # the actors' weight dtype
+        bare.load(device)
         decoded = bare.preprocess(
             {"id": np.asarray(table["id"]), "image": np.asarray(table["image"].to_pylist(), object)}
         )
         batch = ecfg.batch_size
         bare.embed({k: v[:batch] for k, v in decoded.items()})
+        sync(device)
         started = time.perf_counter()
         for i in range(0, table.num_rows, batch):
             bare.embed({k: v[i : i + batch] for k, v in decoded.items()})
+        sync(device)  # embed copies its features to the host, but say so: no queued work
         return time.perf_counter() - started, bare.image_size
     finally:
         torch.set_num_threads(threads_before)
@@ -155,6 +190,7 @@ def _result(
             "cache": "s3" if storage.is_remote(ecfg.cache_dir) else "local",
             "actors": manifest["actors"],
             "bare_torch_threads": threads,
+            "precision": configured_backbone(ecfg, "image").precision,
             "cluster_cpus": cluster_cpus,
             "torch": host["torch"],
             "ray": ray.__version__,
