@@ -13,7 +13,7 @@ OUT=${OUT:-runs/device-train}
 DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-  sizes=(--pairs 200000 --dims 1024,4096 --steps 300 --batch 4096 --eval-every 100)
+  sizes=(--pairs 100000 --dims 1024,4096 --steps 300 --batch 4096 --eval-every 100)
   settings=(true false)
 else
   sizes=(--pairs 2048 --dims 64,96 --steps 24 --batch 256 --eval-every 8 --val-pairs 256)

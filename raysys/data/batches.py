@@ -99,12 +99,18 @@ def batch_plan(tcfg: TrainConfig, n: int) -> BatchPlan:
 
 
 def keep_on_device(
-    setting: str, rows: int, width: int, device: torch.device, share: float = 1.0
+    setting: str,
+    rows: int,
+    width: int,
+    device: torch.device,
+    share: float = 1.0,
+    bytes_per_value: float = 2.0,
 ) -> tuple[bool, str]:
     """Whether a worker's shard lives on its GPU (fast indexing) or in host memory (copied
     per batch); the reason is printed so a user knows which one they got. `share` is this
-    worker's fraction of the GPU: packed sweep trials split its free memory."""
-    need = rows * width * 2  # float16
+    worker's fraction of the GPU: packed sweep trials split its free memory. Values are 2
+    bytes in a float16 cache, 4 in a float32 one."""
+    need = rows * width * bytes_per_value
     if device.type != "cuda":
         return True, "in host memory, the CPU device's own"
     if setting != "auto":
@@ -137,10 +143,13 @@ class MemoryBatches:
         device: torch.device,
         share: float = 1.0,
     ) -> None:
-        width = data.image.shape[1] + 2 * data.text.shape[1]
-        on_device, self.where = keep_on_device(setting, len(data), width, device, share)
-        self.home = device if on_device else torch.device("cpu")
         arrays = (data.image, data.text, data.negative)
+        width = sum(a.shape[1] for a in arrays)
+        per_value = sum(a.nbytes for a in arrays) / max(1, len(data) * width)
+        on_device, self.where = keep_on_device(
+            setting, len(data), width, device, share, per_value or 2.0
+        )
+        self.home = device if on_device else torch.device("cpu")
         self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]  # no host copy
         self.plan, self.rank, self.world, self.device = plan, rank, world, device
         self.staging: list[list[torch.Tensor]] = []

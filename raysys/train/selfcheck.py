@@ -35,6 +35,7 @@ from raysys.train.loop import Progress, load_checkpoint, run_steps
 from raysys.train.step import Trainer, fit_global_input_stats, jam_config
 
 RESUME_TOL = 1e-4  # max |Δ weight| between the resumed and the uninterrupted run
+LOSS_TOL, GRAD_TOL = 1e-4, 1e-3  # each loss under bf16 autocast vs float32 (relative)
 
 
 @dataclass
@@ -78,6 +79,41 @@ def synthetic(n: int, d_image: int, d_text: int, seed: int) -> Pairs:
         text=text.astype(np.float16),
         negative=negative.astype(np.float16),
     )
+
+
+def autocast_agreement(device: torch.device, b: int = 4096, d: int = 256) -> dict[str, float]:
+    """Each loss's relative error under the device's bf16 autocast against float32 (loss and
+    gradient), on nearly aligned latents at the scales where bf16 fails (14.3 and 100)."""
+    from raysys.jam import losses
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(b, d, generator=g)
+    latents = [
+        v,
+        v + 0.05 * torch.randn(b, d, generator=g),
+        v + 0.15 * torch.randn(b, d, generator=g),
+    ]
+    latents = [x.to(device) for x in latents]
+    fns = {
+        "con": lambda a, t, n, s: losses.con(a, t, s),
+        "negcon": losses.negcon,
+        "spread": lambda a, t, n, s: losses.spread(a, t, n, s, alpha=0.7, k=8),
+    }
+    errors = {}
+    for name, fn in fns.items():
+        for s in (14.3, 100.0):
+            runs = []
+            for enabled in (False, True):
+                leaves = [x.clone().requires_grad_(True) for x in latents]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+                    loss = fn(*leaves, s)
+                loss.backward()
+                grads = torch.cat([x.grad.flatten() for x in leaves if x.grad is not None])
+                runs.append((loss.detach().double(), grads.double()))
+            (l32, g32), (lac, gac) = runs
+            errors[f"{name}@{s:g}/loss"] = float((lac - l32).abs() / l32.abs().clamp(min=1e-30))
+            errors[f"{name}@{s:g}/grad"] = float((gac - g32).norm() / g32.norm().clamp(min=1e-30))
+    return errors
 
 
 def _device(check: Check, rank: int) -> torch.device:
@@ -213,7 +249,12 @@ def _check(check: Check, device: torch.device, rank: int, backend: str) -> None:
         "torch": torch.__version__,
         "settings": asdict(check),
     }
-    failures = []
+    result["autocast_rel_error"] = autocast_agreement(device)
+    failures = [
+        f"{key} under bf16 autocast is {err:.1e} off float32"
+        for key, err in result["autocast_rel_error"].items()
+        if err > (LOSS_TOL if key.endswith("/loss") else GRAD_TOL)
+    ]
     if not all(math.isfinite(v) for v in result["val"].values()):
         failures.append("non-finite validation metric")
     if not result["loss_last"] < result["loss_first"]:
