@@ -112,9 +112,10 @@ class TrainConfig:
     shards. Batches depend on `data_shards`, not on `num_workers`, so runs with the same
     shards see the same batches on any number of workers that divides them.
     `data_on_device`: auto keeps a worker's shard on its GPU when it fits in half the free
-    memory and in host memory otherwise (copied per batch); true/false force either. When a
-    shard would not fit in host memory either (over a quarter of a node's Ray memory per
-    worker), auto streams the split through Ray Data instead; `stream` forces that. Streamed
+    memory and in host memory otherwise (gathered per batch into pinned buffers); true/false
+    force either. When shards would not fit in host memory either (the shards of every Train
+    worker a node holds at once, a sweep's packed trials included, over a quarter of its Ray
+    memory), auto streams the split through Ray Data instead; `stream` forces that. Streamed
     batches are drawn by Ray Data (files shuffled per epoch, a local shuffle buffer), not by
     the fixed shards above.
     """
@@ -198,6 +199,8 @@ class SweepConfig:
     `workers_per_trial` Ray Train workers of `1/trials_per_gpu` GPU (or `cpus_per_worker` CPU,
     default 1), and `max_concurrent` (0 = what the cluster holds now; on an autoscaling cluster
     set it: trials past the nodes that are up ask the autoscaler for more) of them run at once.
+    A trial of several workers needs whole GPUs (`trials_per_gpu: 1`): Ray may place two
+    fractional-GPU ranks of one trial on one GPU, which NCCL refuses; the plan check says so.
     Each trial keeps its `keep_checkpoints` best checkpoints (a JAM checkpoint is ~40 MB; a
     stopped trial resumes from the newest one kept) and exports its best model.
     """
