@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from raysys import storage
+from raysys import errors, storage
 from raysys.backbones import REJECT, Backbone, layer_name, pick_device
 from raysys.data import cache
-from raysys.errors import CacheError
+from raysys.errors import CacheError, RaysysError
 
 REJECT_PARTS = "rejects.parts"  # actors' reject files, merged into cache.REJECTS at the end
+ERROR = "error"  # a part's raysys error ("CacheError: message"), returned as data; see below
 
 
 class Prepare:
@@ -80,6 +81,10 @@ class EmbedActor:
     to a part and bad rows to a reject part. The pass streams through once (no materialized
     copy of every embedding), a killed pass leaves only whole parts, which a rerun keeps and
     skips, and only the part's name, counts and checksum travel back to the driver.
+
+    A raysys error (a float16 overflow) travels back as data too, in `ERROR`: raised, Ray
+    Data would wrap it in a UserCodeException whose cause is lost on the way to the driver.
+    The driver raises it as itself (`actor_error`) the moment the part's row arrives.
     """
 
     def __init__(
@@ -100,15 +105,17 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
-        # A float16 overflow raises here, before anything of the part is written.
-        table = pa.concat_tables(
-            embed_batch(
-                self.backbone,
-                {k: v[i : i + self.batch_size] for k, v in batch.items()},
-                self.dtype,
+        try:  # a float16 overflow raises here, before anything of the part is written
+            table = pa.concat_tables(
+                embed_batch(
+                    self.backbone,
+                    {k: v[i : i + self.batch_size] for k, v in batch.items()},
+                    self.dtype,
+                )
+                for i in range(0, n, self.batch_size)
             )
-            for i in range(0, n, self.batch_size)
-        )
+        except RaysysError as err:
+            return _result(0, 0, "", "", f"{type(err).__name__}: {err}")
         name = uuid.uuid4().hex
         bad = pc.not_equal(table[REJECT], "")
         n_bad = pc.sum(bad.cast("int64")).as_py() or 0
@@ -121,12 +128,27 @@ class EmbedActor:
             good = table.filter(pc.invert(bad)).drop_columns([REJECT])
             written = cache.write_part(good, storage.join(self.out_dir, f"part-{name}.parquet"))
             part, sha256 = written.name, written.sha256
-        return {
-            "rows": np.array([n - n_bad]),
-            "rejects": np.array([n_bad]),
-            "part": np.array([part]),
-            "sha256": np.array([sha256]),
-        }
+        return _result(n - n_bad, n_bad, part, sha256, "")
+
+
+def _result(rows: int, rejects: int, part: str, sha256: str, error: str) -> dict[str, np.ndarray]:
+    """An actor call's one-row answer: what the driver records, or the error that ends it."""
+    return {
+        "rows": np.array([rows]),
+        "rejects": np.array([rejects]),
+        "part": np.array([part]),
+        "sha256": np.array([sha256]),
+        ERROR: np.array([error]),
+    }
+
+
+def actor_error(text: str) -> RaysysError:
+    """An `ERROR` value back as the raysys exception the actor raised."""
+    name, _, message = text.partition(": ")
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, RaysysError)):
+        return RaysysError(text)
+    return cls(message)
 
 
 def embed_batch(

@@ -11,7 +11,7 @@ skipped; damaged files are deleted and their rows re-embedded.
 Layers are stored in `extract.cache_dtype`, resolved per backbone (`embed.cache_dtype`) and
 part of the stage's key, so a float16 and a float32 cache of one model never mix. A value
 float16 cannot hold stops the pass at the first part that has one, with the actor's own
-`CacheError` (not Ray Data's wrapper), rather than rejecting rows until the pass ends.
+`CacheError`, rather than rejecting rows until the pass ends.
 """
 
 from __future__ import annotations
@@ -28,15 +28,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
-import ray.exceptions
 
 from raysys import runtime, storage
 from raysys.backbones import Backbone, configured_backbone
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import Corpus, load_corpus, negative_counts
 from raysys.data import cache
-from raysys.embed import REJECT_PARTS, EmbedActor, Prepare, cache_dtype, layer_dims
-from raysys.errors import ConfigError, CorpusError, RaysysError
+from raysys.embed import (
+    ERROR,
+    REJECT_PARTS,
+    EmbedActor,
+    Prepare,
+    actor_error,
+    cache_dtype,
+    layer_dims,
+)
+from raysys.errors import ConfigError, CorpusError
 
 PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
 PARTS_PER_ACTOR = 8  # enough parts per actor that the pool drains evenly
@@ -305,38 +312,17 @@ def _embed(p: _Pass) -> None:
         num_gpus=p.gpus,
         **parts,
     )
-    ds = ds.select_columns(["part", "sha256"])
-    # The actors' own exception, not Ray Data's UserCodeException (which loses its cause on
-    # the way to the driver): a raysys error then reaches the user as itself.
-    ds.context.raise_original_map_exception = True
+    results = iter(ds.select_columns(["part", "sha256", ERROR]).iter_rows())
     try:
-        rows = ds.take_all()
-    except Exception as err:
-        cause = _user_error(err)
-        if cause is not None:
-            raise cause from None
-        raise
-    for row in rows:
-        if row["part"]:
-            p.written[str(row["part"])] = str(row["sha256"])
-
-
-RAY_DATA_SUFFIX = "\nFailed to apply UDF transform"  # what Ray Data appends to a UDF's error
-
-
-def _user_error(err: BaseException) -> RaysysError | None:
-    """The raysys error an actor raised, however Ray wrapped it, as a plain instance of its
-    class with the actor's message (Ray Data appends advice on retries that does not apply)."""
-    for _ in range(8):
-        if isinstance(err, RaysysError) and not isinstance(err, ray.exceptions.RayError):
-            message = str(err.args[0]) if err.args else str(err)
-            return type(err)(message.split(RAY_DATA_SUFFIX, 1)[0])
-        cause = getattr(err, "cause", None)
-        nxt = cause if isinstance(cause, BaseException) else err.__cause__
-        if nxt is None:
-            return None
-        err = nxt
-    return None
+        for row in results:  # in the order parts finish, as they finish
+            if row[ERROR]:
+                raise actor_error(row[ERROR])  # the first bad part ends the pass
+            if row["part"]:
+                p.written[str(row["part"])] = str(row["sha256"])
+    finally:
+        # Stops the pass now (not when a traceback holding it is freed): its actors exit and
+        # free their CPUs for whatever runs next in this process.
+        getattr(results, "close", lambda: None)()
 
 
 class _SkipDone:

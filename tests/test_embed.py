@@ -14,7 +14,7 @@ import torch
 
 from raysys.backbones import REJECT, Backbone, get_backbone
 from raysys.data import cache
-from raysys.embed import REJECT_PARTS, EmbedActor, cache_dtype, embed_batch
+from raysys.embed import ERROR, REJECT_PARTS, EmbedActor, actor_error, cache_dtype, embed_batch
 from raysys.errors import CacheError
 
 
@@ -102,11 +102,15 @@ def test_model_nan_is_a_reject_and_overflow_stops_the_part() -> None:
 def test_an_actor_writes_nothing_of_a_part_that_overflows(tmp_path) -> None:
     actor = EmbedActor(Given(), False, 1, str(tmp_path), batch_size=2)
     fine = actor(_batch([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [np.nan, 0.0, 0.0]]))
-    assert (int(fine["rows"][0]), int(fine["rejects"][0])) == (2, 1)
+    assert (int(fine["rows"][0]), int(fine["rejects"][0]), fine[ERROR][0]) == (2, 1, "")
     written = {p.name for p in tmp_path.rglob("*.parquet")}
     # The overflow is in the part's second forward batch: its first is not written either.
-    with pytest.raises(CacheError, match="layer L00 has values up to 100,000"):
-        actor(_batch([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [1e5, 0.0, 0.0]]))
+    bad = actor(_batch([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [1e5, 0.0, 0.0]]))
+    assert (int(bad["rows"][0]), int(bad["rejects"][0]), bad["part"][0]) == (0, 0, "")
+    # The error travels back as data (Ray Data would lose a raised one's cause); the driver
+    # raises it as the very class and message the actor saw.
+    err = actor_error(str(bad[ERROR][0]))
+    assert type(err) is CacheError and "layer L00 has values up to 100,000" in str(err)
     assert {p.name for p in tmp_path.rglob("*.parquet")} == written
     assert len(list((tmp_path / REJECT_PARTS).iterdir())) == 1  # the first part's NaN row
     (part,) = tmp_path.glob("part-*.parquet")

@@ -209,6 +209,67 @@ def test_text_rejects_empty_captions(ray_cluster, tmp_path) -> None:
     }
 
 
+def _loud_bert(folder: Path) -> str:
+    """A tiny BERT (an encoder: `auto` caches it in float16) whose embedding LayerNorm is
+    scaled by 1e5, so its layer 0 holds values far past float16's 65,504."""
+    import transformers as T
+
+    words = "a the red blue green circle square left right of".split()
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words]))
+    torch.manual_seed(0)
+    config = T.BertConfig(
+        vocab_size=4 + len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    model = T.BertModel(config)
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight.mul_(1e5)
+    model.save_pretrained(folder)
+    T.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def test_a_float16_overflow_stops_the_pass_at_its_first_part(ray_cluster, tmp_path) -> None:
+    """Issue 17: a layer past float16's range fails the pass with the actor's own CacheError
+    (not Ray Data's wrapper) before any part is written, instead of rejecting every row part
+    after part; stored as float32, the same pass keeps the values."""
+    from raysys.backbones import get_backbone
+
+    backbone = get_backbone(_loud_bert(tmp_path / "bert"), "text")
+    words = ["red circle", "blue square left of a green circle", "the circle"]
+    table = pa.table(
+        {
+            "id": [f"t{i}" for i in range(48)],
+            "caption": [words[i % 3] for i in range(48)],
+            "negative": [words[(i + 1) % 3] for i in range(48)],
+        }
+    )
+    ecfg = ExtractConfig(batch_size=4, part_rows=8)  # 12 parts of 4 rows
+    started = time.perf_counter()
+    with pytest.raises(CacheError) as err:
+        run_pass(backbone, table, tmp_path / "f16", ecfg, {})
+    assert type(err.value) is CacheError  # the plain raysys error, as the CLI prints it
+    message = str(err.value)
+    for part in (backbone.name, "layer L00", "past float16", "extract.cache_dtype=float32"):
+        assert part in message, part
+    assert "Failed to apply UDF" not in message  # Ray Data's retry advice is cut
+    written = list((tmp_path / "f16").rglob("*.parquet"))
+    assert written == []  # no part, and no row rejected one by one
+    assert cache.read_manifest(tmp_path / "f16") is None
+    print(f"failed after {time.perf_counter() - started:.1f}s")
+
+    ecfg.cache_dtype = "float32"
+    manifest = run_pass(backbone, table, tmp_path / "f32", ecfg, {})
+    assert (manifest["dtype"], manifest["rows"], manifest["rejects"]) == ("float32", 48, 0)
+    ids, layers = cache.read_layers(tmp_path / "f32", ["L00", "neg_L00"])
+    assert layers["L00"].dtype == np.float32 and np.abs(layers["L00"]).max() > 65504
+    assert np.isfinite(layers["neg_L00"]).all()
+
+
 def test_killed_extraction_resumes_exactly(ray_cluster, tmp_path) -> None:
     """Kill a real `raysys extract` half-way (its whole process group: the driver and the
     private Ray it started), rerun it: one row per id, none missing, and the parts the killed
