@@ -12,7 +12,7 @@ from raysys.errors import ConfigError
 from raysys.report.schema import metric_names
 
 if TYPE_CHECKING:
-    from raysys.data.cache import Pairs
+    from raysys.data.pairs import Pairs
     from raysys.data.source import PairSource
 
 MIN_EVAL_PAIRS = 4  # unbiased HSIC (unbiased CKA, CKNNA) needs more than 3 samples

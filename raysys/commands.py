@@ -22,7 +22,8 @@ from raysys.checks import (
     checked_eval_splits,
 )
 from raysys.config import Config
-from raysys.data.cache import Pairs, resolve_layer
+from raysys.data.cache import resolve_layer
+from raysys.data.pairs import Pairs
 from raysys.data.source import PairSource, pair_source
 from raysys.errors import ConfigError, Interrupted, RaysysError
 from raysys.evaluate import score_model, score_raw

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysys import storage
+from raysys.data.pairs import Pairs
 from raysys.errors import CacheError
 
 MANIFEST = "manifest.json"
@@ -393,28 +394,6 @@ def _read_wanted(
         for c in columns:
             out[c][here[hit]] = to_numpy(batch.column(c).filter(mask))
         found[here[hit]] = True
-
-
-@dataclass
-class Pairs:
-    """One split's aligned arrays: row i of `image`, `text` and `negative` belong to pair i."""
-
-    pair_ids: np.ndarray
-    image_ids: np.ndarray
-    captions: np.ndarray
-    # Each in its cache's dtype (float16, or float32 for e.g. a decoder LM's text layers).
-    image: np.ndarray  # [N, d_image], repeated when captions share an image
-    text: np.ndarray  # [N, d_text]
-    negative: np.ndarray  # [N, d_text] hard-negative captions' embeddings
-
-    def __len__(self) -> int:
-        return len(self.pair_ids)
-
-    def image_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """Row of each unique image, and per caption the index of its image among those:
-        retrieval ranks unique images, while several captions may share one."""
-        _, first, inverse = np.unique(self.image_ids, return_index=True, return_inverse=True)
-        return first, inverse
 
 
 def resolve_layer(manifest: dict[str, Any], layer: int) -> str:

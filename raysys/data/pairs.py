@@ -18,7 +18,8 @@ class Pairs:
     pair_ids: np.ndarray
     image_ids: np.ndarray
     captions: np.ndarray
-    image: np.ndarray  # [N, d_image] as cached, repeated when captions share an image
+    # Each in its cache's dtype (float16, or float32 for e.g. a decoder LM's text layers).
+    image: np.ndarray  # [N, d_image], repeated when captions share an image
     text: np.ndarray  # [N, d_text]
     negative: np.ndarray  # [N, d_text] hard-negative captions' embeddings
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raysys.data import cache
+from raysys.data.pairs import Pairs
 
 if TYPE_CHECKING:
     from raysys.extract import Extracted
@@ -31,10 +32,10 @@ class PairSource:
     def _args(self) -> tuple[str, str, str, str, str]:
         return (self.corpus_dir, self.image_dir, self.text_dir, self.image_layer, self.text_layer)
 
-    def load(self, split: str, select: np.ndarray | None = None) -> cache.Pairs:
+    def load(self, split: str, select: np.ndarray | None = None) -> Pairs:
         return cache.load_pairs(*self._args(), split, select=select)
 
-    def load_index(self, rows: cache.PairIndex, select: np.ndarray | None = None) -> cache.Pairs:
+    def load_index(self, rows: cache.PairIndex, select: np.ndarray | None = None) -> Pairs:
         """Embeddings of an index from `index()` (or of its `select` positions)."""
         return cache.load_index_rows(
             self.image_dir, self.text_dir, self.image_layer, self.text_layer, rows, select

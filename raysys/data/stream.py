@@ -76,9 +76,9 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
         {"id": "pair_id", source.text_layer: "text", "neg_" + source.text_layer: "negative"}
     )
     # Partitions bound each join task's memory; ~64 MB of embeddings per partition.
-    width = 2 * (
-        column_width(source.image_dir, source.image_layer)
-        + 2 * column_width(source.text_dir, source.text_layer)
+    sides = [(source.image_dir, source.image_layer, 1), (source.text_dir, source.text_layer, 2)]
+    width = sum(  # bytes per joined row: a float32 column counts 4 per value
+        n * column_width(d, c) * value_bytes(d, c) for d, c, n in sides
     )
     parts = max(2, math.ceil(rows * width / 64e6))
     view = pairs.join(texts, "inner", num_partitions=parts, on=("pair_id",))
@@ -223,7 +223,8 @@ def _gib(n: float) -> str:
 
 
 def arrays(batch: Any) -> dict[str, np.ndarray]:
-    """A pyarrow batch of the view as `[rows, dim]` float16 matrices, with NaN or inf rows
+    """A pyarrow batch of the view as `[rows, dim]` matrices in each column's cached dtype
+    (float16, or float32 for a decoder LM's text layers), with NaN or inf rows
     reported by pair id (`cache.check_finite_rows`)."""
     out = {c: cache.to_numpy(batch.column(c)) for c in COLUMNS}
     pair_ids = np.asarray(batch.column("pair_id").to_pylist())

@@ -48,7 +48,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from raysys import config
 from raysys.config import Config
 from raysys.corpora import Corpus
-from raysys.data.cache import Pairs
+from raysys.data.pairs import Pairs
 from raysys.jam import JAM
 
 logger = logging.getLogger(__name__)
