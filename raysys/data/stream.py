@@ -111,15 +111,20 @@ def _read(directory: str, columns: list[str]) -> ray.data.Dataset:
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
 
 
-def column_width(directory: str, column: str) -> int:
-    """An embedding column's dimension, from a cache's Parquet schema."""
+def _column_type(directory: str, column: str) -> Any:
+    """An embedding column's Arrow type (a fixed-size list), from a cache's Parquet schema."""
     files = cache.data_files(directory)
     if not files:
         raise CacheError(f"cache {directory!r} holds no Parquet files")
     schema = cache.parquet_file(files[0]).schema_arrow
     if column not in schema.names:
         raise CacheError(f"layer {column!r} is not in cache {directory!r}")
-    return schema.field(column).type.list_size
+    return schema.field(column).type
+
+
+def column_width(directory: str, column: str) -> int:
+    """An embedding column's dimension."""
+    return _column_type(directory, column).list_size
 
 
 def view_files(directory: str) -> list[str]:
@@ -142,14 +147,8 @@ HOST_SHARE = 4  # a shard may take 1/HOST_SHARE of its worker's share of a node'
 
 def value_bytes(directory: str, column: str) -> int:
     """Bytes per value of an embedding column as cached (and as a worker holds it: float16 is
-    2, float32 4), from a cache's Parquet schema."""
-    files = cache.data_files(directory)
-    if not files:
-        raise CacheError(f"cache {directory!r} holds no Parquet files")
-    schema = cache.parquet_file(files[0]).schema_arrow
-    if column not in schema.names:
-        raise CacheError(f"layer {column!r} is not in cache {directory!r}")
-    return schema.field(column).type.value_type.bit_width // 8
+    2, float32 4)."""
+    return _column_type(directory, column).value_type.bit_width // 8
 
 
 def shard_bytes(rows: int, width: int, workers: int, bytes_per_value: float = 2) -> float:
