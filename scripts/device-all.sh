@@ -2,27 +2,33 @@
 # Every GPU check as one prepared run, for a session that is lent the device (torch and
 # transformers, no Ray): the train worker's code under NCCL (device-train.sh), the training
 # step's throughput (device-step.sh) and extraction's forward with pooling (device-embed.sh).
-# Each stage has its own time limit so one slow stage cannot eat the others' device time;
-# results land under $OUT (the device tool brings that folder back).
+# Each stage has its own time limit so one slow stage cannot eat the others' device time
+# (about 7 minutes in all). The stages work in a scratch folder; $OUT receives only a few
+# small files (the device tool brings back a handful): the GPU and versions, each stage's
+# outcome and log tail, and device.tgz with every log and JSON result.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3}
 OUT=${OUT:-runs/device}
+WORK=$(mktemp -d)
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
-"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
+"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   local started=$SECONDS
-  OUT="$OUT/$name" timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  OUT="$WORK/$name" timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "[device] $name: rc $rc in $((SECONDS - started)) s" | tee -a "$OUT/stages.txt"
-  tail -n 5 "$OUT/$name.log"
+  tail -n 8 "$WORK/$name.log" | tee -a "$OUT/stages.txt"
   [ "$rc" = 0 ] || status=1
 }
-stage train 240 bash scripts/device-train.sh
-stage step 150 bash scripts/device-step.sh
-stage embed 150 bash scripts/device-embed.sh
+stage train 180 bash scripts/device-train.sh
+stage step 120 bash scripts/device-step.sh
+stage embed 120 bash scripts/device-embed.sh
+(cd "$WORK" && find . -type f \( -name '*.json' -o -name '*.log' -o -name '*.csv' \) -print \
+  | tar czf - -T -) > "$OUT/device.tgz"
+rm -rf "$WORK"
 exit $status

@@ -12,6 +12,7 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-runs/device-train}
 DEVICE=${DEVICE:-cuda}
 if [ "$DEVICE" = cuda ]; then
+  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo}  # one machine: NCCL needs no network
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   sizes=(--pairs 100000 --dims 1024,4096 --steps 300 --batch 4096 --eval-every 100)
   settings=(true false)

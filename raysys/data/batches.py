@@ -178,7 +178,7 @@ class MemoryBatches:
             torch.index_select(t, 0, mine, out=buffer)
             out.append(buffer.to(self.device, non_blocking=True))
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the copies' stream
         self.copied[slot] = event
         return tuple(out)
 

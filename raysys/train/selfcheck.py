@@ -13,6 +13,7 @@ writes `<out>/device-train.json` and the command fails when a check does.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -56,6 +57,7 @@ class Check:
     overrides: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=2)  # the full and the resumed run read the same data
 def synthetic(n: int, d_image: int, d_text: int, seed: int) -> Pairs:
     """Pairs whose image and text embeddings share a 32-d latent (the same two projections
     for every split, so retrieval can be learnt), float16 as a cache stores them, with
@@ -225,6 +227,8 @@ def _check(check: Check, device: torch.device, rank: int, backend: str) -> None:
     )
     if rank != 0:
         return
+    for done in [*out.glob("checkpoint-*"), out / "resumed"]:  # ~165 MB each at 1024/4096-d
+        shutil.rmtree(done, ignore_errors=True)
     first, last = reports[0], reports[-1]
     result = {
         "backend": backend,
@@ -309,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         tuple(args.overrides),
     )
+    on_cuda = check.device == "cuda" or (check.device == "auto" and torch.cuda.is_available())
+    if on_cuda and check.world > torch.cuda.device_count():
+        raise SystemExit(
+            f"--world {check.world} needs {check.world} GPUs (NCCL refuses two ranks on one "
+            f"GPU); this machine has {torch.cuda.device_count()}"
+        )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     port = _free_port()
     if check.world == 1:

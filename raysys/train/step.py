@@ -19,7 +19,7 @@ from raysys.errors import CacheError
 from raysys.jam import JAM, JAMConfig, losses
 from raysys.jam.dist import collective_device, gather_with_grad
 
-STATS_CHUNK = 65_536  # rows per chunk of the moments: float64 only a chunk at a time
+STATS_CHUNK_BYTES = 256 << 20  # float64 bytes per chunk of the moments (rows = this / 8d)
 
 
 def jam_config(tcfg: TrainConfig, d_image: int, d_text: int) -> JAMConfig:
@@ -148,21 +148,27 @@ def input_moments(
     image: np.ndarray | torch.Tensor,
     text: np.ndarray | torch.Tensor,
     device: torch.device | str = "cpu",
-    chunk: int = STATS_CHUNK,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """[count, Σx, Σx² of each modality] in float64 on `device`: additive over batches and
-    ranks. Computed `chunk` rows at a time on the device, so a shard is never copied whole
-    into float64 (for a COCO shard of DINOv2-g × Qwen-7B that copy was ~23 GB of host memory)."""
+    ranks. Computed `chunk` rows at a time on the device (by default, as many as fill
+    `STATS_CHUNK_BYTES` in float64), so a shard is never copied whole into float64 (for a COCO
+    shard of DINOv2-g × Qwen-7B that copy was ~23 GB of host memory), and the GPU memory it
+    borrows is handed back before the data placement reads the free memory."""
     device = torch.device(device)
     parts = [torch.tensor([float(len(image))], dtype=torch.float64, device=device)]
     for x in (image, text):
+        rows_per = chunk or max(1, STATS_CHUNK_BYTES // (8 * x.shape[1]))
         total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
         squares = torch.zeros_like(total)
-        for start in range(0, len(x), chunk):
-            rows = torch.as_tensor(x[start : start + chunk]).to(device).double()
+        for start in range(0, len(x), rows_per):
+            rows = torch.as_tensor(x[start : start + rows_per]).to(device).double()
             total += rows.sum(0)
             squares += rows.square().sum(0)
+            del rows
         parts += [total, squares]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return torch.cat(parts)
 
 
