@@ -72,9 +72,24 @@ def encode(model: JAM, pairs: Pairs, batch_size: int = 1024) -> dict[str, torch.
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+# The kernel metrics hold about this many N x N float64 matrices at once (CKNNA the most).
+KERNEL_MATRICES = 10
+
+
+def metric_device(n: int, device: torch.device) -> torch.device:
+    """Where N-pair metrics run: on the GPU the latents are on when their N x N matrices fit
+    in half its free memory (packed trials and a shard held there share it), else the CPU."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if KERNEL_MATRICES * 8 * n * n < free // 2 else torch.device("cpu")
+
+
 def score_model(model: JAM, pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
     """Every results.csv metric for a trained model on one split."""
     z = encode(model, pairs)
+    where = metric_device(len(pairs), z["zi"].device)
+    z = {k: v.to(where) for k, v in z.items()}
     scores = shared_space(z["zi"], z["zt"], z["zn"], pairs, cfg)
     scores |= alignment(z["zi"], z["zt"], cfg)
     # Mean over both modalities of the per-feature MSE, in the standardised input space.
