@@ -40,44 +40,63 @@ def _dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-def _ref_t2i(v: list[list[float]], t: list[list[float]], s: float) -> float:
-    """Mean over captions of -log softmax over images, target the own image."""
+Keys = list[int] | None  # row i's image; None = every row its own image
+
+
+def _other_of_same(keys: Keys, i: int, j: int) -> bool:
+    """Rows i != j show one image: neither is the other's negative."""
+    return keys is not None and i != j and keys[i] == keys[j]
+
+
+def _ref_t2i(v: list[list[float]], t: list[list[float]], s: float, keys: Keys = None) -> float:
+    """Mean over captions of -log softmax over images, target the own image; other rows of
+    the caption's own image are no candidates."""
     total = 0.0
     for i in range(len(t)):
         num = math.exp(s * _dot(t[i], v[i]))
-        den = sum(math.exp(s * _dot(t[i], v[j])) for j in range(len(v)))
+        den = sum(
+            math.exp(s * _dot(t[i], v[j])) for j in range(len(v)) if not _other_of_same(keys, i, j)
+        )
         total += -math.log(num / den)
     return total / len(t)
 
 
-def _ref_negcon(images, pos, neg, s: float) -> float:
+def _ref_con(images, pos, s: float, keys: Keys = None) -> float:
+    v, t = ([_unit(x) for x in rows] for rows in (images, pos))
+    return 0.5 * (_ref_t2i(t, v, s, keys) + _ref_t2i(v, t, s, keys))
+
+
+def _ref_negcon(images, pos, neg, s: float, keys: Keys = None) -> float:
     v, t, n = ([_unit(x) for x in rows] for rows in (images, pos, neg))
-    captions = t + n
     i2t = 0.0
     for i in range(len(v)):
-        den = sum(math.exp(s * _dot(v[i], c)) for c in captions)
+        den = sum(
+            math.exp(s * _dot(v[i], t[j])) for j in range(len(t)) if not _other_of_same(keys, i, j)
+        )
+        den += sum(math.exp(s * _dot(v[i], c)) for c in n)  # hard negatives always count
         i2t += -math.log(math.exp(s * _dot(v[i], t[i])) / den)
-    return 0.5 * (i2t / len(v) + _ref_t2i(v, t, s))
+    return 0.5 * (i2t / len(v) + _ref_t2i(v, t, s, keys))
 
 
-def _ref_context(t: list[list[float]], i: int, k: int) -> list[int]:
-    """Indices into positives of the k other captions most cosine-similar to t_i."""
-    others = sorted((j for j in range(len(t)) if j != i), key=lambda j: -_dot(t[i], t[j]))
-    return others[:k]
+def _ref_context(t: list[list[float]], i: int, k: int, keys: Keys = None) -> list[int]:
+    """Indices into positives of the k other captions most cosine-similar to t_i, none of
+    t_i's own image."""
+    others = (j for j in range(len(t)) if j != i and not _other_of_same(keys, i, j))
+    return sorted(others, key=lambda j: -_dot(t[i], t[j]))[:k]
 
 
-def _ref_spread(images, pos, neg, s: float, alpha: float, k: int) -> float:
+def _ref_spread(images, pos, neg, s: float, alpha: float, k: int, keys: Keys = None) -> float:
     v, t, n = ([_unit(x) for x in rows] for rows in (images, pos, neg))
-    captions = t + n
     img = 0.0
     for i in range(len(v)):
-        context = [t[i], n[i]] + [t[j] for j in _ref_context(t, i, k)]
+        candidates = [t[j] for j in range(len(t)) if not _other_of_same(keys, i, j)] + n
+        context = [t[i], n[i]] + [t[j] for j in _ref_context(t, i, k, keys)]
         e_ctx = sum(math.exp(s * _dot(v[i], c)) for c in context)
-        e_all = sum(math.exp(s * _dot(v[i], c)) for c in captions)
+        e_all = sum(math.exp(s * _dot(v[i], c)) for c in candidates)
         concon = -math.log(e_ctx / e_all)
         context_nce = -math.log(math.exp(s * _dot(v[i], t[i])) / e_ctx)
         img += (1 - alpha) * concon + alpha * context_nce
-    return 0.5 * (img / len(v) + _ref_t2i(v, t, s))
+    return 0.5 * (img / len(v) + _ref_t2i(v, t, s, keys))
 
 
 # --- con == open_clip ClipLoss ----------------------------------------------------------------
@@ -290,3 +309,149 @@ def test_reconstruction_is_float32_inside_a_bf16_autocast_region():
         guarded = losses.reconstruction(x.half(), x_hat)
     assert guarded.dtype == torch.float32
     assert abs(float(guarded - plain)) <= 1e-6 * float(plain)
+
+
+# --- Spread's defaults: the authors' context variant, not a re-weighted NegCon ----------------
+
+
+def _negcon_terms(zv: torch.Tensor, zt: torch.Tensor, zn: torch.Tensor, s: float) -> list[float]:
+    """NegCon's two terms, written here: CE(image → positives and negatives), CE(text → image)."""
+    v, t, n = (F.normalize(z, dim=-1) for z in (zv, zt, zn))
+    y = torch.arange(len(v))
+    i2t = F.cross_entropy(s * v @ torch.cat([t, n]).T, y)
+    t2i = F.cross_entropy(s * t @ v.T, y)
+    return [float(i2t), float(t2i)]
+
+
+def _hard_batches(count: int, b: int = 16, d: int = 8) -> list[list[torch.Tensor]]:
+    """Batches where captions cluster (so the K nearest differ from random captions) and each
+    hard negative lies near its positive."""
+    out = []
+    for seed in range(count):
+        centres = _rand(4, d, seed=100 + seed)
+        t = centres.repeat(b // 4, 1) + 0.4 * _rand(b, d, seed=200 + seed)
+        v = t + 0.5 * _rand(b, d, seed=300 + seed)
+        n = t + 0.3 * _rand(b, d, seed=400 + seed)
+        out.append([v, t, n])
+    return out
+
+
+def _lstsq_residual(batches, fn, s: float) -> tuple[torch.Tensor, float]:
+    """Best (a, b) with fn ≈ a·i2t_negcon + b·t2i over the batches, and the largest miss."""
+    x = torch.tensor([_negcon_terms(*z, s) for z in batches], dtype=torch.float64)
+    y = torch.tensor([[float(fn(*z, s))] for z in batches], dtype=torch.float64)
+    coef = torch.linalg.lstsq(x, y).solution
+    return coef.flatten(), float((x @ coef - y).abs().max())
+
+
+def test_default_spread_is_no_reweighting_of_negcon() -> None:
+    batches, s = _hard_batches(8), 1 / 0.07
+    # control: at α = 0.5 one (a, b) = (¼, ½) fits every batch, so the check has power
+    coef, miss = _lstsq_residual(batches, lambda v, t, n, s: losses.spread(v, t, n, s, 0.5, 8), s)
+    assert miss < 1e-12
+    torch.testing.assert_close(coef, torch.tensor([0.25, 0.5], dtype=torch.float64))
+    # the defaults (α = 0.7, K = 8): the best (a, b) still misses some batch by ~0.01
+    _, miss = _lstsq_residual(batches, losses.spread, s)
+    assert miss > 2e-3
+    # and K matters at the defaults
+    v, t, n = batches[0]
+    assert abs(float(losses.spread(v, t, n, s) - losses.spread(v, t, n, s, k=0))) > 1e-3
+    want = _ref_spread(*(z.tolist() for z in batches[0]), s, alpha=0.7, k=8)
+    assert losses.spread(v, t, n, s).item() == pytest.approx(want, abs=TOL64)
+
+
+# --- several captions of one image in a batch -------------------------------------------------
+
+KEYS = [0, 0, 1, 2, 2, 2, 3, 4]  # rows 0-1 and 3-5 show one image each
+
+
+def _same(keys: list[int]) -> torch.Tensor:
+    k = torch.tensor(keys)
+    return k[:, None] == k[None, :]
+
+
+def _batch(seed: int, b: int = len(KEYS), d: int = 5) -> list[torch.Tensor]:
+    return [_rand(b, d, seed=seed + i) for i in range(3)]
+
+
+MASKED = {
+    "con": lambda v, t, n, s, same: losses.con(v, t, s, same=same),
+    "negcon": lambda v, t, n, s, same: losses.negcon(v, t, n, s, same=same),
+    "spread": lambda v, t, n, s, same: losses.spread(v, t, n, s, same=same),
+    "spread_k2": lambda v, t, n, s, same: losses.spread(v, t, n, s, alpha=0.3, k=2, same=same),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_same_without_other_rows_of_an_image_changes_nothing(name: str) -> None:
+    v, t, n = _batch(20)
+    b = len(v)
+    plain = MASKED[name](v, t, n, 4.0, None)
+    for same in (torch.eye(b, dtype=torch.bool), torch.zeros(b, b, dtype=torch.bool)):
+        torch.testing.assert_close(MASKED[name](v, t, n, 4.0, same), plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0])
+def test_masked_losses_match_the_loop_reference(scale: float) -> None:
+    v, t, n = _batch(30)
+    same = _same(KEYS)
+    rows = [z.tolist() for z in (v, t, n)]
+    want = {
+        "con": _ref_con(rows[0], rows[1], scale, KEYS),
+        "negcon": _ref_negcon(*rows, scale, KEYS),
+        "spread": _ref_spread(*rows, scale, 0.7, 8, KEYS),  # K above the 6 candidates of 3-5
+        "spread_k2": _ref_spread(*rows, scale, 0.3, 2, KEYS),
+    }
+    for name, fn in MASKED.items():
+        got = fn(v, t, n, scale, same)
+        assert got.item() == pytest.approx(want[name], abs=TOL64), name
+        assert abs(got.item() - fn(v, t, n, scale, None).item()) > 1e-3, name  # mask matters
+
+
+def test_context_never_picks_a_caption_of_the_same_image() -> None:
+    _, t, _ = _batch(40)
+    b = len(KEYS)
+    units = [_unit(x) for x in t.tolist()]
+    for k in (1, 3, 7):
+        mask = losses.context_mask(t, k, _same(KEYS))
+        for i in range(b):
+            want = {i, b + i} | set(_ref_context(units, i, k, KEYS))
+            assert set(torch.nonzero(mask[i]).flatten().tolist()) == want, (k, i)
+
+
+def _orthonormal_complement(rows: torch.Tensor) -> torch.Tensor:
+    """Columns spanning the space orthogonal to every row of ``rows``."""
+    q, _ = torch.linalg.qr(torch.cat([rows.T, torch.eye(rows.shape[1], dtype=rows.dtype)], 1))
+    return q[:, rows.shape[0] :]
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_masked_loss_ignores_how_a_same_image_caption_sits_to_that_image(name: str) -> None:
+    """Rows 0 and 1 show one image (their latents differ, as dropout makes them). Turn
+    caption 1 so that only its similarity to image 0 and caption 0 changes: every other
+    cosine it enters (images 1-3, captions 2-3) stays put. The masked loss must not move; the
+    unmasked one, which counts caption 1 as a negative of image 0, does."""
+    b, d, s = 4, 8, 5.0
+    v, t, n = (F.normalize(z, dim=-1) for z in (_rand(b, d, seed=s_) for s_ in (50, 51, 52)))
+    keep = torch.cat([v[1:], t[2:]])  # what caption 1's other cosines are taken with
+    basis = _orthonormal_complement(keep)  # [d, d - 5]
+    inside = t[1] - basis @ (basis.T @ t[1])  # the part of t_1 those cosines see
+    away = basis @ (basis.T @ v[0])  # turn what is left towards image 0, same length
+    turned = t.clone()
+    turned[1] = inside + (t[1] - inside).norm() * F.normalize(away, dim=0)
+    assert float(turned[1].norm()) == pytest.approx(1.0, abs=1e-12)
+    assert abs(float(turned[1] @ v[0] - t[1] @ v[0])) > 0.05  # the masked pair does move
+    same = _same([0, 0, 1, 2])
+    fn = MASKED[name]
+    torch.testing.assert_close(fn(v, turned, n, s, same), fn(v, t, n, s, same), atol=TOL64, rtol=0)
+    assert abs(float(fn(v, turned, n, s, None) - fn(v, t, n, s, None))) > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(MASKED))
+def test_masked_gradients_are_finite_at_a_large_scale(name: str) -> None:
+    """-inf logits must leave no NaN behind (softmax weight 0, not inf - inf)."""
+    v, t, n = (z.requires_grad_() for z in _batch(60))
+    loss = MASKED[name](v, t, n, 100.0, _same(KEYS))
+    loss.backward()
+    for z in (v, t) if name == "con" else (v, t, n):
+        assert z.grad is not None and torch.isfinite(z.grad).all()

@@ -15,6 +15,13 @@ Notation: ``v`` image latents ``[B, D]``, ``t`` positive captions ``[B, D]`` and
 negative captions ``[B, D]`` (``n[i]`` is the negative of pair ``i``). Every loss is the mean
 over the batch and returns a 0-d tensor. Log-softmaxes are computed with ``logsumexp`` /
 ``cross_entropy`` only, so a scale of 1e4 is as safe as 1.
+
+Multi-caption corpora (COCO has five captions per image) put several rows of one image in a
+batch. ``same`` (bool ``[B, B]``, symmetric, ``same[i, j]`` when rows ``i`` and ``j`` show the
+same image) removes every off-diagonal such pair from the softmax denominators in both
+directions: another caption of image ``i`` is not a wrong answer for image ``i``, nor is a
+repeat of caption ``i``'s image in another row a wrong image for caption ``i``. Hard negatives
+stay negatives. ``same=None`` treats every row as its own image.
 """
 
 from __future__ import annotations
@@ -69,25 +76,60 @@ def _targets(b: int, device: torch.device) -> torch.Tensor:
     return torch.arange(b, device=device)
 
 
-def _text_to_image(v: torch.Tensor, t: torch.Tensor, s: Scale) -> torch.Tensor:
-    """CE of each positive caption over all images, target its own image."""
-    return F.cross_entropy(s * t @ v.T, _targets(v.shape[0], v.device))
+def _others(same: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor | None:
+    """Off-diagonal part of ``same`` (bool ``[B, B]``): the pairs to drop from denominators.
+    (No check for "none to drop": on a GPU that would be a host sync every step.)"""
+    if same is None:
+        return None
+    if same.shape != (b, b):
+        raise ValueError(f"same must be a bool [{b}, {b}] matrix, got shape {tuple(same.shape)}")
+    eye = torch.eye(b, dtype=torch.bool, device=device)
+    return same.to(device=device, dtype=torch.bool) & ~eye
+
+
+def _drop(logits: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """Mask the first ``B`` columns' dropped pairs to -inf (later columns, the hard negatives,
+    are kept)."""
+    if drop is None:
+        return logits
+    if logits.shape[1] > drop.shape[1]:
+        pad = drop.new_zeros(drop.shape[0], logits.shape[1] - drop.shape[1])
+        drop = torch.cat([drop, pad], dim=1)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _text_to_image(
+    v: torch.Tensor, t: torch.Tensor, s: Scale, drop: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CE of each positive caption over all images (but other rows of its own image), target
+    its own image."""
+    return F.cross_entropy(_drop(s * t @ v.T, drop), _targets(v.shape[0], v.device))
 
 
 @in_float32
-def con(zv: torch.Tensor, zt: torch.Tensor, s: Scale) -> torch.Tensor:
+def con(
+    zv: torch.Tensor, zt: torch.Tensor, s: Scale, same: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): ``½(CE(image→text) + CE(text→image))``.
 
-    Identical to open_clip's single-process ``ClipLoss()(normalize(zv), normalize(zt), s)``.
+    Without ``same`` identical to open_clip's single-process
+    ``ClipLoss()(normalize(zv), normalize(zt), s)``.
     """
     v, t = _unit(zv), _unit(zt)
-    logits = s * v @ t.T
+    drop = _others(same, v.shape[0], v.device)
+    logits = _drop(s * v @ t.T, drop)
     y = _targets(v.shape[0], v.device)
-    return 0.5 * (F.cross_entropy(logits, y) + _text_to_image(v, t, s))
+    return 0.5 * (F.cross_entropy(logits, y) + _text_to_image(v, t, s, drop))
 
 
 @in_float32
-def negcon(zv: torch.Tensor, zt: torch.Tensor, zn: torch.Tensor, s: Scale) -> torch.Tensor:
+def negcon(
+    zv: torch.Tensor,
+    zt: torch.Tensor,
+    zn: torch.Tensor,
+    s: Scale,
+    same: torch.Tensor | None = None,
+) -> torch.Tensor:
     """CLIP with hard negatives on the image side.
 
     Each image is classified over all ``2B`` captions (positives then negatives), target its own
@@ -95,19 +137,21 @@ def negcon(zv: torch.Tensor, zt: torch.Tensor, zn: torch.Tensor, s: Scale) -> to
     CLIP over positives (negatives have no image to point at).
     """
     v, t, n = _unit(zv), _unit(zt), _unit(zn)
+    drop = _others(same, v.shape[0], v.device)
     captions = torch.cat([t, n], dim=0)
     y = _targets(v.shape[0], v.device)
-    i2t = F.cross_entropy(s * v @ captions.T, y)
-    return 0.5 * (i2t + _text_to_image(v, t, s))
+    i2t = F.cross_entropy(_drop(s * v @ captions.T, drop), y)
+    return 0.5 * (i2t + _text_to_image(v, t, s, drop))
 
 
-def context_mask(zt: torch.Tensor, k: int = 0) -> torch.Tensor:
+def context_mask(zt: torch.Tensor, k: int = 0, same: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``[B, 2B]`` mask of each image's context set over ``captions = [t; n]``.
 
     ``C_i = {t_i, n_i}`` plus, for ``k > 0``, the ``k`` other positive captions most
-    cosine-similar to ``t_i``. Selection uses detached latents: which captions are "context" is a
-    discrete choice, not something to differentiate. ``k`` is capped at ``B - 1`` so a small final
-    or per-test batch still works.
+    cosine-similar to ``t_i``, never one of the same image (``same``; it is no negative at
+    all). Selection uses detached latents: which captions are "context" is a discrete choice,
+    not something to differentiate. ``k`` is capped at the candidates there are (``B - 1``
+    less same-image rows), so a small final or per-test batch still works.
     """
     b = zt.shape[0]
     mask = torch.zeros(b, 2 * b, dtype=torch.bool, device=zt.device)
@@ -120,8 +164,13 @@ def context_mask(zt: torch.Tensor, k: int = 0) -> torch.Tensor:
             t = _unit(zt.detach())
             sim = t @ t.T
             sim.fill_diagonal_(float("-inf"))
-            nearest = sim.topk(k, dim=1).indices
-        mask.scatter_(1, nearest, True)
+            drop = _others(same, b, zt.device)
+            if drop is not None:
+                sim = sim.masked_fill(drop, float("-inf"))
+            top = sim.topk(k, dim=1)
+        # a row with fewer than k candidates got -inf picks: those are no context
+        mask.scatter_(1, top.indices, top.values > float("-inf"))
+        mask[idx, idx] = True
     return mask
 
 
@@ -131,8 +180,9 @@ def spread(
     zt: torch.Tensor,
     zn: torch.Tensor,
     s: Scale,
-    alpha: float = 0.5,
-    k: int = 0,
+    alpha: float = 0.7,
+    k: int = 8,
+    same: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Context-spread loss: pull each image to its context, then spread within the context.
 
@@ -148,25 +198,33 @@ def spread(
 
     Note the image term telescopes: it equals ``(1-α)·lse_all + (2α-1)·lse_ctx - α·pos``, so the
     context set only enters with weight ``2α-1``. At ``α = 0.5`` the loss no longer depends on
-    ``C_i`` (or ``k``) at all and is ``½(½·CE(image→all captions) + CE(text→image))``.
+    ``C_i`` (or ``k``) at all and is ``½(½·CE(image→all captions) + CE(text→image))``, a
+    re-weighted NegCon; hence the defaults are the authors' context variant, ``α = 0.7`` and
+    ``K = 8``. Same-image captions (``same``) leave both sums and the context set.
     """
     v, t, n = _unit(zv), _unit(zt), _unit(zn)
     b = v.shape[0]
-    logits = s * v @ torch.cat([t, n], dim=0).T  # [B, 2B]
-    mask = context_mask(zt, k)
+    drop = _others(same, b, v.device)
+    logits = _drop(s * v @ torch.cat([t, n], dim=0).T, drop)  # [B, 2B]
+    mask = context_mask(zt, k, same)
     lse_all = torch.logsumexp(logits, dim=1)
     lse_ctx = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
     positive = logits[_targets(b, v.device), _targets(b, v.device)]
     concon = lse_all - lse_ctx
     context_nce = lse_ctx - positive
     i2t = ((1.0 - alpha) * concon + alpha * context_nce).mean()
-    return 0.5 * (i2t + _text_to_image(v, t, s))
+    return 0.5 * (i2t + _text_to_image(v, t, s, drop))
 
 
 @in_float32
 def reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all elements, in at least float32 (a float16 target, as the
-    cache stores it, meets a float32 prediction)."""
+    cache stores it, meets a float32 prediction).
+
+    JAM calls it in the standardised-feature space (:meth:`JAM.standardize_image` /
+    ``standardize_text``: per-feature train-split mean and std), so every feature weighs
+    alike and the value is comparable across backbones and layers (1.0 = predicting the mean).
+    """
     return F.mse_loss(x_hat, x.to(x_hat.dtype))
 
 
