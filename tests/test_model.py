@@ -41,6 +41,22 @@ def test_forward_shapes_and_cross() -> None:
     torch.testing.assert_close(cross["text_from_image"], m.decode_text(out["zi"]))
 
 
+def test_negatives_are_encoded_with_the_captions_but_never_decoded() -> None:
+    m = _model().eval()
+    img, txt = _inputs()
+    m.fit_input_stats(3 * img + 1, 2 * txt - 1)  # a standardisation that is no identity
+    neg = txt.flip(0) + 0.3
+    out = m(img, txt, cross=True, negative=neg)
+    plain = m(img, txt, cross=True)
+    assert set(out) == set(plain) | {"zn"}
+    torch.testing.assert_close(out["zn"], m.encode_text(neg))
+    for key, value in plain.items():  # positives' outputs are those of a call without them
+        assert value.shape == out[key].shape, key
+        torch.testing.assert_close(out[key], value, msg=key)
+    # targets are the standardised inputs, by hand
+    torch.testing.assert_close(out["text_target"], (txt - m.text_mean) / m.text_std)
+
+
 def test_encode_text_handles_negatives_with_extra_dims() -> None:
     m = _model().eval()
     _, txt = _inputs(b=6)

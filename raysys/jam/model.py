@@ -215,19 +215,34 @@ class JAM(nn.Module):
         return self.text.decoder(z)
 
     def forward(
-        self, image: torch.Tensor, text: torch.Tensor, cross: bool = False
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        cross: bool = False,
+        negative: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode both modalities and reconstruct each from its own latent.
 
-        Reconstructions live in the standardised input space; ``image_target`` and
-        ``text_target`` are the inputs in that space, ready for the reconstruction loss.
+        Reconstructions live in the standardised-feature space (each input feature less its
+        train-split mean, over its train-split std; :meth:`standardize_image`); ``image_target``
+        and ``text_target`` are the inputs in that space, ready for the reconstruction loss.
+
+        ``negative`` (hard-negative captions, as ``text``) is encoded in the same text-encoder
+        pass as ``text`` and returned as ``zn`` but never decoded: negatives serve the
+        alignment terms only, as in the authors' loss (``½(MSE(image) + MSE(positive))``).
 
         With ``cross=True`` also decode each latent through the *other* modality's decoder
-        (``text_from_image``, ``image_from_text``), which is only meaningful once the latents
-        are aligned, hence opt-in.
+        (``text_from_image``, ``image_from_text``; positives only), which is only meaningful
+        once the latents are aligned, hence opt-in.
         """
         image, text = self.standardize_image(image), self.standardize_text(text)
-        zi, zt = self.image.encoder(image), self.text.encoder(text)
+        zi = self.image.encoder(image)
+        if negative is None:
+            zt = self.text.encoder(text)
+        else:
+            b = text.shape[0]
+            z = self.text.encoder(torch.cat([text, self.standardize_text(negative)]))
+            zt, zn = z[:b], z[b:]
         out = {
             "zi": zi,
             "zt": zt,
@@ -236,6 +251,8 @@ class JAM(nn.Module):
             "image_hat": self.decode_image(zi),
             "text_hat": self.decode_text(zt),
         }
+        if negative is not None:
+            out["zn"] = zn
         if cross:
             out["text_from_image"] = self.decode_text(zi)
             out["image_from_text"] = self.decode_image(zt)
