@@ -1,7 +1,10 @@
-"""The training step without Ray: schedules, batching, that a step actually learns, and NaN
-rows in a streamed batch named by pair id."""
+"""The training step without Ray: schedules, batching, that a step actually learns, its
+reconstruction and same-image terms against hand computations, and NaN rows in a streamed
+batch named by pair id."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 
 from raysys import config
 from raysys.data.batches import BatchPlan, keep_on_device
-from raysys.jam import JAM
+from raysys.jam import JAM, losses
 from raysys.train.loop import Progress, read_state, save_checkpoint
 from raysys.train.step import (
     Trainer,
@@ -163,6 +166,98 @@ def test_training_steps_reduce_the_loss(objective: str) -> None:
     assert trainer.step == 60 and last["lr"] < first["lr"]
 
 
+def _exact_trainer(*overrides: str) -> tuple[Trainer, JAM]:
+    """A deterministic trainer (no dropout, no clipping) and an untouched copy of its model."""
+    torch.manual_seed(0)
+    cfg = config.load(
+        None,
+        ["train.hidden=16", "train.latent=8", "train.dropout=0", "train.grad_clip=0", *overrides],
+    )
+    image, text, _ = _toy()
+    model = JAM(jam_config(cfg.train, 24, 16))
+    model.fit_input_stats(image, text)
+    return Trainer(model, cfg.train, total_steps=10), copy.deepcopy(model)
+
+
+def _mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((x - y) ** 2).mean()
+
+
+def _by_hand(m: JAM, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four reconstruction errors in the standardised-feature space, from the model's
+    public encode/decode/standardise methods."""
+    x, y = m.standardize_image(image), m.standardize_text(text)
+    zi, zt = m.encode_image(image), m.encode_text(text)
+    return {
+        "image": _mse(m.decode_image(zi), x),
+        "text": _mse(m.decode_text(zt), y),
+        "text_from_image": _mse(m.decode_text(zi), y),
+        "image_from_text": _mse(m.decode_image(zt), x),
+    }
+
+
+def test_reconstruction_is_half_image_plus_positive_caption_only() -> None:
+    image, text, negative = _toy()
+    trainer, before = _exact_trainer("train.objective=negcon")
+    step = trainer.train_step(image, text, negative)
+    hand = _by_hand(before, image, text)
+    want = 0.5 * (hand["image"] + hand["text"])
+    torch.testing.assert_close(step["rec"], want.detach(), atol=1e-6, rtol=1e-5)
+    # other hard negatives: another alignment loss, the same reconstruction
+    again, _ = _exact_trainer("train.objective=negcon")
+    other = again.train_step(image, text, negative.flip(0) * 2)
+    torch.testing.assert_close(other["rec"], step["rec"], atol=0, rtol=0)
+    assert abs(float(other["align"] - step["align"])) > 1e-3
+
+
+def test_cross_reconstruction_step_has_the_joint_loss_and_its_gradients() -> None:
+    image, text, negative = _toy()
+    trainer, before = _exact_trainer("train.objective=negcon", "train.cross_reconstruction=true")
+    step = trainer.train_step(image, text, negative)
+    hand = _by_hand(before, image, text)
+    rec = sum(hand.values()) / 4
+    torch.testing.assert_close(step["rec"], rec.detach(), atol=1e-6, rtol=1e-5)
+    # the whole step's loss by hand: its gradients are the ones the trainer stepped with
+    zi, zt = before.encode_image(image), before.encode_text(text)
+    align = losses.negcon(zi, zt, before.encode_text(negative), before.logit_scale())
+    torch.testing.assert_close(step["align"], align.detach(), atol=1e-6, rtol=1e-5)
+    (align + step["lambda"] * rec).backward()
+    got = dict(trainer.jam.named_parameters())
+    for name, p in before.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[name].grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # each decoder learns from the other modality's latent: a cross term alone reaches both
+    # the other encoder and the decoder
+    before.zero_grad()
+    hand = _by_hand(before, image, text)
+    (hand["text_from_image"] + hand["image_from_text"]).backward()
+    for part in ("image.encoder", "text.decoder", "text.encoder", "image.decoder"):
+        grads = [p.grad for n, p in before.named_parameters() if n.startswith(part)]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, part
+
+
+def test_image_keys_keep_captions_of_one_image_from_being_negatives() -> None:
+    image, text, negative = _toy()
+    keys = torch.arange(len(image)) // 2  # rows 2i and 2i+1 show one image
+    for objective in ("con", "negcon", "spread"):
+        trainer, before = _exact_trainer(f"train.objective={objective}")
+        step = trainer.train_step(image, text, negative, image_keys=keys)
+        zi, zt, zn = (
+            before.encode_image(image),
+            *before.encode_text(torch.stack([text, negative])),
+        )
+        same = keys[:, None] == keys[None, :]
+        want = alignment_loss(trainer.tcfg, zi, zt, zn, before.logit_scale(), same).detach()
+        torch.testing.assert_close(step["align"], want, atol=1e-6, rtol=1e-5)
+        plain = alignment_loss(trainer.tcfg, zi, zt, zn, before.logit_scale()).detach()
+        assert abs(float(plain - want)) > 1e-3, objective
+        # distinct keys are today's behaviour (None)
+        a, _ = _exact_trainer(f"train.objective={objective}")
+        b, _ = _exact_trainer(f"train.objective={objective}")
+        distinct = a.train_step(image, text, negative, image_keys=torch.arange(len(image)) + 7)
+        torch.testing.assert_close(distinct["align"], b.train_step(image, text, negative)["align"])
+
+
 def test_lr_warms_up_then_decays_to_zero() -> None:
     cfg = config.load(None, ["train.warmup_steps=5", "train.lr=1.0"])
     trainer = Trainer(JAM(jam_config(cfg.train, 4, 4)), cfg.train, total_steps=100)
@@ -205,9 +300,13 @@ def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
             "image": cache.float16_list_array(image),
             "text": cache.float16_list_array(text),
             "negative": cache.float16_list_array(text),
+            "image_id": ["x", "x", "y"],
         }
     )
-    assert arrays(batch)["image"].shape == (3, 4)
+    out = arrays(batch)
+    assert out["image"].shape == (3, 4)
+    keys = out["image_keys"].tolist()
+    assert keys[0] == keys[1] != keys[2]
     text[1, 0] = np.inf
     bad = batch.set_column(2, "text", cache.float16_list_array(text))
     with pytest.raises(CacheError, match=r"1 pair\(s\) have NaN or inf.*\['b'\]"):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from raysys.config import TrainConfig
 from raysys.errors import CacheError
 from raysys.jam import JAM, JAMConfig, losses
-from raysys.jam.dist import collective_device, gather_with_grad
+from raysys.jam.dist import collective_device, gather_keys, gather_with_grad
 
 STATS_CHUNK_BYTES = 256 << 20  # float64 bytes per chunk of the moments (rows = this / 8d)
 
@@ -45,13 +45,39 @@ def check_dims(model: JAM, d_image: int, d_text: int, what: str) -> None:
 
 
 def alignment_loss(
-    tcfg: TrainConfig, zi: torch.Tensor, zt: torch.Tensor, zn: torch.Tensor, s: torch.Tensor
+    tcfg: TrainConfig,
+    zi: torch.Tensor,
+    zt: torch.Tensor,
+    zn: torch.Tensor,
+    s: torch.Tensor,
+    same: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The configured objective on global-batch latents; ``same`` (bool ``[B, B]``) marks rows
+    of one image, which are never each other's negatives."""
     if tcfg.objective == "con":
-        return losses.con(zi, zt, s)
+        return losses.con(zi, zt, s, same=same)
     if tcfg.objective == "negcon":
-        return losses.negcon(zi, zt, zn, s)
-    return losses.spread(zi, zt, zn, s, alpha=tcfg.alpha, k=tcfg.k)
+        return losses.negcon(zi, zt, zn, s, same=same)
+    return losses.spread(zi, zt, zn, s, alpha=tcfg.alpha, k=tcfg.k, same=same)
+
+
+def reconstruction_loss(out: dict[str, torch.Tensor], cross: bool) -> torch.Tensor:
+    """The authors' reconstruction term, in the standardised-feature space of `JAM.forward`.
+
+    Own: ``½(MSE(image) + MSE(positive caption))``; hard negatives are not reconstructed (they
+    would let even Con see them, and double the text term). With ``cross`` (the joint variant)
+    the two cross-modal terms, each modality decoded from the other's latent, join the
+    average: ``¼(MSE(image) + MSE(caption) + MSE(caption ← image) + MSE(image ← caption))``,
+    i.e. ``½·own + ½·cross``, so λ weighs reconstruction the same either way.
+    """
+    terms = [
+        losses.reconstruction(out["image_target"], out["image_hat"]),
+        losses.reconstruction(out["text_target"], out["text_hat"]),
+    ]
+    if cross:
+        terms.append(losses.reconstruction(out["text_target"], out["text_from_image"]))
+        terms.append(losses.reconstruction(out["image_target"], out["image_from_text"]))
+    return torch.stack(terms).mean()
 
 
 class Trainer:
@@ -81,29 +107,35 @@ class Trainer:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def train_step(
-        self, image: torch.Tensor, text: torch.Tensor, negative: torch.Tensor
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        negative: torch.Tensor,
+        image_keys: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """One optimisation step on this rank's slice of the global batch.
+
+        `image_keys` (int64 ``[b]``, equal for this rank's rows of one image; None = every row
+        its own image) are gathered with the latents, so no caption of an image is a negative
+        for another row of it anywhere in the global batch.
 
         Returns the step's statistics as device tensors (and the λ and learning rate it used
         as floats): reading a tensor on the host waits for the GPU's queue to drain, so
         `host_stats` reads a whole window of steps at once."""
         self.model.train()
-        b = len(text)
+        cross = self.tcfg.cross_reconstruction
+        same = None
+        if image_keys is not None:
+            keys = gather_keys(image_keys.to(image.device))
+            same = keys[:, None] == keys[None, :]
         with self._autocast(image.device):
-            out = self.model(
-                image, torch.cat([text, negative]), cross=self.tcfg.cross_reconstruction
-            )
+            out = self.model(image, text, cross=cross, negative=negative)
             zi = gather_with_grad(out["zi"])
-            zt = gather_with_grad(out["zt"][:b])
-            zn = gather_with_grad(out["zt"][b:])
+            zt = gather_with_grad(out["zt"])
+            zn = gather_with_grad(out["zn"])
             scale = self.jam.logit_scale()
-            align = alignment_loss(self.tcfg, zi, zt, zn, scale)
-            rec = losses.reconstruction(out["image_target"], out["image_hat"])
-            rec = rec + losses.reconstruction(out["text_target"], out["text_hat"])
-            if self.tcfg.cross_reconstruction:
-                rec = rec + losses.reconstruction(out["text_target"][:b], out["text_from_image"])
-                rec = rec + losses.reconstruction(out["image_target"], out["image_from_text"][:b])
+            align = alignment_loss(self.tcfg, zi, zt, zn, scale, same)
+            rec = reconstruction_loss(out, cross)
         lam = losses.lambda_schedule(
             self.step, self.total_steps, self.tcfg.lambda_start, self.tcfg.lambda_end
         )
