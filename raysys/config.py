@@ -118,6 +118,12 @@ class TrainConfig:
     memory), auto streams the split through Ray Data instead; `stream` forces that. Streamed
     batches are drawn by Ray Data (files shuffled per epoch, a local shuffle buffer), not by
     the fixed shards above.
+
+    Spread's `alpha` and `k` default to the authors' context variant (α = 0.7, K = 8 nearest
+    other captions in the context set): at α = 0.5 its two terms cancel in the context set and
+    it is a re-weighted NegCon whatever `k`. The reconstruction term is ½(MSE(image) +
+    MSE(positive caption)) in the standardised-feature space (hard negatives only align);
+    `cross_reconstruction` adds the two cross-modal terms to that average (¼ of the four).
     """
 
     objective: str = "con"
@@ -128,8 +134,8 @@ class TrainConfig:
     dropout: float = 0.1
     logit_scale: float = 1 / 0.07
     learn_logit_scale: bool = False
-    alpha: float = 0.5
-    k: int = 0
+    alpha: float = 0.7
+    k: int = 8
     cross_reconstruction: bool = False
     lambda_start: float = 1.0
     lambda_end: float = 0.1

@@ -111,3 +111,33 @@ def test_loopback_settings_only_for_a_private_ray(extra: dict[str, str], pinned:
         [sys.executable, "-c", code], env=keep | extra, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ("lo" if pinned else "-")
+
+
+def test_spread_defaults_are_the_authors_context_variant_everywhere() -> None:
+    """α = 0.5 would make Spread a re-weighted NegCon; the config and the loss agree on 0.7/8."""
+    import inspect
+
+    from raysys.jam import losses
+
+    train = config.load().train
+    params = inspect.signature(losses.spread).parameters
+    assert (train.alpha, train.k) == (0.7, 8)
+    assert (params["alpha"].default, params["k"].default) == (train.alpha, train.k)
+
+
+def test_paper_objectives_sweeps_spread_and_cross_reconstruction() -> None:
+    from pathlib import Path
+
+    from raysys.sweep.plan import param_grid
+
+    cfg = config.load(str(Path(__file__).parents[1] / "jobs" / "paper-objectives.yaml"))
+    grids = {objective: param_grid(cfg, objective) for objective in cfg.objectives}
+    spread = {
+        (p["train.alpha"], p["train.k"], p["train.cross_reconstruction"]) for p in grids["spread"]
+    }
+    assert spread == {(a, k, c) for a in (0.5, 0.7, 0.9) for k in (0, 8) for c in (False, True)}
+    for objective in ("con", "negcon"):
+        assert grids[objective] == [
+            {"train.cross_reconstruction": False},
+            {"train.cross_reconstruction": True},
+        ]
