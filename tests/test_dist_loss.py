@@ -3,7 +3,9 @@
 Each rank encodes half the batch with a DDP-wrapped encoder, gathers latents with
 :func:`gather_with_grad`, computes the loss on the gathered batch and backpropagates; after DDP
 averages gradients, every rank must hold exactly the single-process gradient of the loss on the
-full batch. Runs on loopback only (``tcp://127.0.0.1``, ``GLOO_SOCKET_IFNAME=lo``).
+full batch. Rows of one image (image keys, gathered with :func:`gather_keys`, some spanning the
+two ranks) are masked alike in both. Runs on loopback only (``tcp://127.0.0.1``,
+``GLOO_SOCKET_IFNAME=lo``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raysys.jam import losses
-from raysys.jam.dist import gather_with_grad
+from raysys.jam.dist import gather_keys, gather_with_grad
 
 WORLD = 2
 PER_RANK = 4
@@ -31,12 +33,21 @@ SCALE = 10.0
 TOL = 1e-9  # float64: only summation order differs between the two computations
 TIMEOUT_S = 60.0
 
+# rows 3 (rank 0) and 4 (rank 1) show one image, as do rows 5 and 6
+KEYS = torch.tensor([10, 11, 12, 13, 13, 14, 14, 15], dtype=torch.int64)
+
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "con": lambda zv, zt, zn: losses.con(zv, zt, SCALE),
-    "negcon": lambda zv, zt, zn: losses.negcon(zv, zt, zn, SCALE),
-    "spread_a0.5_k1": lambda zv, zt, zn: losses.spread(zv, zt, zn, SCALE, alpha=0.5, k=1),
-    "spread_a0.3_k3": lambda zv, zt, zn: losses.spread(zv, zt, zn, SCALE, alpha=0.3, k=3),
+    "con": lambda zv, zt, zn, same: losses.con(zv, zt, SCALE),
+    "negcon": lambda zv, zt, zn, same: losses.negcon(zv, zt, zn, SCALE),
+    "spread_a0.5_k1": lambda zv, zt, zn, same: losses.spread(zv, zt, zn, SCALE, alpha=0.5, k=1),
+    "spread_a0.3_k3": lambda zv, zt, zn, same: losses.spread(zv, zt, zn, SCALE, alpha=0.3, k=3),
+    "con_same": lambda zv, zt, zn, same: losses.con(zv, zt, SCALE, same=same),
+    "spread_same": lambda zv, zt, zn, same: losses.spread(zv, zt, zn, SCALE, same=same),
 }
+
+
+def _same(keys: torch.Tensor) -> torch.Tensor:
+    return keys[:, None] == keys[None, :]
 
 
 class Towers(nn.Module):
@@ -80,11 +91,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model, img, txt, neg = _problem()
         ddp = DDP(model)
         part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        keys = gather_keys(KEYS[part])
+        assert torch.equal(keys, KEYS), keys
         results = {}
         for name, fn in LOSSES.items():
             ddp.zero_grad(set_to_none=True)
             zv, zt, zn = ddp(img[part], txt[part], neg[part])
-            loss = fn(gather_with_grad(zv), gather_with_grad(zt), gather_with_grad(zn))
+            gathered = (gather_with_grad(z) for z in (zv, zt, zn))
+            loss = fn(*gathered, _same(keys))
             loss.backward()
             results[name] = (loss.detach(), _grads(model))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -117,7 +131,7 @@ def _single_process() -> dict:
     out = {}
     for name, fn in LOSSES.items():
         model.zero_grad(set_to_none=True)
-        loss = fn(*model(img, txt, neg))
+        loss = fn(*model(img, txt, neg), _same(KEYS))
         loss.backward()
         out[name] = (loss.detach(), _grads(model))
     return out
@@ -126,12 +140,14 @@ def _single_process() -> dict:
 def test_gather_is_identity_without_process_group() -> None:
     x = torch.randn(3, 2)
     assert gather_with_grad(x) is x
+    assert gather_keys(KEYS) is KEYS
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     ranks = _run_two_ranks(tmp_path)
     ref = _single_process()
+    assert abs(float(ref["con_same"][0] - ref["con"][0])) > 1e-3  # the keys mask something
     for name, (ref_loss, ref_grads) in ref.items():
         assert all(g.abs().sum() > 0 for g in ref_grads.values()), name
         for rank, res in enumerate(ranks):

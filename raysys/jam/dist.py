@@ -60,3 +60,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         # function still works and is what open_clip uses, so keep it and stay quiet.
         warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_keys(keys: torch.Tensor) -> torch.Tensor:
+    """All-gather a per-row key tensor (e.g. int64 image keys ``[b]``) along dim 0 in rank
+    order, without autograd: keys only say which rows belong together, nothing to learn.
+
+    Without a process group ``keys`` is returned unchanged. The collective runs where the
+    backend takes tensors (:func:`collective_device`: NCCL needs CUDA, gloo takes either) and
+    the result comes back on ``keys``' device. Like :func:`gather_with_grad`, every rank must
+    pass the same shape, which equal per-rank batches give.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return keys
+    local = keys.to(collective_device(keys.device)).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts, dim=0).to(keys.device)
