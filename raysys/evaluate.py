@@ -2,6 +2,9 @@
 
 The raw row is the paper's baseline: how aligned two independently trained models already are.
 Retrieval and hard-negative accuracy need one shared space, so the raw row leaves them empty.
+The alignment metrics take one caption per image (its first in the split), as platonic-rep
+does: with COCO's five captions, repeated images would otherwise count as each other's
+nearest neighbours.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def shared_space(
 
 
 def score_raw(pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
-    return alignment(pairs.image, pairs.text, cfg)
+    first, _ = pairs.image_index()
+    return alignment(pairs.image[first], pairs.text[first], cfg)
 
 
 @torch.no_grad()
@@ -91,7 +95,8 @@ def score_model(model: JAM, pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
     where = metric_device(len(pairs), z["zi"].device)
     z = {k: v.to(where) for k, v in z.items()}
     scores = shared_space(z["zi"], z["zt"], z["zn"], pairs, cfg)
-    scores |= alignment(z["zi"], z["zt"], cfg)
+    first, _ = pairs.image_index()
+    scores |= alignment(z["zi"][first], z["zt"][first], cfg)
     # Mean over both modalities of the per-feature MSE, in the standardised input space.
     scores["recon_mse"] = float(z["sq"].mean())
     return scores

@@ -124,7 +124,8 @@ def keep_on_device(
 
 
 class MemoryBatches:
-    """Batches from a worker's in-memory shard, by `BatchPlan`: any step, in any order.
+    """Batches from a worker's in-memory shard, by `BatchPlan`: any step, in any order. A
+    batch is (image, text, negative, image keys), what `Trainer.train_step` takes.
 
     On the GPU, the shard is indexed there. In host memory (the CPU device, or a GPU whose
     free memory it does not fit), the shard stays where it was read (as cached: float16, or
@@ -150,7 +151,9 @@ class MemoryBatches:
             setting, len(data), width, device, share, per_value or 2.0
         )
         self.home = device if on_device else torch.device("cpu")
-        self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]  # no host copy
+        # The embeddings (no host copy) and each row's image key: which rows show one image.
+        arrays += (data.image_keys(),)
+        self.tensors = [torch.as_tensor(a).to(self.home) for a in arrays]
         self.plan, self.rank, self.world, self.device = plan, rank, world, device
         self.staging: list[list[torch.Tensor]] = []
         self.copied: list[Any] = [None, None]  # per buffer: the event its last copy recorded
@@ -217,7 +220,7 @@ class StreamBatches:
                     continue
                 x = arrays(batch)
                 taken += 1
-                yield tuple(torch.as_tensor(x[c]).to(self.device) for c in COLUMNS)
+                yield tuple(torch.as_tensor(x[c]).to(self.device) for c in (*COLUMNS, "image_keys"))
             skip = 0
 
     def get(self, step: int) -> tuple[torch.Tensor, ...]:

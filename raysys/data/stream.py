@@ -28,6 +28,7 @@ import ray.data
 
 from raysys import storage
 from raysys.data import cache
+from raysys.data.pairs import image_keys
 from raysys.errors import CacheError
 from raysys.runtime import node_resources
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 DONE = "_view.json"  # written last: a view without it is unfinished and rebuilt
 COLUMNS = ("image", "text", "negative")
+VIEW_VERSION = 2  # 2: rows carry their image id (the step's same-image mask)
 
 
 def view_dir(source: PairSource, split: str) -> str:
@@ -43,7 +45,7 @@ def view_dir(source: PairSource, split: str) -> str:
     which list every file with its checksum, so a re-extracted or repaired cache never reuses
     a stale view."""
     manifests = [cache.read_manifest(d) for d in (source.image_dir, source.text_dir)]
-    key = cache.content_key(manifests, source.image_layer, source.text_layer, split)
+    key = cache.content_key(manifests, source.image_layer, source.text_layer, split, VIEW_VERSION)
     return storage.join(source.corpus_dir, "views", f"{split}-{key}")
 
 
@@ -85,7 +87,7 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
     view = view.join(images, "inner", num_partitions=parts, on=("image_id",))
     attempt = uuid.uuid4().hex  # this build's own directory: a concurrent build has another
     fs, path = storage.pyarrow_fs(storage.join(out, attempt))
-    view.select_columns(["pair_id", *COLUMNS]).write_parquet(path, filesystem=fs)
+    view.select_columns(["pair_id", "image_id", *COLUMNS]).write_parquet(path, filesystem=fs)
     files = [f"{attempt}/{name}" for name in sorted(cache.list_files(storage.join(out, attempt)))]
     written = sum(cache.parquet_file(storage.join(out, f)).metadata.num_rows for f in files)
     if written != rows:
@@ -224,8 +226,9 @@ def _gib(n: float) -> str:
 def arrays(batch: Any) -> dict[str, np.ndarray]:
     """A pyarrow batch of the view as `[rows, dim]` matrices in each column's cached dtype
     (float16, or float32 for a decoder LM's text layers), with NaN or inf rows
-    reported by pair id (`cache.check_finite_rows`)."""
+    reported by pair id (`cache.check_finite_rows`), and each row's image key."""
     out = {c: cache.to_numpy(batch.column(c)) for c in COLUMNS}
     pair_ids = np.asarray(batch.column("pair_id").to_pylist())
     cache.check_finite_rows(pair_ids, list(out.values()), "in the streamed pair view")
+    out["image_keys"] = image_keys(batch.column("image_id").to_numpy(zero_copy_only=False))
     return out
