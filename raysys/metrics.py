@@ -10,6 +10,11 @@ before and after alignment, and by how well the aligned spaces retrieve each oth
   O(N^2) in memory and time where the original builds N x N products.
 * ``retrieval`` follows clip_benchmark's recall@k so that numbers are comparable with CLIP
   papers; ``hard_negative_accuracy`` is the usual "positive beats negative" score.
+* Per-item outcomes (``retrieval_hits``, ``hard_negative_wins``) are the 0/1 values whose means
+  those scores are, so ``bootstrap_interval`` can resample test items for error bars. The
+  alignment metrics are set-level (kNN graphs, Gram matrices): they have no per-item outcome,
+  and resampling rows with replacement would duplicate samples that then become each other's
+  nearest neighbours, so they get no bootstrap interval here.
 
 Every function accepts ``[N, D]`` torch tensors (on any device) or numpy arrays of any
 numeric dtype (float16 included), never tracks gradients, and returns Python floats.
@@ -32,12 +37,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "bootstrap_interval",
     "cka",
     "cknna",
     "cycle_knn",
     "hard_negative_accuracy",
+    "hard_negative_wins",
     "mutual_knn",
     "retrieval",
+    "retrieval_hits",
     "svcca",
     "unbiased_cka",
 ]
@@ -339,25 +347,27 @@ def _as_index(x: ArrayLike | Sequence[int], n_texts: int, n_images: int) -> torc
     return t
 
 
-def _recall_curve(hits: torch.Tensor) -> torch.Tensor:
-    """From ``hits[q, r]`` (result at rank r is relevant to query q) to recall at each rank."""
-    return hits.to(torch.int8).cummax(dim=1).values.to(torch.float32).mean(dim=0)
+def _hits_at(relevant: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """From ``relevant[q, r]`` (result at rank r is relevant to query q) to ``hits[q, j]``:
+    query q has a relevant result within its top ``ks[j]`` (k clipped to the ranked list)."""
+    found = relevant.to(torch.int8).cummax(dim=1).values.bool()
+    last = torch.tensor([min(k, found.shape[1]) - 1 for k in ks], device=found.device)
+    return found[:, last]
 
 
 @torch.no_grad()
-def retrieval(
+def retrieval_hits(
     image_emb: ArrayLike,
     text_emb: ArrayLike,
     text_to_image: ArrayLike | Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
-) -> dict[str, float]:
-    """Image->text and text->image recall@k under cosine similarity, as in clip_benchmark.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query retrieval outcomes: boolean ``i2t [N_images, len(ks)]`` and
+    ``t2i [N_texts, len(ks)]``, True where the query is a hit at ``ks[j]``.
 
-    Why: the standard zero-shot retrieval score for a joint embedding space. An image query
-    is a hit at k when ANY of its captions is among its top-k texts; a caption query is a hit
-    at k when its image is among its top-k images. k larger than the gallery is clipped to the
-    gallery size. An image with no caption can never be hit and counts as a miss (as in
-    clip_benchmark). Returns ``{"i2t_r{k}": ..., "t2i_r{k}": ...}`` for each k in ``ks``.
+    Why: recall@k is the mean of these columns (``retrieval``), and the rows are the test items
+    a bootstrap resamples: image queries for image->text, caption queries for text->image.
+    Hit rules as in ``retrieval``; results stay on the inputs' device.
     """
     images = F.normalize(_as_tensor(image_emb, "image_emb"), dim=1)
     texts = F.normalize(_as_tensor(text_emb, "text_emb"), dim=1)
@@ -375,25 +385,37 @@ def retrieval(
 
     sim = images @ texts.T  # [N_images, N_texts]
     top_texts = sim.topk(min(max(ks), n_texts), dim=1).indices
-    i2t = _recall_curve(owner[top_texts] == torch.arange(n_images, device=images.device)[:, None])
+    rows = torch.arange(n_images, device=images.device)[:, None]
+    i2t = _hits_at(owner[top_texts] == rows, ks)
     top_images = sim.T.topk(min(max(ks), n_images), dim=1).indices
-    t2i = _recall_curve(top_images == owner[:, None])
-
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"i2t_r{k}"] = i2t[min(k, n_texts) - 1].item()
-    for k in ks:
-        out[f"t2i_r{k}"] = t2i[min(k, n_images) - 1].item()
-    return out
+    t2i = _hits_at(top_images == owner[:, None], ks)
+    return i2t, t2i
 
 
 @torch.no_grad()
-def hard_negative_accuracy(image_emb: ArrayLike, pos_emb: ArrayLike, neg_emb: ArrayLike) -> float:
-    """Fraction of rows i with cos(image_i, pos_i) > cos(image_i, neg_i) (ties count as misses).
+def retrieval(
+    image_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_image: ArrayLike | Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Image->text and text->image recall@k under cosine similarity, as in clip_benchmark.
 
-    Why: probes whether the aligned space separates a true caption from a minimally edited
-    (hard negative) one, which recall@k on random galleries cannot show.
+    Why: the standard zero-shot retrieval score for a joint embedding space. An image query
+    is a hit at k when ANY of its captions is among its top-k texts; a caption query is a hit
+    at k when its image is among its top-k images. k larger than the gallery is clipped to the
+    gallery size. An image with no caption can never be hit and counts as a miss (as in
+    clip_benchmark). Returns ``{"i2t_r{k}": ..., "t2i_r{k}": ...}`` for each k in ``ks``.
     """
+    i2t, t2i = retrieval_hits(image_emb, text_emb, text_to_image, ks)
+    i2t, t2i = i2t.to(torch.float32).mean(dim=0), t2i.to(torch.float32).mean(dim=0)
+    out = {f"i2t_r{k}": i2t[j].item() for j, k in enumerate(ks)}
+    return out | {f"t2i_r{k}": t2i[j].item() for j, k in enumerate(ks)}
+
+
+def _wins(image_emb: ArrayLike, pos_emb: ArrayLike, neg_emb: ArrayLike) -> torch.Tensor:
+    """cos(image_i, pos_i) > cos(image_i, neg_i) per row, as 0/1 in the inputs' promoted dtype
+    (so the accuracy, their mean, is float64 exactly when an input is)."""
     image = F.normalize(_as_tensor(image_emb, "image_emb"), dim=1)
     pos = F.normalize(_as_tensor(pos_emb, "pos_emb"), dim=1)
     neg = F.normalize(_as_tensor(neg_emb, "neg_emb"), dim=1)
@@ -406,5 +428,71 @@ def hard_negative_accuracy(image_emb: ArrayLike, pos_emb: ArrayLike, neg_emb: Ar
     image = image.to(dtype)
     pos = pos.to(device=image.device, dtype=dtype)
     neg = neg.to(device=image.device, dtype=dtype)
-    wins = (image * pos).sum(dim=1) > (image * neg).sum(dim=1)
-    return wins.to(dtype).mean().item()
+    return ((image * pos).sum(dim=1) > (image * neg).sum(dim=1)).to(dtype)
+
+
+@torch.no_grad()
+def hard_negative_wins(
+    image_emb: ArrayLike, pos_emb: ArrayLike, neg_emb: ArrayLike
+) -> torch.Tensor:
+    """Boolean ``[N]``: row i's image is strictly closer (cosine) to pos_i than to neg_i.
+
+    Why: the per-item outcomes behind ``hard_negative_accuracy``, for bootstrap intervals.
+    """
+    return _wins(image_emb, pos_emb, neg_emb).bool()
+
+
+@torch.no_grad()
+def hard_negative_accuracy(image_emb: ArrayLike, pos_emb: ArrayLike, neg_emb: ArrayLike) -> float:
+    """Fraction of rows i with cos(image_i, pos_i) > cos(image_i, neg_i) (ties count as misses).
+
+    Why: probes whether the aligned space separates a true caption from a minimally edited
+    (hard negative) one, which recall@k on random galleries cannot show.
+    """
+    return _wins(image_emb, pos_emb, neg_emb).mean().item()
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+# Resamples drawn per chunk: at most this many [resamples x N] counts in memory at once.
+_BOOTSTRAP_CELLS = 1 << 22
+
+
+def bootstrap_interval(
+    values: ArrayLike, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of the mean of per-item ``values`` over their N items.
+
+    Why: a test score is the mean of per-item outcomes (a retrieval hit, a hard-negative win,
+    a reconstruction error), so resampling the items with replacement shows how much the score
+    would move on another test set of the same size. ``values`` is ``[N]`` (returns two floats)
+    or ``[N, M]`` (M metrics over the same items, resampled together; returns two ``[M]``
+    arrays). Seeded, so the same N draws the same resamples (paired across models); each
+    resample is a multinomial count vector over the items, and the means are one matrix
+    product per chunk of resamples. Only for item-level metrics: set-level ones (kNN, CKA)
+    are distorted by the duplicated rows of a resample.
+    """
+    v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    if v.ndim not in (1, 2) or v.shape[0] == 0 or v.dtype == object:
+        raise ValueError(f"values must be a non-empty numeric [N] or [N, M] array, got {v.shape}")
+    resamples = _check_int(resamples, "resamples")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if not 0 < float(level) < 1:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    matrix = v.reshape(v.shape[0], -1).astype(np.float64)
+    if not np.isfinite(matrix).all():
+        raise ValueError("values contains NaN or Inf")
+    n = matrix.shape[0]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CELLS // n)
+    means = []
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        # Flat bincount of offset draws: row r counts how often each item is drawn in resample r.
+        draws = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
+        means.append(counts @ matrix / n)
+    tail = (1 - float(level)) / 2
+    lo, hi = np.quantile(np.concatenate(means), [tail, 1 - tail], axis=0)
+    return (float(lo[0]), float(hi[0])) if v.ndim == 1 else (lo, hi)
