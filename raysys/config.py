@@ -161,12 +161,19 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Metric settings shared by the raw-embedding baseline and every trained model."""
+    """Metric settings shared by the raw-embedding baseline and every trained model.
+
+    `bootstrap` resamples of the test items (0: none) give each per-item metric (retrieval,
+    hard-negative accuracy, reconstruction) a percentile interval at level `interval`, seeded
+    so reruns agree; set-level alignment metrics get none (see `raysys.metrics`).
+    """
 
     knn_k: int = 10
     svcca_dim: int = 10
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     split: str = "test"
+    bootstrap: int = 1000
+    interval: float = 0.95
 
 
 @dataclass

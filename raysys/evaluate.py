@@ -5,6 +5,13 @@ Retrieval and hard-negative accuracy need one shared space, so the raw row leave
 The alignment metrics take one caption per image (its first in the split), as platonic-rep
 does: with COCO's five captions, repeated images would otherwise count as each other's
 nearest neighbours.
+
+Per-item metrics (retrieval both ways, hard-negative accuracy, reconstruction error) also get a
+seeded percentile bootstrap interval over the test items they average (`<metric>_lo`,
+`<metric>_hi`): image->text recall over unique image queries, text->image recall,
+hard-negative accuracy and reconstruction over pairs (caption queries). The set-level alignment
+metrics get none: a resample repeats rows, and repeated rows become each other's nearest
+neighbours, which biases kNN metrics and CKA rather than measuring their noise.
 """
 
 from __future__ import annotations
@@ -36,14 +43,38 @@ def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor,
     }
 
 
-def shared_space(
+def per_item(
     image: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, pairs: Pairs, cfg: EvalConfig
-) -> dict[str, float]:
-    """Retrieval both ways and hard-negative accuracy: only meaningful in one shared space."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The 0/1 outcomes behind each shared-space metric, grouped by the items they are over:
+    unique images (image->text queries) and pairs (caption queries, hard negatives)."""
     first, text_to_image = pairs.image_index()
-    scores = metrics.retrieval(image[first], text, text_to_image, ks=tuple(cfg.retrieval_ks))
-    scores["hardneg_acc"] = metrics.hard_negative_accuracy(image, text, negative)
-    return scores
+    ks = tuple(cfg.retrieval_ks)
+    i2t, t2i = metrics.retrieval_hits(image[first], text, text_to_image, ks=ks)
+    by_image = {f"i2t_r{k}": i2t[:, j] for j, k in enumerate(ks)}
+    by_pair = {f"t2i_r{k}": t2i[:, j] for j, k in enumerate(ks)}
+    by_pair["hardneg_acc"] = metrics.hard_negative_wins(image, text, negative)
+    return by_image, by_pair
+
+
+def means(outcomes: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each metric as the mean of its per-item outcomes (recall@k, accuracy), in float32 as
+    `metrics.retrieval` and `metrics.hard_negative_accuracy` compute them."""
+    return {k: v.to(torch.float32).mean().item() for k, v in outcomes.items()}
+
+
+def intervals(outcomes: dict[str, torch.Tensor], cfg: EvalConfig) -> dict[str, float]:
+    """`<metric>_lo` / `<metric>_hi`: the `cfg.interval` percentile bootstrap interval of each
+    metric's mean over its items (all of one group resampled together), or none when
+    `cfg.bootstrap` is 0."""
+    if not outcomes or cfg.bootstrap < 1:
+        return {}
+    matrix = torch.stack([v.detach().double().cpu() for v in outcomes.values()], dim=1)
+    lo, hi = metrics.bootstrap_interval(matrix.numpy(), cfg.bootstrap, cfg.interval, seed=0)
+    out: dict[str, float] = {}
+    for name, low, high in zip(outcomes, lo, hi, strict=True):
+        out |= {f"{name}_lo": float(low), f"{name}_hi": float(high)}
+    return out
 
 
 def score_raw(pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
@@ -57,7 +88,7 @@ def encode(model: JAM, pairs: Pairs, batch_size: int = 1024) -> dict[str, torch.
     model's device: a training worker on a GPU scores there rather than on its CPU."""
     model.eval()
     device = next(model.parameters()).device
-    out: dict[str, list[torch.Tensor]] = {"zi": [], "zt": [], "zn": [], "sq": []}
+    out: dict[str, list[torch.Tensor]] = {"zi": [], "zt": [], "zn": [], "sq": [], "sq_pair": []}
     for start in range(0, len(pairs), batch_size):
         sl = slice(start, start + batch_size)
         image = torch.as_tensor(pairs.image[sl]).to(device)
@@ -66,13 +97,10 @@ def encode(model: JAM, pairs: Pairs, batch_size: int = 1024) -> dict[str, torch.
         out["zi"].append(res["zi"].float())
         out["zt"].append(res["zt"].float())
         out["zn"].append(model.encode_text(torch.as_tensor(pairs.negative[sl]).to(device)).float())
-        sq = torch.cat(
-            [
-                (res["image_hat"] - res["image_target"]).pow(2).mean(1),
-                (res["text_hat"] - res["text_target"]).pow(2).mean(1),
-            ]
-        )
-        out["sq"].append(sq.float())
+        sq_image = (res["image_hat"] - res["image_target"]).pow(2).mean(1).float()
+        sq_text = (res["text_hat"] - res["text_target"]).pow(2).mean(1).float()
+        out["sq"].append(torch.cat([sq_image, sq_text]))
+        out["sq_pair"].append((sq_image + sq_text) / 2)  # per pair, for its interval
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -89,14 +117,22 @@ def metric_device(n: int, device: torch.device) -> torch.device:
     return device if KERNEL_MATRICES * 8 * n * n < free // 2 else torch.device("cpu")
 
 
-def score_model(model: JAM, pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
-    """Every results.csv metric for a trained model on one split."""
+def score_model(
+    model: JAM, pairs: Pairs, cfg: EvalConfig, with_intervals: bool = True
+) -> dict[str, float]:
+    """Every results.csv metric for a trained model on one split, then the per-item metrics'
+    bootstrap intervals and the item counts behind them (`n_images`, `n_captions`);
+    `with_intervals=False` or `cfg.bootstrap=0` skips those (e.g. per-epoch validation)."""
     z = encode(model, pairs)
     where = metric_device(len(pairs), z["zi"].device)
     z = {k: v.to(where) for k, v in z.items()}
-    scores = shared_space(z["zi"], z["zt"], z["zn"], pairs, cfg)
+    by_image, by_pair = per_item(z["zi"], z["zt"], z["zn"], pairs, cfg)
+    scores = means(by_image | by_pair)
     first, _ = pairs.image_index()
     scores |= alignment(z["zi"][first], z["zt"][first], cfg)
     # Mean over both modalities of the per-feature MSE, in the standardised input space.
     scores["recon_mse"] = float(z["sq"].mean())
+    if with_intervals and cfg.bootstrap > 0:
+        scores |= intervals(by_image, cfg) | intervals(by_pair | {"recon_mse": z["sq_pair"]}, cfg)
+        scores |= {"n_images": len(first), "n_captions": len(pairs)}
     return scores

@@ -415,6 +415,99 @@ def test_hard_negative_accuracy_matches_reference_and_ties_are_misses() -> None:
     assert M.hard_negative_accuracy(image[perm], pos[perm], neg[perm]) == pytest.approx(want)
 
 
+def test_retrieval_hits_hand_built_per_query() -> None:
+    images, texts, owners = _hand_built()
+    i2t, t2i = M.retrieval_hits(images, texts, owners, ks=(1, 2))
+    # See `_hand_built`: img1 finds its caption at rank 2; t1, t2, t3 find their image at 2.
+    np.testing.assert_array_equal(i2t.numpy(), [[1, 1], [0, 1], [1, 1]])
+    np.testing.assert_array_equal(t2i.numpy(), [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1]])
+    assert i2t.dtype == t2i.dtype == torch.bool
+
+
+def test_retrieval_hits_average_to_the_recalls() -> None:
+    rng = _rng(23)
+    owners = np.concatenate([np.arange(25), rng.integers(0, 25, 35)])
+    images = rng.standard_normal((25, 8))
+    texts = images[owners] + 1.2 * rng.standard_normal((60, 8))
+    ks = (1, 5, 100)
+    i2t, t2i = M.retrieval_hits(images, texts, owners, ks=ks)
+    assert i2t.shape == (25, 3) and t2i.shape == (60, 3)
+    want = ref_retrieval(images, texts, owners, (1, 5, 60))  # k clipped to the gallery
+    for j, (k, clipped) in enumerate(zip(ks, (1, 5, 60), strict=True)):
+        assert i2t[:, j].double().mean().item() == pytest.approx(want[f"i2t_r{clipped}"])
+        assert t2i[:, j].double().mean().item() == pytest.approx(
+            M.retrieval(images, texts, owners, ks=ks)[f"t2i_r{k}"], abs=1e-7
+        )
+
+
+def test_hard_negative_wins_per_row() -> None:
+    rng = _rng(24)
+    image, pos, neg = (rng.standard_normal((40, 6)) for _ in range(3))
+    pos[:3] = neg[:3]  # ties are misses
+    cos = lambda x, y: x @ y / (np.linalg.norm(x) * np.linalg.norm(y))  # noqa: E731
+    want = [cos(i, p) > cos(i, n) for i, p, n in zip(image, pos, neg, strict=True)]
+    wins = M.hard_negative_wins(image, pos, neg)
+    np.testing.assert_array_equal(wins.numpy(), want)
+    assert wins.double().mean().item() == pytest.approx(M.hard_negative_accuracy(image, pos, neg))
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_interval_covers_a_known_mean_at_its_level() -> None:
+    """200 independent Bernoulli(p) test sets of n = 2,000 items (one per column): about 95%
+    of their intervals contain p, and their width is the normal approximation's
+    2 * 1.96 * sqrt(p (1 - p) / n)."""
+    p, n, sets = 0.3, 2000, 200
+    samples = (_rng(25).random((n, sets)) < p).astype(float)
+    lo, hi = M.bootstrap_interval(samples, resamples=1000, level=0.95, seed=0)
+    coverage = np.mean((lo <= p) & (p <= hi))
+    assert 0.9 <= coverage <= 0.99
+    assert np.all((lo <= samples.mean(0)) & (samples.mean(0) <= hi))
+    want = 2 * 1.96 * np.sqrt(p * (1 - p) / n)
+    assert np.mean(hi - lo) == pytest.approx(want, rel=0.05)
+
+
+def test_bootstrap_interval_matches_a_naive_resampling_loop() -> None:
+    values = _rng(26).exponential(size=500)  # skewed: the percentile interval is asymmetric
+    lo, hi = M.bootstrap_interval(values, resamples=2000, level=0.9, seed=1)
+    rng = _rng(27)
+    naive = [values[rng.integers(0, 500, 500)].mean() for _ in range(2000)]
+    want_lo, want_hi = np.percentile(naive, [5, 95])
+    assert isinstance(lo, float) and isinstance(hi, float)
+    assert lo == pytest.approx(want_lo, abs=0.015) and hi == pytest.approx(want_hi, abs=0.015)
+    assert hi - values.mean() > values.mean() - lo  # right-skewed mean: a longer upper arm
+
+
+def test_bootstrap_interval_is_seeded_and_resamples_columns_together() -> None:
+    values = _rng(28).random((300, 3))
+    lo, hi = M.bootstrap_interval(values, resamples=400, seed=5)
+    for j in range(3):  # one column alone draws the same resamples as the group
+        one = M.bootstrap_interval(values[:, j], resamples=400, seed=5)
+        assert one == pytest.approx((lo[j], hi[j]), abs=1e-12)
+    again = M.bootstrap_interval(torch.from_numpy(values), resamples=400, seed=5)
+    np.testing.assert_array_equal(again[0], lo)
+    narrow = M.bootstrap_interval(values, resamples=400, level=0.5, seed=5)
+    assert np.all((lo <= narrow[0]) & (narrow[1] <= hi))
+    assert M.bootstrap_interval(np.full(50, 0.25), resamples=10) == (0.25, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("values", "kwargs"),
+    [
+        (np.zeros(0), {}),
+        (np.zeros((2, 2, 2)), {}),
+        (np.array([1.0, np.nan]), {}),
+        (np.ones(5), {"resamples": 0}),
+        (np.ones(5), {"resamples": 2.5}),
+        (np.ones(5), {"level": 1.0}),
+    ],
+)
+def test_bootstrap_interval_rejects_bad_inputs(values: np.ndarray, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        M.bootstrap_interval(values, **kwargs)
+
+
 # --------------------------------------------------------------------------- errors
 
 
