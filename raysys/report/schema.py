@@ -3,10 +3,14 @@
 `results.csv` is the contract between a run and its readers (the report, the plots,
 `raysys report`, a user's notebook): one row per trained model plus `raw` rows, the fixed
 columns first. Retrieval columns follow `eval.retrieval_ks`; the default is r1, r5, r10.
+Then each per-item metric's bootstrap interval (`<metric>_lo`, `<metric>_hi`) and the item
+counts it was drawn over; the set-level alignment metrics have no interval (see
+`raysys.evaluate`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +19,7 @@ AXES = ["objective", "vision", "text", "vision_layer", "text_layer"]
 SHARED_SPACE = ["hardneg_acc"]  # needs one space: blank on raw rows, with retrieval
 ALIGNMENT = ["mutual_knn", "cka", "unbiased_cka", "cknna", "svcca"]  # raw rows have these too
 RECONSTRUCTION = ["recon_mse"]
+RECALL = re.compile(r"i2t_r\d+")  # a recall column, not its `_lo` / `_hi` bound
 RAW = "raw"  # the objective of a row that scores the frozen backbones before alignment
 
 # A sweep's columns after the fixed ones, in this order; swept params follow, sorted.
@@ -38,8 +43,28 @@ def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
     return retrieval_names(ks) + SHARED_SPACE + ALIGNMENT + RECONSTRUCTION
 
 
+def interval_metrics(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """The metrics that are means over test items, so a bootstrap over the items bounds them."""
+    return retrieval_names(ks) + SHARED_SPACE + RECONSTRUCTION
+
+
+def interval_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """`<metric>_lo`, `<metric>_hi` of each per-item metric, in `interval_metrics` order."""
+    return [f"{m}_{end}" for m in interval_metrics(ks) for end in ("lo", "hi")]
+
+
+# The test items the intervals resample: unique images (image->text queries) and captions.
+ITEM_COUNTS = ["n_images", "n_captions"]
+
+
 def result_columns(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """The headline columns: axes and metric values (results.csv starts with these)."""
     return AXES + metric_names(ks)
+
+
+def interval_columns(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """The columns that follow the headline ones: intervals and the item counts behind them."""
+    return interval_names(ks) + ITEM_COUNTS
 
 
 RESULT_COLUMNS = result_columns()
@@ -54,7 +79,7 @@ SWEEP_SHOWN += RECONSTRUCTION
 def ks_of(rows: list[dict[str, Any]]) -> list[int]:
     """The retrieval cut-offs of rows read back from a results.csv (every row has every
     column there); the default set when there are none."""
-    found = (int(k.split("_r")[1]) for r in rows for k in r if k.startswith("i2t_r"))
+    found = (int(k[len("i2t_r") :]) for r in rows for k in r if RECALL.fullmatch(k))
     ks = list(dict.fromkeys(found))  # in the file's order: eval.retrieval_ks need not be sorted
     return ks or list(DEFAULT_KS)
 
