@@ -263,6 +263,14 @@ class Config:
             raise ConfigError(f"corpus.size={self.corpus.size} is too small; use at least 20")
         if self.eval.split not in ("train", "val", "test"):
             raise ConfigError(f"eval.split={self.eval.split!r} must be train, val or test")
+        if self.eval.bootstrap < 0:
+            raise ConfigError(
+                f"eval.bootstrap={self.eval.bootstrap} must be >= 0 (0: no intervals)"
+            )
+        if not 0 < self.eval.interval < 1:
+            raise ConfigError(
+                f"eval.interval={self.eval.interval} must lie strictly between 0 and 1, e.g. 0.95"
+            )
         if self.train.best_mode not in ("max", "min"):
             raise ConfigError(f"train.best_mode={self.train.best_mode!r} must be max or min")
         if not self.train.best_metric.startswith("val/"):

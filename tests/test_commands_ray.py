@@ -62,6 +62,9 @@ def test_results_table_has_the_raw_and_the_trained_row(finished_run, capsys) -> 
     assert float(rows["spread"]["i2t_r5"]) > 2 / 6
     report = (out / "report.md").read_text()
     assert "| spread" in report and "tensorboard --logdir" in report
+    # Per-item metrics carry their bootstrap interval; the raw row has none.
+    assert float(row["i2t_r5_lo"]) <= float(row["i2t_r5"]) <= float(row["i2t_r5_hi"])
+    assert rows["raw"]["i2t_r1_lo"] == "" and "percentile bootstrap" in report
 
 
 def test_config_yaml_is_the_resolved_config(finished_run) -> None:

@@ -202,7 +202,7 @@ def bare_loop(
         model.fit_input_stats(torch.as_tensor(train_data.image), torch.as_tensor(train_data.text))
         trainer = Trainer(model.to(device), tcfg, bounds[-1])
         torch.manual_seed(tcfg.seed + trainer.step)  # rank 0's dropout seed, as in the worker
-        arrays = (train_data.image, train_data.text, train_data.negative)
+        arrays = (train_data.image, train_data.text, train_data.negative, train_data.image_keys())
         tensors = [torch.as_tensor(a).to(device) for a in arrays]
         setup_s = time.perf_counter() - started
         rates, validations = [], []
@@ -216,7 +216,7 @@ def bare_loop(
             elapsed = time.perf_counter() - started
             rates.append((trainer.step - start_step) * tcfg.batch_size / elapsed)
             started = time.perf_counter()
-            score_model(trainer.jam, val_data, cfg.eval)
+            score_model(trainer.jam, val_data, cfg.eval, with_intervals=False)
             with tempfile.TemporaryDirectory() as tmp:
                 trainer.jam.save(Path(tmp) / "model")
                 torch.save({"trainer": trainer.state_dict()}, Path(tmp) / "state.pt")

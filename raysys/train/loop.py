@@ -122,7 +122,7 @@ def validate(
     """Score the val split into `summary` on the model's device (other ranks wait for it),
     track the best score; True when patience ran out."""
     tcfg = cfg.train
-    scores = score_model(trainer.jam, val, cfg.eval)
+    scores = score_model(trainer.jam, val, cfg.eval, with_intervals=False)
     summary |= {f"val/{k}": v for k, v in scores.items()}
     score = summary[tcfg.best_metric]
     best = progress.best
