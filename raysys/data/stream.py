@@ -78,11 +78,7 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
         {"id": "pair_id", source.text_layer: "text", "neg_" + source.text_layer: "negative"}
     )
     # Partitions bound each join task's memory; ~64 MB of embeddings per partition.
-    sides = [(source.image_dir, source.image_layer, 1), (source.text_dir, source.text_layer, 2)]
-    width = sum(  # bytes per joined row: a float32 column counts 4 per value
-        n * column_width(d, c) * value_bytes(d, c) for d, c, n in sides
-    )
-    parts = max(2, math.ceil(rows * width / 64e6))
+    parts = max(2, math.ceil(rows * pair_row(source)[1] / 64e6))
     view = pairs.join(texts, "inner", num_partitions=parts, on=("pair_id",))
     view = view.join(images, "inner", num_partitions=parts, on=("image_id",))
     attempt = uuid.uuid4().hex  # this build's own directory: a concurrent build has another
@@ -113,20 +109,26 @@ def _read(directory: str, columns: list[str]) -> ray.data.Dataset:
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
 
 
-def _column_type(directory: str, column: str) -> Any:
-    """An embedding column's Arrow type (a fixed-size list), from a cache's Parquet schema."""
+def column_shape(directory: str, column: str) -> tuple[int, int]:
+    """An embedding column's width and bytes per value (float16 2, float32 4), from one read
+    of a cache's Parquet schema."""
     files = cache.data_files(directory)
     if not files:
         raise CacheError(f"cache {directory!r} holds no Parquet files")
     schema = cache.parquet_file(files[0]).schema_arrow
     if column not in schema.names:
         raise CacheError(f"layer {column!r} is not in cache {directory!r}")
-    return schema.field(column).type
+    kind = schema.field(column).type
+    return kind.list_size, kind.value_type.bit_width // 8
 
 
-def column_width(directory: str, column: str) -> int:
-    """An embedding column's dimension."""
-    return _column_type(directory, column).list_size
+def pair_row(source: PairSource) -> tuple[list[int], int]:
+    """The image and text layers' widths, and the bytes of one pair's row (image, text,
+    negative), each cache at its own value type (a float32 text cache may sit beside a
+    float16 image one)."""
+    d_image, b_image = column_shape(source.image_dir, source.image_layer)
+    d_text, b_text = column_shape(source.text_dir, source.text_layer)
+    return [d_image, d_text], d_image * b_image + 2 * d_text * b_text
 
 
 def view_files(directory: str) -> list[str]:
@@ -145,12 +147,6 @@ def open_view(directory: str) -> ray.data.Dataset:
 
 
 HOST_SHARE = 4  # a shard may take 1/HOST_SHARE of its worker's share of a node's Ray memory
-
-
-def value_bytes(directory: str, column: str) -> int:
-    """Bytes per value of an embedding column as cached (and as a worker holds it: float16 is
-    2, float32 4)."""
-    return _column_type(directory, column).value_type.bit_width // 8
 
 
 def shard_bytes(rows: int, width: int, workers: int, bytes_per_value: float = 2) -> float:

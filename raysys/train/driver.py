@@ -171,13 +171,8 @@ def stream_plan(
     cluster: a sweep's concurrent trials times their workers) size the host-memory budget of
     the workers that share a node."""
     rows = len(source.index("train"))
-    columns = ((source.image_dir, source.image_layer), (source.text_dir, source.text_layer))
-    dims = [stream.column_width(d, c) for d, c in columns]
+    dims, row_bytes = stream.pair_row(source)
     width = dims[0] + 2 * dims[1]
-    # Each cache's own value type (a float32 text cache may sit beside a float16 image one),
-    # averaged over a row: image, text, negative.
-    sizes = [stream.value_bytes(d, c) for d, c in columns]
-    value_bytes = (dims[0] * sizes[0] + 2 * dims[1] * sizes[1]) / width
     reason = stream.stream_reason(
         tcfg.data_on_device,
         rows,
@@ -185,7 +180,7 @@ def stream_plan(
         tcfg.num_workers,
         worker=worker,
         running=running,
-        bytes_per_value=value_bytes,
+        bytes_per_value=row_bytes / width,  # averaged over a row's three columns
     )
     if reason is None:
         return None, {}
