@@ -15,11 +15,10 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather
 
 
-def world_size() -> int:
-    """Number of ranks, 1 when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+def in_group() -> bool:
+    """Whether this process is in a torch.distributed process group (Ray Train always makes
+    one; a plain script or test has none): every collective raysys calls asks this first."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def collective_device(device: torch.device) -> torch.device:
@@ -53,7 +52,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     All ranks must pass the same shape (equal per-rank batch sizes, e.g. ``drop_last=True``):
     ``all_gather`` does not support ragged inputs.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_group():
         return x
     with warnings.catch_warnings():
         # Deprecated in favour of a private `_functional_collectives` API; the public
@@ -72,7 +71,7 @@ def gather_keys(keys: torch.Tensor) -> torch.Tensor:
     the result comes back on ``keys``' device. Like :func:`gather_with_grad`, every rank must
     pass the same shape, which equal per-rank batches give.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_group():
         return keys
     local = keys.to(collective_device(keys.device)).contiguous()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from raysys.config import TrainConfig
 from raysys.errors import CacheError
 from raysys.jam import JAM, JAMConfig, losses
-from raysys.jam.dist import collective_device, gather_keys, gather_with_grad
+from raysys.jam.dist import collective_device, gather_keys, gather_with_grad, in_group
 
 STATS_CHUNK_BYTES = 256 << 20  # float64 bytes per chunk of the moments (rows = this / 8d)
 
@@ -185,8 +185,7 @@ def input_moments(
     """[count, Σx, Σx² of each modality] in float64 on `device`: additive over batches and
     ranks. Computed `chunk` rows at a time on the device (by default, as many as fill
     `STATS_CHUNK_BYTES` in float64), so a shard is never copied whole into float64 (for a COCO
-    shard of DINOv2-g × Qwen-7B that copy was ~23 GB of host memory), and the GPU memory it
-    borrows is handed back before the data placement reads the free memory."""
+    shard of DINOv2-g × Qwen-7B that copy was ~23 GB of host memory)."""
     device = torch.device(device)
     parts = [torch.tensor([float(len(image))], dtype=torch.float64, device=device)]
     for x in (image, text):
@@ -199,8 +198,6 @@ def input_moments(
             squares += rows.square().sum(0)
             del rows
         parts += [total, squares]
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return torch.cat(parts)
 
 
@@ -210,7 +207,7 @@ def set_global_input_stats(model: JAM, moments: torch.Tensor) -> None:
     runs where the process group's backend takes tensors (NCCL: the GPU), wherever the
     model is at this point (still on the CPU, before Ray Train moves it)."""
     flat = moments
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         flat = moments.to(collective_device(moments.device), copy=True)
         dist.all_reduce(flat)
     flat = flat.cpu()
@@ -230,7 +227,12 @@ def fit_global_input_stats(
     text: np.ndarray | torch.Tensor,
     device: torch.device | str = "cpu",
 ) -> None:
+    """Standardisation from a whole in-memory shard; the GPU memory its chunks borrowed is
+    handed back after, before the data placement (`keep_on_device`) reads the free memory.
+    (A streamed split sums `input_moments` per batch and calls `set_global_input_stats`.)"""
     set_global_input_stats(model, input_moments(image, text, device))
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def host_stats(window: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -243,7 +245,7 @@ def host_stats(window: list[dict[str, Any]]) -> list[dict[str, float]]:
     values = torch.stack(
         [torch.stack([s["align"].float(), s["rec"].float(), s["logit_scale"]]) for s in window]
     )
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         rec = values[:, 1].to(collective_device(values.device), copy=True)
         dist.all_reduce(rec)
         values[:, 1] = rec.to(values.device) / dist.get_world_size()
@@ -263,7 +265,7 @@ def host_stats(window: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 def all_agree(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision, on every rank (early stopping must stop all DDP ranks together)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_group():
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0], device=collective_device(device))
     dist.broadcast(tensor, src=0)
