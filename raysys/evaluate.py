@@ -44,11 +44,16 @@ def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor,
 
 
 def per_item(
-    image: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, pairs: Pairs, cfg: EvalConfig
+    image: torch.Tensor,
+    text: torch.Tensor,
+    negative: torch.Tensor,
+    index: tuple[np.ndarray, np.ndarray],
+    cfg: EvalConfig,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The 0/1 outcomes behind each shared-space metric, grouped by the items they are over:
-    unique images (image->text queries) and pairs (caption queries, hard negatives)."""
-    first, text_to_image = pairs.image_index()
+    unique images (image->text queries) and pairs (caption queries, hard negatives). `index`
+    is the split's `Pairs.image_index()`."""
+    first, text_to_image = index
     ks = tuple(cfg.retrieval_ks)
     i2t, t2i = metrics.retrieval_hits(image[first], text, text_to_image, ks=ks)
     by_image = {f"i2t_r{k}": i2t[:, j] for j, k in enumerate(ks)}
@@ -126,9 +131,10 @@ def score_model(
     z = encode(model, pairs)
     where = metric_device(len(pairs), z["zi"].device)
     z = {k: v.to(where) for k, v in z.items()}
-    by_image, by_pair = per_item(z["zi"], z["zt"], z["zn"], pairs, cfg)
+    index = pairs.image_index()
+    by_image, by_pair = per_item(z["zi"], z["zt"], z["zn"], index, cfg)
     scores = means(by_image | by_pair)
-    first, _ = pairs.image_index()
+    first = index[0]
     scores |= alignment(z["zi"][first], z["zt"][first], cfg)
     # Mean over both modalities of the per-feature MSE, in the standardised input space.
     scores["recon_mse"] = float(z["sq"].mean())
