@@ -100,7 +100,7 @@ def test_duplicate_rows_from_late_writers_are_dropped(tmp_path) -> None:
     def part(name: str, ids: list[str]) -> str:
         path = tmp_path / f"part-{name}.parquet"
         values = np.arange(len(ids) * 2, dtype=np.float16).reshape(-1, 2)
-        cache.write_part(pa.table({"id": ids, "L00": cache.float16_list_array(values)}), path)
+        cache.write_part(pa.table({"id": ids, "L00": cache.list_array(values)}), path)
         time.sleep(0.01)  # distinct mtimes: the oldest copy of an id is the one kept
         return str(path)
 

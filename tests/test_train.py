@@ -297,9 +297,9 @@ def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
     batch = pa.table(
         {
             "pair_id": ["a", "b", "c"],
-            "image": cache.float16_list_array(image),
-            "text": cache.float16_list_array(text),
-            "negative": cache.float16_list_array(text),
+            "image": cache.list_array(image),
+            "text": cache.list_array(text),
+            "negative": cache.list_array(text),
             "image_id": ["x", "x", "y"],
         }
     )
@@ -308,7 +308,7 @@ def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
     keys = out["image_keys"].tolist()
     assert keys[0] == keys[1] != keys[2]
     text[1, 0] = np.inf
-    bad = batch.set_column(2, "text", cache.float16_list_array(text))
+    bad = batch.set_column(2, "text", cache.list_array(text))
     with pytest.raises(CacheError, match=r"1 pair\(s\) have NaN or inf.*\['b'\]"):
         arrays(bad)
 

@@ -186,7 +186,7 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
     bad_dir = tmp_path / "image-cache"
     bad_dir.mkdir()
     column_index = table.schema.get_field_index(paths.image_layer)
-    table = table.set_column(column_index, paths.image_layer, cache.float16_list_array(values))
+    table = table.set_column(column_index, paths.image_layer, cache.list_array(values))
     written = cache.write_part(table, bad_dir / "part-0.parquet")
     manifest = cache.read_manifest(ext.image_dir)  # listing the copy's one part, as it is
     manifest["files"] = {written.name: cache.record(written, None)}

@@ -286,10 +286,6 @@ def list_array(values: np.ndarray, dtype: str = "float16") -> pa.FixedSizeListAr
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
-def float16_list_array(values: np.ndarray) -> pa.FixedSizeListArray:
-    return list_array(values, "float16")
-
-
 def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A fixed-size list column as a `[rows, dim]` array, in its stored dtype (float16 or
     float32): consumers cast where they compute, so a cache is never copied wider in memory."""
