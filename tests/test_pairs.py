@@ -44,7 +44,7 @@ def test_memory_batches_carry_each_rows_image_key() -> None:
     cfg = config.load(None, ["train.batch_size=12", "train.num_workers=1"])
     plan = batch_plan(cfg.train, len(pairs))
     rows = plan.worker_rows(0, 1)
-    mine = Pairs(*(getattr(pairs, f)[rows] for f in Pairs.__dataclass_fields__))
+    mine = pairs.take(rows)
     batches = MemoryBatches(mine, plan, "auto", 0, 1, torch.device("cpu"))
     image, text, negative, keys = batches.get(3)
     at = plan.worker_batch(3, 0, 1)

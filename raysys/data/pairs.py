@@ -7,7 +7,7 @@ is installed; `raysys.data.cache` builds it from the cache.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -43,6 +43,10 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.pair_ids)
+
+    def take(self, rows: np.ndarray) -> Pairs:
+        """These rows of every array (e.g. one worker's shards)."""
+        return Pairs(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     def image_keys(self) -> np.ndarray:
         return image_keys(self.image_ids)

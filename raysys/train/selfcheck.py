@@ -144,7 +144,7 @@ def _train(
     val = synthetic(check.val_pairs, check.d_image, check.d_text, seed=1) if rank == 0 else None
     plan = batch_plan(tcfg, len(data))
     rows = plan.worker_rows(rank, world)
-    mine = Pairs(*(getattr(data, f)[rows] for f in Pairs.__dataclass_fields__))
+    mine = data.take(rows)
     torch.manual_seed(tcfg.seed)
     model = JAM(jam_config(tcfg, check.d_image, check.d_text))
     started = time.perf_counter()
