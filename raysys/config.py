@@ -56,6 +56,7 @@ class CorpusConfig:
     captions_per_image: int = 1
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    label_key: str = ""
 
 
 @dataclass
@@ -174,6 +175,10 @@ class EvalConfig:
     split: str = "test"
     bootstrap: int = 1000
     interval: float = 0.95
+    outlier_q: float = 0.95
+    zeroshot_templates: list[str] = field(
+        default_factory=lambda: ["a photo of a {}.", "an image of a {}."]
+    )
 
 
 @dataclass
@@ -230,6 +235,34 @@ class SweepConfig:
     trials_per_gpu: int = 4
     keep_checkpoints: int = 1
     max_concurrent: int = 0
+    seeds: int = 1
+
+
+@dataclass
+class ProbeConfig:
+    """The passive-metric study (`raysys probe`, the paper's Figure 1): matching, easy and hard
+    non-matching image-caption pairs scored by each alignment metric after each reduction to
+    `dim` dimensions, on `resamples` seeded draws of `pairs` test images (one caption each)
+    for error bars. `layers` empty = every cached layer pair."""
+
+    pairs: int = 1024
+    resamples: int = 10
+    dim: int = 50
+    reductions: list[str] = field(default_factory=lambda: ["linear", "rbf"])
+    metrics: list[str] = field(
+        default_factory=lambda: [
+            "cca",
+            "cka",
+            "cka_rbf",
+            "unbiased_cka",
+            "cknna",
+            "svcca",
+            "mutual_knn",
+        ]
+    )
+    layers: list[Any] = field(default_factory=list)
+    split: str = "test"
+    seed: int = 0
 
 
 @dataclass
@@ -249,6 +282,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> Config:
         """Reject values that would only fail deep inside a Ray worker."""
@@ -271,6 +305,12 @@ class Config:
             raise ConfigError(
                 f"eval.interval={self.eval.interval} must lie strictly between 0 and 1, e.g. 0.95"
             )
+        if not 0 < self.eval.outlier_q <= 1:
+            raise ConfigError(
+                f"eval.outlier_q={self.eval.outlier_q} must lie in (0, 1]; 1 turns the clamp off"
+            )
+        if self.sweep.seeds < 1:
+            raise ConfigError(f"sweep.seeds={self.sweep.seeds} must be at least 1")
         if self.train.best_mode not in ("max", "min"):
             raise ConfigError(f"train.best_mode={self.train.best_mode!r} must be max or min")
         if not self.train.best_metric.startswith("val/"):

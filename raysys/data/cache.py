@@ -23,6 +23,7 @@ is a `CacheError` that names it and the command that repairs it, never a pyarrow
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -43,6 +44,8 @@ from raysys.errors import CacheError
 
 MANIFEST = "manifest.json"
 PAIRS = "pairs.parquet"
+# Corpus-index columns only some corpora have: the zero-shot labels (JSON {task: class}).
+OPTIONAL_PAIR_COLUMNS = ("labels",)
 REJECTS = "rejects.parquet"
 CACHE_VERSION = 2  # bump when the on-disk format changes (2: manifests list checked files)
 TMP_SUFFIX = ".tmp"  # a local part being written; never read, removed when a pass restarts
@@ -262,10 +265,11 @@ def write_pairs(corpus_dir: Location, rows: pa.Table | list[dict[str, Any]]) -> 
     """The corpus index every later stage joins on (no image bytes); written once."""
     path = storage.join(corpus_dir, PAIRS)
     if not storage.exists(path):
-        cols = ("pair_id", "image_id", "caption", "negative", "negative_source", "split")
+        cols = ["pair_id", "image_id", "caption", "negative", "negative_source", "split"]
         if isinstance(rows, pa.Table):
-            table = rows.select(list(cols))
+            table = rows.select(cols + [c for c in OPTIONAL_PAIR_COLUMNS if c in rows.column_names])
         else:
+            cols += [c for c in OPTIONAL_PAIR_COLUMNS if rows and c in rows[0]]
             table = pa.table({c: [r.get(c) for r in rows] for c in cols})
         write_part(table, path)
     return path
@@ -411,9 +415,22 @@ class PairIndex:
     pair_ids: np.ndarray
     image_ids: np.ndarray
     captions: np.ndarray
+    negative_sources: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.pair_ids)
+
+    def take(self, rows: np.ndarray) -> PairIndex:
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return PairIndex(*(None if v is None else v[rows] for v in values))
+
+
+def _strings(table: pa.Table, column: str) -> np.ndarray | None:
+    """An optional string column of the corpus index as a numpy array, nulls as ""."""
+    if column not in table.column_names:
+        return None
+    return pc.fill_null(table[column], "").to_numpy(zero_copy_only=False).astype(str)
 
 
 def pair_index(
@@ -451,10 +468,13 @@ def pair_index(
     keep = (image_pos >= 0) & (text_pos >= 0)
     if not keep.any():
         raise CacheError(f"every pair of split {split!r} was rejected during extraction")
+    sources, labels = _strings(index, "negative_source"), _strings(index, "labels")
     return PairIndex(
         pair_ids=want_text[keep],
         image_ids=want_image[keep],
         captions=index["caption"].to_numpy(zero_copy_only=False)[keep],
+        negative_sources=None if sources is None else sources[keep],
+        labels=None if labels is None else labels[keep],
     )
 
 
@@ -484,7 +504,7 @@ def load_index_rows(
     """The embeddings of an already joined `pair_index` (or of its `select` positions), so a
     caller that needed the index first does not join the caches twice."""
     if select is not None:
-        rows = PairIndex(rows.pair_ids[select], rows.image_ids[select], rows.captions[select])
+        rows = rows.take(select)
     image = read_rows(image_dir, [image_layer], rows.image_ids)
     text = read_rows(text_dir, [text_layer, "neg_" + text_layer], rows.pair_ids)
     pairs = Pairs(
@@ -494,6 +514,8 @@ def load_index_rows(
         image=image[image_layer],
         text=text[text_layer],
         negative=text["neg_" + text_layer],
+        negative_sources=rows.negative_sources,
+        labels=rows.labels,
     )
     check_finite(pairs, f"{image_layer}/{text_layer}")
     return pairs

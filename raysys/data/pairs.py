@@ -40,13 +40,17 @@ class Pairs:
     image: np.ndarray  # [N, d_image], repeated when captions share an image
     text: np.ndarray  # [N, d_text]
     negative: np.ndarray  # [N, d_text] hard-negative captions' embeddings
+    # The corpus index's annotations, for the per-kind and zero-shot scores (None: unknown).
+    negative_sources: np.ndarray | None = None  # e.g. "exact:colour", "generated:swap", "none"
+    labels: np.ndarray | None = None  # JSON {task: class} per pair, or "" where it has none
 
     def __len__(self) -> int:
         return len(self.pair_ids)
 
     def take(self, rows: np.ndarray) -> Pairs:
         """These rows of every array (e.g. one worker's shards)."""
-        return Pairs(*(getattr(self, f.name)[rows] for f in fields(self)))
+        values = (getattr(self, f.name) for f in fields(self))
+        return Pairs(*(None if v is None else v[rows] for v in values))
 
     def image_keys(self) -> np.ndarray:
         return image_keys(self.image_ids)
