@@ -243,7 +243,9 @@ class ProbeConfig:
     """The passive-metric study (`raysys probe`, the paper's Figure 1): matching, easy and hard
     non-matching image-caption pairs scored by each alignment metric after each reduction to
     `dim` dimensions, on `resamples` seeded draws of `pairs` test images (one caption each)
-    for error bars. `layers` empty = every cached layer pair."""
+    for error bars. `layers` are `V:T` pairs as in `sweep.layers` (empty: `train.vision_layer`
+    and `train.text_layer`); `models` a finished run or sweep directory whose exported models'
+    JAM latents are probed beside the raw embeddings (`raysys run` sets it to its own)."""
 
     pairs: int = 1024
     resamples: int = 10
@@ -263,6 +265,7 @@ class ProbeConfig:
     layers: list[Any] = field(default_factory=list)
     split: str = "test"
     seed: int = 0
+    models: str = ""
 
 
 @dataclass

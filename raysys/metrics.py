@@ -39,6 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "bootstrap_interval",
     "cka",
+    "clamp_outliers",
     "cknna",
     "cycle_knn",
     "hard_negative_accuracy",
@@ -57,6 +58,20 @@ _DENOM_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- input handling
+
+
+def clamp_outliers(x: ArrayLike, q: float = 0.95) -> torch.Tensor:
+    """Clip every value to +-t, t the mean over rows of each row's `q` quantile of |x|:
+    platonic-rep's preparation before its metrics (`remove_outliers`), which keeps a language
+    model's few huge outlier dimensions from dominating every inner product. `q = 1` returns
+    `x` unchanged (as a float tensor)."""
+    t = _as_tensor(x, "x")
+    if q >= 1:
+        return t
+    if not 0 < q < 1:
+        raise ValueError(f"q must lie in (0, 1], got {q}")
+    threshold = torch.quantile(t.abs().float(), q, dim=1).mean().to(t.dtype)
+    return t.clamp(-threshold, threshold)
 
 
 def _as_tensor(x: ArrayLike, name: str, *, float64: bool = False) -> torch.Tensor:
