@@ -25,6 +25,9 @@ COMMANDS = {
     "train": "one JAM training run (train.objective) on the cached embeddings, then its report",
     "sweep": "a Ray Tune sweep over objectives x layer pairs x model pairs x train.* params "
     "(sweep.*), then its report (results.csv, report.md, pareto/layers/scale PNGs)",
+    "probe": "the passive-metric study (the paper's Fig. 1): matching / easy / hard pairs "
+    "scored by CCA, CKA, SVCCA, CKNNA, mutual kNN after linear and RBF PCA, raw and JAM "
+    "(probe.models=<run dir>); probe.csv, alignment.csv, probe.png, alignment.png",
     "evaluate": "score an exported model (runs/<run>/models/<objective>) on a corpus's cache",
     "report": "rebuild report.md (and a sweep's plots) from a finished run or sweep "
     "directory's results.csv",
@@ -120,6 +123,14 @@ def _evaluate(inv: Invocation) -> None:
     _commands().evaluate(inv.cfg, args.model_dir, out)
 
 
+def _probe(inv: Invocation) -> None:
+    out = rundir.default_out(inv.args.command, inv.args.out, inv.cfg)
+    if not isinstance(out, Path):
+        raise ConfigError("probe writes a local --out directory")
+    importlib.import_module("raysys.probe").probe(inv.cfg, out)
+    print(f"outputs:     {out}/ (probe.csv, alignment.csv, probe.png, alignment.png, probe.md)")
+
+
 def _extract(inv: Invocation) -> None:
     _commands().extract_cache(inv.cfg, inv.args.out)
 
@@ -138,6 +149,7 @@ DISPATCH: dict[str, Callable[[Invocation], None]] = {
     "sweep": _run,
     "train": _train,
     "evaluate": _evaluate,
+    "probe": _probe,
     "extract": _extract,
     "bench": _bench,
 }
