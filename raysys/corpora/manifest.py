@@ -6,6 +6,9 @@ an image, as flattened COCO annotations do — or one row per image whose captio
 `s3://`) that the image pass reads lazily, or inline bytes in a Parquet binary column.
 Negatives are optional, one per caption (a string, or a list aligned with the captions);
 captions without one get a rule-based edit later (`negatives.fill_negatives`).
+With `corpus.label_key`, each image's class label (one value per image) becomes the pairs'
+`labels` column, JSON `{"label": value}` (null for an image without one): the zero-shot task
+`label` (`raysys.zeroshot`).
 
 A row the extract stage cannot use (no image, no caption) is not an error here: it becomes a
 pair the image or text pass rejects with its reason, so it is counted, not lost.
@@ -44,6 +47,7 @@ FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv"}
 FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
 # Beyond the shared fields: the columns that name a manifest's images and their ids.
 IMAGE_KEY_FIELDS = ("image_key", "id_key")
+LABEL_TASK = "label"  # the zero-shot task a manifest's `corpus.label_key` column gives
 
 
 def read_records(uri: str) -> tuple[list[dict[str, Any]], str]:
@@ -134,9 +138,13 @@ def load(cfg: CorpusConfig) -> Corpus:
     images, captions, splits = _parse_rows(cfg, records, base)
     _check_buckets(images)
     pairs = _pairs(cfg, captions, splits)
+    if cfg.label_key:
+        pairs = pairs.append_column("labels", _labels(cfg, records, pairs))
     image_table = _image_table(cfg, images)
-    # The resolved location too: the same manifest elsewhere names other image files.
-    key = content_key("manifest", MANIFEST_VERSION, digest, settings(cfg, IMAGE_KEY_FIELDS), base)
+    # The resolved location too: the same manifest elsewhere names other image files. The
+    # label column only when set, so a manifest read without labels keeps its old key.
+    fields = IMAGE_KEY_FIELDS + (("label_key",) if cfg.label_key else ())
+    key = content_key("manifest", MANIFEST_VERSION, digest, settings(cfg, fields), base)
     info = {"kind": "manifest", "source": cfg.path, "sha256": digest, "images": len(images)}
     return Corpus(key=key, pairs=pairs, images=image_table, info=info)
 
@@ -152,6 +160,13 @@ def _read_table(cfg: CorpusConfig) -> tuple[list[dict[str, Any]], str]:
                 f"manifest {cfg.path!r} has no column {getattr(cfg, key)!r} (corpus.{key}); "
                 f"its columns: {', '.join(columns)}"
             )
+    # Labels may be sparse (a few labelled images first listed late): every row is looked at.
+    if records and cfg.label_key and not any(cfg.label_key in r for r in records):
+        raise ConfigError(
+            f"manifest {cfg.path!r} has no column {cfg.label_key!r} (corpus.label_key, the "
+            f"zero-shot labels); its columns: {', '.join(columns)}; set corpus.label_key= to "
+            "read none"
+        )
     return records, digest
 
 
@@ -198,6 +213,34 @@ def _parse_rows(
         pairs = captions.setdefault(image_id, [])
         pairs.extend(zip(texts, negs or [None] * len(texts), strict=True))
     return images, captions, splits
+
+
+def _labels(cfg: CorpusConfig, records: list[dict[str, Any]], pairs: pa.Table) -> pa.Array:
+    """Each pair's `labels`: its image's label as JSON `{"label": value}`, or null. A label
+    names the image, so every row of one image must agree (or give none); numbers become
+    their text (`3` and `"3"` are one class)."""
+    by_image: dict[str, str] = {}
+    for n, record in enumerate(records):
+        value = record.get(cfg.label_key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if isinstance(value, (list, tuple, dict, bytes)):
+            raise CorpusError(
+                f"manifest {cfg.path!r} row {n}: label {value!r:.80} (corpus.label_key="
+                f"{cfg.label_key!r}) must be one value (a class name), not "
+                f"{type(value).__name__}"
+            )
+        label = str(value).strip()
+        image = _image_value(record.get(cfg.image_key))
+        image_id = _image_id(record.get(cfg.id_key) if cfg.id_key else None, image, n)
+        if by_image.setdefault(image_id, label) != label:
+            raise CorpusError(
+                f"manifest {cfg.path!r} row {n}: image {image_id!r} has two labels, "
+                f"{by_image[image_id]!r} and {label!r} (corpus.label_key={cfg.label_key!r}); "
+                "an image has one class: fix the label column"
+            )
+    texts = {i: json.dumps({LABEL_TASK: label}) for i, label in by_image.items()}
+    return pa.array([texts.get(i) for i in pairs["image_id"].to_pylist()], pa.string())
 
 
 def _image_id(given: Any, image: str | bytes | None, n: int) -> str:
