@@ -150,8 +150,8 @@ def test_full_sweep(tmp_path: Path) -> None:
     layers = by_name["layers_con.png"]
     assert layers.title == "Layer depth: con"
     assert (layers.xlabel, layers.ylabel) == (
-        "text layer depth (relative)",
-        "vision layer depth (relative)",
+        "text layer depth (relative) as asked (realised layer)",
+        "vision layer depth (relative) as asked (realised layer)",
     )
     scale = by_name["scale_negcon.png"]
     assert scale.title == "Model scale: negcon"
