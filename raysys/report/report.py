@@ -5,23 +5,32 @@
 regenerate it after the fact without re-running anything. Tables show a per-item metric with
 its bootstrap interval as `value ±arm` (the larger of the interval's two arms, so the printed
 range contains the whole interval) to keep them narrow; results.csv holds the exact bounds.
+
+A sweep's report groups layer pairs by the relative depth that was asked for, with the layer
+it landed on beside it (`0.50 (L11)`). Over `sweep.seeds` it shows each configuration's mean
+over seeds with a t-interval, and for each model pair x layer pair how far apart the
+objectives are, flagged "within noise" when the difference's interval contains 0. The
+aggregation is pure (`mean_over_seeds`, `objective_differences`: rows in, rows out).
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from scipy import stats
 
 from raysys.config import EvalConfig
 from raysys.errors import RaysysError
 from raysys.report.plots import write_plots
 from raysys.report.schema import (
     DEFAULT_KS,
+    RAW,
     SHOWN,
     SWEEP_COLUMNS,
     SWEEP_SHOWN,
@@ -34,17 +43,28 @@ RESULTS = "results.csv"
 REPORT = "report.md"
 
 
-def write_results(
-    out_dir: Path, rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS
-) -> Path:
-    """results.csv: the fixed columns (retrieval at `eval.retrieval_ks`, then the intervals
-    and item counts), then a sweep's columns, then any other (swept params), sorted."""
+def results_columns(rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """results.csv's column order: the fixed columns (retrieval at `eval.retrieval_ks`, then
+    the intervals and item counts), then a sweep's columns, then every other column the rows
+    carry (dynamic metric columns, swept params and `train.seed`), sorted, so no column is
+    ever dropped.
+
+    The one place the order is decided: when `raysys.report.schema` gains a column-order
+    function for the dynamic columns (`hardneg_acc_<kind>`, `zeroshot_<task>`, the
+    alignment metrics' intervals), call it here."""
     fixed = result_columns(ks) + interval_columns(ks)
     keys = {k for r in rows for k in r} - set(fixed)
     extra = [c for c in SWEEP_COLUMNS if c in keys] + sorted(keys - set(SWEEP_COLUMNS))
+    return fixed + extra
+
+
+def write_results(
+    out_dir: Path, rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS
+) -> Path:
+    """results.csv in `results_columns` order; a row lacking a column leaves it blank."""
     path = out_dir / RESULTS
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fixed + extra, restval="")
+        writer = csv.DictWriter(f, fieldnames=results_columns(rows, ks), restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(v) for k, v in row.items()})
@@ -67,9 +87,16 @@ def read_results(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+class Verbatim(str):
+    """A table cell printed as it is (a swept value such as 0.0003, never rounded to 3
+    places)."""
+
+
 def _cell(value: Any, interval: tuple[float, float] | None = None) -> str:
     if value in ("", None):
         return "—"
+    if isinstance(value, Verbatim):
+        return str(value)
     if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
         return str(value)  # layer indices, parameter counts
     try:
@@ -123,9 +150,10 @@ def _counts(rows: list[dict[str, Any]], column: str) -> str:
     return f"{found[0]:,}" if len(found) == 1 else f"{found[0]:,}–{found[-1]:,}"
 
 
-def interval_legend(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
-    """How to read `±` in the table: what was resampled, and what overlap means. Empty when
-    no row has intervals (a run without them, or an older results.csv)."""
+def interval_legend(run_dir: Path, rows: list[dict[str, Any]], compared: bool = False) -> list[str]:
+    """How to read `±` in the table: what was resampled, and what overlap means (`compared`:
+    the report tests the objectives' differences itself). Empty when no row has intervals
+    (a run without them, or an older results.csv)."""
     scored = [r for r in rows if r.get("n_images") not in ("", None)]
     if not scored:
         return []
@@ -135,8 +163,12 @@ def interval_legend(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
         f"items ({resamples:,} resamples of {_counts(scored, 'n_images')} images for "
         f"image→text recall and of {_counts(scored, 'n_captions')} captions for text→image "
         "recall, hard-negative accuracy and `recon_mse`), printed as its larger arm; the exact "
-        f"bounds are the `<metric>_lo` / `<metric>_hi` columns of `{RESULTS}`. Two objectives "
-        "whose intervals overlap are not distinguished by this run.",
+        f"bounds are the `<metric>_lo` / `<metric>_hi` columns of `{RESULTS}`. "
+        + (
+            "Whether two objectives differ is tested under *Objectives compared*."
+            if compared
+            else "Two objectives whose intervals overlap are not distinguished by this run."
+        ),
         "- The alignment metrics have no interval: they are set-level (kNN graphs, Gram "
         "matrices), and a resample's repeated rows would be each other's nearest neighbours.",
     ]
@@ -188,6 +220,346 @@ def is_sweep(rows: list[dict[str, Any]]) -> bool:
     return any(r.get("trial") for r in rows)
 
 
+# --- a sweep's axes as asked, seeds and comparisons ------------------------------------------
+
+SEED = "train.seed"  # the column `sweep.seeds` varies
+HEADLINE = ["i2t_r1", "t2i_r1", "hardneg_acc", "mutual_knn"]  # the metrics compared
+# Spread's own knobs (`raysys.sweep.plan.SPREAD_ONLY`): they tell Spread variants apart, and
+# the other objectives carry them as set but unused.
+OBJECTIVE_PARAMS = ("train.alpha", "train.k")
+NOISE = "within noise"
+_LAYER_COLUMNS = ("vision_layer", "text_layer", "vision_depth", "text_depth")
+# The metrics of the sweep table, averaged over seeds.
+_SUMMARY_METRICS = [c for c in SWEEP_SHOWN if c not in ("objective", "vision", "text")]
+_SUMMARY_METRICS = [c for c in _SUMMARY_METRICS if not c.endswith("_layer")]
+
+
+def _num(value: Any) -> float | None:
+    """A number from a row (floats in memory, strings read back); None for blank or NaN."""
+    if value in ("", None):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _depth(row: dict[str, Any], side: str) -> float | None:
+    depth = _num(row.get(f"{side}_depth"))
+    return None if depth is None else round(depth, 4)  # "0.5" and 0.5000 are one depth
+
+
+def _layer(row: dict[str, Any], side: str) -> str:
+    layer = _num(row.get(f"{side}_layer"))
+    return "" if layer is None else f"L{int(layer)}"
+
+
+def side_label(row: dict[str, Any], side: str) -> str:
+    """`0.50 (L11)`: a side's depth as asked with the layer it landed on (`L11` alone in a
+    row without depths, e.g. an older results.csv)."""
+    depth, layer = _depth(row, side), _layer(row, side)
+    if depth is None:
+        return layer or "—"
+    return f"{depth:.2f} ({layer})" if layer else f"{depth:.2f}"
+
+
+def depth_pair(row: dict[str, Any]) -> str:
+    """The layer pair as asked, `0.50:0.50`: what rows group by across model pairs."""
+    sides = [_depth(row, s) for s in ("vision", "text")]
+    if None in sides:
+        return f"{_layer(row, 'vision')}:{_layer(row, 'text')}"
+    return f"{sides[0]:.2f}:{sides[1]:.2f}"
+
+
+def describe_layer_pairs(rows: list[dict[str, Any]]) -> list[str]:
+    """Each layer pair as asked with the layers it landed on: `0.50:0.50 (L8:L3)`, or per
+    vision model where models of different depth land on different layers."""
+    landed: dict[str, dict[str, None]] = {}
+    for r in rows:
+        realised = f"{_layer(r, 'vision')}:{_layer(r, 'text')}"
+        landed.setdefault(depth_pair(r), {})[f"{realised} {r.get('vision', '')}"] = None
+    out = []
+    for pair in sorted(landed):
+        found = list(landed[pair])
+        if len({f.split(" ", 1)[0] for f in found}) == 1:
+            found = [found[0].split(" ", 1)[0]]
+        out.append(f"{pair} → {', '.join(f.replace(' ', ' on ', 1) for f in found)}")
+    return out
+
+
+def param_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The swept `train.*` columns of the rows, the seed left out."""
+    return sorted({k for r in rows for k in r if k.startswith("train.") and k != SEED})
+
+
+def _varying(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if len({str(r.get(c, "")) for r in rows}) > 1]
+
+
+def _config_key(row: dict[str, Any], params: Sequence[str]) -> tuple:
+    """Everything that makes a trial's configuration but its seed."""
+    axes = (row.get("objective"), row.get("vision"), row.get("text"))
+    return axes + (depth_pair(row),) + tuple(str(row.get(p, "")) for p in params)
+
+
+def t_half_width(values: Sequence[float], level: float = 0.95) -> float:
+    """Half-width of the `level` t-interval of the mean of `values` (n − 1 degrees of
+    freedom); NaN below two values. With 2-3 seeds it is honestly wide: the 95% quantile is
+    12.7 at one degree of freedom and 4.3 at two."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def _present(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
+    return [m for m in metrics if any(_num(r.get(m)) is not None for r in rows)]
+
+
+def mean_over_seeds(
+    rows: list[dict[str, Any]], metrics: Sequence[str], level: float = 0.95
+) -> list[dict[str, Any]]:
+    """One row per configuration (all but the seed) of the trial rows: its axes and params,
+    `seeds` (how many rows), and per metric the mean over seeds with its `level` t-interval
+    as `<metric>_lo` / `_hi` (blank under two seeds). The interval is over seeds only: every
+    seed is scored on the same test items, so it measures training noise, not test-set
+    noise. Configurations keep the rows' order."""
+    trials = [r for r in rows if r.get("trial")]
+    params = param_columns(trials)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in trials:
+        groups.setdefault(_config_key(r, params), []).append(r)
+    out = []
+    for group in groups.values():
+        first = group[0]
+        keep = ("objective", "vision", "text", *_LAYER_COLUMNS, "vision_params", "text_params")
+        row = {k: first[k] for k in (*keep, *params) if k in first}
+        row["seeds"] = len(group)
+        for m in metrics:
+            values = [v for v in (_num(r.get(m)) for r in group) if v is not None]
+            if not values:
+                continue
+            mean, half = sum(values) / len(values), t_half_width(values, level)
+            row[m] = mean
+            if not math.isnan(half):
+                row[f"{m}_lo"], row[f"{m}_hi"] = mean - half, mean + half
+        out.append(row)
+    return out
+
+
+def _bootstrap_half(row: dict[str, Any], metric: str) -> float | None:
+    """Half the width of a row's per-item bootstrap interval, None without one."""
+    lo, hi = _num(row.get(f"{metric}_lo")), _num(row.get(f"{metric}_hi"))
+    return None if lo is None or hi is None else (hi - lo) / 2
+
+
+def difference(
+    a: list[dict[str, Any]], b: list[dict[str, Any]], metric: str, level: float = 0.95
+) -> tuple[float, float, str] | None:
+    """Mean of `a` − mean of `b` in `metric`, the half-width of its `level` interval and the
+    interval's basis, or None when a side has no value.
+
+    - Two or more seeds on each side (`seeds`): Welch's t-interval, the seeds of the two
+      objectives taken as independent samples (unpaired: a failed or sampled-out trial never
+      mispairs them; pairing by seed could only narrow it).
+    - One row on each side (`bootstrap`): the rows' per-item bootstrap intervals combined as
+      the root-sum-of-squares of their half-widths, a normal approximation that treats the
+      two rows' test-set noise as independent (both score the same items, so positively
+      correlated errors make it conservative).
+    - Otherwise (one side with a single seed, or no bounds): the difference, half-width NaN.
+    """
+    va = [v for v in (_num(r.get(metric)) for r in a) if v is not None]
+    vb = [v for v in (_num(r.get(metric)) for r in b) if v is not None]
+    if not va or not vb:
+        return None
+    diff = sum(va) / len(va) - sum(vb) / len(vb)
+    if len(va) >= 2 and len(vb) >= 2:
+        qa, qb = (_variance(v) / len(v) for v in (va, vb))
+        se = math.sqrt(qa + qb)
+        if se == 0:
+            return diff, 0.0, "seeds"
+        dof = se**4 / (qa**2 / (len(va) - 1) + qb**2 / (len(vb) - 1))
+        return diff, float(stats.t.ppf((1 + level) / 2, dof)) * se, "seeds"
+    if len(a) == 1 and len(b) == 1:
+        ha, hb = _bootstrap_half(a[0], metric), _bootstrap_half(b[0], metric)
+        if ha is not None and hb is not None:
+            return diff, math.hypot(ha, hb), "bootstrap"
+    return diff, math.nan, ""
+
+
+def _variance(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def _contender(row: dict[str, Any], own: Sequence[str]) -> str:
+    """An objective, with the values of its own knobs where they vary (`spread α=0.9 k=0`)."""
+    knobs = " ".join(f"{p.split('.')[-1]}={row.get(p)}" for p in own)
+    return f"{row.get('objective')} {knobs}".strip()
+
+
+def objective_differences(
+    rows: list[dict[str, Any]], metrics: Sequence[str] = HEADLINE, level: float = 0.95
+) -> list[dict[str, Any]]:
+    """For each model pair x layer pair (x any other swept param), each pair of objectives'
+    difference `a − b` in each metric: `<metric>` the difference, `<metric>_lo` / `_hi` its
+    interval (`difference`), `<metric>_noise` True when the interval contains 0 (None
+    without an interval), and `basis` (`seeds` or `bootstrap`). A Spread swept over its own
+    knobs is one contender per setting. Metrics no row has are left out."""
+    trials = [r for r in rows if r.get("trial")]
+    metrics = _present(trials, metrics)
+    params = param_columns(trials)
+    shared = [p for p in params if p not in OBJECTIVE_PARAMS]
+    settings: dict[tuple, list[dict[str, Any]]] = {}
+    for r in trials:
+        key = (r.get("vision"), r.get("text"), depth_pair(r), *(str(r.get(p)) for p in shared))
+        settings.setdefault(key, []).append(r)
+    own = {
+        o: _varying([r for r in trials if r.get("objective") == o], OBJECTIVE_PARAMS)
+        for o in dict.fromkeys(r.get("objective") for r in trials)
+    }
+    out = []
+    for group in settings.values():
+        contenders: dict[str, list[dict[str, Any]]] = {}
+        for r in group:
+            contenders.setdefault(_contender(r, own[r.get("objective")]), []).append(r)
+        first = group[0]
+        for a, b in itertools.combinations(contenders, 2):
+            row = {k: first.get(k) for k in ("vision", "text", *_LAYER_COLUMNS)}
+            row |= {p: first.get(p) for p in _varying(trials, shared)}
+            row |= {"a": a, "b": b, "basis": ""}
+            for m in metrics:
+                found = difference(contenders[a], contenders[b], m, level)
+                if found is None:
+                    continue
+                diff, half, basis = found
+                row[m] = diff
+                row["basis"] = row["basis"] or basis
+                if math.isnan(half):
+                    row[f"{m}_noise"] = None
+                    continue
+                row[f"{m}_lo"], row[f"{m}_hi"] = diff - half, diff + half
+                row[f"{m}_noise"] = row[f"{m}_lo"] <= 0.0 <= row[f"{m}_hi"]
+            out.append(row)
+    return out
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}".replace("-", "−")
+
+
+def differences_table(diffs: list[dict[str, Any]], metrics: Sequence[str] = HEADLINE) -> str:
+    """The comparison as a Markdown table: one line per model pair x layer pair x objective
+    pair, each metric's difference `+0.031 ±0.045`, and `(within noise)` where its interval
+    contains 0."""
+    metrics = [m for m in metrics if any(m in d for d in diffs)]
+    models = len({(d.get("vision"), d.get("text")) for d in diffs}) > 1
+    params = sorted({k for d in diffs for k in d if k.startswith("train.")})
+    body = []
+    for d in diffs:
+        line = {"models": f"{d.get('vision')} + {d.get('text')}"} if models else {}
+        line["layers"] = f"{side_label(d, 'vision')}:{side_label(d, 'text')}"
+        line |= {p: Verbatim(d.get(p, "")) for p in params}
+        line["a − b"] = f"{d['a']} − {d['b']}"
+        for m in metrics:
+            if m not in d:
+                line[f"Δ {m}"] = "—"
+                continue
+            cell = _signed(d[m])
+            if f"{m}_lo" in d:
+                cell += f" ±{(d[f'{m}_hi'] - d[f'{m}_lo']) / 2:.3f}"
+            if d.get(f"{m}_noise"):
+                cell += f" ({NOISE})"
+            line[f"Δ {m}"] = cell
+        line["interval"] = d.get("basis") or "—"
+        body.append(line)
+    return table(body, list(body[0])) if body else ""
+
+
+def summary_rows(rows: list[dict[str, Any]], level: float = 0.95) -> list[dict[str, Any]]:
+    """What a sweep's main table shows: raw rows first, then each trial row, or with several
+    seeds each configuration's `mean_over_seeds`; layer cells read `0.50 (L11)`."""
+    raw = [r for r in rows if r.get("objective") == RAW]
+    trials = [r for r in rows if r.get("trial")]
+    if _seeds(trials) > 1:
+        trials = mean_over_seeds(trials, _present(trials, _SUMMARY_METRICS), level)
+    params = param_columns(trials)
+    return [
+        r
+        | {f"{s}_layer": Verbatim(side_label(r, s)) for s in ("vision", "text")}
+        | {p: Verbatim(r[p]) for p in params if r.get(p) not in ("", None)}
+        for r in raw + trials
+    ]
+
+
+def _seeds(trials: list[dict[str, Any]]) -> int:
+    """How many seeds the sweep ran (distinct `train.seed` values; 1 without the column)."""
+    return max(1, len({str(r.get(SEED)) for r in trials if r.get(SEED) not in ("", None)}))
+
+
+def summary_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
+    """The sweep's main table (`summary_rows`): with several seeds, varying params and the
+    number of seeds per configuration are shown too."""
+    shown = summary_rows(rows, level)
+    trials = [r for r in rows if r.get("trial")]
+    if _seeds(trials) <= 1:
+        return table(shown, SWEEP_SHOWN)
+    params = _varying(trials, param_columns(trials))
+    columns = [*SWEEP_SHOWN[:5], *params, "seeds", *SWEEP_SHOWN[5:]]
+    return table(shown, columns)
+
+
+def _seed_legend(trials: list[dict[str, Any]], level: float) -> list[str]:
+    seeds = _seeds(trials)
+    if seeds <= 1:
+        return []
+    values = sorted({int(float(r[SEED])) for r in trials if _num(r.get(SEED)) is not None})
+    return [
+        f"- Each trained row is the mean over {seeds} seeds (`{SEED}` {values[0]}–{values[-1]}; "
+        f"each seed's row is in `{RESULTS}`) with `±` its {level * 100:g}% t-interval "
+        "(n − 1 degrees of freedom) over seeds: with 2-3 seeds it is wide (the t quantile is "
+        "12.7 at 2 seeds, 4.3 at 3), as it should be. The seeds share one test set, so it "
+        "measures training noise. The `raw` rows keep their per-item bootstrap intervals; "
+        f"each seed's own are in `{RESULTS}`.",
+    ]
+
+
+def comparison_section(rows: list[dict[str, Any]], level: float = 0.95) -> list[str]:
+    """report.md's comparison of objectives, with how its intervals were made; empty with
+    fewer than two objectives."""
+    diffs = objective_differences(rows, HEADLINE, level)
+    if not diffs:
+        return []
+    bases = {d["basis"] for d in diffs if d.get("basis")}
+    how = []
+    if "seeds" in bases:
+        how.append(
+            f"over seeds, Welch's {level * 100:g}% t-interval of the difference of the two "
+            "objectives' seed means (training noise on one shared test set)"
+        )
+    if "bootstrap" in bases:
+        how.append(
+            f"with one seed, the two rows' {level * 100:g}% per-item bootstrap intervals "
+            "combined as the root-sum-of-squares of their half-widths (a normal approximation "
+            "that treats the two rows' test-set noise as independent)"
+        )
+    if not bases:
+        how.append("no interval: the rows carry neither several seeds nor bootstrap bounds")
+    return [
+        "## Objectives compared",
+        "",
+        differences_table(diffs, HEADLINE),
+        "",
+        f"- `Δ metric` is objective a minus objective b, `±` half its interval: {'; '.join(how)}. "
+        f"`{NOISE}` marks a difference whose interval contains 0: this sweep does not tell "
+        "those two objectives apart on that metric.",
+        "",
+    ]
+
+
 def write_sweep_report(
     run_dir: Path,
     rows: list[dict[str, Any]],
@@ -203,23 +575,27 @@ def write_sweep_report(
         raise RaysysError(f"no finished trial in {str(run_dir)!r}: nothing to report")
     write_results(run_dir, rows, ks)
     plots, skipped = write_plots(run_dir, rows)
+    level = _bootstrap_settings(run_dir)[0]
     trials = [r for r in rows if r.get("trial")]
     axes = {
         "objectives": sorted({r["objective"] for r in trials}),
         "model pairs": sorted({f"{r['vision']} + {r['text']}" for r in trials}),
-        "layer pairs (relative depth)": sorted(
-            {f"{float(r['vision_depth']):.2f}:{float(r['text_depth']):.2f}" for r in trials}
+        "layer pairs (relative depth as asked → the layers it landed on)": (
+            describe_layer_pairs(trials)
         ),
     }
+    seeds = _seeds(trials)
     lines = [
         f"# raysys sweep — {where.rstrip('/').rsplit('/', 1)[-1]}",
         "",
         f"{len(trials)} trials over "
         + "; ".join(f"{len(v)} {k} ({', '.join(v)})" for k, v in axes.items())
+        + (f"; {seeds} seeds" if seeds > 1 else "")
         + ". Metrics on the test split; `raw` rows are the frozen backbones before alignment.",
         "",
-        table(rows, SWEEP_SHOWN),
+        summary_table(rows, level),
         "",
+        *comparison_section(rows, level),
     ]
     for plot in plots:
         lines += [
@@ -237,9 +613,11 @@ def write_sweep_report(
         *LEGEND,
         "- `mutual_knn`, `cka`, `cknna`: alignment after JAM; `raw_*` columns in "
         f"`{RESULTS}` hold the same layer pair before alignment.",
-        "- Layer indices are hidden-state numbers (0 = embeddings); depths in `results.csv` are "
-        "relative (layer / last layer).",
-        *interval_legend(run_dir, rows),
+        "- `vision_layer`, `text_layer`: the relative depth asked for (layer / last layer), "
+        "with the hidden-state layer it landed on (0 = embeddings): `0.50 (L11)` is half depth "
+        "of a 22-layer model. A side asked as an index shows its realised depth. "
+        f"`{RESULTS}` holds both, as `*_depth` and `*_layer`.",
+        *(_seed_legend(trials, level) or interval_legend(run_dir, rows, compared=True)),
         "",
         f"All columns: `{RESULTS}`. TensorBoard (curves of every trial; HParams compares them): "
         f"`tensorboard --logdir {where.rstrip('/')}/tensorboard`"
@@ -254,7 +632,7 @@ def rebuild(run_dir: Path) -> Path:
     rows = read_results(run_dir)
     if is_sweep(rows):
         path = write_sweep_report(run_dir, rows, ks=ks_of(rows))
-        print(table(rows, SWEEP_SHOWN))
+        print(summary_table(rows, _bootstrap_settings(run_dir)[0]))
     else:
         path = write_report(run_dir, rows)
         print(table(rows))

@@ -1,8 +1,8 @@
 """The sweep's plan: its axes, its trials and how they share the cluster; no Ray, no data
 (but `packing`, which on a joined cluster first makes sure one trial fits on it).
 
-Axes are objective x model pair x layer pair x any `train.*` hyper-parameter. Everything here
-is checked before any extraction, so a typo costs seconds, not hours of embedding.
+Axes are objective x model pair x layer pair x any `train.*` hyper-parameter x seed. Everything
+here is checked before any extraction, so a typo costs seconds, not hours of embedding.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ SPREAD_ONLY = ("train.alpha", "train.k")  # Spread's own knobs: other objectives
 # Set by the sweep for every trial alike (packing, checkpoints), so not sweepable.
 FIXED_KEYS = ("train.use_gpu", "train.cpus_per_worker", "train.keep_checkpoints")
 AXIS_KEYS = ("train.objective", "train.vision_layer", "train.text_layer", "train.num_workers")
+SEED_KEY = "train.seed"  # what `sweep.seeds` varies: a swept param of its own, last in each trial
 
 
 def model_pairs(cfg: Config) -> list[tuple[str, str]]:
@@ -110,6 +111,12 @@ def layer_pairs(cfg: Config) -> list[tuple[Side, Side]]:
 def param_grid(cfg: Config, objective: str) -> list[dict[str, Any]]:
     """Every combination of `sweep.params` for one objective (Spread's knobs only for it)."""
     params = cfg.sweep.params
+    if cfg.sweep.seeds > 1 and SEED_KEY in params:
+        raise ConfigError(
+            f"sweep.seeds={cfg.sweep.seeds} repeats every trial over {SEED_KEY} (its value "
+            f"+ 0..{cfg.sweep.seeds - 1}); sweeping {SEED_KEY} in sweep.params as well would "
+            f"repeat the repeats: drop one (sweep.seeds=1, or sweep.params.{SEED_KEY})"
+        )
     for key, values in params.items():
         if not key.startswith("train.") or key in AXIS_KEYS + FIXED_KEYS:
             raise ConfigError(
@@ -126,6 +133,24 @@ def param_grid(cfg: Config, objective: str) -> list[dict[str, Any]]:
         dict(zip(keys, combo, strict=True))
         for combo in itertools.product(*(params[k] for k in keys))
     ]
+
+
+def seed_values(cfg: Config) -> list[int]:
+    """The seeds `sweep.seeds` repeats each trial with: `train.seed` + 0..N-1; none for one
+    seed, so a one-seed plan (and the trial ids of a sweep started before seeds) is
+    unchanged."""
+    if cfg.sweep.seeds <= 1:
+        return []
+    return [cfg.train.seed + i for i in range(cfg.sweep.seeds)]
+
+
+def depth_of(side: Side, layer: int, n: int) -> float:
+    """A layer pair side's depth column: the relative depth that was asked for (0.5 stays
+    0.5 even where it lands on layer 11 of 22), or the realised fraction layer / last layer
+    of `n` hidden states when the side was a layer index."""
+    if isinstance(side, float):
+        return side
+    return round(layer / max(1, n - 1), 4)
 
 
 def trial_config(base: Config, objective: str, params: dict[str, Any]) -> Config:
@@ -213,7 +238,13 @@ def resolve_layers(cfg: Config) -> list[Resolved]:
 @dataclass
 class LayerPair:
     """One layer pair of one model pair: hidden-state ids, relative depths, the pair source
-    (a `PairSource` as a dict: it travels to Tune trials) and the raw test scores."""
+    (a `PairSource` as a dict: it travels to Tune trials) and the raw test scores.
+
+    The depths are the axis as asked (`depth_of`): a relative depth asked for stays itself
+    even where a model's layers round it (0.5 of EfficientNet-Lite1's 22 is layer 11, 0.52),
+    so model pairs share the axis and rows group by it; `vision_layer` / `text_layer` are
+    the layers it landed on. A side given as an index has its realised fraction. Records of
+    older sweeps hold realised fractions throughout and still load."""
 
     vision_layer: int
     text_layer: int
@@ -287,8 +318,10 @@ def raw_sweep_rows(prepared: list[Prepared]) -> list[dict[str, Any]]:
 def trial_row(
     trial: Trial, scores: dict[str, float], seconds: float, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """A finished trial's row: its axes, test scores, the same layers' raw scores, params."""
+    """A finished trial's row: its axes, test scores, the same layers' raw scores, params
+    (the trial's own, its seed included, then `params`: every swept key's value)."""
     layer = trial.layer
+    params = {**trial.params, **params}
     return {"trial": trial.id} | model_row(
         trial.objective,
         trial.vision,
@@ -303,8 +336,25 @@ def trial_row(
     )
 
 
+def with_planned_depths(rows: list[dict[str, Any]], trials: list[Trial]) -> list[dict[str, Any]]:
+    """Rows with each trial's depth columns as this plan has them: a sweep started before
+    depths were kept as asked stored realised fractions (0.52) in its trials, and resuming
+    it reports them beside raw rows at the asked 0.5. Trial ids name the layer indices,
+    which are the same under both, so the ids still match."""
+    planned = {t.id: t.layer for t in trials}
+    out = []
+    for row in rows:
+        layer = planned.get(row.get("trial") or "")
+        if layer is not None:
+            row = row | {"vision_depth": layer.vision_depth, "text_depth": layer.text_depth}
+        out.append(row)
+    return out
+
+
 def plan_trials(cfg: Config, prepared: list[Prepared]) -> list[Trial]:
-    """Every trial (objective x models x layers x params), then the `random` sample if asked."""
+    """Every trial (objective x models x layers x params), then the `random` sample if asked,
+    then each repeated over `sweep.seeds` (a sample draws configurations, and every drawn
+    one runs with every seed, so the report can average over seeds)."""
     combos = [
         (objective, pair, layer, params)
         for objective in cfg.objectives
@@ -318,6 +368,9 @@ def plan_trials(cfg: Config, prepared: list[Prepared]) -> list[Trial]:
     if n and n < len(combos):
         keep = sorted(random.Random(cfg.sweep.seed).sample(range(len(combos)), n))
         combos = [combos[i] for i in keep]
+    seeds = seed_values(cfg)
+    if seeds:
+        combos = [(o, p, ly, {**ps, SEED_KEY: seed}) for o, p, ly, ps in combos for seed in seeds]
     trials = []
     for i, (objective, pair, layer, params) in enumerate(combos):
         extra = "".join(f"-{k.split('.')[-1]}{_slug(v)}" for k, v in params.items())

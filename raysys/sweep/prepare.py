@@ -13,7 +13,7 @@ from raysys.data.source import pair_source
 from raysys.errors import ConfigError
 from raysys.evaluate import score_raw
 from raysys.extract import Extracted, extract
-from raysys.sweep.plan import LayerPair, Prepared, Resolved
+from raysys.sweep.plan import LayerPair, Prepared, Resolved, Side, depth_of, layer_pairs
 
 
 def needed_layers(spec: str, ids: list[int], n: int) -> str:
@@ -26,7 +26,8 @@ def needed_layers(spec: str, ids: list[int], n: int) -> str:
 
 def prepare(cfg: Config, resolved: list[Resolved]) -> list[Prepared]:
     """Extract every model pair once (all layers any trial needs) and score the raw pairs;
-    `resolved` is `check_sweep`'s answer."""
+    `resolved` is `check_sweep`'s answer (its ids are in `layer_pairs` order)."""
+    asked = layer_pairs(cfg)
     prepared, params_cache = [], {}
     for vision, text, full, ids in resolved:
         totals = {m: len(b.layer_ids) for m, b in full.items()}
@@ -43,16 +44,26 @@ def prepare(cfg: Config, resolved: list[Resolved]) -> list[Prepared]:
         for name, backbone in ((vision, full["image"]), (text, full["text"])):
             if name not in params_cache:
                 params_cache[name] = backbone.param_count()
-        layers = [layer_pair(cfg, ext, vid, tid, totals) for vid, tid in ids]
+        layers = [
+            layer_pair(cfg, ext, vid, tid, totals, sides)
+            for (vid, tid), sides in zip(ids, asked, strict=True)
+        ]
         prepared.append(Prepared(vision, text, params_cache[vision], params_cache[text], layers))
     return prepared
 
 
 def layer_pair(
-    cfg: Config, ext: Extracted, vid: int, tid: int, totals: dict[str, int]
+    cfg: Config,
+    ext: Extracted,
+    vid: int,
+    tid: int,
+    totals: dict[str, int],
+    asked: tuple[Side, Side] | None = None,
 ) -> LayerPair:
     """One layer pair of an extraction (`totals`: each modality's hidden-state count):
-    checked for size, scored raw on `eval.split`."""
+    checked for size, scored raw on `eval.split`. Its depths are the `asked` sides where
+    they were relative depths (`depth_of`), the realised fractions otherwise."""
+    asked = asked or (vid, tid)
     source = pair_source(ext, layer_name(vid), layer_name(tid))
     for manifest, column in ((ext.image_manifest, vid), (ext.text_manifest, tid)):
         if layer_name(column) not in manifest["layers"]:
@@ -64,8 +75,8 @@ def layer_pair(
     return LayerPair(
         vision_layer=vid,
         text_layer=tid,
-        vision_depth=round(vid / max(1, totals["image"] - 1), 4),
-        text_depth=round(tid / max(1, totals["text"] - 1), 4),
+        vision_depth=depth_of(asked[0], vid, totals["image"]),
+        text_depth=depth_of(asked[1], tid, totals["text"]),
         source=dataclasses.asdict(source),
         raw=score_raw(scored, cfg.eval),
     )
