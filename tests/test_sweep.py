@@ -288,3 +288,80 @@ def test_a_trial_reserves_its_packed_share_and_raysys_train_whole_gpus() -> None
     plan, threads = _scaling(Packing(8, 1, 1.0, 0.25, 1))
     assert worker_bundle(plan) == {"CPU": 1.0, "GPU": 0.25} and threads == 1
     assert worker_bundle(_scaling(Packing(2, 2, 0.5, 0.0, 1))[0]) == {"CPU": 0.5}
+
+
+def test_a_depth_asked_for_is_kept_beside_the_layer_it_lands_on() -> None:
+    """Half depth of EfficientNet-Lite1's 22 hidden states is layer 11 (0.52 of the way): the
+    row says 0.5, as asked, so lite0 and lite1 share the axis; an index keeps its fraction."""
+    from raysys.sweep.plan import depth_of, resolve_layers
+
+    cfg = _cfg("sweep.models=efficientnet-lite1+minilm-l6", "sweep.layers=0.5:0.5,8:-1")
+    [(_, _, full, ids)] = resolve_layers(cfg)
+    assert ids == [(11, 3), (8, 6)] and len(full["image"].layer_ids) == 22
+    sides = layer_pairs(cfg)  # prepare zips these with the ids, in the same order
+    depths = [
+        (depth_of(v, vid, 22), depth_of(t, tid, 7))
+        for (v, t), (vid, tid) in zip(sides, ids, strict=True)
+    ]
+    assert depths == [(0.5, 0.5), (round(8 / 21, 4), 1.0)]
+
+
+def test_a_trial_stored_with_realised_depths_still_loads_and_reports_the_asked_one() -> None:
+    """Tune restores a stopped sweep's stored trials: their layers hold the realised 0.52.
+    Their ids name layer indices, the same under the new plan, so resume finds them, and
+    `with_planned_depths` gives their rows the depth the plan asked for."""
+    from raysys.sweep.plan import Trial, trial_row, with_planned_depths
+
+    cfg = _cfg("objectives=con")
+    [planned] = plan_trials(cfg, [_prepared("efficientnet-lite1", 5_400_000, [0.5])])
+    old = planned.to_dict()
+    old["layer"] |= {"vision_depth": 0.5238, "text_depth": 0.5}
+    stored = Trial.from_dict(old)
+    assert stored.id == planned.id and stored.layer.vision_depth == 0.5238
+    row = trial_row(stored, {"i2t_r1": 0.5}, 1.0, {})
+    [fixed] = with_planned_depths([row], [planned])
+    assert fixed["vision_depth"] == 0.5 and fixed["vision_layer"] == planned.layer.vision_layer
+    raw = {"trial": "", "vision_depth": 0.5}
+    assert with_planned_depths([raw], [planned]) == [raw]
+
+
+def test_seeds_repeat_every_trial_over_train_seed() -> None:
+    prepared = [_prepared("efficientnet-lite0", 4_600_000, [0.5, 1.0])]
+    one = plan_trials(_cfg("objectives=con,spread"), prepared)
+    cfg = _cfg("objectives=con,spread", "sweep.seeds=3", "train.seed=5")
+    trials = plan_trials(cfg, prepared)
+    assert len(trials) == 3 * len(one) == 12 and len({t.id for t in trials}) == 12
+    assert sorted(t.params["train.seed"] for t in trials) == [5] * 4 + [6] * 4 + [7] * 4
+    # One seed plans what it did before seeds existed: same ids, no seed param.
+    assert all("train.seed" not in t.params and "seed" not in t.id for t in one)
+    assert [t.id.rsplit("-seed", 1)[0][4:] for t in trials[:3]] == [one[0].id[4:]] * 3
+    assert trials[1].id.endswith("-seed6")
+    # The seed reaches the trial's config and its row, as a swept param's value does.
+    assert trial_config(cfg, "con", trials[1].params).train.seed == 6
+    from raysys.sweep.plan import trial_row
+
+    row = trial_row(trials[1], {"i2t_r1": 0.5}, 1.0, {})
+    assert row["train.seed"] == 6
+
+
+def test_a_random_sample_runs_every_drawn_configuration_with_every_seed() -> None:
+    prepared = [_prepared("efficientnet-lite0", 4_600_000, [0.25, 0.5, 0.75, 1.0])]
+    draw = ["sweep.search=random", "sweep.num_samples=4", "sweep.seeds=2"]
+    trials = plan_trials(_cfg(*draw), prepared)
+    configs = {(t.objective, t.layer.vision_layer) for t in trials}
+    assert len(trials) == 8 and len(configs) == 4
+    for objective, layer in configs:
+        seeds = [
+            t.params["train.seed"]
+            for t in trials
+            if (t.objective, t.layer.vision_layer) == (objective, layer)
+        ]
+        assert seeds == [0, 1]
+
+
+def test_sweeping_train_seed_beside_seeds_is_refused() -> None:
+    from raysys.sweep.plan import check_plan
+
+    with pytest.raises(ConfigError, match="sweep.seeds=3 repeats every trial over train.seed"):
+        check_plan(_cfg("sweep.seeds=3", "sweep.params.train.seed=[0,1]"))
+    assert len(param_grid(_cfg("sweep.params.train.seed=[0,1]"), "con")) == 2  # one seed: fine

@@ -1,0 +1,161 @@
+"""A sweep's report over seeds and asked depths: the aggregation is pure (rows in, rows out),
+checked on hand-made rows with known means and intervals against scipy's own definitions."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from scipy import stats
+
+from raysys.report.report import (
+    describe_layer_pairs,
+    difference,
+    mean_over_seeds,
+    objective_differences,
+    read_results,
+    side_label,
+    summary_table,
+    t_half_width,
+    write_results,
+    write_sweep_report,
+)
+from raysys.report.schema import RESULT_COLUMNS
+from raysys.sweep.plan import SPREAD_ONLY
+
+LITE1 = {"vision": "efficientnet-lite1", "text": "minilm-l6", "vision_layer": 11}
+LITE1 |= {"text_layer": 3, "vision_depth": 0.5, "text_depth": 0.5}
+
+
+def _seed_rows(objective: str, values: dict[str, list[float]], **extra) -> list[dict]:
+    """One trial row per seed with the given per-seed metric values."""
+    n = len(next(iter(values.values())))
+    return [
+        {"trial": f"{objective}-{i}", "objective": objective, **LITE1, "train.seed": i}
+        | {m: v[i] for m, v in values.items()}
+        | extra
+        for i in range(n)
+    ]
+
+
+def test_t_interval_of_the_mean_has_n_minus_1_degrees_of_freedom() -> None:
+    # 1, 2, 3: mean 2, sd 1; the 97.5% t quantile at 2 dof is 4.3027.
+    assert t_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.302653 / math.sqrt(3))
+    assert t_half_width([1.0, 2.0, 3.0], 0.9) == pytest.approx(2.919986 / math.sqrt(3))
+    assert math.isnan(t_half_width([1.0]))
+
+
+def test_mean_over_seeds_groups_everything_but_the_seed() -> None:
+    rows = _seed_rows("con", {"i2t_r1": [0.1, 0.2, 0.3], "mutual_knn": [0.5, 0.5, 0.5]})
+    rows += _seed_rows("spread", {"i2t_r1": [0.4, 0.6]}, **{"train.lr": 0.001})
+    rows += _seed_rows("spread", {"i2t_r1": [0.7, 0.7]}, **{"train.lr": 0.0003})
+    rows += [{"trial": "", "objective": "raw", **LITE1, "mutual_knn": 0.2}]
+    con, fast, slow = mean_over_seeds(rows, ["i2t_r1", "mutual_knn", "hardneg_acc"])
+    assert (con["objective"], con["seeds"], con["vision_layer"]) == ("con", 3, 11)
+    assert con["i2t_r1"] == pytest.approx(0.2)
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert (con["i2t_r1_lo"], con["i2t_r1_hi"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert (con["mutual_knn_lo"], con["mutual_knn_hi"]) == pytest.approx((0.5, 0.5))
+    assert "hardneg_acc" not in con and "train.seed" not in con
+    assert (fast["train.lr"], fast["seeds"], fast["i2t_r1"]) == (0.001, 2, pytest.approx(0.5))
+    # 0.4, 0.6: sd 0.1414, standard error 0.1; the t quantile at 1 dof is 12.706.
+    assert fast["i2t_r1_hi"] - fast["i2t_r1"] == pytest.approx(12.7062 * 0.1, 1e-4)
+    assert slow["i2t_r1"] == pytest.approx(0.7)
+    [one] = mean_over_seeds(_seed_rows("con", {"i2t_r1": [0.3]}), ["i2t_r1"])
+    assert one["i2t_r1"] == 0.3 and "i2t_r1_lo" not in one  # one seed: no t-interval
+
+
+def test_seed_differences_are_welch_intervals_and_flagged_only_within_noise() -> None:
+    a, b = [0.30, 0.32, 0.31], [0.50, 0.47, 0.52]
+    diff, half, basis = difference(
+        _seed_rows("con", {"i2t_r1": a}), _seed_rows("spread", {"i2t_r1": b}), "i2t_r1"
+    )
+    welch = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert basis == "seeds" and diff == pytest.approx(sum(a) / 3 - sum(b) / 3)
+    assert (diff - half, diff + half) == pytest.approx((welch.low, welch.high))
+    rows = _seed_rows("con", {"i2t_r1": a, "t2i_r1": [0.40, 0.43, 0.41]})
+    rows += _seed_rows("spread", {"i2t_r1": b, "t2i_r1": [0.41, 0.42, 0.43]})
+    [d] = objective_differences(rows)
+    assert (d["a"], d["b"], d["basis"], d["vision_layer"]) == ("con", "spread", "seeds", 11)
+    assert d["i2t_r1_noise"] is False  # 0.19 apart with seed spread ~0.02: a real difference
+    assert d["t2i_r1_noise"] is True  # 0.0033 apart: noise
+    assert "hardneg_acc" not in d and "mutual_knn" not in d  # no row has them
+
+
+def test_one_seed_compares_by_the_root_sum_of_squares_of_the_bootstrap_half_widths() -> None:
+    con = {"trial": "c", "objective": "con", **LITE1, "i2t_r1": 0.40, "hardneg_acc": 0.70}
+    con |= {"i2t_r1_lo": 0.37, "i2t_r1_hi": 0.43, "hardneg_acc_lo": 0.60, "hardneg_acc_hi": 0.80}
+    con |= {"mutual_knn": 0.30}  # no interval: the difference without one
+    neg = {"trial": "n", "objective": "negcon", **LITE1, "i2t_r1": 0.50, "hardneg_acc": 0.72}
+    neg |= {"i2t_r1_lo": 0.46, "i2t_r1_hi": 0.54, "hardneg_acc_lo": 0.66, "hardneg_acc_hi": 0.78}
+    neg |= {"mutual_knn": 0.35, "mutual_knn_lo": 0.3, "mutual_knn_hi": 0.4}
+    [d] = objective_differences([con, neg])
+    assert d["basis"] == "bootstrap"
+    # half-widths 0.03 and 0.04 combine to 0.05: -0.10 ± 0.05 excludes 0.
+    assert (d["i2t_r1"], d["i2t_r1_lo"], d["i2t_r1_hi"]) == pytest.approx((-0.1, -0.15, -0.05))
+    assert d["i2t_r1_noise"] is False
+    # 0.1 and 0.06 combine to 0.1166: -0.02 is within noise.
+    assert d["hardneg_acc_hi"] - d["hardneg_acc"] == pytest.approx(math.hypot(0.1, 0.06))
+    assert d["hardneg_acc_noise"] is True
+    assert d["mutual_knn"] == pytest.approx(-0.05) and d["mutual_knn_noise"] is None
+    assert "mutual_knn_lo" not in d
+
+
+def test_each_model_pair_and_layer_pair_is_compared_apart_and_spread_variants_apart() -> None:
+    assert SPREAD_ONLY == ("train.alpha", "train.k")  # the report's OBJECTIVE_PARAMS
+    rows = []
+    for vision, layer in (("efficientnet-lite0", 8), ("efficientnet-lite1", 11)):
+        for objective, alpha in (("con", 0.7), ("spread", 0.5), ("spread", 0.9)):
+            row = {"trial": f"{vision}{objective}{alpha}", "objective": objective, **LITE1}
+            row |= {"vision": vision, "vision_layer": layer, "train.alpha": alpha, "i2t_r1": 0.5}
+            rows.append(row)
+    diffs = objective_differences(rows)
+    assert len(diffs) == 2 * 3  # per model pair: con-spread(0.5), con-spread(0.9), the two spreads
+    assert {(d["a"], d["b"]) for d in diffs} == {
+        ("con", "spread alpha=0.5"),
+        ("con", "spread alpha=0.9"),
+        ("spread alpha=0.5", "spread alpha=0.9"),
+    }
+    assert {d["vision_layer"] for d in diffs} == {8, 11}
+
+
+def test_layer_pairs_are_told_by_the_depth_asked_with_the_layer_beside_it() -> None:
+    lite0 = LITE1 | {"vision": "efficientnet-lite0", "vision_layer": 8}
+    full = LITE1 | {"vision_layer": 21, "text_layer": 6, "vision_depth": 1.0, "text_depth": 1.0}
+    assert side_label(LITE1, "vision") == "0.50 (L11)"
+    assert side_label({"vision_layer": "11", "vision_depth": "0.5"}, "vision") == "0.50 (L11)"
+    assert side_label({"vision_layer": "11", "vision_depth": ""}, "vision") == "L11"
+    assert describe_layer_pairs([LITE1, lite0, full]) == [
+        "0.50:0.50 → L11:L3 on efficientnet-lite1, L8:L3 on efficientnet-lite0",
+        "1.00:1.00 → L21:L6",
+    ]
+
+
+def test_results_keep_every_dynamic_column(tmp_path) -> None:
+    [row] = _seed_rows("con", {"i2t_r1": [0.5]})
+    row |= {"hardneg_acc_swap": 0.6, "zeroshot_colour": 0.4, "mutual_knn_lo": 0.1}
+    write_results(tmp_path, [row, {"objective": "raw", **LITE1, "cka": 0.2}])
+    with (tmp_path / "results.csv").open() as f:
+        header = next(csv.reader(f))
+    assert header[: len(RESULT_COLUMNS)] == RESULT_COLUMNS
+    for column in ("hardneg_acc_swap", "zeroshot_colour", "mutual_knn_lo", "train.seed"):
+        assert column in header, column
+    assert read_results(tmp_path)[0]["train.seed"] == "0"
+
+
+def test_a_three_seed_sweep_report_shows_means_intervals_and_noise(tmp_path) -> None:
+    rows = [{"trial": "", "objective": "raw", **LITE1, "mutual_knn": 0.12}]
+    rows += _seed_rows("con", {"i2t_r1": [0.30, 0.32, 0.31], "mutual_knn": [0.3, 0.31, 0.3]})
+    rows += _seed_rows("spread", {"i2t_r1": [0.50, 0.47, 0.52], "mutual_knn": [0.3, 0.3, 0.31]})
+    path = write_sweep_report(tmp_path, rows)
+    report = path.read_text()
+    assert "6 trials" in report and "1 layer pairs" in report and "3 seeds" in report
+    assert "0.50 (L11)" in report and "0.50:0.50 → L11:L3" in report
+    assert "mean over 3 seeds" in report and "t-interval" in report
+    [con] = [line for line in report.splitlines() if line.startswith("| con  ")]
+    assert "| 3 " in con and "0.310 ±0.025" in con  # 0.31 ± 4.30 · 0.01 / √3
+    [compared] = [line for line in report.splitlines() if "con − spread" in line]
+    assert "−0.187" in compared and compared.count("(within noise)") == 1  # mutual_knn only
+    # Read back from results.csv (strings), the same table.
+    assert summary_table(read_results(tmp_path)) == summary_table(rows)
