@@ -4,6 +4,7 @@ which Ray Data reads, and extraction of each kind: tests/test_corpora_ray.py.)""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow as pa
@@ -174,3 +175,34 @@ def test_manifest_rows_of_every_plausible_shape(tmp_path) -> None:
         "s3://b/coco/train2017/x.jpg"
     )
     assert _image_uri("./x.jpg", str(tmp_path)) == str(tmp_path / "x.jpg")
+
+
+def test_synthetic_corpus_carries_labels_tasks_and_its_overlap() -> None:
+    from raysys.corpora import negative_counts
+    from raysys.corpora.synthetic import NEGATIVE_EDITS
+
+    corpus = load_corpus(CorpusConfig(name="synthetic", size=60, image_size=32, seed=4))
+    pairs = corpus.pairs
+    assert pairs.schema.field("labels").type == pa.string()
+    assert all(json.loads(v)["arrangement"] for v in pairs["labels"].to_pylist())
+    assert set(corpus.zeroshot) == {"arrangement", "large_shape", "large_colour"}
+    assert set(negative_counts(pairs)) <= {f"exact:{e}" for e in NEGATIVE_EDITS}
+    assert set(corpus.info["overlap"].values()) == {0}
+    assert corpus.info["split"]["pairs"] == {"train": 48, "val": 6, "test": 6}
+    json.dumps(corpus.info)  # it goes into the cache manifest
+
+
+def test_pairs_table_keeps_labels_only_when_rows_have_them(scenes, tmp_path) -> None:
+    from raysys.corpora.base import PAIR_COLUMNS, pairs_table
+    from raysys.data import cache
+
+    rows = [{"pair_id": "p0", "caption": "a"}, {"pair_id": "p1", "caption": "b"}]
+    assert pairs_table(rows).column_names == list(PAIR_COLUMNS)
+    rows[1]["labels"] = '{"task": "x"}'
+    table = pairs_table(rows)
+    assert table["labels"].to_pylist() == [None, '{"task": "x"}']
+    cache.write_pairs(tmp_path / "corpus", table)
+    assert cache.read_pairs(tmp_path / "corpus")["labels"].to_pylist() == [None, '{"task": "x"}']
+    write_images(tmp_path, scenes)
+    plain = load_corpus(corpus_config(jsonl(tmp_path / "m.jsonl", per_pair_rows(scenes))))
+    assert "labels" not in plain.pairs.column_names and plain.zeroshot == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import math
 import re
 
@@ -13,7 +14,16 @@ import pytest
 from PIL import Image
 
 from raysys.corpora import SyntheticConfig, corpus_key, generate
-from raysys.corpora.synthetic import COLOURS, RELATIONS, SHAPES, SIZES
+from raysys.corpora.synthetic import (
+    COLOURS,
+    NEGATIVE_EDITS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    sample_scene,
+    split_overlap,
+    zeroshot_tasks,
+)
 from raysys.errors import ConfigError
 
 _CAPTION = re.compile(
@@ -124,12 +134,14 @@ def test_deterministic_per_seed(rows):
     assert [r["image"] for r in other] != [r["image"] for r in rows]
 
 
-def test_prefix_stable_across_sizes(rows):
-    """Image i does not depend on how many images are generated (per-image RNG streams)."""
+def test_image_depends_only_on_its_index_and_split(rows):
+    """Image i depends on the seed, i and its split, not on how many images are generated
+    (per-image RNG streams): a worker can regenerate any image on its own."""
     small = generate(SyntheticConfig(size=20, seed=7))
-    assert [(r["image"], r["caption"], r["negative"]) for r in small] == [
-        (r["image"], r["caption"], r["negative"]) for r in rows[:20]
-    ]
+    same = [i for i in range(20) if small[i]["split"] == rows[i]["split"]]
+    assert len(same) >= 10
+    for i in same:
+        assert small[i] == rows[i]
 
 
 def test_row_contract_and_ids(rows):
@@ -144,10 +156,12 @@ def test_row_contract_and_ids(rows):
             "negative",
             "negative_source",
             "split",
+            "labels",
         }
         assert re.fullmatch(r"syn-\d{6}", r["image_id"])
         assert re.fullmatch(re.escape(r["image_id"]) + r"-\d+", r["pair_id"])
-        assert isinstance(r["image"], bytes) and r["negative_source"] == "exact"
+        assert isinstance(r["image"], bytes) and isinstance(r["labels"], str)
+        assert r["negative_source"] in {f"exact:{e}" for e in NEGATIVE_EDITS}
 
 
 @pytest.mark.parametrize(
@@ -240,14 +254,15 @@ def test_negative_is_one_slot_edit_and_false(rows, multi_rows):
             assert len(diff) == 2, (r["caption"], r["negative"])
             i, j = diff
             assert cap[i] in COLOURS and (cap[i], cap[j]) == (neg[j], neg[i]), "not a colour swap"
-            kind = "swap"
+            kind = "swap_colours"
+        assert r["negative_source"] == f"exact:{kind}", (r["caption"], r["negative"])
         kinds[kind] += 1
         # A different stated scene, still of two differently coloured objects (a recolour never
         # takes the other object's colour, which could then describe that object): it is false.
         assert canonical(r["negative"]) != canonical(r["caption"])
         a, _, b = parse(r["negative"])
         assert a[1] != b[1], r["negative"]
-    assert set(kinds) == {"colour", "shape", "size", "relation", "swap"}, kinds
+    assert set(kinds) == set(NEGATIVE_EDITS), kinds
     assert min(kinds.values()) > 0.08 * sum(kinds.values()), kinds
 
 
@@ -294,3 +309,149 @@ def test_corpus_key_tracks_every_field():
 def test_bad_config_raises(change):
     with pytest.raises(ConfigError):
         generate(SyntheticConfig(**change))
+
+
+# ---- the compositional split ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size,seed,captions,val,test",
+    [(2000, 0, 1, 0.1, 0.1), (1000, 3, 5, 0.1, 0.1), (400, 11, 8, 0.2, 0.3), (60, 5, 1, 0.0, 0.05)],
+)
+def test_split_is_compositional(size, seed, captions, val, test):
+    """No val/test caption, paraphrase of one, negative or paraphrase of a negative is a train
+    caption or negative (checked with this file's own parser), at the asked fractions."""
+    cfg = SyntheticConfig(
+        size=size,
+        seed=seed,
+        captions_per_image=captions,
+        val_fraction=val,
+        test_fraction=test,
+        image_size=32,
+    )
+    out = generate(cfg)
+    assert len(out) == size
+    stated = collections.defaultdict(set)  # split -> every scene its captions and negatives state
+    texts = collections.defaultdict(set)
+    for r in out:
+        for text in (r["caption"], r["negative"]):
+            stated[r["split"]].add(canonical(text))
+            texts[r["split"]].add(text)
+    for held in ("val", "test"):
+        assert not stated[held] & stated["train"], held
+        assert not texts[held] & texts["train"], held
+    assert not stated["val"] & stated["test"]
+    assert set(split_overlap(out).values()) == {0}
+    pairs = collections.Counter(r["split"] for r in out)
+    for name, fraction in (("val", val), ("test", test)):
+        assert abs(pairs[name] / size - fraction) <= captions / size + 0.01, (name, pairs)
+    # Negative kinds stay balanced inside the held-out splits too.
+    kinds = collections.Counter(r["negative_source"] for r in out if r["split"] == "test")
+    assert len(kinds) == len(NEGATIVE_EDITS) or pairs["test"] < 25, kinds
+
+
+def _row(split: str, caption: str, negative: str) -> dict:
+    return {"split": split, "caption": caption, "negative": negative}
+
+
+def test_split_overlap_detects_each_leak():
+    train = [
+        _row("train", "a large red circle left of a small blue star", "x"),
+        _row(
+            "train",
+            "a small green square above a large red star",
+            "a small green square below a large red star",
+        ),
+    ]
+    clean = [
+        _row(
+            "test",
+            "a large red circle above a small blue star",
+            "a large red circle below a small blue star",
+        )
+    ]
+    assert set(split_overlap(train + clean).values()) == {0}
+    leaks = [  # (a leaky held-out row, the counts it must raise; every other stays 0)
+        # a verbatim train caption (so its scene too)
+        (
+            _row("test", "a large red circle left of a small blue star", "y"),
+            {"test_captions_in_train": 1, "test_scenes_in_train": 1},
+        ),
+        # a negative that is a training positive
+        (
+            _row("val", "z", "a large red circle left of a small blue star"),
+            {"val_negatives_in_train": 1, "val_negative_scenes_in_train": 1},
+        ),
+        # the inverse-relation paraphrase of a train caption, in another template
+        (
+            _row("test", "the small blue star is right of the large red circle", "w"),
+            {"test_scenes_in_train": 1},
+        ),
+        # a negative stating a train negative's scene
+        (
+            _row("test", "v", "there is a large red star above a small green square"),
+            {"test_negative_scenes_in_train": 1},
+        ),
+    ]
+    for leak, raised in leaks:
+        found = split_overlap(train + clean + [leak])
+        assert {k: v for k, v in found.items() if v} == raised, leak
+
+
+def test_split_overlap_reads_a_pairs_table():
+    import pyarrow as pa
+
+    rows = [_row("train", "a b", "c"), _row("test", "a b", "c"), _row("val", None, None)]
+    found = split_overlap(pa.Table.from_pylist(rows))
+    assert found["test_captions_in_train"] == 1 and found["test_scenes_in_train"] == 1
+    assert found["test_negatives_in_train"] == 0 and found["test_negative_scenes_in_train"] == 1
+
+
+# ---- zero-shot labels ----------------------------------------------------------------------
+
+
+def _expected_labels(caption: str) -> dict[str, str]:
+    """The classes a caption implies, from the caption alone."""
+    a, rel, b = parse(caption)
+    labels = {"arrangement": "side by side" if rel in ("left of", "right of") else "stacked"}
+    if a[0] != b[0]:
+        large = a if a[0] == "large" else b
+        labels |= {"large_shape": large[2], "large_colour": large[1]}
+    return labels
+
+
+def test_labels_agree_with_the_scene(rows, multi_rows):
+    multi_cfg = SyntheticConfig(size=103, seed=1, captions_per_image=4, image_size=96)
+    for cfg, out in ((SyntheticConfig(size=200, seed=7), rows), (multi_cfg, multi_rows)):
+        for r in out:
+            labels = json.loads(r["labels"])
+            assert labels == _expected_labels(r["caption"]), r
+            scene = sample_scene(cfg, int(r["image_id"][4:]), r["split"])
+            assert labels["arrangement"] == (
+                "stacked" if scene.relation in ("above", "below") else "side by side"
+            )
+            if scene.a.size == scene.b.size:
+                assert set(labels) == {"arrangement"}
+            else:
+                large = max((scene.a, scene.b), key=lambda o: o.radius)
+                assert (labels["large_shape"], labels["large_colour"]) == (
+                    large.shape,
+                    large.colour,
+                )
+    tasks = collections.Counter(t for r in rows for t in json.loads(r["labels"]))
+    assert tasks["arrangement"] == len(rows) and 0.3 < tasks["large_shape"] / len(rows) < 0.7
+
+
+def test_zeroshot_tasks_cover_the_labels_and_are_not_captions(rows, multi_rows):
+    tasks = zeroshot_tasks()
+    assert set(tasks) == {"arrangement", "large_shape", "large_colour"}
+    assert set(tasks["large_shape"]) == set(SHAPES) and set(tasks["large_colour"]) == set(COLOURS)
+    texts = {t for r in rows + multi_rows for t in (r["caption"], r["negative"])}
+    prompts = [p for classes in tasks.values() for ps in classes.values() for p in ps]
+    assert all(len(ps) == 2 for classes in tasks.values() for ps in classes.values())
+    assert len(set(prompts)) == len(prompts) and not set(prompts) & texts
+    for r in rows + multi_rows:
+        for task, label in json.loads(r["labels"]).items():
+            assert label in tasks[task], (task, label)
+    tasks["arrangement"].clear()
+    assert zeroshot_tasks()["arrangement"], "callers must not be able to edit the tasks"

@@ -6,8 +6,13 @@ Pair contract shared by every corpus (the `pairs` table of a `Corpus`)::
     image_id         str   several pairs may share one image (COCO has five captions each)
     caption          str   None when the source had none (the text pass rejects it)
     negative         str   a hard-negative caption; None when none could be made
-    negative_source  str   "exact" (synthetic), "corpus" (supplied), "generated:<rule>", "none"
+    negative_source  str   where the negative came from, with its kind after the colon:
+                           "exact:<edit>" (synthetic: colour, shape, size, relation,
+                           swap_colours), "corpus" (supplied), "generated:<rule>" (see
+                           `negatives.RULES`), "none"
     split            str   "train" | "val" | "test", the same for all captions of an image
+    labels           str   optional column: the pair's zero-shot classes as a JSON object
+                           {task: class} for the tasks of `Corpus.zeroshot` (synthetic only)
 
 Images travel separately (`Corpus.images` / `Corpus.read_images`): bytes never sit in the
 pair index. Kinds: `synthetic` (built in), `manifest` (JSONL/CSV/Parquet), `webdataset`
@@ -27,7 +32,14 @@ from raysys.config import CorpusConfig
 from raysys.corpora import manifest, webdataset
 from raysys.corpora.base import Corpus, pairs_table, table_digest
 from raysys.corpora.negatives import Negative, fill_negatives, make_negative
-from raysys.corpora.synthetic import SyntheticConfig, corpus_key, generate
+from raysys.corpora.synthetic import (
+    SyntheticConfig,
+    corpus_info,
+    corpus_key,
+    generate,
+    split_overlap,
+    zeroshot_tasks,
+)
 from raysys.data.cache import content_key
 from raysys.errors import ConfigError
 
@@ -67,7 +79,8 @@ def _load(cfg: CorpusConfig) -> Corpus:
             corpus_key(syn),
             pairs_table(fill_negatives(rows)),
             images=table,
-            info={"kind": "synthetic", "images": len(images)},
+            info={"kind": "synthetic", "images": len(images)} | corpus_info(syn, rows),
+            zeroshot=zeroshot_tasks(),
         )
     source = manifest if cfg.name == "manifest" else webdataset
     corpus = source.load(cfg)
@@ -94,4 +107,5 @@ __all__ = [
     "load_corpus",
     "make_negative",
     "negative_counts",
+    "split_overlap",
 ]

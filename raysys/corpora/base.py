@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from raysys import storage
+from raysys.data.cache import OPTIONAL_PAIR_COLUMNS  # `labels`: JSON {task: class} per pair
 from raysys.errors import CorpusError
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ class Corpus:
     cache directory, so a changed corpus never reuses a stale cache. `images` maps image id
     to `image` (bytes) or `uri` (str, read by the image pass); `read_images` instead opens a
     Ray Dataset of `id, image` rows (for sources only Ray Data reads well, like tar shards).
+    `zeroshot` holds the corpus's zero-shot tasks, task -> class -> prompt texts, whose
+    classes the pairs' `labels` name; empty for a corpus without tasks.
     """
 
     key: str
@@ -54,6 +57,7 @@ class Corpus:
     images: pa.Table | None = None
     read_images: Callable[[], ray.data.Dataset] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    zeroshot: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @property
     def image_ids(self) -> pa.Array:
@@ -137,7 +141,12 @@ def image_pairs(image_id: str, texts: list[tuple[Any, Any]], split: str) -> list
 
 
 def pairs_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in PAIR_COLUMNS})
+    """The pair index as strings: the contract's columns, plus each optional column (e.g.
+    `labels`) that any row carries (null where a row lacks it)."""
+    optional = tuple(c for c in OPTIONAL_PAIR_COLUMNS if any(c in r for r in rows))
+    return pa.table(
+        {c: pa.array([r.get(c) for r in rows], pa.string()) for c in PAIR_COLUMNS + optional}
+    )
 
 
 def check_unique(pairs: pa.Table, where: str) -> None:

@@ -10,30 +10,51 @@ ImageNet CNN can ground every word of the caption.
 Hard negatives are built from the scene structure, not from text rules: exactly one slot is
 edited (one object's colour, shape or size, the relation, or the two colours swapped), and the
 edit is chosen so the negative is false for the image (colours of the two objects always
-differ, and a recoloured object never takes the other object's colour).
+differ, and a recoloured object never takes the other object's colour). Each row records its
+edit as ``negative_source = "exact:<edit>"`` for per-kind hard-negative scores.
+
+The split is compositional, so test scores measure generalisation, not recall of training
+inputs (the text backbone is frozen: a test caption seen in train is literally a training
+input). Scenes fall into *hold-out groups* (the relation's axis, the pair of colours, the pair
+of shapes); every group belongs to one split, and each image draws a scene, and every
+negative, from its own split's groups. The relation, size and colour-swap edits never leave a
+group, and colour and shape edits are only chosen when they land in the same split, so no
+test caption, none of its paraphrases and no test negative (or paraphrase of one) is ever a
+train caption or negative; likewise for val. ``split_overlap`` measures this on the rows and
+the corpus records it (``corpus_info``).
+
+Every row also carries ``labels``, a JSON object {task: class} for the zero-shot tasks of
+``zeroshot_tasks`` (the arrangement, and the larger object's shape and colour when the two
+sizes differ).
 
 Everything is derived from ``SyntheticConfig``; the same config gives byte-identical rows. Each
-image has its own RNG stream (seeded from ``seed`` and the image index), so any image can be
-regenerated on its own, e.g. by a distributed worker.
+image has its own RNG stream (seeded from ``seed`` and the image index) and draws from its
+split's groups, so any image can be regenerated on its own, e.g. by a distributed worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import random
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from raysys.errors import ConfigError
 
-#: Bump when rendering, caption templates or negative rules change: it invalidates caches.
-SYNTHETIC_VERSION = 1
+#: Bump when rendering, caption templates, negative rules or the split change: it invalidates
+#: caches. 2: compositional split, "exact:<edit>" sources, zero-shot labels.
+SYNTHETIC_VERSION = 2
 CORPUS_NAME = "synthetic"
 
 #: Well-separated RGB palette (pairwise distance > 70, far from the light background).
@@ -64,6 +85,25 @@ TEMPLATES: tuple[str, ...] = (
 )
 MAX_CAPTIONS_PER_IMAGE = 2 * len(TEMPLATES)
 NEGATIVE_EDITS: tuple[str, ...] = ("colour", "shape", "size", "relation", "swap_colours")
+#: Edits that keep a scene in its hold-out group (so in its split), whatever the scene.
+_GROUP_PRESERVING = ("size", "relation", "swap_colours")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Zero-shot tasks: task -> class -> prompts. None of them is a caption of the corpus.
+ARRANGEMENT: dict[str, str] = {
+    "left of": "side by side",
+    "right of": "side by side",
+    "above": "stacked",
+    "below": "stacked",
+}
+_ZEROSHOT: dict[str, dict[str, list[str]]] = {
+    "arrangement": {
+        "side by side": ["two shapes side by side", "two shapes next to each other"],
+        "stacked": ["two shapes, one above the other", "two shapes stacked vertically"],
+    },
+    "large_shape": {s: [f"a large {s}", f"a picture of a large {s}"] for s in SHAPES},
+    "large_colour": {c: [f"a large {c} shape", f"a picture of a large {c} shape"] for c in COLOURS},
+}
 
 _SIZE_JITTER = 0.08  # relative jitter of an object's half-extent
 _COLOUR_JITTER = 14  # per-channel jitter of an object's fill (keeps it nearest its palette entry)
@@ -147,13 +187,191 @@ def _rng(*parts: object) -> random.Random:
     return random.Random(":".join(str(p) for p in parts))
 
 
-def sample_scene(seed: int, index: int, image_size: int = 224) -> Scene:
-    """Sample scene ``index`` of the corpus with ``seed``: attributes, layout and jitter."""
-    rng = _rng(CORPUS_NAME, SYNTHETIC_VERSION, seed, "scene", index)
-    colour_a, colour_b = rng.sample(list(COLOURS), 2)  # distinct: keeps negatives false
-    sizes = (rng.choice(list(SIZES)), rng.choice(list(SIZES)))
-    shapes = (rng.choice(SHAPES), rng.choice(SHAPES))
-    relation = rng.choice(RELATIONS)
+# ---- compositions, hold-out groups and the split ------------------------------------------
+
+#: A scene's attributes without layout: ((size, colour, shape) of a, relation, of b).
+Attrs = tuple[str, str, str]
+Stated = tuple[Attrs, str, Attrs]
+
+
+def _stated(scene: Scene) -> Stated:
+    a, b = scene.a, scene.b
+    return (a.size, a.colour, a.shape), scene.relation, (b.size, b.colour, b.shape)
+
+
+def composition(stated: Stated | Scene) -> Stated:
+    """The scene a caption states, whichever object it speaks from: every paraphrase (all 8
+    templates and sides) of a scene has the same composition, a different scene never does."""
+    a, rel, b = _stated(stated) if isinstance(stated, Scene) else stated
+    return (a, rel, b) if rel in ("left of", "above") else (b, INVERSE_RELATION[rel], a)
+
+
+def holdout_group(stated: Stated | Scene) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """The unit the split holds out: the relation's axis, the colour pair and the shape pair.
+    Size, relation and colour-swap edits never leave it (see ``_GROUP_PRESERVING``)."""
+    a, rel, b = _stated(stated) if isinstance(stated, Scene) else stated
+    axis = "horizontal" if rel in ("left of", "right of") else "vertical"
+    return axis, (min(a[1], b[1]), max(a[1], b[1])), (min(a[2], b[2]), max(a[2], b[2]))
+
+
+def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(val, test) counts of n items: rounded, at least one for a non-zero fraction when n
+    allows, and at least one item left to train."""
+    n_test = round(n * test_fraction) or (1 if test_fraction > 0 and n > 1 else 0)
+    n_val = round(n * val_fraction) or (1 if val_fraction > 0 and n > 2 else 0)
+    n_test = min(n_test, n - 1)
+    return min(n_val, n - 1 - n_test), n_test
+
+
+@functools.lru_cache(maxsize=8)
+def group_splits(seed: int, val_fraction: float, test_fraction: float) -> dict[tuple, str]:
+    """Split of every hold-out group: exact counts from the fractions, chosen by a seeded
+    shuffle (so each seed holds out different combinations)."""
+    groups = [
+        (axis, colours, shapes)
+        for axis in ("horizontal", "vertical")
+        for colours in itertools.combinations(sorted(COLOURS), 2)
+        for shapes in itertools.combinations_with_replacement(sorted(SHAPES), 2)
+    ]
+    _rng(CORPUS_NAME, SYNTHETIC_VERSION, seed, "groups").shuffle(groups)
+    n_val, n_test = _split_counts(len(groups), val_fraction, test_fraction)
+    return {
+        g: "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+        for rank, g in enumerate(groups)
+    }
+
+
+def negative_candidates(stated: Stated) -> dict[str, list[Stated]]:
+    """Every one-slot edit of a scene that makes its caption false, by edit, in a fixed order.
+    A recolour never takes the other object's colour (that caption could describe it)."""
+    a, rel, b = stated
+    colours = [c for c in COLOURS if c not in (a[1], b[1])]
+    out: dict[str, list[Stated]] = {
+        "colour": [],
+        "shape": [],
+        "size": [],
+        "relation": [(a, INVERSE_RELATION[rel], b)],
+        "swap_colours": [((a[0], b[1], a[2]), rel, (b[0], a[1], b[2]))],
+    }
+    for which, obj in ((0, a), (1, b)):
+
+        def edited(new: Attrs, which: int = which) -> Stated:
+            return (new, rel, b) if which == 0 else (a, rel, new)
+
+        out["colour"] += [edited((obj[0], c, obj[2])) for c in colours]
+        out["shape"] += [edited((obj[0], obj[1], s)) for s in SHAPES if s != obj[2]]
+        out["size"] += [edited((s, obj[1], obj[2])) for s in SIZES if s != obj[0]]
+    return out
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A scene a split may draw, with its negatives that stay in the split, by edit."""
+
+    stated: Stated
+    negatives: dict[str, tuple[Stated, ...]]
+
+
+class _Catalogue:
+    """Every scene (7,680 = 48 x 40 ordered object pairs x 4 relations) by split, and which
+    of them can give each set of negative edits without leaving the split."""
+
+    def __init__(self, seed: int, val_fraction: float, test_fraction: float) -> None:
+        self.group_split = group_splits(seed, val_fraction, test_fraction)
+        self.entries: dict[str, list[_Entry]] = {s: [] for s in SPLITS}
+        objects = list(itertools.product(SIZES, COLOURS, SHAPES))
+        for a, b in itertools.product(objects, objects):
+            if a[1] == b[1]:
+                continue  # distinct colours keep every negative false
+            for rel in RELATIONS:
+                stated = (a, rel, b)
+                split = self.group_split[holdout_group(stated)]
+                kept = {
+                    edit: tuple(
+                        n
+                        for n in cands
+                        if edit in _GROUP_PRESERVING or self.group_split[holdout_group(n)] == split
+                    )
+                    for edit, cands in negative_candidates(stated).items()
+                }
+                self.entries[split].append(_Entry(stated, kept))
+        self._eligible: dict[tuple[str, frozenset[str]], list[_Entry]] = {}
+
+    def eligible(self, split: str, edits: frozenset[str]) -> list[_Entry]:
+        """Scenes of ``split`` with an in-split negative for every edit in ``edits``."""
+        key = (split, edits)
+        if key not in self._eligible:
+            self._eligible[key] = [
+                e for e in self.entries[split] if all(e.negatives[x] for x in edits)
+            ]
+        return self._eligible[key]
+
+
+@functools.lru_cache(maxsize=4)
+def _catalogue(seed: int, val_fraction: float, test_fraction: float) -> _Catalogue:
+    return _Catalogue(seed, val_fraction, test_fraction)
+
+
+def image_splits(cfg: SyntheticConfig) -> list[str]:
+    """Split of each image: exact counts from the fractions, positions from a seeded shuffle."""
+    n_images = math.ceil(cfg.size / cfg.captions_per_image)
+    n_test = round(n_images * cfg.test_fraction)
+    n_val = min(round(n_images * cfg.val_fraction), n_images - n_test)
+    order = list(range(n_images))
+    _rng(CORPUS_NAME, SYNTHETIC_VERSION, cfg.seed, "split").shuffle(order)
+    splits = ["train"] * n_images
+    for rank, index in enumerate(order):
+        if rank < n_test:
+            splits[index] = "test"
+        elif rank < n_test + n_val:
+            splits[index] = "val"
+    return splits
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What image ``index`` shows and states, before layout: its scene, one (negative, edit)
+    per caption, and how many captions got another edit than drawn (none fitted the split)."""
+
+    stated: Stated
+    negatives: tuple[tuple[Stated, str], ...]
+    substituted: int
+
+
+def _plan(cfg: SyntheticConfig, index: int, split: str, rng: random.Random) -> ImagePlan:
+    """Draw the edits of the image's captions (a seeded permutation of the edits, cycled, so
+    kinds stay balanced in every split), then a scene of the split that gives each of them
+    an in-split negative, then the negatives. Only when a split is too small to have such a
+    scene are colour/shape edits replaced (by the next drawn edit the scene allows)."""
+    c = cfg.captions_per_image
+    order = rng.sample(NEGATIVE_EDITS, len(NEGATIVE_EDITS))
+    wanted = [order[k % len(order)] for k in range(min(c, cfg.size - index * c))]
+    catalogue = _catalogue(cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    needed = frozenset(wanted)
+    for drop in ((), ("shape",), ("colour",), ("colour", "shape")):
+        eligible = catalogue.eligible(split, needed - frozenset(drop))
+        if eligible:
+            break
+    entry = rng.choice(eligible)
+    negatives, substituted = [], 0
+    for edit in wanted:
+        if not entry.negatives[edit]:
+            edit = next(e for e in order if e in _GROUP_PRESERVING)
+            substituted += 1
+        negatives.append((rng.choice(entry.negatives[edit]), edit))
+    return ImagePlan(entry.stated, tuple(negatives), substituted)
+
+
+def _as_scene(stated: Stated) -> Scene:
+    """A scene without layout (enough for captions and labels)."""
+    (sa, ca, ha), rel, (sb, cb, hb) = stated
+    return Scene(SceneObject(sa, ca, ha), SceneObject(sb, cb, hb), rel)
+
+
+def _layout(stated: Stated, rng: random.Random, image_size: int) -> Scene:
+    """Place, size, tint and rotate the two objects so the stated relation clearly holds."""
+    a_attrs, relation, b_attrs = stated
+    sizes = (a_attrs[0], b_attrs[0])
     s = float(image_size)
     radii = [SIZES[sz] * s * (1.0 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)) for sz in sizes]
 
@@ -178,7 +396,7 @@ def sample_scene(seed: int, index: int, image_size: int = 224) -> Scene:
     cross = [mid + offset, mid - offset]
 
     objects = []
-    for i, (sz, col, shp) in enumerate(zip(sizes, (colour_a, colour_b), shapes, strict=True)):
+    for i, (sz, col, shp) in enumerate((a_attrs, b_attrs)):
         cx, cy = (main[i], cross[i]) if relation in ("left of", "right of") else (cross[i], main[i])
         red, green, blue = (
             min(255, max(0, c + rng.randint(-_COLOUR_JITTER, _COLOUR_JITTER))) for c in COLOURS[col]
@@ -188,6 +406,38 @@ def sample_scene(seed: int, index: int, image_size: int = 224) -> Scene:
         objects.append(SceneObject(sz, col, shp, cx, cy, radii[i], rotation, fill))
     background = (238 + rng.randint(-8, 8), 238 + rng.randint(-8, 8), 238 + rng.randint(-8, 8))
     return Scene(objects[0], objects[1], relation, background)
+
+
+def plan_image(
+    cfg: SyntheticConfig, index: int, split: str | None = None
+) -> tuple[Scene, ImagePlan]:
+    """Image ``index`` of the corpus: its laid-out scene and its plan (``split`` defaults to
+    the image's own, from ``image_splits``)."""
+    if split is None:
+        split = image_splits(cfg)[index]
+    rng = _rng(CORPUS_NAME, SYNTHETIC_VERSION, cfg.seed, "scene", index)
+    plan = _plan(cfg, index, split, rng)
+    return _layout(plan.stated, rng, cfg.image_size), plan
+
+
+def sample_scene(cfg: SyntheticConfig, index: int, split: str | None = None) -> Scene:
+    """The laid-out scene of image ``index`` (what its pixels show)."""
+    return plan_image(cfg, index, split)[0]
+
+
+def scene_labels(scene: Scene) -> dict[str, str]:
+    """The scene's zero-shot classes: its arrangement, and the larger object's shape and
+    colour when the sizes differ (when they do not, those tasks have no answer)."""
+    labels = {"arrangement": ARRANGEMENT[scene.relation]}
+    if scene.a.size != scene.b.size:
+        large = scene.a if scene.a.size == "large" else scene.b
+        labels |= {"large_shape": large.shape, "large_colour": large.colour}
+    return labels
+
+
+def zeroshot_tasks() -> dict[str, dict[str, list[str]]]:
+    """The zero-shot tasks (task -> class -> prompt texts); a fresh copy each call."""
+    return {task: {k: list(v) for k, v in classes.items()} for task, classes in _ZEROSHOT.items()}
 
 
 def _polygon(obj: SceneObject) -> list[tuple[float, float]]:
@@ -229,30 +479,6 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def negative_scene(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
-    """Return (scene with exactly one slot edited so its caption is false, edit name)."""
-    edit = rng.choice(NEGATIVE_EDITS)
-    a, b = scene.a, scene.b
-    if edit == "relation":
-        return dataclasses.replace(scene, relation=INVERSE_RELATION[scene.relation]), edit
-    if edit == "swap_colours":
-        return dataclasses.replace(
-            scene,
-            a=dataclasses.replace(a, colour=b.colour),
-            b=dataclasses.replace(b, colour=a.colour),
-        ), edit
-    which = rng.choice(("a", "b"))
-    obj = a if which == "a" else b
-    if edit == "colour":  # never the other object's colour: that could describe it instead
-        choices = [c for c in COLOURS if c not in (a.colour, b.colour)]
-        obj = dataclasses.replace(obj, colour=rng.choice(choices))
-    elif edit == "shape":
-        obj = dataclasses.replace(obj, shape=rng.choice([s for s in SHAPES if s != obj.shape]))
-    else:  # size
-        obj = dataclasses.replace(obj, size=next(s for s in SIZES if s != obj.size))
-    return dataclasses.replace(scene, **{which: obj}), edit
-
-
 def corpus_key(cfg: SyntheticConfig) -> str:
     """Short stable hash of name, version and every config field (the cache key)."""
     payload = {"corpus": CORPUS_NAME, "version": SYNTHETIC_VERSION, **dataclasses.asdict(cfg)}
@@ -260,44 +486,116 @@ def corpus_key(cfg: SyntheticConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def image_splits(cfg: SyntheticConfig) -> list[str]:
-    """Split of each image: exact counts from the fractions, positions from a seeded shuffle."""
-    n_images = math.ceil(cfg.size / cfg.captions_per_image)
-    n_test = round(n_images * cfg.test_fraction)
-    n_val = min(round(n_images * cfg.val_fraction), n_images - n_test)
-    order = list(range(n_images))
-    _rng(CORPUS_NAME, SYNTHETIC_VERSION, cfg.seed, "split").shuffle(order)
-    splits = ["train"] * n_images
-    for rank, index in enumerate(order):
-        if rank < n_test:
-            splits[index] = "test"
-        elif rank < n_test + n_val:
-            splits[index] = "val"
-    return splits
+def labels_json(labels: dict[str, str]) -> str:
+    """The ``labels`` column's value: a JSON object {task: class}, keys sorted (stable bytes)."""
+    return json.dumps(labels, sort_keys=True, separators=(",", ":"))
 
 
 def iter_rows(cfg: SyntheticConfig) -> Iterator[dict]:
     """Yield the rows of ``generate`` one by one (rendering is the cost; memory stays flat)."""
     cfg.validate()
-    c = cfg.captions_per_image
     for index, split in enumerate(image_splits(cfg)):
-        scene = sample_scene(cfg.seed, index, cfg.image_size)
+        scene, plan = plan_image(cfg, index, split)
         image = _png(render_scene(scene, cfg.image_size))
         image_id = f"syn-{index:06d}"
-        for k in range(min(c, cfg.size - index * c)):
-            rng = _rng(CORPUS_NAME, SYNTHETIC_VERSION, cfg.seed, "negative", index, k)
-            negative, _ = negative_scene(scene, rng)
+        labels = labels_json(scene_labels(scene))
+        for k, (negative, edit) in enumerate(plan.negatives):
             yield {
                 "pair_id": f"{image_id}-{k}",
                 "image_id": image_id,
                 "image": image,
                 "caption": scene.caption(k),
-                "negative": negative.caption(k),
-                "negative_source": "exact",
+                "negative": _as_scene(negative).caption(k),
+                "negative_source": f"exact:{edit}",
                 "split": split,
+                "labels": labels,
             }
 
 
 def generate(cfg: SyntheticConfig) -> list[dict]:
     """All ``cfg.size`` rows, ordered by image then caption; see ``raysys.corpora``."""
     return list(iter_rows(cfg))
+
+
+# ---- measuring the split ------------------------------------------------------------------
+
+_PHRASE = r"(\w+) (\w+) (\w+)"
+_REL = "|".join(re.escape(r) for r in RELATIONS)
+_TEMPLATE_RES = tuple(
+    re.compile(
+        "^"
+        + re.escape(t)
+        .replace(re.escape("{a}"), _PHRASE)
+        .replace(re.escape("{rel}"), f"({_REL})")
+        .replace(re.escape("{b}"), _PHRASE)
+        + "$"
+    )
+    for t in TEMPLATES
+)
+
+
+def parse_caption(text: str) -> Stated | None:
+    """The scene a caption of any template states, or None for any other text."""
+    for pattern in _TEMPLATE_RES:
+        m = pattern.match(text)
+        if m is None:
+            continue
+        sa, ca, ha, rel, sb, cb, hb = m.groups()
+        if all(s in SIZES for s in (sa, sb)) and all(c in COLOURS for c in (ca, cb)):
+            if all(h in SHAPES for h in (ha, hb)):
+                return (sa, ca, ha), rel, (sb, cb, hb)
+    return None
+
+
+def _scene_key(text: str) -> tuple:
+    """What a text states: its composition when it parses, else the text itself."""
+    stated = parse_caption(text)
+    return ("scene", composition(stated)) if stated else ("text", text)
+
+
+def split_overlap(pairs: pa.Table | Iterable[dict[str, Any]]) -> dict[str, int]:
+    """How much of val and test the train split already holds, counted in held-out rows:
+
+    ``<s>_captions_in_train``        caption verbatim among train captions
+    ``<s>_negatives_in_train``       negative verbatim among train captions (a training input)
+    ``<s>_scenes_in_train``          caption's scene (any paraphrase) stated by a train caption
+                                     or train negative
+    ``<s>_negative_scenes_in_train`` the same for the negative
+
+    Texts that are not synthetic captions count by their exact text. All zero for a sound
+    compositional split; any corpus's pair rows can be measured."""
+    rows = pairs.to_pylist() if isinstance(pairs, pa.Table) else list(pairs)
+    train = [r for r in rows if r.get("split") == "train"]
+    captions = {r["caption"] for r in train if r.get("caption")}
+    texts = captions | {r["negative"] for r in train if r.get("negative")}
+    scenes = {_scene_key(t) for t in texts}
+    out: dict[str, int] = {}
+    for held in ("val", "test"):
+        mine = [r for r in rows if r.get("split") == held]
+        caps = [r["caption"] for r in mine if r.get("caption")]
+        negs = [r["negative"] for r in mine if r.get("negative")]
+        out[f"{held}_captions_in_train"] = sum(t in captions for t in caps)
+        out[f"{held}_negatives_in_train"] = sum(t in captions for t in negs)
+        out[f"{held}_scenes_in_train"] = sum(_scene_key(t) in scenes for t in caps)
+        out[f"{held}_negative_scenes_in_train"] = sum(_scene_key(t) in scenes for t in negs)
+    return out
+
+
+def corpus_info(cfg: SyntheticConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the cache manifest records about the split: its unit, the groups and pairs per
+    split, the negatives whose drawn edit no in-split scene allowed, and the overlap (0)."""
+    splits = image_splits(cfg)
+    substituted = sum(
+        _plan(cfg, i, s, _rng(CORPUS_NAME, SYNTHETIC_VERSION, cfg.seed, "scene", i)).substituted
+        for i, s in enumerate(splits)
+    )
+    groups = group_splits(cfg.seed, cfg.val_fraction, cfg.test_fraction).values()
+    return {
+        "split": {
+            "unit": "hold-out group (relation axis, colour pair, shape pair)",
+            "groups": {s: sum(g == s for g in groups) for s in SPLITS},
+            "pairs": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+            "substituted_negatives": substituted,
+        },
+        "overlap": split_overlap(rows),
+    }
