@@ -74,8 +74,9 @@ _PALETTE = matplotlib.colormaps["tab10"].colors
 # Columns that describe a configuration: rows equal on these (and on the swept `a.b` params
 # other than the seed) are replicates of one configuration.
 _IDENTITY = [*AXES, "vision_depth", "text_depth", "vision_params", "text_params"]
-_NO_INTERVAL = {"trial", "train_s", "n_images", "n_captions", "n_seeds", SEED}
-_BAR = {"elinewidth": 0.9, "capsize": 2.5, "capthick": 0.9, "alpha": 0.55, "zorder": 2}
+# Averaged over seeds but given no interval: bookkeeping, item counts, chance levels.
+_NO_INTERVAL = {"trial", "train_s", SEED}
+_BAR = {"elinewidth": 0.9, "capsize": 2.5, "capthick": 0.9, "zorder": 2}
 
 
 @dataclass
@@ -214,8 +215,11 @@ def seed_means(rows: list[dict[str, Any]], level: float = SEED_LEVEL) -> list[di
 
     Each numeric column becomes the mean over the seeds that have it. Its bounds
     (`<col>_lo`, `<col>_hi`) become the `level` t-interval over seeds when at least two seeds
-    have a value, else the one seed's own (bootstrap) bounds. `n_seeds` counts the rows merged
-    and `train.seed` lists their seeds. A row alone is returned as it is, plus `n_seeds`.
+    have a value, else the one seed's own (bootstrap) bounds; so do those of a column equal
+    in every seed (a `raw_*` score of the frozen backbones: the seed never entered it, and a
+    zero-width t-interval would hide the test sample's noise). Counts (`n_*`), chance levels
+    and `train_s` get no bounds. `n_seeds` counts the rows merged and `train.seed` lists their
+    seeds. A row alone is returned as it is, plus `n_seeds`.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
@@ -225,13 +229,13 @@ def seed_means(rows: list[dict[str, Any]], level: float = SEED_LEVEL) -> list[di
 
 def t_interval(values: Sequence[float], level: float = SEED_LEVEL) -> tuple[float, float]:
     """The two-sided Student-t interval of the mean of `values` (at least two)."""
-    from scipy.stats import t as student_t  # scikit-learn's dependency; slow to import
+    from scipy.special import stdtrit  # scikit-learn's dependency; lighter than scipy.stats
 
     xs = np.asarray(values, dtype=float)
     if xs.size < 2:
         raise ValueError(f"a t-interval needs at least two values, got {xs.size}")
     mean = float(xs.mean())
-    arm = float(student_t.ppf(0.5 + level / 2, xs.size - 1) * xs.std(ddof=1) / math.sqrt(xs.size))
+    arm = float(stdtrit(xs.size - 1, 0.5 + level / 2) * xs.std(ddof=1) / math.sqrt(xs.size))
     return mean - arm, mean + arm
 
 
@@ -253,6 +257,10 @@ def _key_value(value: Any) -> Any:
     return round(number, 9) if math.isfinite(number) else text
 
 
+def _no_interval(column: str) -> bool:
+    return column in _NO_INTERVAL or column.startswith("n_") or column.endswith("_chance")
+
+
 def _merge(group: list[dict[str, Any]], level: float) -> dict[str, Any]:
     if len(group) == 1:
         return {**group[0], "n_seeds": 1}
@@ -267,12 +275,12 @@ def _merge(group: list[dict[str, Any]], level: float) -> dict[str, Any]:
             continue  # text, or blank everywhere: the first row's cell stands
         values = [_num(r, col) for r in have]
         out[col] = sum(values) / len(values)
-        if col in _NO_INTERVAL:
+        if _no_interval(col):
             continue
-        if len(values) >= 2:
+        if len(values) >= 2 and max(values) > min(values):
             out[f"{col}_lo"], out[f"{col}_hi"] = t_interval(values, level)
-        else:
-            out[f"{col}_lo"], out[f"{col}_hi"] = _bounds(have[0], col)
+        else:  # one seed, or a score the seed does not enter (raw_*): the rows' own bounds
+            _, out[f"{col}_lo"], out[f"{col}_hi"] = pooled(have, col)
     out["n_seeds"] = len(group)
     out[SEED] = ",".join(_text(r, SEED) for r in group)
     out["trial"] = ",".join(t for r in group if (t := _text(r, "trial")))
@@ -373,6 +381,7 @@ def _error_bars(
     color: Any,
     xerr: np.ndarray | None = None,
     yerr: np.ndarray | None = None,
+    alpha: float = 0.55,
 ) -> None:
     """Bars on the points whose arms are known (one axis per call); none when no point has."""
     arms = xerr if xerr is not None else yerr
@@ -386,6 +395,7 @@ def _error_bars(
         yerr=None if yerr is None else yerr[:, ok],
         fmt="none",
         ecolor=color,
+        alpha=alpha,
         **_BAR,
     )
 
@@ -425,7 +435,7 @@ def _pareto_plot(
             draw_front(ax, pts, objective, colors[objective])
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(title="objective (front / trials)", fontsize=8, title_fontsize=8)
+    ax.legend(title="objective (front / configurations)", fontsize=8, title_fontsize=8)
     return Drawn(name, fig, title, xlabel, ylabel)
 
 
@@ -433,8 +443,10 @@ def draw_front(ax: Axes, pts: Points, label: str, color: Any) -> None:
     """One objective's points (the front bold, joined by a step line) with x and y bars."""
     x, y = pts.x, pts.y
     front = pareto_front(x, y)
-    _error_bars(ax, x, y, color, xerr=_arms(x, pts.x_lo, pts.x_hi))
-    _error_bars(ax, x, y, color, yerr=_arms(y, pts.y_lo, pts.y_hi))
+    xerr, yerr = _arms(x, pts.x_lo, pts.x_hi), _arms(y, pts.y_lo, pts.y_hi)
+    for on, alpha in ((~front, 0.2), (front, 0.6)):  # the front's bars stand out
+        _error_bars(ax, x[on], y[on], color, xerr=xerr[:, on], alpha=alpha)
+        _error_bars(ax, x[on], y[on], color, yerr=yerr[:, on], alpha=alpha)
     ax.scatter(x[~front], y[~front], s=16, color=color, alpha=0.3, linewidths=0)
     order = np.argsort(x[front], kind="stable")
     ax.step(x[front][order], y[front][order], where="post", color=color, lw=1.2, alpha=0.8)
@@ -469,7 +481,7 @@ def _layers_plot(rows: list[dict[str, Any]], objective: str) -> Drawn | Skipped:
     vds = sorted({d for d, _ in pairs})
     tds = sorted({d for _, d in pairs})
     title = f"Layer depth: {objective}"
-    panel = max(3.0, 0.4 * len(vds) + 0.8)
+    panel = max(3.0, 0.17 * len(vds) + 0.8)  # room for a tick label per asked depth
     fig = _figure(1.6 + 3.2 * len(models), 0.6 + panel * len(PANEL_METRICS))
     fig.suptitle(title)
     axes = fig.subplots(len(PANEL_METRICS), len(models), squeeze=False)
@@ -685,14 +697,13 @@ def draw_scale_line(
     lo = np.array([p.lo for p in points])
     hi = np.array([p.hi for p in points])
     _error_bars(ax, xs, ys, color, yerr=_arms(ys, lo, hi))
-    if annotate:
+    if annotate:  # the realised layer beside each point; the model names are on the ticks
         for p in points:
-            text = _short(p.model) + (
-                f" ({', '.join(f'L{k}' for k in p.layers)})" if p.layers else ""
-            )
-            ax.annotate(
-                text, (p.size_m, p.value), textcoords="offset points", xytext=(5, 5), fontsize=7
-            )
+            if p.layers:
+                text = ", ".join(f"L{k}" for k in p.layers)
+                ax.annotate(
+                    text, (p.size_m, p.value), textcoords="offset points", xytext=(5, 4), fontsize=7
+                )
 
 
 def _scale_axes(
@@ -700,7 +711,14 @@ def _scale_axes(
 ) -> None:
     ax.set_xscale("log")
     sizes = sorted(_distinct(rows, f"{axis}_params"))
-    ax.set_xticks([s / 1e6 for s in sizes], [f"{s / 1e6:.3g}" for s in sizes])
+    names = [
+        ", ".join(sorted({_short(_text(r, axis)) for r in rows if _num(r, f"{axis}_params") == s}))
+        for s in sizes
+    ]
+    ticks = [
+        f"{s / 1e6:.3g}\n{n}" if n else f"{s / 1e6:.3g}" for s, n in zip(sizes, names, strict=True)
+    ]
+    ax.set_xticks([s / 1e6 for s in sizes], ticks, fontsize=8)
     ax.minorticks_off()  # the ticks sit at the model sizes themselves
     ax.margins(x=0.15, y=0.12)
     ax.set(title=_short_label(metric), xlabel=xlabel, ylabel=METRIC_LABELS[metric])
