@@ -10,11 +10,13 @@ before and after alignment, and by how well the aligned spaces retrieve each oth
   O(N^2) in memory and time where the original builds N x N products.
 * ``retrieval`` follows clip_benchmark's recall@k so that numbers are comparable with CLIP
   papers; ``hard_negative_accuracy`` is the usual "positive beats negative" score.
-* Per-item outcomes (``retrieval_hits``, ``hard_negative_wins``) are the 0/1 values whose means
-  those scores are, so ``bootstrap_interval`` can resample test items for error bars. The
-  alignment metrics are set-level (kNN graphs, Gram matrices): they have no per-item outcome,
-  and resampling rows with replacement would duplicate samples that then become each other's
-  nearest neighbours, so they get no bootstrap interval here.
+* Per-item outcomes (``retrieval_hits``, ``hard_negative_wins``, ``zeroshot_hits``) are the 0/1
+  values whose means those scores are, so ``bootstrap_interval`` can resample test items for
+  error bars; with ``groups`` it resamples whole clusters (all captions of one image), since
+  captions of one image are not independent. The alignment metrics are set-level (kNN graphs,
+  Gram matrices): they have no per-item outcome, and resampling rows with replacement would
+  duplicate samples that then become each other's nearest neighbours, so
+  ``half_sample_interval`` draws halves without replacement instead.
 
 Every function accepts ``[N, D]`` torch tensors (on any device) or numpy arrays of any
 numeric dtype (float16 included), never tracks gradients, and returns Python floats.
@@ -30,7 +32,7 @@ give the same value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "clamp_outliers",
     "cknna",
     "cycle_knn",
+    "half_sample_interval",
     "hard_negative_accuracy",
     "hard_negative_wins",
     "mutual_knn",
@@ -49,6 +52,8 @@ __all__ = [
     "retrieval_hits",
     "svcca",
     "unbiased_cka",
+    "zeroshot_accuracy",
+    "zeroshot_hits",
 ]
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -343,21 +348,28 @@ def svcca(a: ArrayLike, b: ArrayLike, dim: int = 10) -> float:
 # --------------------------------------------------------------------------- retrieval
 
 
-def _as_index(x: ArrayLike | Sequence[int], n_texts: int, n_images: int) -> torch.Tensor:
-    """Validate ``text_to_image``: one integer image row per caption, all in range."""
+def _as_index(
+    x: ArrayLike | Sequence[int],
+    n_texts: int,
+    n_images: int,
+    name: str = "text_to_image",
+    per: str = "caption",
+    target: str = "image",
+) -> torch.Tensor:
+    """Validate ``text_to_image`` (or another ``name``): one integer row index per item, all
+    in range."""
     t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise ValueError(f"text_to_image must hold integer image indices, got dtype {t.dtype}")
+        raise ValueError(f"{name} must hold integer {target} indices, got dtype {t.dtype}")
     if t.ndim != 1 or t.shape[0] != n_texts:
         raise ValueError(
-            f"text_to_image must have shape [{n_texts}] (one image index per caption), "
+            f"{name} must have shape [{n_texts}] (one {target} index per {per}), "
             f"got {tuple(t.shape)}"
         )
     t = t.long()
     if n_texts and (int(t.min()) < 0 or int(t.max()) >= n_images):
         raise ValueError(
-            f"text_to_image values must lie in [0, {n_images}), got range "
-            f"[{int(t.min())}, {int(t.max())}]"
+            f"{name} values must lie in [0, {n_images}), got range [{int(t.min())}, {int(t.max())}]"
         )
     return t
 
@@ -467,6 +479,42 @@ def hard_negative_accuracy(image_emb: ArrayLike, pos_emb: ArrayLike, neg_emb: Ar
     return _wins(image_emb, pos_emb, neg_emb).mean().item()
 
 
+# --------------------------------------------------------------------------- zero-shot
+
+
+@torch.no_grad()
+def zeroshot_hits(
+    image_latents: ArrayLike, class_latents: ArrayLike, labels: ArrayLike | Sequence[int]
+) -> torch.Tensor:
+    """Boolean ``[N]``: image i's most cosine-similar class embedding is class ``labels[i]``.
+
+    Why: CLIP-style zero-shot classification (one embedding per class, e.g. the ensemble of its
+    prompt templates); the per-image outcomes, for bootstrap intervals. Ties go to the lower
+    class index (``argmax``). ``labels`` are class indices into the rows of ``class_latents``.
+    """
+    images = F.normalize(_as_tensor(image_latents, "image_latents"), dim=1)
+    classes = F.normalize(_as_tensor(class_latents, "class_latents"), dim=1)
+    if images.shape[1] != classes.shape[1]:
+        raise ValueError(
+            "image_latents and class_latents must share the embedding dimension, got "
+            f"{images.shape[1]} and {classes.shape[1]}"
+        )
+    images, classes = _common(images, classes)
+    n = images.shape[0]
+    target = _as_index(labels, n, classes.shape[0], "labels", "image", "class")
+    return (images @ classes.T).argmax(dim=1) == target.to(images.device)
+
+
+@torch.no_grad()
+def zeroshot_accuracy(
+    image_latents: ArrayLike, class_latents: ArrayLike, labels: ArrayLike | Sequence[int]
+) -> float:
+    """Fraction of images whose nearest class embedding (cosine) is their label's.
+
+    Why: the understanding task the paper reports beside retrieval, on a shared space."""
+    return zeroshot_hits(image_latents, class_latents, labels).to(torch.float32).mean().item()
+
+
 # --------------------------------------------------------------------------- bootstrap
 
 # Resamples drawn per chunk: at most this many [resamples x N] counts in memory at once.
@@ -474,7 +522,11 @@ _BOOTSTRAP_CELLS = 1 << 22
 
 
 def bootstrap_interval(
-    values: ArrayLike, resamples: int = 1000, level: float = 0.95, seed: int = 0
+    values: ArrayLike,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: ArrayLike | Sequence | None = None,
 ) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap interval of the mean of per-item ``values`` over their N items.
 
@@ -485,7 +537,13 @@ def bootstrap_interval(
     arrays). Seeded, so the same N draws the same resamples (paired across models); each
     resample is a multinomial count vector over the items, and the means are one matrix
     product per chunk of resamples. Only for item-level metrics: set-level ones (kNN, CKA)
-    are distorted by the duplicated rows of a resample.
+    are distorted by the duplicated rows of a resample (see ``half_sample_interval``).
+
+    ``groups`` (``[N]`` labels, e.g. each caption's image id) makes it a cluster bootstrap:
+    whole groups are drawn with replacement and a resample's mean is over all the items of the
+    drawn groups. Items of one group (the captions of one image) are correlated, so resampling
+    them one by one would understate the variance; with one item per group it is the plain
+    bootstrap (the same draws when the labels are 0..N-1 in order).
     """
     v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if v.ndim not in (1, 2) or v.shape[0] == 0 or v.dtype == object:
@@ -498,16 +556,87 @@ def bootstrap_interval(
     matrix = v.reshape(v.shape[0], -1).astype(np.float64)
     if not np.isfinite(matrix).all():
         raise ValueError("values contains NaN or Inf")
-    n = matrix.shape[0]
+    sums, sizes = _group_sums(matrix, groups)
+    n = sums.shape[0]
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CELLS // n)
     means = []
     for start in range(0, resamples, chunk):
         b = min(chunk, resamples - start)
-        # Flat bincount of offset draws: row r counts how often each item is drawn in resample r.
+        # Flat bincount of offset draws: row r counts how often each group is drawn in resample r.
         draws = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
         counts = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
-        means.append(counts @ matrix / n)
+        means.append(counts @ sums / (counts @ sizes)[:, None])
     tail = (1 - float(level)) / 2
     lo, hi = np.quantile(np.concatenate(means), [tail, 1 - tail], axis=0)
     return (float(lo[0]), float(hi[0])) if v.ndim == 1 else (lo, hi)
+
+
+def _group_sums(
+    matrix: np.ndarray, groups: ArrayLike | Sequence | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group sums ``[G, M]`` of the rows of ``matrix`` and group sizes ``[G]`` (groups in
+    sorted label order); every row its own group when ``groups`` is None."""
+    n = matrix.shape[0]
+    if groups is None:
+        return matrix, np.ones(n)
+    g = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must have shape [{n}] (one label per item), got {g.shape}")
+    _, inverse = np.unique(g, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    k = int(inverse.max()) + 1
+    sums = np.zeros((k, matrix.shape[1]))
+    np.add.at(sums, inverse, matrix)
+    return sums, np.bincount(inverse, minlength=k).astype(np.float64)
+
+
+def half_sample_interval(
+    statistic: Callable[[np.ndarray], ArrayLike | float],
+    n: int,
+    full: ArrayLike | float,
+    resamples: int = 50,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
+    """Interval of a set-level statistic of N rows from ``resamples`` seeded random halves.
+
+    ``statistic(rows)`` scores the rows ``rows`` (indices into the N, sorted, no repeats) and
+    returns a float or ``[M]`` values; ``full`` is its value on all N rows. The interval is
+    ``full + c * percentiles(half - mean(halves))`` with ``c = sqrt(m / (N - m))``, m = N // 2.
+
+    Why: kNN and kernel metrics (mutual kNN, CKA, CKNNA, SVCCA) have no per-item outcome, and
+    a with-replacement bootstrap duplicates rows, which then are each other's nearest
+    neighbours and inflate the metric. Halves drawn without replacement never repeat a row.
+    Centring on the halves' own mean removes the metric's dependence on N (CKA's small-sample
+    bias, kNN overlap that changes with N), keeping only their spread; and the spread of a
+    without-replacement subsample of m rows around the full value has variance
+    ``(1/m - 1/N) s^2`` for a mean (finite-population correction), ``s^2 / N`` exactly when
+    m = N/2: half-sampling (the delete-N/2 jackknife) estimates the full sample's own variance
+    for root-N statistics, and ``c`` (1 for even N) corrects odd N. With the default 50 halves
+    the 2.5 / 97.5% tails are interpolated between a few extreme halves: a rough interval, but
+    its cost is ``resamples`` evaluations on N/2 rows (about resamples/4 full ones for O(N^2)
+    metrics). Deterministic in ``(N, seed)``, so models scored on the same images draw the
+    same halves.
+    """
+    n = _check_int(n, "n")
+    if n < 2:
+        raise ValueError(f"half-sampling needs N >= 2 rows, got N={n}")
+    resamples = _check_int(resamples, "resamples")
+    if resamples < 2:
+        raise ValueError(f"resamples must be >= 2, got {resamples}")
+    if not 0 < float(level) < 1:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    m = n // 2
+    rng = np.random.default_rng(seed)
+    halves = np.stack(
+        [
+            np.asarray(statistic(np.sort(rng.permutation(n)[:m])), dtype=np.float64).reshape(-1)
+            for _ in range(resamples)
+        ]
+    )
+    center = np.asarray(full, dtype=np.float64).reshape(-1)
+    spread = (halves - halves.mean(axis=0)) * np.sqrt(m / (n - m))
+    tail = (1 - float(level)) / 2
+    lo, hi = center + np.quantile(spread, [tail, 1 - tail], axis=0)
+    return (float(lo[0]), float(hi[0])) if np.ndim(full) == 0 else (lo, hi)

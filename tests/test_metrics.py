@@ -451,6 +451,30 @@ def test_hard_negative_wins_per_row() -> None:
     assert wins.double().mean().item() == pytest.approx(M.hard_negative_accuracy(image, pos, neg))
 
 
+# --------------------------------------------------------------------------- zero-shot
+
+
+def test_zeroshot_accuracy_hand_built() -> None:
+    """Three classes along +x, +y and -x; five images whose nearest class (by cosine) is
+    0, 1, 2, 1 and 0 against labels 0, 1, 2, 0, 0: four of five right."""
+    classes = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    images = np.array([[2.0, 0.1], [0.1, 3.0], [-1.0, -0.2], [1.0, 1.1], [0.5, -0.4]])
+    labels = np.array([0, 1, 2, 0, 0])
+    hits = M.zeroshot_hits(images, classes, labels)
+    np.testing.assert_array_equal(hits.numpy(), [True, True, True, False, True])
+    assert M.zeroshot_accuracy(images, classes, labels) == pytest.approx(0.8)
+    # Cosine: the norms of images and class embeddings do not matter.
+    scaled = M.zeroshot_accuracy(3 * images, classes * [[10.0], [1.0], [0.1]], labels)
+    assert scaled == pytest.approx(0.8)
+    assert M.zeroshot_accuracy(images, classes, [1, 0, 0, 1, 1]) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="labels values must lie in"):
+        M.zeroshot_accuracy(images, classes, [0, 1, 3, 0, 0])
+    with pytest.raises(ValueError, match="one class index per image"):
+        M.zeroshot_accuracy(images, classes, [0, 1])
+    with pytest.raises(ValueError, match="embedding dimension"):
+        M.zeroshot_accuracy(images, np.ones((3, 3)), labels)
+
+
 # --------------------------------------------------------------------------- bootstrap
 
 
@@ -490,6 +514,113 @@ def test_bootstrap_interval_is_seeded_and_resamples_columns_together() -> None:
     narrow = M.bootstrap_interval(values, resamples=400, level=0.5, seed=5)
     assert np.all((lo <= narrow[0]) & (narrow[1] <= hi))
     assert M.bootstrap_interval(np.full(50, 0.25), resamples=10) == (0.25, 0.25)
+
+
+def test_cluster_bootstrap_covers_a_known_mean_where_the_naive_one_does_not() -> None:
+    """200 test sets of 100 images x 5 captions whose outcomes are strongly clustered (each
+    image's captions succeed with probability 0.1 or 0.9, a fair coin per image; true mean
+    0.5): resampling whole images covers 0.5 at about the nominal 95%, resampling captions as
+    if independent is far too narrow and covers it much less often."""
+    images, captions, sets = 100, 5, 200
+    rng = _rng(30)
+    p = np.where(rng.random((images, sets)) < 0.5, 0.1, 0.9)
+    outcomes = (rng.random((images, captions, sets)) < p[:, None, :]).astype(float)
+    outcomes = outcomes.reshape(images * captions, sets)
+    image_of = np.repeat(np.arange(images), captions)
+    lo, hi = M.bootstrap_interval(outcomes, resamples=500, seed=0, groups=image_of)
+    naive_lo, naive_hi = M.bootstrap_interval(outcomes, resamples=500, seed=0)
+    coverage = np.mean((lo <= 0.5) & (0.5 <= hi))
+    assert 0.9 <= coverage <= 0.99
+    assert np.mean((naive_lo <= 0.5) & (0.5 <= naive_hi)) < 0.8
+    assert np.mean(hi - lo) > 1.5 * np.mean(naive_hi - naive_lo)
+    # The between-image standard error: var(mean) = var(image means) / images.
+    image_means = outcomes.reshape(images, captions, sets).mean(1)
+    want = 2 * 1.96 * image_means.std(0).mean() / np.sqrt(images)
+    assert np.mean(hi - lo) == pytest.approx(want, rel=0.1)
+
+
+def test_cluster_bootstrap_of_singletons_is_the_plain_bootstrap() -> None:
+    values = _rng(31).random(60)
+    plain = M.bootstrap_interval(values, resamples=300, seed=2)
+    assert M.bootstrap_interval(values, resamples=300, seed=2, groups=np.arange(60)) == plain
+    # Group labels of any type; a group's items always travel together, so a constant group
+    # gives a zero-width interval at its mean.
+    labels = np.array([f"img{i // 3}" for i in range(60)])
+    lo, hi = M.bootstrap_interval(np.repeat(values[:20], 3), 300, seed=2, groups=labels)
+    assert lo <= values[:20].mean() <= hi
+    assert M.bootstrap_interval(values, 50, groups=np.zeros(60)) == pytest.approx(
+        (values.mean(), values.mean())
+    )
+    with pytest.raises(ValueError, match="groups"):
+        M.bootstrap_interval(values, groups=np.arange(59))
+
+
+def _related(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n rows of two noisy views of one 6-d signal, in 16 and 12 dimensions (fixed maps)."""
+    maps = _rng(32)
+    to_a, to_b = maps.standard_normal((6, 16)), maps.standard_normal((6, 12))
+    z = rng.standard_normal((n, 6))
+    a = z @ to_a + 1.5 * rng.standard_normal((n, 16))
+    return a, z @ to_b + 1.5 * rng.standard_normal((n, 12))
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny-matrix metric calls: torch's thread pool only adds overhead (and on a loaded
+    2-core machine spins for tens of ms per call)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_half_sample_interval_covers_a_population_value(one_thread) -> None:
+    """Unbiased linear CKA of two noisy views; its population value, from the covariances of
+    50,000 L2-normalised rows, is ||C_ab||^2 / (||C_aa|| ||C_bb||). Over 30 test sets of 200
+    rows the half-sample intervals cover it in most sets, and their width matches the spread
+    of the full-sample values across the sets (the variance half-sampling claims to
+    estimate)."""
+    a_pop, b_pop = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in _related(50_000, _rng(1)))
+    a_pop, b_pop = a_pop - a_pop.mean(0), b_pop - b_pop.mean(0)
+    norm = lambda c: np.sum(c**2)  # noqa: E731
+    cov = lambda x, y: x.T @ y / len(x)  # noqa: E731
+    truth = norm(cov(a_pop, b_pop)) / np.sqrt(norm(cov(a_pop, a_pop)) * norm(cov(b_pop, b_pop)))
+    values, covered, widths = [], 0, []
+    for rep in range(30):
+        a, b = _related(200, _rng(100 + rep))
+        full = M.unbiased_cka(a, b)
+        lo, hi = M.half_sample_interval(
+            lambda r, a=a, b=b: M.unbiased_cka(a[r], b[r]), 200, full, 50, 0.95, seed=rep
+        )
+        assert lo < full < hi
+        values.append(full)
+        covered += lo <= truth <= hi
+        widths.append(hi - lo)
+    assert 0.1 < truth < 0.9
+    assert covered >= 24  # nominal 28.5 of 30; rough tails from 50 halves
+    ratio = np.mean(widths) / (2 * 1.96 * np.std(values, ddof=1))
+    assert 0.6 < ratio < 1.6
+
+
+def test_half_sample_interval_of_a_mean_is_the_standard_error() -> None:
+    """For a plain mean, halves without replacement vary as the full sample does:
+    var = (1/m - 1/N) s^2 = s^2 / N at m = N / 2, so the interval is the usual
+    mean +- 1.96 s / sqrt(N) (odd N rescaled); seeded; several statistics at once."""
+    x = _rng(33).standard_normal(401)
+    want = 1.96 * x.std() / np.sqrt(401)
+    stat = lambda r: [x[r].mean(), 2 * x[r].mean()]  # noqa: E731
+    lo, hi = M.half_sample_interval(stat, 401, [x.mean(), 2 * x.mean()], 400, seed=3)
+    assert (hi[0] - lo[0]) / 2 == pytest.approx(want, rel=0.15)
+    assert hi[1] - lo[1] == pytest.approx(2 * (hi[0] - lo[0]))
+    seen = []
+    once = M.half_sample_interval(lambda r: seen.append(r) or x[r].mean(), 401, 0.0, 5, seed=3)
+    assert all(len(r) == 200 and len(set(r)) == 200 for r in seen)  # halves never repeat rows
+    assert once == M.half_sample_interval(lambda r: x[r].mean(), 401, 0.0, 5, seed=3)
+    assert once != M.half_sample_interval(lambda r: x[r].mean(), 401, 0.0, 5, seed=4)
+    with pytest.raises(ValueError, match="resamples"):
+        M.half_sample_interval(lambda r: 0.0, 10, 0.0, 1)
+    with pytest.raises(ValueError, match="N >= 2"):
+        M.half_sample_interval(lambda r: 0.0, 1, 0.0, 5)
 
 
 @pytest.mark.parametrize(
