@@ -455,3 +455,18 @@ def test_zeroshot_tasks_cover_the_labels_and_are_not_captions(rows, multi_rows):
             assert label in tasks[task], (task, label)
     tasks["arrangement"].clear()
     assert zeroshot_tasks()["arrangement"], "callers must not be able to edit the tasks"
+
+
+def test_a_one_group_split_substitutes_edits_and_counts_them():
+    """A test split of one hold-out group has no in-split recolour or reshape: those drawn
+    edits become others, counted in the corpus info, and the split stays sealed."""
+    from raysys.corpora.synthetic import corpus_info
+
+    cfg = SyntheticConfig(size=1000, captions_per_image=5, test_fraction=0.003, image_size=32)
+    out = generate(cfg)
+    info = corpus_info(cfg, out)
+    assert info["split"]["groups"]["test"] == 1 and info["split"]["pairs"]["test"] == 5
+    test_kinds = {r["negative_source"] for r in out if r["split"] == "test"}
+    assert not test_kinds & {"exact:colour", "exact:shape"}
+    assert info["split"]["substituted_negatives"] == 2  # the image's colour and shape captions
+    assert set(info["overlap"].values()) == {0}

@@ -43,8 +43,9 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import pyarrow as pa
@@ -215,18 +216,23 @@ def holdout_group(stated: Stated | Scene) -> tuple[str, tuple[str, str], tuple[s
 
 
 def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """(val, test) counts of n items: rounded, at least one for a non-zero fraction when n
-    allows, and at least one item left to train."""
-    n_test = round(n * test_fraction) or (1 if test_fraction > 0 and n > 1 else 0)
-    n_val = round(n * val_fraction) or (1 if val_fraction > 0 and n > 2 else 0)
-    n_test = min(n_test, n - 1)
-    return min(n_val, n - 1 - n_test), n_test
+    """(val, test) counts of n items: rounded, at least one for a non-zero fraction, and at
+    least one item left to train (the larger held-out split gives way)."""
+    n_val = max(round(n * val_fraction), 1 if val_fraction > 0 else 0)
+    n_test = max(round(n * test_fraction), 1 if test_fraction > 0 else 0)
+    while n_val + n_test > n - 1:
+        if n_test >= n_val:
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n_val, n_test
 
 
 @functools.lru_cache(maxsize=8)
-def group_splits(seed: int, val_fraction: float, test_fraction: float) -> dict[tuple, str]:
-    """Split of every hold-out group: exact counts from the fractions, chosen by a seeded
-    shuffle (so each seed holds out different combinations)."""
+def group_splits(seed: int, val_fraction: float, test_fraction: float) -> Mapping[tuple, str]:
+    """Split of every hold-out group (2 axes x 15 colour pairs x 10 shape pairs = 300):
+    counts from the fractions, chosen by a seeded shuffle (each seed holds out different
+    combinations). Read-only: it is cached."""
     groups = [
         (axis, colours, shapes)
         for axis in ("horizontal", "vertical")
@@ -235,10 +241,12 @@ def group_splits(seed: int, val_fraction: float, test_fraction: float) -> dict[t
     ]
     _rng(CORPUS_NAME, SYNTHETIC_VERSION, seed, "groups").shuffle(groups)
     n_val, n_test = _split_counts(len(groups), val_fraction, test_fraction)
-    return {
-        g: "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-        for rank, g in enumerate(groups)
-    }
+    return MappingProxyType(
+        {
+            g: "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            for rank, g in enumerate(groups)
+        }
+    )
 
 
 def negative_candidates(stated: Stated) -> dict[str, list[Stated]]:
@@ -355,8 +363,9 @@ def _plan(cfg: SyntheticConfig, index: int, split: str, rng: random.Random) -> I
     entry = rng.choice(eligible)
     negatives, substituted = [], 0
     for edit in wanted:
-        if not entry.negatives[edit]:
-            edit = next(e for e in order if e in _GROUP_PRESERVING)
+        if not entry.negatives[edit]:  # the next drawn edit this scene allows
+            later = order[order.index(edit) + 1 :] + order
+            edit = next(e for e in later if entry.negatives[e])
             substituted += 1
         negatives.append((rng.choice(entry.negatives[edit]), edit))
     return ImagePlan(entry.stated, tuple(negatives), substituted)
@@ -595,6 +604,9 @@ def corpus_info(cfg: SyntheticConfig, rows: list[dict[str, Any]]) -> dict[str, A
             "unit": "hold-out group (relation axis, colour pair, shape pair)",
             "groups": {s: sum(g == s for g in groups) for s in SPLITS},
             "pairs": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+            "fractions": {
+                s: round(sum(r["split"] == s for r in rows) / max(1, len(rows)), 4) for s in SPLITS
+            },
             "substituted_negatives": substituted,
         },
         "overlap": split_overlap(rows),
