@@ -30,16 +30,24 @@ from raysys.evaluate import score_model, score_raw
 from raysys.extract import Extracted, extract
 from raysys.jam import JAM
 from raysys.report.report import (
+    summary_table,
     table,
     write_report,
     write_results,
     write_sweep_report,
 )
-from raysys.report.schema import RAW, SWEEP_SHOWN, model_row
+from raysys.report.schema import RAW, model_row
 from raysys.report.tensorboard import projector_sample, write_run_summaries
 from raysys.rundir import CONFIG_FILE, RunDir, open_run
 from raysys.runtime import cluster_resources, init_ray
-from raysys.sweep.plan import Trial, check_sweep, packing, plan_trials, raw_sweep_rows
+from raysys.sweep.plan import (
+    Trial,
+    check_sweep,
+    packing,
+    plan_trials,
+    raw_sweep_rows,
+    with_planned_depths,
+)
 from raysys.sweep.prepare import Prepared, prepare
 from raysys.sweep.tune import TUNE_DIR, Outcome, check_resumable, check_same_plan, run_trials
 from raysys.train.driver import train as fit
@@ -76,7 +84,7 @@ def sweep(
     outcome = run_trials(cfg, run, trials, pack, resume)
     if timings is not None:
         timings["fit_s"] = outcome.fit_s
-    rows = raw_sweep_rows(prepared) + outcome.rows
+    rows = with_planned_depths(raw_sweep_rows(prepared) + outcome.rows, trials)
     _sweep_report(cfg, run, rows, trials, outcome, time.perf_counter() - started)
     run.finish()
     _stop_if_unfinished(run, outcome, len(trials))
@@ -106,6 +114,7 @@ def _describe_axes(cfg: Config, prepared: list[Prepared]) -> str:
         f"{len(prepared)} model pair(s)",
         f"{len(prepared[0].layers)} layer pair(s)",
     ] + [f"{k} in {v}" for k, v in cfg.sweep.params.items()]
+    axes += [f"{cfg.sweep.seeds} seeds"] if cfg.sweep.seeds > 1 else []
     return " x ".join(axes)
 
 
@@ -123,7 +132,7 @@ def _sweep_report(
     if outcome.rows:
         notes += outcome.problems
         write_sweep_report(run.local, rows, notes, location=run.uri, ks=cfg.eval.retrieval_ks)
-        print("\n" + table(rows, SWEEP_SHOWN) + "\n", flush=True)
+        print("\n" + summary_table(rows) + "\n", flush=True)
     for problem in outcome.problems:
         print(f"[sweep] {problem}", flush=True)
 

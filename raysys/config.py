@@ -219,6 +219,10 @@ class SweepConfig:
     set it: trials past the nodes that are up ask the autoscaler for more) of them run at once.
     A trial of several workers needs whole GPUs (`trials_per_gpu: 1`): Ray may place two
     fractional-GPU ranks of one trial on one GPU, which NCCL refuses; the plan check says so.
+    `seeds` repeats every trial with `train.seed` + 0..N-1 (under `random`, `num_samples`
+    counts configurations, each run with every seed); the report then shows each
+    configuration's mean over seeds with a t-interval and flags objective differences within
+    noise.
     Each trial keeps its `keep_checkpoints` best checkpoints (a JAM checkpoint is ~40 MB; a
     stopped trial resumes from the newest one kept) and exports its best model.
     """

@@ -53,7 +53,8 @@ def run_trial(
     cfg = trial_config(config.from_dict(base), trial.objective, trial.params)
     # Every swept key with this trial's value (Spread's knobs included for the others, as
     # set but unused), so all trials share one set of HParams columns.
-    params = {key: config.get_key(cfg, key) for key in cfg.sweep.params}
+    keys = dict.fromkeys([*cfg.sweep.params, *trial.params])  # the seed too, when seeds > 1
+    params = {key: config.get_key(cfg, key) for key in keys}
     source = PairSource(**trial.layer.source)
     packed = Packing(**pack)
     out = Path(tempfile.mkdtemp(prefix="raysys-trial-")) if uri else Path(out_dir)
