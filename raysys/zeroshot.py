@@ -91,8 +91,16 @@ def tasks(corpus: Corpus, eval_cfg: EvalConfig) -> Tasks:
     """The zero-shot tasks of a corpus: its own prompts (`Corpus.zeroshot`), then every task
     of the pairs' labels it gives none for, prompted with `eval.zeroshot_templates`."""
     check_templates(eval_cfg.zeroshot_templates)
-    own: Tasks = {t: dict(c) for t, c in (getattr(corpus, "zeroshot", None) or {}).items()}
-    labelled = {t: c for t, c in label_classes(corpus.pairs).items() if t not in own}
+    own: Tasks = {t: dict(c) for t, c in corpus.zeroshot.items()}
+    labelled = label_classes(corpus.pairs)
+    for task in set(labelled) & set(own):
+        unprompted = sorted(set(labelled[task]) - set(own[task]))
+        if unprompted:  # evaluation could never predict them: a broken corpus, said now
+            raise CorpusError(
+                f"zero-shot task {task!r}: the pairs' labels name class(es) {unprompted[:5]} "
+                f"that the corpus gives no prompts for (it has {sorted(own[task])[:10]})"
+            )
+    labelled = {t: c for t, c in labelled.items() if t not in own}
     if labelled and not eval_cfg.zeroshot_templates:
         raise ConfigError(
             f"the corpus labels its images for zero-shot task(s) {', '.join(labelled)} but "

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 from corpus_files import corpus_config, jsonl
 
-from raysys.config import EvalConfig
-from raysys.corpora import Corpus, manifest
+from raysys.config import CorpusConfig, EvalConfig
+from raysys.corpora import Corpus, load_corpus, manifest
 from raysys.data import cache
 from raysys.errors import CacheError, ConfigError, CorpusError
 from raysys.zeroshot import (
@@ -57,6 +57,9 @@ def test_corpus_prompts_win_and_unlabelled_corpora_have_no_tasks() -> None:
         "shape": {"circle": ["a circle"], "square": ["a square"]},
         "colour": {"red": ["a red thing"]},
     }
+    corpus.zeroshot["colour"] = {"blue": ["a blue thing"]}
+    with pytest.raises(CorpusError, match=r"'colour'.*\['red'\].*no prompts"):
+        tasks(corpus, EvalConfig())
     plain = Corpus(key="k", pairs=pa.table({"pair_id": ["p"], "caption": ["c"]}))
     assert tasks(plain, EvalConfig(zeroshot_templates=[])) == {}
 
@@ -173,3 +176,14 @@ def test_manifest_label_errors_say_what_is_wrong(tmp_path) -> None:
         _manifest(
             tmp_path, [{"image": "a.png", "caption": "x", "cls": ["a", "b"]}], label_key="cls"
         )
+
+
+def test_labels_survive_corpus_loading_and_synthetic_tasks_form_a_grid(tmp_path) -> None:
+    rows = [{"image": "a.png", "caption": "a red circle", "cls": "cat"}]
+    corpus = load_corpus(corpus_config(jsonl(tmp_path / "m.jsonl", rows), label_key="cls"))
+    assert corpus.pairs["labels"].to_pylist() == [_label("cat")]
+    synthetic = load_corpus(CorpusConfig(size=20, image_size=32))
+    found = tasks(synthetic, EvalConfig())
+    assert found and set(found) == set(synthetic.zeroshot)  # its own prompts, no templates
+    table = prompt_table(found)
+    assert table.num_rows == sum(len(p) for c in found.values() for p in c.values())
