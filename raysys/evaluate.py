@@ -1,28 +1,45 @@
 """Evaluate: score raw backbone embeddings and JAM latents on the same split, same metrics.
 
 The raw row is the paper's baseline: how aligned two independently trained models already are.
-Retrieval and hard-negative accuracy need one shared space, so the raw row leaves them empty.
-The alignment metrics take one caption per image (its first in the split), as platonic-rep
-does: with COCO's five captions, repeated images would otherwise count as each other's
-nearest neighbours.
+Retrieval, hard-negative and zero-shot accuracy need one shared space, so the raw row leaves
+them empty. The alignment metrics take one caption per image (its first in the split), as
+platonic-rep does: with COCO's five captions, repeated images would otherwise count as each
+other's nearest neighbours; and both sides first go through platonic-rep's outlier clamp
+(`metrics.clamp_outliers` at `eval.outlier_q`; 1 turns it off), which keeps a language model's
+few huge outlier dimensions from dominating every inner product.
 
-Per-item metrics (retrieval both ways, hard-negative accuracy, reconstruction error) also get a
-seeded percentile bootstrap interval over the test items they average (`<metric>_lo`,
-`<metric>_hi`): image->text recall over unique image queries, text->image recall,
-hard-negative accuracy and reconstruction over pairs (caption queries). The set-level alignment
-metrics get none: a resample repeats rows, and repeated rows become each other's nearest
-neighbours, which biases kNN metrics and CKA rather than measuring their noise.
+Every headline metric gets a 95% (`eval.interval`) interval, `<metric>_lo` / `<metric>_hi`:
+- Per-item metrics: a seeded percentile bootstrap of the mean over the test items it
+  averages. Image->text recall and zero-shot accuracy are over unique images; text->image
+  recall, hard-negative accuracy (overall and per kind) and reconstruction are over pairs,
+  resampled by image (all captions of a drawn image together: captions of one image are not
+  independent, and a per-caption bootstrap would be too narrow on multi-caption corpora).
+- Set-level alignment metrics (kNN graphs, Gram matrices): a with-replacement resample repeats
+  rows, which become each other's nearest neighbours, so they get a half-sampling interval
+  instead (`metrics.half_sample_interval`): `half_samples(cfg)` seeded random halves of the
+  images without replacement, the metric on each, centred on the halves' mean and put around
+  the full-sample value.
+
+Hard negatives are also scored per kind (`hardneg_acc_<kind>`, the kind being the part of the
+pair's negative source after `:`), and pairs whose source is `none` are left out of every
+hard-negative score. Zero-shot classification (`zeroshot_<task>`) ranks class-prompt
+embeddings mapped through the text encoder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from raysys import metrics
 from raysys.config import EvalConfig
+from raysys.errors import CorpusError
 from raysys.jam import JAM
 
 if TYPE_CHECKING:
@@ -30,9 +47,23 @@ if TYPE_CHECKING:
 
 
 def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig):
-    """The representation-similarity metrics of the Platonic Representation Hypothesis."""
+    """The representation-similarity metrics of the Platonic Representation Hypothesis, on
+    both sides' outlier-clamped rows (platonic-rep's `prepare_features`)."""
+    return alignment_metrics(*clamped(image, text, cfg), cfg)
+
+
+def clamped(
+    image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides as float32 tensors, clipped at their `cfg.outlier_q` threshold."""
     a = torch.as_tensor(image, dtype=torch.float32)
     b = torch.as_tensor(text, dtype=torch.float32)
+    return metrics.clamp_outliers(a, cfg.outlier_q), metrics.clamp_outliers(b, cfg.outlier_q)
+
+
+def alignment_metrics(a: torch.Tensor, b: torch.Tensor, cfg: EvalConfig) -> dict[str, float]:
+    """The metrics on already prepared rows; k and the SVCCA dimension shrink to what N allows
+    (a half-sample has half the rows)."""
     k = min(cfg.knn_k, len(a) - 1)
     return {
         "mutual_knn": metrics.mutual_knn(a, b, k=k),
@@ -41,6 +72,61 @@ def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor,
         "cknna": metrics.cknna(a, b, k=k),
         "svcca": metrics.svcca(a, b, dim=min(cfg.svcca_dim, len(a) - 1, a.shape[1], b.shape[1])),
     }
+
+
+# Half-samples per set-level interval: at most this many (fewer when `eval.bootstrap` is lower).
+MAX_HALF_SAMPLES = 50
+# The fewest images a half-sample interval is drawn for: halves of 4 rows, what CKNNA needs.
+MIN_HALF_SAMPLE_ROWS = 8
+
+
+def half_samples(cfg: EvalConfig) -> int:
+    """How many halves bound the set-level metrics: min(`eval.bootstrap`, 50). Each costs an
+    evaluation on half the rows (the kernel metrics are O(N^2): 50 halves cost about 12 full
+    evaluations); percentile tails from 50 values are rough but honest about the spread, and
+    `eval.bootstrap=0` turns these intervals off with the rest."""
+    return min(cfg.bootstrap, MAX_HALF_SAMPLES)
+
+
+# Halves of at most this many rows are scored on one CPU thread (see `_one_thread`).
+SMALL_HALF = 512
+
+
+@contextlib.contextmanager
+def _one_thread(active: bool) -> Iterator[None]:
+    """torch on one intra-op thread while active, then as before. Tens of small-matrix metric
+    calls gain nothing from torch's thread pool and lose a lot to it on a busy machine
+    (measured on 2 loaded cores: 100-row halves 15 ms on one thread, 280 ms on two)."""
+    threads = torch.get_num_threads()
+    if active:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def alignment_intervals(
+    a: torch.Tensor, b: torch.Tensor, full: dict[str, float], cfg: EvalConfig
+) -> dict[str, float]:
+    """`<metric>_lo` / `<metric>_hi` of each alignment metric by half-sampling the rows
+    (`metrics.half_sample_interval`) of already prepared (`clamped`) `a`, `b`; `full` are the
+    metrics on all rows. None when there are fewer than 2 halves or 8 rows."""
+    n, rounds = len(a), half_samples(cfg)
+    if rounds < 2 or n < MIN_HALF_SAMPLE_ROWS:
+        return {}
+
+    def on_half(rows: np.ndarray) -> list[float]:
+        at = torch.as_tensor(rows, device=a.device)
+        return list(alignment_metrics(a[at], b[at], cfg).values())
+
+    values = [full[m] for m in full]
+    with _one_thread(a.device.type == "cpu" and n // 2 <= SMALL_HALF):
+        lo, hi = metrics.half_sample_interval(on_half, n, values, rounds, cfg.interval, seed=0)
+    out: dict[str, float] = {}
+    for name, low, high in zip(full, lo, hi, strict=True):
+        out |= {f"{name}_lo": float(low), f"{name}_hi": float(high)}
+    return out
 
 
 def per_item(
@@ -64,27 +150,137 @@ def per_item(
 
 def means(outcomes: dict[str, torch.Tensor]) -> dict[str, float]:
     """Each metric as the mean of its per-item outcomes (recall@k, accuracy), in float32 as
-    `metrics.retrieval` and `metrics.hard_negative_accuracy` compute them."""
-    return {k: v.to(torch.float32).mean().item() for k, v in outcomes.items()}
+    `metrics.retrieval` and `metrics.hard_negative_accuracy` compute them; NaN over no items."""
+    return {
+        k: v.to(torch.float32).mean().item() if len(v) else float("nan")
+        for k, v in outcomes.items()
+    }
 
 
-def intervals(outcomes: dict[str, torch.Tensor], cfg: EvalConfig) -> dict[str, float]:
+def intervals(
+    outcomes: dict[str, torch.Tensor], cfg: EvalConfig, groups: np.ndarray | None = None
+) -> dict[str, float]:
     """`<metric>_lo` / `<metric>_hi`: the `cfg.interval` percentile bootstrap interval of each
-    metric's mean over its items (all of one group resampled together), or none when
-    `cfg.bootstrap` is 0."""
-    if not outcomes or cfg.bootstrap < 1:
+    metric's mean over its items (all of one group resampled together; with `groups`, e.g.
+    each caption's image, whole groups are drawn), or none when `cfg.bootstrap` is 0 or there
+    are no items."""
+    if not outcomes or cfg.bootstrap < 1 or not len(next(iter(outcomes.values()))):
         return {}
     matrix = torch.stack([v.detach().double().cpu() for v in outcomes.values()], dim=1)
-    lo, hi = metrics.bootstrap_interval(matrix.numpy(), cfg.bootstrap, cfg.interval, seed=0)
+    lo, hi = metrics.bootstrap_interval(
+        matrix.numpy(), cfg.bootstrap, cfg.interval, seed=0, groups=groups
+    )
     out: dict[str, float] = {}
     for name, low, high in zip(outcomes, lo, hi, strict=True):
         out |= {f"{name}_lo": float(low), f"{name}_hi": float(high)}
     return out
 
 
-def score_raw(pairs: Pairs, cfg: EvalConfig) -> dict[str, float]:
+NO_NEGATIVE = "none"  # the negative source of a pair that has no real hard negative
+
+
+def negative_kind(source: str) -> str:
+    """`exact:colour` -> `colour`, `generated:swap_colours` -> `swap_colours`, `corpus` ->
+    `corpus`: the part after the first `:`, or the whole source without one."""
+    return source.partition(":")[2] or source
+
+
+def hardneg_rows(sources: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
+    """The pair rows behind each hard-negative score: `hardneg_acc` over every pair with a real
+    negative, `hardneg_acc_<kind>` over each kind's (kinds sorted); sources `none` in neither.
+    Without sources (an index that does not record them), `hardneg_acc` over all rows only."""
+    if sources is None:
+        return {"hardneg_acc": np.arange(n)}
+    values, inverse = np.unique(np.asarray(sources, dtype=str), return_inverse=True)
+    kinds = np.array([negative_kind(v) if v != NO_NEGATIVE else "" for v in values])
+    kind_of_row = kinds[inverse.reshape(-1)]
+    rows = {"hardneg_acc": np.flatnonzero(kind_of_row != "")}
+    for kind in sorted(set(kinds) - {""}):
+        if kind in ("lo", "hi"):  # hardneg_acc_lo is hardneg_acc's interval bound
+            raise CorpusError(f"negative source kind {kind!r} is reserved; rename it")
+        rows[f"hardneg_acc_{kind}"] = np.flatnonzero(kind_of_row == kind)
+    return rows
+
+
+def score_raw(pairs: Pairs, cfg: EvalConfig, with_intervals: bool = True) -> dict[str, float]:
+    """The alignment metrics of the frozen backbones on one caption per image, then (unless
+    `with_intervals=False` or `cfg.bootstrap=0`) their half-sample intervals and `n_images`."""
     first, _ = pairs.image_index()
-    return alignment(pairs.image[first], pairs.text[first], cfg)
+    a, b = clamped(pairs.image[first], pairs.text[first], cfg)
+    scores = alignment_metrics(a, b, cfg)
+    if with_intervals and cfg.bootstrap > 0:
+        scores |= alignment_intervals(a, b, scores, cfg) | {"n_images": len(first)}
+    return scores
+
+
+# A zero-shot task's prompts: class names and their raw text-backbone embeddings
+# [n_classes, n_templates, d_text] at the model's text layer.
+Prompts = dict[str, tuple[list[str], np.ndarray]]
+
+
+@torch.no_grad()
+def class_embeddings(model: JAM, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[n_classes, latent] unit vectors: each prompt through the text encoder (standardised as
+    captions are), L2-normalised, averaged over the templates and normalised again (CLIP's
+    prompt ensembling)."""
+    device = next(model.parameters()).device
+    x = torch.as_tensor(raw)
+    if x.ndim != 3:
+        raise ValueError(f"prompt embeddings must be [classes, templates, d], got {tuple(x.shape)}")
+    c, t, d = x.shape
+    z = F.normalize(model.encode_text(x.reshape(c * t, d).to(device)).float(), dim=1)
+    return F.normalize(z.reshape(c, t, -1).mean(dim=1), dim=1)
+
+
+def image_labels(labels: np.ndarray | None) -> list[dict[str, str]]:
+    """Each row's `{task: class}` from its JSON (`{}` for "" or no labels column)."""
+    if labels is None:
+        return []
+    out = []
+    for text in labels:
+        try:
+            value = json.loads(text) if text else {}
+        except (TypeError, json.JSONDecodeError) as e:
+            raise CorpusError(f"labels {text!r} are not JSON ({e}); write {{task: class}}") from e
+        if not isinstance(value, dict):
+            raise CorpusError(f"labels {text!r} must be a JSON object {{task: class}}")
+        out.append(value)
+    return out
+
+
+def zeroshot(
+    model: JAM, image_latents: torch.Tensor, labels: list[dict[str, str]], prompts: Prompts
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per task: the 0/1 hit of each labelled image (`metrics.zeroshot_hits`; images without
+    the task's label left out) and the chance level, the majority class's rate among those
+    images (what always answering the commonest class scores: on unbalanced labels 1/n_classes
+    would flatter the model)."""
+    out = {}
+    for task, (names, raw) in prompts.items():
+        if len(names) != len(raw):
+            raise ValueError(f"zero-shot task {task!r}: {len(names)} names, {len(raw)} classes")
+        position = {str(name): j for j, name in enumerate(names)}
+        rows, target = [], []
+        for i, image in enumerate(labels):
+            if task not in image:
+                continue
+            label = str(image[task])
+            if label not in position:
+                raise CorpusError(
+                    f"zero-shot task {task!r}: label {label!r} is not one of its classes "
+                    f"{sorted(position)}; add it to the class list or fix the corpus labels"
+                )
+            rows.append(i)
+            target.append(position[label])
+        if not rows:
+            empty = torch.zeros(0, dtype=torch.bool, device=image_latents.device)
+            out[task] = (empty, float("nan"))
+            continue
+        classes = class_embeddings(model, raw).to(image_latents.device)
+        at = torch.as_tensor(rows, device=image_latents.device)
+        hits = metrics.zeroshot_hits(image_latents[at], classes, torch.as_tensor(target))
+        out[task] = (hits, float(np.bincount(target).max() / len(target)))
+    return out
 
 
 @torch.no_grad()
@@ -123,22 +319,59 @@ def metric_device(n: int, device: torch.device) -> torch.device:
 
 
 def score_model(
-    model: JAM, pairs: Pairs, cfg: EvalConfig, with_intervals: bool = True
+    model: JAM,
+    pairs: Pairs,
+    cfg: EvalConfig,
+    with_intervals: bool = True,
+    prompts: Prompts | None = None,
 ) -> dict[str, float]:
-    """Every results.csv metric for a trained model on one split, then the per-item metrics'
-    bootstrap intervals and the item counts behind them (`n_images`, `n_captions`);
-    `with_intervals=False` or `cfg.bootstrap=0` skips those (e.g. per-epoch validation)."""
+    """Every results.csv metric for a trained model on one split (per-kind hard-negative
+    accuracy when the split records negative sources, zero-shot accuracy for each `prompts`
+    task), then every metric's interval and the item counts behind them (`n_images`,
+    `n_captions`, `n_hardneg_<kind>`, `n_zeroshot_<task>`); `with_intervals=False` or
+    `cfg.bootstrap=0` skips those (e.g. per-epoch validation, which stays as cheap as the
+    point scores)."""
     z = encode(model, pairs)
     where = metric_device(len(pairs), z["zi"].device)
     z = {k: v.to(where) for k, v in z.items()}
     index = pairs.image_index()
+    first, owner = index
     by_image, by_pair = per_item(z["zi"], z["zt"], z["zn"], index, cfg)
-    scores = means(by_image | by_pair)
-    first = index[0]
-    scores |= alignment(z["zi"][first], z["zt"][first], cfg)
+    wins = by_pair.pop("hardneg_acc")
+    # Each hard-negative score's outcomes and the image of each (its bootstrap clusters).
+    hardneg = {
+        name: (wins[torch.as_tensor(rows, device=where)], owner[rows])
+        for name, rows in hardneg_rows(pairs.negative_sources, len(pairs)).items()
+    }
+    shots = {}
+    if prompts:
+        labels = None if pairs.labels is None else pairs.labels[first]
+        shots = zeroshot(model, z["zi"][first], image_labels(labels), prompts)
+
+    scores = means(by_image | by_pair | {"hardneg_acc": hardneg["hardneg_acc"][0]})
+    a, b = clamped(z["zi"][first], z["zt"][first], cfg)
+    aligned = alignment_metrics(a, b, cfg)
+    scores |= aligned
     # Mean over both modalities of the per-feature MSE, in the standardised input space.
     scores["recon_mse"] = float(z["sq"].mean())
-    if with_intervals and cfg.bootstrap > 0:
-        scores |= intervals(by_image, cfg) | intervals(by_pair | {"recon_mse": z["sq_pair"]}, cfg)
-        scores |= {"n_images": len(first), "n_captions": len(pairs)}
+    kinds = {name: v for name, v in hardneg.items() if name != "hardneg_acc"}
+    scores |= means({name: w for name, (w, _) in kinds.items()})
+    for task, (hits, chance) in shots.items():
+        scores |= means({f"zeroshot_{task}": hits}) | {f"zeroshot_{task}_chance": chance}
+    if not (with_intervals and cfg.bootstrap > 0):
+        return scores
+
+    scores |= intervals(by_image, cfg) | intervals(by_pair, cfg, groups=owner)
+    scores |= intervals({"hardneg_acc": hardneg["hardneg_acc"][0]}, cfg, hardneg["hardneg_acc"][1])
+    scores |= intervals({"recon_mse": z["sq_pair"]}, cfg, groups=owner)
+    scores |= {"n_images": len(first), "n_captions": len(pairs)}
+    scores |= alignment_intervals(a, b, aligned, cfg)
+    for name, (w, groups) in kinds.items():
+        scores |= intervals({name: w}, cfg, groups=groups)
+    for task, (hits, _) in shots.items():
+        scores |= intervals({f"zeroshot_{task}": hits}, cfg)
+    scores |= {
+        f"n_hardneg_{name.removeprefix('hardneg_acc_')}": len(w) for name, (w, _) in kinds.items()
+    }
+    scores |= {f"n_zeroshot_{task}": len(hits) for task, (hits, _) in shots.items()}
     return scores

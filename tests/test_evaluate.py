@@ -1,7 +1,11 @@
-"""score_model: today's scores unchanged, plus a bootstrap interval per per-item metric, each
-over the right test items (unique images for image->text, pairs for the rest)."""
+"""score_model and score_raw: the scores, each with an honest interval over the right test items
+(unique images for image->text and zero-shot, pairs resampled by image for the rest, halves of
+the images for the set-level alignment metrics), hard negatives per kind, zero-shot accuracy,
+and the outlier clamp before the alignment metrics."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -9,11 +13,27 @@ import torch
 
 from raysys import config, metrics
 from raysys.data.pairs import Pairs
-from raysys.evaluate import encode, score_model
+from raysys.errors import CorpusError
+from raysys.evaluate import (
+    alignment,
+    alignment_metrics,
+    clamped,
+    encode,
+    half_samples,
+    score_model,
+    score_raw,
+)
 from raysys.jam import JAM, JAMConfig
-from raysys.report.schema import ALIGNMENT, interval_columns, interval_names, metric_names
+from raysys.report.schema import (
+    ALIGNMENT,
+    extra_metric_columns,
+    interval_columns,
+    interval_names,
+    metric_names,
+)
 
 KS = (1, 5, 10)
+SOURCES = ["exact:colour", "exact:shape", "generated:swap_colours", "none", "corpus"]
 
 
 def _pairs(n_images: int = 40, captions: int = 3, seed: int = 0) -> Pairs:
@@ -40,9 +60,11 @@ def _model() -> JAM:
 def test_score_model_adds_intervals_around_unchanged_scores() -> None:
     pairs, model, cfg = _pairs(), _model(), config.EvalConfig()
     scores = score_model(model, pairs, cfg)
-    assert list(scores) == metric_names(KS) + interval_columns(KS)
+    fixed = metric_names(KS) + interval_columns(KS)
+    assert list(scores)[: len(fixed)] == fixed
+    # Every headline metric has an interval now: the set-level ones after the fixed columns.
+    assert list(scores)[len(fixed) :] == [f"{m}_{e}" for m in ALIGNMENT for e in ("lo", "hi")]
     assert (scores["n_images"], scores["n_captions"]) == (40, 120)
-    assert not any(f"{m}_lo" in scores for m in ALIGNMENT)  # set-level: no interval
     # The per-item scores, recomputed from the latents by the plain metric functions.
     z = encode(model, pairs)
     first, owner = pairs.image_index()
@@ -50,17 +72,17 @@ def test_score_model_adds_intervals_around_unchanged_scores() -> None:
     want["hardneg_acc"] = metrics.hard_negative_accuracy(z["zi"], z["zt"], z["zn"])
     assert {k: scores[k] for k in want} == want
     assert 0 < scores["i2t_r1"] < 1 and 0 < scores["hardneg_acc"] < 1
-    for name in interval_names(KS)[::2]:
-        metric = name.removesuffix("_lo")
+    for metric in [n.removesuffix("_lo") for n in interval_names(KS)[::2]] + ALIGNMENT:
         assert scores[f"{metric}_lo"] <= scores[metric] <= scores[f"{metric}_hi"], metric
     assert scores["i2t_r1_lo"] < scores["i2t_r1_hi"]
     plain = score_model(model, pairs, cfg, with_intervals=False)
     assert plain == {k: scores[k] for k in metric_names(KS)}
 
 
-def test_each_direction_resamples_its_own_queries() -> None:
-    """i2t_r1's interval is the bootstrap over the 40 unique images, t2i_r1's over the 120
-    caption queries and recon_mse's over the 120 pairs (each image + caption error)."""
+def test_each_metric_resamples_its_own_items() -> None:
+    """i2t_r1's interval is the bootstrap over the 40 unique images; t2i's and recon_mse's
+    (each pair's image + caption error) over the 120 pairs, drawn by image: the cluster
+    bootstrap with each caption's image as its group."""
     pairs, model, cfg = _pairs(), _model(), config.EvalConfig(bootstrap=500, interval=0.9)
     scores = score_model(model, pairs, cfg)
     z = encode(model, pairs)
@@ -68,14 +90,204 @@ def test_each_direction_resamples_its_own_queries() -> None:
     i2t, t2i = metrics.retrieval_hits(z["zi"][first], z["zt"], owner, ks=KS)
     assert len(i2t) == 40 and len(t2i) == 120
 
-    def interval(values: torch.Tensor) -> tuple[float, float]:
-        return metrics.bootstrap_interval(values.double().numpy(), 500, 0.9, seed=0)
+    def interval(values: torch.Tensor, groups: np.ndarray | None = None) -> tuple[float, float]:
+        return metrics.bootstrap_interval(values.double().numpy(), 500, 0.9, 0, groups=groups)
 
     assert (scores["i2t_r1_lo"], scores["i2t_r1_hi"]) == pytest.approx(interval(i2t[:, 0]))
-    assert (scores["t2i_r5_lo"], scores["t2i_r5_hi"]) == pytest.approx(interval(t2i[:, 1]))
+    assert (scores["t2i_r5_lo"], scores["t2i_r5_hi"]) == pytest.approx(interval(t2i[:, 1], owner))
     n = len(pairs)
     per_pair = (z["sq"][:n] + z["sq"][n:]) / 2  # one batch: image errors, then caption errors
     assert per_pair.mean().item() == pytest.approx(scores["recon_mse"], rel=1e-6)
-    assert (scores["recon_mse_lo"], scores["recon_mse_hi"]) == pytest.approx(interval(per_pair))
+    want = interval(per_pair, owner)
+    assert (scores["recon_mse_lo"], scores["recon_mse_hi"]) == pytest.approx(want)
+    assert want != pytest.approx(interval(per_pair))  # not the per-caption bootstrap
     off = config.EvalConfig(bootstrap=0)  # no intervals; the scores do not depend on them
     assert score_model(model, pairs, off) == {k: scores[k] for k in metric_names(KS)}
+
+
+@pytest.fixture
+def one_thread():
+    """The reference recomputes 30 halves of tiny matrices: on one torch thread, as
+    `evaluate` scores them (torch's pool only adds overhead there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_set_level_intervals_are_half_samples_of_the_images(one_thread) -> None:
+    """The alignment metrics' bounds: min(eval.bootstrap, 50) seeded halves of the unique
+    images (one caption each, clamped), deterministic; raw rows get them too."""
+    pairs, cfg = _pairs(), config.EvalConfig(bootstrap=30)
+    assert half_samples(cfg) == 30 and half_samples(config.EvalConfig()) == 50
+    raw = score_raw(pairs, cfg)
+    assert list(raw) == [*ALIGNMENT, *(f"{m}_{e}" for m in ALIGNMENT for e in ("lo", "hi"))] + [
+        "n_images"
+    ]
+    first, _ = pairs.image_index()
+    a, b = clamped(pairs.image[first], pairs.text[first], cfg)
+    full = alignment(pairs.image[first], pairs.text[first], cfg)
+    assert {m: raw[m] for m in ALIGNMENT} == full
+
+    def on_half(rows: np.ndarray) -> list[float]:
+        return list(alignment_metrics(a[rows], b[rows], cfg).values())
+
+    lo, hi = metrics.half_sample_interval(on_half, 40, list(full.values()), 30, 0.95, seed=0)
+    for j, m in enumerate(ALIGNMENT):
+        assert (raw[f"{m}_lo"], raw[f"{m}_hi"]) == pytest.approx((lo[j], hi[j]))
+        assert raw[f"{m}_lo"] < raw[m] < raw[f"{m}_hi"]
+    assert score_raw(pairs, cfg) == raw
+    assert score_raw(pairs, cfg, with_intervals=False) == full
+    assert score_raw(pairs, config.EvalConfig(bootstrap=0)) == full
+
+
+def test_outlier_clamp_keeps_one_huge_dimension_from_dominating() -> None:
+    """Text = a noisy view of the image signal plus one outlier dimension 200 times louder
+    and unrelated to it. Unclamped (`outlier_q=1`), the outlier decides every inner product
+    and CKA falls to about 0; clamped at the 0.95 quantile, most of the signal is back."""
+    rng = np.random.default_rng(3)
+    signal = rng.standard_normal((120, 24))
+    image = signal + 0.3 * rng.standard_normal(signal.shape)
+    text = np.hstack([signal + 0.3 * rng.standard_normal(signal.shape), np.zeros((120, 1))])
+    text[:, -1] = 200 * rng.standard_normal(120)
+    on = alignment(image, text, config.EvalConfig(outlier_q=0.95))
+    off = alignment(image, text, config.EvalConfig(outlier_q=1))
+    assert off["cka"] < 0.1 < 0.5 < on["cka"]  # without the outlier column: 0.86
+    assert off["unbiased_cka"] < 0.1 < 0.5 < on["unbiased_cka"]
+    assert on["mutual_knn"] > 1.5 * off["mutual_knn"]
+    # Each is exactly the metrics on (un)clamped inputs.
+    clipped = metrics.clamp_outliers(text, 0.95)
+    assert on["cka"] == pytest.approx(metrics.cka(metrics.clamp_outliers(image, 0.95), clipped))
+    assert off["cka"] == pytest.approx(metrics.cka(image, text))
+    assert float(clipped[:, -1].abs().max()) < 3  # the outlier is clipped to a typical value
+
+
+def _annotated(n_images: int = 40, captions: int = 3) -> Pairs:
+    """`_pairs` with negative sources cycling over SOURCES and zero-shot labels: task `side`
+    (class `left`/`right` by the sign of the image's first feature) for every image, task
+    `even` (`yes`/`no`) only for the first 30 images."""
+    pairs = _pairs(n_images, captions)
+    pairs.negative_sources = np.array([SOURCES[i % len(SOURCES)] for i in range(len(pairs))])
+    labels = []
+    for row, image in enumerate(pairs.image):
+        number = row // captions
+        label = {"side": "left" if image[0] < 0 else "right"}
+        if number < 30:
+            label["even"] = "yes" if number % 2 == 0 else "no"
+        labels.append(json.dumps(label))
+    pairs.labels = np.array(labels)
+    return pairs
+
+
+def test_hard_negatives_by_kind_without_the_pairs_that_have_none() -> None:
+    pairs, model, cfg = _annotated(), _model(), config.EvalConfig(bootstrap=300)
+    scores = score_model(model, pairs, cfg)
+    z = encode(model, pairs)
+    _, owner = pairs.image_index()
+    kinds = np.array([s.partition(":")[2] or s for s in pairs.negative_sources])
+    real = pairs.negative_sources != "none"
+    want = metrics.hard_negative_accuracy(z["zi"][real], z["zt"][real], z["zn"][real])
+    assert scores["hardneg_acc"] == pytest.approx(want)
+    wins = metrics.hard_negative_wins(z["zi"], z["zt"], z["zn"]).double()
+    lo_hi = metrics.bootstrap_interval(wins[real].numpy(), 300, groups=owner[real])
+    assert (scores["hardneg_acc_lo"], scores["hardneg_acc_hi"]) == pytest.approx(lo_hi)
+    for kind in ("colour", "shape", "swap_colours", "corpus"):
+        rows = kinds == kind
+        name = f"hardneg_acc_{kind}"
+        assert scores[name] == pytest.approx(wins[rows].mean().item()), kind
+        want = metrics.bootstrap_interval(wins[rows].numpy(), 300, groups=owner[rows])
+        assert (scores[f"{name}_lo"], scores[f"{name}_hi"]) == pytest.approx(want), kind
+        assert scores[f"n_hardneg_{kind}"] == int(rows.sum()) == 24
+    assert not any("none" in k for k in scores)
+    assert "n_hardneg_" not in score_model(model, pairs, cfg, with_intervals=False)
+    # Without recorded sources (None), no per-kind columns, and every pair counts.
+    pairs.negative_sources = None
+    plain = score_model(model, pairs, cfg)
+    assert not any(k.startswith(("hardneg_acc_c", "n_hardneg")) for k in plain)
+    assert plain["hardneg_acc"] == pytest.approx(wins.mean().item())
+
+
+def _prompts(model: JAM, pairs: Pairs) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Two templates per class, each a noisy mean of that class's text embeddings."""
+    rng = np.random.default_rng(7)
+    first, _ = pairs.image_index()
+    side = pairs.image[first, 0] < 0
+
+    def raw(members: list[np.ndarray]) -> np.ndarray:
+        means = [pairs.text[first][m].astype(np.float64).mean(0) for m in members]
+        return np.stack([[m + 0.3 * rng.standard_normal(12) for _ in range(2)] for m in means])
+
+    even = np.arange(len(first)) % 2 == 0
+    return {
+        "side": (["left", "right", "up"], raw([side, ~side, np.ones_like(side)])),
+        "even": (["yes", "no"], raw([even, ~even])),
+    }
+
+
+def test_zeroshot_accuracy_per_task_with_chance_and_interval() -> None:
+    pairs, model, cfg = _annotated(), _model(), config.EvalConfig(bootstrap=300)
+    prompts = _prompts(model, pairs)
+    scores = score_model(model, pairs, cfg, prompts=prompts)
+    z = encode(model, pairs)
+    first, _ = pairs.image_index()
+    labels = [json.loads(x) for x in pairs.labels[first]]
+    for task, (names, raw) in prompts.items():
+        # CLIP's ensembling, spelled out: each template's latent normalised, averaged, again.
+        with torch.no_grad():
+            per_template = [
+                [
+                    torch.nn.functional.normalize(model.encode_text(torch.tensor(t)), dim=0)
+                    for t in c
+                ]
+                for c in raw
+            ]
+        classes = torch.stack([torch.stack(c).mean(0) for c in per_template])
+        rows = [i for i, lab in enumerate(labels) if task in lab]
+        target = [names.index(labels[i][task]) for i in rows]
+        want = metrics.zeroshot_accuracy(z["zi"][first][rows], classes, target)
+        assert scores[f"zeroshot_{task}"] == pytest.approx(want), task
+        assert scores[f"n_zeroshot_{task}"] == len(rows)
+        assert scores[f"zeroshot_{task}_chance"] == pytest.approx(
+            np.bincount(target).max() / len(rows)
+        )
+        hits = metrics.zeroshot_hits(z["zi"][first][rows], classes, target).double().numpy()
+        lo_hi = metrics.bootstrap_interval(hits, 300)
+        assert (scores[f"zeroshot_{task}_lo"], scores[f"zeroshot_{task}_hi"]) == pytest.approx(
+            lo_hi
+        )
+    assert scores["n_zeroshot_side"] == 40 and scores["n_zeroshot_even"] == 30
+    assert scores["zeroshot_even_chance"] == 0.5
+    assert scores["zeroshot_side_chance"] == pytest.approx(24 / 40)  # the majority class: 24 of 40
+    assert 0 < scores["zeroshot_side"] < 1 and 0 < scores["zeroshot_even"] < 1
+    # Validation-style scoring: the accuracies and chance levels, no intervals or counts.
+    cheap = score_model(model, pairs, cfg, with_intervals=False, prompts=prompts)
+    assert cheap == {k: v for k, v in scores.items() if k in cheap}
+    assert not any(k.endswith(("_lo", "_hi")) or k.startswith("n_") for k in cheap)
+    assert "zeroshot_side" in cheap and "zeroshot_side_chance" in cheap
+    # The raw row has no shared space: no zero-shot.
+    assert not any(k.startswith("zeroshot") for k in score_raw(pairs, cfg))
+    # A label outside the task's classes is an error, not a silent miss.
+    names, raw = prompts["side"]
+    with pytest.raises(CorpusError, match="'right' is not one of its classes"):
+        score_model(model, pairs, cfg, prompts={"side": (["left", "up", "down"], raw)})
+
+
+def test_results_columns_order_the_dynamic_scores() -> None:
+    """extra_metric_columns places every score that is not a fixed column: set-level
+    intervals, per-kind hard negatives, zero-shot groups, then their counts."""
+    pairs, model = _annotated(), _model()
+    scores = score_model(
+        model, pairs, config.EvalConfig(bootstrap=50), prompts=_prompts(model, pairs)
+    )
+    fixed = metric_names(KS) + interval_columns(KS)
+    extra = extra_metric_columns(set(scores) - set(fixed))
+    assert sorted(extra) == sorted(set(scores) - set(fixed))
+    kinds = ["colour", "corpus", "shape", "swap_colours"]
+    assert extra == (
+        [f"{m}_{e}" for m in ALIGNMENT for e in ("lo", "hi")]
+        + [f"hardneg_acc_{k}{e}" for k in kinds for e in ("", "_lo", "_hi")]
+        + [f"zeroshot_{t}{e}" for t in ("even", "side") for e in ("", "_lo", "_hi", "_chance")]
+        + [f"n_hardneg_{k}" for k in kinds]
+        + ["n_zeroshot_even", "n_zeroshot_side"]
+    )
+    assert extra_metric_columns({"trial", "train_s", "lr"}) == []

@@ -4,8 +4,10 @@
 `raysys report`, a user's notebook): one row per trained model plus `raw` rows, the fixed
 columns first. Retrieval columns follow `eval.retrieval_ks`; the default is r1, r5, r10.
 Then each per-item metric's bootstrap interval (`<metric>_lo`, `<metric>_hi`) and the item
-counts it was drawn over; the set-level alignment metrics have no interval (see
-`raysys.evaluate`).
+counts it was drawn over. The columns whose presence depends on the run follow
+(`extra_metric_columns`): the set-level alignment metrics' half-sample intervals, hard-negative
+accuracy per negative kind, zero-shot accuracy per task with its chance level, and their item
+counts (how each interval is drawn: `raysys.evaluate`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,39 @@ def interval_columns(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
 
 
 RESULT_COLUMNS = result_columns()
+
+# The score groups whose names depend on the corpus: one per negative kind, one per task.
+HARDNEG_KIND = "hardneg_acc_"
+ZEROSHOT = "zeroshot_"
+
+
+def _groups(keys: set[str], prefix: str, parts: tuple[str, ...]) -> list[str]:
+    """Each `<prefix><name>` score in `keys` (sorted by name), followed by those of its
+    `<score>_<part>` columns that are present; a `_lo` / `_hi` / `_chance` key whose score is
+    present is one of its parts, not a score of its own."""
+    suffixes = tuple(f"_{p}" for p in parts)
+    scores = sorted(
+        k
+        for k in keys
+        if k.startswith(prefix)
+        and not any(k.endswith(x) and k[: -len(x)] in keys for x in suffixes)
+    )
+    return [c for k in scores for c in (k, *(k + x for x in suffixes)) if c in keys]
+
+
+def extra_metric_columns(keys: set[str]) -> list[str]:
+    """The run-dependent metric columns among `keys`, in results.csv order (after the fixed
+    interval columns): the alignment metrics' `_lo` / `_hi`, then each `hardneg_acc_<kind>`
+    with its interval, then each `zeroshot_<task>` with its interval and `_chance`, then the
+    counts `n_hardneg_<kind>` and `n_zeroshot_<task>`; kinds and tasks sorted. Other keys (a
+    sweep's columns, swept params) are not included."""
+    alignment = [f"{m}_{end}" for m in ALIGNMENT for end in ("lo", "hi")]
+    hardneg = _groups(keys - {"hardneg_acc_lo", "hardneg_acc_hi"}, HARDNEG_KIND, ("lo", "hi"))
+    zeroshot = _groups(keys, ZEROSHOT, ("lo", "hi", "chance"))
+    counts = sorted(k for k in keys if k.startswith("n_hardneg_"))
+    counts += sorted(k for k in keys if k.startswith("n_zeroshot_"))
+    return [c for c in alignment if c in keys] + hardneg + zeroshot + counts
+
 
 # The columns the printed tables show (all of them are in results.csv).
 SHOWN = ["objective", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", *SHARED_SPACE]
