@@ -196,7 +196,7 @@ def _fit_and_score(
     provenance |= {"image_layer": source.image_layer, "text_layer": source.text_layer}
     (result.model_dir / PROVENANCE).write_text(json.dumps(provenance, indent=1))
     model = JAM.load(result.model_dir)
-    scores = score_model(model, test, cfg.eval)
+    scores = score_model(model, test, cfg.eval, prompts=source.prompts())
     sample = projector_sample(ext.corpus, test)
     write_run_summaries(run.local / "tensorboard" / objective, cfg, model, scores, sample)
     print(
@@ -265,7 +265,9 @@ def evaluate(cfg: Config, model_dir: Path, out: Path | None) -> list[dict[str, A
     name = provenance.get("objective", model_dir.name)
     rows = [
         model_row(RAW, **axes, scores=score_raw(pairs, cfg.eval)),
-        model_row(name, **axes, scores=score_model(model, pairs, cfg.eval)),
+        model_row(
+            name, **axes, scores=score_model(model, pairs, cfg.eval, prompts=source.prompts())
+        ),
     ]
     print("\n" + table(rows) + "\n")
     if out is not None:

@@ -40,6 +40,9 @@ class CorpusConfig:
     captions per image). Without a `split_key` column, each image's split is drawn from a hash
     of its id with `val_fraction` / `test_fraction`. `limit` keeps the first N images (a quick
     try on a big corpus). `size`, `image_size` and `captions_per_image` shape `synthetic` only.
+    `label_key` names a manifest column with each image's class: the zero-shot task `label`,
+    its classes prompted with `eval.zeroshot_templates` (the synthetic corpus brings three
+    tasks of its own).
     """
 
     name: str = "synthetic"
@@ -166,7 +169,10 @@ class EvalConfig:
 
     `bootstrap` resamples of the test items (0: none) give each per-item metric (retrieval,
     hard-negative accuracy, reconstruction) a percentile interval at level `interval`, seeded
-    so reruns agree; set-level alignment metrics get none (see `raysys.metrics`).
+    so reruns agree; set-level alignment metrics get a half-sampling interval (see
+    `raysys.evaluate`). `outlier_q` clamps each matrix at that quantile of |x| before the
+    alignment metrics, as platonic-rep does (1: off). `zeroshot_templates` prompt the classes
+    of a corpus's `label_key` for zero-shot accuracy.
     """
 
     knn_k: int = 10
@@ -316,6 +322,12 @@ class Config:
             raise ConfigError(
                 f"eval.outlier_q={self.eval.outlier_q} must lie in (0, 1]; 1 turns the clamp off"
             )
+        for template in self.eval.zeroshot_templates:
+            if str(template).count("{}") != 1:
+                raise ConfigError(
+                    f"eval.zeroshot_templates entry {template!r} must hold exactly one {{}} "
+                    "(where the class name goes), e.g. 'a photo of a {}.'"
+                )
         if self.sweep.seeds < 1:
             raise ConfigError(f"sweep.seeds={self.sweep.seeds} must be at least 1")
         if self.train.best_mode not in ("max", "min"):

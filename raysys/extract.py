@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from raysys import runtime, storage
+from raysys import runtime, storage, zeroshot
 from raysys.backbones import Backbone, configured_backbone
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import Corpus, load_corpus, negative_counts
@@ -61,6 +61,7 @@ class Extracted:
     image_manifest: dict[str, Any]
     text_manifest: dict[str, Any]
     corpus: Corpus
+    prompts_uri: str = ""  # the zero-shot class prompts' embeddings ("" when none)
 
 
 @dataclass
@@ -94,7 +95,11 @@ def extract(cfg: Config) -> Extracted:
     inputs = {"image": image_rows(corpus), "text": text_rows(corpus.pairs)}
     stages = {m: _stage(cfg, corpus, b, inputs[m], cache_dir) for m, b in backbones.items()}
     (image_dir, image_manifest), (text_dir, text_manifest) = stages["image"], stages["text"]
-    return Extracted(corpus_dir, image_dir, text_dir, image_manifest, text_manifest, corpus)
+    # The zero-shot tasks' class prompts, through the same text backbone at every layer.
+    prompts_uri = zeroshot.embed_prompts(cfg, corpus, backbones["text"], text_dir) or ""
+    return Extracted(
+        corpus_dir, image_dir, text_dir, image_manifest, text_manifest, corpus, prompts_uri
+    )
 
 
 def _stage(

@@ -77,7 +77,7 @@ def _member(value: Any) -> bytes | None:
     return value if isinstance(value, bytes) else None
 
 
-def _sample_text(row: dict[str, Any], cfg: CorpusConfig) -> tuple[list, list, Any]:
+def _sample_text(row: dict[str, Any], cfg: CorpusConfig) -> tuple[list, list, Any, Any]:
     meta: dict[str, Any] = {}
     if _member(row.get("json")):
         try:
@@ -89,7 +89,8 @@ def _sample_text(row: dict[str, Any], cfg: CorpusConfig) -> tuple[list, list, An
     else:
         captions = as_texts(meta.get(cfg.caption_key))
     negatives = as_texts(meta.get(cfg.negative_key))
-    return captions, negatives, meta.get(cfg.split_key)
+    label = meta.get(cfg.label_key) if cfg.label_key else None
+    return captions, negatives, meta.get(cfg.split_key), label
 
 
 def load(cfg: CorpusConfig) -> Corpus:
@@ -122,7 +123,7 @@ def load(cfg: CorpusConfig) -> Corpus:
     for sample in index:
         image_id = str(sample["__key__"])
         seen.add(image_id)
-        captions, negatives, split = _sample_text(sample, cfg)
+        captions, negatives, split, label = _sample_text(sample, cfg)
         if negatives and len(negatives) != len(captions):
             raise CorpusError(
                 f"webdataset {cfg.path!r} sample {image_id!r}: {len(captions)} captions but "
@@ -135,7 +136,12 @@ def load(cfg: CorpusConfig) -> Corpus:
         )
         texts = captions or [None]
         negs = negatives or [None] * len(texts)
-        rows += image_pairs(image_id, list(zip(texts, negs, strict=True)), split)
+        new = image_pairs(image_id, list(zip(texts, negs, strict=True)), split)
+        if cfg.label_key:  # the key on every row, so pairs_table keeps the column
+            text = "" if label is None else str(label).strip()
+            for r in new:
+                r["labels"] = json.dumps({"label": text}) if text else None
+        rows += new
     pairs = pairs_table(rows)
     check_unique(pairs, f"webdataset {cfg.path!r}")
     # Shard names, sizes and versions (ETag on S3, mtime locally) stand for the images; the

@@ -28,6 +28,7 @@ class PairSource:
     text_dir: str
     image_layer: str
     text_layer: str
+    prompts_uri: str = ""  # the zero-shot prompts' embeddings at every text layer, if any
 
     def _args(self) -> tuple[str, str, str, str, str]:
         return (self.corpus_dir, self.image_dir, self.text_dir, self.image_layer, self.text_layer)
@@ -40,6 +41,14 @@ class PairSource:
         return cache.load_index_rows(
             self.image_dir, self.text_dir, self.image_layer, self.text_layer, rows, select
         )
+
+    def prompts(self) -> dict[str, tuple[list[str], np.ndarray]] | None:
+        """The zero-shot tasks' class prompts, embedded at this source's text layer."""
+        if not self.prompts_uri:
+            return None
+        from raysys.zeroshot import load_prompts
+
+        return load_prompts(self.prompts_uri, self.text_layer)
 
     def index(self, split: str) -> cache.PairIndex:
         """The split's usable pairs, ids only (no embeddings read)."""
@@ -54,4 +63,5 @@ def pair_source(ext: Extracted, image_layer: str, text_layer: str) -> PairSource
         text_dir=ext.text_dir,
         image_layer=image_layer,
         text_layer=text_layer,
+        prompts_uri=ext.prompts_uri,
     )

@@ -73,7 +73,8 @@ def run_trial(
         # The other trials packed beside this one load their shards into the same nodes.
         trials_at_once=packed.concurrent,
     )
-    scores = score_model(JAM.load(result.model_dir), source.load(cfg.eval.split), cfg.eval)
+    test, model = source.load(cfg.eval.split), JAM.load(result.model_dir)
+    scores = score_model(model, test, cfg.eval, prompts=source.prompts())
     write_trial_hparams(out / "tensorboard" / trial.id, trial, params, scores)
     if uri:
         for part in ("models", "tensorboard"):
