@@ -46,7 +46,9 @@ if TYPE_CHECKING:
     from raysys.data.pairs import Pairs
 
 
-def alignment(image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig):
+def alignment(
+    image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig
+) -> dict[str, float]:
     """The representation-similarity metrics of the Platonic Representation Hypothesis, on
     both sides' outlier-clamped rows (platonic-rep's `prepare_features`)."""
     return alignment_metrics(*clamped(image, text, cfg), cfg)
@@ -111,7 +113,8 @@ def alignment_intervals(
 ) -> dict[str, float]:
     """`<metric>_lo` / `<metric>_hi` of each alignment metric by half-sampling the rows
     (`metrics.half_sample_interval`) of already prepared (`clamped`) `a`, `b`; `full` are the
-    metrics on all rows. None when there are fewer than 2 halves or 8 rows."""
+    metrics on all rows (the clamp's threshold is the full sample's, so halves differ only in
+    their rows). None when there are fewer than 2 halves or 8 rows."""
     n, rounds = len(a), half_samples(cfg)
     if rounds < 2 or n < MIN_HALF_SAMPLE_ROWS:
         return {}
