@@ -109,14 +109,26 @@ def probe_plot(path: Path, rows: list[dict[str, Any]]) -> Path | None:
             ax.set_title(f"{metric} ({reduction})", fontsize=9)
             ax.tick_params(axis="y", labelsize=7)
             ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
     n = sorted({int(_num(r, "n")) for r in rows if not math.isnan(_num(r, "n"))})
+    top = 1 - 0.7 / fig.get_figheight()  # the title and legend take about 0.7 inch
     fig.suptitle(
         "Passive metrics on matching / easy / hard pairs\n"
         f"({'/'.join(map(str, n))} images per draw; bars: mean over configurations)",
         fontsize=10,
+        y=1 - 0.1 / fig.get_figheight(),
+        va="top",
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()),
+    )
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=DPI)
     return path
 
