@@ -95,7 +95,7 @@ def test_report_says_what_the_intervals_resample(tmp_path) -> None:
     report = write_report(tmp_path, _scored_rows()).read_text()
     assert "0.540 ±0.07" in report
     assert "90% percentile bootstrap" in report and "500 resamples" in report
-    assert "200 images" in report and "1,000 captions" in report
+    assert "200 test images" in report and "1,000 captions" in report
     assert "overlap are not distinguished" in report
     rows = [
         {k: v for k, v in r.items() if "_lo" not in k and "_hi" not in k} for r in _scored_rows()

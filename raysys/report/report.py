@@ -34,6 +34,7 @@ from raysys.report.schema import (
     SHOWN,
     SWEEP_COLUMNS,
     SWEEP_SHOWN,
+    extra_metric_columns,
     interval_columns,
     ks_of,
     result_columns,
@@ -49,13 +50,14 @@ def results_columns(rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) 
     carry (dynamic metric columns, swept params and `train.seed`), sorted, so no column is
     ever dropped.
 
-    The one place the order is decided: when `raysys.report.schema` gains a column-order
-    function for the dynamic columns (`hardneg_acc_<kind>`, `zeroshot_<task>`, the
-    alignment metrics' intervals), call it here."""
+    The dynamic metric columns (`hardneg_acc_<kind>`, `zeroshot_<task>`, the alignment
+    metrics' intervals) come right after the fixed ones, in `extra_metric_columns` order."""
     fixed = result_columns(ks) + interval_columns(ks)
     keys = {k for r in rows for k in r} - set(fixed)
+    metrics = extra_metric_columns(keys)
+    keys -= set(metrics)
     extra = [c for c in SWEEP_COLUMNS if c in keys] + sorted(keys - set(SWEEP_COLUMNS))
-    return fixed + extra
+    return fixed + metrics + extra
 
 
 def write_results(
@@ -154,23 +156,33 @@ def interval_legend(run_dir: Path, rows: list[dict[str, Any]], compared: bool = 
     """How to read `±` in the table: what was resampled, and what overlap means (`compared`:
     the report tests the objectives' differences itself). Empty when no row has intervals
     (a run without them, or an older results.csv)."""
-    scored = [r for r in rows if r.get("n_images") not in ("", None)]
+    scored = [r for r in rows if r.get("n_captions") not in ("", None)]
     if not scored:
         return []
     level, resamples = _bootstrap_settings(run_dir)
+    halves = min(resamples, 50)
     return [
-        f"- `±`: each per-item metric's {level * 100:g}% percentile bootstrap interval over test "
-        f"items ({resamples:,} resamples of {_counts(scored, 'n_images')} images for "
-        f"image→text recall and of {_counts(scored, 'n_captions')} captions for text→image "
-        "recall, hard-negative accuracy and `recon_mse`), printed as its larger arm; the exact "
-        f"bounds are the `<metric>_lo` / `<metric>_hi` columns of `{RESULTS}`. "
+        f"- `±`: each per-item metric's {level * 100:g}% percentile bootstrap interval over the "
+        f"{_counts(scored, 'n_images')} test images ({resamples:,} resamples, printed as its "
+        "larger arm; the exact bounds are the `<metric>_lo` / `<metric>_hi` columns of "
+        f"`{RESULTS}`). Text→image recall, hard-negative accuracy and `recon_mse` are means over "
+        f"the {_counts(scored, 'n_captions')} captions, resampled image by image (all captions "
+        "of a drawn image together: they are not independent). "
         + (
             "Whether two objectives differ is tested under *Objectives compared*."
             if compared
             else "Two objectives whose intervals overlap are not distinguished by this run."
         ),
-        "- The alignment metrics have no interval: they are set-level (kNN graphs, Gram "
-        "matrices), and a resample's repeated rows would be each other's nearest neighbours.",
+        f"- The alignment metrics (`mutual_knn`, `cka`, `cknna`, …) are set-level: their interval "
+        f"comes from {halves} seeded random halves of the images drawn without replacement (a "
+        "with-replacement resample repeats rows, which become each other's nearest "
+        "neighbours), centred on the halves' mean and put around the full-sample value; tails "
+        f"from {halves} halves are rough. They are computed after platonic-rep's outlier clamp "
+        "(`eval.outlier_q`).",
+        "- `hardneg_acc_<kind>`: hard-negative accuracy over the pairs whose negative was made by "
+        "that edit; `zeroshot_<task>`: the share of test images whose nearest class prompt (mapped "
+        "through JAM's text encoder) is their label, beside `zeroshot_<task>_chance`, the "
+        "majority-class rate (what always answering the commonest class scores).",
     ]
 
 
