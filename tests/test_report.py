@@ -9,6 +9,7 @@ import math
 import pytest
 from scipy import stats
 
+import raysys.report.report as R
 from raysys.report.report import (
     describe_layer_pairs,
     difference,
@@ -159,3 +160,31 @@ def test_a_three_seed_sweep_report_shows_means_intervals_and_noise(tmp_path) -> 
     assert "−0.187" in compared and compared.count("(within noise)") == 1  # mutual_knn only
     # Read back from results.csv (strings), the same table.
     assert summary_table(read_results(tmp_path)) == summary_table(rows)
+
+
+def test_understanding_section_shows_tasks_kinds_and_chance(tmp_path) -> None:
+    row = {
+        "objective": "con",
+        "vision": "lite0",
+        "text": "minilm",
+        "vision_layer": 8,
+        "text_layer": 3,
+        "vision_depth": 0.5,
+        "text_depth": 0.5,
+        "zeroshot_arrangement": 0.8,
+        "zeroshot_arrangement_lo": 0.7,
+        "zeroshot_arrangement_hi": 0.85,
+        "zeroshot_arrangement_chance": 0.55,
+        "hardneg_acc_colour": 0.9,
+        "hardneg_acc_colour_lo": 0.8,
+        "hardneg_acc_colour_hi": 0.95,
+    }
+    raw = {"objective": "raw", "vision": "lite0", "text": "minilm", "mutual_knn": 0.3}
+    lines = "\n".join(R.understanding_section([raw, row]))
+    assert "zeroshot_arrangement" in lines and "hardneg_acc_colour" in lines
+    assert "0.800 ±0.1" in lines and "0.900 ±0.1" in lines
+    assert "| chance" in lines and "0.550" in lines
+    assert "0.50 (L8)" in lines
+    assert R.understanding_section([raw]) == []  # nothing trained: no section
+    report = R.write_report(tmp_path, [raw, row]).read_text()
+    assert "## Understanding tasks" in report

@@ -206,6 +206,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (
         "text representations (Platonic Representation Hypothesis definitions).",
         *interval_legend(run_dir, rows),
         "",
+        *understanding_section(rows),
         f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
         f"{run_dir / 'tensorboard'}`.",
     ]
@@ -572,6 +573,49 @@ def comparison_section(rows: list[dict[str, Any]], level: float = 0.95) -> list[
     ]
 
 
+def _task_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The zero-shot tasks' and hard-negative kinds' columns the rows carry."""
+    keys = {k for r in rows for k in r if r.get(k) not in ("", None)}
+    tasks = sorted(k for k in keys if k.startswith("zeroshot_") and k.count("_") == 1)
+    kinds = sorted(
+        k for k in keys if k.startswith("hardneg_acc_") and not k.endswith(("_lo", "_hi"))
+    )
+    return tasks, kinds
+
+
+def understanding_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Zero-shot classification and hard negatives by kind: one row per trained model, each
+    score with its interval, the tasks' majority-class chance in the header row."""
+    trained = [r for r in rows if r.get("objective") != RAW]
+    tasks, kinds = _task_columns(trained)
+    if not trained or not (tasks or kinds):
+        return []
+    columns = ["objective", "vision", "vision_layer", "text_layer", *tasks, *kinds]
+    shown = [r | {c: side_label(r, c.split("_")[0]) for c in columns[2:4]} for r in trained]
+    if SEED in {k for r in trained for k in r}:
+        columns.insert(4, SEED)
+    chance = {"objective": "chance"} | {
+        t: f"{mean:.3f}" for t in tasks if (mean := _mean_of(trained, f"{t}_chance")) is not None
+    }
+    lines = [
+        "## Understanding tasks",
+        "",
+        "Zero-shot classification (`zeroshot_<task>`: each test image's nearest class prompt, "
+        "through JAM's text encoder; the `chance` row is the majority-class rate) and "
+        "hard-negative accuracy by the edit that made the negative (`hardneg_acc_<kind>`, "
+        "chance 0.5).",
+        "",
+        table([chance, *shown], columns),
+        "",
+    ]
+    return lines
+
+
+def _mean_of(rows: list[dict[str, Any]], column: str) -> float | None:
+    values = [v for r in rows if (v := _num(r.get(column))) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def write_sweep_report(
     run_dir: Path,
     rows: list[dict[str, Any]],
@@ -608,6 +652,7 @@ def write_sweep_report(
         summary_table(rows, level),
         "",
         *comparison_section(rows, level),
+        *understanding_section(rows),
     ]
     for plot in plots:
         lines += [
