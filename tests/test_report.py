@@ -175,6 +175,8 @@ def test_understanding_section_shows_tasks_kinds_and_chance(tmp_path) -> None:
         "zeroshot_arrangement_lo": 0.7,
         "zeroshot_arrangement_hi": 0.85,
         "zeroshot_arrangement_chance": 0.55,
+        "zeroshot_large_colour": 0.4,
+        "zeroshot_large_colour_chance": 0.25,
         "hardneg_acc_colour": 0.9,
         "hardneg_acc_colour_lo": 0.8,
         "hardneg_acc_colour_hi": 0.95,
@@ -182,6 +184,7 @@ def test_understanding_section_shows_tasks_kinds_and_chance(tmp_path) -> None:
     raw = {"objective": "raw", "vision": "lite0", "text": "minilm", "mutual_knn": 0.3}
     lines = "\n".join(R.understanding_section([raw, row]))
     assert "zeroshot_arrangement" in lines and "hardneg_acc_colour" in lines
+    assert "| zeroshot_large_colour " in lines and "0.250" in lines
     assert "0.800 ±0.1" in lines and "0.900 ±0.1" in lines
     assert "| chance" in lines and "0.550" in lines
     assert "0.50 (L8)" in lines

@@ -576,7 +576,8 @@ def comparison_section(rows: list[dict[str, Any]], level: float = 0.95) -> list[
 def _task_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """The zero-shot tasks' and hard-negative kinds' columns the rows carry."""
     keys = {k for r in rows for k in r if r.get(k) not in ("", None)}
-    tasks = sorted(k for k in keys if k.startswith("zeroshot_") and k.count("_") == 1)
+    bounds = ("_lo", "_hi", "_chance")
+    tasks = sorted(k for k in keys if k.startswith("zeroshot_") and not k.endswith(bounds))
     kinds = sorted(
         k for k in keys if k.startswith("hardneg_acc_") and not k.endswith(("_lo", "_hi"))
     )
