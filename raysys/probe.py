@@ -536,15 +536,15 @@ def _layer_number(column: str) -> int:
 
 
 def _layer_pairs(cfg: Config) -> list[tuple[str, str, list[tuple[int, int]]]]:
-    """`probe.layers` (as `sweep.layers`; empty: the train pair) of the extract model pair,
-    resolved to hidden-state numbers by the sweep's own resolver."""
+    """`probe.layers` (as `sweep.layers`; empty: the train pair) of every model pair of
+    `sweep.models` (empty: the extract pair), resolved to hidden-state numbers by the sweep's
+    own resolver, so the probe covers the pairs a sweep of the same config trains on."""
     from raysys import config as config_mod
     from raysys.sweep.plan import resolve_layers
 
     c = config_mod.from_dict(config_mod.to_dict(cfg))
     c.sweep.layers = list(cfg.probe.layers)
     c.sweep.vision_depths, c.sweep.text_depths = [], []
-    c.sweep.models = []
     return [(v, t, ids) for v, t, _, ids in resolve_layers(c)]
 
 
@@ -587,9 +587,12 @@ def _layer_sample(cfg: Config, ext: Any, vision: str, text: str) -> LayerSample:
 
 
 def probe(cfg: Config, out: Path | str) -> Path:
-    """`raysys probe`: the raw probe of `probe.layers` (and of every model's own layer pair),
-    the JAM probe of each model in `probe.models`, the raw layer-pair alignment matrix; writes
-    probe.csv, alignment.csv, probe.png, alignment.png and probe.md into `out`; returns it."""
+    """`raysys probe`: the raw probe of `probe.layers` of each model pair (`sweep.models`, else
+    the extract pair) and of every model's own layer pair, the JAM probe of each model in
+    `probe.models`, and each model pair's raw layer-pair alignment matrix; writes probe.csv,
+    alignment.csv, probe.png, alignment.png and probe.md into `out` (a local directory; its
+    config.yaml is written unless one is there) and returns it. Caches are reused, extracted
+    only where missing (which starts Ray)."""
     from raysys import config as config_mod
     from raysys.backbones import layer_name
     from raysys.checks import check_corpus
