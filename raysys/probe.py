@@ -480,10 +480,11 @@ class ModelSpec:
     text_layer: int
 
 
-def find_models(root: Path | str) -> list[ModelSpec]:
+def find_models(root: Path | str, results: list[dict[str, Any]] | None = None) -> list[ModelSpec]:
     """Every exported model under a finished run (`models/<objective>/` with its
-    provenance.json) or sweep (`models/<trial>/`, its axes from results.csv's `trial` row).
-    Models with neither are skipped with a message. `label` is the objective, with `#<trial>`
+    provenance.json) or sweep (`models/<trial>/`, its axes from its `trial` row in `results`,
+    by default the run's results.csv: a sweep still running passes its rows). Models with
+    neither are skipped with a message. `label` is the objective, with `#<trial>`
     appended where several trials share an objective and layer pair (seeds, swept params)."""
     from raysys import storage
     from raysys.errors import ConfigError
@@ -494,8 +495,10 @@ def find_models(root: Path | str) -> list[ModelSpec]:
     models_dir = root / "models"
     if not models_dir.is_dir():
         raise ConfigError(f"probe.models={str(root)!r} holds no models/ directory")
-    results = root / "results.csv"
-    trials = {r.get("trial", ""): r for r in read_csv(results)} if results.is_file() else {}
+    if results is None:
+        csv_path = root / "results.csv"
+        results = read_csv(csv_path) if csv_path.is_file() else []
+    trials = {str(r.get("trial") or ""): r for r in results}
     found: list[tuple[ModelSpec, str]] = []
     for path in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         prov = path / "provenance.json"
@@ -586,13 +589,13 @@ def _layer_sample(cfg: Config, ext: Any, vision: str, text: str) -> LayerSample:
     )
 
 
-def probe(cfg: Config, out: Path | str) -> Path:
+def probe(cfg: Config, out: Path | str, results: list[dict[str, Any]] | None = None) -> Path:
     """`raysys probe`: the raw probe of `probe.layers` of each model pair (`sweep.models`, else
     the extract pair) and of every model's own layer pair, the JAM probe of each model in
     `probe.models`, and each model pair's raw layer-pair alignment matrix; writes probe.csv,
     alignment.csv, probe.png, alignment.png and probe.md into `out` (a local directory; its
     config.yaml is written unless one is there) and returns it. Caches are reused, extracted
-    only where missing (which starts Ray)."""
+    only where missing (which starts Ray). `results`: the sweep's rows, for `find_models`."""
     from raysys import config as config_mod
     from raysys.backbones import layer_name
     from raysys.checks import check_corpus
@@ -605,7 +608,7 @@ def probe(cfg: Config, out: Path | str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_corpus(cfg)
-    models = find_models(cfg.probe.models) if cfg.probe.models else []
+    models = find_models(cfg.probe.models, results) if cfg.probe.models else []
     wanted: dict[tuple[str, str], set[tuple[int, int]]] = {}
     for vision, text, ids in _layer_pairs(cfg):
         wanted.setdefault((vision, text), set()).update(ids)

@@ -240,6 +240,11 @@ def test_find_models_reads_provenance_and_sweep_rows(tmp_path):
     assert (found["con"].label, found["con"].vision_layer, found["con"].text_layer) == ("con", 8, 3)
     assert found["t000-spread"].label == "spread#t000-spread"
     assert (found["t001-spread"].vision_layer, found["t001-spread"].text_layer) == (16, 6)
+    # A sweep hands its rows (numbers, not strings) before results.csv is written.
+    rows = [{"trial": "t002-orphan", "objective": "con", "vision": "v", "text": "t"}]
+    rows[0] |= {"vision_layer": 4, "text_layer": 1}
+    given = {m.path.name: m for m in P.find_models(tmp_path, rows)}
+    assert set(given) == {"con", "t002-orphan"} and given["t002-orphan"].vision_layer == 4
 
 
 def test_probe_config_defaults_are_the_papers():
