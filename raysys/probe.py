@@ -392,7 +392,8 @@ def probe_section(rows: list[dict[str, Any]]) -> list[str]:
         f"Matching, easy (another image's caption) and hard (its hard negative) pairs of "
         f"{'/'.join(map(str, sorted(n)))} images per draw; gaps are matching minus the other "
         "pair type, with intervals; *separated* counts the configurations (layer pairs or "
-        "models) where the two pair types' intervals do not overlap.",
+        "models) where the two pair types' intervals do not overlap. The easy column is each "
+        "metric's floor at this sample size (CCA's grows with components per image).",
         "",
     ]
     for stage in STAGES:
