@@ -568,6 +568,13 @@ def _extract_pair(cfg: Config, vision: str, text: str, vids: list[int], tids: li
     return extract(dataclasses.replace(cfg, extract=ecfg))
 
 
+def _first_captions(source: Any, split: str) -> Pairs:
+    """A split's first caption of each image, read without the others' embeddings."""
+    index = source.index(split)
+    _, first = np.unique(index.image_ids, return_index=True)
+    return source.load_index(index, select=np.sort(first))
+
+
 def _layer_sample(cfg: Config, ext: Any, vision: str, text: str) -> LayerSample:
     """Matching pairs of one seeded draw of the split's images at every cached layer."""
     from raysys.data import cache
@@ -625,7 +632,7 @@ def probe(cfg: Config, out: Path | str, results: list[dict[str, Any]] | None = N
         loaded: dict[tuple[int, int], Pairs] = {}
         for vid, tid in ids:
             source = pair_source(ext, layer_name(vid), layer_name(tid))
-            pairs = loaded[(vid, tid)] = source.load(cfg.probe.split)
+            pairs = loaded[(vid, tid)] = _first_captions(source, cfg.probe.split)
             axes = {"vision": vision, "text": text, "vision_layer": vid, "text_layer": tid}
             t0 = time.perf_counter()
             rows += probe_pairs(pairs, cfg, **axes)
