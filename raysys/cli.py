@@ -110,7 +110,8 @@ class Invocation:
 
 
 def _run(inv: Invocation) -> None:
-    _commands().sweep(inv.cfg, inv.out, resume=inv.resume)
+    with_probe = inv.args.command == "run"  # `raysys run` is the whole study, probe included
+    _commands().sweep(inv.cfg, inv.out, resume=inv.resume, with_probe=with_probe)
 
 
 def _train(inv: Invocation) -> None:

@@ -8,6 +8,7 @@ no data runs before Ray starts or anything is extracted.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from raysys.errors import ConfigError, Interrupted, RaysysError
 from raysys.evaluate import score_model, score_raw
 from raysys.extract import Extracted, extract
 from raysys.jam import JAM
+from raysys.probe import probe
 from raysys.report.report import (
     summary_table,
     table,
@@ -60,9 +62,14 @@ PROVENANCE = "provenance.json"  # beside an exported model: what it was trained 
 
 
 def sweep(
-    cfg: Config, out: Path | str, resume: bool = False, timings: dict[str, float] | None = None
+    cfg: Config,
+    out: Path | str,
+    resume: bool = False,
+    timings: dict[str, float] | None = None,
+    with_probe: bool = False,
 ) -> list[dict[str, Any]]:
     """Extract, run every trial under Tune (or the unfinished ones of a stopped sweep), then
+    (`with_probe`, as `raysys run` does) probe the raw and trained representations, then
     write the report; returns the results rows (raw baselines first). `timings` receives
     `fit_s`, the seconds Tune ran the trials (what `bench sweep` compares)."""
     started = time.perf_counter()
@@ -85,10 +92,25 @@ def sweep(
     if timings is not None:
         timings["fit_s"] = outcome.fit_s
     rows = with_planned_depths(raw_sweep_rows(prepared) + outcome.rows, trials)
+    if with_probe and outcome.rows:
+        _probe_run(cfg, run, rows)
     _sweep_report(cfg, run, rows, trials, outcome, time.perf_counter() - started)
     run.finish()
     _stop_if_unfinished(run, outcome, len(trials))
     return rows
+
+
+def _probe_run(cfg: Config, run: RunDir, rows: list[dict[str, Any]]) -> None:
+    """The passive-metric probe of a finished sweep, into its run directory: the raw
+    embeddings and every trained model's latents on their own layer pairs. The models of a
+    run on object storage are read back from there (trials upload them and keep no copy)."""
+    pcfg = config.from_dict(config.to_dict(cfg))
+    pcfg.probe.models = str(run.local)
+    with tempfile.TemporaryDirectory(prefix="raysys-probe-") as tmp:
+        if run.uri:
+            storage.download_dir(storage.join(run.uri, "models"), Path(tmp) / "models")
+            pcfg.probe.models = tmp
+        probe(pcfg, run.local, results=rows)
 
 
 def _stop_if_unfinished(run: RunDir, outcome: Outcome, trials: int) -> None:

@@ -66,7 +66,7 @@ COLUMNS = (
 ALIGNMENT_COLUMNS = ("vision", "text", "vision_layer", "text_layer", "metric", "value", "n")
 PROBE_CSV = "probe.csv"
 ALIGNMENT_CSV = "alignment.csv"
-PROBE_MD = "probe.md"
+PROBE_MD = "probe.md"  # the report (raysys.report.report.PROBE_MD) includes it
 SUBSET = 0.8  # the share of images each draw takes when the split has too few for `pairs`
 MIN_ROWS = 5  # unbiased HSIC needs N >= 4 and kNN needs k < N
 

@@ -191,3 +191,12 @@ def test_understanding_section_shows_tasks_kinds_and_chance(tmp_path) -> None:
     assert R.understanding_section([raw]) == []  # nothing trained: no section
     report = R.write_report(tmp_path, [raw, row]).read_text()
     assert "## Understanding tasks" in report
+
+
+def test_a_probed_run_reports_the_probe(tmp_path) -> None:
+    row = {"objective": "raw", "vision": "v", "text": "t", "mutual_knn": 0.3}
+    assert "passive metrics" not in R.write_report(tmp_path, [row]).read_text()
+    (tmp_path / R.PROBE_MD).write_text("## Do passive metrics see hard negatives? (probe)\n")
+    assert (
+        "## Do passive metrics see hard negatives?" in R.write_report(tmp_path, [row]).read_text()
+    )

@@ -207,6 +207,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (
         *interval_legend(run_dir, rows),
         "",
         *understanding_section(rows),
+        *probe_lines(run_dir),
         f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
         f"{run_dir / 'tensorboard'}`.",
     ]
@@ -617,6 +618,15 @@ def _mean_of(rows: list[dict[str, Any]], column: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+PROBE_MD = "probe.md"  # written by `raysys.probe` beside probe.csv (the module needs torch)
+
+
+def probe_lines(run_dir: Path) -> list[str]:
+    """The probe's section (its tables, verdicts and plots), when the run was probed."""
+    path = Path(run_dir) / PROBE_MD
+    return [*path.read_text().rstrip("\n").splitlines(), ""] if path.is_file() else []
+
+
 def write_sweep_report(
     run_dir: Path,
     rows: list[dict[str, Any]],
@@ -654,6 +664,7 @@ def write_sweep_report(
         "",
         *comparison_section(rows, level),
         *understanding_section(rows),
+        *probe_lines(run_dir),
     ]
     for plot in plots:
         lines += [
