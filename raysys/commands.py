@@ -93,7 +93,10 @@ def sweep(
         timings["fit_s"] = outcome.fit_s
     rows = with_planned_depths(raw_sweep_rows(prepared) + outcome.rows, trials)
     if with_probe and outcome.rows:
-        _probe_run(cfg, run, rows)
+        try:
+            _probe_run(cfg, run, rows)
+        except (RaysysError, ValueError, OSError) as exc:  # the sweep's report still lands
+            outcome.problems.append(f"probe skipped: {exc}")
     _sweep_report(cfg, run, rows, trials, outcome, time.perf_counter() - started)
     run.finish()
     _stop_if_unfinished(run, outcome, len(trials))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from scipy import stats
 from sklearn.decomposition import PCA, KernelPCA
 
 from raysys import metrics
@@ -206,15 +207,25 @@ def pair_sample(
     return {"matching": (img, txt), "easy": (img, txt[perm]), "hard": (img, negative[rows])}
 
 
-def interval(values: Sequence[float], level: float) -> tuple[float, float, float]:
-    """Mean and the `level` percentile interval of a value over the draws."""
+def interval(
+    values: Sequence[float], level: float, drawn: int = 0, population: int = 0
+) -> tuple[float, float, float]:
+    """Mean over the draws and a `level` interval for the value of one sample of `drawn`
+    images: mean ± t(R−1)·sd·c. Draws of m images without replacement from the same N share
+    rows, so their spread is only the finite-population part σ·sqrt(1/m − 1/N);
+    c = sqrt(N/(N−m)) scales it to a size-m sample's σ/sqrt(m) (c = sqrt(5) for the 80%
+    subsets of a small split, about 1 for 1,024 of a large one). A t quantile rather than
+    percentiles, whose 2.5/97.5% tails over 10 draws would be nearly the min and max."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if not len(v):
         return math.nan, math.nan, math.nan
-    tail = (1 - level) / 2
-    lo, hi = np.quantile(v, [tail, 1 - tail])
-    return float(v.mean()), float(lo), float(hi)
+    mean = float(v.mean())
+    if len(v) < 2 or (population and drawn >= population):
+        return mean, mean, mean  # one sample (or every image): no spread to show
+    c = math.sqrt(population / (population - drawn)) if population else 1.0
+    arm = float(stats.t.ppf((1 + level) / 2, len(v) - 1)) * float(v.std(ddof=1)) * c
+    return mean, mean - arm, mean + arm
 
 
 # --- the probe of one sample ----------------------------------------------------------------
@@ -265,7 +276,7 @@ def probe_arrays(
     base = {c: labels.get(c, "") for c in COLUMNS[:6]}
     out = []
     for (reduction, metric, pair_type), vals in values.items():
-        mean, lo, hi = interval(vals, ecfg.interval)
+        mean, lo, hi = interval(vals, ecfg.interval, len(chosen[0]), len(image))
         out.append(
             base
             | {
@@ -529,9 +540,23 @@ def find_models(root: Path | str, results: list[dict[str, Any]] | None = None) -
         found.append((spec, path.name))
     keys = [(s.label, s.vision, s.text, s.vision_layer, s.text_layer) for s, _ in found]
     for (spec, name), key in zip(found, keys, strict=True):
-        if keys.count(key) > 1:  # e.g. seeds or swept params: plots group by the objective
-            spec.label = f"{spec.label}#{name}"
+        if keys.count(key) > 1:  # seeds or swept params share an objective and layer pair
+            twins = [trials.get(n, {}) for (_, n), k in zip(found, keys, strict=True) if k == key]
+            spec.label = f"{spec.label}{_setting(trials.get(name, {}), twins)}#{name}"
     return [s for s, _ in found]
+
+
+def _setting(row: dict[str, Any], twins: list[dict[str, Any]]) -> str:
+    """The swept settings (not the seed) that tell a trial from its twins, e.g. ` alpha=0.9
+    k=8`: the plot averages a label's seeds (the part before `#`), never two settings."""
+    varying = sorted(
+        c
+        for c in row
+        if c.startswith("train.")
+        and c != "train.seed"
+        and len({str(t.get(c, "")) for t in twins}) > 1
+    )
+    return "".join(f" {c.removeprefix('train.')}={row[c]}" for c in varying)
 
 
 def _layer_number(column: str) -> int:

@@ -89,8 +89,8 @@ def label_classes(pairs: pa.Table) -> dict[str, list[str]]:
 
 def tasks(corpus: Corpus, eval_cfg: EvalConfig) -> Tasks:
     """The zero-shot tasks of a corpus: its own prompts (`Corpus.zeroshot`), then every task
-    of the pairs' labels it gives none for, prompted with `eval.zeroshot_templates`."""
-    check_templates(eval_cfg.zeroshot_templates)
+    of the pairs' labels it gives none for, prompted with `eval.zeroshot_templates` (checked
+    only then: a corpus that needs no templates never fails on them)."""
     own: Tasks = {t: dict(c) for t, c in corpus.zeroshot.items()}
     labelled = label_classes(corpus.pairs)
     for task in set(labelled) & set(own):
@@ -108,6 +108,8 @@ def tasks(corpus: Corpus, eval_cfg: EvalConfig) -> Tasks:
             "'a photo of a {}.'"
         )
     templates = eval_cfg.zeroshot_templates
+    if labelled:
+        check_templates(templates)
     return own | {
         t: {c: [x.format(c) for x in templates] for c in cs} for t, cs in labelled.items()
     }

@@ -116,7 +116,20 @@ def test_interval_contains_the_mean():
     values = np.random.default_rng(6).normal(0.4, 0.05, size=10)
     mean, lo, hi = P.interval(values, 0.95)
     assert mean == pytest.approx(values.mean())
-    assert lo <= mean <= hi and lo >= values.min() and hi <= values.max()
+    assert lo < mean < hi and hi - mean == pytest.approx(mean - lo)
+
+
+def test_subset_draws_get_intervals_that_cover_the_true_mean():
+    """80% subsets of one small split barely differ; uncorrected, their spread would give a
+    plain mean's interval ~53% coverage. Scaled to a size-m sample's spread, it covers."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(300):
+        x = rng.normal(0.0, 1.0, size=200)
+        chosen = P.draws(len(x), 1024, 10, seed=trial)
+        mean, lo, hi = P.interval([x[c].mean() for c in chosen], 0.95, len(chosen[0]), len(x))
+        covered += lo <= 0.0 <= hi
+    assert 0.93 <= covered / 300 <= 1.0
 
 
 def _embeddings(n: int, seed: int = 0, hard_noise: float = 0.05):
@@ -130,13 +143,13 @@ def _embeddings(n: int, seed: int = 0, hard_noise: float = 0.05):
     return image.astype(np.float32), text.astype(np.float32), negative.astype(np.float32)
 
 
-SMALL = ProbeConfig(pairs=60, resamples=4, dim=10)
+SMALL = ProbeConfig(pairs=60, resamples=6, dim=10)
 EVAL = EvalConfig(knn_k=5, svcca_dim=5)
 
 
 @pytest.fixture(scope="module")
 def rows():
-    image, text, negative = _embeddings(80)
+    image, text, negative = _embeddings(300)
     labels = {"stage": "raw", "vision": "v", "text": "t", "vision_layer": 3, "text_layer": 2}
     return P.probe_arrays(image, text, negative, SMALL, EVAL, **labels)
 
@@ -245,6 +258,17 @@ def test_find_models_reads_provenance_and_sweep_rows(tmp_path):
     rows[0] |= {"vision_layer": 4, "text_layer": 1}
     given = {m.path.name: m for m in P.find_models(tmp_path, rows)}
     assert set(given) == {"con", "t002-orphan"} and given["t002-orphan"].vision_layer == 4
+    # Seeds stay one label (the plot averages them); Spread's alpha does not.
+    axes = {"objective": "spread", "vision": "v", "text": "t", "vision_layer": 4, "text_layer": 1}
+    swept = [
+        axes | {"trial": "t000-spread", "train.alpha": 0.5, "train.seed": 0},
+        axes | {"trial": "t001-spread", "train.alpha": 0.5, "train.seed": 1},
+        axes | {"trial": "t002-orphan", "train.alpha": 0.9, "train.seed": 0},
+    ]
+    labels = {m.path.name: m.label for m in P.find_models(tmp_path, swept)}
+    assert labels["t000-spread"] == "spread alpha=0.5#t000-spread"
+    assert labels["t001-spread"].split("#")[0] == labels["t000-spread"].split("#")[0]
+    assert labels["t002-orphan"] == "spread alpha=0.9#t002-orphan"
 
 
 def test_probe_config_defaults_are_the_papers():
