@@ -41,6 +41,7 @@ from raysys import metrics
 from raysys.config import EvalConfig
 from raysys.errors import CorpusError
 from raysys.jam import JAM
+from raysys.report.schema import MAX_HALF_SAMPLES  # the report's legend counts them too
 
 if TYPE_CHECKING:
     from raysys.data.pairs import Pairs
@@ -76,8 +77,6 @@ def alignment_metrics(a: torch.Tensor, b: torch.Tensor, cfg: EvalConfig) -> dict
     }
 
 
-# Half-samples per set-level interval: at most this many (fewer when `eval.bootstrap` is lower).
-MAX_HALF_SAMPLES = 50
 # The fewest images a half-sample interval is drawn for: halves of 4 rows, what CKNNA needs.
 MIN_HALF_SAMPLE_ROWS = 8
 

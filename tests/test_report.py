@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 import raysys.report.report as R
+from raysys.report.plots import seed_means
 from raysys.report.report import (
     describe_layer_pairs,
     difference,
@@ -48,7 +49,8 @@ def test_t_interval_of_the_mean_has_n_minus_1_degrees_of_freedom() -> None:
 
 
 def test_mean_over_seeds_groups_everything_but_the_seed() -> None:
-    rows = _seed_rows("con", {"i2t_r1": [0.1, 0.2, 0.3], "mutual_knn": [0.5, 0.5, 0.5]})
+    agree = {"mutual_knn_lo": 0.45, "mutual_knn_hi": 0.56}  # seeds that agree: their own bounds
+    rows = _seed_rows("con", {"i2t_r1": [0.1, 0.2, 0.3], "mutual_knn": [0.5, 0.5, 0.5]}, **agree)
     rows += _seed_rows("spread", {"i2t_r1": [0.4, 0.6]}, **{"train.lr": 0.001})
     rows += _seed_rows("spread", {"i2t_r1": [0.7, 0.7]}, **{"train.lr": 0.0003})
     rows += [{"trial": "", "objective": "raw", **LITE1, "mutual_knn": 0.2}]
@@ -57,14 +59,35 @@ def test_mean_over_seeds_groups_everything_but_the_seed() -> None:
     assert con["i2t_r1"] == pytest.approx(0.2)
     half = 4.302653 * 0.1 / math.sqrt(3)
     assert (con["i2t_r1_lo"], con["i2t_r1_hi"]) == pytest.approx((0.2 - half, 0.2 + half))
-    assert (con["mutual_knn_lo"], con["mutual_knn_hi"]) == pytest.approx((0.5, 0.5))
+    assert (con["mutual_knn_lo"], con["mutual_knn_hi"]) == pytest.approx((0.45, 0.56))
     assert "hardneg_acc" not in con and "train.seed" not in con
     assert (fast["train.lr"], fast["seeds"], fast["i2t_r1"]) == (0.001, 2, pytest.approx(0.5))
     # 0.4, 0.6: sd 0.1414, standard error 0.1; the t quantile at 1 dof is 12.706.
     assert fast["i2t_r1_hi"] - fast["i2t_r1"] == pytest.approx(12.7062 * 0.1, 1e-4)
-    assert slow["i2t_r1"] == pytest.approx(0.7)
+    assert slow["i2t_r1"] == pytest.approx(0.7) and "i2t_r1_lo" not in slow  # no own bounds
     [one] = mean_over_seeds(_seed_rows("con", {"i2t_r1": [0.3]}), ["i2t_r1"])
-    assert one["i2t_r1"] == 0.3 and "i2t_r1_lo" not in one  # one seed: no t-interval
+    assert one["i2t_r1"] == 0.3 and "i2t_r1_lo" not in one  # one seed, no bounds: none
+    bounded = _seed_rows("con", {"i2t_r1": [0.3]}, i2t_r1_lo=0.25, i2t_r1_hi=0.32)
+    [one] = mean_over_seeds(bounded, ["i2t_r1"])
+    assert (one["i2t_r1_lo"], one["i2t_r1_hi"]) == (0.25, 0.32)  # its own bootstrap bounds
+
+
+def test_the_table_and_the_plots_group_seeds_and_bound_them_alike() -> None:
+    # "0.5" / 0.5 depths and "1e-3" / 0.001 learning rates are one configuration; a model size
+    # that differs is another. A score the seeds agree on keeps the rows' own bounds.
+    rows = _seed_rows("con", {"i2t_r1": [0.3, 0.5]}, **{"train.lr": "1e-3", "vision_params": 5})
+    rows[1] |= {"vision_depth": "0.5", "train.lr": 0.001}
+    rows += _seed_rows("con", {"i2t_r1": [0.4, 0.4]}, vision_params=7, i2t_r1_lo=0.3, i2t_r1_hi=0.5)
+    rows += _seed_rows("con", {"i2t_r1": [0.6]}, vision_params=9, i2t_r1_lo=0.5, i2t_r1_hi=0.7)
+    rows[-1]["train.seed"] = 1
+    table = mean_over_seeds(rows, ["i2t_r1"])
+    plotted = seed_means(rows)
+    assert [r["seeds"] for r in table] == [r["n_seeds"] for r in plotted] == [2, 2, 1]
+    for mine, theirs in zip(table, plotted, strict=True):
+        assert mine["i2t_r1"] == pytest.approx(theirs["i2t_r1"])
+        bounds = (mine["i2t_r1_lo"], mine["i2t_r1_hi"])
+        assert bounds == pytest.approx((float(theirs["i2t_r1_lo"]), float(theirs["i2t_r1_hi"])))
+    assert (table[1]["i2t_r1_lo"], table[2]["i2t_r1_hi"]) == pytest.approx((0.3, 0.7))
 
 
 def test_seed_differences_are_welch_intervals_and_flagged_only_within_noise() -> None:
@@ -154,6 +177,8 @@ def test_a_three_seed_sweep_report_shows_means_intervals_and_noise(tmp_path) -> 
     assert "6 trials" in report and "1 layer pairs" in report and "3 seeds" in report
     assert "0.50 (L11)" in report and "0.50:0.50 → L11:L3" in report
     assert "mean over 3 seeds" in report and "t-interval" in report
+    assert "only alignment metrics, with their half-sample intervals" in report
+    assert "per-item bootstrap" not in report  # no row carries item counts: no bootstrap legend
     [con] = [line for line in report.splitlines() if line.startswith("| con  ")]
     assert "| 3 " in con and "0.310 ±0.025" in con  # 0.31 ± 4.30 · 0.01 / √3
     [compared] = [line for line in report.splitlines() if "con − spread" in line]
@@ -188,6 +213,15 @@ def test_understanding_section_shows_tasks_kinds_and_chance(tmp_path) -> None:
     assert "0.800 ±0.1" in lines and "0.900 ±0.1" in lines
     assert "| chance" in lines and "0.550" in lines
     assert "0.50 (L8)" in lines
+    header = next(line for line in lines.splitlines() if line.startswith("| objective"))
+    assert [c.strip() for c in header.split("|")[1:6]] == [
+        "objective",
+        "vision",
+        "text",
+        "vision_layer",
+        "text_layer",
+    ]
+    assert "| minilm " in lines
     assert R.understanding_section([raw]) == []  # nothing trained: no section
     report = R.write_report(tmp_path, [raw, row]).read_text()
     assert "## Understanding tasks" in report
@@ -200,3 +234,24 @@ def test_a_probed_run_reports_the_probe(tmp_path) -> None:
     assert (
         "## Do passive metrics see hard negatives?" in R.write_report(tmp_path, [row]).read_text()
     )
+
+
+def test_a_seeded_sweep_explains_both_its_seed_and_its_bootstrap_intervals(tmp_path) -> None:
+    (tmp_path / "config.yaml").write_text("eval:\n  bootstrap: 30\n")
+    scored = {"n_images": 100, "n_captions": 500, "hardneg_acc_swap": 0.7}
+    rows = _seed_rows("con", {"i2t_r1": [0.30, 0.32]}, **scored)
+    rows += _seed_rows("spread", {"i2t_r1": [0.50, 0.47]}, **scored)
+    report = write_sweep_report(tmp_path, rows).read_text()
+    assert "mean over 2 seeds" in report and "t-interval" in report
+    assert "where it is not over seeds" in report and "bootstrap interval over the 100" in report
+    assert "`hardneg_acc_<kind>`" in report  # the interval legend's explanation stays
+    assert "30 seeded random halves" in report
+
+
+def test_no_half_samples_below_two_resamples(tmp_path) -> None:
+    rows = _seed_rows("con", {"i2t_r1": [0.3]}, n_images=100, n_captions=500)
+    (tmp_path / "config.yaml").write_text("eval:\n  bootstrap: 1\n")
+    legend = "\n".join(R.interval_legend(tmp_path, rows))
+    assert "halves" in legend and "1 halves" not in legend and "no interval" in legend
+    (tmp_path / "config.yaml").write_text("eval:\n  bootstrap: 500\n")
+    assert "50 seeded random halves" in "\n".join(R.interval_legend(tmp_path, rows))

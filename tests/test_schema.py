@@ -4,9 +4,24 @@ per-item metrics carry bootstrap intervals into results.csv, the tables and repo
 from __future__ import annotations
 
 import csv
+import math
+
+import pytest
+from scipy import stats
 
 from raysys.report.report import read_results, table, write_report, write_results
-from raysys.report.schema import ALIGNMENT, RESULT_COLUMNS, interval_metrics, ks_of, metric_names
+from raysys.report.schema import (
+    ALIGNMENT,
+    MAX_HALF_SAMPLES,
+    RESULT_COLUMNS,
+    config_key,
+    half_sample_count,
+    interval_metrics,
+    ks_of,
+    metric_names,
+    t_half_width,
+    t_quantile,
+)
 from raysys.sweep.plan import LayerPair, Prepared, Trial, raw_sweep_rows, trial_row
 
 
@@ -108,3 +123,22 @@ def test_trial_rows_carry_the_intervals() -> None:
     trial = Trial("t000-con", "con", "lite0", "minilm", 4, 22, _layer(), {})
     row = trial_row(trial, {"i2t_r1": 0.5, "i2t_r1_lo": 0.4, "i2t_r1_hi": 0.6}, 1.0, {})
     assert (row["i2t_r1_lo"], row["i2t_r1_hi"]) == (0.4, 0.6)
+
+
+def test_one_configuration_key_ignores_the_seed_and_spelling() -> None:
+    row = {"objective": "con", "vision": "v", "text": "t", "vision_depth": 0.5, "train.lr": 0.001}
+    same = row | {"vision_depth": "0.5", "train.lr": "1e-3", "train.seed": 3, "text_params": ""}
+    assert config_key(row | {"train.seed": 0}) == config_key(same)
+    assert config_key(row) != config_key(row | {"vision_params": 5})
+    assert config_key(row) != config_key(row | {"train.alpha": 0.9})
+
+
+def test_t_quantile_is_students_including_welchs_fractional_dof() -> None:
+    for dof in (1, 2, 7.3):
+        assert t_quantile(0.95, dof) == pytest.approx(stats.t.ppf(0.975, dof))
+    assert t_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.302653 / math.sqrt(3))
+    assert math.isnan(t_half_width([1.0]))
+
+
+def test_half_samples_are_capped_and_none_below_two() -> None:
+    assert [half_sample_count(b) for b in (0, 1, 2, 30, 1000)] == [0, 0, 2, 30, MAX_HALF_SAMPLES]

@@ -39,7 +39,7 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from raysys.report.schema import AXES, RAW
+from raysys.report.schema import RAW, SEED, config_key, t_half_width
 
 METRIC_LABELS: dict[str, str] = {
     "i2t_r1": "image→text R@1 (test)",
@@ -64,16 +64,12 @@ PANEL_METRICS = ("i2t_r1", "mutual_knn")  # the rows of the layer heat maps, the
 DPI = 100
 DEPTH_XLABEL = "text layer depth (relative) as asked (realised layer)"
 DEPTH_YLABEL = "vision layer depth (relative) as asked (realised layer)"
-SEED = "train.seed"  # the column `sweep.seeds` adds; rows differing only there are replicates
 SEED_LEVEL = 0.95  # the t-interval over seeds, at the bootstrap's default level
 # A heat map writes value ± arm in its cells up to this many rows and columns; a denser grid
 # keeps only the colours (its intervals are in results.csv).
 ANNOTATE_MAX = (8, 6)
 _CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="0.92")
 _PALETTE = matplotlib.colormaps["tab10"].colors
-# Columns that describe a configuration: rows equal on these (and on the swept `a.b` params
-# other than the seed) are replicates of one configuration.
-_IDENTITY = [*AXES, "vision_depth", "text_depth", "vision_params", "text_params"]
 # Averaged over seeds but given no interval: bookkeeping, item counts, chance levels.
 _NO_INTERVAL = {"trial", "train_s", SEED}
 _BAR = {"elinewidth": 0.9, "capsize": 2.5, "capthick": 0.9, "zorder": 2}
@@ -210,8 +206,9 @@ def write_plots(out_dir: Path, rows: list[dict[str, Any]]) -> tuple[list[Plot], 
 
 
 def seed_means(rows: list[dict[str, Any]], level: float = SEED_LEVEL) -> list[dict[str, Any]]:
-    """One row per configuration: rows that differ only by `train.seed` (and their trial id,
-    training time and scores) averaged, in first-seen order.
+    """One row per configuration (`schema.config_key`, as the report's tables group them): rows
+    that differ only by `train.seed` (and their trial id, training time and scores) averaged,
+    in first-seen order.
 
     Each numeric column becomes the mean over the seeds that have it. Its bounds
     (`<col>_lo`, `<col>_hi`) become the `level` t-interval over seeds when at least two seeds
@@ -223,38 +220,18 @@ def seed_means(rows: list[dict[str, Any]], level: float = SEED_LEVEL) -> list[di
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(_identity(row), []).append(row)
+        groups.setdefault(config_key(row), []).append(row)
     return [_merge(group, level) for group in groups.values()]
 
 
 def t_interval(values: Sequence[float], level: float = SEED_LEVEL) -> tuple[float, float]:
-    """The two-sided Student-t interval of the mean of `values` (at least two)."""
-    from scipy.special import stdtrit  # scikit-learn's dependency; lighter than scipy.stats
-
-    xs = np.asarray(values, dtype=float)
-    if xs.size < 2:
-        raise ValueError(f"a t-interval needs at least two values, got {xs.size}")
-    mean = float(xs.mean())
-    arm = float(stdtrit(xs.size - 1, 0.5 + level / 2) * xs.std(ddof=1) / math.sqrt(xs.size))
+    """The two-sided Student-t interval of the mean of `values` (at least two), the report's
+    `schema.t_half_width` around the mean."""
+    if len(values) < 2:
+        raise ValueError(f"a t-interval needs at least two values, got {len(values)}")
+    mean = sum(values) / len(values)
+    arm = t_half_width(values, level)
     return mean - arm, mean + arm
-
-
-def _identity(row: dict[str, Any]) -> tuple:
-    """What makes a configuration: the axes, depths, sizes and swept params, but not the seed.
-    Blank cells are left out, so a column missing from a row equals one left blank."""
-    keys = _IDENTITY + sorted(k for k in row if "." in k and k != SEED)
-    pairs = ((k, _key_value(row.get(k))) for k in keys)
-    return tuple((k, v) for k, v in pairs if v != "")
-
-
-def _key_value(value: Any) -> Any:
-    """A cell comparable across rows: "0.001", "1e-3" and 0.001 are one value."""
-    text = "" if value is None else str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return round(number, 9) if math.isfinite(number) else text
 
 
 def _no_interval(column: str) -> bool:
@@ -264,7 +241,7 @@ def _no_interval(column: str) -> bool:
 def _merge(group: list[dict[str, Any]], level: float) -> dict[str, Any]:
     if len(group) == 1:
         return {**group[0], "n_seeds": 1}
-    fixed = {k for k, _ in _identity(group[0])} | {SEED, "trial"}
+    fixed = {k for k, _ in config_key(group[0])} | {SEED, "trial"}
     out = dict(group[0])
     columns = dict.fromkeys(k for r in group for k in r)
     for col in columns:

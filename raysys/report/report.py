@@ -8,9 +8,11 @@ range contains the whole interval) to keep them narrow; results.csv holds the ex
 
 A sweep's report groups layer pairs by the relative depth that was asked for, with the layer
 it landed on beside it (`0.50 (L11)`). Over `sweep.seeds` it shows each configuration's mean
-over seeds with a t-interval, and for each model pair x layer pair how far apart the
-objectives are, flagged "within noise" when the difference's interval contains 0. The
-aggregation is pure (`mean_over_seeds`, `objective_differences`: rows in, rows out).
+over seeds with a t-interval (the rows' own interval where the seeds agree or only one
+finished, as the plots do; both group by `schema.config_key`), and for each model pair x
+layer pair how far apart the objectives are, flagged "within noise" when the difference's
+interval contains 0. The aggregation is pure (`mean_over_seeds`, `objective_differences`:
+rows in, rows out).
 """
 
 from __future__ import annotations
@@ -23,21 +25,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from scipy import stats
 
 from raysys.config import EvalConfig
 from raysys.errors import RaysysError
-from raysys.report.plots import write_plots
+from raysys.report.plots import pooled, write_plots
 from raysys.report.schema import (
     DEFAULT_KS,
     RAW,
+    SEED,
     SHOWN,
     SWEEP_COLUMNS,
     SWEEP_SHOWN,
+    config_key,
     extra_metric_columns,
+    half_sample_count,
     interval_columns,
     ks_of,
     result_columns,
+    t_half_width,
+    t_quantile,
 )
 
 RESULTS = "results.csv"
@@ -152,17 +158,36 @@ def _counts(rows: list[dict[str, Any]], column: str) -> str:
     return f"{found[0]:,}" if len(found) == 1 else f"{found[0]:,}–{found[-1]:,}"
 
 
-def interval_legend(run_dir: Path, rows: list[dict[str, Any]], compared: bool = False) -> list[str]:
+def interval_legend(
+    run_dir: Path, rows: list[dict[str, Any]], compared: bool = False, seeds: bool = False
+) -> list[str]:
     """How to read `±` in the table: what was resampled, and what overlap means (`compared`:
-    the report tests the objectives' differences itself). Empty when no row has intervals
+    the report tests the objectives' differences itself; `seeds`: the trained rows' `±` is
+    over seeds, so this says where the bootstrap's shows). Empty when no row has intervals
     (a run without them, or an older results.csv)."""
     scored = [r for r in rows if r.get("n_captions") not in ("", None)]
     if not scored:
         return []
     level, resamples = _bootstrap_settings(run_dir)
-    halves = min(resamples, 50)
+    halves = half_sample_count(resamples)
+    where = (
+        "where it is not over seeds (*Understanding tasks*, a configuration whose seeds agree "
+        "or with one seed)"
+        if seeds
+        else ""
+    )
+    if halves:
+        alignment = (
+            f"their interval comes from {halves} seeded random halves of the images drawn without "
+            "replacement (a with-replacement resample repeats rows, which become each other's "
+            "nearest neighbours), centred on the halves' mean and put around the full-sample "
+            f"value; tails from {halves} halves are rough."
+        )
+    else:
+        alignment = f"they have no interval (`eval.bootstrap` is {resamples}: no halves drawn)."
     return [
-        f"- `±`: each per-item metric's {level * 100:g}% percentile bootstrap interval over the "
+        f"- `±`{' ' + where if where else ''}: each per-item metric's {level * 100:g}% "
+        "percentile bootstrap interval over the "
         f"{_counts(scored, 'n_images')} test images ({resamples:,} resamples, printed as its "
         "larger arm; the exact bounds are the `<metric>_lo` / `<metric>_hi` columns of "
         f"`{RESULTS}`). Text→image recall, hard-negative accuracy and `recon_mse` are means over "
@@ -173,12 +198,8 @@ def interval_legend(run_dir: Path, rows: list[dict[str, Any]], compared: bool = 
             if compared
             else "Two objectives whose intervals overlap are not distinguished by this run."
         ),
-        f"- The alignment metrics (`mutual_knn`, `cka`, `cknna`, …) are set-level: their interval "
-        f"comes from {halves} seeded random halves of the images drawn without replacement (a "
-        "with-replacement resample repeats rows, which become each other's nearest "
-        "neighbours), centred on the halves' mean and put around the full-sample value; tails "
-        f"from {halves} halves are rough. They are computed after platonic-rep's outlier clamp "
-        "(`eval.outlier_q`).",
+        f"- The alignment metrics (`mutual_knn`, `cka`, `cknna`, …) are set-level: {alignment} "
+        "They are computed after platonic-rep's outlier clamp (`eval.outlier_q`).",
         "- `hardneg_acc_<kind>`: hard-negative accuracy over the pairs whose negative was made by "
         "that edit; `zeroshot_<task>`: the share of test images whose nearest class prompt (mapped "
         "through JAM's text encoder) is their label, beside `zeroshot_<task>_chance`, the "
@@ -236,7 +257,6 @@ def is_sweep(rows: list[dict[str, Any]]) -> bool:
 
 # --- a sweep's axes as asked, seeds and comparisons ------------------------------------------
 
-SEED = "train.seed"  # the column `sweep.seeds` varies
 HEADLINE = ["i2t_r1", "t2i_r1", "hardneg_acc", "mutual_knn"]  # the metrics compared
 # Spread's own knobs (`raysys.sweep.plan.SPREAD_ONLY`): they tell Spread variants apart, and
 # the other objectives carry them as set but unused.
@@ -311,24 +331,6 @@ def _varying(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[str]:
     return [c for c in columns if len({str(r.get(c, "")) for r in rows}) > 1]
 
 
-def _config_key(row: dict[str, Any], params: Sequence[str]) -> tuple:
-    """Everything that makes a trial's configuration but its seed."""
-    axes = (row.get("objective"), row.get("vision"), row.get("text"))
-    return axes + (depth_pair(row),) + tuple(str(row.get(p, "")) for p in params)
-
-
-def t_half_width(values: Sequence[float], level: float = 0.95) -> float:
-    """Half-width of the `level` t-interval of the mean of `values` (n − 1 degrees of
-    freedom); NaN below two values. With 2-3 seeds it is honestly wide: the 95% quantile is
-    12.7 at one degree of freedom and 4.3 at two."""
-    n = len(values)
-    if n < 2:
-        return math.nan
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
-
-
 def _present(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
     return [m for m in metrics if any(_num(r.get(m)) is not None for r in rows)]
 
@@ -338,14 +340,17 @@ def mean_over_seeds(
 ) -> list[dict[str, Any]]:
     """One row per configuration (all but the seed) of the trial rows: its axes and params,
     `seeds` (how many rows), and per metric the mean over seeds with its `level` t-interval
-    as `<metric>_lo` / `_hi` (blank under two seeds). The interval is over seeds only: every
-    seed is scored on the same test items, so it measures training noise, not test-set
-    noise. Configurations keep the rows' order."""
+    as `<metric>_lo` / `_hi`. That interval is over seeds only: every seed is scored on the
+    same test items, so it measures training noise, not test-set noise. Where it cannot
+    (one seed has the metric) or would be zero-wide (the seeds agree exactly, e.g. a score
+    the seed does not enter), the rows' own bounds stand in, their arms averaged
+    (`plots.pooled`), as in the plots' `seed_means`; blank when a row lacks them.
+    Configurations (`schema.config_key`) keep the rows' order."""
     trials = [r for r in rows if r.get("trial")]
     params = param_columns(trials)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in trials:
-        groups.setdefault(_config_key(r, params), []).append(r)
+        groups.setdefault(config_key(r), []).append(r)
     out = []
     for group in groups.values():
         first = group[0]
@@ -353,13 +358,19 @@ def mean_over_seeds(
         row = {k: first[k] for k in (*keep, *params) if k in first}
         row["seeds"] = len(group)
         for m in metrics:
-            values = [v for v in (_num(r.get(m)) for r in group) if v is not None]
+            have = [r for r in group if _num(r.get(m)) is not None]
+            values = [_num(r.get(m)) for r in have]
             if not values:
                 continue
-            mean, half = sum(values) / len(values), t_half_width(values, level)
+            mean = sum(values) / len(values)
             row[m] = mean
-            if not math.isnan(half):
-                row[f"{m}_lo"], row[f"{m}_hi"] = mean - half, mean + half
+            if len(values) >= 2 and max(values) > min(values):
+                half = t_half_width(values, level)
+                lo, hi = mean - half, mean + half
+            else:  # one seed, or seeds that agree: the rows' own (bootstrap / half-sample) bounds
+                _, lo, hi = pooled(have, m)
+            if not (math.isnan(lo) or math.isnan(hi)):
+                row[f"{m}_lo"], row[f"{m}_hi"] = lo, hi
         out.append(row)
     return out
 
@@ -396,7 +407,7 @@ def difference(
         if se == 0:
             return diff, 0.0, "seeds"
         dof = se**4 / (qa**2 / (len(va) - 1) + qb**2 / (len(vb) - 1))
-        return diff, float(stats.t.ppf((1 + level) / 2, dof)) * se, "seeds"
+        return diff, t_quantile(level, dof) * se, "seeds"
     if len(a) == 1 and len(b) == 1:
         ha, hb = _bootstrap_half(a[0], metric), _bootstrap_half(b[0], metric)
         if ha is not None and hb is not None:
@@ -536,8 +547,10 @@ def _seed_legend(trials: list[dict[str, Any]], level: float) -> list[str]:
         f"each seed's row is in `{RESULTS}`) with `±` its {level * 100:g}% t-interval "
         "(n − 1 degrees of freedom) over seeds: with 2-3 seeds it is wide (the t quantile is "
         "12.7 at 2 seeds, 4.3 at 3), as it should be. The seeds share one test set, so it "
-        "measures training noise. The `raw` rows keep their per-item bootstrap intervals; "
-        f"each seed's own are in `{RESULTS}`.",
+        "measures training noise. Where only one seed has a metric, or the seeds agree exactly, "
+        "`±` is the rows' own interval instead (as in the plots). The `raw` rows hold only "
+        "alignment metrics, with their half-sample intervals; each seed's own intervals are in "
+        f"`{RESULTS}`.",
     ]
 
 
@@ -592,10 +605,10 @@ def understanding_section(rows: list[dict[str, Any]]) -> list[str]:
     tasks, kinds = _task_columns(trained)
     if not trained or not (tasks or kinds):
         return []
-    columns = ["objective", "vision", "vision_layer", "text_layer", *tasks, *kinds]
-    shown = [r | {c: side_label(r, c.split("_")[0]) for c in columns[2:4]} for r in trained]
+    columns = ["objective", "vision", "text", "vision_layer", "text_layer", *tasks, *kinds]
+    shown = [r | {c: side_label(r, c.split("_")[0]) for c in columns[3:5]} for r in trained]
     if SEED in {k for r in trained for k in r}:
-        columns.insert(4, SEED)
+        columns.insert(5, SEED)
     chance = {"objective": "chance"} | {
         t: f"{mean:.3f}" for t in tasks if (mean := _mean_of(trained, f"{t}_chance")) is not None
     }
@@ -686,7 +699,8 @@ def write_sweep_report(
         "with the hidden-state layer it landed on (0 = embeddings): `0.50 (L11)` is half depth "
         "of a 22-layer model. A side asked as an index shows its realised depth. "
         f"`{RESULTS}` holds both, as `*_depth` and `*_layer`.",
-        *(_seed_legend(trials, level) or interval_legend(run_dir, rows, compared=True)),
+        *_seed_legend(trials, level),
+        *interval_legend(run_dir, rows, compared=True, seeds=seeds > 1),
         "",
         f"All columns: `{RESULTS}`. TensorBoard (curves of every trial; HParams compares them): "
         f"`tensorboard --logdir {where.rstrip('/')}/tensorboard`"

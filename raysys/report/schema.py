@@ -12,6 +12,7 @@ counts (how each interval is drawn: `raysys.evaluate`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -143,3 +144,62 @@ def model_row(
     """One results row: the axes, the scores, then any extra columns (`train_s`, …)."""
     axes = dict(zip(AXES, (objective, vision, text, vision_layer, text_layer), strict=True))
     return {**axes, **scores, **extra}
+
+
+# --- seeds and intervals: shared by the report's tables and the plots -------------------------
+
+SEED = "train.seed"  # the column `sweep.seeds` varies; rows differing only there are replicates
+# Columns that describe a configuration besides the swept `a.b` params (the seed left out).
+IDENTITY = [*AXES, "vision_depth", "text_depth", "vision_params", "text_params"]
+
+
+def _key_value(value: Any) -> Any:
+    """A cell comparable across rows: "0.001", "1e-3" and 0.001 are one value, "0.5" and
+    0.5000000001 one depth."""
+    text = "" if value is None else str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return round(number, 9) if math.isfinite(number) else text
+
+
+def config_key(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """What makes a trial's configuration: the axes, depths, sizes and swept params, not the
+    seed. Rows with equal keys are seeds of one configuration, in the report's tables and in
+    the plots alike. Blank cells are left out, so a missing column equals a blank one."""
+    keys = IDENTITY + sorted(k for k in row if "." in k and k != SEED)
+    pairs = ((k, _key_value(row.get(k))) for k in keys)
+    return tuple((k, v) for k, v in pairs if v != "")
+
+
+def t_quantile(level: float, dof: float) -> float:
+    """The two-sided `level` Student-t quantile at `dof` degrees of freedom (any real `dof`,
+    so Welch's too)."""
+    from scipy.special import stdtrit  # lighter than scipy.stats; imported when needed
+
+    return float(stdtrit(dof, (1 + level) / 2))
+
+
+def t_half_width(values: Sequence[float], level: float = 0.95) -> float:
+    """Half-width of the `level` t-interval of the mean of `values` (n − 1 degrees of
+    freedom); NaN below two values. With 2-3 seeds it is honestly wide: the 95% quantile is
+    12.7 at one degree of freedom and 4.3 at two."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return t_quantile(level, n - 1) * sd / math.sqrt(n)
+
+
+# Half-samples per set-level interval: at most this many (fewer when `eval.bootstrap` is lower;
+# `raysys.evaluate` draws them, the report's legend says how many).
+MAX_HALF_SAMPLES = 50
+
+
+def half_sample_count(bootstrap: int) -> int:
+    """How many halves bound the alignment metrics under `eval.bootstrap`: 0 below two (then
+    `raysys.evaluate` draws none and the metrics have no interval)."""
+    count = min(bootstrap, MAX_HALF_SAMPLES)
+    return count if count >= 2 else 0
