@@ -172,10 +172,22 @@ def intervals(
     lo, hi = metrics.bootstrap_interval(
         matrix.numpy(), cfg.bootstrap, cfg.interval, seed=0, groups=groups
     )
+    units = len(np.unique(groups)) if groups is not None else matrix.shape[0]
     out: dict[str, float] = {}
-    for name, low, high in zip(outcomes, lo, hi, strict=True):
+    for j, (name, low, high) in enumerate(zip(outcomes, lo, hi, strict=True)):
+        low, high = _boundary(matrix[:, j].numpy(), units, cfg.interval) or (low, high)
         out |= {f"{name}_lo": float(low), f"{name}_hi": float(high)}
     return out
+
+
+def _boundary(values: np.ndarray, units: int, level: float) -> tuple[float, float] | None:
+    """Every item a hit (or every one a miss): a bootstrap resamples nothing but ones and
+    claims [1, 1]; the exact (Clopper-Pearson) bound over the `units` independent items says
+    how far below 1 (above 0) the rate may still be, e.g. 0.91 for 40 hits of 40."""
+    if not len(values) or values.min() != values.max() or values[0] not in (0.0, 1.0):
+        return None
+    edge = ((1 - level) / 2) ** (1 / units)
+    return (edge, 1.0) if values[0] == 1.0 else (0.0, 1.0 - edge)
 
 
 NO_NEGATIVE = "none"  # the negative source of a pair that has no real hard negative

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysys import config, metrics
+from raysys import config, evaluate, metrics
 from raysys.data.pairs import Pairs
 from raysys.errors import CorpusError
 from raysys.evaluate import (
@@ -291,3 +291,15 @@ def test_results_columns_order_the_dynamic_scores() -> None:
         + ["n_zeroshot_even", "n_zeroshot_side"]
     )
     assert extra_metric_columns({"trial", "train_s", "lr"}) == []
+
+
+def test_a_perfect_score_gets_the_exact_bound_not_a_zero_width_interval() -> None:
+    cfg = config.EvalConfig(bootstrap=200)
+    hits = {"acc": torch.ones(40), "miss": torch.zeros(40), "mixed": torch.tensor([0.0, 1.0] * 20)}
+    out = evaluate.intervals(hits, cfg)
+    assert out["acc_hi"] == 1.0 and out["acc_lo"] == pytest.approx(0.025 ** (1 / 40))
+    assert out["miss_lo"] == 0.0 and out["miss_hi"] == pytest.approx(1 - 0.025 ** (1 / 40))
+    assert 0.3 < out["mixed_lo"] < 0.5 < out["mixed_hi"] < 0.7  # the bootstrap's, as before
+    # Clustered: 40 captions of 8 images are 8 independent units, a wider bound.
+    grouped = evaluate.intervals({"acc": torch.ones(40)}, cfg, groups=np.repeat(np.arange(8), 5))
+    assert grouped["acc_lo"] == pytest.approx(0.025 ** (1 / 8))
