@@ -123,6 +123,21 @@ def _normalized_pair(
     return F.normalize(ta, dim=1), F.normalize(tb, dim=1)
 
 
+def _shared_space(
+    a: ArrayLike, b: ArrayLike, name_a: str, name_b: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sets of vectors in one embedding space (retrieval, zero-shot), rows L2-normalised:
+    the widths must agree, the row counts need not."""
+    ta = F.normalize(_as_tensor(a, name_a), dim=1)
+    tb = F.normalize(_as_tensor(b, name_b), dim=1)
+    if ta.shape[1] != tb.shape[1]:
+        raise ValueError(
+            f"{name_a} and {name_b} must share the embedding dimension, got "
+            f"{ta.shape[1]} and {tb.shape[1]}"
+        )
+    return _common(ta, tb)
+
+
 def _common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both on `a`'s device in their promoted dtype, so mixed inputs compare exactly."""
     dtype = torch.promote_types(a.dtype, b.dtype)
@@ -145,6 +160,16 @@ def _check_k(k: object, n: int, *, minimum: int = 1) -> int:
             f"got k={k} with N={n}"
         )
     return k
+
+
+def _check_resampling(resamples: object, level: object, minimum: int) -> int:
+    """A resample count of at least `minimum` and an interval level in (0, 1)."""
+    resamples = _check_int(resamples, "resamples")
+    if resamples < minimum:
+        raise ValueError(f"resamples must be >= {minimum}, got {resamples}")
+    if not 0 < float(level) < 1:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    return resamples
 
 
 def _check_min_rows(n: int, minimum: int, what: str) -> None:
@@ -396,14 +421,7 @@ def retrieval_hits(
     a bootstrap resamples: image queries for image->text, caption queries for text->image.
     Hit rules as in ``retrieval``; results stay on the inputs' device.
     """
-    images = F.normalize(_as_tensor(image_emb, "image_emb"), dim=1)
-    texts = F.normalize(_as_tensor(text_emb, "text_emb"), dim=1)
-    if images.shape[1] != texts.shape[1]:
-        raise ValueError(
-            "image_emb and text_emb must share the embedding dimension, got "
-            f"{images.shape[1]} and {texts.shape[1]}"
-        )
-    images, texts = _common(images, texts)
+    images, texts = _shared_space(image_emb, text_emb, "image_emb", "text_emb")
     n_images, n_texts = images.shape[0], texts.shape[0]
     owner = _as_index(text_to_image, n_texts, n_images).to(images.device)
     ks = [_check_int(k, "each k in ks") for k in ks]
@@ -492,14 +510,7 @@ def zeroshot_hits(
     prompt templates); the per-image outcomes, for bootstrap intervals. Ties go to the lower
     class index (``argmax``). ``labels`` are class indices into the rows of ``class_latents``.
     """
-    images = F.normalize(_as_tensor(image_latents, "image_latents"), dim=1)
-    classes = F.normalize(_as_tensor(class_latents, "class_latents"), dim=1)
-    if images.shape[1] != classes.shape[1]:
-        raise ValueError(
-            "image_latents and class_latents must share the embedding dimension, got "
-            f"{images.shape[1]} and {classes.shape[1]}"
-        )
-    images, classes = _common(images, classes)
+    images, classes = _shared_space(image_latents, class_latents, "image_latents", "class_latents")
     n = images.shape[0]
     target = _as_index(labels, n, classes.shape[0], "labels", "image", "class")
     return (images @ classes.T).argmax(dim=1) == target.to(images.device)
@@ -548,11 +559,7 @@ def bootstrap_interval(
     v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if v.ndim not in (1, 2) or v.shape[0] == 0 or v.dtype == object:
         raise ValueError(f"values must be a non-empty numeric [N] or [N, M] array, got {v.shape}")
-    resamples = _check_int(resamples, "resamples")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
-    if not 0 < float(level) < 1:
-        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    resamples = _check_resampling(resamples, level, minimum=1)
     matrix = v.reshape(v.shape[0], -1).astype(np.float64)
     if not np.isfinite(matrix).all():
         raise ValueError("values contains NaN or Inf")
@@ -622,11 +629,7 @@ def half_sample_interval(
     n = _check_int(n, "n")
     if n < 2:
         raise ValueError(f"half-sampling needs N >= 2 rows, got N={n}")
-    resamples = _check_int(resamples, "resamples")
-    if resamples < 2:
-        raise ValueError(f"resamples must be >= 2, got {resamples}")
-    if not 0 < float(level) < 1:
-        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    resamples = _check_resampling(resamples, level, minimum=2)
     m = n // 2
     rng = np.random.default_rng(seed)
     halves = np.stack(

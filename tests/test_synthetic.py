@@ -126,6 +126,18 @@ def multi_rows() -> list[dict]:
     return generate(SyntheticConfig(size=103, seed=1, captions_per_image=4, image_size=96))
 
 
+def _small(size: int, seed: int, captions: int, val: float, test: float) -> SyntheticConfig:
+    """A corpus of tiny images (rendering is not what these tests check)."""
+    return SyntheticConfig(
+        size=size,
+        seed=seed,
+        captions_per_image=captions,
+        val_fraction=val,
+        test_fraction=test,
+        image_size=32,
+    )
+
+
 def test_deterministic_per_seed(rows):
     again = generate(SyntheticConfig(size=200, seed=7))
     assert again == rows  # dict equality includes the PNG bytes
@@ -169,14 +181,7 @@ def test_row_contract_and_ids(rows):
     [(200, 1, 0.1, 0.1), (103, 4, 0.1, 0.1), (50, 2, 0.2, 0.3), (17, 3, 0.0, 0.5)],
 )
 def test_sizes_and_split_counts(size, captions, val, test):
-    cfg = SyntheticConfig(
-        size=size,
-        seed=2,
-        captions_per_image=captions,
-        val_fraction=val,
-        test_fraction=test,
-        image_size=32,
-    )
+    cfg = _small(size, 2, captions, val, test)
     out = generate(cfg)
     assert len(out) == size
     by_image = collections.defaultdict(list)
@@ -321,14 +326,7 @@ def test_bad_config_raises(change):
 def test_split_is_compositional(size, seed, captions, val, test):
     """No val/test caption, paraphrase of one, negative or paraphrase of a negative is a train
     caption or negative (checked with this file's own parser), at the asked fractions."""
-    cfg = SyntheticConfig(
-        size=size,
-        seed=seed,
-        captions_per_image=captions,
-        val_fraction=val,
-        test_fraction=test,
-        image_size=32,
-    )
+    cfg = _small(size, seed, captions, val, test)
     out = generate(cfg)
     assert len(out) == size
     stated = collections.defaultdict(set)  # split -> every scene its captions and negatives state
