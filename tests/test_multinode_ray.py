@@ -105,6 +105,9 @@ def test_a_run_job_on_two_nodes_puts_its_outputs_on_s3(two_nodes) -> None:
     assert out["results_csv"] and out["report_md"], out["keys"]
     assert any(k.endswith("model.safetensors") for k in out["models"]), out["keys"]
     assert out["tensorboard_events"], out["keys"]
+    # The probe ran on the head and read the trained model back from the bucket.
+    assert {"probe.csv", "probe.md", "probe.png", "alignment.csv"} <= set(out["keys"]), out["keys"]
+    assert "[probe] jam con" in run["log_tail"], run["log_tail"][-2000:]
     # The CPU work ran on the worker node: the head has no CPUs to give it.
     for name in ("RayTrainWorker",):
         assert set(run["actors"].get(name, ["worker"])) == {"worker"}, run["actors"]
