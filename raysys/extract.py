@@ -92,7 +92,9 @@ def extract(cfg: Config) -> Extracted:
     cache_dir = cache.location(cfg.extract.cache_dir)
     corpus_dir = storage.join(cache_dir, corpus.key)
     cache.write_pairs(corpus_dir, corpus.pairs)
-    inputs = {"image": image_rows(corpus), "text": text_rows(corpus.pairs)}
+    # The zero-shot class prompts ride along with the captions (each distinct text once).
+    prompts = zeroshot.text_pass_rows(cfg, corpus)
+    inputs = {"image": image_rows(corpus), "text": text_rows(corpus.pairs, prompts)}
     stages = {m: _stage(cfg, corpus, b, inputs[m], cache_dir) for m, b in backbones.items()}
     (image_dir, image_manifest), (text_dir, text_manifest) = stages["image"], stages["text"]
     # The zero-shot tasks' class prompts, through the same text backbone at every layer.
@@ -152,11 +154,13 @@ def image_rows(corpus: Corpus) -> PassRows:
     return PassRows(ids=corpus.image_ids, table=corpus.images, dataset=corpus.read_images)
 
 
-def text_rows(pairs: pa.Table) -> pa.Table:
-    """One row per pair: its caption, and its hard negative (cached as the `neg_` columns)."""
-    return pa.table(
+def text_rows(pairs: pa.Table, extra: pa.Table | None = None) -> pa.Table:
+    """One row per pair: its caption, and its hard negative (cached as the `neg_` columns);
+    then any `extra` rows of the same columns (the zero-shot prompts)."""
+    rows = pa.table(
         {"id": pairs["pair_id"], "caption": pairs["caption"], "negative": pairs["negative"]}
     )
+    return rows if extra is None else pa.concat_tables([rows, extra.cast(rows.schema)])
 
 
 def run_pass(

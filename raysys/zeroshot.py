@@ -4,9 +4,12 @@ A zero-shot task is a set of classes, each named by a few prompt texts ("a photo
 Evaluation maps the prompts through JAM's text encoder exactly as it maps captions, so their
 raw embeddings must come from the same backbone, the same way: the same weights, precision,
 compute policy, tokenization and pooling, every cached layer, stored in the text cache's dtype.
-`embed_prompts` therefore runs `raysys.embed`'s own `Prepare` and `embed_batch` in ONE Ray task
-shaped like an extraction actor (a driver may have no GPU and no weights), and the task writes
-one small Parquet file itself (through `raysys.data.cache`, so an `s3://` cache works):
+The cheapest way to be exact is to embed them *with* the captions: a text pass adds one row per
+distinct prompt (`text_pass_rows`, ids `zeroshot:<hash of the text>`), and `embed_prompts` then
+only copies those rows out of the text cache. A text stage built without them (an older cache,
+or new templates) gets them from ONE Ray task shaped like an extraction actor (a driver may
+have no GPU and no weights) that runs `raysys.embed`'s own `Prepare` and `embed_batch`. Either
+way one small Parquet file is written (through `raysys.data.cache`, so an `s3://` cache works):
 
     <cache>/<corpus-key>/prompts/<key>.parquet
     columns: task, class, template (index), text, L00, L01, … (one list column per layer)
@@ -22,6 +25,7 @@ manifest's `corpus.label_key`): a labelled task the corpus gives no prompts for 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 import time
@@ -43,6 +47,7 @@ from raysys.errors import CacheError, ConfigError, CorpusError, RaysysError
 PROMPTS = "prompts"  # the directory beside a corpus's modality stages
 PROMPTS_VERSION = 1  # bump when how prompts are embedded or stored changes: re-keys every file
 PROMPT_COLUMNS = ("task", "class", "template", "text")
+PROMPT_ID = "zeroshot:"  # a prompt's id in the text cache: this, then a hash of its text
 
 Tasks = dict[str, dict[str, list[str]]]  # task -> class -> prompt texts
 
@@ -139,6 +144,40 @@ def prompt_table(found: Tasks) -> pa.Table:
     return pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in rows.items()})
 
 
+def prompt_ids(texts: list[str]) -> list[str]:
+    """A prompt's id among the text pass's rows: keyed by its text, so one text is one row
+    whatever task or template uses it, and a changed template is a new row."""
+    return [PROMPT_ID + hashlib.blake2b(t.encode(), digest_size=12).hexdigest() for t in texts]
+
+
+def text_pass_rows(cfg: Config, corpus: Corpus) -> pa.Table | None:
+    """The text pass's extra rows: each distinct prompt once, as its own caption and hard
+    negative (the pass embeds both columns), or None when the corpus has no tasks."""
+    found = tasks(corpus, cfg.eval)
+    if not found:
+        return None
+    texts = list(dict.fromkeys(prompt_table(found)["text"].to_pylist()))
+    return pa.table({"id": prompt_ids(texts), "caption": texts, "negative": texts})
+
+
+def _from_text_stage(table: pa.Table, text_stage_dir: str) -> pa.Table | None:
+    """The prompt table with every cached layer, read from the text stage when its pass
+    embedded them beside the captions (None when it did not)."""
+    manifest = cache.read_manifest(text_stage_dir) or {}
+    layers = manifest.get("layers") or []
+    ids = np.asarray(prompt_ids(table["text"].to_pylist()))
+    try:
+        found = cache.read_rows(text_stage_dir, list(layers), ids) if layers else None
+    except CacheError:
+        return None
+    if found is None:
+        return None
+    out = table
+    for name in layers:
+        out = out.append_column(name, cache.list_array(found[name], str(found[name].dtype)))
+    return out
+
+
 def prompts_uri(text_stage_dir: str, table: pa.Table) -> str:
     """`<cache>/<corpus-key>/prompts/<key>.parquet` beside the text stage
     `<cache>/<corpus-key>/text/<backbone-key>`: keyed by that stage and the prompts."""
@@ -163,6 +202,11 @@ def embed_prompts(
     what = f"{table.num_rows} zero-shot prompts ({len(found)} task(s): {', '.join(found)})"
     if storage.exists(uri):
         _say(text_backbone, f"{what}: cached {uri}")
+        return uri
+    embedded = _from_text_stage(table, text_stage_dir)
+    if embedded is not None:  # the text pass embedded them with the captions
+        cache.write_part(embedded, uri)
+        _say(text_backbone, f"{what} from the text pass -> {uri}")
         return uri
     from raysys.extract import _actor_plan  # here: raysys.extract calls this module
 

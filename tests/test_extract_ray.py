@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import config
+from raysys import config, zeroshot
 from raysys.config import ExtractConfig
 from raysys.corpora import load_corpus
 from raysys.data import cache
@@ -94,14 +94,16 @@ def test_cache_layout_and_manifest(small_cache) -> None:
     stage = Path(ext.image_dir)
     assert stage.parent.parent.name == key and stage.parent.name == "image"
     manifest = ext.text_manifest
-    assert manifest["rows"] == len(rows) and manifest["rejects"] == 0
+    prompts = zeroshot.text_pass_rows(cfg, corpus)  # the zero-shot prompts ride along
+    assert manifest["rows"] == len(rows) + prompts.num_rows and manifest["rejects"] == 0
     assert manifest["corpus_key"] == key and manifest["dtype"] == "float16"
     assert manifest["config"]["corpus"]["size"] == 60
     schema = pq.ParquetDataset(cache.data_files(ext.text_dir)).schema
     assert schema.field("L03").type == pa.list_(pa.float16(), 384)
     assert schema.field("neg_L03").type == pa.list_(pa.float16(), 384)
     ids, _ = cache.read_layers(ext.text_dir, ["L00"])
-    assert sorted(ids) == sorted(r["pair_id"] for r in rows)  # one row per id, none missing
+    want = [r["pair_id"] for r in rows] + prompts["id"].to_pylist()
+    assert sorted(ids) == sorted(want)  # one row per id, none missing
 
 
 def test_unchanged_stage_is_reused_not_recomputed(small_cache) -> None:

@@ -158,7 +158,10 @@ def test_report_embeds_every_plot_with_its_axes(resumed_sweep) -> None:
     ):
         assert label in report, label
     assert "Not drawn" not in report
-    assert report.count("| spread") == 4 and report.count("| raw") == 4
+    summary = report.split("## Objectives compared")[0]  # the results table
+    assert summary.count("| spread") == 4 and summary.count("| raw") == 4
+    understanding = report.split("## Understanding tasks")[1]
+    assert "zeroshot_large_shape" in understanding and "hardneg_acc_swap_colours" in understanding
 
 
 def test_report_command_rebuilds_the_sweep_report(resumed_sweep, capsys) -> None:

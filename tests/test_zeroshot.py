@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from corpus_files import corpus_config, jsonl
 
+from raysys import config, zeroshot
 from raysys.config import CorpusConfig, EvalConfig
 from raysys.corpora import Corpus, load_corpus, manifest
 from raysys.data import cache
@@ -187,3 +188,15 @@ def test_labels_survive_corpus_loading_and_synthetic_tasks_form_a_grid(tmp_path)
     assert found and set(found) == set(synthetic.zeroshot)  # its own prompts, no templates
     table = prompt_table(found)
     assert table.num_rows == sum(len(p) for c in found.values() for p in c.values())
+
+
+def test_the_text_pass_embeds_each_distinct_prompt_once() -> None:
+    corpus = load_corpus(CorpusConfig(size=40, image_size=32))
+    rows = zeroshot.text_pass_rows(config.Config(), corpus)
+    texts = zeroshot.prompt_table(zeroshot.tasks(corpus, EvalConfig()))["text"].to_pylist()
+    assert rows.num_rows == len(set(texts)) and set(rows["caption"].to_pylist()) == set(texts)
+    assert rows["caption"].to_pylist() == rows["negative"].to_pylist()
+    ids = rows["id"].to_pylist()
+    assert len(set(ids)) == len(ids) and all(i.startswith(zeroshot.PROMPT_ID) for i in ids)
+    assert not set(ids) & set(corpus.pairs["pair_id"].to_pylist())
+    assert zeroshot.prompt_ids(["a"]) != zeroshot.prompt_ids(["a."])  # a new text, a new row
