@@ -113,9 +113,11 @@ def alignment_intervals(
     """`<metric>_lo` / `<metric>_hi` of each alignment metric by half-sampling the rows
     (`metrics.half_sample_interval`) of already prepared (`clamped`) `a`, `b`; `full` are the
     metrics on all rows (the clamp's threshold is the full sample's, so halves differ only in
-    their rows). None when there are fewer than 2 halves or 8 rows."""
+    their rows). None when there are fewer than 2 halves or 8 rows, or when a half has too
+    few rows for `eval.knn_k` neighbours (the kNN metrics would then cap k below the full
+    sample's, measure something else, and claim a zero-width interval)."""
     n, rounds = len(a), half_samples(cfg)
-    if rounds < 2 or n < MIN_HALF_SAMPLE_ROWS:
+    if rounds < 2 or n < max(MIN_HALF_SAMPLE_ROWS, 2 * (cfg.knn_k + 1)):
         return {}
 
     def on_half(rows: np.ndarray) -> list[float]:

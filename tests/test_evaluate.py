@@ -139,6 +139,9 @@ def test_set_level_intervals_are_half_samples_of_the_images(one_thread) -> None:
     assert score_raw(pairs, cfg) == raw
     assert score_raw(pairs, cfg, with_intervals=False) == full
     assert score_raw(pairs, config.EvalConfig(bootstrap=0)) == full
+    # 20 images: a half of 10 cannot hold k = 10 neighbours, so no interval at all.
+    few = pairs.take(np.flatnonzero(np.isin(pairs.image_ids, np.unique(pairs.image_ids)[:20])))
+    assert not any(k.endswith(("_lo", "_hi")) for k in score_raw(few, cfg))
 
 
 def test_outlier_clamp_keeps_one_huge_dimension_from_dominating() -> None:
