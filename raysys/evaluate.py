@@ -48,11 +48,19 @@ if TYPE_CHECKING:
 
 
 def alignment(
-    image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, cfg: EvalConfig
+    image: np.ndarray | torch.Tensor,
+    text: np.ndarray | torch.Tensor,
+    cfg: EvalConfig,
+    with_intervals: bool = False,
 ) -> dict[str, float]:
     """The representation-similarity metrics of the Platonic Representation Hypothesis, on
-    both sides' outlier-clamped rows (platonic-rep's `prepare_features`)."""
-    return alignment_metrics(*clamped(image, text, cfg), cfg)
+    both sides' outlier-clamped rows (platonic-rep's `prepare_features`), then with
+    `with_intervals` their half-sample intervals (`alignment_intervals`)."""
+    a, b = clamped(image, text, cfg)
+    scores = alignment_metrics(a, b, cfg)
+    if with_intervals:
+        scores |= alignment_intervals(a, b, scores, cfg)
+    return scores
 
 
 def clamped(
@@ -222,11 +230,9 @@ def score_raw(pairs: Pairs, cfg: EvalConfig, with_intervals: bool = True) -> dic
     """The alignment metrics of the frozen backbones on one caption per image, then (unless
     `with_intervals=False` or `cfg.bootstrap=0`) their half-sample intervals and `n_images`."""
     first, _ = pairs.image_index()
-    a, b = clamped(pairs.image[first], pairs.text[first], cfg)
-    scores = alignment_metrics(a, b, cfg)
-    if with_intervals and cfg.bootstrap > 0:
-        scores |= alignment_intervals(a, b, scores, cfg) | {"n_images": len(first)}
-    return scores
+    with_intervals = with_intervals and cfg.bootstrap > 0
+    scores = alignment(pairs.image[first], pairs.text[first], cfg, with_intervals)
+    return scores | {"n_images": len(first)} if with_intervals else scores
 
 
 # A zero-shot task's prompts: class names and their raw text-backbone embeddings

@@ -39,11 +39,13 @@ from raysys.report.schema import (
     config_key,
     extra_metric_columns,
     half_sample_count,
+    hardneg_kinds,
     interval_columns,
     ks_of,
     result_columns,
     t_half_width,
     t_quantile,
+    zeroshot_tasks,
 )
 
 RESULTS = "results.csv"
@@ -590,12 +592,7 @@ def comparison_section(rows: list[dict[str, Any]], level: float = 0.95) -> list[
 def _task_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """The zero-shot tasks' and hard-negative kinds' columns the rows carry."""
     keys = {k for r in rows for k in r if r.get(k) not in ("", None)}
-    bounds = ("_lo", "_hi", "_chance")
-    tasks = sorted(k for k in keys if k.startswith("zeroshot_") and not k.endswith(bounds))
-    kinds = sorted(
-        k for k in keys if k.startswith("hardneg_acc_") and not k.endswith(("_lo", "_hi"))
-    )
-    return tasks, kinds
+    return zeroshot_tasks(keys), hardneg_kinds(keys)
 
 
 def understanding_section(rows: list[dict[str, Any]]) -> list[str]:

@@ -75,20 +75,41 @@ RESULT_COLUMNS = result_columns()
 # The score groups whose names depend on the corpus: one per negative kind, one per task.
 HARDNEG_KIND = "hardneg_acc_"
 ZEROSHOT = "zeroshot_"
+KIND_PARTS = ("lo", "hi")
+TASK_PARTS = ("lo", "hi", "chance")
 
 
-def _groups(keys: set[str], prefix: str, parts: tuple[str, ...]) -> list[str]:
-    """Each `<prefix><name>` score in `keys` (sorted by name), followed by those of its
-    `<score>_<part>` columns that are present; a `_lo` / `_hi` / `_chance` key whose score is
-    present is one of its parts, not a score of its own."""
+def _scores(keys: set[str], prefix: str, parts: tuple[str, ...]) -> list[str]:
+    """Each `<prefix><name>` score in `keys`, sorted by name; a `_lo` / `_hi` / `_chance` key
+    whose score is present is one of its parts, not a score of its own."""
     suffixes = tuple(f"_{p}" for p in parts)
-    scores = sorted(
+    return sorted(
         k
         for k in keys
         if k.startswith(prefix)
         and not any(k.endswith(x) and k[: -len(x)] in keys for x in suffixes)
     )
-    return [c for k in scores for c in (k, *(k + x for x in suffixes)) if c in keys]
+
+
+def _groups(keys: set[str], prefix: str, parts: tuple[str, ...]) -> list[str]:
+    """Each `_scores` score followed by those of its `<score>_<part>` columns present."""
+    suffixes = tuple(f"_{p}" for p in parts)
+    return [
+        c
+        for k in _scores(keys, prefix, parts)
+        for c in (k, *(k + x for x in suffixes))
+        if c in keys
+    ]
+
+
+def hardneg_kinds(keys: set[str]) -> list[str]:
+    """The `hardneg_acc_<kind>` scores among `keys` (not `hardneg_acc`'s own bounds)."""
+    return _scores(keys - {"hardneg_acc_lo", "hardneg_acc_hi"}, HARDNEG_KIND, KIND_PARTS)
+
+
+def zeroshot_tasks(keys: set[str]) -> list[str]:
+    """The `zeroshot_<task>` scores among `keys`."""
+    return _scores(keys, ZEROSHOT, TASK_PARTS)
 
 
 def extra_metric_columns(keys: set[str]) -> list[str]:
@@ -98,8 +119,8 @@ def extra_metric_columns(keys: set[str]) -> list[str]:
     counts `n_hardneg_<kind>` and `n_zeroshot_<task>`; kinds and tasks sorted. Other keys (a
     sweep's columns, swept params) are not included."""
     alignment = [f"{m}_{end}" for m in ALIGNMENT for end in ("lo", "hi")]
-    hardneg = _groups(keys - {"hardneg_acc_lo", "hardneg_acc_hi"}, HARDNEG_KIND, ("lo", "hi"))
-    zeroshot = _groups(keys, ZEROSHOT, ("lo", "hi", "chance"))
+    hardneg = _groups(keys - {"hardneg_acc_lo", "hardneg_acc_hi"}, HARDNEG_KIND, KIND_PARTS)
+    zeroshot = _groups(keys, ZEROSHOT, TASK_PARTS)
     counts = sorted(k for k in keys if k.startswith("n_hardneg_"))
     counts += sorted(k for k in keys if k.startswith("n_zeroshot_"))
     return [c for c in alignment if c in keys] + hardneg + zeroshot + counts
