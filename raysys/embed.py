@@ -219,3 +219,9 @@ def layer_dims(backbone: Backbone) -> dict[str, int]:
     if backbone.modality == "text":
         dims |= {"neg_" + name: d for name, d in dims.items()}
     return dims
+
+
+def say(backbone: Backbone, message: str) -> None:
+    """An extraction progress line naming the pass (`[extract] text  minilm-l6: …`), flushed
+    so it keeps its place among Ray's output; the passes and the zero-shot prompts share it."""
+    print(f"[extract] {backbone.modality:5s} {backbone.name}: {message}", flush=True)

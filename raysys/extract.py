@@ -42,6 +42,7 @@ from raysys.embed import (
     actor_error,
     cache_dtype,
     layer_dims,
+    say,
 )
 from raysys.errors import ConfigError, CorpusError
 
@@ -115,7 +116,7 @@ def _stage(
     if manifest is not None:
         damaged = cache.check_files(out_dir, manifest)
         if not damaged:
-            _say(backbone, f"cached ({manifest['rows']} rows) {out_dir}")
+            say(backbone, f"cached ({manifest['rows']} rows) {out_dir}")
             return out_dir, manifest
         _repair(backbone, out_dir, damaged)
     runtime.init_ray(cfg.ray)
@@ -139,7 +140,7 @@ def _repair(backbone: Backbone, out_dir: str, damaged: list[cache.Damage]) -> No
     """A finished stage with missing, truncated or altered files: unpublish it (manifest
     first, so no reader trusts it meanwhile), drop the damaged files, and let the pass
     re-embed just their rows. A damaged reject file costs its rows a re-embed, too."""
-    _say(
+    say(
         backbone,
         f"{len(damaged)} damaged file(s) in {out_dir}: {', '.join(map(str, damaged))}; "
         "re-embedding their rows",
@@ -176,11 +177,6 @@ def run_pass(
     if p.n_todo:
         _embed(p)
     return _finish(p, provenance)
-
-
-def _say(backbone: Backbone, message: str) -> None:
-    """A progress line naming the pass, flushed so it keeps its place among Ray's output."""
-    print(f"[extract] {backbone.modality:5s} {backbone.name}: {message}", flush=True)
 
 
 @dataclass
@@ -222,7 +218,7 @@ def _plan_pass(
     total = len(source.ids)
     n_todo = total - int(pc.sum(pc.is_in(source.ids, done)).as_py() or 0)
     if len(done):
-        _say(backbone, f"resuming, {len(done)} of {total} rows already in finished parts")
+        say(backbone, f"resuming, {len(done)} of {total} rows already in finished parts")
     dtype = cache_dtype(backbone, ecfg.cache_dtype)
     return _Pass(
         backbone, out_dir, ecfg, source, done, n_todo, actors, cpus, gpus, threads, dtype, started
@@ -384,7 +380,7 @@ def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
     cache.write_manifest(p.out_dir, manifest)
     cache.remove(storage.join(p.out_dir, REJECT_PARTS), recursive=True)  # merged above
     rate = p.n_todo / max(elapsed, 1e-9)
-    _say(
+    say(
         p.backbone,
         f"{manifest['rows']} rows, {n_rejects} rejects, {len(manifest['layers'])} layers, "
         f"{rate:.1f} rows/s -> {p.out_dir}",
@@ -418,7 +414,7 @@ def _checked_rejects(p: _Pass) -> tuple[pa.Table | None, dict[str, int]]:
         rejected.append(merged)  # a repaired stage's earlier rejects
     dropped, seen, rows_in = _drop_duplicate_rows(parts + rejected, p.written)
     if dropped:
-        _say(
+        say(
             p.backbone,
             f"dropped {dropped} duplicate rows (a killed run's actors finished parts this run "
             "had redone)",

@@ -41,7 +41,7 @@ from raysys.backbones import REJECT, Backbone
 from raysys.config import Config, EvalConfig
 from raysys.corpora import Corpus
 from raysys.data import cache
-from raysys.embed import EmbedActor, Prepare, actor_error, cache_dtype, embed_batch, layer_dims
+from raysys.embed import EmbedActor, Prepare, actor_error, cache_dtype, embed_batch, layer_dims, say
 from raysys.errors import CacheError, ConfigError, CorpusError, RaysysError
 
 PROMPTS = "prompts"  # the directory beside a corpus's modality stages
@@ -201,12 +201,12 @@ def embed_prompts(
     uri = prompts_uri(text_stage_dir, table)
     what = f"{table.num_rows} zero-shot prompts ({len(found)} task(s): {', '.join(found)})"
     if storage.exists(uri):
-        _say(text_backbone, f"{what}: cached {uri}")
+        say(text_backbone, f"{what}: cached {uri}")
         return uri
     embedded = _from_text_stage(table, text_stage_dir)
     if embedded is not None:  # the text pass embedded them with the captions
         cache.write_part(embedded, uri)
-        _say(text_backbone, f"{what} from the text pass -> {uri}")
+        say(text_backbone, f"{what} from the text pass -> {uri}")
         return uri
     from raysys.extract import _actor_plan  # here: raysys.extract calls this module
 
@@ -219,7 +219,7 @@ def embed_prompts(
     error = ray.get(job)
     if error:
         raise actor_error(error)
-    _say(text_backbone, f"{what} in {time.perf_counter() - started:.1f} s -> {uri}")
+    say(text_backbone, f"{what} in {time.perf_counter() - started:.1f} s -> {uri}")
     return uri
 
 
@@ -287,7 +287,3 @@ def load_prompts(uri: str, layer_column: str) -> dict[str, tuple[list[str], np.n
             raise CacheError(f"zero-shot task {task!r} in {uri!r} is not a class x template grid")
         out[task] = (list(classes), values[np.asarray(order)])
     return out
-
-
-def _say(backbone: Backbone, message: str) -> None:
-    print(f"[extract] {backbone.modality:5s} {backbone.name}: {message}", flush=True)
