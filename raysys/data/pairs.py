@@ -29,6 +29,18 @@ def image_keys(image_ids: np.ndarray) -> np.ndarray:
     )
 
 
+# Every pair belongs to one of BUCKETS fixed buckets, by a hash of its image id (so all
+# captions of an image share one): the corpus index and the embedding caches are laid out by
+# bucket, and training shard s of S holds the buckets b with b % S == s, so a worker reads
+# only its buckets' rows.
+BUCKETS = 64
+
+
+def buckets(image_ids: np.ndarray) -> np.ndarray:
+    """Each image id's bucket in [0, BUCKETS), as int16; the same on every machine."""
+    return (image_keys(image_ids) % BUCKETS).astype(np.int16)
+
+
 @dataclass
 class Pairs:
     """One split's aligned arrays: row i of `image`, `text` and `negative` belong to pair i."""
