@@ -173,6 +173,14 @@ class EvalConfig:
     `raysys.evaluate`). `outlier_q` clamps each matrix at that quantile of |x| before the
     alignment metrics, as platonic-rep does (1: off). `zeroshot_templates` prompt the classes
     of a corpus's `label_key` for zero-shot accuracy.
+
+    Bounded cost at any split size: retrieval and hard negatives are exact over the whole split
+    (computed in chunks); the alignment metrics, O(N^2) in memory, run on a seeded sample of at
+    most `metric_pairs` images (one caption each, as platonic-rep's 1,024; 0: every image),
+    and also at each smaller size of `metric_sizes` (`<metric>_n<size>` columns, to show how
+    they move with N); periodic validation scores a seeded sample of at most `val_pairs` val
+    pairs (0: all). `sample_seed` draws those samples: the same images for the raw row and
+    every model scored on one split, whatever the model.
     """
 
     knn_k: int = 10
@@ -185,6 +193,26 @@ class EvalConfig:
     zeroshot_templates: list[str] = field(
         default_factory=lambda: ["a photo of a {}.", "an image of a {}."]
     )
+    metric_pairs: int = 1024
+    metric_sizes: list[int] = field(default_factory=list)
+    val_pairs: int = 2048
+    sample_seed: int = 0
+
+    def check(self) -> None:
+        """Reject sample sizes the metrics cannot use (`Config.validate` calls this)."""
+        least = max(8, self.knn_k + 2)  # CKNNA needs 4 rows, the kNN metrics k + 1 neighbours
+        if self.metric_pairs != 0 and self.metric_pairs < least:
+            raise ConfigError(
+                f"eval.metric_pairs={self.metric_pairs} must be 0 (every image) or at least "
+                f"{least} (eval.knn_k={self.knn_k} neighbours); platonic-rep uses 1024"
+            )
+        for size in self.metric_sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size < least:
+                raise ConfigError(
+                    f"eval.metric_sizes entry {size!r} must be an image count of at least {least}"
+                )
+        if self.val_pairs < 0:
+            raise ConfigError(f"eval.val_pairs={self.val_pairs} must be >= 0 (0: the whole split)")
 
 
 @dataclass

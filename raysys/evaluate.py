@@ -20,6 +20,15 @@ Every headline metric gets a 95% (`eval.interval`) interval, `<metric>_lo` / `<m
   images without replacement, the metric on each, centred on the halves' mean and put around
   the full-sample value.
 
+Evaluation is bounded at any split size. Retrieval and hard negatives are exact over the whole
+split, the similarity matrix computed a chunk of queries at a time (`metrics.retrieval_hits`).
+The alignment metrics build several N x N matrices, so they run on a seeded sample of at most
+`eval.metric_pairs` images (`metric_rows`; platonic-rep scores 1,024), drawn from
+`eval.sample_seed` and the split alone: the raw row and every model scored on one split see the
+same images. `eval.metric_sizes` adds the metrics at smaller (nested) samples,
+`<metric>_n<size>`, to show how they move with N; `n_metric_images` records the sample used.
+Periodic validation scores a seeded sample of `eval.val_pairs` val pairs (`val_rows`).
+
 Hard negatives are also scored per kind (`hardneg_acc_<kind>`, the kind being the part of the
 pair's negative source after `:`), and pairs whose source is `none` are left out of every
 hard-negative score. Zero-shot classification (`zeroshot_<task>`) ranks class-prompt
@@ -226,13 +235,85 @@ def hardneg_rows(sources: np.ndarray | None, n: int) -> dict[str, np.ndarray]:
     return rows
 
 
+# Mixed with `eval.sample_seed`, so the evaluation samples never coincide with another seeded
+# draw of the same seed (the bootstrap's, a probe's).
+SAMPLE_SALT = 0x5A3
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray | None:
+    """Sorted positions of a seeded sample of `size` of `n` rows, drawn without replacement;
+    None when no cap is needed (`size` 0, or at least `n`). The sample is the first `size` of
+    one seeded permutation of the `n`, so with one seed a smaller sample lies inside a larger
+    one (alignment at several sizes compares nested samples), and it depends only on
+    (`n`, `size`, `seed`): the same rows for every model scored on the same split."""
+    if n < 0 or size < 0:
+        raise ValueError(f"n and size must be >= 0, got n={n}, size={size}")
+    if size == 0 or size >= n:
+        return None
+    order = np.random.default_rng([SAMPLE_SALT, seed]).permutation(n)
+    return np.sort(order[:size])
+
+
+def metric_rows(first: np.ndarray, cfg: EvalConfig, size: int | None = None) -> np.ndarray:
+    """The pair rows the alignment metrics score: the first caption (`first`, one row per
+    unique image from `Pairs.image_index`) of a seeded sample of at most `size` (default
+    `eval.metric_pairs`) images."""
+    size = cfg.metric_pairs if size is None else size
+    pick = sample_rows(len(first), size, cfg.sample_seed)
+    return first if pick is None else first[pick]
+
+
+def val_rows(n: int, cfg: EvalConfig) -> np.ndarray | None:
+    """The val rows periodic validation scores: a seeded sample of at most `eval.val_pairs` of
+    the split's `n` pairs (sorted positions), or None for all of them. The worker loads only
+    these rows (`source.load("val", select=rows)`)."""
+    return sample_rows(n, cfg.val_pairs, cfg.sample_seed)
+
+
+def capped_val(val: Pairs, cfg: EvalConfig) -> Pairs:
+    """`val` cut to its `val_rows` sample; unchanged when it already holds no more (e.g. the
+    worker loaded only the sample)."""
+    rows = val_rows(len(val), cfg)
+    return val if rows is None else val.take(rows)
+
+
+def metric_sizes(n_images: int, cfg: EvalConfig) -> list[int]:
+    """The `eval.metric_sizes` a split can sample: those below its image count (at or above
+    it, the sample would be every image, what `metric_pairs=0` scores)."""
+    return sorted({s for s in cfg.metric_sizes if s < n_images})
+
+
+def alignment_by_size(
+    image: np.ndarray | torch.Tensor,
+    text: np.ndarray | torch.Tensor,
+    first: np.ndarray,
+    cfg: EvalConfig,
+) -> dict[str, float]:
+    """`<metric>_n<size>`: each alignment metric on the nested seeded sample of `size` images
+    (one caption each, clamped on its own, as a `metric_pairs=size` run would score it) for
+    each of `metric_sizes`; point values only."""
+    out: dict[str, float] = {}
+    for size in metric_sizes(len(first), cfg):
+        rows = metric_rows(first, cfg, size)
+        at = torch.as_tensor(rows, device=image.device) if torch.is_tensor(image) else rows
+        scores = alignment(image[at], text[at], cfg)
+        out |= {f"{name}_n{size}": value for name, value in scores.items()}
+    return out
+
+
 def score_raw(pairs: Pairs, cfg: EvalConfig, with_intervals: bool = True) -> dict[str, float]:
-    """The alignment metrics of the frozen backbones on one caption per image, then (unless
-    `with_intervals=False` or `cfg.bootstrap=0`) their half-sample intervals and `n_images`."""
+    """The alignment metrics of the frozen backbones on one caption per image of the seeded
+    `metric_rows` sample, then (unless `with_intervals=False`) each `metric_sizes` value, and
+    (unless also `cfg.bootstrap=0`) their half-sample intervals, `n_images` and
+    `n_metric_images`."""
+    cfg.check()
     first, _ = pairs.image_index()
-    with_intervals = with_intervals and cfg.bootstrap > 0
-    scores = alignment(pairs.image[first], pairs.text[first], cfg, with_intervals)
-    return scores | {"n_images": len(first)} if with_intervals else scores
+    rows = metric_rows(first, cfg)
+    full = with_intervals and cfg.bootstrap > 0
+    scores = alignment(pairs.image[rows], pairs.text[rows], cfg, full)
+    if with_intervals:
+        scores |= alignment_by_size(pairs.image, pairs.text, first, cfg)
+    return scores | {"n_images": len(first), "n_metric_images": len(rows)} if full else scores
 
 
 # A zero-shot task's prompts: class names and their raw text-backbone embeddings
@@ -332,8 +413,10 @@ KERNEL_MATRICES = 10
 
 
 def metric_device(n: int, device: torch.device) -> torch.device:
-    """Where N-pair metrics run: on the GPU the latents are on when their N x N matrices fit
-    in half its free memory (packed trials and a shard held there share it), else the CPU."""
+    """Where the metrics run: on the GPU the latents are on when the alignment metrics' N x N
+    matrices (`n`: the largest sample they score, not the split) fit in half its free memory
+    (packed trials and a shard held there share it), else the CPU. Retrieval's chunks are
+    small beside them."""
     if device.type != "cuda":
         return device
     free, _ = torch.cuda.mem_get_info(device)
@@ -349,15 +432,19 @@ def score_model(
 ) -> dict[str, float]:
     """Every results.csv metric for a trained model on one split (per-kind hard-negative
     accuracy when the split records negative sources, zero-shot accuracy for each `prompts`
-    task), then every metric's interval and the item counts behind them (`n_images`,
-    `n_captions`, `n_hardneg_<kind>`, `n_zeroshot_<task>`); `with_intervals=False` or
-    `cfg.bootstrap=0` skips those (e.g. per-epoch validation, which stays as cheap as the
-    point scores)."""
-    z = encode(model, pairs)
-    where = metric_device(len(pairs), z["zi"].device)
-    z = {k: v.to(where) for k, v in z.items()}
+    task; the alignment metrics on the seeded `metric_rows` sample and, unless
+    `with_intervals=False`, at each `metric_sizes` size), then every metric's interval and the
+    item counts behind them (`n_images`, `n_captions`, `n_metric_images`, `n_hardneg_<kind>`,
+    `n_zeroshot_<task>`); `with_intervals=False` or `cfg.bootstrap=0` skips those (e.g.
+    periodic validation, which stays as cheap as the point scores)."""
+    cfg.check()
     index = pairs.image_index()
     first, owner = index
+    rows = metric_rows(first, cfg)
+    sizes = metric_sizes(len(first), cfg) if with_intervals else []
+    z = encode(model, pairs)
+    where = metric_device(max([len(rows), *sizes]), z["zi"].device)
+    z = {k: v.to(where) for k, v in z.items()}
     by_image, by_pair = per_item(z["zi"], z["zt"], z["zn"], index, cfg)
     wins = by_pair.pop("hardneg_acc")
     # Each hard-negative score's outcomes and the image of each (its bootstrap clusters).
@@ -371,7 +458,8 @@ def score_model(
         shots = zeroshot(model, z["zi"][first], image_labels(labels), prompts)
 
     scores = means(by_image | by_pair | {"hardneg_acc": hardneg["hardneg_acc"][0]})
-    a, b = clamped(z["zi"][first], z["zt"][first], cfg)
+    at = torch.as_tensor(rows, device=where)
+    a, b = clamped(z["zi"][at], z["zt"][at], cfg)
     aligned = alignment_metrics(a, b, cfg)
     scores |= aligned
     # Mean over both modalities of the per-feature MSE, in the standardised input space.
@@ -380,6 +468,8 @@ def score_model(
     scores |= means({name: w for name, (w, _) in kinds.items()})
     for task, (hits, chance) in shots.items():
         scores |= means({f"zeroshot_{task}": hits}) | {f"zeroshot_{task}_chance": chance}
+    if sizes:
+        scores |= alignment_by_size(z["zi"], z["zt"], first, cfg)
     if not (with_intervals and cfg.bootstrap > 0):
         return scores
 
@@ -387,7 +477,7 @@ def score_model(
     scores |= intervals({"hardneg_acc": hardneg["hardneg_acc"][0]}, cfg, hardneg["hardneg_acc"][1])
     scores |= intervals({"recon_mse": z["sq_pair"]}, cfg, groups=owner)
     scores |= {"n_images": len(first), "n_captions": len(pairs)}
-    scores |= alignment_intervals(a, b, aligned, cfg)
+    scores |= alignment_intervals(a, b, aligned, cfg) | {"n_metric_images": len(rows)}
     for name, (w, groups) in kinds.items():
         scores |= intervals({name: w}, cfg, groups=groups)
     for task, (hits, _) in shots.items():

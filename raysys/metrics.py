@@ -407,19 +407,42 @@ def _hits_at(relevant: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     return found[:, last]
 
 
+# Similarities `retrieval_hits` holds at once: 2^24 float32 cells (64 MiB) per chunk of queries.
+_RETRIEVAL_CELLS = 1 << 24
+
+
+def _top(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int, by_column: bool = False
+) -> torch.Tensor:
+    """Indices ``[Q, k]`` of each query's k most similar gallery rows, ``chunk`` queries at a
+    time: memory O(chunk x N) instead of the whole Q x N matrix. Each chunk is a block of the
+    one image x text product the dense computation made (``by_column``: the queries are its
+    columns, the texts), with the same ``topk``, so scores and ties fall exactly as they did
+    there; one chunk covering every query is that dense computation itself."""
+    tops = []
+    for start in range(0, queries.shape[0], chunk):
+        block = queries[start : start + chunk]
+        sim = (gallery @ block.T).T if by_column else block @ gallery.T
+        tops.append(sim.topk(k, dim=1).indices)
+    return torch.cat(tops)
+
+
 @torch.no_grad()
 def retrieval_hits(
     image_emb: ArrayLike,
     text_emb: ArrayLike,
     text_to_image: ArrayLike | Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query retrieval outcomes: boolean ``i2t [N_images, len(ks)]`` and
     ``t2i [N_texts, len(ks)]``, True where the query is a hit at ``ks[j]``.
 
     Why: recall@k is the mean of these columns (``retrieval``), and the rows are the test items
     a bootstrap resamples: image queries for image->text, caption queries for text->image.
-    Hit rules as in ``retrieval``; results stay on the inputs' device.
+    Hit rules as in ``retrieval``; results stay on the inputs' device. Exact over the whole
+    gallery, computed ``chunk`` queries at a time (default: as many as fit 64 MiB of
+    similarities), so a 100k-pair split never holds its N_images x N_texts matrix.
     """
     images, texts = _shared_space(image_emb, text_emb, "image_emb", "text_emb")
     n_images, n_texts = images.shape[0], texts.shape[0]
@@ -427,12 +450,16 @@ def retrieval_hits(
     ks = [_check_int(k, "each k in ks") for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks}")
+    if chunk is None:
+        chunk = max(1, _RETRIEVAL_CELLS // max(n_images, n_texts))
+    chunk = _check_int(chunk, "chunk")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of queries, got {chunk}")
 
-    sim = images @ texts.T  # [N_images, N_texts]
-    top_texts = sim.topk(min(max(ks), n_texts), dim=1).indices
+    top_texts = _top(images, texts, min(max(ks), n_texts), chunk)
     rows = torch.arange(n_images, device=images.device)[:, None]
     i2t = _hits_at(owner[top_texts] == rows, ks)
-    top_images = sim.T.topk(min(max(ks), n_images), dim=1).indices
+    top_images = _top(texts, images, min(max(ks), n_images), chunk, by_column=True)
     t2i = _hits_at(top_images == owner[:, None], ks)
     return i2t, t2i
 
@@ -443,6 +470,7 @@ def retrieval(
     text_emb: ArrayLike,
     text_to_image: ArrayLike | Sequence[int],
     ks: Sequence[int] = (1, 5, 10),
+    chunk: int | None = None,
 ) -> dict[str, float]:
     """Image->text and text->image recall@k under cosine similarity, as in clip_benchmark.
 
@@ -450,9 +478,10 @@ def retrieval(
     is a hit at k when ANY of its captions is among its top-k texts; a caption query is a hit
     at k when its image is among its top-k images. k larger than the gallery is clipped to the
     gallery size. An image with no caption can never be hit and counts as a miss (as in
-    clip_benchmark). Returns ``{"i2t_r{k}": ..., "t2i_r{k}": ...}`` for each k in ``ks``.
+    clip_benchmark). Returns ``{"i2t_r{k}": ..., "t2i_r{k}": ...}`` for each k in ``ks``;
+    computed ``chunk`` queries at a time (``retrieval_hits``).
     """
-    i2t, t2i = retrieval_hits(image_emb, text_emb, text_to_image, ks)
+    i2t, t2i = retrieval_hits(image_emb, text_emb, text_to_image, ks, chunk)
     i2t, t2i = i2t.to(torch.float32).mean(dim=0), t2i.to(torch.float32).mean(dim=0)
     out = {f"i2t_r{k}": i2t[j].item() for j, k in enumerate(ks)}
     return out | {f"t2i_r{k}": t2i[j].item() for j, k in enumerate(ks)}

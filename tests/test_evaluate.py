@@ -13,15 +13,19 @@ import torch
 
 from raysys import config, evaluate, metrics
 from raysys.data.pairs import Pairs
-from raysys.errors import CorpusError
+from raysys.errors import ConfigError, CorpusError
 from raysys.evaluate import (
     alignment,
     alignment_metrics,
+    capped_val,
     clamped,
     encode,
     half_samples,
+    metric_rows,
+    sample_rows,
     score_model,
     score_raw,
+    val_rows,
 )
 from raysys.jam import JAM, JAMConfig
 from raysys.report.schema import (
@@ -63,8 +67,9 @@ def test_score_model_adds_intervals_around_unchanged_scores() -> None:
     fixed = metric_names(KS) + interval_columns(KS)
     assert list(scores)[: len(fixed)] == fixed
     # Every headline metric has an interval now: the set-level ones after the fixed columns.
-    assert list(scores)[len(fixed) :] == [f"{m}_{e}" for m in ALIGNMENT for e in ("lo", "hi")]
-    assert (scores["n_images"], scores["n_captions"]) == (40, 120)
+    intervals = [f"{m}_{e}" for m in ALIGNMENT for e in ("lo", "hi")]
+    assert list(scores)[len(fixed) :] == [*intervals, "n_metric_images"]
+    assert (scores["n_images"], scores["n_captions"], scores["n_metric_images"]) == (40, 120, 40)
     # The per-item scores, recomputed from the latents by the plain metric functions.
     z = encode(model, pairs)
     first, owner = pairs.image_index()
@@ -122,7 +127,8 @@ def test_set_level_intervals_are_half_samples_of_the_images(one_thread) -> None:
     assert half_samples(cfg) == 30 and half_samples(config.EvalConfig()) == 50
     raw = score_raw(pairs, cfg)
     assert list(raw) == [*ALIGNMENT, *(f"{m}_{e}" for m in ALIGNMENT for e in ("lo", "hi"))] + [
-        "n_images"
+        "n_images",
+        "n_metric_images",
     ]
     first, _ = pairs.image_index()
     a, b = clamped(pairs.image[first], pairs.text[first], cfg)
@@ -288,6 +294,7 @@ def test_results_columns_order_the_dynamic_scores() -> None:
     kinds = ["colour", "corpus", "shape", "swap_colours"]
     assert extra == (
         [f"{m}_{e}" for m in ALIGNMENT for e in ("lo", "hi")]
+        + ["n_metric_images"]
         + [f"hardneg_acc_{k}{e}" for k in kinds for e in ("", "_lo", "_hi")]
         + [f"zeroshot_{t}{e}" for t in ("even", "side") for e in ("", "_lo", "_hi", "_chance")]
         + [f"n_hardneg_{k}" for k in kinds]
@@ -306,3 +313,71 @@ def test_a_perfect_score_gets_the_exact_bound_not_a_zero_width_interval() -> Non
     # Clustered: 40 captions of 8 images are 8 independent units, a wider bound.
     grouped = evaluate.intervals({"acc": torch.ones(40)}, cfg, groups=np.repeat(np.arange(8), 5))
     assert grouped["acc_lo"] == pytest.approx(0.025 ** (1 / 8))
+
+
+def test_sample_rows_are_seeded_nested_and_none_without_a_cap() -> None:
+    rows = sample_rows(1000, 100, seed=3)
+    assert rows is not None and len(rows) == 100 and np.all(np.diff(rows) > 0)
+    assert np.array_equal(rows, sample_rows(1000, 100, seed=3))  # reproducible
+    assert not np.array_equal(rows, sample_rows(1000, 100, seed=4))  # another seed, another one
+    assert set(sample_rows(1000, 30, seed=3)) < set(rows)  # a smaller sample lies inside
+    assert sample_rows(1000, 0, seed=3) is None and sample_rows(1000, 1000, seed=3) is None
+    cfg = config.EvalConfig(val_pairs=50, sample_seed=3)
+    assert np.array_equal(val_rows(1000, cfg), sample_rows(1000, 50, 3))
+    pairs = _pairs()
+    capped = capped_val(pairs, cfg)
+    assert len(capped) == 50 and capped_val(capped, cfg) is capped
+    assert capped_val(pairs, config.EvalConfig(val_pairs=0)) is pairs
+
+
+def test_alignment_metrics_on_a_seeded_sample_of_images(one_thread) -> None:
+    """metric_pairs=24 of 40 images: the same 24 (one caption each) for the raw row and the
+    model, the metrics exactly those of that sample, reproducible for a seed and another
+    sample for another seed; at metric_pairs >= N the sample is every image."""
+    pairs, model = _pairs(), _model()
+    cfg = config.EvalConfig(metric_pairs=24, bootstrap=20, sample_seed=5)
+    first, _ = pairs.image_index()
+    rows = metric_rows(first, cfg)
+    assert len(rows) == 24 and set(rows) <= set(first)
+    raw = score_raw(pairs, cfg)
+    assert raw["n_metric_images"] == 24 and raw["n_images"] == 40
+    assert {m: raw[m] for m in ALIGNMENT} == alignment(pairs.image[rows], pairs.text[rows], cfg)
+    assert score_raw(pairs, cfg) == raw
+    other = score_raw(pairs, config.EvalConfig(metric_pairs=24, bootstrap=20, sample_seed=6))
+    assert other["mutual_knn"] != raw["mutual_knn"] or other["cka"] != raw["cka"]
+    scores = score_model(model, pairs, cfg)
+    z = encode(model, pairs)
+    assert {m: scores[m] for m in ALIGNMENT} == alignment(z["zi"][rows], z["zt"][rows], cfg)
+    assert scores["n_metric_images"] == 24 and scores["n_images"] == 40
+    # Retrieval stays over all 40 images.
+    assert scores["i2t_r1"] == score_model(model, pairs, config.EvalConfig())["i2t_r1"]
+    everything = config.EvalConfig(bootstrap=20)
+    for size in (40, 1000, 0):
+        at = config.EvalConfig(metric_pairs=size, bootstrap=20)
+        assert score_raw(pairs, at) == score_raw(pairs, everything)
+        assert score_model(model, pairs, at) == score_model(model, pairs, everything)
+
+
+def test_alignment_at_several_sample_sizes() -> None:
+    """`eval.metric_sizes`: `<metric>_n<size>` for each size below the image count, the
+    metrics of the nested seeded sample of that many images; no column at or above it."""
+    pairs, model = _pairs(), _model()
+    cfg = config.EvalConfig(metric_pairs=30, metric_sizes=[12, 20, 40], bootstrap=0)
+    first, _ = pairs.image_index()
+    raw = score_raw(pairs, cfg)
+    for size in (12, 20):
+        rows = metric_rows(first, cfg, size)
+        assert set(rows) < set(metric_rows(first, cfg))  # nested in the headline sample
+        want = alignment(pairs.image[rows], pairs.text[rows], cfg)
+        assert {m: raw[f"{m}_n{size}"] for m in ALIGNMENT} == want
+    assert not any(k.endswith("_n40") for k in raw)
+    scores = score_model(model, pairs, cfg)
+    assert {k for k in scores if "_n" in k} == {f"{m}_n{s}" for m in ALIGNMENT for s in (12, 20)}
+    assert extra_metric_columns(set(scores) - set(metric_names(KS))) == [
+        f"{m}_n{s}" for m in ALIGNMENT for s in (12, 20)
+    ]
+    # Validation-style scoring stays cheap: no sized columns.
+    assert not any("_n1" in k for k in score_model(model, pairs, cfg, with_intervals=False))
+    for bad in ({"metric_pairs": 5}, {"metric_sizes": [4]}, {"val_pairs": -1}):
+        with pytest.raises(ConfigError):
+            score_raw(pairs, config.EvalConfig(**bad))

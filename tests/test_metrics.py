@@ -711,3 +711,33 @@ def test_hard_negative_accuracy_rejects_shape_mismatch() -> None:
         M.hard_negative_accuracy(
             rng.standard_normal((10, 4)), rng.standard_normal((10, 4)), rng.standard_normal((9, 4))
         )
+
+
+def _dense_hits(images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor, ks: list[int]):
+    """retrieval_hits as it was before chunking: the whole N_images x N_texts matrix."""
+    images = torch.nn.functional.normalize(images, dim=1)
+    texts = torch.nn.functional.normalize(texts, dim=1)
+    sim = images @ texts.T
+    top_texts = sim.topk(min(max(ks), len(texts)), dim=1).indices
+    rows = torch.arange(len(images))[:, None]
+    top_images = sim.T.topk(min(max(ks), len(images)), dim=1).indices
+    return M._hits_at(owner[top_texts] == rows, ks), M._hits_at(top_images == owner[:, None], ks)
+
+
+def test_chunked_retrieval_equals_the_dense_matrix_exactly() -> None:
+    """37 images with 1-4 captions each (a caption repeated verbatim, so exact ties), in
+    chunks of 1, 5 (does not divide 37 or the 93 captions), 37 and the default (one chunk)."""
+    rng = _rng(11)
+    images = torch.as_tensor(rng.standard_normal((37, 16)), dtype=torch.float32)
+    owner = torch.as_tensor(np.repeat(np.arange(37), rng.integers(1, 5, 37)))
+    texts = images[owner] + 0.9 * torch.as_tensor(rng.standard_normal((len(owner), 16))).float()
+    texts[1] = texts[0]  # a tie for every query
+    ks = [1, 5, 10]
+    want_i2t, want_t2i = _dense_hits(images, texts, owner, ks)
+    for chunk in (1, 5, 37, None):
+        i2t, t2i = M.retrieval_hits(images, texts, owner, ks, chunk=chunk)
+        assert torch.equal(i2t, want_i2t) and torch.equal(t2i, want_t2i), chunk
+    assert M.retrieval(images, texts, owner, ks, chunk=4) == M.retrieval(images, texts, owner, ks)
+    assert 0 < want_i2t[:, 0].float().mean() < 1  # neither hopeless nor perfect
+    with pytest.raises(ValueError, match="chunk"):
+        M.retrieval_hits(images, texts, owner, ks, chunk=0)

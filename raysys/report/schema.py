@@ -7,7 +7,8 @@ Then each per-item metric's bootstrap interval (`<metric>_lo`, `<metric>_hi`) an
 counts it was drawn over. The columns whose presence depends on the run follow
 (`extra_metric_columns`): the set-level alignment metrics' half-sample intervals, hard-negative
 accuracy per negative kind, zero-shot accuracy per task with its chance level, and their item
-counts (how each interval is drawn: `raysys.evaluate`).
+counts (how each interval is drawn: `raysys.evaluate`), and the alignment metrics' sample:
+`n_metric_images` and, with `eval.metric_sizes`, `<metric>_n<size>` (e.g. `mutual_knn_n256`).
 """
 
 from __future__ import annotations
@@ -112,13 +113,33 @@ def zeroshot_tasks(keys: set[str]) -> list[str]:
     return _scores(keys, ZEROSHOT, TASK_PARTS)
 
 
+# The images the alignment metrics were computed on: a seeded sample of `eval.metric_pairs`.
+METRIC_IMAGES = "n_metric_images"
+# An alignment metric at one of `eval.metric_sizes`: `mutual_knn_n256` (256 sampled images).
+SIZED = re.compile(rf"({'|'.join(ALIGNMENT)})_n(\d+)")
+
+
+def sized_name(metric: str, size: int) -> str:
+    """The column of `metric` on a sample of `size` images."""
+    return f"{metric}_n{size}"
+
+
+def sizes_of(keys: set[str] | Sequence[str]) -> list[int]:
+    """The sample sizes of the `<metric>_n<size>` columns among `keys`, ascending."""
+    return sorted({int(m.group(2)) for k in keys if (m := SIZED.fullmatch(k))})
+
+
 def extra_metric_columns(keys: set[str]) -> list[str]:
     """The run-dependent metric columns among `keys`, in results.csv order (after the fixed
-    interval columns): the alignment metrics' `_lo` / `_hi`, then each `hardneg_acc_<kind>`
-    with its interval, then each `zeroshot_<task>` with its interval and `_chance`, then the
-    counts `n_hardneg_<kind>` and `n_zeroshot_<task>`; kinds and tasks sorted. Other keys (a
-    sweep's columns, swept params) are not included."""
-    alignment = [f"{m}_{end}" for m in ALIGNMENT for end in ("lo", "hi")]
+    interval columns): the alignment metrics' `_lo` / `_hi`, `n_metric_images` (the sample
+    they were computed on), each alignment metric at each `eval.metric_sizes` size
+    (`<metric>_n<size>`, metrics in `ALIGNMENT` order, sizes ascending), then each
+    `hardneg_acc_<kind>` with its interval, then each `zeroshot_<task>` with its interval and
+    `_chance`, then the counts `n_hardneg_<kind>` and `n_zeroshot_<task>`; kinds and tasks
+    sorted. Other keys (a sweep's columns, swept params) are not included."""
+    alignment = [f"{m}_{end}" for m in ALIGNMENT for end in ("lo", "hi")] + [METRIC_IMAGES]
+    sizes = sizes_of(keys)
+    alignment += [sized_name(m, n) for m in ALIGNMENT for n in sizes]
     hardneg = _groups(keys - {"hardneg_acc_lo", "hardneg_acc_hi"}, HARDNEG_KIND, KIND_PARTS)
     zeroshot = _groups(keys, ZEROSHOT, TASK_PARTS)
     counts = sorted(k for k in keys if k.startswith("n_hardneg_"))
