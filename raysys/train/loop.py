@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from raysys.config import Config
-from raysys.evaluate import score_model
+from raysys.evaluate import capped_val, score_model
 from raysys.jam import JAM
 from raysys.train.step import Trainer, all_agree, check_dims, host_stats
 
@@ -64,8 +64,12 @@ def run_steps(
 ) -> None:
     """Train to the last step, validating and reporting every `eval_every` steps (and
     publishing the TensorBoard events after each, where `publish` is given). Step statistics
-    stay on the device until a validation, when the window is read at once (`host_stats`)."""
+    stay on the device until a validation, when the window is read at once (`host_stats`).
+    Validation scores a seeded sample of at most `eval.val_pairs` of `val`'s pairs
+    (`evaluate.capped_val`; the same rows every time, and none dropped when the worker loaded
+    only those rows)."""
     tcfg = cfg.train
+    val = None if val is None else capped_val(val, cfg.eval)
     window: list[dict[str, Any]] = []
     window_start = time.perf_counter()
     while trainer.step < trainer.total_steps:
@@ -119,8 +123,8 @@ def _report(
 def validate(
     cfg: Config, trainer: Trainer, val: Pairs, progress: Progress, summary: dict[str, Any]
 ) -> bool:
-    """Score the val split into `summary` on the model's device (other ranks wait for it),
-    track the best score; True when patience ran out."""
+    """Score the val split (already capped to `eval.val_pairs`) into `summary` on the model's
+    device (other ranks wait for it), track the best score; True when patience ran out."""
     tcfg = cfg.train
     scores = score_model(trainer.jam, val, cfg.eval, with_intervals=False)
     summary |= {f"val/{k}": v for k, v in scores.items()}
