@@ -255,3 +255,34 @@ def test_no_half_samples_below_two_resamples(tmp_path) -> None:
     assert "halves" in legend and "1 halves" not in legend and "no interval" in legend
     (tmp_path / "config.yaml").write_text("eval:\n  bootstrap: 500\n")
     assert "50 seeded random halves" in "\n".join(R.interval_legend(tmp_path, rows))
+
+
+def test_reports_state_the_sample_sizes_and_alignment_by_size(tmp_path) -> None:
+    """Retrieval over the whole split, alignment on the seeded sample, the val cap, and with
+    `eval.metric_sizes` a table of each row's alignment at each size; the sized columns and
+    `n_metric_images` follow the alignment intervals in results.csv."""
+    (tmp_path / "config.yaml").write_text("eval:\n  metric_pairs: 1024\n  val_pairs: 2048\n")
+    counts = {"n_images": 5000, "n_captions": 25000, "n_metric_images": 1024}
+    sized = {"mutual_knn_n256": 0.41, "mutual_knn_n512": 0.37, "cka_n256": 0.6, "cka_n512": 0.58}
+    raw = {"trial": "", "objective": "raw", **LITE1, "mutual_knn": 0.12, "cka": 0.5} | sized
+    con = _seed_rows("con", {"i2t_r1": [0.3], "mutual_knn": [0.33], "cka": [0.55]}, **counts)
+    rows = [raw | {"n_images": 5000, "n_metric_images": 1024}, con[0] | sized]
+    report = R.write_report(tmp_path, rows).read_text()
+    assert "5,000 images and 25,000 captions" in report
+    assert "seeded sample of 1,024 test images (`eval.metric_pairs` = 1,024)" in report
+    assert "at most 2,048 val pairs" in report
+    assert "## Alignment by sample size" in report
+    [line] = [x for x in report.splitlines() if x.startswith("| con-0") and "mutual_knn" in x]
+    assert [c.strip() for c in line.split("|")[3:-1]] == ["0.410", "0.370", "0.330"]
+    assert "n=256" in report and "n=1,024" in report
+    sweep = write_sweep_report(tmp_path, rows).read_text()
+    assert "## Alignment by sample size" in sweep and "1,024 test images" in sweep
+    with (tmp_path / "results.csv").open() as f:
+        header = next(csv.reader(f))
+    at = header.index("n_metric_images")
+    assert header[at + 1 : at + 5] == ["mutual_knn_n256", "mutual_knn_n512", "cka_n256", "cka_n512"]
+    # Without the settings or the counts (an older run), no claim about samples.
+    (tmp_path / "config.yaml").unlink()
+    old = [{k: v for k, v in r.items() if not k.startswith("n_") and "_n" not in k} for r in rows]
+    report = R.write_report(tmp_path, old).read_text()
+    assert "seeded sample" not in report and "by sample size" not in report

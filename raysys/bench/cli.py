@@ -21,6 +21,8 @@ STAGES = {
     "embed": "the extract actor's batch function (no Ray) vs a bare forward, ViT-B/16 and "
     "BERT-base",
     "sweep": "identical small trials one at a time vs packed by the sweep",
+    "eval": "score_model (chunked retrieval, sampled alignment, intervals) on --pairs random "
+    "test pairs (no Ray): seconds and peak RSS",
 }
 
 __all__ = ["BENCH_FILE", "STAGES", "add_arguments", "run"]

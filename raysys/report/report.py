@@ -30,7 +30,9 @@ from raysys.config import EvalConfig
 from raysys.errors import RaysysError
 from raysys.report.plots import pooled, write_plots
 from raysys.report.schema import (
+    ALIGNMENT,
     DEFAULT_KS,
+    METRIC_IMAGES,
     RAW,
     SEED,
     SHOWN,
@@ -43,6 +45,8 @@ from raysys.report.schema import (
     interval_columns,
     ks_of,
     result_columns,
+    sized_name,
+    sizes_of,
     t_half_width,
     t_quantile,
     zeroshot_tasks,
@@ -209,6 +213,93 @@ def interval_legend(
     ]
 
 
+def _eval_setting(run_dir: Path, key: str) -> Any:
+    """One `eval.<key>` as the run's config.yaml recorded it; None when the file or the key is
+    missing (a run from before the setting existed: its default would be a false claim)."""
+    try:
+        tree = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+        return (tree.get("eval") or {}).get(key)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def sample_lines(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """What each score was computed over: retrieval, hard negatives and reconstruction over the
+    whole test split (exact, in chunks), the alignment metrics over a seeded sample of
+    `eval.metric_pairs` images, validation over at most `eval.val_pairs` val pairs. Each line
+    only where the rows (counts) or config.yaml record it."""
+    lines = []
+    scored = [r for r in rows if r.get("n_captions") not in ("", None)]
+    if scored:
+        lines.append(
+            f"- Retrieval, hard negatives and `recon_mse` are over the whole test split: "
+            f"{_counts(scored, 'n_images')} images and {_counts(scored, 'n_captions')} "
+            "captions, every caption ranked against every image (exact, computed a chunk of "
+            "queries at a time)."
+        )
+    sampled = [r for r in rows if r.get(METRIC_IMAGES) not in ("", None)]
+    if sampled:
+        asked = _eval_setting(run_dir, "metric_pairs")
+        setting = ""
+        if asked is not None:
+            setting = (
+                f" (`eval.metric_pairs` = {int(asked):,}{': every image' if not asked else ''})"
+            )
+        images = _counts(sampled, METRIC_IMAGES)
+        lines.append(
+            f"- The alignment metrics are over a seeded sample of {images} test images"
+            f"{setting}, one caption each, as platonic-rep scores them: the same images for "
+            "the `raw` rows and every model, so their rows compare. They cost O(N²) and their "
+            "values depend on N: compare them at one sample size."
+        )
+    val = _eval_setting(run_dir, "val_pairs")
+    if val is not None:
+        cap = f"a seeded sample of at most {int(val):,} val pairs" if int(val) else "every val pair"
+        lines.append(
+            "- Validation (every `train.eval_every` steps; it picks the exported checkpoint by "
+            f"`train.best_metric`) scored {cap} (`eval.val_pairs`)."
+        )
+    return lines
+
+
+def _row_label(row: dict[str, Any]) -> str:
+    """A row in the by-size table: its trial name, or objective and layer pair."""
+    if row.get("trial"):
+        return str(row["trial"])
+    return f"{row.get('objective', '?')} {side_label(row, 'vision')}:{side_label(row, 'text')}"
+
+
+def by_size_section(rows: list[dict[str, Any]], metrics: Sequence[str] = ALIGNMENT) -> list[str]:
+    """With `eval.metric_sizes`: each row's alignment metrics at each sample size beside the
+    headline sample (`n_metric_images`), so a reader sees how they move with N before
+    comparing numbers from runs of different sizes. Empty without sized columns."""
+    sizes = sizes_of({k for r in rows for k in r if r.get(k) not in ("", None)})
+    if not sizes:
+        return []
+    full = _counts(rows, METRIC_IMAGES) if any(r.get(METRIC_IMAGES) for r in rows) else "sample"
+    columns = ["row", "metric", *(f"n={n:,}" for n in sizes), f"n={full}"]
+    body = []
+    for r in rows:
+        for m in metrics:
+            cells = [r.get(sized_name(m, n)) for n in sizes]
+            if all(c in ("", None) for c in cells):
+                continue
+            values = dict(zip(columns[2:], [*cells, r.get(m)], strict=True))
+            body.append({"row": _row_label(r), "metric": m} | values)
+    if not body:
+        return []
+    return [
+        "## Alignment by sample size",
+        "",
+        "Each alignment metric on nested seeded samples of the test images (`eval.metric_sizes`; "
+        "the last column is the headline sample, `eval.metric_pairs`). Values that still move "
+        "between the two largest sizes are not yet settled at this N.",
+        "",
+        table(body, columns),
+        "",
+    ]
+
+
 def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = ()) -> Path:
     """report.md: what was run, the table, and how to read it."""
     run_dir = Path(run_dir)
@@ -228,7 +319,9 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (
         "- `mutual_knn`, `cka`, `cknna`, `svcca`: representational alignment of the image and "
         "text representations (Platonic Representation Hypothesis definitions).",
         *interval_legend(run_dir, rows),
+        *sample_lines(run_dir, rows),
         "",
+        *by_size_section(rows, [m for m in SHOWN if m in ALIGNMENT]),
         *understanding_section(rows),
         *probe_lines(run_dir),
         f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
@@ -673,6 +766,7 @@ def write_sweep_report(
         summary_table(rows, level),
         "",
         *comparison_section(rows, level),
+        *by_size_section(rows, ["mutual_knn", "cka"]),
         *understanding_section(rows),
         *probe_lines(run_dir),
     ]
@@ -698,6 +792,7 @@ def write_sweep_report(
         f"`{RESULTS}` holds both, as `*_depth` and `*_layer`.",
         *_seed_legend(trials, level),
         *interval_legend(run_dir, rows, compared=True, seeds=seeds > 1),
+        *sample_lines(run_dir, rows),
         "",
         f"All columns: `{RESULTS}`. TensorBoard (curves of every trial; HParams compares them): "
         f"`tensorboard --logdir {where.rstrip('/')}/tensorboard`"
