@@ -411,20 +411,17 @@ def _hits_at(relevant: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
 _RETRIEVAL_CELLS = 1 << 24
 
 
-def _top(
-    queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int, by_column: bool = False
-) -> torch.Tensor:
+def _top(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     """Indices ``[Q, k]`` of each query's k most similar gallery rows, ``chunk`` queries at a
-    time: memory O(chunk x N) instead of the whole Q x N matrix. Each chunk is a block of the
-    one image x text product the dense computation made (``by_column``: the queries are its
-    columns, the texts), with the same ``topk``, so scores and ties fall exactly as they did
-    there; one chunk covering every query is that dense computation itself."""
-    tops = []
-    for start in range(0, queries.shape[0], chunk):
-        block = queries[start : start + chunk]
-        sim = (gallery @ block.T).T if by_column else block @ gallery.T
-        tops.append(sim.topk(k, dim=1).indices)
-    return torch.cat(tops)
+    time: memory O(chunk x N) instead of the whole Q x N matrix. Each chunk's similarities
+    are the same dot products the dense image x text matrix held (row or column of it), fed
+    to the same ``topk``, so scores and ties fall as they did there."""
+    return torch.cat(
+        [
+            (queries[start : start + chunk] @ gallery.T).topk(k, dim=1).indices
+            for start in range(0, queries.shape[0], chunk)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -459,7 +456,7 @@ def retrieval_hits(
     top_texts = _top(images, texts, min(max(ks), n_texts), chunk)
     rows = torch.arange(n_images, device=images.device)[:, None]
     i2t = _hits_at(owner[top_texts] == rows, ks)
-    top_images = _top(texts, images, min(max(ks), n_images), chunk, by_column=True)
+    top_images = _top(texts, images, min(max(ks), n_images), chunk)
     t2i = _hits_at(top_images == owner[:, None], ks)
     return i2t, t2i
 
