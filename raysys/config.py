@@ -43,6 +43,11 @@ class CorpusConfig:
     `label_key` names a manifest column with each image's class: the zero-shot task `label`,
     its classes prompted with `eval.zeroshot_templates` (the synthetic corpus brings three
     tasks of its own).
+    `index_job` says who builds a manifest or webdataset corpus's index on the cache: `ray`
+    (a Ray Data job: the driver never holds the pairs), `local` (this process, in memory) or
+    `auto` (Ray Data for sources over 64 MiB, where its start-up cost pays off). A `limit` or
+    inline image bytes are always indexed locally; `limit` then reads only the source's
+    head: the rows up to the first row of image `limit + 1` (shards in name order).
     """
 
     name: str = "synthetic"
@@ -60,6 +65,7 @@ class CorpusConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     label_key: str = ""
+    index_job: str = "auto"
 
 
 @dataclass

@@ -17,6 +17,7 @@ float16 cannot hold stops the pass at the first part that has one, with the acto
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -32,8 +33,10 @@ import ray.data
 from raysys import runtime, storage, zeroshot
 from raysys.backbones import Backbone, configured_backbone
 from raysys.config import Config, ExtractConfig
-from raysys.corpora import Corpus, load_corpus, negative_counts
+from raysys.corpora import Corpus, load_corpus
 from raysys.data import cache
+from raysys.data.index import index_files, read_marker
+from raysys.data.pairs import buckets
 from raysys.embed import (
     ERROR,
     REJECT_PARTS,
@@ -89,13 +92,13 @@ def extract(cfg: Config) -> Extracted:
         runtime.init_ray(cfg.ray)  # its caption index is read by Ray Data
     if storage.is_remote(cfg.extract.cache_dir):
         storage.check_writable(cfg.extract.cache_dir)  # fails in seconds, before any work
-    corpus = load_corpus(cfg.corpus)
     cache_dir = cache.location(cfg.extract.cache_dir)
-    corpus_dir = storage.join(cache_dir, corpus.key)
-    cache.write_pairs(corpus_dir, corpus.pairs)
+    # Its index, found or built on the cache (a large source by a Ray Data job).
+    corpus = load_corpus(cfg.corpus, cache_dir, before_job=lambda: runtime.init_ray(cfg.ray))
+    corpus_dir = corpus.index
     # The zero-shot class prompts ride along with the captions (each distinct text once).
     prompts = zeroshot.text_pass_rows(cfg, corpus)
-    inputs = {"image": image_rows(corpus), "text": text_rows(corpus.pairs, prompts)}
+    inputs = {"image": image_rows(corpus), "text": text_rows(corpus, prompts)}
     stages = {m: _stage(cfg, corpus, b, inputs[m], cache_dir) for m, b in backbones.items()}
     (image_dir, image_manifest), (text_dir, text_manifest) = stages["image"], stages["text"]
     # The zero-shot tasks' class prompts, through the same text backbone at every layer.
@@ -122,7 +125,7 @@ def _stage(
     runtime.init_ray(cfg.ray)
     provenance = {
         "corpus_key": corpus.key,
-        "corpus": corpus.info | {"negatives": negative_counts(corpus.pairs)},
+        "corpus": corpus.info | {"negatives": (read_marker(corpus.index) or {})["negatives"]},
         "backbone_key": backbone_key,
         "config": {"corpus": dataclasses.asdict(cfg.corpus)}
         | {"extract": dataclasses.asdict(cfg.extract)},
@@ -151,17 +154,48 @@ def _repair(backbone: Backbone, out_dir: str, damaged: list[cache.Damage]) -> No
 
 
 def image_rows(corpus: Corpus) -> PassRows:
-    """Unique images only: several captions may share one image, which is embedded once."""
-    return PassRows(ids=corpus.image_ids, table=corpus.images, dataset=corpus.read_images)
+    """Unique images only: several captions may share one image, which is embedded once.
+    Images held in memory (synthetic, inline) travel as a table; tar shards stream from
+    Ray Data; image files named by the index are read from it, each image's first pair."""
+    if corpus.images is not None:
+        return PassRows(ids=corpus.images["id"].combine_chunks(), table=corpus.images)
+    if corpus.read_images is not None:
+        return PassRows(ids=corpus.image_ids, dataset=corpus.read_images)
+    return PassRows(ids=corpus.image_ids, dataset=functools.partial(_index_images, corpus.index))
 
 
-def text_rows(pairs: pa.Table, extra: pa.Table | None = None) -> pa.Table:
-    """One row per pair: its caption, and its hard negative (cached as the `neg_` columns);
-    then any `extra` rows of the same columns (the zero-shot prompts)."""
-    rows = pa.table(
-        {"id": pairs["pair_id"], "caption": pairs["caption"], "negative": pairs["negative"]}
-    )
-    return rows if extra is None else pa.concat_tables([rows, extra.cast(rows.schema)])
+def _index_images(corpus_dir: str) -> ray.data.Dataset:
+    columns = ["image_id", "image", "bucket", "first"]
+    ds = _read_index(corpus_dir, columns).filter(expr="first")
+    return ds.select_columns(columns[:3]).rename_columns({"image_id": "id", "image": "uri"})
+
+
+def _read_index(corpus_dir: str, columns: list[str]) -> ray.data.Dataset:
+    """The corpus index's bucket files as a Dataset (read by Ray Data's tasks, never
+    pushed through the object store from the driver)."""
+    files = index_files(corpus_dir)
+    fs, _ = storage.pyarrow_fs(corpus_dir)
+    paths = [storage.pyarrow_fs(f)[1] for f in files]
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+
+
+def text_rows(corpus: Corpus, extra: pa.Table | None = None) -> PassRows:
+    """One row per pair: its caption, and its hard negative (cached as the `neg_` columns),
+    read from the corpus index; then any `extra` rows of the same columns (the zero-shot
+    prompts, few)."""
+    ids = corpus.pair_table(["pair_id"])["pair_id"].combine_chunks()
+    if extra is not None:
+        extra = extra.append_column(
+            "bucket", pa.array(buckets(extra["id"].to_numpy(zero_copy_only=False)), pa.int16())
+        )
+        ids = pa.concat_arrays([ids, extra["id"].combine_chunks()])
+
+    def dataset() -> ray.data.Dataset:
+        ds = _read_index(corpus.index, ["pair_id", "caption", "negative", "bucket"])
+        ds = ds.rename_columns({"pair_id": "id"})
+        return ds if extra is None else ds.union(ray.data.from_arrow(extra))
+
+    return PassRows(ids=ids, dataset=dataset)
 
 
 def run_pass(
@@ -212,8 +246,7 @@ def _plan_pass(
     actors, cpus, gpus, threads = _actor_plan(ecfg)  # a cluster too small fails before any I/O
     started = time.perf_counter()
     cache.remove_temporary(out_dir)
-    done = cache.ids_in(_kept_files(out_dir))
-    done = pa.array(done, pa.string())  # one Arrow array for every filter below
+    done = _ids_of(_kept_files(out_dir))  # one Arrow array for every filter below
     source = PassRows.of(rows)
     total = len(source.ids)
     n_todo = total - int(pc.sum(pc.is_in(source.ids, done)).as_py() or 0)
@@ -421,25 +454,43 @@ def _checked_rejects(p: _Pass) -> tuple[pa.Table | None, dict[str, int]]:
         )
     rejected = [f for f in rejected if rows_in.get(f, 0)]
     rejects = pa.concat_tables(cache.read_parquet(f) for f in rejected) if rejected else None
-    expected = set(p.source.ids.to_pylist())
-    if seen != expected:
-        raise CorpusError(
-            f"the {p.backbone.modality} parts in {p.out_dir!r} hold {len(seen)} ids for "
-            f"{len(expected)} rows ({len(expected - seen)} missing, {len(seen - expected)} "
-            "foreign); delete the directory and rerun"
-        )
+    _check_exactly_once(p, seen)
     return rejects, {f.rsplit("/", 1)[-1]: rows_in[f] for f in parts if rows_in.get(f, 0)}
+
+
+def _ids_of(files: list[str]) -> pa.Array:
+    """The ids of some Parquet parts (the id column only) as one Arrow array."""
+    arrays = [cache.read_parquet(f, ["id"])["id"] for f in files]
+    return pa.chunked_array(arrays, pa.string()).combine_chunks()
+
+
+def _check_exactly_once(p: _Pass, seen: pa.Array) -> None:
+    """The ids the files hold (each once, after `_drop_duplicate_rows`) are exactly the
+    pass's ids: compared as Arrow columns, never as Python sets of every id."""
+    expected = p.source.ids
+    if len(seen) == len(expected):
+        ordered = [pc.sort_indices(a) for a in (seen, expected)]
+        same = pc.equal(seen.take(ordered[0]), expected.take(ordered[1]))
+        if pc.all(same).as_py() is not False:
+            return
+    missing = len(expected) - int(pc.sum(pc.is_in(expected, seen)).as_py() or 0)
+    foreign = len(seen) - int(pc.sum(pc.is_in(seen, expected)).as_py() or 0)
+    raise CorpusError(
+        f"the {p.backbone.modality} parts in {p.out_dir!r} hold {len(seen)} ids for "
+        f"{len(expected)} rows ({missing} missing, {foreign} foreign); delete the directory "
+        "and rerun"
+    )
 
 
 def _drop_duplicate_rows(
     files: list[str], written: dict[str, str]
-) -> tuple[int, set[str], dict[str, int]]:
+) -> tuple[int, pa.Array, dict[str, int]]:
     """Keep each id in the oldest file that holds it; rewrite (whole) or delete the others;
     returns how many rows went, the ids left (each now once) and each file's rows left;
     `written` (part name -> SHA-256) follows the rewrites.
     Duplicates arise when a killed driver's actors outlive it for a moment and finish a part
     a rerun also embedded; embeddings of the same input are the same, so which copy survives
-    does not matter."""
+    does not matter. Found with one Arrow sort of every (id, file age) row, not a set."""
     listed = {
         d: cache.list_files(d) for d in {f.rsplit("/", 1)[0] for f in files}
     }  # one LIST per directory, for the files' ages
@@ -449,16 +500,35 @@ def _drop_duplicate_rows(
         found = listed[directory].get(name)
         return (found.mtime if found else 0.0, f)
 
-    seen: set[str] = set()
-    dropped, rows_in = 0, {}
-    for path in sorted(files, key=age):
-        ids = cache.read_parquet(path, ["id"])["id"].to_pylist()  # ids only: cheap
-        repeated = np.array([i in seen for i in ids], dtype=bool)
-        seen.update(ids)
-        rows_in[path] = len(ids) - int(repeated.sum())
-        if repeated.any():
-            dropped += int(repeated.sum())
-            keep = cache.read_parquet(path).filter(pa.array(~repeated))
+    files = sorted(files, key=age)
+    ids = [cache.read_parquet(path, ["id"])["id"].combine_chunks() for path in files]
+    table = pa.table(
+        {
+            "id": pa.chunked_array(ids, pa.string()),
+            "file": pa.chunked_array(
+                [pa.array(np.full(len(a), k, np.int32)) for k, a in enumerate(ids)], pa.int32()
+            ),
+            "row": pa.chunked_array(
+                [pa.array(np.arange(len(a), dtype=np.int64)) for a in ids], pa.int64()
+            ),
+        }
+    ).combine_chunks()
+    table = table.take(pc.sort_indices(table, [("id", "ascending"), ("file", "ascending")]))
+    column = table["id"]
+    repeat = np.zeros(table.num_rows, dtype=bool)
+    if table.num_rows > 1:
+        same = pc.equal(column.slice(1), column.slice(0, table.num_rows - 1))
+        repeat[1:] = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+    seen = pc.filter(column, pa.array(~repeat)).combine_chunks()
+    dropped, rows_in = int(repeat.sum()), {}
+    files_hit = table["file"].to_numpy()[repeat]
+    rows_hit = table["row"].to_numpy()[repeat]
+    for k, path in enumerate(files):
+        mask = np.zeros(len(ids[k]), dtype=bool)
+        mask[rows_hit[files_hit == k]] = True
+        rows_in[path] = len(ids[k]) - int(mask.sum())
+        if mask.any():
+            keep = cache.read_parquet(path).filter(pa.array(~mask))
             written.pop(path.rsplit("/", 1)[-1], None)  # rewritten: its checksum changes
             if keep.num_rows:
                 part = cache.write_part(keep, path)

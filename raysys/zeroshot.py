@@ -97,7 +97,7 @@ def tasks(corpus: Corpus, eval_cfg: EvalConfig) -> Tasks:
     of the pairs' labels it gives none for, prompted with `eval.zeroshot_templates` (checked
     only then: a corpus that needs no templates never fails on them)."""
     own: Tasks = {t: dict(c) for t, c in corpus.zeroshot.items()}
-    labelled = label_classes(corpus.pairs)
+    labelled = label_classes(corpus.label_values())
     for task in set(labelled) & set(own):
         unprompted = sorted(set(labelled[task]) - set(own[task]))
         if unprompted:  # evaluation could never predict them: a broken corpus, said now

@@ -100,6 +100,7 @@ def test_s3_manifest_and_shards_extract(ray_cluster, s3_server, scenes, tmp_path
         f"corpus.path={bucket}/coco/m.jsonl",
         f"extract.cache_dir={bucket}/cache",
         "extract.image_size=64",
+        "corpus.index_job=ray",  # the Ray Data index job, writing its buckets to S3
     ]
     ext = extract(config.load(None, overrides))
     assert ext.image_dir.startswith(f"{bucket}/cache/") and ext.corpus_dir.startswith(bucket)
@@ -113,7 +114,9 @@ def test_s3_manifest_and_shards_extract(ray_cluster, s3_server, scenes, tmp_path
         assert manifest["rows"] > 0 and manifest["files"]
         for name, entry in manifest["files"].items():  # each file recorded as it is on S3
             assert (listed[name].size, listed[name].etag) == (entry["bytes"], entry["etag"])
-    assert storage.exists(f"{ext.corpus_dir}/pairs.parquet")
+    marker = json.loads(storage.read_text(f"{ext.corpus_dir}/index/_index.json"))
+    assert marker["rows"] == 2 * N_IMAGES and marker["images"] == N_IMAGES
+    assert set(cache.list_files(f"{ext.corpus_dir}/index")) == {*marker["files"], "_index.json"}
 
     # A second run reuses every part (none rewritten) and never reads a stray file that is
     # not in the manifest.
@@ -169,5 +172,7 @@ def test_webdataset_key_is_stable_and_duplicates_refused(ray_cluster, scenes, tm
     write_shards(tmp_path / "twice", scenes[:3], per_shard=3)
     (tmp_path / "twice" / "00000.tar").rename(tmp_path / "twice" / "copy.tar")
     write_shards(tmp_path / "twice", scenes[:3], per_shard=3)
-    with pytest.raises(CorpusError, match="sample keys appear more than once"):
-        load_corpus(corpus_config(tmp_path / "twice", name="webdataset", limit=1))
+    twice = corpus_config(tmp_path / "twice", name="webdataset", index_job="ray")
+    for cache_dir in (None, str(tmp_path / "cache")):  # in memory, and by the Ray Data job
+        with pytest.raises(CorpusError, match="sample keys appear more than once"):
+            load_corpus(twice, cache_dir)

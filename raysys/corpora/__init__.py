@@ -23,15 +23,24 @@ rule-based edit.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysys import storage
 from raysys.config import CorpusConfig
-from raysys.corpora import manifest, webdataset
-from raysys.corpora.base import Corpus, pairs_table, table_digest
-from raysys.corpora.negatives import Negative, fill_negatives, make_negative
+from raysys.corpora import index, manifest, webdataset
+from raysys.corpora.base import Corpus, pairs_table
+from raysys.corpora.negatives import (
+    RULES_VERSION,
+    Negative,
+    fill_negatives,
+    make_negative,
+    negatives_table,
+)
 from raysys.corpora.synthetic import (
     SyntheticConfig,
     corpus_info,
@@ -41,54 +50,107 @@ from raysys.corpora.synthetic import (
     zeroshot_tasks,
 )
 from raysys.data.cache import content_key
+from raysys.data.index import INDEX_VERSION, read_marker, write_index
 from raysys.errors import ConfigError
 
 KINDS = ("synthetic", "manifest", "webdataset")
 _LOADED: dict[str, Corpus] = {}  # this process's last corpus, by config
 
 
-def load_corpus(cfg: CorpusConfig) -> Corpus:
-    """The configured corpus, negatives filled in. A synthetic corpus is built once per
-    process and config (rendering 2,000 scenes takes seconds and a run needs them twice:
-    extraction and the projector's thumbnails); the others are read afresh, since their
-    files may change. A `webdataset` corpus reads its shards with Ray Data, so the caller
+def load_corpus(
+    cfg: CorpusConfig,
+    cache_dir: str | None = None,
+    before_job: Callable[[], Any] | None = None,
+) -> Corpus:
+    """The configured corpus, negatives filled in.
+
+    With a `cache_dir` (extraction), the corpus's index lives on it: a finished index is
+    found by the corpus key (from the source's fingerprints, without reading its rows) and
+    reused as it is; otherwise a whole manifest or set of shards is indexed by the Ray Data
+    job (`corpora.index`) and the driver never holds its pairs, while a small corpus
+    (synthetic, a `corpus.limit`, inline images) is built here and written as the index.
+    Without a `cache_dir`, the pairs are built here and kept in memory. `before_job` runs
+    before the Ray Data job (it starts Ray).
+
+    A synthetic corpus is built once per process and config (rendering 2,000 scenes takes
+    seconds and a run needs them twice). Tar shards are read by Ray Data, so the caller
     starts Ray first (`runtime.init_ray`) or Ray Data would start its own."""
     if cfg.name not in KINDS:
         raise ConfigError(f"unknown corpus {cfg.name!r}; available: {', '.join(KINDS)}")
-    if cfg.name != "synthetic":
-        return _load(cfg)
-    memo = content_key(dataclasses.asdict(cfg))
-    if memo not in _LOADED:
-        _LOADED.clear()  # keep one corpus: it holds every image
-        _LOADED[memo] = _load(cfg)
-    return _LOADED[memo]
-
-
-def _load(cfg: CorpusConfig) -> Corpus:
     if cfg.name == "synthetic":
-        fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
-        syn = SyntheticConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields})
-        rows = generate(syn)
-        images: dict[str, bytes] = {}
-        for r in rows:
-            images.setdefault(r["image_id"], r.pop("image"))
-        table = pa.table(
-            {"id": list(images), "image": pa.array(list(images.values()), pa.binary())}
-        )
-        return Corpus(
-            corpus_key(syn),
-            pairs_table(fill_negatives(rows)),
-            images=table,
-            info={"kind": "synthetic", "images": len(images)} | corpus_info(syn, rows),
-            zeroshot=zeroshot_tasks(),
-        )
-    source = manifest if cfg.name == "manifest" else webdataset
-    corpus = source.load(cfg)
-    corpus.pairs = pairs_table(fill_negatives(corpus.pairs.to_pylist()))
-    # The final pairs, generated negatives included, key the cache: a change to the
-    # negative rules must not reuse old negative embeddings.
-    corpus.key = content_key(corpus.key, table_digest(corpus.pairs))
+        memo = content_key(dataclasses.asdict(cfg))
+        if memo not in _LOADED:
+            _LOADED.clear()  # keep one corpus: it holds every image
+            _LOADED[memo] = _synthetic(cfg)
+        corpus = _LOADED[memo]
+        return _indexed(corpus, cache_dir) if cache_dir else corpus
+    if cfg.name == "manifest":
+        key, info = manifest.fingerprint(cfg)
+    else:
+        key, info, uris = webdataset.fingerprint(cfg)
+        info["uris"] = uris
+    key = content_key(key, INDEX_VERSION, RULES_VERSION)
+    if cache_dir:
+        corpus_dir = storage.join(cache_dir, key)
+        marker = read_marker(corpus_dir)
+        if marker is None and index.streamed(cfg, info["bytes"]):
+            if before_job is not None:
+                before_job()
+            marker = index.build(cfg, corpus_dir, info)
+        if marker is not None:
+            return _from_index(cfg, key, corpus_dir, marker, info)
+    corpus = (manifest if cfg.name == "manifest" else webdataset).load(cfg)
+    corpus.key = key
+    corpus.pairs = negatives_table(corpus.pairs)
+    return _indexed(corpus, cache_dir) if cache_dir else corpus
+
+
+def _synthetic(cfg: CorpusConfig) -> Corpus:
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    syn = SyntheticConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields})
+    rows = generate(syn)
+    images: dict[str, bytes] = {}
+    for r in rows:
+        images.setdefault(r["image_id"], r.pop("image"))
+    table = pa.table({"id": list(images), "image": pa.array(list(images.values()), pa.binary())})
+    return Corpus(
+        corpus_key(syn),
+        pairs_table(fill_negatives(rows)),
+        images=table,
+        info={"kind": "synthetic", "images": len(images)} | corpus_info(syn, rows),
+        zeroshot=zeroshot_tasks(),
+    )
+
+
+def _indexed(corpus: Corpus, cache_dir: str) -> Corpus:
+    """An in-memory corpus with its index written on the cache (once)."""
+    corpus_dir = storage.join(cache_dir, corpus.key)
+    if read_marker(corpus_dir) is None:
+        write_index(corpus_dir, corpus.pairs, {k: v for k, v in corpus.info.items()})
+    corpus.index = corpus_dir
     return corpus
+
+
+def _from_index(
+    cfg: CorpusConfig, key: str, corpus_dir: str, marker: dict[str, Any], info: dict[str, Any]
+) -> Corpus:
+    """A corpus whose pairs stay in its index (read by the stages that need them)."""
+    info = {k: v for k, v in info.items() if k != "uris"} | {"images": marker["images"]}
+    read_images = None
+    if cfg.name == "webdataset":
+        read_images = functools.partial(webdataset.read_images, cfg, _uris(cfg), None)
+    return Corpus(
+        key,
+        None,
+        read_images=read_images,
+        info=info,
+        index=corpus_dir,
+        labels=marker.get("labels"),
+    )
+
+
+def _uris(cfg: CorpusConfig) -> list[str]:
+    return webdataset.fingerprint(cfg)[2]
 
 
 def negative_counts(pairs: pa.Table) -> dict[str, Any]:

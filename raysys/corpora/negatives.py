@@ -29,6 +29,8 @@ import random
 import re
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 RULES: tuple[str, ...] = ("swap_attributes", "relation", "colour", "noun", "size_number")
 
 
@@ -371,3 +373,34 @@ def fill_negatives(rows: list[dict]) -> list[dict]:
         row["negative"] = derived.text if derived else None
         row["negative_source"] = f"generated:{derived.rule}" if derived else "none"
     return rows
+
+
+RULES_VERSION = 1  # bump when a rule changes what it generates: it re-keys every corpus index
+
+
+def negatives_table(pairs: pa.Table) -> pa.Table:
+    """`fill_negatives` on a table (a batch of the index job, or a small corpus's pairs):
+    `negative` filled where a rule applies and `negative_source` for every pair."""
+    captions = pairs["caption"].to_pylist()
+    given = pairs["negative"].to_pylist()
+    ids = pairs["pair_id"].to_pylist()
+    known = (
+        pairs["negative_source"].to_pylist()
+        if "negative_source" in pairs.column_names
+        else [None] * len(ids)
+    )
+    negatives, sources = [], []
+    for caption, negative, pair_id, source in zip(captions, given, ids, known, strict=True):
+        if negative:
+            negatives.append(negative)
+            sources.append(source or "corpus")
+            continue
+        derived = make_negative(caption, seed=pair_id) if caption else None
+        negatives.append(derived.text if derived else None)
+        sources.append(f"generated:{derived.rule}" if derived else "none")
+    out = pairs.drop_columns(
+        [c for c in ("negative", "negative_source") if c in pairs.column_names]
+    )
+    position = out.column_names.index("caption") + 1
+    out = out.add_column(position, "negative", pa.array(negatives, pa.string()))
+    return out.add_column(position + 1, "negative_source", pa.array(sources, pa.string()))

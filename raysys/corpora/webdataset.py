@@ -13,25 +13,30 @@ backbone actors. The driver never holds the images.
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raysys import storage
 from raysys.config import CorpusConfig
 from raysys.corpora.base import (
+    SOURCE_SCHEMA,
     Corpus,
     as_texts,
     check_unique,
-    image_pairs,
-    normalise_split,
-    pairs_table,
+    finish_pairs,
+    gather_images,
     settings,
-    split_of,
+    source_row,
 )
 from raysys.data.cache import content_key
-from raysys.errors import ConfigError, CorpusError
+from raysys.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ray.data
 
 WEBDATASET_VERSION = 1
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -77,89 +82,110 @@ def _member(value: Any) -> bytes | None:
     return value if isinstance(value, bytes) else None
 
 
-def _sample_text(row: dict[str, Any], cfg: CorpusConfig) -> tuple[list, list, Any, Any]:
+def _sample_row(sample: dict[str, Any], cfg: CorpusConfig) -> dict[str, Any]:
+    """One sample's text members as a source row (`SOURCE_SCHEMA`): its key is the image
+    id; the `.txt` caption, else the `.json` field's (a string or a list)."""
+    image_id = str(sample["__key__"])
     meta: dict[str, Any] = {}
-    if _member(row.get("json")):
+    if _member(sample.get("json")):
         try:
-            meta = json.loads(row["json"])
+            meta = json.loads(sample["json"])
         except ValueError:
             meta = {}
-    if _member(row.get("txt")) is not None:
-        captions = [row["txt"].decode("utf-8", errors="replace").strip()]
+    if _member(sample.get("txt")) is not None:
+        captions = [sample["txt"].decode("utf-8", errors="replace").strip()]
     else:
         captions = as_texts(meta.get(cfg.caption_key))
-    negatives = as_texts(meta.get(cfg.negative_key))
-    label = meta.get(cfg.label_key) if cfg.label_key else None
-    return captions, negatives, meta.get(cfg.split_key), label
+    return source_row(
+        0,  # rows are ordered by key
+        image_id,
+        None,
+        captions,
+        as_texts(meta.get(cfg.negative_key)),
+        meta.get(cfg.split_key),
+        meta.get(cfg.label_key) if cfg.label_key else None,
+        f"webdataset {cfg.path!r} sample {image_id!r}",
+    )
 
 
-def load(cfg: CorpusConfig) -> Corpus:
-    """The caption index (read by Ray Data: the caller has started Ray) and the image reader."""
-    import ray.data  # lazy: Ray Data takes seconds to import; only this corpus reads with it
+class SampleRows:
+    """Ray Data batches of text members -> source rows: the index job's read transform."""
 
+    def __init__(self, cfg: CorpusConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [_sample_row(sample, self.cfg) for sample in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+
+
+def repeated_keys(cfg: CorpusConfig) -> str:
+    """The error for a key on two samples (`gather_images(repeats=...)`)."""
+    return (
+        f"webdataset {cfg.path!r}: sample keys appear more than once ({{image_id!r}}); "
+        "keys must be unique across shards (they name the cached images)"
+    )
+
+
+def fingerprint(cfg: CorpusConfig) -> tuple[str, dict[str, Any], list[str]]:
+    """The corpus key from the shards' names, sizes and versions (ETag on S3, mtime
+    locally) and the settings, without reading a shard; the info and the shard URIs."""
     if not cfg.path:
         raise ConfigError("corpus.name=webdataset needs corpus.path (shards: .tar, dir or glob)")
     shards = shard_files(cfg.path)
-    uris = [u for u, _, _ in shards]
-    texts = ray.data.read_webdataset(
-        uris,
-        filesystem=_filesystem(cfg.path),
-        decoder=None,
-        suffixes=list(TEXT_SUFFIXES),
-    )
-    # Ray Data yields rows in completion order: sort, so `limit` and the key are stable.
-    index = sorted(texts.iter_rows(), key=lambda r: str(r["__key__"]))
-    keys = [str(r["__key__"]) for r in index]
-    repeated = sorted({a for a, b in zip(keys, keys[1:], strict=False) if a == b})
-    if repeated:
-        raise CorpusError(
-            f"webdataset {cfg.path!r}: sample keys appear more than once ({repeated[:5]}); "
-            "keys must be unique across shards (they name the cached images)"
-        )
-    if cfg.limit:
-        index = index[: cfg.limit]
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for sample in index:
-        image_id = str(sample["__key__"])
-        seen.add(image_id)
-        captions, negatives, split, label = _sample_text(sample, cfg)
-        if negatives and len(negatives) != len(captions):
-            raise CorpusError(
-                f"webdataset {cfg.path!r} sample {image_id!r}: {len(captions)} captions but "
-                f"{len(negatives)} negatives"
-            )
-        split = (
-            normalise_split(split, f"sample {image_id!r}")
-            if split is not None
-            else split_of(image_id, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-        )
-        texts = captions or [None]
-        negs = negatives or [None] * len(texts)
-        new = image_pairs(image_id, list(zip(texts, negs, strict=True)), split)
-        if cfg.label_key:  # the key on every row, so pairs_table keeps the column
-            text = "" if label is None else str(label).strip()
-            for r in new:
-                r["labels"] = json.dumps({"label": text}) if text else None
-        rows += new
-    pairs = pairs_table(rows)
-    check_unique(pairs, f"webdataset {cfg.path!r}")
-    # Shard names, sizes and versions (ETag on S3, mtime locally) stand for the images; the
-    # pairs (hashed with their negatives by `load_corpus`) for the text.
     key = content_key("webdataset", WEBDATASET_VERSION, shards, settings(cfg))
-    keep = set(seen)
+    info = {"kind": "webdataset", "source": cfg.path, "shards": len(shards)}
+    info["bytes"] = sum(size for _, size, _ in shards)
+    return key, info, [u for u, _, _ in shards]
 
-    def read_images() -> ray.data.Dataset:
-        ds = ray.data.read_webdataset(
-            uris,
-            filesystem=_filesystem(cfg.path),
-            decoder=None,
-            suffixes=list(IMAGE_SUFFIXES),
-        )
-        return ds.map_batches(_ImageRows(keep), batch_format="pyarrow")
 
-    info = {"kind": "webdataset", "source": cfg.path, "shards": len(shards), "images": len(seen)}
-    return Corpus(key=key, pairs=pairs, read_images=read_images, info=info)
+def texts(cfg: CorpusConfig, uris: list[str]) -> ray.data.Dataset:
+    """The shards' text members (no images) as a Ray Dataset of samples."""
+    import ray.data  # lazy: Ray Data takes seconds to import
+
+    return ray.data.read_webdataset(
+        uris, filesystem=_filesystem(cfg.path), decoder=None, suffixes=list(TEXT_SUFFIXES)
+    )
+
+
+def load(cfg: CorpusConfig) -> Corpus:
+    """The caption index read here (by Ray Data: the caller has started Ray) and the image
+    reader. With `corpus.limit`, shards are read in name order only until they hold that
+    many samples, and the first `limit` keys of those are kept."""
+    key, info, uris = fingerprint(cfg)
+    rows: list[dict[str, Any]] = []
+    for uri in uris if cfg.limit else [uris]:
+        wanted = [uri] if isinstance(uri, str) else uri
+        rows += [_sample_row(sample, cfg) for sample in texts(cfg, wanted).iter_rows()]
+        if cfg.limit and len(rows) >= cfg.limit:
+            break
+    table = pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
+    pairs = gather_images(
+        table, cfg.seed, cfg.val_fraction, cfg.test_fraction, repeats=repeated_keys(cfg)
+    )
+    if cfg.limit:
+        kept = pc.unique(pairs["image_id"])[: cfg.limit]  # pairs come sorted by key
+        pairs = pairs.filter(pc.is_in(pairs["image_id"], kept))
+    check_unique(pairs, f"webdataset {cfg.path!r}")
+    keep = pc.unique(pairs["image_id"]) if cfg.limit else None
+    info |= {"images": int(pc.sum(pairs["first"]).as_py() or 0)}
+    return Corpus(
+        key=key,
+        pairs=finish_pairs(pairs, cfg.label_key, image=False),
+        read_images=functools.partial(read_images, cfg, uris, keep),
+        info=info,
+    )
+
+
+def read_images(cfg: CorpusConfig, uris: list[str], keep: pa.Array | None) -> ray.data.Dataset:
+    """The shards' images as `id, image` rows, streamed to the image pass; with `keep`
+    (a limited corpus's image ids), only those."""
+    import ray.data
+
+    ds = ray.data.read_webdataset(
+        uris, filesystem=_filesystem(cfg.path), decoder=None, suffixes=list(IMAGE_SUFFIXES)
+    )
+    return ds.map_batches(_ImageRows(keep), batch_format="pyarrow")
 
 
 class _ImageRows:
@@ -167,8 +193,8 @@ class _ImageRows:
     samples in the index (so `corpus.limit` holds); a sample with no image keeps a null
     image, which the image pass rejects."""
 
-    def __init__(self, keep: set[str]) -> None:
-        self.keep = keep
+    def __init__(self, keep: pa.Array | None) -> None:
+        self.keep = keep  # None: every sample (an unlimited corpus; no set of every id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = [str(k) for k in batch["__key__"].to_pylist()]
@@ -177,7 +203,11 @@ class _ImageRows:
             if suffix in batch.column_names:
                 for i, value in enumerate(batch[suffix].to_pylist()):
                     images[i] = images[i] or _member(value)
-        keep = [i for i, k in enumerate(ids) if k in self.keep]
+        if self.keep is None:
+            keep = list(range(len(ids)))
+        else:
+            inside = pc.is_in(pa.array(ids, pa.string()), self.keep).to_pylist()
+            keep = [i for i, k in enumerate(inside) if k]
         return pa.table(
             {
                 "id": pa.array([ids[i] for i in keep], pa.string()),

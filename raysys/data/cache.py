@@ -43,7 +43,6 @@ from raysys.data.pairs import Pairs
 from raysys.errors import CacheError
 
 MANIFEST = "manifest.json"
-PAIRS = "pairs.parquet"
 # Corpus-index columns only some corpora have: the zero-shot labels (JSON {task: class}).
 OPTIONAL_PAIR_COLUMNS = ("labels",)
 REJECTS = "rejects.parquet"
@@ -262,25 +261,23 @@ def damage_error(directory: Location, damaged: list[Damage]) -> CacheError:
 
 
 def write_pairs(corpus_dir: Location, rows: pa.Table | list[dict[str, Any]]) -> str:
-    """The corpus index every later stage joins on (no image bytes); written once."""
-    path = storage.join(corpus_dir, PAIRS)
-    if not storage.exists(path):
-        cols = ["pair_id", "image_id", "caption", "negative", "negative_source", "split"]
-        if isinstance(rows, pa.Table):
-            table = rows.select(cols + [c for c in OPTIONAL_PAIR_COLUMNS if c in rows.column_names])
-        else:
-            cols += [c for c in OPTIONAL_PAIR_COLUMNS if rows and c in rows[0]]
-            table = pa.table({c: [r.get(c) for r in rows] for c in cols})
-        write_part(table, path)
-    return path
+    """A small corpus index (an in-memory table or rows) written as the bucketed index
+    (`raysys.data.index`), unless a finished one is there; returns its directory."""
+    from raysys.data import index  # the index layout builds on this module's files
+
+    if index.read_marker(corpus_dir) is None:
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+        index.write_index(corpus_dir, table)
+    return index.index_dir(corpus_dir)
 
 
-def read_pairs(corpus_dir: Location) -> pa.Table:
-    path = storage.join(corpus_dir, PAIRS)
-    try:
-        return read_parquet(path)
-    except FileNotFoundError:
-        raise CacheError(f"no corpus index at {path!r}; run `raysys extract` first") from None
+def read_pairs(
+    corpus_dir: Location, columns: list[str] | None = None, split: str | None = None
+) -> pa.Table:
+    """The corpus index (some columns, one split), read bucket file by bucket file."""
+    from raysys.data import index
+
+    return index.read_index(corpus_dir, columns, split)
 
 
 def list_array(values: np.ndarray, dtype: str = "float16") -> pa.FixedSizeListArray:
