@@ -180,9 +180,10 @@ def train(cfg: Config, out: Path | str, resume: bool = False) -> list[dict[str, 
     test = checked_eval_splits(cfg, source)["test"]
     axes = _axes_of(cfg, ext, source)
     rows = [model_row(RAW, **axes, scores=score_raw(test, cfg.eval))]
+    sampled = rows[0].get("n_metric_images")
     print(
         f"[evaluate] raw embeddings on {len(test)} test pairs: mutual_knn "
-        f"{rows[0]['mutual_knn']:.3f}",
+        f"{rows[0]['mutual_knn']:.3f}" + (f" (on a sample of {sampled} images)" if sampled else ""),
         flush=True,
     )
     rows.append(_fit_and_score(cfg, run, ext, source, test, axes, resume))
