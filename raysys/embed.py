@@ -19,6 +19,7 @@ import torch
 from raysys import errors, storage
 from raysys.backbones import REJECT, Backbone, layer_name, pick_device
 from raysys.data import cache
+from raysys.data.pairs import buckets as bucket_of
 from raysys.errors import CacheError, RaysysError
 
 REJECT_PARTS = "rejects.parts"  # actors' reject files, merged into cache.REJECTS at the end
@@ -28,7 +29,8 @@ ERROR = "error"  # a part's raysys error ("CacheError: message"), returned as da
 class Prepare:
     """The CPU stage: read images named by URI, then the backbone's own preprocessing
     (decode/resize or tokenize); a reason given upstream (an unreadable file) wins over the
-    one preprocessing would give the empty row."""
+    one preprocessing would give the empty row. A `bucket` column (a text pass's, from the
+    corpus index) passes through to the actor."""
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
@@ -41,6 +43,8 @@ class Prepare:
         out = self.backbone.preprocess(batch)
         reasons = np.asarray(out[REJECT], dtype=object)
         out[REJECT] = np.where(prior != "", prior, reasons)
+        if cache.BUCKET in batch:
+            out[cache.BUCKET] = batch[cache.BUCKET]
         return out
 
 
@@ -80,7 +84,8 @@ class EmbedActor:
     `s3://` URI when the actor runs on a node that shares no disk with the driver): good rows
     to a part and bad rows to a reject part. The pass streams through once (no materialized
     copy of every embedding), a killed pass leaves only whole parts, which a rerun keeps and
-    skips, and only the part's name, counts and checksum travel back to the driver.
+    skips, and only the part's name, counts and checksum travel back to the driver. Parts
+    are laid out by bucket (see `raysys.data.cache`; `part_buckets` says which).
 
     A raysys error (a float16 overflow) travels back as data too, in `ERROR`: raised, Ray
     Data would wrap it in a UserCodeException whose cause is lost on the way to the driver.
@@ -105,6 +110,8 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
+        bucket = part_buckets(batch, self.backbone.modality)
+        batch = {k: v for k, v in batch.items() if k != cache.BUCKET}
         try:  # a float16 overflow raises here, before anything of the part is written
             table = pa.concat_tables(
                 embed_batch(
@@ -126,9 +133,31 @@ class EmbedActor:
         part, sha256 = "", ""
         if n_bad < n:
             good = table.filter(pc.invert(bad)).drop_columns([REJECT])
-            written = cache.write_part(good, storage.join(self.out_dir, f"part-{name}.parquet"))
+            uri = storage.join(self.out_dir, f"part-{name}.parquet")
+            if bucket is None:
+                written = cache.write_part(good, uri)
+            else:
+                column = pa.array(bucket, pa.int16()).filter(pc.invert(bad))
+                written = cache.write_bucketed(good.append_column(cache.BUCKET, column), uri)
             part, sha256 = written.name, written.sha256
         return _result(n - n_bad, n_bad, part, sha256, "")
+
+
+def part_buckets(batch: dict[str, np.ndarray], modality: str) -> np.ndarray | None:
+    """Each row's bucket (int16): the batch's own `bucket` column where it has one (a text
+    pass's, from the corpus index: a caption's bucket is its image's), its row ids' where
+    they are image ids (an image pass, or rows the column leaves null); None for a text pass
+    given no buckets, whose pair ids do not tell a pair's image: such a part is written
+    unsorted and read whole, never read by a wrong bucket."""
+    ids = np.asarray(batch["id"]).astype(str)
+    if cache.BUCKET not in batch:
+        return bucket_of(ids) if modality == "image" else None
+    given = pa.array(batch[cache.BUCKET], from_pandas=True)  # None and NaN as nulls
+    missing = given.is_null().to_numpy(zero_copy_only=False)
+    out = np.asarray(pc.fill_null(given, 0).cast(pa.int16())).copy()
+    if missing.any():
+        out[missing] = bucket_of(ids[missing])
+    return out
 
 
 def _result(rows: int, rejects: int, part: str, sha256: str, error: str) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ import torch
 
 from raysys import config
 from raysys.data.batches import BatchPlan, keep_on_device
+from raysys.data.pairs import buckets
+from raysys.errors import ConfigError
 from raysys.jam import JAM, losses
 from raysys.train.loop import Progress, read_state, save_checkpoint
 from raysys.train.step import (
@@ -67,6 +69,56 @@ def test_a_resumed_plan_gives_the_same_batches() -> None:
     [a.global_batch(step) for step in range(20)]
     b = BatchPlan(n=64, batch_size=8, shards=2, seed=1)
     np.testing.assert_array_equal(a.global_batch(13), b.global_batch(13))
+
+
+def _bucketed(n: int = 400, batch_size: int = 24, shards: int = 4, seed: int = 3) -> BatchPlan:
+    """A plan over `n` pairs of n // 2 images (two captions each), shards by image bucket."""
+    image_ids = np.array([f"img{i // 2}" for i in range(n)])
+    return BatchPlan(n, batch_size, shards, seed, buckets=buckets(image_ids))
+
+
+def test_bucket_shards_hold_whole_buckets_and_an_epoch_is_the_smallest_shard() -> None:
+    plan = _bucketed()
+    bucket = plan.buckets
+    for s in range(4):
+        np.testing.assert_array_equal(plan.shard_rows(s), np.flatnonzero(bucket % 4 == s))
+    assert sum(plan.sizes) == 400 and len(set(plan.sizes)) > 1  # unequal, nothing left out
+    assert plan.steps_per_epoch == min(plan.sizes) // 6
+    epoch = np.concatenate([plan.global_batch(step) for step in range(plan.steps_per_epoch)])
+    assert len(np.unique(epoch)) == len(epoch) == plan.steps_per_epoch * 24  # each pair once
+    for step in (0, plan.steps_per_epoch + 1):  # stratified: 6 pairs of every shard
+        shard_of = bucket[plan.global_batch(step)] % 4
+        np.testing.assert_array_equal(shard_of, np.repeat(np.arange(4), 6))
+    # Another epoch draws other pairs of the larger shards.
+    later = plan.global_batch(plan.steps_per_epoch)
+    assert not np.array_equal(later, plan.global_batch(0))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_bucket_shards_give_the_same_global_batch_for_any_world_size(world: int) -> None:
+    plan = _bucketed()
+    for step in (0, 5, plan.steps_per_epoch + 2, 3 * plan.steps_per_epoch):
+        parts = [
+            plan.worker_rows(rank, world)[plan.worker_batch(step, rank, world)]
+            for rank in range(world)
+        ]
+        assert all(len(p) == 24 // world for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), plan.global_batch(step))
+    # A worker holds exactly the pairs of its shards' buckets, and a resumed plan agrees.
+    for rank in range(world):
+        mine = plan.worker_rows(rank, world)
+        assert set(np.unique(plan.buckets[mine] % 4)) == set(plan.worker_shards(rank, world))
+    again = _bucketed()
+    step = 2 * plan.steps_per_epoch + 1
+    np.testing.assert_array_equal(again.global_batch(step), plan.global_batch(step))
+
+
+def test_bucket_shards_beyond_the_buckets_or_the_split_fail_clearly() -> None:
+    with pytest.raises(ConfigError, match="at most 64"):
+        BatchPlan(200, 128, 128, 0, buckets=np.zeros(200, dtype=np.int16))
+    tiny = _bucketed(n=40, batch_size=32, shards=8)
+    with pytest.raises(ConfigError, match="lower train.batch_size or train.data_shards"):
+        _ = tiny.steps_per_epoch
 
 
 def test_input_stats_without_a_process_group_match_the_local_fit() -> None:

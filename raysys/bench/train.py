@@ -194,7 +194,7 @@ def bare_loop(
     try:
         started = time.perf_counter()
         index = source.index("train")
-        plan = batch_plan(tcfg, len(index))  # one worker: all its shards
+        plan = batch_plan(tcfg, len(index), index.buckets)  # one worker: all its shards
         train_data = source.load_index(index, select=plan.worker_rows(0, 1))
         val_data = source.load("val")
         torch.manual_seed(tcfg.seed)
@@ -303,16 +303,14 @@ def _workload(cfg: Config) -> Workload:
 
     source: PairSource = trained_source(cfg, extract(cfg))
     # Fail here, clearly, on a cache too small for one batch or for validation.
-    sizes = {split: len(source.index(split)) for split in ("train", "val", "test")}
+    train = source.index("train")
+    sizes = {"train": len(train)} | {s: len(source.index(s)) for s in ("val", "test")}
     check_split_sizes(cfg, sizes)
-    total_steps = sizes["train"] // cfg.train.batch_size * cfg.train.epochs
+    one = dataclasses.replace(cfg.train, num_workers=1, early_stop_patience=0)
+    # Steps as the worker counts them: by-bucket shards give an epoch what the smallest fills.
+    total_steps = batch_plan(one, len(train), train.buckets).steps_per_epoch * cfg.train.epochs
     eval_every = max(1, math.ceil(total_steps / WINDOWS))
-    run_cfg = dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(
-            cfg.train, num_workers=1, eval_every=eval_every, early_stop_patience=0
-        ),
-    )
+    run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(one, eval_every=eval_every))
     _, threads = scaling(run_cfg.train)
     use_cuda = run_cfg.train.use_gpu and torch.cuda.is_available()
     return Workload(

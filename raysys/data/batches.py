@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from raysys.config import TrainConfig
+from raysys.data.pairs import BUCKETS
+from raysys.errors import ConfigError
 
 if TYPE_CHECKING:
     from raysys.data.pairs import Pairs
@@ -25,25 +27,59 @@ if TYPE_CHECKING:
 class BatchPlan:
     """Which pairs make up every global batch, and which worker holds them.
 
-    The split's `n` pairs are cut once into `shards` equal, seeded shards (the remainder,
-    fewer than `shards` pairs, is left out). Global batch `step` takes `batch_size / shards`
-    pairs from each shard, in shard order, from a per-(epoch, shard) permutation. Worker r of
-    N holds shards r·S/N … (r+1)·S/N − 1, and its slice of each global batch is exactly its
-    shards' parts, so the gathered batch is the same for any N that divides S, and a run
-    resumed at any step sees the batches it would have seen without the interruption.
+    The split's `n` pairs are cut once into `shards` fixed shards. With `buckets` (each
+    pair's `raysys.data.pairs.buckets` value, by its image id), shard s holds the pairs whose
+    bucket % shards == s: the embedding caches are laid out by bucket, so a worker reads only
+    its shards' rows. Those shards differ a little in size; an epoch has as many steps as the
+    smallest one fills, and each shard's epoch order is a seeded permutation of its own pairs
+    (the ones past the smallest shard's size sit out that epoch, different ones each epoch).
+    Without `buckets` (synthetic data, benchmarks), the shards are equal slices of one seeded
+    permutation (the remainder, fewer than `shards` pairs, left out).
+
+    Global batch `step` takes `batch_size / shards` pairs from each shard, in shard order.
+    Worker r of N holds shards r·S/N … (r+1)·S/N − 1, and its slice of each global batch is
+    exactly its shards' parts, so the gathered batch is the same for any N that divides S, and
+    a run resumed at any step sees the batches it would have seen without the interruption.
     """
 
     n: int
     batch_size: int
     shards: int
     seed: int
+    buckets: np.ndarray | None = None  # [n] int, each pair's bucket; None: seeded slices
 
     def __post_init__(self) -> None:
         self._epoch_orders: dict[tuple[int, int], np.ndarray] = {}
+        if self.buckets is not None:
+            if len(self.buckets) != self.n:
+                raise ValueError(f"{len(self.buckets)} buckets for {self.n} pairs")
+            if self.shards > BUCKETS:
+                raise ConfigError(
+                    f"train.data_shards={self.shards}: at most {BUCKETS} (the cache's buckets; "
+                    "a shard is a set of buckets)"
+                )
+
+    @functools.cached_property
+    def _members(self) -> list[np.ndarray]:
+        """Each shard's positions in the split's pair index, ascending."""
+        if self.buckets is not None:
+            shard_of = np.asarray(self.buckets, dtype=np.int64) % self.shards
+            order = np.argsort(shard_of, kind="stable")  # ascending positions within a shard
+            bounds = np.searchsorted(shard_of[order], np.arange(self.shards + 1))
+            return [order[bounds[s] : bounds[s + 1]] for s in range(self.shards)]
+        size = self.n // self.shards
+        order = np.random.default_rng([self.seed, self.n]).permutation(self.n)
+        return [np.sort(order[s * size : (s + 1) * size]) for s in range(self.shards)]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Pairs in each shard."""
+        return [len(m) for m in self._members]
 
     @property
     def shard_size(self) -> int:
-        return self.n // self.shards
+        """The smallest shard's size: what every shard gives an epoch."""
+        return min(self.sizes)
 
     @property
     def per_shard(self) -> int:
@@ -51,17 +87,18 @@ class BatchPlan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.shard_size // self.per_shard
-
-    @functools.cached_property
-    def _order(self) -> np.ndarray:
-        """The one seeded permutation the shards are cut from."""
-        return np.random.default_rng([self.seed, self.n]).permutation(self.n)
+        steps = self.shard_size // self.per_shard
+        if steps == 0:
+            raise ConfigError(
+                f"the train split's smallest of {self.shards} shard(s) holds {self.shard_size} "
+                f"pairs, fewer than the {self.per_shard} each gives a global batch of "
+                f"{self.batch_size}: lower train.batch_size or train.data_shards"
+            )
+        return steps
 
     def shard_rows(self, shard: int) -> np.ndarray:
         """Positions (in the split's pair index) of the pairs in `shard`, ascending."""
-        size = self.shard_size
-        return np.sort(self._order[shard * size : (shard + 1) * size])
+        return self._members[shard]
 
     def worker_shards(self, rank: int, world: int) -> range:
         per_worker = self.shards // world
@@ -79,14 +116,15 @@ class BatchPlan:
             if len(self._epoch_orders) > 2 * self.shards:  # keep about one epoch's orders
                 self._epoch_orders.clear()
             rng = np.random.default_rng([self.seed, epoch, shard])
-            self._epoch_orders[key] = rng.permutation(self.shard_size)
+            self._epoch_orders[key] = rng.permutation(self.sizes[shard])
         return self._epoch_orders[key][index * self.per_shard : (index + 1) * self.per_shard]
 
     def worker_batch(self, step: int, rank: int, world: int) -> np.ndarray:
         """Worker `rank`'s slice of global batch `step`, as positions in its `worker_rows`."""
         shards = self.worker_shards(rank, world)
+        starts = np.cumsum([0] + [self.sizes[s] for s in shards])
         return np.concatenate(
-            [i * self.shard_size + self._in_shard(step, s) for i, s in enumerate(shards)]
+            [start + self._in_shard(step, s) for start, s in zip(starts, shards, strict=False)]
         )
 
     def global_batch(self, step: int) -> np.ndarray:
@@ -94,8 +132,8 @@ class BatchPlan:
         return self.worker_rows(0, 1)[self.worker_batch(step, 0, 1)]
 
 
-def batch_plan(tcfg: TrainConfig, n: int) -> BatchPlan:
-    return BatchPlan(n, tcfg.batch_size, tcfg.data_shards or tcfg.num_workers, tcfg.seed)
+def batch_plan(tcfg: TrainConfig, n: int, buckets: np.ndarray | None = None) -> BatchPlan:
+    return BatchPlan(n, tcfg.batch_size, tcfg.data_shards or tcfg.num_workers, tcfg.seed, buckets)
 
 
 def keep_on_device(

@@ -9,6 +9,15 @@ whole by one extraction actor (column `id` plus one fixed-size list column per l
 directory without one is an unfinished extraction: never read as a cache, and resumed from its
 finished parts.
 
+Parts are laid out by bucket (`raysys.data.pairs.buckets`: a hash of the pair's image id,
+BUCKETS of them): an int16 `bucket` column, rows sorted by it, one Parquet row group per
+bucket present, with min/max statistics on `bucket` only. Training shard s of S holds the
+buckets b with b % S == s, so a train worker picks its row groups from each part's footer and
+reads only their column chunks (`read_rows(..., buckets=...)`): about 1/N of the layer
+columns for N workers, ids included. Image rows are bucketed by their own id; text rows (pair
+ids) by the bucket the corpus index gives them. A part without a `bucket` column (a text pass
+given no buckets, a hand-built cache) is one unsorted row group and is read whole.
+
 Layers are stored in the stage's `extract.cache_dtype` (the manifest's `dtype`, part of the
 backbone key): float16 by default, half the bytes; float32 for the text layers of decoder-only
 LMs, whose outlier dimensions reach 1e3–1e4 (a float16 step of 4–8) and can pass float16's
@@ -40,13 +49,16 @@ import pyarrow.parquet as pq
 
 from raysys import storage
 from raysys.data.pairs import Pairs
+from raysys.data.pairs import buckets as bucket_of
 from raysys.errors import CacheError
 
 MANIFEST = "manifest.json"
 # Corpus-index columns only some corpora have: the zero-shot labels (JSON {task: class}).
 OPTIONAL_PAIR_COLUMNS = ("labels",)
 REJECTS = "rejects.parquet"
-CACHE_VERSION = 2  # bump when the on-disk format changes (2: manifests list checked files)
+# Bump when the on-disk format changes (2: manifests list checked files; 3: parts by bucket).
+CACHE_VERSION = 3
+BUCKET = "bucket"  # a part's int16 bucket column: the row-group layout training reads by
 TMP_SUFFIX = ".tmp"  # a local part being written; never read, removed when a pass restarts
 # What every damage message ends with: the next extraction finds the damage and re-embeds.
 REPAIR = (
@@ -161,10 +173,30 @@ def write_part(table: pa.Table, uri: Location) -> Written:
     part, so every `*.parquet` in a cache directory is whole (what resuming relies on)."""
     sink = io.BytesIO()
     pq.write_table(table, sink, write_page_checksum=True)
-    data = sink.getvalue()
+    return _put_part(sink.getvalue(), table.num_rows, uri)
+
+
+def write_bucketed(table: pa.Table, uri: Location) -> Written:
+    """`write_part` laid out by the table's `bucket` column: rows sorted by bucket (stably),
+    one row group per bucket, statistics on `bucket` only (a small footer, which every train
+    worker reads), so a reader selects a worker's buckets from the footer alone."""
+    table = table.sort_by(BUCKET)
+    values = table[BUCKET].to_numpy()
+    bounds = [0, *(np.flatnonzero(np.diff(values)) + 1).tolist(), len(values)]
+    sink = io.BytesIO()
+    with pq.ParquetWriter(
+        sink, table.schema, write_page_checksum=True, write_statistics=[BUCKET]
+    ) as writer:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            if hi > lo:
+                writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+    return _put_part(sink.getvalue(), table.num_rows, uri)
+
+
+def _put_part(data: bytes, rows: int, uri: Location) -> Written:
     put_bytes(uri, data)
     name = os.fspath(uri).rstrip("/").rsplit("/", 1)[-1]
-    return Written(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
+    return Written(name, rows, len(data), hashlib.sha256(data).hexdigest())
 
 
 def remove_temporary(directory: Location) -> int:
@@ -337,21 +369,30 @@ def read_layers(
 
 
 def read_rows(
-    directory: Location, columns: list[str], want: np.ndarray, batch_rows: int = 8192
+    directory: Location,
+    columns: list[str],
+    want: np.ndarray,
+    batch_rows: int = 8192,
+    buckets: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The requested layer columns for the ids in `want` (repeats allowed), in that order.
 
     Only the wanted rows are ever held: files are read a record batch at a time, two layer
     columns at most, so a training worker's memory is its shard, not the whole cache. Files
-    are read where they are (local or S3), their page checksums verified.
+    are read where they are (local or S3), their page checksums verified. With `buckets`
+    (every bucket the wanted rows lie in), only the row groups whose bucket statistics meet
+    them are read, ids and layers alike: a train worker reads its shards' rows, not the cache.
     """
     unique, inverse = np.unique(want, return_inverse=True)
     files = finished_parts(directory, columns)
     out: dict[str, np.ndarray] = {}
     found = np.zeros(len(unique), dtype=bool)
+    wanted = None if buckets is None else np.unique(np.asarray(buckets, dtype=np.int64))
     for path in files:
         try:
-            _read_wanted(parquet_file(path), columns, unique, out, found, batch_rows)
+            parquet = parquet_file(path)
+            groups = bucket_groups(parquet, wanted)
+            _read_wanted(parquet, columns, unique, out, found, batch_rows, groups)
         except (OSError, pa.ArrowException) as e:
             raise CacheError(f"cannot read cache part {path!r}: {e}; {REPAIR}") from e
     if not found.all():
@@ -369,19 +410,23 @@ def _read_wanted(
     out: dict[str, np.ndarray],
     found: np.ndarray,
     batch_rows: int,
+    groups: list[int],
 ) -> None:
-    """Copy one part's rows whose ids are in `unique` into `out` (allocated on first use)."""
+    """Copy the rows of one part's row `groups` whose ids are in `unique` into `out`
+    (allocated on first use)."""
     for c in columns:
         if c not in out:  # each column in its stored dtype: float16 and float32 layers mix
             kind = parquet.schema_arrow.field(c).type
             dtype = kind.value_type.to_pandas_dtype()
             out[c] = np.zeros((len(unique), kind.list_size), dtype=dtype)
-    file_ids = parquet.read(columns=["id"]).column("id")
+    if not groups:
+        return
+    file_ids = parquet.read_row_groups(groups, columns=["id"]).column("id")
     slot = _positions(unique, file_ids.to_numpy().astype(str))
     if not (slot >= 0).any():
         return
     offset = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
         here = slot[offset : offset + batch.num_rows]
         offset += batch.num_rows
         hit = here >= 0
@@ -391,6 +436,27 @@ def _read_wanted(
         for c in columns:
             out[c][here[hit]] = to_numpy(batch.column(c).filter(mask))
         found[here[hit]] = True
+
+
+def bucket_groups(parquet: pq.ParquetFile, wanted: np.ndarray | None) -> list[int]:
+    """The row groups of a part that may hold rows of the `wanted` buckets (sorted), by their
+    `bucket` statistics; all of them without `wanted`, a `bucket` column or statistics."""
+    meta = parquet.metadata
+    everything = list(range(meta.num_row_groups))
+    paths = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if wanted is None or BUCKET not in paths:
+        return everything
+    column = paths.index(BUCKET)
+    groups = []
+    for g in everything:
+        stats = meta.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            groups.append(g)
+            continue
+        first = np.searchsorted(wanted, stats.min)
+        if first < len(wanted) and wanted[first] <= stats.max:
+            groups.append(g)
+    return groups
 
 
 def resolve_layer(manifest: dict[str, Any], layer: int) -> str:
@@ -414,6 +480,9 @@ class PairIndex:
     captions: np.ndarray
     negative_sources: np.ndarray | None = None
     labels: np.ndarray | None = None
+    # Each pair's bucket (`pairs.buckets` of its image id): the training shards, and the row
+    # groups of the caches a selection of pairs lies in.
+    buckets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -466,12 +535,17 @@ def pair_index(
     if not keep.any():
         raise CacheError(f"every pair of split {split!r} was rejected during extraction")
     sources, labels = _strings(index, "negative_source"), _strings(index, "labels")
+    if BUCKET in index.column_names:  # the corpus index's own (no hashing per pair here)
+        bucket = index[BUCKET].to_numpy(zero_copy_only=False).astype(np.int16)[keep]
+    else:
+        bucket = bucket_of(want_image[keep])
     return PairIndex(
         pair_ids=want_text[keep],
         image_ids=want_image[keep],
         captions=index["caption"].to_numpy(zero_copy_only=False)[keep],
         negative_sources=None if sources is None else sources[keep],
         labels=None if labels is None else labels[keep],
+        buckets=bucket,
     )
 
 
@@ -499,11 +573,13 @@ def load_index_rows(
     select: np.ndarray | None = None,
 ) -> Pairs:
     """The embeddings of an already joined `pair_index` (or of its `select` positions), so a
-    caller that needed the index first does not join the caches twice."""
+    caller that needed the index first does not join the caches twice. Only the cache row
+    groups of the selected pairs' buckets are read (a train worker's shards)."""
     if select is not None:
         rows = rows.take(select)
-    image = read_rows(image_dir, [image_layer], rows.image_ids)
-    text = read_rows(text_dir, [text_layer, "neg_" + text_layer], rows.pair_ids)
+    wanted = None if rows.buckets is None else np.unique(rows.buckets)
+    image = read_rows(image_dir, [image_layer], rows.image_ids, buckets=wanted)
+    text = read_rows(text_dir, [text_layer, "neg_" + text_layer], rows.pair_ids, buckets=wanted)
     pairs = Pairs(
         pair_ids=rows.pair_ids,
         image_ids=rows.image_ids,

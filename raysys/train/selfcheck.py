@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from raysys import config
 from raysys.data.batches import MemoryBatches, batch_plan
-from raysys.data.pairs import Pairs
+from raysys.data.pairs import Pairs, buckets
 from raysys.jam import JAM
 from raysys.train.loop import Progress, load_checkpoint, run_steps
 from raysys.train.step import Trainer, fit_global_input_stats, jam_config
@@ -142,7 +142,7 @@ def _train(
     world = dist.get_world_size()
     data = synthetic(check.pairs, check.d_image, check.d_text, seed=0)
     val = synthetic(check.val_pairs, check.d_image, check.d_text, seed=1) if rank == 0 else None
-    plan = batch_plan(tcfg, len(data))
+    plan = batch_plan(tcfg, len(data), buckets(data.image_ids))  # shards by bucket, as a cache
     rows = plan.worker_rows(rank, world)
     mine = data.take(rows)
     torch.manual_seed(tcfg.seed)
@@ -210,7 +210,8 @@ def _check(check: Check, device: torch.device, rank: int, backend: str) -> None:
         *check.overrides,
     ]
     cfg = config.load(None, overrides)
-    plan = batch_plan(cfg.train, check.pairs)
+    data = synthetic(check.pairs, check.d_image, check.d_text, seed=0)
+    plan = batch_plan(cfg.train, check.pairs, buckets(data.image_ids))
     cfg.train.epochs = max(1, math.ceil(check.steps / plan.steps_per_epoch))
     out = Path(check.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -109,9 +109,10 @@ def _data_and_model(
     tcfg = cfg.train
     stream_rows = config.get("stream_rows")
     if stream_rows is None:
-        # Only this worker's shards are read (two layer columns, row batches at a time).
+        # Only this worker's shards are read: their buckets' row groups of two layer columns,
+        # a record batch at a time.
         index = source.index("train")
-        plan = batch_plan(tcfg, len(index))
+        plan = batch_plan(tcfg, len(index), index.buckets)
         data = source.load_index(index, select=plan.worker_rows(rank, world))
         model = JAM(jam_config(tcfg, data.image.shape[1], data.text.shape[1]))
         fit_global_input_stats(model, data.image, data.text, device)
@@ -120,8 +121,8 @@ def _data_and_model(
             share = config.get("gpu_share", 1.0)
             batches = MemoryBatches(data, plan, tcfg.data_on_device, rank, world, device, share)
             where = (
-                f"{plan.shards} data shard(s) of {plan.shard_size} pairs; each worker holds "
-                f"{len(data)} pairs {batches.where}"
+                f"{plan.shards} data shard(s) of {min(plan.sizes)}-{max(plan.sizes)} pairs "
+                f"(by bucket); each worker holds {len(data)} pairs {batches.where}"
             )
             return batches, where
 
