@@ -176,3 +176,46 @@ def test_webdataset_key_is_stable_and_duplicates_refused(ray_cluster, scenes, tm
     for cache_dir in (None, str(tmp_path / "cache")):  # in memory, and by the Ray Data job
         with pytest.raises(CorpusError, match="sample keys appear more than once"):
             load_corpus(twice, cache_dir)
+
+
+def test_ray_data_index_gives_the_loaders_pairs_and_is_found_again(
+    ray_cluster, scenes, tmp_path, monkeypatch
+) -> None:
+    """The index job (read in byte ranges, gathered by bucket, negatives generated in Ray
+    Data's tasks) gives exactly the pairs the in-process loader gives, for a manifest with
+    rows spread over images, labels and given splits, and for tar shards; a second load
+    finds the finished index by its key and builds nothing (no negative is generated)."""
+    import raysys.corpora.index as index_job
+    from raysys.corpora import manifest, negatives
+
+    rows = per_pair_rows(scenes)
+    for i, r in enumerate(rows):
+        r |= ({"label": f"cls{i % 2}"} if i % 2 == 0 else {}) | (
+            {"split": "test"} if i % 5 == 0 else {}
+        )
+    write_shards(tmp_path / "shards", scenes)
+    monkeypatch.setattr(manifest, "CHUNK_BYTES", 300)  # several read tasks
+    columns = ["pair_id", "image_id", "caption", "negative", "negative_source", "split"]
+    for cfg, extra in (
+        (corpus_config(jsonl(tmp_path / "m.jsonl", rows), label_key="label"), ["labels"]),
+        (corpus_config(tmp_path / "shards", name="webdataset"), []),
+    ):
+        cfg.index_job = "ray"
+        loaded = load_corpus(cfg)  # in this process, all in memory
+        indexed = load_corpus(cfg, str(tmp_path / "cache"))
+        assert indexed.pairs is None and indexed.key == loaded.key
+        got = indexed.pair_table(columns + extra).sort_by("pair_id")
+        assert (
+            got.to_pylist() == loaded.pairs.select(columns + extra).sort_by("pair_id").to_pylist()
+        )
+        files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.parquet")}
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the finished index was rebuilt")
+
+        with monkeypatch.context() as m:
+            m.setattr(negatives, "make_negative", refuse)
+            m.setattr(index_job, "build", refuse)
+            again = load_corpus(cfg, str(tmp_path / "cache"))
+        assert again.index == indexed.index and again.image_ids.equals(indexed.image_ids)
+        assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.parquet")} == files

@@ -21,6 +21,8 @@ STAGES = {
     "embed": "the extract actor's batch function (no Ray) vs a bare forward, ViT-B/16 and "
     "BERT-base",
     "sweep": "identical small trials one at a time vs packed by the sweep",
+    "corpus": "the Ray Data corpus index job on --rows synthetic captions (--format manifest "
+    "or webdataset): rows/s and the driver's peak RSS",
     "eval": "score_model (chunked retrieval, sampled alignment, intervals) on --pairs random "
     "test pairs (no Ray): seconds and peak RSS",
 }
@@ -35,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="; ".join(f"{name}: {what}" for name, what in STAGES.items()),
     )
     parser.add_argument("--images", type=int, default=1000, help="extract: images embedded")
-    parser.add_argument("--rows", type=int, default=256, help="embed: rows per modality")
+    parser.add_argument(
+        "--rows", type=int, default=256, help="embed: rows per modality; corpus: captions"
+    )
+    parser.add_argument("--format", default="manifest", help="corpus: manifest or webdataset")
     parser.add_argument("--trials", type=int, default=4, help="sweep: identical trials")
     parser.add_argument("--pairs", type=int, default=200_000, help="step: pairs on device")
     parser.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")

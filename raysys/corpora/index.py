@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,9 +31,10 @@ from raysys.corpora import manifest, webdataset
 from raysys.corpora.base import finish_pairs, gather_images
 from raysys.corpora.negatives import negatives_table
 from raysys.data import index
-from raysys.data.pairs import buckets
+from raysys.data.pairs import BUCKETS, buckets
 from raysys.errors import ConfigError, RaysysError
 
+PARTITION_BYTES = 32 << 20  # source bytes per shuffle partition of the bucket groupby
 READ_CPUS = 0.5  # per read / bucket task: what the 2-core default leaves free for the rest
 
 
@@ -143,7 +145,10 @@ def build(cfg: CorpusConfig, corpus_dir: str, info: dict[str, Any]) -> dict[str,
         )
         repeats = webdataset.repeated_keys(cfg)
     rows = rows.map_batches(AddBucket(), batch_format="pyarrow", num_cpus=READ_CPUS)
-    done = rows.groupby("bucket").map_groups(
+    # Few shuffle partitions for a small source (each is a task or an actor to start), at
+    # most one per bucket for a large one; a partition holds whole buckets.
+    partitions = min(BUCKETS, max(2, math.ceil(info["bytes"] / PARTITION_BYTES)))
+    done = rows.groupby("bucket", num_partitions=partitions).map_groups(
         bucket_job,
         fn_args=(cfg, corpus_dir, repeats),
         batch_format="pyarrow",

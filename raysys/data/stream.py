@@ -22,12 +22,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.compute as pc
 import ray
 import ray.data
 
 from raysys import storage
 from raysys.data import cache
+from raysys.data.index import index_files
 from raysys.data.pairs import image_keys
 from raysys.errors import CacheError
 from raysys.runtime import node_resources
@@ -68,9 +68,14 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
     if done is not None and done["rows"] == rows:
         return out
     started = time.perf_counter()
-    index = cache.read_pairs(source.corpus_dir)
-    index = index.filter(pc.equal(index["split"], split)).select(["pair_id", "image_id"])
-    pairs = ray.data.from_arrow(index)
+    # The split's pairs, read from the index's files by Ray Data's tasks (the driver never
+    # pushes the pair table through the object store).
+    fs, _ = storage.pyarrow_fs(source.corpus_dir)
+    paths = [storage.pyarrow_fs(f)[1] for f in index_files(source.corpus_dir)]
+    pairs = ray.data.read_parquet(paths, filesystem=fs).select_columns(
+        ["pair_id", "image_id", "split"]
+    )
+    pairs = pairs.filter(expr=f"split == {split!r}").select_columns(["pair_id", "image_id"])
     images = _read(source.image_dir, ["id", source.image_layer])
     texts = _read(source.text_dir, ["id", source.text_layer, "neg_" + source.text_layer])
     images = images.rename_columns({"id": "image_id", source.image_layer: "image"})
