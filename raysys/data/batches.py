@@ -63,8 +63,9 @@ class BatchPlan:
     def _members(self) -> list[np.ndarray]:
         """Each shard's positions in the split's pair index, ascending."""
         if self.buckets is not None:
-            shard_of = np.asarray(self.buckets, dtype=np.int64) % self.shards
-            order = np.argsort(shard_of, kind="stable")  # ascending positions within a shard
+            shard_of = (np.asarray(self.buckets) % self.shards).astype(np.int16)
+            # Stable (a radix sort on int16): positions ascend within a shard.
+            order = np.argsort(shard_of, kind="stable")
             bounds = np.searchsorted(shard_of[order], np.arange(self.shards + 1))
             return [order[bounds[s] : bounds[s + 1]] for s in range(self.shards)]
         size = self.n // self.shards
@@ -122,9 +123,9 @@ class BatchPlan:
     def worker_batch(self, step: int, rank: int, world: int) -> np.ndarray:
         """Worker `rank`'s slice of global batch `step`, as positions in its `worker_rows`."""
         shards = self.worker_shards(rank, world)
-        starts = np.cumsum([0] + [self.sizes[s] for s in shards])
+        starts = np.cumsum([0] + [self.sizes[s] for s in shards[:-1]])
         return np.concatenate(
-            [start + self._in_shard(step, s) for start, s in zip(starts, shards, strict=False)]
+            [start + self._in_shard(step, s) for start, s in zip(starts, shards, strict=True)]
         )
 
     def global_batch(self, step: int) -> np.ndarray:
