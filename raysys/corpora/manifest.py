@@ -78,24 +78,36 @@ def _image_value(value: Any) -> str | bytes | None:
 def fingerprint(cfg: CorpusConfig) -> tuple[str, dict[str, Any]]:
     """The corpus key, from the manifest's bytes streamed through a hash (never held whole),
     the settings that shape its pairs and its resolved location (the same manifest elsewhere
-    names other image files); plus the info the cache manifest records."""
+    names other image files); plus the info the cache manifest records. Remembered per
+    process by the file's size and version (mtime, or ETag on S3), so a sweep hashes its
+    manifest once, not once per model pair."""
     if not cfg.path:
         raise ConfigError("corpus.name=manifest needs corpus.path (a .jsonl, .csv or .parquet)")
     kind = _format(cfg.path)
     storage.check_readable(cfg.path, "manifest")
     fs, path = storage.fsspec_fs(cfg.path)
-    digest, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-            size += len(block)
+    stat = fs.info(path)
+    version = stat.get("ETag") or stat.get("mtime") or stat.get("LastModified")
+    seen = (cfg.path, int(stat["size"]), str(version))
+    if seen not in _DIGESTS:
+        digest, size = hashlib.sha256(), 0
+        with fs.open(path, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                digest.update(block)
+                size += len(block)
+        _DIGESTS.clear()  # one manifest per process is the common case
+        _DIGESTS[seen] = (digest.hexdigest(), size)
+    digest, size = _DIGESTS[seen]
     base = _base_dir(cfg.path)
     # The label column only when set, so a manifest read without labels keeps its key.
     fields = IMAGE_KEY_FIELDS + (("label_key",) if cfg.label_key else ())
-    key = content_key("manifest", MANIFEST_VERSION, digest.hexdigest(), settings(cfg, fields), base)
-    info = {"kind": "manifest", "source": cfg.path, "sha256": digest.hexdigest(), "bytes": size}
+    key = content_key("manifest", MANIFEST_VERSION, digest, settings(cfg, fields), base)
+    info = {"kind": "manifest", "source": cfg.path, "sha256": digest, "bytes": size}
     info["format"] = kind
     return key, info
+
+
+_DIGESTS: dict[tuple[str, int, str], tuple[str, int]] = {}  # (path, size, version) -> hash
 
 
 HASH_BLOCK = 8 << 20  # bytes per read while hashing or scanning a manifest
