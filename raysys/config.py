@@ -28,6 +28,9 @@ RUN_LAYERS = ("0.5:0.5", "1.0:1.0")
 RUN_HIDDEN = (256, 256)  # a fifth of the default JAM's compute: 12 trials fit in 10 minutes
 
 
+MAX_SHARDS = 64  # = raysys.data.pairs.BUCKETS (config imports nothing of the data layer)
+
+
 @dataclass
 class CorpusConfig:
     """Which image-text corpus to embed: `synthetic` (built in, offline, the default),
@@ -117,10 +120,13 @@ class TrainConfig:
     (`early_stop_patience` validations without improvement; 0 = off) watches the same metric.
     `max_failures` lets Ray Train restart crashed workers from the last checkpoint.
 
-    The train split is cut into `data_shards` fixed, seeded shards (0 = one per worker); each
-    global batch takes an equal part from every shard and each worker loads only its own
-    shards. Batches depend on `data_shards`, not on `num_workers`, so runs with the same
-    shards see the same batches on any number of workers that divides them.
+    The train split is cut into `data_shards` fixed shards by bucket (0 = one per worker; at
+    most 64, the buckets every pair belongs to by a hash of its image id: shard s holds the
+    buckets b with b % data_shards == s, so shards differ a little in size and an epoch is
+    what the smallest one fills); each global batch takes an equal part from every shard
+    and each worker loads only its own shards' rows from the cache. Batches depend on
+    `data_shards`, not on `num_workers`, so runs with the same shards see the same batches on
+    any number of workers that divides them.
     `data_on_device`: auto keeps a worker's shard on its GPU when it fits in half the free
     memory and in host memory otherwise (gathered per batch into pinned buffers); true/false
     force either. When shards would not fit in host memory either (the shards of every Train
@@ -392,11 +398,20 @@ class Config:
                 "of the global batch)"
             )
         shards = self.train.data_shards or self.train.num_workers
+        if shards > MAX_SHARDS:
+            raise ConfigError(
+                f"{shards} data shards (train.data_shards, else train.num_workers) is more than "
+                f"the {MAX_SHARDS} buckets the cache is laid out by; use at most {MAX_SHARDS}"
+            )
         if shards < 0 or shards % self.train.num_workers or self.train.batch_size % shards:
             raise ConfigError(
                 f"train.data_shards={self.train.data_shards} must be 0 (one per worker) or a "
                 f"multiple of train.num_workers={self.train.num_workers} that divides "
                 f"train.batch_size={self.train.batch_size}"
+            )
+        if self.corpus.index_job not in ("auto", "ray", "local"):
+            raise ConfigError(
+                f"corpus.index_job={self.corpus.index_job!r} must be auto, ray or local"
             )
         if self.sweep.search not in SEARCHES:
             raise ConfigError(

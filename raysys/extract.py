@@ -531,7 +531,8 @@ def _drop_duplicate_rows(
             keep = cache.read_parquet(path).filter(pa.array(~mask))
             written.pop(path.rsplit("/", 1)[-1], None)  # rewritten: its checksum changes
             if keep.num_rows:
-                part = cache.write_part(keep, path)
+                write = cache.write_bucketed if "bucket" in keep.column_names else cache.write_part
+                part = write(keep, path)
                 written[part.name] = part.sha256
             else:
                 cache.remove(path)

@@ -60,6 +60,8 @@ def test_unknown_key_names_the_valid_keys() -> None:
         ("train.data_shards=3", "multiple of train.num_workers=2"),
         ("train.data_shards=-2", "train.data_shards=-2 must be"),
         ("train.data_on_device=gpu", "must be auto, true, false or stream"),
+        ("train.data_shards=128", "more than the 64 buckets"),
+        ("corpus.index_job=spark", "must be auto, ray or local"),
     ],
 )
 def test_bad_values_fail_clearly(override: str, message: str) -> None:
