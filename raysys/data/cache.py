@@ -509,9 +509,9 @@ def pair_index(
 ) -> PairIndex:
     """Join the corpus index with both caches' ids for one split: missing layers, foreign
     caches and all-rejected splits fail here, having read only id columns."""
-    index = read_pairs(corpus_dir)
-    if split is not None:
-        index = index.filter(pc.equal(index["split"], split))
+    # Only the split's rows and the columns the join and the scores need, file by file.
+    columns = ["pair_id", "image_id", "caption", "negative_source", "labels", BUCKET]
+    index = read_pairs(corpus_dir, columns, split)
     if index.num_rows == 0:
         raise CacheError(f"split {split!r} of {os.fspath(corpus_dir)!r} is empty")
     image_ids = read_ids(image_dir, [image_layer])

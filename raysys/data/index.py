@@ -33,6 +33,7 @@ from raysys.errors import CacheError
 INDEX_DIR = "index"
 DONE = "_index.json"
 INDEX_VERSION = 1  # bump when the index's layout or columns change: it re-keys every cache
+OPTIONAL_COLUMNS = ("labels", "image")  # only some corpora have them
 PAIR_COLUMNS = ("pair_id", "image_id", "caption", "negative", "negative_source", "split")
 
 
@@ -178,14 +179,23 @@ def read_index(
     wanted: Iterable[int] | None = None,
 ) -> pa.Table:
     """The index's pairs (some columns, one split, some buckets), bucket by bucket: a file
-    is read, filtered and dropped before the next, so memory holds only what is kept."""
-    read = None if columns is None else list(dict.fromkeys([*columns, "split"]))
+    is read, filtered and dropped before the next, so memory holds only what is kept.
+    Optional columns (`labels`) a corpus lacks are left out rather than refused."""
     tables = []
     for path in index_files(corpus_dir, wanted):
+        read = None
+        if columns is not None:
+            names = cache.parquet_file(path).schema_arrow.names
+            missing = [c for c in columns if c not in names and c not in OPTIONAL_COLUMNS]
+            if missing:
+                raise CacheError(f"corpus index file {path!r} has no column(s) {missing}")
+            read = [c for c in dict.fromkeys([*columns, "split"]) if c in names]
         table = cache.read_parquet(path, read)
         if split is not None:
             table = table.filter(pc.equal(table["split"], split))
-        tables.append(table if columns is None else table.select(columns))
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        tables.append(table)
     if not tables:
         raise CacheError(f"the corpus index at {index_dir(corpus_dir)!r} holds no pairs")
     return pa.concat_tables(tables, promote_options="default")
