@@ -24,6 +24,7 @@ from raysys.config import Config, from_dict
 from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan
 from raysys.data.source import PairSource
 from raysys.data.stream import arrays
+from raysys.evaluate import val_rows
 from raysys.jam import JAM
 from raysys.train.loop import (
     HISTORY_FILE,
@@ -59,7 +60,10 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
 
-    val = source.load("val") if rank == 0 else None
+    val = None
+    if rank == 0:  # only the capped, seeded val sample is read (eval.val_pairs)
+        val_index = source.index("val")
+        val = source.load_index(val_index, select=val_rows(len(val_index), cfg.eval))
     model, steps_per_epoch, batches_of = _data_and_model(cfg, config, source, rank, world, device)
     trainer = Trainer(
         ray.train.torch.prepare_model(model), cfg.train, steps_per_epoch * cfg.train.epochs
