@@ -409,6 +409,7 @@ class Config:
                 f"multiple of train.num_workers={self.train.num_workers} that divides "
                 f"train.batch_size={self.train.batch_size}"
             )
+        self.eval.check()
         if self.corpus.index_job not in ("auto", "ray", "local"):
             raise ConfigError(
                 f"corpus.index_job={self.corpus.index_job!r} must be auto, ray or local"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check as one prepared run, for a session that is lent the device (torch and
 # transformers, no Ray): the train worker's code under NCCL (device-train.sh), the training
-# step's throughput (device-step.sh) and extraction's forward with pooling (device-embed.sh).
+# step's throughput (device-step.sh), extraction's forward with pooling (device-embed.sh) and
+# evaluation of 100k pairs (device-eval.sh).
 # Each stage has its own time limit so one slow stage cannot eat the others' device time
-# (about 7 minutes in all). The stages work in a scratch folder; $OUT receives only a few
+# (about 8½ minutes in all). The stages work in a scratch folder; $OUT receives only a few
 # small files (the device tool brings back a handful): the GPU and versions, each stage's
 # outcome and log tail, and device.tgz with every log and JSON result.
 set -uo pipefail
@@ -28,6 +29,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 stage train 180 bash scripts/device-train.sh
 stage step 120 bash scripts/device-step.sh
 stage embed 120 bash scripts/device-embed.sh
+stage eval 90 bash scripts/device-eval.sh
 (cd "$WORK" && find . -type f \( -name '*.json' -o -name '*.log' -o -name '*.csv' \) -print \
   | tar czf - -T -) > "$OUT/device.tgz"
 rm -rf "$WORK"

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", default="manifest", help="corpus: manifest or webdataset")
     parser.add_argument("--trials", type=int, default=4, help="sweep: identical trials")
-    parser.add_argument("--pairs", type=int, default=200_000, help="step: pairs on device")
+    parser.add_argument(
+        "--pairs", type=int, default=200_000, help="step: pairs on device; eval: test pairs"
+    )
     parser.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
     parser.add_argument("--steps", type=int, default=50, help="step: timed steps")
     parser.add_argument("--device", default="auto", help="step, embed: auto, cpu, cuda, …")
