@@ -350,17 +350,44 @@ def _embed(p: _Pass) -> None:
         num_gpus=p.gpus,
         **parts,
     )
-    results = iter(ds.select_columns(["part", "sha256", ERROR]).iter_rows())
+    results = iter(ds.select_columns(["part", "sha256", "rows", "rejects", ERROR]).iter_rows())
+    progress = _Progress(p)
     try:
         for row in results:  # in the order parts finish, as they finish
             if row[ERROR]:
                 raise actor_error(row[ERROR])  # the first bad part ends the pass
             if row["part"]:
                 p.written[str(row["part"])] = str(row["sha256"])
+            progress.part(int(row["rows"]) + int(row["rejects"]))
     finally:
         # Stops the pass now (not when a traceback holding it is freed): its actors exit and
         # free their CPUs for whatever runs next in this process.
         getattr(results, "close", lambda: None)()
+
+
+class _Progress:
+    """A line as parts finish (at most every `PROGRESS_S` seconds, and the last): rows done
+    of the pass's, rows/s and an ETA, so a pass of hours says how far it is."""
+
+    def __init__(self, p: _Pass) -> None:
+        self.p, self.done, self.started, self.said = p, 0, time.perf_counter(), 0.0
+
+    def part(self, rows: int) -> None:
+        self.done += rows
+        now = time.perf_counter() - self.started
+        if now - self.said < PROGRESS_S and self.done < self.p.n_todo:
+            return
+        self.said = now
+        rate = self.done / max(now, 1e-9)
+        left = (self.p.n_todo - self.done) / max(rate, 1e-9)
+        say(
+            self.p.backbone,
+            f"{self.done} of {self.p.n_todo} rows ({self.done / max(1, self.p.n_todo):.0%}), "
+            f"{rate:.1f} rows/s, ETA {left:.0f}s",
+        )
+
+
+PROGRESS_S = 30.0  # seconds between an extraction pass's progress lines
 
 
 class _SkipDone:

@@ -150,7 +150,7 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path) -> None:
+def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path, capsys) -> None:
     from raysys.backbones import get_backbone
 
     good = [_png((i * 20, 0, 0)) for i in range(8)]
@@ -175,8 +175,11 @@ def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path) -> None:
     assert pq.read_table(tmp_path / "strict" / cache.REJECTS).num_rows == 5
 
     lenient = ExtractConfig(batch_size=4, max_reject_fraction=0.5)
+    capsys.readouterr()
     manifest = run_pass(backbone, table, tmp_path / "lenient", lenient, {})
     assert (manifest["rows"], manifest["rejects"]) == (8, 5)
+    # Progress as parts finish: the last line counts every row, rejects included.
+    assert "13 of 13 rows (100%)" in capsys.readouterr().out
     rejects = pq.read_table(tmp_path / "lenient" / cache.REJECTS).to_pylist()
     reasons = {r["id"]: r["reason"] for r in rejects}
     assert set(reasons) == set(bad)
