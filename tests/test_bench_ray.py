@@ -1,5 +1,5 @@
 """`raysys.bench`'s Ray benchmarks end to end on a real local Ray: `bench train` and
-`bench extract`."""
+`bench extract`, `bench corpus`."""
 
 from __future__ import annotations
 
@@ -78,3 +78,17 @@ def test_bench_extract_times_the_pass_and_the_bare_loop(ray_cluster, tmp_path) -
     assert settings["actors"]["count"] >= 1
     with pytest.raises(ConfigError, match="the corpus has 60 images"):
         bench_extract(cfg, out, images=61)
+
+
+@pytest.mark.parametrize("kind", ["manifest", "webdataset"])
+def test_bench_corpus_indexes_every_caption(ray_cluster, tmp_path, kind) -> None:
+    """The index job on a small written corpus: every caption indexed once, its rate and the
+    driver's memory recorded, most captions given a generated negative."""
+    from raysys.bench.corpus import bench_corpus
+
+    result = bench_corpus(config.Config(), tmp_path / kind, 600, kind)
+    assert json.loads((tmp_path / kind / BENCH_FILE).read_text()) == result
+    assert result["rows"] == 600 and result["rows_per_s"] > 0
+    assert result["driver_peak_rss_mb"] >= result["driver_rss_before_mb"] > 0
+    generated = sum(n for k, n in result["negatives"].items() if k.startswith("generated:"))
+    assert generated == 600 - result["negatives"].get("none", 0) > 500

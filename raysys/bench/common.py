@@ -10,6 +10,8 @@ import math
 import numbers
 import os
 import platform
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "finite_or_none",
     "host_info",
     "load_average",
+    "peak_rss_mb",
     "resolve_device",
     "sync",
     "write_result",
@@ -61,6 +64,13 @@ def host_info() -> dict[str, Any]:
         "processor": platform.processor(),
         "load_average_1m": load_average(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MiB (`ru_maxrss` is KiB on Linux, bytes
+    on macOS): what the scale benchmarks (corpus, eval) hold to a goal."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def finite_or_none(value: Any) -> Any:

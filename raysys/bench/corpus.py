@@ -18,8 +18,6 @@ import argparse
 import io
 import json
 import random
-import resource
-import sys
 import tarfile
 import tempfile
 import time
@@ -27,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from raysys.bench.common import write_result
+from raysys.bench.common import peak_rss_mb, write_result
 from raysys.config import Config, CorpusConfig
 from raysys.corpora import load_corpus
 from raysys.errors import ConfigError
@@ -82,12 +80,6 @@ def write_shards(root: Path, rows: int) -> None:
             tf.addfile(info, io.BytesIO(data))
     if tf is not None:
         tf.close()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def bench_corpus(cfg: Config, out_dir: Path, rows: int, kind: str) -> dict[str, Any]:

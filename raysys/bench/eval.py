@@ -14,8 +14,6 @@ Imports torch and numpy only; runs where Ray is absent.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysys.bench.common import host_info, resolve_device, write_result
+from raysys.bench.common import host_info, peak_rss_mb, resolve_device, write_result
 from raysys.config import Config, to_dict
 from raysys.data.pairs import Pairs
 from raysys.errors import ConfigError
@@ -45,13 +43,6 @@ class EvalBench:
     d_text: int = 384
     device: str = "auto"  # auto = cuda when available
     seed: int = 0
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set so far, in MiB (`ru_maxrss` is KiB on Linux, bytes on
-    macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def random_pairs(bench: EvalBench) -> Pairs:
