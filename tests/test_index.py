@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from corpus_files import corpus_config, jsonl, per_pair_rows
+from corpus_files import corpus_config, jsonl, per_pair_rows, write_images
 
 from raysys.corpora import load_corpus, manifest
 from raysys.corpora.base import SOURCE_SCHEMA, gather_images, source_row
@@ -105,3 +105,17 @@ def test_limit_reads_only_the_head_of_a_manifest(scenes, tmp_path) -> None:
     assert corpus.pairs.num_rows == 6 and corpus.images.num_rows == 3
     with pytest.raises(CorpusError, match="is not JSON"):
         load_corpus(corpus_config(path))
+
+
+def test_a_corpus_in_its_index_only_finds_its_images_and_thumbnails(scenes, tmp_path) -> None:
+    """A large corpus keeps its pairs in the index: its images (each image's first pair) and
+    a few thumbnails are read from the index files, those of the wanted buckets only."""
+    from raysys.corpora.base import Corpus
+
+    write_images(tmp_path, scenes)
+    small = load_corpus(corpus_config(jsonl(tmp_path / "m.jsonl", per_pair_rows(scenes))))
+    index.write_index(tmp_path / "corpus", small.pairs)
+    large = Corpus(small.key, None, index=str(tmp_path / "corpus"))
+    assert sorted(large.image_ids.to_pylist()) == sorted(small.images["id"].to_pylist())
+    wanted = [scenes[3]["name"], scenes[0]["name"]]
+    assert large.thumbnails(wanted) == [scenes[3]["image"], scenes[0]["image"]]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
@@ -98,7 +99,12 @@ class Corpus:
         wanted = list(image_ids)
         images = self.images
         if images is None and self.read_images is None and self.index:
-            firsts = self.pair_table(["image_id", "image", "first"])
+            from raysys.data.index import read_index
+            from raysys.data.pairs import buckets
+
+            # Only the wanted images' bucket files of the index are read.
+            wanted_buckets = set(buckets(np.asarray(wanted, dtype=str)).tolist())
+            firsts = read_index(self.index, ["image_id", "image", "first"], None, wanted_buckets)
             firsts = firsts.filter(firsts["first"])
             images = firsts.filter(pc.is_in(firsts["image_id"], pa.array(wanted, pa.string())))
             images = images.select(["image_id", "image"]).rename_columns(["id", "uri"])
