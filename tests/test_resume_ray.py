@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from train_steps import steps_per_epoch
+
 from raysys import config, rundir, storage
 from raysys.cli import main
 from raysys.sweep.tune import trial_status
@@ -32,16 +34,17 @@ def _objects(uri: str) -> dict[str, tuple[str, object]]:
 def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
     small_cache, s3_server, tmp_path, monkeypatch, capfd
 ) -> None:
-    cfg, _ = small_cache
+    cfg, ext = small_cache
     uri = f"{s3_server.make_bucket('resume-train')}/run1"
+    epoch = steps_per_epoch(config.load(None, SMALL), ext)
     first = [
         "train",
         "--out",
         uri,
         f"extract.cache_dir={cfg.extract.cache_dir}",
         f"corpus.size={cfg.corpus.size}",
-        "train.epochs=1",  # 3 steps, one checkpoint; the resume asks for a second epoch
-        "train.eval_every=3",
+        "train.epochs=1",  # one epoch, one checkpoint; the resume asks for a second epoch
+        f"train.eval_every={epoch}",
         *SMALL,
     ]
     assert main(first) == 0
@@ -57,9 +60,9 @@ def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
     assert main(["train", f"resume={uri}", "train.epochs=2"]) == 0
     out, err = capfd.readouterr()
     resumed = re.search(r"resumed at step (\d+)", out + err)
-    assert resumed and int(resumed.group(1)) == 3, (out + err)[-3000:]
+    assert resumed and int(resumed.group(1)) == epoch, (out + err)[-3000:]
     history = json.loads(storage.read_text(f"{uri}/metrics.json"))["con"]["history"]
-    assert [h["step"] for h in history] == [3, 6]  # the first run's report, then the new one
+    assert [h["step"] for h in history] == [epoch, 2 * epoch]  # the first run's, then the new
     assert "resume=" not in storage.read_text(f"{uri}/config.yaml")  # the run's own config
     events = [k for k in _objects(f"{uri}/tensorboard/con") if "tfevents" in k]
     assert set(events_before) < set(events)  # the first run's curves are kept

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
-from raysys import storage
+from train_steps import steps_per_epoch, validated_steps
+
+from raysys import config, storage
 from raysys.cli import main
 from raysys.jam import JAM
 
 
 def test_checkpoints_and_metrics_round_trip_through_s3(small_cache, s3_server, tmp_path) -> None:
-    cfg, _ = small_cache
+    cfg, ext = small_cache
     bucket = s3_server.make_bucket("raysys-runs")
     uri = f"{bucket}/exp1"
     args = [
@@ -28,7 +30,8 @@ def test_checkpoints_and_metrics_round_trip_through_s3(small_cache, s3_server, t
     assert main(args) == 0
 
     metrics = json.loads(storage.read_text(f"{uri}/metrics.json"))
-    assert [h["step"] for h in metrics["con"]["history"]] == [3, 6]
+    total = 2 * steps_per_epoch(config.load(None, ["train.batch_size=16"]), ext)
+    assert [h["step"] for h in metrics["con"]["history"]] == validated_steps(total, 3)
     assert "i2t_r1" in storage.read_text(f"{uri}/results.csv")
     fs, path = storage.fsspec_fs(f"{uri}/ray/con")
     checkpoints = sorted(p for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))

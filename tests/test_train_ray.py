@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_steps import steps_per_epoch, validated_steps
 
 from raysys import config
 from raysys.commands import trained_source as train_paths
@@ -33,15 +34,6 @@ def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def _steps_per_epoch(run_cfg, ext) -> int:
-    """Steps per epoch as the workers count them: shards by bucket are a little unequal, and
-    an epoch is what the smallest one fills (train.data_shards, else one per worker)."""
-    from raysys.data.batches import batch_plan
-
-    index = train_paths(run_cfg, ext).index("train")
-    return batch_plan(run_cfg.train, len(index), index.buckets).steps_per_epoch
 
 
 def test_two_workers_with_half_batches_match_one_worker(small_cache, tmp_path) -> None:
@@ -67,7 +59,7 @@ def test_two_workers_with_half_batches_match_one_worker(small_cache, tmp_path) -
     # contrastive loss, the input standardisation (moments all-reduced) and the averaged
     # gradients are the same; only float summation order differs: rel 1e-5 on the first
     # step, 1e-3 after two optimiser steps.
-    steps = _steps_per_epoch(run_cfg, ext)
+    steps = steps_per_epoch(run_cfg, ext)
     for tag in ("train/loss", "train/align"):
         one, two = losses[1][tag], losses[2][tag]
         assert sorted(one) == sorted(two) == list(range(1, steps + 1))
@@ -100,7 +92,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(small_cache, tmp_path) 
     os.kill(workers[1].pid, signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive() and "r" in result
-    total = _steps_per_epoch(run_cfg, ext) * 60
+    total = steps_per_epoch(run_cfg, ext) * 60
     history = result["r"].history
     assert [h["step"] for h in history] == list(range(15, total + 1, 15))  # no gap
     # The restarted attempt wrote a second event file; purge_step kept the steps single.
@@ -155,9 +147,8 @@ def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
     import json
 
     history = json.loads((out / "metrics.json").read_text())["con"]["history"]
-    total = _steps_per_epoch(config.load(None, ["train.batch_size=16"]), ext) * 100
-    last = [total] if total % 15 else []  # the final step always validates
-    assert [h["step"] for h in history] == list(range(15, total + 1, 15)) + last
+    total = steps_per_epoch(config.load(None, ["train.batch_size=16"]), ext) * 100
+    assert [h["step"] for h in history] == validated_steps(total, 15)
 
 
 def test_early_stopping_ends_every_rank_together(small_cache, tmp_path) -> None:
