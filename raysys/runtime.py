@@ -9,6 +9,7 @@ is sized by `ensure_resources`, which asks the autoscaler for what is missing an
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -16,9 +17,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from raysys.config import RayConfig
 from raysys.errors import ConfigError
+
+if TYPE_CHECKING:
+    import psutil
 
 LOOPBACK = "127.0.0.1"
 POLL_S = 2.0  # how often the wait for the autoscaler looks at the cluster's nodes
@@ -73,6 +78,47 @@ def init_ray(cfg: RayConfig) -> None:
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+    global _private
+    if not _private:
+        # After `ray.init` registered its own exit hook, so this one runs first (LIFO).
+        atexit.register(stop_private_ray)
+    _private = True
+
+
+_private = False  # whether this process started its own Ray, which it must also stop
+STOP_GRACE_S = 10.0  # how long Ray's processes get to exit by themselves before a SIGKILL
+
+
+def stop_private_ray(grace_s: float = STOP_GRACE_S) -> int:
+    """Stop the private Ray this process started, leaving no process behind; returns how
+    many had to be killed. `ray.shutdown` stops the raylet and the GCS, but a worker still
+    busy (a Train controller winding down a run) can outlive its raylet, re-parented to
+    init and holding its memory. So Ray's processes among this process's descendants are
+    listed first (once orphaned they are no longer ours to find), and those still alive
+    `grace_s` after the shutdown are killed. Runs at exit, after a normal end or Ctrl-C."""
+    global _private
+    if not _private:
+        return 0
+    import psutil
+    import ray
+
+    _private = False
+    ours = [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
+    ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(alive)
+
+
+def _is_ray(proc: psutil.Process) -> bool:
+    """One of Ray's processes (raylet, GCS, dashboard, workers: `ray::…`, `default_worker`)."""
+    try:
+        return "ray" in " ".join(proc.cmdline()).lower()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 @dataclass

@@ -162,3 +162,31 @@ def test_train_scaling_gives_each_gpu_worker_a_whole_gpu(monkeypatch) -> None:
 def test_the_timeout_is_a_ray_setting() -> None:
     assert config.load(None, []).ray.scale_timeout_s == 900
     assert config.load(None, ["ray.scale_timeout_s=60"]).ray.scale_timeout_s == 60
+
+
+def test_a_private_rays_stragglers_are_killed_at_exit(monkeypatch) -> None:
+    """`stop_private_ray` leaves none of its Ray processes behind: one that ignores SIGTERM
+    and outlives the shutdown's grace period (as a Train controller busy winding down once
+    did, re-parented to init, 830 MB resident) is killed; processes that are not Ray's are
+    not touched. No Ray is started: the straggler is a stand-in named like Ray's workers."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from raysys import runtime
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    ray_like = subprocess.Popen([sys.executable, "-c", code, "ray::TrainController"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        monkeypatch.setattr(runtime, "_private", True)  # as if init_ray had started one
+        assert runtime.stop_private_ray(grace_s=0.5) == 1
+        ray_like.wait(timeout=10)  # already reaped by the stop (psutil waits for its children)
+        assert not psutil.pid_exists(ray_like.pid)  # it ignored SIGTERM: killed
+        assert other.poll() is None and psutil.pid_exists(other.pid)  # not Ray's: left alone
+        assert runtime.stop_private_ray() == 0  # once only: nothing started, nothing to stop
+    finally:
+        for proc in (ray_like, other):
+            proc.kill()
+            proc.wait()
