@@ -88,9 +88,9 @@ def checked_eval_splits(cfg: Config, source: PairSource) -> dict[str, Pairs]:
 
     Bad caches and too-small splits fail here, in the driver, not inside a Ray worker. The
     train split's embeddings are read only by the workers, each its own shard: the driver
-    reads its ids."""
+    counts its pairs, a bucket file of the corpus index at a time."""
     splits = {split: source.load(split) for split in ("val", "test")}
-    sizes = {"train": len(source.index("train"))} | {k: len(v) for k, v in splits.items()}
+    sizes = {"train": source.count("train")} | {k: len(v) for k, v in splits.items()}
     check_split_sizes(cfg, sizes)
     return splits
 

@@ -127,3 +127,12 @@ def test_model_dims_must_match_the_cache() -> None:
     check_dims(model, 4, 3, "the model")
     with pytest.raises(CacheError, match="width 4/3, but the cached layers are 5/3"):
         check_dims(model, 5, 3, "the model")
+
+
+def test_a_split_is_counted_as_pair_index_keeps_it(tmp_path) -> None:
+    """The driver's count without holding the split: rejected images and texts are left out,
+    as `pair_index` leaves them out."""
+    ids = [f"i{i}" for i in range(5)] + ["gone"]
+    dirs = _corpus(tmp_path, n=6, image_ids=ids, rejects=["i5"])
+    assert cache.count_pairs(*dirs, "test") == len(_load(dirs)) == 5
+    assert cache.count_pairs(*dirs, "train") == 0

@@ -549,6 +549,24 @@ def pair_index(
     )
 
 
+def count_pairs(corpus_dir: Location, image_dir: Location, text_dir: Location, split: str) -> int:
+    """How many pairs of a split `pair_index` would keep: the split's pairs less those whose
+    image or text extraction rejected. The driver's count (split sizes, the streaming
+    decision) without holding the split: the index is read a bucket file at a time, two id
+    columns, and only the rejects (few) are held whole. It trusts the caches to belong to
+    the corpus; `pair_index` (the val and test loads, every worker) checks that."""
+    from raysys.data import index  # the index layout builds on this module's files
+
+    images, texts = (pa.array(rejected_ids(d), pa.string()) for d in (image_dir, text_dir))
+    kept = 0
+    for path in index.index_files(corpus_dir):
+        table = read_parquet(path, ["pair_id", "image_id", "split"])
+        table = table.filter(pc.equal(table["split"], split))
+        gone = pc.or_(pc.is_in(table["image_id"], images), pc.is_in(table["pair_id"], texts))
+        kept += table.num_rows - int(pc.sum(gone).as_py() or 0)
+    return kept
+
+
 def load_pairs(
     corpus_dir: Location,
     image_dir: Location,

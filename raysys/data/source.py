@@ -50,6 +50,10 @@ class PairSource:
 
         return load_prompts(self.prompts_uri, self.text_layer)
 
+    def count(self, split: str) -> int:
+        """The split's usable pairs, counted without holding them (`cache.count_pairs`)."""
+        return cache.count_pairs(self.corpus_dir, self.image_dir, self.text_dir, split)
+
     def index(self, split: str) -> cache.PairIndex:
         """The split's usable pairs, ids only (no embeddings read)."""
         return cache.pair_index(*self._args(), split)

@@ -170,7 +170,7 @@ def stream_plan(
     `worker` (what each Train worker reserves) and `running` (how many run at once in the
     cluster: a sweep's concurrent trials times their workers) size the host-memory budget of
     the workers that share a node."""
-    rows = len(source.index("train"))
+    rows = source.count("train")
     dims, row_bytes = stream.pair_row(source)
     width = dims[0] + 2 * dims[1]
     reason = stream.stream_reason(
