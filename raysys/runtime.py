@@ -99,13 +99,27 @@ def stop_private_ray(grace_s: float = STOP_GRACE_S) -> int:
     global _private
     if not _private:
         return 0
-    import psutil
     import ray
 
     _private = False
-    ours = [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
+    ours = ray_descendants()
     ray.shutdown()
-    _, alive = psutil.wait_procs(ours, timeout=grace_s)
+    return kill_stragglers(ours, grace_s)
+
+
+def ray_descendants() -> list[psutil.Process]:
+    """Ray's processes among this process's descendants (raylet, GCS, dashboard, workers)."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
+
+
+def kill_stragglers(procs: list[psutil.Process], grace_s: float) -> int:
+    """Give `procs` `grace_s` seconds to exit by themselves, then SIGKILL the rest; returns
+    how many had to be killed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
