@@ -29,6 +29,7 @@ RUN_HIDDEN = (256, 256)  # a fifth of the default JAM's compute: 12 trials fit i
 
 
 MAX_SHARDS = 64  # = raysys.data.pairs.BUCKETS (config imports nothing of the data layer)
+INDEX_JOBS = ("auto", "ray", "local")  # who builds a corpus index (`corpus.index_job`)
 
 
 @dataclass
@@ -410,7 +411,7 @@ class Config:
                 f"train.batch_size={self.train.batch_size}"
             )
         self.eval.check()
-        if self.corpus.index_job not in ("auto", "ray", "local"):
+        if self.corpus.index_job not in INDEX_JOBS:
             raise ConfigError(
                 f"corpus.index_job={self.corpus.index_job!r} must be auto, ray or local"
             )

@@ -35,7 +35,8 @@ from raysys.backbones import Backbone, configured_backbone
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import Corpus, load_corpus
 from raysys.data import cache
-from raysys.data.index import index_files, read_marker
+from raysys.data.index import dataset as index_dataset
+from raysys.data.index import read_marker
 from raysys.data.pairs import buckets
 from raysys.embed import (
     ERROR,
@@ -125,7 +126,7 @@ def _stage(
     runtime.init_ray(cfg.ray)
     provenance = {
         "corpus_key": corpus.key,
-        "corpus": corpus.info | {"negatives": (read_marker(corpus.index) or {})["negatives"]},
+        "corpus": corpus.info | {"negatives": read_marker(corpus.index)["negatives"]},
         "backbone_key": backbone_key,
         "config": {"corpus": dataclasses.asdict(cfg.corpus)}
         | {"extract": dataclasses.asdict(cfg.extract)},
@@ -166,17 +167,8 @@ def image_rows(corpus: Corpus) -> PassRows:
 
 def _index_images(corpus_dir: str) -> ray.data.Dataset:
     columns = ["image_id", "image", "bucket", "first"]
-    ds = _read_index(corpus_dir, columns).filter(expr="first")
+    ds = index_dataset(corpus_dir, columns).filter(expr="first")
     return ds.select_columns(columns[:3]).rename_columns({"image_id": "id", "image": "uri"})
-
-
-def _read_index(corpus_dir: str, columns: list[str]) -> ray.data.Dataset:
-    """The corpus index's bucket files as a Dataset (read by Ray Data's tasks, never
-    pushed through the object store from the driver)."""
-    files = index_files(corpus_dir)
-    fs, _ = storage.pyarrow_fs(corpus_dir)
-    paths = [storage.pyarrow_fs(f)[1] for f in files]
-    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
 
 
 def text_rows(corpus: Corpus, extra: pa.Table | None = None) -> PassRows:
@@ -191,7 +183,7 @@ def text_rows(corpus: Corpus, extra: pa.Table | None = None) -> PassRows:
         ids = pa.concat_arrays([ids, extra["id"].combine_chunks()])
 
     def dataset() -> ray.data.Dataset:
-        ds = _read_index(corpus.index, ["pair_id", "caption", "negative", "bucket"])
+        ds = index_dataset(corpus.index, ["pair_id", "caption", "negative", "bucket"])
         ds = ds.rename_columns({"pair_id": "id"})
         return ds if extra is None else ds.union(ray.data.from_arrow(extra))
 
@@ -246,7 +238,7 @@ def _plan_pass(
     actors, cpus, gpus, threads = _actor_plan(ecfg)  # a cluster too small fails before any I/O
     started = time.perf_counter()
     cache.remove_temporary(out_dir)
-    done = _ids_of(_kept_files(out_dir))  # one Arrow array for every filter below
+    done = cache.id_column(_kept_files(out_dir))  # one Arrow array for every filter below
     source = PassRows.of(rows)
     total = len(source.ids)
     n_todo = total - int(pc.sum(pc.is_in(source.ids, done)).as_py() or 0)
@@ -483,12 +475,6 @@ def _checked_rejects(p: _Pass) -> tuple[pa.Table | None, dict[str, int]]:
     rejects = pa.concat_tables(cache.read_parquet(f) for f in rejected) if rejected else None
     _check_exactly_once(p, seen)
     return rejects, {f.rsplit("/", 1)[-1]: rows_in[f] for f in parts if rows_in.get(f, 0)}
-
-
-def _ids_of(files: list[str]) -> pa.Array:
-    """The ids of some Parquet parts (the id column only) as one Arrow array."""
-    arrays = [cache.read_parquet(f, ["id"])["id"] for f in files]
-    return pa.chunked_array(arrays, pa.string()).combine_chunks()
 
 
 def _check_exactly_once(p: _Pass, seen: pa.Array) -> None:

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raysys import storage
 from raysys.config import CorpusConfig
@@ -50,7 +49,7 @@ from raysys.corpora.synthetic import (
     zeroshot_tasks,
 )
 from raysys.data.cache import content_key
-from raysys.data.index import INDEX_VERSION, read_marker, write_index
+from raysys.data.index import INDEX_VERSION, read_marker, value_counts, write_index
 from raysys.errors import ConfigError
 
 KINDS = ("synthetic", "manifest", "webdataset")
@@ -84,11 +83,11 @@ def load_corpus(
             _LOADED[memo] = _synthetic(cfg)
         corpus = _LOADED[memo]
         return _indexed(corpus, cache_dir) if cache_dir else corpus
+    uris: list[str] = []  # a webdataset's shards, listed once by its fingerprint
     if cfg.name == "manifest":
         key, info = manifest.fingerprint(cfg)
     else:
         key, info, uris = webdataset.fingerprint(cfg)
-        info["uris"] = uris
     key = content_key(key, INDEX_VERSION, RULES_VERSION)
     if cache_dir:
         corpus_dir = storage.join(cache_dir, key)
@@ -96,9 +95,9 @@ def load_corpus(
         if marker is None and index.streamed(cfg, info["bytes"]):
             if before_job is not None:
                 before_job()
-            marker = index.build(cfg, corpus_dir, info)
+            marker = index.build(cfg, corpus_dir, info, uris)
         if marker is not None:
-            return _from_index(cfg, key, corpus_dir, marker, info)
+            return _from_index(cfg, key, corpus_dir, marker, info, uris)
     corpus = (manifest if cfg.name == "manifest" else webdataset).load(cfg)
     corpus.key = key
     corpus.pairs = negatives_table(corpus.pairs)
@@ -126,19 +125,24 @@ def _indexed(corpus: Corpus, cache_dir: str) -> Corpus:
     """An in-memory corpus with its index written on the cache (once)."""
     corpus_dir = storage.join(cache_dir, corpus.key)
     if read_marker(corpus_dir) is None:
-        write_index(corpus_dir, corpus.pairs, {k: v for k, v in corpus.info.items()})
+        write_index(corpus_dir, corpus.pairs, corpus.info)
     corpus.index = corpus_dir
     return corpus
 
 
 def _from_index(
-    cfg: CorpusConfig, key: str, corpus_dir: str, marker: dict[str, Any], info: dict[str, Any]
+    cfg: CorpusConfig,
+    key: str,
+    corpus_dir: str,
+    marker: dict[str, Any],
+    info: dict[str, Any],
+    uris: list[str],
 ) -> Corpus:
     """A corpus whose pairs stay in its index (read by the stages that need them)."""
-    info = {k: v for k, v in info.items() if k != "uris"} | {"images": marker["images"]}
+    info = info | {"images": marker["images"]}
     read_images = None
     if cfg.name == "webdataset":
-        read_images = functools.partial(webdataset.read_images, cfg, _uris(cfg), None)
+        read_images = functools.partial(webdataset.read_images, cfg, uris, None)
     return Corpus(
         key,
         None,
@@ -149,13 +153,9 @@ def _from_index(
     )
 
 
-def _uris(cfg: CorpusConfig) -> list[str]:
-    return webdataset.fingerprint(cfg)[2]
-
-
 def negative_counts(pairs: pa.Table) -> dict[str, Any]:
     """How many negatives came from where (the corpus manifest records it)."""
-    return {r["values"]: r["counts"] for r in pc.value_counts(pairs["negative_source"]).to_pylist()}
+    return value_counts(pairs["negative_source"])
 
 
 __all__ = [

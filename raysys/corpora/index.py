@@ -26,19 +26,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from raysys.config import CorpusConfig
+from raysys.config import INDEX_JOBS, CorpusConfig
 from raysys.corpora import manifest, webdataset
 from raysys.corpora.base import finish_pairs, gather_images
 from raysys.corpora.negatives import negatives_table
 from raysys.data import index
-from raysys.data.pairs import BUCKETS, buckets
+from raysys.data.pairs import BUCKETS
 from raysys.errors import ConfigError, RaysysError
 
 PARTITION_BYTES = 32 << 20  # source bytes per shuffle partition of the bucket groupby
 READ_CPUS = 0.5  # per read / bucket task: what the 2-core default leaves free for the rest
 
 
-JOBS = ("auto", "ray", "local")
 AUTO_BYTES = 64 << 20  # `index_job=auto`: sources larger than this are indexed by Ray Data
 
 
@@ -47,8 +46,8 @@ def streamed(cfg: CorpusConfig, source_bytes: int) -> bool:
     manifest of image paths or whole shards. A `corpus.limit` reads only its head and
     inline images ride with their rows, so those are read in one process
     (`manifest.load`, `webdataset.load`), as is a small source under `auto`."""
-    if cfg.index_job not in JOBS:
-        raise ConfigError(f"corpus.index_job={cfg.index_job!r}; use one of {', '.join(JOBS)}")
+    if cfg.index_job not in INDEX_JOBS:
+        raise ConfigError(f"corpus.index_job={cfg.index_job!r}; use one of {', '.join(INDEX_JOBS)}")
     if cfg.limit or cfg.name not in ("manifest", "webdataset") or cfg.index_job == "local":
         return False
     if cfg.name == "manifest" and manifest.inline_images(cfg):
@@ -60,8 +59,7 @@ class AddBucket:
     """Source rows -> the same rows with their image's bucket, the groupby key."""
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        ids = rows["image_id"].to_numpy(zero_copy_only=False)
-        return rows.append_column("bucket", pa.array(buckets(ids), pa.int16()))
+        return index.with_buckets(rows)
 
 
 class ReadChunks:
@@ -124,9 +122,12 @@ def _progress(summaries: Iterator[dict[str, Any]], started: float) -> Iterator[d
         yield part
 
 
-def build(cfg: CorpusConfig, corpus_dir: str, info: dict[str, Any]) -> dict[str, Any]:
+def build(
+    cfg: CorpusConfig, corpus_dir: str, info: dict[str, Any], uris: list[str]
+) -> dict[str, Any]:
     """Run the index job for a streamed corpus (`streamed`) into `corpus_dir`; returns the
-    marker. Progress: Ray Data's bars while reading, then a line per finished bucket."""
+    marker. `uris` are a webdataset's shards (unused for a manifest). Progress: Ray Data's
+    bars while reading, then a line every 8 finished buckets."""
     import ray.data
 
     started = time.perf_counter()
@@ -139,7 +140,6 @@ def build(cfg: CorpusConfig, corpus_dir: str, info: dict[str, Any]) -> dict[str,
         )
         repeats = ""
     else:
-        uris = info.pop("uris")
         rows = webdataset.texts(cfg, uris).map_batches(
             webdataset.SampleRows(cfg), batch_format="pyarrow", num_cpus=READ_CPUS
         )

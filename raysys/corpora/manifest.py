@@ -173,9 +173,7 @@ def _records(cfg: CorpusConfig) -> Iterator[tuple[int, dict[str, Any]]]:
     fs, path = storage.fsspec_fs(cfg.path)
     with fs.open(path, "rb") as f:
         if kind == "json":
-            head = f.read(1 << 16).lstrip()
-            f.seek(0)
-            if head.startswith(b"["):
+            if _starts_array(f):
                 yield from enumerate(_json_array(f.read(), cfg.path))
                 return
             for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8")):
@@ -326,7 +324,15 @@ def chunks(cfg: CorpusConfig, size: int) -> list[dict[str, Any]]:
 def _is_json_array(cfg: CorpusConfig) -> bool:
     fs, path = storage.fsspec_fs(cfg.path)
     with fs.open(path, "rb") as f:
-        return f.read(1 << 16).lstrip().startswith(b"[")
+        return _starts_array(f)
+
+
+def _starts_array(f: Any) -> bool:
+    """Whether an open `.json` manifest holds one JSON array (else JSON Lines); the file is
+    left at its start."""
+    head = f.read(1 << 16).lstrip()
+    f.seek(0)
+    return head.startswith(b"[")
 
 
 def inline_images(cfg: CorpusConfig) -> bool:

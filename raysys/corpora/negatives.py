@@ -362,16 +362,25 @@ def make_negative(caption: str, seed: int | str = 0) -> Negative | None:
     return None
 
 
+def filled(
+    caption: str | None, negative: str | None, pair_id: str, source: str | None
+) -> tuple[str | None, str]:
+    """One pair's negative and where it came from: a supplied one kept (source `corpus`
+    unless the corpus named it), else a rule-based edit of the caption seeded by the pair
+    id (`generated:<rule>`), else None (`none`: the text pass rejects it)."""
+    if negative:
+        return negative, source or "corpus"
+    derived = make_negative(caption, seed=pair_id) if caption else None
+    return (derived.text, f"generated:{derived.rule}") if derived else (None, "none")
+
+
 def fill_negatives(rows: list[dict]) -> list[dict]:
-    """Derive a rule-based hard negative for every caption that has none, and record where
-    each negative came from; a caption no rule applies to keeps None and is rejected later."""
+    """`filled` on rows in place: every caption gets a negative where a rule applies, and
+    every row its `negative_source`."""
     for row in rows:
-        if row.get("negative"):
-            row["negative_source"] = row.get("negative_source") or "corpus"
-            continue
-        derived = make_negative(row["caption"], seed=row["pair_id"]) if row.get("caption") else None
-        row["negative"] = derived.text if derived else None
-        row["negative_source"] = f"generated:{derived.rule}" if derived else "none"
+        row["negative"], row["negative_source"] = filled(
+            row.get("caption"), row.get("negative"), row["pair_id"], row.get("negative_source")
+        )
     return rows
 
 
@@ -379,7 +388,7 @@ RULES_VERSION = 1  # bump when a rule changes what it generates: it re-keys ever
 
 
 def negatives_table(pairs: pa.Table) -> pa.Table:
-    """`fill_negatives` on a table (a batch of the index job, or a small corpus's pairs):
+    """`filled` on a table (a batch of the index job, or a small corpus's pairs):
     `negative` filled where a rule applies and `negative_source` for every pair."""
     captions = pairs["caption"].to_pylist()
     given = pairs["negative"].to_pylist()
@@ -389,15 +398,9 @@ def negatives_table(pairs: pa.Table) -> pa.Table:
         if "negative_source" in pairs.column_names
         else [None] * len(ids)
     )
-    negatives, sources = [], []
-    for caption, negative, pair_id, source in zip(captions, given, ids, known, strict=True):
-        if negative:
-            negatives.append(negative)
-            sources.append(source or "corpus")
-            continue
-        derived = make_negative(caption, seed=pair_id) if caption else None
-        negatives.append(derived.text if derived else None)
-        sources.append(f"generated:{derived.rule}" if derived else "none")
+    results = [filled(*values) for values in zip(captions, given, ids, known, strict=True)]
+    negatives = [negative for negative, _ in results]
+    sources = [source for _, source in results]
     out = pairs.drop_columns(
         [c for c in ("negative", "negative_source") if c in pairs.column_names]
     )

@@ -154,9 +154,9 @@ def load(cfg: CorpusConfig) -> Corpus:
     many samples, and the first `limit` keys of those are kept."""
     key, info, uris = fingerprint(cfg)
     rows: list[dict[str, Any]] = []
-    for uri in uris if cfg.limit else [uris]:
-        wanted = [uri] if isinstance(uri, str) else uri
-        rows += [_sample_row(sample, cfg) for sample in texts(cfg, wanted).iter_rows()]
+    # With a limit, one shard at a time, stopping once enough are read; else all at once.
+    for group in [[uri] for uri in uris] if cfg.limit else [uris]:
+        rows += [_sample_row(sample, cfg) for sample in texts(cfg, group).iter_rows()]
         if cfg.limit and len(rows) >= cfg.limit:
             break
     table = pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)

@@ -227,12 +227,16 @@ def read_parquet(uri: Location, columns: list[str] | None = None) -> pa.Table:
         raise CacheError(f"cannot read {os.fspath(uri)!r}: {e}; {REPAIR}") from e
 
 
+def id_column(files: list[str]) -> pa.Array:
+    """The ids of some Parquet parts (id column only) as one Arrow array: what bookkeeping
+    over every id (resume, exactly-once) compares, without a Python object per id."""
+    arrays = [read_parquet(f, ["id"])["id"] for f in files]
+    return pa.chunked_array(arrays, pa.string()).combine_chunks()
+
+
 def ids_in(files: list[str]) -> np.ndarray:
     """The ids of some Parquet parts (id column only), e.g. an unfinished cache's."""
-    if not files:
-        return np.array([], dtype=str)
-    ids = pa.chunked_array([read_parquet(f, ["id"])["id"] for f in files])
-    return ids.to_numpy().astype(str)
+    return id_column(files).to_numpy(zero_copy_only=False).astype(str)
 
 
 def data_files(directory: Location) -> list[str]:

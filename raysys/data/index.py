@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,9 @@ from raysys import storage
 from raysys.data import cache
 from raysys.data.pairs import BUCKETS, buckets
 from raysys.errors import CacheError
+
+if TYPE_CHECKING:
+    import ray.data
 
 INDEX_DIR = "index"
 DONE = "_index.json"
@@ -78,15 +81,16 @@ def summary(pairs: pa.Table) -> dict[str, Any]:
     out: dict[str, Any] = {
         "rows": pairs.num_rows,
         "images": int(pc.sum(pairs["first"]).as_py() or 0),
-        "splits": _counts(pairs["split"]),
-        "negatives": _counts(pairs["negative_source"]),
+        "splits": value_counts(pairs["split"]),
+        "negatives": value_counts(pairs["negative_source"]),
     }
     if "labels" in pairs.column_names:
         out["labels"] = sorted(v for v in pc.unique(pairs["labels"]).to_pylist() if v)
     return out
 
 
-def _counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+def value_counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """How many rows hold each value of a string column (splits, negative sources)."""
     return {r["values"]: r["counts"] for r in pc.value_counts(column).to_pylist()}
 
 
@@ -201,4 +205,14 @@ def read_index(
     return pa.concat_tables(tables, promote_options="default")
 
 
-__all__ = ["BUCKETS", "read_index", "write_index"]
+def dataset(corpus_dir: cache.Location, columns: list[str]) -> ray.data.Dataset:
+    """The index's files (some columns) as a Ray Dataset: read by Ray Data's tasks where
+    they are, never pushed through the object store from the driver."""
+    import ray.data  # lazy: this module is library code that starts no Ray
+
+    fs, _ = storage.pyarrow_fs(corpus_dir)
+    paths = [storage.pyarrow_fs(f)[1] for f in index_files(corpus_dir)]
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+
+
+__all__ = ["BUCKETS", "dataset", "read_index", "write_index"]

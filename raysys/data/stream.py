@@ -26,8 +26,7 @@ import ray
 import ray.data
 
 from raysys import storage
-from raysys.data import cache
-from raysys.data.index import index_files
+from raysys.data import cache, index
 from raysys.data.pairs import image_keys
 from raysys.errors import CacheError
 from raysys.runtime import node_resources
@@ -68,13 +67,8 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
     if done is not None and done["rows"] == rows:
         return out
     started = time.perf_counter()
-    # The split's pairs, read from the index's files by Ray Data's tasks (the driver never
-    # pushes the pair table through the object store).
-    fs, _ = storage.pyarrow_fs(source.corpus_dir)
-    paths = [storage.pyarrow_fs(f)[1] for f in index_files(source.corpus_dir)]
-    pairs = ray.data.read_parquet(paths, filesystem=fs).select_columns(
-        ["pair_id", "image_id", "split"]
-    )
+    # The split's pairs, read from the index's files by Ray Data's tasks.
+    pairs = index.dataset(source.corpus_dir, ["pair_id", "image_id", "split"])
     pairs = pairs.filter(expr=f"split == {split!r}").select_columns(["pair_id", "image_id"])
     images = _read(source.image_dir, ["id", source.image_layer])
     texts = _read(source.text_dir, ["id", source.text_layer, "neg_" + source.text_layer])
