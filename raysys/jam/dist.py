@@ -30,8 +30,10 @@ def collective_device(device: torch.device) -> torch.device:
     return device
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` along dim 0 in rank order, keeping the autograd graph.
+def gather_with_grad(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """All-gather ``x`` along `dim` in rank order, keeping the autograd graph (a population's
+    latents ``[P, b, D]`` gather along dim 1, the batch, so each member sees its own global
+    batch).
 
     Without a process group ``x`` is returned unchanged. A one-rank group still runs the
     collective (a device copy), so a single-GPU check exercises the real NCCL path.
@@ -58,7 +60,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         # Deprecated in favour of a private `_functional_collectives` API; the public
         # function still works and is what open_clip uses, so keep it and stay quiet.
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(x), dim=0)
+        return torch.cat(all_gather(x.contiguous()), dim=dim)
 
 
 @torch.no_grad()

@@ -8,6 +8,10 @@ are upcast and autocast is switched off for the loss's own ops, because at a sca
 bf16 matmuls and log-sum-exps lose the loss entirely on nearly aligned latents (Spread's
 difference of two log-sum-exps most of all). float64 stays float64.
 
+Every loss also takes a population (:mod:`raysys.jam.population`): latents ``[P, B, D]`` of P
+members with a scale, α, of shape ``[P]``, and returns the per-member means ``[P]``. Nothing
+couples two members, so each member's gradient is the one it would get alone.
+
 In data-parallel training the caller passes latents gathered from every rank
 (:func:`raysys.jam.dist.gather_with_grad`); the functions themselves know nothing of ranks.
 
@@ -76,6 +80,35 @@ def _targets(b: int, device: torch.device) -> torch.Tensor:
     return torch.arange(b, device=device)
 
 
+def _per_member(x: Scale, like: torch.Tensor) -> Scale:
+    """A scale or α of shape ``[P]`` broadcast over a population's ``[P, B, C]`` logits (a
+    float or 0-d tensor broadcasts as it is)."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return x.reshape(x.shape + (1,) * (like.dim() - 1))
+    return x
+
+
+def _sim(s: Scale, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``s · a bᵀ`` over the last two dims: ``[B, C]`` logits, ``[P, B, C]`` for a population."""
+    return (_per_member(s, a) * a) @ b.transpose(-1, -2)
+
+
+def _diag(logits: torch.Tensor) -> torch.Tensor:
+    """Row i's logit of column i (its own positive): ``[..., B]``."""
+    return logits[..., : logits.shape[-2]].diagonal(dim1=-2, dim2=-1)
+
+
+def _ce(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row against its own column, averaged over the rows (the last
+    batch dim): a population's ``[P, B, C]`` gives ``[P]``."""
+    b, c = logits.shape[-2:]
+    if logits.dim() == 2:  # torch's own mean (a population's sums its rows in another order)
+        return F.cross_entropy(logits, _targets(b, logits.device))
+    rows = logits.reshape(-1, c)
+    targets = _targets(b, logits.device).repeat(rows.shape[0] // b)
+    return F.cross_entropy(rows, targets, reduction="none").reshape(logits.shape[:-1]).mean(-1)
+
+
 def _others(same: torch.Tensor | None, b: int, device: torch.device) -> torch.Tensor | None:
     """Off-diagonal part of ``same`` (bool ``[B, B]``): the pairs to drop from denominators.
     (No check for "none to drop": on a GPU that would be a host sync every step.)"""
@@ -92,8 +125,8 @@ def _drop(logits: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
     are kept)."""
     if drop is None:
         return logits
-    if logits.shape[1] > drop.shape[1]:
-        pad = drop.new_zeros(drop.shape[0], logits.shape[1] - drop.shape[1])
+    if logits.shape[-1] > drop.shape[-1]:
+        pad = drop.new_zeros(drop.shape[0], logits.shape[-1] - drop.shape[-1])
         drop = torch.cat([drop, pad], dim=1)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -103,7 +136,7 @@ def _text_to_image(
 ) -> torch.Tensor:
     """CE of each positive caption over all images (but other rows of its own image), target
     its own image."""
-    return F.cross_entropy(_drop(s * t @ v.T, drop), _targets(v.shape[0], v.device))
+    return _ce(_drop(_sim(s, t, v), drop))
 
 
 @in_float32
@@ -116,10 +149,8 @@ def con(
     ``ClipLoss()(normalize(zv), normalize(zt), s)``.
     """
     v, t = _unit(zv), _unit(zt)
-    drop = _others(same, v.shape[0], v.device)
-    logits = _drop(s * v @ t.T, drop)
-    y = _targets(v.shape[0], v.device)
-    return 0.5 * (F.cross_entropy(logits, y) + _text_to_image(v, t, s, drop))
+    drop = _others(same, v.shape[-2], v.device)
+    return 0.5 * (_ce(_drop(_sim(s, v, t), drop)) + _text_to_image(v, t, s, drop))
 
 
 @in_float32
@@ -137,15 +168,14 @@ def negcon(
     CLIP over positives (negatives have no image to point at).
     """
     v, t, n = _unit(zv), _unit(zt), _unit(zn)
-    drop = _others(same, v.shape[0], v.device)
-    captions = torch.cat([t, n], dim=0)
-    y = _targets(v.shape[0], v.device)
-    i2t = F.cross_entropy(_drop(s * v @ captions.T, drop), y)
+    drop = _others(same, v.shape[-2], v.device)
+    i2t = _ce(_drop(_sim(s, v, torch.cat([t, n], dim=-2)), drop))
     return 0.5 * (i2t + _text_to_image(v, t, s, drop))
 
 
 def context_mask(zt: torch.Tensor, k: int = 0, same: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool ``[B, 2B]`` mask of each image's context set over ``captions = [t; n]``.
+    """Bool ``[B, 2B]`` mask (``[P, B, 2B]`` for a population) of each image's context set over
+    ``captions = [t; n]``.
 
     ``C_i = {t_i, n_i}`` plus, for ``k > 0``, the ``k`` other positive captions most
     cosine-similar to ``t_i``, never one of the same image (``same``; it is no negative at
@@ -153,24 +183,22 @@ def context_mask(zt: torch.Tensor, k: int = 0, same: torch.Tensor | None = None)
     not something to differentiate. ``k`` is capped at the candidates there are (``B - 1``
     less same-image rows), so a small final or per-test batch still works.
     """
-    b = zt.shape[0]
-    mask = torch.zeros(b, 2 * b, dtype=torch.bool, device=zt.device)
-    idx = _targets(b, zt.device)
-    mask[idx, idx] = True
-    mask[idx, idx + b] = True
+    b = zt.shape[-2]
+    eye = torch.eye(b, dtype=torch.bool, device=zt.device)
+    own = torch.cat([eye, eye], dim=1)  # t_i and n_i
+    mask = own.expand(*zt.shape[:-2], b, 2 * b).clone()
     k = min(int(k), b - 1)
     if k > 0:
         with torch.no_grad():
             t = _unit(zt.detach())
-            sim = t @ t.T
-            sim.fill_diagonal_(float("-inf"))
+            sim = (t @ t.transpose(-1, -2)).masked_fill(eye, float("-inf"))
             drop = _others(same, b, zt.device)
             if drop is not None:
                 sim = sim.masked_fill(drop, float("-inf"))
-            top = sim.topk(k, dim=1)
+            top = sim.topk(k, dim=-1)
         # a row with fewer than k candidates got -inf picks: those are no context
-        mask.scatter_(1, top.indices, top.values > float("-inf"))
-        mask[idx, idx] = True
+        mask.scatter_(-1, top.indices, top.values > float("-inf"))
+        mask |= own
     return mask
 
 
@@ -180,7 +208,7 @@ def spread(
     zt: torch.Tensor,
     zn: torch.Tensor,
     s: Scale,
-    alpha: float = 0.7,
+    alpha: Scale = 0.7,
     k: int = 8,
     same: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -203,16 +231,15 @@ def spread(
     ``K = 8``. Same-image captions (``same``) leave both sums and the context set.
     """
     v, t, n = _unit(zv), _unit(zt), _unit(zn)
-    b = v.shape[0]
-    drop = _others(same, b, v.device)
-    logits = _drop(s * v @ torch.cat([t, n], dim=0).T, drop)  # [B, 2B]
+    drop = _others(same, v.shape[-2], v.device)
+    logits = _drop(_sim(s, v, torch.cat([t, n], dim=-2)), drop)  # [..., B, 2B]
     mask = context_mask(zt, k, same)
-    lse_all = torch.logsumexp(logits, dim=1)
-    lse_ctx = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
-    positive = logits[_targets(b, v.device), _targets(b, v.device)]
+    lse_all = torch.logsumexp(logits, dim=-1)
+    lse_ctx = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
     concon = lse_all - lse_ctx
-    context_nce = lse_ctx - positive
-    i2t = ((1.0 - alpha) * concon + alpha * context_nce).mean()
+    context_nce = lse_ctx - _diag(logits)
+    a = _per_member(alpha, concon)
+    i2t = ((1.0 - a) * concon + a * context_nce).mean(-1)
     return 0.5 * (i2t + _text_to_image(v, t, s, drop))
 
 

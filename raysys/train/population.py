@@ -1,0 +1,234 @@
+"""A population's training step, in plain torch: `Trainer` for P stacked members at once.
+
+Each member keeps everything a trial sets for itself: objective, Spread's α and K, learning
+rate and warm-up, weight decay, gradient clipping, λ schedule, dropout, logit scale and seed
+(the initial weights). The optimiser is AdamW written for stacked tensors, so each member's
+moments, learning rate and weight decay are its own; clipping takes each member's own norm.
+A frozen member (stopped early, or by ASHA) takes no update at all. Nothing here imports Ray
+or pyarrow (`raysys bench step --population` runs it on a torch-only GPU machine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raysys.config import TrainConfig
+from raysys.jam import JAM, losses
+from raysys.jam.dist import gather_keys, gather_with_grad
+from raysys.jam.population import Population
+from raysys.train.step import Trainer, jam_config
+
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which `Trainer` uses
+# TrainConfig keys a member sets for itself; every other key is the population's (and must be
+# equal across its members: `shared_train_keys`).
+MEMBER_KEYS = (
+    "objective",
+    "vision_layer",
+    "text_layer",
+    "dropout",
+    "logit_scale",
+    "alpha",
+    "k",
+    "cross_reconstruction",
+    "lambda_start",
+    "lambda_end",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "grad_clip",
+    "seed",
+    "early_stop_patience",
+)
+
+
+def build_members(tcfgs: list[TrainConfig], dims: list[tuple[int, int]]) -> list[JAM]:
+    """Each member's initial JAM, seeded as a trial alone seeds it (`torch.manual_seed(seed)`
+    before the model is built), so member m starts from the weights it would have alone."""
+    members = []
+    for tcfg, (d_image, d_text) in zip(tcfgs, dims, strict=True):
+        torch.manual_seed(tcfg.seed)
+        members.append(JAM(jam_config(tcfg, d_image, d_text)))
+    return members
+
+
+@dataclass
+class _Group:
+    """Members sharing one loss call: an objective (and, for Spread, a K)."""
+
+    objective: str
+    k: int
+    index: torch.Tensor
+
+
+class PopulationTrainer:
+    """One process's share of a population's training: stacked AdamW, schedules, the step."""
+
+    def __init__(self, model: torch.nn.Module, tcfgs: list[TrainConfig], total_steps: int) -> None:
+        self.model = model  # Population, or Population wrapped in DistributedDataParallel
+        self.population: Population = getattr(model, "module", model)
+        self.tcfgs = tcfgs
+        self.total_steps = total_steps
+        self.step = 0
+        p = self.population
+        device = next(p.parameters()).device
+        self.active = torch.ones(p.size, dtype=torch.bool, device=device)
+        self.params = [q for q in p.parameters() if q.requires_grad]
+        self.exp_avg = [torch.zeros_like(q) for q in self.params]
+        self.exp_avg_sq = [torch.zeros_like(q) for q in self.params]
+        self._per_member = {
+            name: torch.tensor([float(getattr(t, name)) for t in tcfgs], device=device)
+            for name in ("weight_decay", "grad_clip", "alpha")
+        }
+        groups: dict[tuple[str, int], list[int]] = {}
+        for m, t in enumerate(tcfgs):
+            groups.setdefault((t.objective, t.k if t.objective == "spread" else 0), []).append(m)
+        self.groups = [
+            _Group(o, k, torch.tensor(ms, device=device)) for (o, k), ms in groups.items()
+        ]
+        self.cross = torch.tensor([t.cross_reconstruction for t in tcfgs], device=device)
+
+    # --- schedules: the same formulas as `Trainer` and `losses.lambda_schedule`, per member ----
+
+    def lr_factor(self, m: int, step: int) -> float:
+        tcfg = self.tcfgs[m]
+        warmup = min(tcfg.warmup_steps, max(1, self.total_steps // 10))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def rates(self, step: int) -> list[float]:
+        """Each member's learning rate at `step`."""
+        return [t.lr * self.lr_factor(m, step) for m, t in enumerate(self.tcfgs)]
+
+    def lambdas(self, step: int) -> list[float]:
+        return [
+            losses.lambda_schedule(step, self.total_steps, t.lambda_start, t.lambda_end)
+            for t in self.tcfgs
+        ]
+
+    def freeze(self, m: int) -> None:
+        """Stop member m for good: its weights and optimiser state stay as they are."""
+        self.active[m] = False
+
+    # --- the step --------------------------------------------------------------------------
+
+    def alignment(
+        self, zi: torch.Tensor, zt: torch.Tensor, zn: torch.Tensor, same: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each member's own objective on the global batch: ``[P]``."""
+        scale = self.population.logit_scale()
+        out = zi.new_zeros(self.population.size, dtype=torch.float32)
+        for g in self.groups:
+            i = g.index
+            if g.objective == "con":
+                value = losses.con(zi[i], zt[i], scale[i], same=same)
+            elif g.objective == "negcon":
+                value = losses.negcon(zi[i], zt[i], zn[i], scale[i], same=same)
+            else:
+                alpha = self._per_member["alpha"][i]
+                value = losses.spread(zi[i], zt[i], zn[i], scale[i], alpha, g.k, same=same)
+            out = out.index_put((i,), value.float())
+        return out
+
+    def reconstruction(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`step.reconstruction_loss` per member: ½ own terms, or ¼ of four with cross."""
+        p = self.population
+        own = torch.stack(
+            [
+                p.reconstruction("image", out["image_target"], out["image_hat"]),
+                p.reconstruction("text", out["text_target"], out["text_hat"]),
+            ]
+        ).mean(0)
+        if "text_from_image" not in out:
+            return own
+        cross = torch.stack(
+            [
+                p.reconstruction("text", out["text_target"], out["text_from_image"]),
+                p.reconstruction("image", out["image_target"], out["image_from_text"]),
+            ]
+        ).mean(0)
+        return torch.where(self.cross, 0.5 * (own + cross), own)
+
+    def train_step(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        negative: torch.Tensor,
+        image_keys: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """One step of every member on this rank's slice of the global batch: inputs
+        ``[P, b, d]`` (each member's own layers, zero-padded), or ``[b, d]`` when all members
+        read the same layers. Returns per-member statistics as ``[P]`` device tensors."""
+        self.model.train()
+        p = self.population
+        if image.dim() == 2:
+            image, text, negative = (x.expand(p.size, *x.shape) for x in (image, text, negative))
+        same = None
+        if image_keys is not None:
+            keys = gather_keys(image_keys.to(image.device))
+            same = keys[:, None] == keys[None, :]
+        with Trainer._autocast(image.device):
+            out = self.model(image, text, cross=bool(self.cross.any()), negative=negative)
+            zi, zt, zn = (gather_with_grad(out[k], dim=1) for k in ("zi", "zt", "zn"))
+            align = self.alignment(zi, zt, zn, same)
+            rec = self.reconstruction(out)
+        lam = torch.tensor(self.lambdas(self.step), device=align.device)
+        loss = (align + lam * rec) * self.active  # frozen members: no gradient
+        for q in self.params:
+            q.grad = None
+        loss.sum().backward()
+        lr = self.rates(self.step)
+        self._adamw(torch.tensor(lr, device=align.device))
+        self.step += 1
+        return {
+            "align": align.detach(),
+            "rec": rec.detach(),
+            "logit_scale": p.logit_scale().detach().float(),
+            "lambda": lam,
+            "lr": lr,
+        }
+
+    @torch.no_grad()
+    def _adamw(self, lr: torch.Tensor) -> None:
+        """torch.optim.AdamW's update on stacked tensors, each member with its own rate,
+        weight decay and clipping; frozen members are left exactly as they are."""
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
+        clip = self._per_member["grad_clip"]
+        norm = torch.stack([g.float().square().flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+        coef = torch.where(clip > 0, (clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(clip))
+        active = self.active
+        step = self.step + 1
+        b1, b2 = BETAS
+        c1, c2 = 1 - b1**step, 1 - b2**step
+        for q, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
+            shape = (-1,) + (1,) * (q.dim() - 1)
+            g = g * coef.view(shape).to(g.dtype)
+            on = active.view(shape)
+            m.copy_(torch.where(on, m.lerp(g, 1 - b1), m))
+            v.copy_(torch.where(on, v * b2 + (1 - b2) * g * g, v))
+            rate = (lr * active).view(shape).to(q.dtype)
+            q.mul_(1 - rate * self._per_member["weight_decay"].view(shape).to(q.dtype))
+            q.addcdiv_(m * (rate / c1), (v.sqrt() / math.sqrt(c2)).add_(EPS), value=-1.0)
+
+    # --- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "exp_avg": [t.cpu() for t in self.exp_avg],
+            "exp_avg_sq": [t.cpu() for t in self.exp_avg_sq],
+            "active": self.active.cpu(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for mine, saved in zip(
+            self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"], strict=True
+        ):
+            mine.copy_(saved)
+        self.active.copy_(state["active"])
+        self.step = state["step"]

@@ -1,0 +1,154 @@
+"""A population member trains exactly as it would alone (no Ray: the stacked model and step)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from raysys.config import EvalConfig, TrainConfig
+from raysys.data.pairs import Pairs
+from raysys.errors import ConfigError
+from raysys.evaluate import score_model
+from raysys.jam import JAM, JAMConfig
+from raysys.jam.population import Population
+from raysys.train.population import PopulationTrainer, build_members
+from raysys.train.step import Trainer, fit_global_input_stats
+
+STEPS, BATCH = 12, 24
+# Two "layer pairs" of one model pair: different widths, so members are padded.
+WIDTHS = [(20, 12), (12, 16)]
+
+
+def _data(n: int, seed: int) -> list[Pairs]:
+    """The same pairs at each layer pair's widths (one shared latent, per-layer projections)."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n, 6)).astype(np.float32)
+    other = latent + rng.standard_normal((n, 6)).astype(np.float32)
+    ids = np.array([f"p{i}" for i in range(n)])
+    image_ids = np.array([f"i{i // 2}" for i in range(n)])  # two captions per image
+    out = []
+    for d_image, d_text in WIDTHS:
+        proj = np.random.default_rng(d_image * 100 + d_text)
+        mi = proj.standard_normal((6, d_image)).astype(np.float32)
+        mt = proj.standard_normal((6, d_text)).astype(np.float32)
+        image = latent[np.arange(n) // 2 * 2] @ mi  # captions of one image share its embedding
+        out.append(Pairs(ids, image_ids, ids, image.astype(np.float16), (latent @ mt), other @ mt))
+    return out
+
+
+MEMBERS = [  # (TrainConfig overrides, layer pair)
+    (dict(objective="con", lr=1e-3, seed=0, weight_decay=1e-4, grad_clip=0.5), 0),
+    (dict(objective="negcon", lr=3e-4, seed=1, weight_decay=1e-2, lambda_start=0.5), 1),
+    (
+        dict(objective="spread", lr=2e-3, seed=2, alpha=0.6, k=3, warmup_steps=2,
+             cross_reconstruction=True, logit_scale=10.0),
+        0,
+    ),
+]  # fmt: skip
+
+
+def _tcfg(overrides: dict) -> TrainConfig:
+    base = dict(hidden=[32, 32], latent=8, dropout=0.0, batch_size=BATCH, warmup_steps=4)
+    return TrainConfig(**(base | overrides))
+
+
+def _batch(data: Pairs, step: int) -> tuple[torch.Tensor, ...]:
+    rows = (np.arange(BATCH) + step * 7) % len(data)
+    keys = torch.as_tensor(data.take(rows).image_keys())
+    take = data.take(rows)
+    return (*(torch.as_tensor(x) for x in (take.image, take.text, take.negative)), keys)
+
+
+def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x.float(), (0, width - x.shape[-1]))
+
+
+def test_three_members_train_as_they_would_alone() -> None:
+    train, val = _data(96, seed=0), _data(40, seed=1)
+    tcfgs = [_tcfg(o) for o, _ in MEMBERS]
+    layers = [layer for _, layer in MEMBERS]
+    dims = [WIDTHS[layer] for layer in layers]
+
+    alone = []
+    for tcfg, layer, dim in zip(tcfgs, layers, dims, strict=True):
+        (model,) = build_members([tcfg], [dim])
+        fit_global_input_stats(model, train[layer].image, train[layer].text)
+        trainer = Trainer(model, tcfg, STEPS)
+        for step in range(STEPS):
+            trainer.train_step(*_batch(train[layer], step))
+        alone.append(model)
+
+    members = build_members(tcfgs, dims)
+    for model, layer in zip(members, layers, strict=True):
+        fit_global_input_stats(model, train[layer].image, train[layer].text)
+    population = Population.from_members(members)
+    trainer = PopulationTrainer(population, tcfgs, STEPS)
+    d_image, d_text = population.d_image, population.d_text
+    for step in range(STEPS):
+        per_layer = [_batch(d, step) for d in train]
+        stacked = [
+            torch.stack([_padded(per_layer[layer][i], width) for layer in layers])
+            for i, width in ((0, d_image), (1, d_text), (2, d_text))
+        ]
+        stats = trainer.train_step(*stacked, per_layer[0][3])
+    assert stats["align"].shape == (3,)
+
+    ecfg = EvalConfig(bootstrap=0)
+    for m, (model, layer) in enumerate(zip(alone, layers, strict=True)):
+        member = population.member(m)
+        assert member.cfg == model.cfg
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(member.state_dict()[name], value, atol=2e-5, rtol=1e-4)
+        moved = max((member.state_dict()[k] - members[m].state_dict()[k]).abs().max() for k in
+                    ("image.encoder.0.linear.weight",))  # fmt: skip
+        assert moved > 1e-4  # the member did train
+        ours = score_model(member, val[layer], ecfg, with_intervals=False)
+        theirs = score_model(model, val[layer], ecfg, with_intervals=False)
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_a_frozen_member_does_not_move_while_the_others_train() -> None:
+    train = _data(64, seed=3)
+    tcfgs = [_tcfg(dict(seed=s)) for s in (0, 1)]
+    members = build_members(tcfgs, [WIDTHS[0]] * 2)
+    population = Population.from_members(members)
+    trainer = PopulationTrainer(population, tcfgs, 4)
+    trainer.freeze(1)
+    before = population.member(1).state_dict()
+    for step in range(4):
+        trainer.train_step(*_batch(train[0], step))  # [b, d]: shared by every member
+    after = population.member(1).state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert not torch.equal(population.member(0).state_dict()["text.decoder.0.linear.weight"],
+                           members[0].state_dict()["text.decoder.0.linear.weight"])  # fmt: skip
+
+
+def test_members_must_share_the_architecture() -> None:
+    a = JAMConfig(d_image=8, d_text=8, hidden=(16,))
+    with pytest.raises(ConfigError, match="hidden"):
+        Population([a, dataclasses.replace(a, hidden=(32,))])
+
+
+def test_member_round_trips_through_a_population() -> None:
+    torch.manual_seed(0)
+    small = JAM(JAMConfig(d_image=6, d_text=10, hidden=(16,), latent=4))
+    big = JAM(JAMConfig(d_image=12, d_text=10, hidden=(16,), latent=4))
+    fit_global_input_stats(small, torch.randn(30, 6) * 3 + 1, torch.randn(30, 10))
+    population = Population.from_members([big, small])
+    back = population.member(1)
+    for name, value in small.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
+    x_image, x_text = torch.randn(5, 6), torch.randn(5, 10)
+    small.eval(), population.eval()  # no dropout
+    out = population(
+        torch.stack([_padded(torch.randn(5, 12), 12), _padded(x_image, 12)]),
+        torch.stack([x_text, x_text]),
+    )
+    alone = small(x_image, x_text)
+    torch.testing.assert_close(out["zi"][1], alone["zi"])
+    torch.testing.assert_close(out["image_hat"][1, :, :6], alone["image_hat"])
