@@ -128,7 +128,10 @@ def kill_stragglers(procs: list[psutil.Process], grace_s: float) -> int:
 
 
 def _is_ray(proc: psutil.Process) -> bool:
-    """One of Ray's processes (raylet, GCS, dashboard, workers: `ray::…`, `default_worker`)."""
+    """One of Ray's processes (raylet, GCS, dashboard, workers: `ray::…`, `default_worker`).
+    A child that exits while the list is read (or a zombie) is none of them."""
+    import psutil  # the module-level name is for type checking only
+
     try:
         return "ray" in " ".join(proc.cmdline()).lower()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
