@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
     parser.add_argument("--steps", type=int, default=50, help="step: timed steps")
+    parser.add_argument(
+        "--population",
+        type=int,
+        default=0,
+        help="step: also time P stacked members against one member (ratio of member·samples/s)",
+    )
     parser.add_argument("--device", default="auto", help="step, embed: auto, cpu, cuda, …")
 
 
