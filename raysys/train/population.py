@@ -172,18 +172,20 @@ class PopulationTrainer:
         if image_keys is not None:
             keys = gather_keys(image_keys.to(image.device))
             same = keys[:, None] == keys[None, :]
+        cross = any(t.cross_reconstruction for t in self.tcfgs)  # host-side: no device read
         with Trainer._autocast(image.device):
-            out = self.model(image, text, cross=bool(self.cross.any()), negative=negative)
+            out = self.model(image, text, cross=cross, negative=negative)
             zi, zt, zn = (gather_with_grad(out[k], dim=1) for k in ("zi", "zt", "zn"))
             align = self.alignment(zi, zt, zn, same)
             rec = self.reconstruction(out)
-        lam = torch.tensor(self.lambdas(self.step), device=align.device)
+        # A pageable host-to-device copy that does not wait for the GPU's queue.
+        lam = torch.tensor(self.lambdas(self.step)).to(align.device, non_blocking=True)
         loss = (align + lam * rec) * self.active  # frozen members: no gradient
         for q in self.params:
             q.grad = None
         loss.sum().backward()
         lr = self.rates(self.step)
-        self._adamw(torch.tensor(lr, device=align.device))
+        self._adamw(lr)
         self.step += 1
         return {
             "align": align.detach(),
@@ -194,26 +196,52 @@ class PopulationTrainer:
         }
 
     @torch.no_grad()
-    def _adamw(self, lr: torch.Tensor) -> None:
+    def _adamw(self, lr: list[float] | torch.Tensor) -> None:
         """torch.optim.AdamW's update on stacked tensors, each member with its own rate,
-        weight decay and clipping; frozen members are left exactly as they are."""
+        weight decay and clipping; frozen members are left exactly as they are.
+
+        Clipping is `clip_grad_norm_`'s (the norm of the per-tensor norms, taken per member);
+        the update is the very kernel `Trainer`'s `AdamW(fused=True)` runs, called once per
+        member on its slices of the stacked tensors (contiguous views, updated in place): one
+        pass over weights, grads and moments, where an update written in stacked tensor ops
+        takes a dozen (it cost more than the forward and backward together). A frozen member's
+        call is skipped on the device (`found_inf`), so no host read of `active` is needed."""
+        rates = lr.tolist() if isinstance(lr, torch.Tensor) else list(lr)
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
         clip = self._per_member["grad_clip"]
-        norm = torch.stack([g.float().square().flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+        norms = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms), dim=0)
         coef = torch.where(clip > 0, (clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(clip))
-        active = self.active
-        step = self.step + 1
+        for g in grads:
+            g.mul_(coef.view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype))
+        views = self.__dict__.get("_member_views")
+        if views is None:  # slices of the stacked weights and moments, made once
+            views = [
+                tuple([t[m] for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq))
+                for m in range(self.population.size)
+            ]
+            self._member_views = views
+        device = self.params[0].device
+        skip = (~self.active).float()
+        steps = [torch.full((), float(self.step + 1), device=device)] * len(self.params)
         b1, b2 = BETAS
-        c1, c2 = 1 - b1**step, 1 - b2**step
-        for q, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq, strict=True):
-            shape = (-1,) + (1,) * (q.dim() - 1)
-            g = g * coef.view(shape).to(g.dtype)
-            on = active.view(shape)
-            m.copy_(torch.where(on, m.lerp(g, 1 - b1), m))
-            v.copy_(torch.where(on, v * b2 + (1 - b2) * g * g, v))
-            rate = (lr * active).view(shape).to(q.dtype)
-            q.mul_(1 - rate * self._per_member["weight_decay"].view(shape).to(q.dtype))
-            q.addcdiv_(m * (rate / c1), (v.sqrt() / math.sqrt(c2)).add_(EPS), value=-1.0)
+        for m, (params, exp_avg, exp_avg_sq) in enumerate(views):
+            torch._fused_adamw_(
+                params,
+                [g[m] for g in grads],
+                exp_avg,
+                exp_avg_sq,
+                [],
+                steps,
+                lr=rates[m],
+                beta1=b1,
+                beta2=b2,
+                weight_decay=self.tcfgs[m].weight_decay,
+                eps=EPS,
+                amsgrad=False,
+                maximize=False,
+                found_inf=skip[m : m + 1],
+            )
 
     # --- state ----------------------------------------------------------------------------
 
