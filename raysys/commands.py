@@ -23,6 +23,7 @@ from raysys.checks import (
     checked_eval_splits,
 )
 from raysys.config import Config
+from raysys.data import stream
 from raysys.data.cache import resolve_layer
 from raysys.data.pairs import Pairs
 from raysys.data.source import PairSource, pair_source
@@ -50,6 +51,7 @@ from raysys.sweep.plan import (
     raw_sweep_rows,
     with_planned_depths,
 )
+from raysys.sweep.populations import group_trials, population_size
 from raysys.sweep.prepare import Prepared, prepare
 from raysys.sweep.tune import TUNE_DIR, Outcome, check_resumable, check_same_plan, run_trials
 from raysys.train.driver import train as fit
@@ -82,13 +84,18 @@ def sweep(
     pack = packing(cfg, cluster_resources())  # one the cluster cannot hold fails now
     prepared = prepare(cfg, resolved)
     trials = plan_trials(cfg, prepared)
+    size = population_size(
+        cfg, trials, pack, _layer_widths(prepared) if pack.gpus_per_worker else None
+    )
+    populations = group_trials(cfg, trials, size)
     if resume:
-        check_same_plan(run.root, trials)
+        check_same_plan(run.root, populations)
     print(
-        f"[sweep] {len(trials)} trials: {_describe_axes(cfg, prepared)}; {pack.describe()}",
+        f"[sweep] {len(trials)} trials: {_describe_axes(cfg, prepared)}; "
+        f"{len(populations)} population(s) of at most {size}; {pack.describe()}",
         flush=True,
     )
-    outcome = run_trials(cfg, run, trials, pack, resume)
+    outcome = run_trials(cfg, run, populations, pack, resume)
     if timings is not None:
         timings["fit_s"] = outcome.fit_s
     rows = with_planned_depths(raw_sweep_rows(prepared) + outcome.rows, trials)
@@ -131,6 +138,16 @@ def _stop_if_unfinished(run: RunDir, outcome: Outcome, trials: int) -> None:
             f"{', …' if len(outcome.failed) > 3 else ''}; reasons above); the report holds the "
             f"others; rerun the failed ones with: raysys sweep resume={run.root}"
         )
+
+
+def _layer_widths(prepared: list[Prepared]) -> list[tuple[int, int]]:
+    """Each layer pair's image and text widths, read from the caches' schemas."""
+    widths = []
+    for pair in prepared:
+        for layer in pair.layers:
+            dims, _ = stream.pair_row(PairSource(**layer.source))
+            widths.append((dims[0], dims[1]))
+    return widths
 
 
 def _describe_axes(cfg: Config, prepared: list[Prepared]) -> str:

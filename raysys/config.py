@@ -25,7 +25,6 @@ CACHE_DTYPES = ("auto", "float16", "float32")
 # `raysys run`'s sweep: two vision scales against one text model, half and full depth.
 RUN_MODELS = ("efficientnet-lite0+minilm-l6", "efficientnet-lite1+minilm-l6")
 RUN_LAYERS = ("0.5:0.5", "1.0:1.0")
-RUN_HIDDEN = (256, 256)  # a fifth of the default JAM's compute: 12 trials fit in 10 minutes
 
 
 MAX_SHARDS = 64  # = raysys.data.pairs.BUCKETS (config imports nothing of the data layer)
@@ -270,8 +269,15 @@ class SweepConfig:
     counts configurations, each run with every seed); the report then shows each
     configuration's mean over seeds with a t-interval and flags objective differences within
     noise.
-    Each trial keeps its `keep_checkpoints` best checkpoints (a JAM checkpoint is ~40 MB; a
-    stopped trial resumes from the newest one kept) and exports its best model.
+    Trials train as populations (`raysys.jam.population`): trials with the same model pair and
+    the same train settings but their own (objective, layer pair, lr, weight decay, warm-up,
+    clipping, λ, dropout, logit scale, α, K, seed, patience) are stacked, at most `population`
+    to a process, and each Tune trial is one population. `population` 0 sizes them so the
+    trials fill the concurrent slots (CPU: one population per slot; GPU: also capped by
+    what fits in `gpu_memory_gib` times the slot's share of the GPU); 1 trains each trial
+    alone. Each population keeps its `keep_checkpoints` latest checkpoints (each holds every
+    member's current and best weights; a stopped population resumes from the newest) and
+    exports each member's best model.
     """
 
     models: list[Any] = field(default_factory=list)
@@ -287,6 +293,8 @@ class SweepConfig:
     keep_checkpoints: int = 1
     max_concurrent: int = 0
     seeds: int = 1
+    population: int = 0
+    gpu_memory_gib: float = 80.0
 
 
 @dataclass
@@ -424,6 +432,11 @@ class Config:
                 raise ConfigError(f"sweep.{key}={getattr(self.sweep, key)} must be at least 1")
         if self.sweep.num_samples < 0 or self.sweep.max_concurrent < 0:
             raise ConfigError("sweep.num_samples and sweep.max_concurrent must be >= 0")
+        if self.sweep.population < 0 or self.sweep.gpu_memory_gib <= 0:
+            raise ConfigError(
+                f"sweep.population={self.sweep.population} must be >= 0 (0: sized by cores "
+                f"or GPU memory) and sweep.gpu_memory_gib={self.sweep.gpu_memory_gib} > 0"
+            )
         if self.train.data_on_device not in ("auto", "true", "false", "stream"):
             raise ConfigError(
                 f"train.data_on_device={self.train.data_on_device!r} must be auto, true, false "
@@ -628,13 +641,11 @@ def for_command(command: str, cfg: Config, given: set[str]) -> Config:
 
 def run_defaults(cfg: Config, given: set[str]) -> Config:
     """`raysys run`'s small sweep, for whatever the user did not set: EfficientNet-Lite0 and
-    Lite1 (two scales) against MiniLM, at half and full depth, with a narrower JAM (hidden
-    256, 256) so the 12 trials fit in 10 minutes on 2 cores."""
+    Lite1 (two scales) against MiniLM, at half and full depth: 12 trials of the default JAM,
+    trained as two populations (one per model pair)."""
     if not given & {"sweep.models", "extract.vision", "extract.text"}:
         cfg.sweep.models = list(RUN_MODELS)
     layer_keys = {"sweep.layers", "sweep.vision_depths", "sweep.text_depths"}
     if not given & (layer_keys | {"train.vision_layer", "train.text_layer"}):
         cfg.sweep.layers = list(RUN_LAYERS)
-    if "train.hidden" not in given:
-        cfg.train.hidden = list(RUN_HIDDEN)
     return cfg

@@ -51,10 +51,10 @@ def test_run_sweep_defaults_yield_to_the_users_choice(tmp_path) -> None:
 
     cfg = run()
     assert len(cfg.sweep.models) == 2 and cfg.sweep.layers == ["0.5:0.5", "1.0:1.0"]
-    assert cfg.train.hidden == [256, 256]
-    mine = run("extract.vision=efficientnet-lite2", "train.hidden=512,512,512")
+    assert cfg.train.hidden == [512, 512, 512]  # the default JAM: populations make it fit
+    mine = run("extract.vision=efficientnet-lite2", "train.hidden=256,256")
     assert mine.sweep.models == [] and mine.sweep.layers == ["0.5:0.5", "1.0:1.0"]
-    assert mine.train.hidden == [512, 512, 512]  # given, even though it equals the default
+    assert mine.train.hidden == [256, 256]
     layer = run("train.vision_layer=3")
     assert layer.sweep.layers == [] and len(layer.sweep.models) == 2
     path = tmp_path / "run.yaml"

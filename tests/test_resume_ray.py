@@ -15,7 +15,7 @@ from train_steps import steps_per_epoch
 
 from raysys import config, rundir, storage
 from raysys.cli import main
-from raysys.sweep.tune import trial_status
+from raysys.sweep.tune import members_of, trial_status
 
 SMALL = ["train.batch_size=16", "train.hidden=32", "train.latent=16"]
 
@@ -71,8 +71,8 @@ def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
 
 def _first_sweep(args: list[str], uri: str, log, address: str) -> int:
     """Run `raysys sweep` in its own process, a job driver on the session's Ray (`address`),
-    and press Ctrl-C once one trial has finished and the next has a checkpoint on S3 (trials
-    run one at a time); returns its exit code."""
+    and press Ctrl-C once one population (of one trial) has finished and the next has a
+    checkpoint on S3 (they run one at a time); returns its exit code."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "raysys.cli", *args],
         stdout=log,
@@ -89,7 +89,7 @@ def _first_sweep(args: list[str], uri: str, log, address: str) -> int:
                 for k in _objects(f"{uri}/ray")
                 if k.endswith("/history.json") and "/checkpoint_" in k
             }
-            if done and started - done:
+            if done and len(started) >= 2:  # one exported, the other has a checkpoint
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
@@ -123,11 +123,13 @@ def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
     first = (tmp_path / "first.log").read_text()
     assert code == 130, first[-3000:]
     assert f"resume={uri}" in first  # the message names the URI to resume
-    status = trial_status(uri)
+    status = trial_status(uri)  # per population: here each of one trial (epochs differ)
     finished = {name for name, s in status.items() if s == "TERMINATED"}
     assert len(finished) == 1, status
-    [done] = finished
-    kept = {p: _objects(f"{uri}/{p}/{done}") for p in ("models", "tensorboard", "ray")}
+    [population] = finished
+    [done] = members_of(uri)[population]
+    kept = {p: _objects(f"{uri}/{p}/{done}") for p in ("models", "tensorboard")}
+    kept["ray"] = _objects(f"{uri}/ray/{population}")
     assert all(kept.values()), kept
 
     fresh = tmp_path / "elsewhere"
@@ -138,12 +140,14 @@ def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
     out, err = capfd.readouterr()
     status = trial_status(uri)
     assert set(status.values()) == {"TERMINATED"} and len(status) == 2, status
-    [rest] = set(status) - finished
+    [other] = set(status) - finished
+    [rest] = members_of(uri)[other]
     # The unfinished trial continued from its checkpoint on S3; the finished one never ran.
-    resumed = re.findall(r"\[train\] con: resumed at step (\d+)", out + err)
+    resumed = re.findall(rf"\[train\] population {other}: resumed at step (\d+)", out + err)
     assert resumed and int(resumed[0]) >= 40, (out + err)[-3000:]
-    for part, objects in kept.items():
-        assert _objects(f"{uri}/{part}/{done}") == objects, part
+    for part in ("models", "tensorboard"):
+        assert _objects(f"{uri}/{part}/{done}") == kept[part], part
+    assert _objects(f"{uri}/ray/{population}") == kept["ray"]
     assert storage.list_names(f"{uri}/models") == sorted([done, rest])
     results = storage.read_text(f"{uri}/results.csv")
     assert done in results and rest in results  # the report covers both trials
@@ -155,11 +159,11 @@ def test_a_stopped_sweep_resumes_from_s3_and_runs_only_the_rest(
     files = {p.removeprefix(path + "/") for p in fs.find(path)}
     for name in ("config.yaml", "results.csv", "report.md", "pareto_i2t_r1.png"):
         assert name in files, name
-    for trial in (done, rest):
+    for trial, pop in ((done, population), (rest, other)):
         assert f"models/{trial}/model.safetensors" in files
         board = [f for f in files if f.startswith(f"tensorboard/{trial}/events.out.tfevents")]
         assert len(board) >= 2  # the worker's training curves and the trial's HParams session
-        assert any(f.startswith(f"ray/{trial}/checkpoint_") for f in files)
+        assert any(f.startswith(f"ray/{pop}/checkpoint_") for f in files)
     assert any(f.startswith("tune/experiment_state") for f in files)
     assert main(args) == 2  # a new sweep never silently reuses a finished sweep's prefix
 

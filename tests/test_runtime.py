@@ -192,3 +192,19 @@ def test_a_private_rays_stragglers_are_killed_at_exit() -> None:
         for proc in (ray_like, other):
             proc.kill()
             proc.wait()
+
+
+def test_a_child_that_exited_is_not_ray() -> None:
+    """Listing Ray's processes must survive one that exits meanwhile (it raised NameError,
+    which broke the exit-time stop of every sweep)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from raysys import runtime
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = psutil.Process(child.pid)
+    child.wait()
+    assert runtime._is_ray(proc) is False

@@ -1,6 +1,6 @@
-"""A real 2x2x2 sweep (objectives x model scales x layer depths) on local Ray: stopped with
-Ctrl-C part-way, resumed without rerunning the finished trials, then its report, plots and
-TensorBoard HParams read back."""
+"""A real 2x2x2 sweep (objectives x model scales x layer depths) on local Ray, trained as four
+populations of two trials: stopped with Ctrl-C part-way, resumed without rerunning the
+finished populations' members, then its report, plots and TensorBoard HParams read back."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from raysys import config
 from raysys.cli import main
-from raysys.sweep.tune import TUNE_DIR, trial_status
+from raysys.sweep.tune import TUNE_DIR, members_of, trial_status
 
 OBJECTIVES = ["con", "spread"]
 MODELS = [("efficientnet-lite0", "minilm-l6"), ("efficientnet-lite1", "minilm-l6")]
@@ -36,6 +36,7 @@ def _overrides(cache_dir: Path) -> list[str]:
         f"objectives={','.join(OBJECTIVES)}",
         "sweep.models=" + ",".join(f"{v}+{t}" for v, t in MODELS),
         f"sweep.layers={','.join(LAYERS)}",
+        "sweep.population=2",  # 4 populations of two trials each
     ]
 
 
@@ -86,8 +87,9 @@ def resumed_sweep(ray_cluster, small_cache, tmp_path_factory):
     first = log.read_text()
     assert code == 130, first[-3000:]
     assert f"resume={out}" in first
-    status = trial_status(out)
-    finished = {name for name, s in status.items() if s == "TERMINATED"}
+    status = trial_status(out)  # per population
+    members = members_of(out)
+    finished = {m for name, s in status.items() if s == "TERMINATED" for m in members[name]}
     before = {name: _files(out / "tensorboard" / name) for name in finished}
     before |= {f"model:{name}": _files(out / "models" / name) for name in finished}
     assert main(["sweep", f"resume={out}"]) == 0
@@ -96,12 +98,13 @@ def resumed_sweep(ray_cluster, small_cache, tmp_path_factory):
 
 def test_interrupted_sweep_resumes_and_runs_only_the_rest(resumed_sweep) -> None:
     out, status, finished, before = resumed_sweep
-    assert 1 <= len(finished) < 8, status  # some finished, some left for the resume
-    for name in finished:  # finished trials were not run again: their outputs are untouched
+    assert 2 <= len(finished) < 8, status  # some populations finished, some left to resume
+    for name in finished:  # finished members were not run again: their outputs are untouched
         assert _files(out / "tensorboard" / name) == before[name]
         assert _files(out / "models" / name) == before[f"model:{name}"]
     after = trial_status(out)
-    assert len(after) == 8 and set(after.values()) == {"TERMINATED"}
+    assert len(after) == 4 and set(after.values()) == {"TERMINATED"}
+    assert all(len(m) == 2 for m in members_of(out).values())
     assert len(list((out / "models").iterdir())) == 8
 
 
@@ -232,3 +235,47 @@ def test_hparams_tab_compares_every_trial(resumed_sweep) -> None:
     acc = EventAccumulator(str(name))
     acc.Reload()
     assert "train/loss" in acc.Tags()["scalars"] and "val/i2t_r1" in acc.Tags()["scalars"]
+
+
+def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path) -> None:
+    """Two members of one population under ASHA: the second's first validation falls below
+    the first's, so it is frozen there while the first trains to its last step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _ = small_cache
+    out = tmp_path / "asha"
+    args = [
+        "sweep",
+        "--out",
+        str(out),
+        f"extract.cache_dir={cfg.extract.cache_dir}",
+        f"corpus.size={cfg.corpus.size}",
+        "objectives=con",
+        "train.batch_size=16",
+        "train.hidden=32",
+        "train.latent=16",
+        "train.epochs=3",
+        "train.eval_every=2",
+        "train.dropout=0",
+        "train.best_metric=val/recon_mse",  # continuous: the untrained member is plainly worse
+        "train.best_mode=min",
+        "sweep.search=asha",
+        "sweep.population=2",
+        "sweep.params.train.lr=[0.01,1e-9]",
+    ]
+    assert main(args) == 0
+    with (out / "results.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["trial"]]
+    [kept] = rows
+    assert float(kept["train.lr"]) == pytest.approx(0.01)
+    report = (out / "report.md").read_text()
+    [stopped] = [p.name for p in (out / "tensorboard").iterdir() if p.name != kept["trial"]]
+    assert f"trial {stopped} at step 2 was stopped early by ASHA" in report
+
+    def val_steps(name: str) -> list[int]:
+        acc = EventAccumulator(str(out / "tensorboard" / name))
+        acc.Reload()
+        return [e.step for e in acc.Scalars("val/recon_mse")]
+
+    assert val_steps(stopped) == [2]  # frozen after its first validation
+    assert val_steps(kept["trial"])[-1] > 2  # the other trained on to its last step

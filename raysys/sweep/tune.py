@@ -1,14 +1,17 @@
-"""The sweep's Ray Tune run: one Tune trial per planned `Trial`, in the Ray Train V2 pattern.
+"""The sweep's Ray Tune run: one Tune trial per population of trials, in the Ray Train V2
+pattern.
 
-A trial is a Tune function that builds and fits its own `TorchTrainer` (Train's reports reach
-Tune's schedulers through `TuneReportCallback`), scores the exported best model on
-`eval.split` and reports its results row last. Trials are small, so several share a device:
-each asks Ray Train for `1/trials_per_gpu` of a GPU (or a core per worker on CPU) and Tune
-runs as many at once as the cluster holds.
+A Tune trial is a function that builds and fits its population's own `TorchTrainer` (P
+stacked JAM trials in one process: `raysys.train.population_driver`), scores each member's
+exported best model on `eval.split` and reports the members' results rows last. Populations
+are small, so several share a device: each asks Ray Train for `1/trials_per_gpu` of a GPU (or
+a core per worker on CPU) and Tune runs as many at once as the cluster holds. ASHA stops
+members, not populations: `raysys.sweep.asha` keeps the sweep's rungs in one actor.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -20,7 +23,6 @@ import ray.tune
 from ray.train import ScalingConfig
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
 
 from raysys import config, storage
 from raysys.config import Config
@@ -30,58 +32,86 @@ from raysys.evaluate import score_model
 from raysys.jam import JAM
 from raysys.report.tensorboard import write_hparams
 from raysys.rundir import RunDir
-from raysys.sweep.plan import Packing, Trial, trial_config, trial_row
-from raysys.train.driver import train
+from raysys.sweep.asha import start_rungs
+from raysys.sweep.plan import Packing, Trial, trial_row
+from raysys.sweep.populations import PopulationPlan, population_config
+from raysys.train.population_driver import train_population
 
 DRIVER_MEMORY = 512 * 2**20  # a trial function's process: torch, raysys, the test split
-ASHA_MAX_T = 10**6  # reports (validations): far beyond any trial's
 TUNE_DIR = "tune"  # Tune's experiment under the sweep directory (what resume restores)
-ROW = "row"  # key of the results row in a trial's last Tune report
+ROWS = "rows"  # key of the members' results rows in a population's last Tune report
+STOPPED = "stopped"  # and of its members ASHA stopped
 
 
-# --- one trial -------------------------------------------------------------------------------
+# --- one population ------------------------------------------------------------------------
 
 
-def run_trial(
-    config_: dict[str, Any], base: dict[str, Any], out_dir: str, pack: dict, uri: str | None
+def run_population(
+    config_: dict[str, Any],
+    base: dict[str, Any],
+    out_dir: str,
+    pack: dict,
+    uri: str | None,
+    rungs: Any = None,
 ) -> None:
-    """Tune entry point: fit this trial's TorchTrainer, score it, report the results row.
+    """Tune entry point: fit this population's TorchTrainer, score each member's best model,
+    report the members' results rows last.
 
-    With `uri` (an s3:// sweep) checkpoints go to S3 through Ray Train and the trial uploads
-    its model and TensorBoard files itself: it may run on a node that shares no disk."""
-    trial = Trial.from_dict(config_["trial"])
-    cfg = trial_config(config.from_dict(base), trial.objective, trial.params)
-    # Every swept key with this trial's value (Spread's knobs included for the others, as
-    # set but unused), so all trials share one set of HParams columns.
-    keys = dict.fromkeys([*cfg.sweep.params, *trial.params])  # the seed too, when seeds > 1
-    params = {key: config.get_key(cfg, key) for key in keys}
-    source = PairSource(**trial.layer.source)
+    With `uri` (an s3:// sweep) checkpoints go to S3 through Ray Train and the population
+    uploads its members' models and TensorBoard files itself: it may run on a node that shares
+    no disk. Members stopped by ASHA get no row (as a stopped trial had none); the report
+    lists them."""
+    plan = PopulationPlan.from_dict(config_["population"])
+    cfg, member_cfgs = population_config(config.from_dict(base), plan)
+    sources: list[dict[str, str]] = []
+    for trial in plan.trials:
+        if trial.layer.source not in sources:
+            sources.append(trial.layer.source)
+    layer_of = [sources.index(t.layer.source) for t in plan.trials]
     packed = Packing(**pack)
-    out = Path(tempfile.mkdtemp(prefix="raysys-trial-")) if uri else Path(out_dir)
-    # resume: a trial restarted by `Tuner.restore` continues from its latest checkpoint,
-    # under the sweep's directory or on its URI (read from whichever machine runs it now).
-    result = train(
+    out = Path(tempfile.mkdtemp(prefix="raysys-population-")) if uri else Path(out_dir)
+    result = train_population(
         cfg,
-        source,
+        [c.train for c in member_cfgs],
+        [t.id for t in plan.trials],
+        [PairSource(**s) for s in sources],
+        layer_of,
         out,
-        trial.id,
+        plan.id,
+        _scaling(packed),
         resume=True,
         storage_uri=storage.join(uri, "ray") if uri else None,
         callbacks=[TuneReportCallback()],
-        scaling_plan=_scaling(packed),
-        tensorboard_uri=storage.join(uri, "tensorboard", trial.id) if uri else None,
-        # The other trials packed beside this one load their shards into the same nodes.
+        tensorboard_uri=storage.join(uri, "tensorboard") if uri else None,
         trials_at_once=packed.concurrent,
+        rungs=rungs,
     )
-    test, model = source.load(cfg.eval.split), JAM.load(result.model_dir)
-    scores = score_model(model, test, cfg.eval, prompts=source.prompts())
-    write_trial_hparams(out / "tensorboard" / trial.id, trial, params, scores)
+    rows, stopped, tests = [], [], {}
+    for trial, member, member_cfg, model_dir in zip(
+        plan.trials, result.members, member_cfgs, result.model_dirs, strict=True
+    ):
+        if member.stopped == "asha":
+            stopped.append(f"{trial.id} at step {member.stopped_step}")
+            continue
+        source = PairSource(**trial.layer.source)
+        key = layer_of[plan.trials.index(trial)]
+        if key not in tests:
+            tests[key] = (source.load(cfg.eval.split), source.prompts())
+        test, prompts = tests[key]
+        scores = score_model(JAM.load(model_dir), test, cfg.eval, prompts=prompts)
+        keys = dict.fromkeys([*member_cfg.sweep.params, *trial.params])
+        params = {k: config.get_key(member_cfg, k) for k in keys}
+        write_trial_hparams(out / "tensorboard" / trial.id, trial, params, scores)
+        rows.append(trial_row(trial, scores, result.seconds, params))
     if uri:
-        for part in ("models", "tensorboard"):
-            storage.upload_dir(out / part / trial.id, storage.join(uri, part, trial.id))
+        for trial in plan.trials:
+            for part in ("models", "tensorboard"):
+                local = out / part / trial.id
+                if local.exists():
+                    storage.upload_dir(local, storage.join(uri, part, trial.id))
         shutil.rmtree(out, ignore_errors=True)
-    row = trial_row(trial, scores, result.seconds, params)
-    ray.tune.report({**result.metrics, **{f"test/{k}": v for k, v in scores.items()}, ROW: row})
+    # As JSON text: Tune's own loggers would try to log a list of dicts as a metric.
+    ray.tune.report({"members": len(plan.trials), ROWS: json.dumps(rows), STOPPED: stopped})
 
 
 def _scaling(p: Packing) -> tuple[ScalingConfig, int]:
@@ -130,40 +160,48 @@ class Outcome:
 
 
 def run_trials(
-    cfg: Config, run: RunDir, trials: list[Trial], pack: Packing, resume: bool
+    cfg: Config, run: RunDir, populations: list[PopulationPlan], pack: Packing, resume: bool
 ) -> Outcome:
-    """Run every trial under Tune (or the unfinished ones of a stopped sweep)."""
-    tuner = _tuner(cfg, run, trials, pack, restore=resume)
+    """Run every population under Tune (or the unfinished ones of a stopped sweep)."""
+    tuner = _tuner(cfg, run, populations, pack, restore=resume)
     started = time.perf_counter()
     grid = tuner.fit()
     outcome = Outcome(fit_s=time.perf_counter() - started)
     status = trial_status(run.uri or run.local)
     for result in grid:
-        name = (result.config or {}).get("trial", {}).get("id", "?")
-        row = (result.metrics or {}).get(ROW)
-        if status.get(name) == "TERMINATED" and row is not None:
-            outcome.rows.append(row)
-        elif status.get(name) == "TERMINATED":
-            outcome.problems.append(f"trial {name} was stopped early by ASHA (no test scores)")
+        name = (result.config or {}).get("population", {}).get("id", "?")
+        metrics = result.metrics or {}
+        if status.get(name) == "TERMINATED" and ROWS in metrics:
+            outcome.rows += json.loads(metrics[ROWS])
+            outcome.problems += [
+                f"trial {s} was stopped early by ASHA (no test scores)"
+                for s in metrics.get(STOPPED, [])
+            ]
         elif result.error is not None:
             error = str(result.error).strip().splitlines()[-1]
-            outcome.problems.append(f"trial {name} failed: {error}")
+            outcome.problems.append(f"population {name} failed: {error}")
             outcome.failed.append(name)
     outcome.rows.sort(key=lambda r: r["trial"])
     # Tune creates trials lazily: one never started is in no status at all.
-    outcome.unfinished = sum(status.get(t.id) not in ("TERMINATED", "ERROR") for t in trials)
+    outcome.unfinished = sum(
+        len(p.trials) for p in populations if status.get(p.id) not in ("TERMINATED", "ERROR")
+    )
     return outcome
 
 
 def _tuner(
-    cfg: Config, run: RunDir, trials: list[Trial], pack: Packing, restore: bool
+    cfg: Config, run: RunDir, populations: list[PopulationPlan], pack: Packing, restore: bool
 ) -> ray.tune.Tuner:
+    rungs = None
+    if cfg.sweep.search == "asha":  # per member, across populations (`raysys.sweep.asha`)
+        rungs = start_rungs()
     trainable = ray.tune.with_parameters(
-        run_trial,
+        run_population,
         base=config.to_dict(cfg),
         out_dir=str(run.local),
         pack=asdict(pack),
         uri=run.uri,
+        rungs=rungs,
     )
     # The trial function only waits on its trainer, whose workers hold the CPUs and GPUs; it
     # reserves the memory its process takes (Tune refuses an empty request), no core.
@@ -181,13 +219,13 @@ def _tuner(
         )
     return ray.tune.Tuner(
         trainable,
-        param_space={"trial": ray.tune.grid_search([t.to_dict() for t in trials])},
+        param_space={"population": ray.tune.grid_search([p.to_dict() for p in populations])},
         tune_config=ray.tune.TuneConfig(
             max_concurrent_trials=pack.concurrent,
-            scheduler=_scheduler(cfg),
-            trial_dirname_creator=lambda t: t.config["trial"]["id"],
-            trial_name_creator=lambda t: t.config["trial"]["id"],
-            # One trial process runs trial after trial: saves a Python + torch start-up each.
+            trial_dirname_creator=lambda t: t.config["population"]["id"],
+            trial_name_creator=lambda t: t.config["population"]["id"],
+            # One trial process runs population after population: saves a Python + torch
+            # start-up each.
             reuse_actors=True,
         ),
         run_config=ray.tune.RunConfig(
@@ -196,36 +234,33 @@ def _tuner(
             storage_filesystem=storage_fs,
             verbose=0,
             log_to_file=True,
-            # A trial whose process died with its node starts again and continues from its
-            # latest checkpoint (run_trial resumes); `train.max_failures` bounds both this and
-            # Ray Train's restarts of a trial's workers.
+            # A population whose process died with its node starts again and continues from
+            # its latest checkpoint (run_population resumes); `train.max_failures` bounds both
+            # this and Ray Train's restarts of its workers.
             failure_config=ray.tune.FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
 
 
-def _scheduler(cfg: Config) -> ASHAScheduler | None:
-    if cfg.sweep.search != "asha":
-        return None
-    # Rungs at 1, 4, 16, … validations; a trial that survives every rung runs to its end
-    # (and its test row): no max_t cut-off, whatever the number of validations.
-    return ASHAScheduler(
-        metric=cfg.train.best_metric,
-        mode=cfg.train.best_mode,
-        grace_period=1,
-        max_t=ASHA_MAX_T,
-        stop_last_trials=False,
-    )
+def _analysis(out_dir: Path | str) -> ExperimentAnalysis:
+    if storage.is_remote(out_dir):
+        fs, path = storage.pyarrow_fs(storage.join(out_dir, TUNE_DIR))
+        return ExperimentAnalysis(path, storage_filesystem=fs)
+    return ExperimentAnalysis(str(Path(out_dir) / TUNE_DIR))
 
 
 def trial_status(out_dir: Path | str) -> dict[str, str]:
-    """Each trial's Tune status (TERMINATED, ERROR, PENDING, …) from the saved experiment."""
-    if storage.is_remote(out_dir):
-        fs, path = storage.pyarrow_fs(storage.join(out_dir, TUNE_DIR))
-        analysis = ExperimentAnalysis(path, storage_filesystem=fs)
-    else:
-        analysis = ExperimentAnalysis(str(Path(out_dir) / TUNE_DIR))
-    return {t.config["trial"]["id"]: t.status for t in analysis.trials}
+    """Each population's Tune status (TERMINATED, ERROR, PENDING, …) from the saved
+    experiment."""
+    return {t.config["population"]["id"]: t.status for t in _analysis(out_dir).trials}
+
+
+def members_of(out_dir: Path | str) -> dict[str, list[str]]:
+    """Each started population's member trial ids, from the saved experiment."""
+    return {
+        t.config["population"]["id"]: [m["id"] for m in t.config["population"]["trials"]]
+        for t in _analysis(out_dir).trials
+    }
 
 
 def check_resumable(out_dir: Path | str) -> None:
@@ -234,12 +269,19 @@ def check_resumable(out_dir: Path | str) -> None:
         raise ConfigError(f"{str(out_dir)!r} holds no sweep to resume (no {TUNE_DIR}/)")
 
 
-def check_same_plan(out_dir: Path | str, trials: list[Trial]) -> None:
-    """A resumed sweep must plan the trials it started with."""
-    started_ids = set(trial_status(out_dir)) - {t.id for t in trials}
+def check_same_plan(out_dir: Path | str, populations: list[PopulationPlan]) -> None:
+    """A resumed sweep must plan the populations it started with."""
+    try:
+        started = set(trial_status(out_dir))
+    except KeyError:  # a sweep started before populations: one Tune trial per trial
+        raise ConfigError(
+            f"the sweep in {str(out_dir)!r} was started before trials trained as populations "
+            "and cannot be resumed by this version; start it again"
+        ) from None
+    started_ids = started - {p.id for p in populations}
     if started_ids:
         raise ConfigError(
-            f"the sweep in {str(out_dir)!r} ran trials its config no longer plans "
+            f"the sweep in {str(out_dir)!r} ran populations its config no longer plans "
             f"({sorted(started_ids)[:3]}); resume with the config it started with (no "
             "overrides of objectives, sweep.*, corpus.* or extract.*)"
         )

@@ -1,0 +1,346 @@
+"""A population as one Ray Train run: the worker (data of every member's layer pair, the
+stacked model, the loop) and the driver (fit, then each member's best model exported).
+
+A population's members share one model pair's cache, batch size and step count (the sweep
+groups them so), so one data plan serves all: each worker reads its shard's rows once per
+distinct layer pair, and a step's batch is the same rows for every member, each at its own
+layers (zero-padded to the widest when widths differ).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.tensorboard import SummaryWriter
+
+from raysys import storage
+from raysys.checks import check_whole_gpus
+from raysys.config import Config, TrainConfig, from_dict, to_dict
+from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan
+from raysys.data.source import PairSource
+from raysys.data.stream import arrays
+from raysys.errors import ConfigError, RaysysError
+from raysys.evaluate import val_rows
+from raysys.jam.population import Population
+from raysys.runtime import init_ray
+from raysys.train.driver import (
+    _user_error,
+    checkpoint_at,
+    saved_checkpoints,
+    stream_plan,
+    worker_bundle,
+)
+from raysys.train.population import PopulationTrainer, build_members
+from raysys.train.population_loop import (
+    HISTORY_FILE,
+    BestWeights,
+    Member,
+    PopulationProgress,
+    Validation,
+    export_members,
+    load_population,
+    run_population,
+)
+from raysys.train.step import input_moments, set_global_input_stats
+from raysys.train.worker import STATS_BATCH
+
+__all__ = ["PopulationResult", "train_population"]
+
+
+@dataclass
+class PopulationResult:
+    """What a population's fit left: each member's exported best model and bookkeeping."""
+
+    members: list[Member]
+    model_dirs: list[Path]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+# --- the worker --------------------------------------------------------------------------------
+
+
+class StackedBatches:
+    """One batch of rows at every member's layers: ``[P, b, d]`` (zero-padded to the widest
+    layer), or the one layer pair's ``[b, d]`` when every member reads the same layers."""
+
+    def __init__(self, per_layer: list[Any], layer_of: list[int], widths: tuple[int, int]):
+        self.per_layer, self.widths = per_layer, widths
+        self.layer_of = torch.tensor(layer_of)
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        batches = [b.get(step) for b in self.per_layer]
+        if len(batches) == 1:
+            return batches[0]
+        d_image, d_text = self.widths
+        stacked = []
+        for column, width in ((0, d_image), (1, d_text), (2, d_text)):
+            parts = [b[column] for b in batches]
+            layer = torch.stack(
+                [torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in parts]
+            )
+            stacked.append(layer[self.layer_of.to(layer.device)])
+        return (*stacked, batches[0][3])
+
+
+def population_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point of a population."""
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg = from_dict(config["cfg"])
+    tcfgs = [TrainConfig(**t) for t in config["members"]]
+    ids: list[str] = config["ids"]
+    sources = [PairSource(**s) for s in config["sources"]]
+    layer_of: list[int] = config["layer_of"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, config.get("threads", 1)))
+    device = ray.train.torch.get_device()
+
+    val = None
+    if rank == 0:  # each layer pair's capped, seeded val sample
+        pairs = []
+        for source in sources:
+            index = source.index("val")
+            pairs.append(source.load_index(index, select=val_rows(len(index), cfg.eval)))
+        val = Validation(pairs, layer_of)
+    population, steps_per_epoch, batches = _data_and_population(
+        cfg, config, tcfgs, sources, layer_of, rank, world, device
+    )
+    model = ray.train.torch.prepare_model(population)
+    trainer = PopulationTrainer(model, tcfgs, steps_per_epoch * cfg.train.epochs)
+    progress = _restore(config, trainer, ids, device)
+    for m, member in enumerate(progress.members):
+        if member.stopped:
+            trainer.freeze(m)
+    torch.manual_seed(tcfgs[0].seed + 1000 * rank + trainer.step)  # independent dropout
+    writers = None
+    if rank == 0 and config.get("tensorboard_dir"):
+        root = Path(config["tensorboard_dir"])
+        writers = [SummaryWriter(root / i, purge_step=trainer.step + 1) for i in ids]
+    publish = None
+    if writers and config.get("tensorboard_uri"):
+        publish = functools.partial(
+            _publish, config["tensorboard_dir"], config["tensorboard_uri"], ids
+        )
+    rungs = None
+    if rank == 0 and config.get("rungs") is not None:
+        actor = config["rungs"]  # the sweep's `raysys.sweep.asha.Rungs` actor
+        rungs = lambda member, t, score: ray.get(actor.stop.remote(member, t, score))  # noqa: E731
+    if rank == 0:
+        layers = sorted(set(layer_of))
+        print(
+            f"[train] population of {len(ids)} on {len(layers)} layer pair(s): {world} "
+            f"worker(s), {batches.where}",
+            flush=True,
+        )
+    run_population(
+        cfg, trainer, batches, val, progress, steps_per_epoch, device, _report, writers, publish,
+        rungs,
+    )  # fmt: skip
+    if writers:
+        for writer in writers:
+            writer.close()
+        if publish:
+            publish()
+
+
+def _publish(local: str, uri: str, ids: list[str]) -> None:
+    for i in ids:
+        storage.upload_dir(Path(local) / i, storage.join(uri, i))
+
+
+def _data_and_population(
+    cfg: Config,
+    config: dict[str, Any],
+    tcfgs: list[TrainConfig],
+    sources: list[PairSource],
+    layer_of: list[int],
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> tuple[Population, int, Any]:
+    """The stacked model, each member standardised by the moments of its own layers over
+    every worker's data, the steps per epoch, and this worker's batches."""
+    tcfg = cfg.train
+    stream_rows = config.get("stream_rows")
+    if stream_rows is None:
+        index = sources[0].index("train")
+        plan = batch_plan(tcfg, len(index), index.buckets)
+        select = plan.worker_rows(rank, world)
+        data = [s.load_index(index if i == 0 else s.index("train"), select=select) for i, s in
+                enumerate(sources)]  # fmt: skip
+        if any(len(d) != len(data[0]) for d in data):
+            raise RaysysError("the population's layer pairs hold different train pairs")
+        dims = [(d.image.shape[1], d.text.shape[1]) for d in data]
+        moments = [input_moments(d.image, d.text, device) for d in data]
+        share = config.get("gpu_share", 1.0)
+        per_layer = [
+            MemoryBatches(d, plan, tcfg.data_on_device, rank, world, device, share) for d in data
+        ]
+        where = (
+            f"{plan.shards} data shard(s) of {min(plan.sizes)}-{max(plan.sizes)} pairs "
+            f"(by bucket); each worker holds {len(data[0])} pairs {per_layer[0].where}"
+        )
+        steps_per_epoch = plan.steps_per_epoch
+    else:  # one layer pair (the sweep groups a streamed split's members by layer pair)
+        shard = ray.train.get_dataset_shard("train")
+        per_worker = tcfg.batch_size // world
+        steps_per_epoch = stream_rows // world // per_worker
+        dims = [tuple(config["dims"])]
+        parts = []
+        for batch in shard.iter_batches(batch_size=STATS_BATCH, batch_format="pyarrow"):
+            x = arrays(batch)
+            parts.append(input_moments(x["image"], x["text"], device))
+        moments = [torch.stack(parts).sum(0)]
+        per_layer = [StreamBatches(shard, per_worker, steps_per_epoch, device)]
+        where = f"streaming {stream_rows} pairs through Ray Data ({config['stream_reason']})"
+    members = build_members(tcfgs, [dims[layer] for layer in layer_of])
+    for member, layer in zip(members, layer_of, strict=True):  # all-reduced over ranks
+        set_global_input_stats(member, moments[layer])
+    population = Population.from_members(members)
+    batches = StackedBatches(per_layer, layer_of, (population.d_image, population.d_text))
+    batches.where = where
+    return population, steps_per_epoch, batches
+
+
+def _restore(
+    config: dict[str, Any], trainer: PopulationTrainer, ids: list[str], device: torch.device
+) -> PopulationProgress:
+    """Continue from Ray Train's checkpoint or the driver's `resume_from`; else start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = checkpoint_at(config["resume_from"])
+    if not checkpoint:
+        return PopulationProgress([Member(i) for i in ids], best=BestWeights(trainer.population))
+    with checkpoint.as_directory() as ckpt:
+        progress = load_population(Path(ckpt), trainer, device)
+    if [m.id for m in progress.members] != ids:
+        raise RaysysError("the checkpoint holds another population's members")
+    if ray.train.get_context().get_world_rank() == 0:
+        name = config.get("name", "")
+        print(f"[train] population {name}: resumed at step {trainer.step}", flush=True)
+    return progress
+
+
+def _report(summary: dict[str, Any], ckpt: Path | None) -> None:
+    checkpoint = ray.train.Checkpoint.from_directory(ckpt) if ckpt else None
+    ray.train.report(summary, checkpoint=checkpoint)
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def train_population(
+    cfg: Config,
+    tcfgs: list[TrainConfig],
+    ids: list[str],
+    sources: list[PairSource],
+    layer_of: list[int],
+    out_dir: Path,
+    name: str,
+    scaling_plan: tuple[ScalingConfig, int],
+    resume: bool = False,
+    storage_uri: str | None = None,
+    callbacks: list[Any] | None = None,
+    tensorboard_uri: str | None = None,
+    trials_at_once: int = 1,
+    rungs: Any = None,
+) -> PopulationResult:
+    """Fit a population with Ray Train and export each member's best model to
+    `<out_dir>/models/<member id>`; `cfg` holds what the members share (its `train` is the
+    first member's), `tcfgs` each member's own train settings and `layer_of` which of
+    `sources` (layer pairs of one extraction) each member reads. Checkpoints, resume and the
+    TensorBoard upload work as `raysys.train.driver.train`'s; `rungs` is the sweep's ASHA
+    actor (`raysys.sweep.asha`), asked at each validation whether a member stops."""
+    init_ray(cfg.ray)
+    scaling_config, threads = scaling_plan
+    worker = worker_bundle(scaling_config)
+    check_whole_gpus(
+        scaling_config.num_workers,
+        worker.get("GPU", 0.0),
+        "this Ray Train scaling plan",
+        "give each worker a whole GPU, or use one worker",
+    )
+    out_dir = out_dir.resolve()
+    started = time.perf_counter()
+    running = scaling_config.num_workers * trials_at_once
+    datasets, streaming = stream_plan(cfg.train, sources[0], worker, running)
+    if streaming and len(sources) > 1:
+        raise ConfigError(
+            "this population's train split streams (it does not fit in memory), and a "
+            "population over several layer pairs holds them all in memory: set "
+            "train.data_on_device=stream, which groups populations by layer pair"
+        )
+    run_dir = storage.join(storage_uri or out_dir / "ray", name)
+    storage_fs, storage_path = None, str(out_dir / "ray")
+    if storage_uri:
+        storage_fs, storage_path = storage.pyarrow_fs(storage_uri)
+    resume_from = None
+    if resume:
+        saved = saved_checkpoints(run_dir)
+        resume_from = max(saved, key=lambda c: c.report["step"]).path if saved else None
+    trainer = TorchTrainer(
+        population_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "members": [asdict(t) for t in tcfgs],
+            "ids": ids,
+            "name": name,
+            "sources": [asdict(s) for s in sources],
+            "layer_of": layer_of,
+            "threads": threads,
+            "tensorboard_dir": str(out_dir / "tensorboard"),
+            "tensorboard_uri": tensorboard_uri,
+            "gpu_share": (scaling_config.resources_per_worker or {}).get("GPU", 1.0) or 1.0,
+            "resume_from": resume_from,
+            "rungs": rungs,
+            **streaming,
+        },
+        datasets=datasets,
+        scaling_config=scaling_config,
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            # The latest checkpoints: each holds every member's best weights as well.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="step",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        for failure in getattr(err, "worker_failures", {}).values():
+            cause = _user_error(failure)
+            if cause is not None:
+                raise cause from None
+        raise
+    seconds = time.perf_counter() - started
+    checkpoint = result.checkpoint
+    if checkpoint is None and resume:  # it had finished before: its newest checkpoint stands
+        saved = saved_checkpoints(run_dir)
+        if not saved:
+            raise RaysysError(f"the population in {run_dir!r} reported no checkpoint; delete it")
+        checkpoint = checkpoint_at(max(saved, key=lambda c: c.report["step"]).path)
+    model_dirs = [out_dir / "models" / i for i in ids]
+    with checkpoint.as_directory() as ckpt:
+        members = export_members(Path(ckpt), model_dirs)
+        history = json.loads((Path(ckpt) / HISTORY_FILE).read_text())
+    return PopulationResult(members, model_dirs, history, seconds)
