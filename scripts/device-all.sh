@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check as one prepared run, for a session that is lent the device (torch and
-# transformers, no Ray): the train worker's code under NCCL (device-train.sh), the training
-# step's throughput (device-step.sh), extraction's forward with pooling (device-embed.sh) and
-# evaluation of 100k pairs (device-eval.sh).
+# transformers, no Ray): P stacked members against one (device-population.sh, first: the
+# figure issue 16 asks of a GPU), the train worker's code under NCCL (device-train.sh), the
+# training step's throughput per objective (device-step.sh), extraction's forward with pooling
+# (device-embed.sh) and evaluation of 100k pairs (device-eval.sh).
 # Each stage has its own time limit so one slow stage cannot eat the others' device time
-# (about 8½ minutes in all). The stages work in a scratch folder; $OUT receives only a few
+# (at most 530 s in all). The stages work in a scratch folder; $OUT receives only a few
 # small files (the device tool brings back a handful): the GPU and versions, each stage's
 # outcome and log tail, and device.tgz with every log and JSON result.
 set -uo pipefail
@@ -26,10 +27,11 @@ stage() {  # stage NAME SECONDS COMMAND...
   tail -n 8 "$WORK/$name.log" | tee -a "$OUT/stages.txt"
   [ "$rc" = 0 ] || status=1
 }
-stage train 180 bash scripts/device-train.sh
-stage step 120 bash scripts/device-step.sh
-stage embed 120 bash scripts/device-embed.sh
-stage eval 90 bash scripts/device-eval.sh
+stage population 150 bash scripts/device-population.sh
+stage train 160 bash scripts/device-train.sh
+stage step 60 bash scripts/device-step.sh
+stage embed 90 bash scripts/device-embed.sh
+stage eval 70 bash scripts/device-eval.sh
 (cd "$WORK" && find . -type f \( -name '*.json' -o -name '*.log' -o -name '*.csv' \) -print \
   | tar czf - -T -) > "$OUT/device.tgz"
 rm -rf "$WORK"
