@@ -158,3 +158,22 @@ def test_bench_extract_times_the_bare_loop_where_the_actors_run() -> None:
         assert facts["bare_device"] == "cuda" and "bare_note" not in facts
     else:
         assert facts["bare_device"] == "cpu" and "unlike devices" in facts["bare_note"]
+
+
+def test_bench_step_population_reports_the_ratio_to_one_member(tmp_path, capsys) -> None:
+    """`bench step --population 3`: three stacked members (one per objective) against one
+    member of each objective, on the same batches; bench.json holds both rates and their
+    ratio."""
+    from raysys.cli import main
+
+    args = ["bench", "step", "--pairs", "128", "--dims", "8,12", "--steps", "2", "--device"]
+    small = ["train.batch_size=32", "train.hidden=16", "train.latent=4", "train.num_workers=1"]
+    assert main([*args, "cpu", "--population", "3", "--out", str(tmp_path), *small]) == 0
+    saved = json.loads((tmp_path / BENCH_FILE).read_text())
+    assert saved["population"] == 3 and saved["population_error"] is None
+    assert saved["objectives"] == {"con": 1, "negcon": 1, "spread": 1}
+    assert set(saved["single"]) == {"con", "negcon", "spread"}
+    assert saved["member_samples_per_s"] > 0 and saved["samples_per_s"] > 0
+    assert saved["ratio"] == pytest.approx(saved["member_samples_per_s"] / saved["samples_per_s"])
+    assert saved["population_step_ms"] > 0 and saved["step_ms"] > 0
+    assert "ratio" in capsys.readouterr().out
