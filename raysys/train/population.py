@@ -209,7 +209,7 @@ class PopulationTrainer:
         rates = lr.tolist() if isinstance(lr, torch.Tensor) else list(lr)
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
         clip = self._per_member["grad_clip"]
-        norms = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]
+        norms = [torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms), dim=0)
         coef = torch.where(clip > 0, (clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(clip))
         for g in grads:
