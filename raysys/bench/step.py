@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import statistics
+import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -155,10 +157,14 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
     for step in steps.values():
         _warm(step, bench.warmup_steps)
     single_peak = _peak_gib(device)
-    error, population_peak, seconds = None, None, {}
+    error, failure, population_peak, seconds = None, None, None, {}
     if bench.population:
         try:
-            population = Population.from_members([new_member(t) for t in members])
+            with device:  # the stacked tensors allocated where they run, not copied there
+                population = Population.from_members([new_member(t) for t in members])
+            where = {t.device.type for t in (*population.parameters(), *population.buffers())}
+            if where != {device.type}:
+                raise RuntimeError(f"population built on {where}, not on {device}")
             trainer = PopulationTrainer(population, members, total_steps=total)
             steps["population"] = lambda i: trainer.train_step(*batch(i))
             if device.type == "cuda":
@@ -166,8 +172,10 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
             _warm(steps["population"], bench.warmup_steps)
             seconds = _rounds(steps, bench, device)
             population_peak = _peak_gib(device)
-        except torch.OutOfMemoryError as e:
-            error = f"out of memory: {str(e).splitlines()[0]}"
+        except Exception as e:  # recorded with the one-member figures; only OOM is no failure
+            oom = isinstance(e, torch.OutOfMemoryError)
+            error = ("out of memory: " if oom else f"{type(e).__name__}: ") + str(e)[:300]
+            failure = None if oom else traceback.format_exc()
             population_peak = _peak_gib(device)
         finally:
             population = trainer = None
@@ -233,7 +241,11 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
         )
     else:
         print(f"{head}: {error}; {one}", flush=True)
-    return write_result(out_dir, result)
+    record = write_result(out_dir, result)
+    if failure is not None:  # bench.json holds what was measured; the run still fails
+        print(failure, file=sys.stderr, flush=True)
+        raise RuntimeError(f"the population step failed: {error}")
+    return record
 
 
 def run(args: Any, cfg: Config, out: Path) -> None:
