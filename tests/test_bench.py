@@ -73,25 +73,17 @@ def test_bench_embed_times_the_actor_batch_function_without_ray(tmp_path) -> Non
 
 
 def test_bench_sweep_summary_compares_the_same_trials() -> None:
-    """The sweeps themselves are the real ones (tests/test_sweep_ray.py runs one end to end);
-    the bench adds this arithmetic and refuses to compare runs that did not finish alike."""
+    """The sweeps themselves are the real ones (tests/test_sweep_ray.py runs sweeps end to
+    end); the summary adds the speedup and refuses to compare runs that did not finish alike."""
     from raysys.bench.sweep import summary
     from raysys.errors import RaysysError
 
     rows = [{"train_s": 30.0}, {"train_s": 34.0}, {"train_s": 32.0}, {"train_s": 31.0}]
-    result = summary(160.0, 100.0, 2, rows, rows)
-    assert result["ideal_packed_s"] == 80.0 and result["efficiency"] == 0.8
-    assert result["serial_trial_s"] == [30.0, 34.0, 32.0, 31.0] and result["trials"] == 4
-    with pytest.raises(RaysysError, match="3 packed"):
-        summary(160.0, 100.0, 2, rows, rows[:3])
-
-
-def test_bench_sweep_ideal_counts_rounds_of_trials() -> None:
-    from raysys.bench.sweep import summary
-
-    rows = [{"train_s": 30.0}] * 3
-    # 3 trials on 2 slots take 2 rounds at best: ideal = serial x 2 / 3.
-    assert summary(90.0, 75.0, 2, rows, rows)["ideal_packed_s"] == 60.0
+    result = summary(160.0, 40.0, 2, rows, rows)
+    assert result["speedup"] == 4.0 and result["population_s"] == 40.0
+    assert result["packed_trial_s"] == [30.0, 34.0, 32.0, 31.0] and result["trials"] == 4
+    with pytest.raises(RaysysError, match="3 population"):
+        summary(160.0, 40.0, 2, rows, rows[:3])
 
 
 # Run in a fresh interpreter where Pillow, pyarrow and Ray cannot be imported: the borrowed GPU

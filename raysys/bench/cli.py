@@ -20,7 +20,7 @@ STAGES = {
     "extract": "the Ray Data image pass vs a bare loop over pre-decoded images",
     "embed": "the extract actor's batch function (no Ray) vs a bare forward, ViT-B/16 and "
     "BERT-base",
-    "sweep": "identical small trials one at a time vs packed by the sweep",
+    "sweep": "identical small trials packed one per process vs stacked as one population",
     "corpus": "the Ray Data corpus index job on --rows synthetic captions (--format manifest "
     "or webdataset): rows/s and the driver's peak RSS",
     "eval": "score_model (chunked retrieval, sampled alignment, intervals) on --pairs random "
