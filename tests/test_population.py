@@ -66,9 +66,10 @@ def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x.float(), (0, width - x.shape[-1]))
 
 
-def test_three_members_train_as_they_would_alone() -> None:
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_three_members_train_as_they_would_alone(learn_scale: bool) -> None:
     train, val = _data(96, seed=0), _data(40, seed=1)
-    tcfgs = [_tcfg(o) for o, _ in MEMBERS]
+    tcfgs = [_tcfg(o | {"learn_logit_scale": learn_scale}) for o, _ in MEMBERS]
     layers = [layer for _, layer in MEMBERS]
     dims = [WIDTHS[layer] for layer in layers]
 
@@ -152,3 +153,66 @@ def test_member_round_trips_through_a_population() -> None:
     alone = small(x_image, x_text)
     torch.testing.assert_close(out["zi"][1], alone["zi"])
     torch.testing.assert_close(out["image_hat"][1, :, :6], alone["image_hat"])
+
+
+# --- DDP: each member sees its own global batch (gloo, two ranks) -----------------------------
+
+DDP_STEPS = 4
+
+
+def _ddp_members() -> tuple[list[TrainConfig], Population]:
+    tcfgs = [_tcfg(o) for o, _ in MEMBERS]
+    members = build_members(tcfgs, [WIDTHS[0]] * len(tcfgs))
+    data = _data(96, seed=0)[0]
+    for model in members:  # not all-reduced: every rank holds the whole split here
+        model.fit_input_stats(torch.as_tensor(data.image), torch.as_tensor(data.text))
+    return tcfgs, Population.from_members(members)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        tcfgs, population = _ddp_members()
+        trainer = PopulationTrainer(DDP(population), tcfgs, DDP_STEPS)
+        data = _data(96, seed=0)[0]
+        half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+        for step in range(DDP_STEPS):
+            trainer.train_step(*(x[half] for x in _batch(data, step)))
+        torch.save(population.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_each_member_on_its_global_batch(tmp_path, monkeypatch) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(
+        _ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    tcfgs, population = _ddp_members()
+    start = {k: v.clone() for k, v in population.state_dict().items()}
+    trainer = PopulationTrainer(population, tcfgs, DDP_STEPS)
+    data = _data(96, seed=0)[0]
+    for step in range(DDP_STEPS):
+        trainer.train_step(*_batch(data, step))
+    key = "params.text__encoder__0__linear__weight"
+    assert (population.state_dict()[key] - start[key]).abs().max() > 1e-4
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in population.state_dict().items():
+            torch.testing.assert_close(saved[name], value, atol=2e-5, rtol=1e-4, msg=name)
