@@ -66,6 +66,7 @@ SWEEP = [
     "train.hidden=64",
     "train.latent=16",
     "train.max_failures=3",
+    "sweep.population=1",  # each trial its own population: one lost node, one trial caught
 ]
 
 # What raysys's `loopback_env` (imported by conftest) sets for a *private* Ray, plus anything
@@ -666,8 +667,11 @@ def _train_lines(logs: str) -> dict[str, dict[str, int]]:
     """Per objective, how often a trial's Train run started and resumed (rank 0's lines)."""
     runs: dict[str, dict[str, int]] = {}
     for line in logs.splitlines():
-        started = re.search(r"\[train\] (\w+): \d+ worker\(s\)", line)
-        resumed = re.search(r"\[train\] (\w+): resumed at step (\d+)", line)
+        # A population of one trial is named after it: p000-n1-t000-con-…
+        started = re.search(r"\[train\] population p\d+-n\d+-t\d+-(\w+?)-\S*: \d+ member", line)
+        resumed = re.search(
+            r"\[train\] population p\d+-n\d+-t\d+-(\w+?)-\S*: resumed at step (\d+)", line
+        )
         if started:
             runs.setdefault(started.group(1), {"starts": 0, "resumes": 0})["starts"] += 1
         if resumed:
@@ -677,7 +681,7 @@ def _train_lines(logs: str) -> dict[str, dict[str, int]]:
 
 def _last_steps(logs: str) -> dict[str, tuple[int, int]]:
     """Per objective, the last `[train] <objective> step K/N` line's K and N."""
-    steps = re.findall(r"\[train\] (\w+) step (\d+)/(\d+)", logs)
+    steps = re.findall(r"\[train\] (\w+) \S+ step (\d+)/(\d+)", logs)
     return {o: (int(k), int(n)) for o, k, n in steps}
 
 
@@ -710,7 +714,9 @@ def _sweep_losing_a_node(c: Cluster, facts: Facts, cache: str) -> None:
         trained_since[:] = trained_since or [time.monotonic()]
         exported = sorted(s3_objects(out + "/models/"))
         done = {m.group(1) for k in exported if (m := re.search(r"/t\d+-(\w+?)-", k))}
-        snapshot = re.compile(r"/ray/t\d+-(\w+?)-[^/]*/checkpoint_manager_snapshot\.json$")
+        snapshot = re.compile(
+            r"/ray/p\d+-n\d+-t\d+-(\w+?)-[^/]*/checkpoint_manager_snapshot\.json$"
+        )
         registered = {m.group(1) for k in s3_objects(out + "/ray/") if (m := snapshot.search(k))}
         steps = _last_steps(logs).items()
         midway = {o: s for o, s in steps if o in registered - done and s[0] < s[1]}

@@ -177,7 +177,7 @@ def _start_sweep(out: Path, overrides: list[str]) -> Watched:
 def _assert_nothing_left(watched: Watched) -> None:
     alive = watched.survivors_after_exit()
     output = watched.log.read_text(errors="replace")
-    assert any("raylet" in n for n in watched.names()), (
+    assert any("raylet" in n or "gcs_server" in n for n in watched.names()), (
         "the sweep's own Ray was never seen among its processes:\n" + "\n".join(watched.names())
     )
     assert not alive, (

@@ -53,7 +53,9 @@ def _scenario(name: str, timeout: float) -> dict[str, Any]:
 def _why(facts: dict[str, Any], *jobs: str) -> str:
     """The facts that explain a failure: the harness error, each job's status, errors and
     log tail."""
-    lines = [f"harness error: {facts['error']}\n{facts.get('traceback', '')}"] * ("error" in facts)
+    lines = []  # (the message is built only when there is an error to put in it)
+    if "error" in facts:
+        lines.append(f"harness error: {facts['error']}\n{facts.get('traceback', '')}")
     if facts.get("timed_out"):
         lines.append(f"the scenario timed out after {facts['harness_wall_s']} s")
     for job in jobs:

@@ -93,8 +93,8 @@ def group_trials(cfg: Config, trials: list[Trial], size: int) -> list[Population
         parts = math.ceil(len(members) / size)
         for k in range(parts):
             chunk = members[k * len(members) // parts : (k + 1) * len(members) // parts]
-            first = chunk[0].id.split("-", 1)[0]
-            plans.append(PopulationPlan(f"p{len(plans):03d}-{first}-n{len(chunk)}", chunk))
+            # Its size and first member name it in logs, Tune's table and the bucket.
+            plans.append(PopulationPlan(f"p{len(plans):03d}-n{len(chunk)}-{chunk[0].id}", chunk))
     return plans
 
 

@@ -138,10 +138,10 @@ def population_loop(config: dict[str, Any]) -> None:
         actor = config["rungs"]  # the sweep's `raysys.sweep.asha.Rungs` actor
         rungs = lambda member, t, score: ray.get(actor.stop.remote(member, t, score))  # noqa: E731
     if rank == 0:
-        layers = sorted(set(layer_of))
+        layers = len(set(layer_of))
         print(
-            f"[train] population of {len(ids)} on {len(layers)} layer pair(s): {world} "
-            f"worker(s), {batches.where}",
+            f"[train] population {config.get('name', '')}: {len(ids)} member(s) on {layers} "
+            f"layer pair(s), {world} worker(s), {batches.where}",
             flush=True,
         )
     run_population(
