@@ -51,7 +51,7 @@ from raysys.sweep.plan import (
     raw_sweep_rows,
     with_planned_depths,
 )
-from raysys.sweep.populations import group_trials, population_size
+from raysys.sweep.populations import group_trials, population_size, widened
 from raysys.sweep.prepare import Prepared, prepare
 from raysys.sweep.tune import TUNE_DIR, Outcome, check_resumable, check_same_plan, run_trials
 from raysys.train.driver import train as fit
@@ -88,6 +88,7 @@ def sweep(
         cfg, trials, pack, _layer_widths(prepared) if pack.gpus_per_worker else None
     )
     populations = group_trials(cfg, trials, size)
+    pack = widened(pack, len(populations))
     if resume:
         check_same_plan(run.root, populations)
     print(

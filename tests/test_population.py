@@ -216,3 +216,81 @@ def test_two_ranks_train_each_member_on_its_global_batch(tmp_path, monkeypatch) 
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in population.state_dict().items():
             torch.testing.assert_close(saved[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+# --- the loop without Ray: each member's own validation, patience and ASHA stop --------------
+
+
+class _Batches:
+    def __init__(self, data: Pairs) -> None:
+        self.data = data
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        return _batch(self.data, step)
+
+
+def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
+    from raysys.config import Config
+    from raysys.train.population_loop import (
+        BestWeights,
+        Member,
+        PopulationProgress,
+        Validation,
+        export_members,
+        load_population,
+        run_population,
+    )
+
+    cfg = Config()
+    cfg.train = _tcfg(dict(eval_every=2, best_metric="val/recon_mse", best_mode="min"))
+    tcfgs = [
+        _tcfg(dict(lr=1e-2, seed=0, best_metric="val/recon_mse", best_mode="min")),
+        _tcfg(dict(lr=1e-12, seed=1, early_stop_patience=1, best_metric="val/recon_mse",
+                   best_mode="min")),  # never improves: stopped at its second validation
+        _tcfg(dict(lr=1e-2, seed=2, best_metric="val/recon_mse", best_mode="min")),
+    ]  # fmt: skip
+    train, val = _data(96, seed=0)[0], _data(40, seed=1)[0]
+    members = build_members(tcfgs, [WIDTHS[0]] * 3)
+    for model in members:
+        fit_global_input_stats(model, train.image, train.text)
+    population = Population.from_members(members)
+    trainer = PopulationTrainer(population, tcfgs, 8)
+    ids = ["a", "b", "c"]
+    progress = PopulationProgress([Member(i) for i in ids], best=BestWeights(population))
+    asked: list[tuple[str, int]] = []
+
+    def rungs(member: str, t: int, score: float) -> bool:
+        asked.append((member, t))
+        return member == "c" and t == 3  # ASHA stops c at its third validation
+
+    reports: list[dict] = []
+
+    reloaded: list[PopulationProgress] = []
+
+    def report(summary: dict, ckpt) -> None:
+        reports.append(summary)
+        if summary["step"] == 8:  # final: best weights and progress only
+            assert not (ckpt / "population.safetensors").exists()
+            export_members(ckpt, [tmp_path / i for i in ids])
+            again = PopulationTrainer(Population(population.cfgs), tcfgs, 8)
+            reloaded.append(load_population(ckpt, again, torch.device("cpu")))
+            assert again.step == 8 and again.active.tolist() == [True, False, False]
+
+    run_population(cfg, trainer, _Batches(train), Validation([val], [0, 0, 0]), progress, 4,
+                   torch.device("cpu"), report, rungs=rungs)  # fmt: skip
+    a, b, c = progress.members
+    assert (b.stopped, b.stopped_step) == ("early stop", 4)
+    assert (c.stopped, c.stopped_step) == ("asha", 6) and not a.stopped
+    assert [r["step"] for r in reports] == [2, 4, 6, 8] and trainer.step == 8
+    assert "b/val/recon_mse" in reports[1] and "b/val/recon_mse" not in reports[2]
+    assert ("b", 3) not in asked and ("a", 4) not in asked  # the last validation asks no rung
+    assert reports[-1]["members/active"] == 1
+    # Each member's export is its own best weights, whatever step the others peaked at.
+    best = Population(population.cfgs)
+    best.load_state_dict(progress.best.state)
+    for m, i in enumerate(ids):
+        exported = JAM.load(tmp_path / i).state_dict()
+        assert all(torch.equal(exported[k], v) for k, v in best.member(m).state_dict().items())
+    assert [m.stopped for m in reloaded[0].members] == ["", "early stop", "asha"]
+    # A member stopped after its best validation keeps exporting that best (b: its first).
+    assert b.best_step == 2

@@ -73,3 +73,14 @@ def test_rungs_stop_a_member_below_the_cutoff() -> None:
     assert not rungs.stop("a", 2, 0.7) and rungs.stop("c", 3, 0.2)  # c at rung 2: below 0.7
     with pytest.raises(ZeroDivisionError):
         Rungs(grace=1, reduction_factor=1)
+
+
+def test_fewer_populations_than_slots_widen_each() -> None:
+    from raysys.sweep.populations import widened
+
+    one = widened(CPU, 1)  # one population on two one-core slots: it takes both cores
+    assert (one.concurrent, one.cpus_per_worker, one.threads) == (1, 2.0, 2)
+    assert widened(CPU, 2) == CPU and widened(CPU, 5) == CPU
+    gpu = widened(GPU, 1)  # four quarter-GPU slots: one population gets the whole GPU
+    assert (gpu.concurrent, gpu.gpus_per_worker) == (1, 1.0)
+    assert widened(GPU, 2).gpus_per_worker == 0.5

@@ -1,10 +1,12 @@
 """`raysys bench sweep`: what do populations save over packing one trial per process?
 
-T identical small trials (they differ only in `train.seed`) run twice through the real sweep:
-packed one per process (`sweep.population=1`: a Ray Train run of its own per trial, as many
-at once as the cluster holds), then as one population (`sweep.population=T`: one process,
-the members' weights stacked). `speedup` = packed / population wall time. Only Tune's run of
-the trials is timed: the extraction is cached and the report is written after.
+T identical small trials (they differ only in `train.seed`) run three times through the real
+sweep: packed one per process (`sweep.population=1`: a Ray Train run of its own per trial, as
+many at once as the cluster holds), as one population (`sweep.population=T`: one process, the
+members' weights stacked, given every slot's cores), and as the sweep sizes populations by
+default (`sweep.population=0`: one per slot). `speedup` = packed / one population,
+`auto_speedup` = packed / default. Only Tune's run of the trials is timed: the extraction is
+cached and the report is written after.
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     packed_s, packed_rows = _timed_sweep(packed_cfg, out / "packed")
     one = dataclasses.replace(base, sweep=dataclasses.replace(base.sweep, population=trials))
     population_s, population_rows = _timed_sweep(one, out / "population")
+    # What `raysys sweep` does by default: populations sized to fill the slots.
+    auto = dataclasses.replace(base, sweep=dataclasses.replace(base.sweep, population=0))
+    auto_s, auto_rows = _timed_sweep(auto, out / "auto")
     result = summary(packed_s, population_s, slots, packed_rows, population_rows)
+    if len(auto_rows) != trials:
+        raise RaysysError(f"bench sweep: {len(auto_rows)} of {trials} auto trials finished")
+    result |= {"auto_s": round(auto_s, 2), "auto_speedup": round(packed_s / auto_s, 3)}
     result |= {
         "packing": dataclasses.asdict(pack),
         "config": {"train": config.to_dict(base.train), "corpus": config.to_dict(base.corpus)},
@@ -75,7 +83,9 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     print(
         f"[bench] packed: {packed_s:.1f} s ({slots} at a time; trials {packed_each} s)\n"
         f"[bench] population: {population_s:.1f} s (one process of {trials} members)\n"
-        f"[bench] speedup {result['speedup']:.2f} (goal >= 3 for 12 trials on 2 cores)",
+        f"[bench] speedup {result['speedup']:.2f} (goal >= 3 for 12 trials on 2 cores)\n"
+        f"[bench] sweep's own sizing (sweep.population=0, one population per slot): "
+        f"{auto_s:.1f} s, speedup {result['auto_speedup']:.2f}",
         flush=True,
     )
     return result

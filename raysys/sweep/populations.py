@@ -9,6 +9,7 @@ same config always plans the same populations (what `resume` relies on).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -103,3 +104,20 @@ def population_config(base: Config, plan: PopulationPlan) -> tuple[Config, list[
     equal) and each member's own."""
     members = [trial_config(base, t.objective, t.params) for t in plan.trials]
     return config.from_dict(config.to_dict(members[0])), members
+
+
+def widened(pack: Packing, populations: int) -> Packing:
+    """The packing with each population's share grown to fill slots no population uses:
+    fewer populations than slots (one population of every trial, on 2 cores) would otherwise
+    leave cores or GPU share idle. A worker never takes more than one GPU."""
+    k = max(1, pack.concurrent // max(1, populations))
+    if k == 1:
+        return pack
+    gpus = min(1.0, pack.gpus_per_worker * k) if pack.gpus_per_worker else 0.0
+    return dataclasses.replace(
+        pack,
+        concurrent=min(pack.concurrent, populations),
+        cpus_per_worker=pack.cpus_per_worker * k,
+        gpus_per_worker=gpus,
+        threads=pack.threads * k,
+    )

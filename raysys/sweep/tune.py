@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.tune
+import torch
 from ray.train import ScalingConfig
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -86,6 +87,8 @@ def run_population(
         trials_at_once=packed.concurrent,
         rungs=rungs,
     )
+    # Training is over: the cores its workers held are this process's to score with.
+    torch.set_num_threads(max(1, packed.threads))
     rows, stopped, tests = [], [], {}
     for trial, member, member_cfg, model_dir in zip(
         plan.trials, result.members, member_cfgs, result.model_dirs, strict=True

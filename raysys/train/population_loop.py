@@ -187,7 +187,8 @@ def _validate_and_report(
                     writers[m].flush()
             summary["members/active"] = sum(not mb.stopped for mb in progress.members)
             ckpt = Path(tmp)
-            save_population(ckpt, trainer, progress, summary)
+            final = trainer.step >= trainer.total_steps or all(m.stopped for m in progress.members)
+            save_population(ckpt, trainer, progress, summary, final)
         report(summary, ckpt)
 
 
@@ -248,11 +249,16 @@ def save_population(
     trainer: PopulationTrainer,
     progress: PopulationProgress,
     summary: dict[str, Any],
+    final: bool = False,
 ) -> None:
-    """The population's weights, each member's best weights, optimiser state and progress."""
+    """The population's weights, each member's best weights, optimiser state and progress.
+    A `final` checkpoint (no step left to train) keeps only the best weights and the
+    progress: the current weights and AdamW's two moments would triple its size (2 GB for
+    twelve default members on 1280-d inputs) for a resume that has nothing left to do."""
     population = trainer.population
-    state = {k: v.detach().contiguous().cpu() for k, v in population.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS))
+    if not final:
+        state = {k: v.detach().contiguous().cpu() for k, v in population.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS))
     best = progress.best.state if progress.best else population.state_dict()
     save_file({k: v.contiguous().cpu() for k, v in best.items()}, str(directory / BEST))
     members = [
@@ -260,7 +266,10 @@ def save_population(
         for mb, cfg in zip(progress.members, population.cfgs, strict=True)
     ]
     (directory / MEMBERS_FILE).write_text(json.dumps(members, indent=1))
-    torch.save({"trainer": trainer.state_dict()}, directory / STATE_FILE)
+    trainer_state = trainer.state_dict()
+    if final:
+        trainer_state = {k: trainer_state[k] for k in ("active", "step")}
+    torch.save({"trainer": trainer_state}, directory / STATE_FILE)
     progress.history.append(summary)
     (directory / HISTORY_FILE).write_text(json.dumps(progress.history))
 
@@ -268,13 +277,21 @@ def save_population(
 def load_population(
     directory: Path, trainer: PopulationTrainer, device: torch.device
 ) -> PopulationProgress:
-    """A checkpoint's weights, best weights, optimiser state and progress into `trainer`."""
+    """A checkpoint's weights, best weights, optimiser state and progress into `trainer` (a
+    final checkpoint's best weights stand for its weights: nothing is left to train)."""
     population = trainer.population
-    population.load_state_dict(load_file(str(directory / WEIGHTS), device=str(device)))
     best = BestWeights(population)
     best.state = load_file(str(directory / BEST), device=str(device))
+    weights = directory / WEIGHTS
+    current = load_file(str(weights), device=str(device)) if weights.exists() else best.state
+    population.load_state_dict(current)
     state = torch.load(directory / STATE_FILE, weights_only=True, map_location=device)
-    trainer.load_state_dict(state["trainer"])
+    saved = state["trainer"]
+    if "exp_avg" in saved:
+        trainer.load_state_dict(saved)
+    else:
+        trainer.active.copy_(saved["active"])
+        trainer.step = saved["step"]
     members = [Member(**m["member"]) for m in json.loads((directory / MEMBERS_FILE).read_text())]
     history = json.loads((directory / HISTORY_FILE).read_text())
     return PopulationProgress(members, history, best)
