@@ -1,17 +1,18 @@
 """A real 2x2x2 sweep (objectives x model scales x layer depths) on local Ray, trained as four
 populations of two trials: stopped with Ctrl-C part-way, resumed without rerunning the
-finished populations' members, then its report, plots and TensorBoard HParams read back."""
+finished populations' members (each command from the command line with its own Ray, which
+leaves no process behind), then its report, plots and TensorBoard HParams read back; and a
+population under ASHA losing one member."""
 
 from __future__ import annotations
 
 import csv
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import processes
 import pytest
 from PIL import Image
 
@@ -53,46 +54,45 @@ def _any_finished(out: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def resumed_sweep(ray_cluster, small_cache, tmp_path_factory):
-    """Start `raysys sweep` in its own process, press Ctrl-C once a trial has exported its
-    model, then resume it here; returns the sweep dir and what was finished before."""
+    """Start `raysys sweep` as a user would (its own process and private Ray), press Ctrl-C
+    once a population has exported its members' models, then resume it the same way; returns
+    the sweep dir and what was finished before. Neither command may leave a process behind
+    (`tests/processes.py`)."""
     cfg, _ = small_cache
     out = tmp_path_factory.mktemp("sweep") / "s"
-    log = out.parent / "first.log"
     args = ["sweep", "--out", str(out), *_overrides(Path(cfg.extract.cache_dir))]
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "raysys.cli", *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own Ray; a stray signal never reaches pytest
-        )
+    first = processes.start(args, out.parent / "first.log")
     try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and first.proc.poll() is None:
             models = out / "models"
             if models.is_dir() and any(models.iterdir()):
-                # Its model is exported; Ctrl-C once Tune has recorded the trial as finished.
+                # Its models are exported; Ctrl-C once Tune has recorded it as finished.
                 if _any_finished(out):
                     break
             time.sleep(1)
-        assert proc.poll() is None, (
-            "the sweep ended before it could be interrupted:\n" + (log.read_text()[-3000:])
+        assert first.proc.poll() is None, (
+            "the sweep ended before it could be interrupted:\n" + first.log.read_text()[-3000:]
         )
-        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
-        code = proc.wait(timeout=300)
+        os.kill(first.proc.pid, signal.SIGINT)  # the driver's Ctrl-C
+        code = first.wait(300)
+        first_log = first.log.read_text()
+        assert code == 130, first_log[-3000:]
+        processes.assert_nothing_left(first)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    first = log.read_text()
-    assert code == 130, first[-3000:]
-    assert f"resume={out}" in first
+        first.kill_all()
+    assert f"resume={out}" in first_log
     status = trial_status(out)  # per population
     members = members_of(out)
     finished = {m for name, s in status.items() if s == "TERMINATED" for m in members[name]}
     before = {name: _files(out / "tensorboard" / name) for name in finished}
     before |= {f"model:{name}": _files(out / "models" / name) for name in finished}
-    assert main(["sweep", f"resume={out}"]) == 0
+    resumed = processes.start(["sweep", f"resume={out}"], out.parent / "resume.log")
+    try:
+        assert resumed.wait(600) == 0, resumed.log.read_text()[-3000:]
+        processes.assert_nothing_left(resumed)  # a normal exit leaves nothing either
+    finally:
+        resumed.kill_all()
     return out, status, finished, before
 
 

@@ -1,12 +1,12 @@
-"""A `raysys sweep` that starts its own Ray leaves no process behind when it exits, normally
-or by Ctrl-C (issue 16: a `ray::TrainController` of 830 MB, re-parented to init, was still
-alive minutes after a sweep had ended).
+"""Watching a `raysys` command's processes: none may outlive it (issue 16: a
+`ray::TrainController` of 830 MB, re-parented to init, was still alive minutes after a sweep
+had ended).
 
-The sweep runs from the command line, as a user runs it, in a session of its own and with no
-RAY_ADDRESS, so it starts a private Ray. Every process seen among its descendants (or in its
-session) while it runs is recorded by pid and start time; an orphan is re-parented to init
-and no longer looks like ours, but its (pid, start time) still names it. None may be alive
-shortly after the sweep has exited.
+The command runs from the command line, as a user runs it, in a session of its own and with
+no RAY_ADDRESS, so it starts a private Ray. Every process seen among its descendants (or in
+its session) while it runs is recorded by pid and start time; an orphan is re-parented to
+init and no longer looks like ours, but its (pid, start time) still names it. None may be
+alive shortly after the command has exited.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import pytest
 
 SAMPLE_S = 0.5  # how often the sweep's processes are listed
 GONE_WITHIN_S = 15.0  # how long after the sweep's exit its processes may take to be gone
@@ -30,13 +29,13 @@ SWEEP_TIMEOUT_S = 600.0
 Key = tuple[int, float]  # (pid, create time): one process, even once its pid is reused
 
 
-def _cli() -> list[str]:
+def cli() -> list[str]:
     """The `raysys` console script of this venv, as a user runs it."""
     script = Path(sys.executable).with_name("raysys")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "raysys.cli"]
 
 
-def _env() -> dict[str, str]:
+def private_env() -> dict[str, str]:
     """Our environment (conftest imported raysys, which set the loopback-only variables)
     without anything that would make the sweep join a Ray instead of starting its own."""
     env = dict(os.environ)
@@ -128,7 +127,7 @@ class Watched:
                 continue
 
 
-def _describe(procs: list[psutil.Process]) -> str:
+def describe(procs: list[psutil.Process]) -> str:
     lines = []
     for p in procs:
         try:
@@ -141,32 +140,14 @@ def _describe(procs: list[psutil.Process]) -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="module")
-def tiny_sweep(small_cache) -> list[str]:
-    """Overrides for the tiniest sweep on the shared small cache: 2 trials (one per
-    objective) of one layer pair of the default model pair, 1 epoch of a tiny JAM."""
-    cfg, _ = small_cache
-    return [
-        f"corpus.size={cfg.corpus.size}",
-        f"extract.cache_dir={cfg.extract.cache_dir}",
-        "objectives=con,spread",
-        "sweep.layers=1.0:1.0",
-        "train.batch_size=16",
-        "train.hidden=16",
-        "train.latent=8",
-        "train.eval_every=1000",
-        "eval.bootstrap=100",
-    ]
-
-
-def _start_sweep(out: Path, overrides: list[str]) -> Watched:
-    log = out.with_suffix(".log")
+def start(args: list[str], log: Path) -> Watched:
+    """`raysys ARGS` with its own private Ray, in its own session, output to `log`."""
     with log.open("wb") as f:
         proc = subprocess.Popen(
-            [*_cli(), "sweep", "--out", str(out), *overrides],
+            [*cli(), *args],
             stdout=f,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env=private_env(),
             start_new_session=True,  # its own process group, as a terminal gives a command
         )
     watched = Watched(proc, log)
@@ -174,7 +155,7 @@ def _start_sweep(out: Path, overrides: list[str]) -> Watched:
     return watched
 
 
-def _assert_nothing_left(watched: Watched) -> None:
+def assert_nothing_left(watched: Watched) -> None:
     alive = watched.survivors_after_exit()
     output = watched.log.read_text(errors="replace")
     assert any("raylet" in n or "gcs_server" in n for n in watched.names()), (
@@ -182,47 +163,8 @@ def _assert_nothing_left(watched: Watched) -> None:
     )
     assert not alive, (
         f"{len(alive)} of the sweep's {len(watched.seen)} processes outlived it by "
-        f"{GONE_WITHIN_S:g} s:\n{_describe(alive)}\n--- sweep output (end) ---\n" + output[-3000:]
+        f"{GONE_WITHIN_S:g} s:\n{describe(alive)}\n--- sweep output (end) ---\n" + output[-3000:]
     )
     # The stop at exit ran to its end: a crash there (once a NameError in `_is_ray`) leaves
     # the stragglers to Ray's own shutdown, which a busy Train controller can outlive.
     assert "Exception ignored in atexit callback" not in output, output[-3000:]
-
-
-def test_a_finished_sweep_leaves_no_process(tiny_sweep, tmp_path) -> None:
-    watched = _start_sweep(tmp_path / "sweep", [*tiny_sweep, "train.epochs=1"])
-    try:
-        code = watched.wait(SWEEP_TIMEOUT_S)
-        assert code == 0, watched.log.read_text(errors="replace")[-3000:]
-        _assert_nothing_left(watched)
-    finally:
-        watched.kill_all()
-
-
-def _training(watched: Watched) -> bool:
-    """A trial's Ray Train workers run (or have said so)."""
-    if any("ray::RayTrainWorker" in n for n in watched.names()):
-        return True
-    return "[train]" in watched.log.read_text(errors="replace")
-
-
-def test_a_sweep_stopped_by_ctrl_c_leaves_no_process(tiny_sweep, tmp_path) -> None:
-    # Epochs enough that training is still under way when Ctrl-C comes.
-    watched = _start_sweep(tmp_path / "sweep", [*tiny_sweep, "train.epochs=200"])
-    try:
-        deadline = time.monotonic() + SWEEP_TIMEOUT_S
-        while time.monotonic() < deadline and watched.proc.poll() is None:
-            if _training(watched):
-                break
-            time.sleep(SAMPLE_S)
-        assert watched.proc.poll() is None, (
-            "the sweep ended before it could be interrupted:\n"
-            + watched.log.read_text(errors="replace")[-3000:]
-        )
-        time.sleep(2)  # well into a trial
-        os.killpg(watched.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-        code = watched.wait(SWEEP_TIMEOUT_S)
-        assert code != 0, watched.log.read_text(errors="replace")[-3000:]
-        _assert_nothing_left(watched)
-    finally:
-        watched.kill_all()
