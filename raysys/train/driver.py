@@ -213,17 +213,9 @@ def train(
     """
     init_ray(cfg.ray)
     scaling_config, threads = scaling_plan or scaling(cfg.train)
-    worker = worker_bundle(scaling_config)
-    check_whole_gpus(
-        scaling_config.num_workers,
-        worker.get("GPU", 0.0),
-        "this Ray Train scaling plan",
-        "give each worker a whole GPU, or use one worker",
-    )
     out_dir = out_dir.resolve()
     started = time.perf_counter()
-    running = scaling_config.num_workers * trials_at_once
-    datasets, streaming = stream_plan(cfg.train, source, worker, running)
+    datasets, streaming = planned_data(cfg.train, source, scaling_config, trials_at_once)
     run_dir = storage.join(storage_uri or out_dir / "ray", name)  # Ray Train's, for `name`
     trainer = TorchTrainer(
         train_loop,
@@ -240,18 +232,9 @@ def train(
         },
         datasets=datasets,
         scaling_config=scaling_config,
-        run_config=_run_config(cfg.train, out_dir, name, storage_uri, callbacks),
+        run_config=run_config(cfg.train, out_dir, name, storage_uri, callbacks),
     )
-    try:
-        result = trainer.fit()
-    except Exception as err:
-        # A bad cache found by a worker (e.g. NaN rows in its shard) is the user's error:
-        # show its message, not Ray's wrapped traceback.
-        for failure in getattr(err, "worker_failures", {}).values():
-            cause = _user_error(failure)
-            if cause is not None:
-                raise cause from None
-        raise
+    result = fit(trainer)
     seconds = time.perf_counter() - started
     model_dir = out_dir / "models" / name
     tcfg = cfg.train
@@ -264,14 +247,44 @@ def train(
     return TrainResult(tcfg.objective, model_dir, result.metrics, history, seconds)
 
 
-def _run_config(
+def planned_data(
+    tcfg: TrainConfig, source: PairSource, scaling_config: ScalingConfig, trials_at_once: int
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """`stream_plan` for a scaling plan whose ranks never share a GPU (checked first)."""
+    worker = worker_bundle(scaling_config)
+    check_whole_gpus(
+        scaling_config.num_workers,
+        worker.get("GPU", 0.0),
+        "this Ray Train scaling plan",
+        "give each worker a whole GPU, or use one worker",
+    )
+    running = scaling_config.num_workers * trials_at_once
+    return stream_plan(tcfg, source, worker, running)
+
+
+def fit(trainer: TorchTrainer) -> Any:
+    """`trainer.fit()`; a bad cache found by a worker (e.g. NaN rows in its shard) is the
+    user's error: its message is raised, not Ray's wrapped traceback."""
+    try:
+        return trainer.fit()
+    except Exception as err:
+        for failure in getattr(err, "worker_failures", {}).values():
+            cause = _user_error(failure)
+            if cause is not None:
+                raise cause from None
+        raise
+
+
+def run_config(
     tcfg: TrainConfig,
     out_dir: Path,
     name: str,
     storage_uri: str | None,
     callbacks: list[Any] | None,
+    by_metric: bool = True,
 ) -> RunConfig:
-    """Checkpoints kept by the best validation metric, under `out_dir/ray` or the URI."""
+    """Checkpoints kept by the best validation metric (`by_metric`; else the latest), under
+    `out_dir/ray` or the URI."""
     storage_fs, storage_path = None, str(out_dir / "ray")
     if storage_uri:
         storage_fs, storage_path = storage.pyarrow_fs(storage_uri)
@@ -281,8 +294,8 @@ def _run_config(
         storage_filesystem=storage_fs,
         checkpoint_config=CheckpointConfig(
             num_to_keep=tcfg.keep_checkpoints,
-            checkpoint_score_attribute=tcfg.best_metric,
-            checkpoint_score_order=tcfg.best_mode,
+            checkpoint_score_attribute=tcfg.best_metric if by_metric else "step",
+            checkpoint_score_order=tcfg.best_mode if by_metric else "max",
         ),
         failure_config=FailureConfig(max_failures=tcfg.max_failures),
         # Ray Train logs every report at INFO; the validation summaries are what users read.

@@ -10,7 +10,6 @@ or pyarrow (`raysys bench step --population` runs it on a torch-only GPU machine
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from raysys.config import TrainConfig
 from raysys.jam import JAM, losses
 from raysys.jam.dist import gather_keys, gather_with_grad
 from raysys.jam.population import Population
-from raysys.train.step import Trainer, jam_config
+from raysys.train.step import Trainer, jam_config, lr_factor
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which `Trainer` uses
 # TrainConfig keys a member sets for itself; every other key is the population's (and must be
@@ -93,17 +92,9 @@ class PopulationTrainer:
 
     # --- schedules: the same formulas as `Trainer` and `losses.lambda_schedule`, per member ----
 
-    def lr_factor(self, m: int, step: int) -> float:
-        tcfg = self.tcfgs[m]
-        warmup = min(tcfg.warmup_steps, max(1, self.total_steps // 10))
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
     def rates(self, step: int) -> list[float]:
         """Each member's learning rate at `step`."""
-        return [t.lr * self.lr_factor(m, step) for m, t in enumerate(self.tcfgs)]
+        return [t.lr * lr_factor(t, step, self.total_steps) for t in self.tcfgs]
 
     def lambdas(self, step: int) -> list[float]:
         return [

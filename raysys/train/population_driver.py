@@ -20,12 +20,11 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
-from raysys.checks import check_whole_gpus
 from raysys.config import Config, TrainConfig, from_dict, to_dict
 from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan
 from raysys.data.source import PairSource
@@ -35,11 +34,11 @@ from raysys.evaluate import val_rows
 from raysys.jam.population import Population
 from raysys.runtime import init_ray
 from raysys.train.driver import (
-    _user_error,
     checkpoint_at,
-    saved_checkpoints,
-    stream_plan,
-    worker_bundle,
+    fit,
+    latest_checkpoint,
+    planned_data,
+    run_config,
 )
 from raysys.train.population import PopulationTrainer, build_members
 from raysys.train.population_loop import (
@@ -265,17 +264,9 @@ def train_population(
     actor (`raysys.sweep.asha`), asked at each validation whether a member stops."""
     init_ray(cfg.ray)
     scaling_config, threads = scaling_plan
-    worker = worker_bundle(scaling_config)
-    check_whole_gpus(
-        scaling_config.num_workers,
-        worker.get("GPU", 0.0),
-        "this Ray Train scaling plan",
-        "give each worker a whole GPU, or use one worker",
-    )
     out_dir = out_dir.resolve()
     started = time.perf_counter()
-    running = scaling_config.num_workers * trials_at_once
-    datasets, streaming = stream_plan(cfg.train, sources[0], worker, running)
+    datasets, streaming = planned_data(cfg.train, sources[0], scaling_config, trials_at_once)
     if streaming and len(sources) > 1:
         raise ConfigError(
             "this population's train split streams (it does not fit in memory), and a "
@@ -283,13 +274,6 @@ def train_population(
             "train.data_on_device=stream, which groups populations by layer pair"
         )
     run_dir = storage.join(storage_uri or out_dir / "ray", name)
-    storage_fs, storage_path = None, str(out_dir / "ray")
-    if storage_uri:
-        storage_fs, storage_path = storage.pyarrow_fs(storage_uri)
-    resume_from = None
-    if resume:
-        saved = saved_checkpoints(run_dir)
-        resume_from = max(saved, key=lambda c: c.report["step"]).path if saved else None
     trainer = TorchTrainer(
         population_loop,
         train_loop_config={
@@ -303,42 +287,23 @@ def train_population(
             "tensorboard_dir": str(out_dir / "tensorboard"),
             "tensorboard_uri": tensorboard_uri,
             "gpu_share": (scaling_config.resources_per_worker or {}).get("GPU", 1.0) or 1.0,
-            "resume_from": resume_from,
+            "resume_from": latest_checkpoint(run_dir) if resume else None,
             "rungs": rungs,
             **streaming,
         },
         datasets=datasets,
         scaling_config=scaling_config,
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            # The latest checkpoints: each holds every member's best weights as well.
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="step",
-                checkpoint_score_order="max",
-            ),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
-        ),
+        # The latest checkpoints: each holds every member's best weights as well.
+        run_config=run_config(cfg.train, out_dir, name, storage_uri, callbacks, by_metric=False),
     )
-    try:
-        result = trainer.fit()
-    except Exception as err:
-        for failure in getattr(err, "worker_failures", {}).values():
-            cause = _user_error(failure)
-            if cause is not None:
-                raise cause from None
-        raise
+    result = fit(trainer)
     seconds = time.perf_counter() - started
     checkpoint = result.checkpoint
     if checkpoint is None and resume:  # it had finished before: its newest checkpoint stands
-        saved = saved_checkpoints(run_dir)
-        if not saved:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
             raise RaysysError(f"the population in {run_dir!r} reported no checkpoint; delete it")
-        checkpoint = checkpoint_at(max(saved, key=lambda c: c.report["step"]).path)
+        checkpoint = checkpoint_at(latest)
     model_dirs = [out_dir / "models" / i for i in ids]
     with checkpoint.as_directory() as ckpt:
         members = export_members(Path(ckpt), model_dirs)

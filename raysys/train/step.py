@@ -80,6 +80,17 @@ def reconstruction_loss(out: dict[str, torch.Tensor], cross: bool) -> torch.Tens
     return torch.stack(terms).mean()
 
 
+def lr_factor(tcfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate's factor at `step`: linear warm-up, then cosine decay to zero over
+    the remaining steps. Warm-up is capped at a tenth of the run so a short run is not all
+    warm-up."""
+    warmup = min(tcfg.warmup_steps, max(1, total_steps // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 class Trainer:
     """One process's share of JAM training: optimiser, schedules and the step itself."""
 
@@ -98,13 +109,7 @@ class Trainer:
         self.step = 0
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to zero over the remaining steps. Warm-up is
-        capped at a tenth of the run so a short run is not all warm-up."""
-        warmup = min(self.tcfg.warmup_steps, max(1, self.total_steps // 10))
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return lr_factor(self.tcfg, step, self.total_steps)
 
     def train_step(
         self,
