@@ -53,7 +53,14 @@ from raysys.sweep.plan import (
 )
 from raysys.sweep.populations import group_trials, population_size, widened
 from raysys.sweep.prepare import Prepared, prepare
-from raysys.sweep.tune import TUNE_DIR, Outcome, check_resumable, check_same_plan, run_trials
+from raysys.sweep.tune import (
+    TUNE_DIR,
+    Outcome,
+    check_resumable,
+    check_same_plan,
+    planned_size,
+    run_trials,
+)
 from raysys.train.driver import train as fit
 from raysys.train.step import check_dims
 
@@ -84,7 +91,8 @@ def sweep(
     pack = packing(cfg, cluster_resources())  # one the cluster cannot hold fails now
     prepared = prepare(cfg, resolved)
     trials = plan_trials(cfg, prepared)
-    size = population_size(
+    # A resumed sweep regroups by the size it started with (its slots may differ here).
+    size = (planned_size(run.root) if resume else None) or population_size(
         cfg, trials, pack, _layer_widths(prepared) if pack.gpus_per_worker else None
     )
     populations = group_trials(cfg, trials, size)

@@ -84,3 +84,15 @@ def test_fewer_populations_than_slots_widen_each() -> None:
     gpu = widened(GPU, 1)  # four quarter-GPU slots: one population gets the whole GPU
     assert (gpu.concurrent, gpu.gpus_per_worker) == (1, 1.0)
     assert widened(GPU, 2).gpus_per_worker == 0.5
+
+
+def test_a_plan_remembers_the_size_it_was_grouped_by() -> None:
+    """A resume regroups by the saved size: the default size follows the slots, which the
+    machine that resumes may not have."""
+    from raysys.sweep.populations import PopulationPlan
+
+    cfg, trials = _trials()
+    plans = group_trials(cfg, trials, size=4)
+    again = [PopulationPlan.from_dict(p.to_dict()) for p in plans]
+    assert again == plans and {p.size for p in again} == {4}
+    assert group_trials(cfg, trials, again[0].size) == plans

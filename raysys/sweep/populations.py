@@ -28,13 +28,15 @@ class PopulationPlan:
 
     id: str
     trials: list[Trial]
+    size: int = 0  # the most members the sweep put in a population (what resume regroups by)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "trials": [t.to_dict() for t in self.trials]}
+        return {"id": self.id, "trials": [t.to_dict() for t in self.trials], "size": self.size}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PopulationPlan:
-        return cls(d["id"], [Trial.from_dict(t) for t in d["trials"]])
+        trials = [Trial.from_dict(t) for t in d["trials"]]
+        return cls(d["id"], trials, d.get("size", len(trials)))
 
 
 def shared_key(base: Config, trial: Trial, by_layer: bool) -> tuple:
@@ -95,7 +97,8 @@ def group_trials(cfg: Config, trials: list[Trial], size: int) -> list[Population
         for k in range(parts):
             chunk = members[k * len(members) // parts : (k + 1) * len(members) // parts]
             # Its size and first member name it in logs, Tune's table and the bucket.
-            plans.append(PopulationPlan(f"p{len(plans):03d}-n{len(chunk)}-{chunk[0].id}", chunk))
+            name = f"p{len(plans):03d}-n{len(chunk)}-{chunk[0].id}"
+            plans.append(PopulationPlan(name, chunk, size))
     return plans
 
 

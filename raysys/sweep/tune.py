@@ -258,6 +258,13 @@ def trial_status(out_dir: Path | str) -> dict[str, str]:
     return {t.config["population"]["id"]: t.status for t in _analysis(out_dir).trials}
 
 
+def planned_size(out_dir: Path | str) -> int | None:
+    """The population size a stopped sweep was grouped by (None: no population started).
+    Its default size follows the cluster's slots, which a resume elsewhere may not have."""
+    sizes = [t.config.get("population", {}).get("size") for t in _analysis(out_dir).trials]
+    return max((s for s in sizes if s), default=None)
+
+
 def members_of(out_dir: Path | str) -> dict[str, list[str]]:
     """Each started population's member trial ids, from the saved experiment."""
     return {
