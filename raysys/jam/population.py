@@ -68,6 +68,7 @@ class Population(nn.Module):
         for name, buffer in template.named_buffers():
             self.register_buffer(_key(name), torch.zeros(self.size, *buffer.shape))
         self.register_buffer("dropout", torch.tensor([c.dropout for c in cfgs]))
+        self.any_dropout = any(c.dropout > 0 for c in cfgs)
         self.register_buffer(
             "max_log_scale", torch.tensor([math.log(c.max_logit_scale) for c in cfgs])
         )
@@ -130,15 +131,11 @@ class Population(nn.Module):
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted dropout at each member's own rate."""
-        if not self.training or not bool(self._any_dropout):
+        if not self.training or not self.any_dropout:
             return x
         p = self.dropout.to(x.dtype).view(-1, 1, 1)
         keep = torch.rand_like(x) >= p
         return x * keep / (1 - p)
-
-    @property
-    def _any_dropout(self) -> bool:
-        return any(c.dropout > 0 for c in self.cfgs)
 
     def _mlp(self, prefix: str, depth: int, x: torch.Tensor) -> torch.Tensor:
         """Blocks (Linear -> LayerNorm -> SwiGLU -> Dropout) then the plain output Linear."""
@@ -213,11 +210,3 @@ class Population(nn.Module):
         err = (hat - target.to(hat.dtype)).square() * valid.unsqueeze(1).to(hat.dtype)
         count = valid.sum(-1) * target.shape[1]
         return err.sum(dim=(1, 2)) / count.to(err.dtype)
-
-    @torch.no_grad()
-    def set_input_stats(self, m: int, jam_like: JAM) -> None:
-        """Member m's standardisation from a JAM fitted on its inputs."""
-        for name in ("image_mean", "image_std", "text_mean", "text_std"):
-            value = getattr(jam_like, name)
-            target = getattr(self, name)[m]
-            target[: value.shape[0]] = value.to(target.dtype)

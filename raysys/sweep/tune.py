@@ -90,17 +90,16 @@ def run_population(
     # Training is over: the cores its workers held are this process's to score with.
     torch.set_num_threads(max(1, packed.threads))
     rows, stopped, tests = [], [], {}
-    for trial, member, member_cfg, model_dir in zip(
-        plan.trials, result.members, member_cfgs, result.model_dirs, strict=True
+    for trial, member, member_cfg, model_dir, layer in zip(
+        plan.trials, result.members, member_cfgs, result.model_dirs, layer_of, strict=True
     ):
         if member.stopped == "asha":
             stopped.append(f"{trial.id} at step {member.stopped_step}")
             continue
-        source = PairSource(**trial.layer.source)
-        key = layer_of[plan.trials.index(trial)]
-        if key not in tests:
-            tests[key] = (source.load(cfg.eval.split), source.prompts())
-        test, prompts = tests[key]
+        if layer not in tests:  # each layer pair's test split, loaded once
+            source = PairSource(**sources[layer])
+            tests[layer] = (source.load(cfg.eval.split), source.prompts())
+        test, prompts = tests[layer]
         scores = score_model(JAM.load(model_dir), test, cfg.eval, prompts=prompts)
         keys = dict.fromkeys([*member_cfg.sweep.params, *trial.params])
         params = {k: config.get_key(member_cfg, k) for k in keys}

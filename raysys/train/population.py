@@ -2,8 +2,9 @@
 
 Each member keeps everything a trial sets for itself: objective, Spread's α and K, learning
 rate and warm-up, weight decay, gradient clipping, λ schedule, dropout, logit scale and seed
-(the initial weights). The optimiser is AdamW written for stacked tensors, so each member's
-moments, learning rate and weight decay are its own; clipping takes each member's own norm.
+(the initial weights). The optimiser is torch's fused AdamW kernel run on each member's
+slices of the stacked tensors, so each member's moments, learning rate and weight decay are
+its own; clipping takes each member's own norm.
 A frozen member (stopped early, or by ASHA) takes no update at all. Nothing here imports Ray
 or pyarrow (`raysys bench step --population` runs it on a torch-only GPU machine).
 """
@@ -23,7 +24,7 @@ from raysys.train.step import Trainer, jam_config, lr_factor
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which `Trainer` uses
 # TrainConfig keys a member sets for itself; every other key is the population's (and must be
-# equal across its members: `shared_train_keys`).
+# equal across its members: `raysys.sweep.populations.shared_key`).
 MEMBER_KEYS = (
     "objective",
     "vision_layer",
@@ -80,7 +81,7 @@ class PopulationTrainer:
         self.exp_avg_sq = [torch.zeros_like(q) for q in self.params]
         self._per_member = {
             name: torch.tensor([float(getattr(t, name)) for t in tcfgs], device=device)
-            for name in ("weight_decay", "grad_clip", "alpha")
+            for name in ("grad_clip", "alpha")
         }
         groups: dict[tuple[str, int], list[int]] = {}
         for m, t in enumerate(tcfgs):
@@ -89,6 +90,11 @@ class PopulationTrainer:
             _Group(o, k, torch.tensor(ms, device=device)) for (o, k), ms in groups.items()
         ]
         self.cross = torch.tensor([t.cross_reconstruction for t in tcfgs], device=device)
+        # Each member's slices of the stacked weights and moments (views, updated in place).
+        self.member_views = [
+            tuple([t[m] for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq))
+            for m in range(p.size)
+        ]
 
     # --- schedules: the same formulas as `Trainer` and `losses.lambda_schedule`, per member ----
 
@@ -187,7 +193,7 @@ class PopulationTrainer:
         }
 
     @torch.no_grad()
-    def _adamw(self, lr: list[float] | torch.Tensor) -> None:
+    def _adamw(self, rates: list[float]) -> None:
         """torch.optim.AdamW's update on stacked tensors, each member with its own rate,
         weight decay and clipping; frozen members are left exactly as they are.
 
@@ -197,7 +203,6 @@ class PopulationTrainer:
         pass over weights, grads and moments, where an update written in stacked tensor ops
         takes a dozen (it cost more than the forward and backward together). A frozen member's
         call is skipped on the device (`found_inf`), so no host read of `active` is needed."""
-        rates = lr.tolist() if isinstance(lr, torch.Tensor) else list(lr)
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
         clip = self._per_member["grad_clip"]
         norms = [torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in grads]
@@ -205,18 +210,11 @@ class PopulationTrainer:
         coef = torch.where(clip > 0, (clip / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(clip))
         for g in grads:
             g.mul_(coef.view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype))
-        views = self.__dict__.get("_member_views")
-        if views is None:  # slices of the stacked weights and moments, made once
-            views = [
-                tuple([t[m] for t in ts] for ts in (self.params, self.exp_avg, self.exp_avg_sq))
-                for m in range(self.population.size)
-            ]
-            self._member_views = views
         device = self.params[0].device
         skip = (~self.active).float()
         steps = [torch.full((), float(self.step + 1), device=device)] * len(self.params)
         b1, b2 = BETAS
-        for m, (params, exp_avg, exp_avg_sq) in enumerate(views):
+        for m, (params, exp_avg, exp_avg_sq) in enumerate(self.member_views):
             torch._fused_adamw_(
                 params,
                 [g[m] for g in grads],

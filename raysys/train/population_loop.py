@@ -26,14 +26,12 @@ from raysys.data.pairs import Pairs
 from raysys.evaluate import capped_val, score_model
 from raysys.jam import JAM, JAMConfig
 from raysys.jam.population import Population
-from raysys.train.loop import Batches
+from raysys.train.loop import HISTORY_FILE, STATE_FILE, Batches, read_state
 from raysys.train.population import PopulationTrainer
 from raysys.train.step import all_agree, host_stats
 
 WEIGHTS, BEST = "population.safetensors", "best.safetensors"
 MEMBERS_FILE = "members.json"  # each member's id and JAMConfig
-STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.json"
 
 # One validation's report: the population's metrics and, on rank 0, the checkpoint directory
 # (valid only during the call).
@@ -285,8 +283,7 @@ def load_population(
     weights = directory / WEIGHTS
     current = load_file(str(weights), device=str(device)) if weights.exists() else best.state
     population.load_state_dict(current)
-    state = torch.load(directory / STATE_FILE, weights_only=True, map_location=device)
-    saved = state["trainer"]
+    saved = read_state(directory, device)["trainer"]
     if "exp_avg" in saved:
         trainer.load_state_dict(saved)
     else:
