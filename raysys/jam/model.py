@@ -24,6 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,49 @@ class Autoencoder(nn.Module):
         self.decoder = _mlp(latent, tuple(reversed(hidden)), d_in, dropout)
 
 
+class Autoencoding(Protocol):
+    """What `autoencode` needs of a model: per modality, standardise, encode, decode."""
+
+    def standardize(self, modality: str, x: torch.Tensor) -> torch.Tensor: ...
+    def encode_standardized(self, modality: str, x: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, modality: str, z: torch.Tensor) -> torch.Tensor: ...
+
+
+def autoencode(
+    model: Autoencoding,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    cross: bool,
+    negative: torch.Tensor | None,
+    dim: int,
+) -> dict[str, torch.Tensor]:
+    """The forward of `JAM` (rows along `dim` 0) and of a stacked population (`dim` 1, after
+    the members): see `JAM.forward`. Negatives go through the text encoder in the same pass
+    as the captions and are never decoded."""
+    image, text = model.standardize("image", image), model.standardize("text", text)
+    zi = model.encode_standardized("image", image)
+    if negative is None:
+        zt = model.encode_standardized("text", text)
+    else:
+        b = text.shape[dim]
+        both = torch.cat([text, model.standardize("text", negative)], dim=dim)
+        zt, zn = model.encode_standardized("text", both).split([b, negative.shape[dim]], dim=dim)
+    out = {
+        "zi": zi,
+        "zt": zt,
+        "image_target": image,
+        "text_target": text,
+        "image_hat": model.decode("image", zi),
+        "text_hat": model.decode("text", zt),
+    }
+    if negative is not None:
+        out["zn"] = zn
+    if cross:
+        out["text_from_image"] = model.decode("text", zi)
+        out["image_from_text"] = model.decode("image", zt)
+    return out
+
+
 class JAM(nn.Module):
     """Joint Autoencoder Modulator: image and text autoencoders sharing a latent space.
 
@@ -187,11 +231,11 @@ class JAM(nn.Module):
 
     def standardize_image(self, x: torch.Tensor) -> torch.Tensor:
         """Raw image embeddings -> the standardised space the image autoencoder works in."""
-        return (self._cast(x) - self.image_mean) / self.image_std
+        return self.standardize("image", x)
 
     def standardize_text(self, x: torch.Tensor) -> torch.Tensor:
         """Raw text embeddings -> the standardised space the text autoencoder works in."""
-        return (self._cast(x) - self.text_mean) / self.text_std
+        return self.standardize("text", x)
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding caches are often float16; run in the model's own dtype."""
@@ -200,19 +244,19 @@ class JAM(nn.Module):
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``[..., d_image]`` -> raw latents ``[..., latent]``."""
-        return self.image.encoder(self.standardize_image(x))
+        return self.encode_standardized("image", self.standardize("image", x))
 
     def encode_text(self, x: torch.Tensor) -> torch.Tensor:
         """Text embeddings ``[..., d_text]`` -> raw latents; captions and hard negatives alike."""
-        return self.text.encoder(self.standardize_text(x))
+        return self.encode_standardized("text", self.standardize("text", x))
 
     def decode_image(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> standardised image-embedding space ``[..., d_image]``."""
-        return self.image.decoder(z)
+        return self.decode("image", z)
 
     def decode_text(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> standardised text-embedding space ``[..., d_text]``."""
-        return self.text.decoder(z)
+        return self.decode("text", z)
 
     def forward(
         self,
@@ -235,28 +279,19 @@ class JAM(nn.Module):
         (``text_from_image``, ``image_from_text``; positives only), which is only meaningful
         once the latents are aligned, hence opt-in.
         """
-        image, text = self.standardize_image(image), self.standardize_text(text)
-        zi = self.image.encoder(image)
-        if negative is None:
-            zt = self.text.encoder(text)
-        else:
-            b = text.shape[0]
-            z = self.text.encoder(torch.cat([text, self.standardize_text(negative)]))
-            zt, zn = z[:b], z[b:]
-        out = {
-            "zi": zi,
-            "zt": zt,
-            "image_target": image,
-            "text_target": text,
-            "image_hat": self.decode_image(zi),
-            "text_hat": self.decode_text(zt),
-        }
-        if negative is not None:
-            out["zn"] = zn
-        if cross:
-            out["text_from_image"] = self.decode_text(zi)
-            out["image_from_text"] = self.decode_image(zt)
-        return out
+        return autoencode(self, image, text, cross, negative, dim=0)
+
+    # `autoencode`'s view of the model, per modality: standardise raw embeddings, encode
+    # standardised ones, decode latents (back to the standardised space).
+    def standardize(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        mean, std = getattr(self, f"{modality}_mean"), getattr(self, f"{modality}_std")
+        return (self._cast(x) - mean) / std
+
+    def encode_standardized(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, modality).encoder(x)
+
+    def decode(self, modality: str, z: torch.Tensor) -> torch.Tensor:
+        return getattr(self, modality).decoder(z)
 
     def logit_scale(self) -> torch.Tensor:
         """Current contrastive scale ``exp(log_scale)``, capped at ``max_logit_scale``.

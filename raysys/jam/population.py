@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysys.errors import ConfigError
-from raysys.jam.model import JAM, JAMConfig
+from raysys.jam.model import JAM, JAMConfig, autoencode
 
 SHARED = ("hidden", "latent", "learn_logit_scale")  # what every member of one population shares
 
@@ -150,10 +150,11 @@ class Population(nn.Module):
             x = self._dropout(F.silu(a) * b)
         return self._linear(f"{prefix}.{depth}", x)
 
-    def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+    # `autoencode`'s view of the population, as of a `JAM` (inputs and outputs [P, B, ...]).
+    def encode_standardized(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         return self._mlp(f"{modality}.encoder", len(self.hidden), x)
 
-    def _decode(self, modality: str, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, modality: str, z: torch.Tensor) -> torch.Tensor:
         return self._mlp(f"{modality}.decoder", len(self.hidden), z)
 
     def standardize(self, modality: str, x: torch.Tensor) -> torch.Tensor:
@@ -172,28 +173,7 @@ class Population(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """`JAM.forward` for every member at once: inputs ``[P, B, d]`` (each member's own
         layers, zero-padded to the widest), outputs ``[P, B, ...]`` with the same keys."""
-        image, text = self.standardize("image", image), self.standardize("text", text)
-        zi = self._encode("image", image)
-        if negative is None:
-            zt = self._encode("text", text)
-        else:
-            b = text.shape[1]
-            z = self._encode("text", torch.cat([text, self.standardize("text", negative)], dim=1))
-            zt, zn = z[:, :b], z[:, b:]
-        out = {
-            "zi": zi,
-            "zt": zt,
-            "image_target": image,
-            "text_target": text,
-            "image_hat": self._decode("image", zi),
-            "text_hat": self._decode("text", zt),
-        }
-        if negative is not None:
-            out["zn"] = zn
-        if cross:
-            out["text_from_image"] = self._decode("text", zi)
-            out["image_from_text"] = self._decode("image", zt)
-        return out
+        return autoencode(self, image, text, cross, negative, dim=1)
 
     def logit_scale(self) -> torch.Tensor:
         """Each member's contrastive scale ``[P]``, capped as `JAM.logit_scale` caps it."""
