@@ -365,3 +365,33 @@ def test_sweeping_train_seed_beside_seeds_is_refused() -> None:
     with pytest.raises(ConfigError, match="sweep.seeds=3 repeats every trial over train.seed"):
         check_plan(_cfg("sweep.seeds=3", "sweep.params.train.seed=[0,1]"))
     assert len(param_grid(_cfg("sweep.params.train.seed=[0,1]"), "con")) == 2  # one seed: fine
+
+
+def test_members_scored_side_by_side_score_as_one_after_another(tmp_path) -> None:
+    """`score_members` scores a population's members two at a time on one torch thread each:
+    the scores are those of scoring them one by one, and torch's threads are given back."""
+    import torch
+    from test_evaluate import _pairs
+
+    from raysys.evaluate import score_model
+    from raysys.jam import JAM, JAMConfig
+    from raysys.sweep.tune import score_members
+
+    cfg = config.load(None, [])
+    pairs = _pairs()
+    dirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        JAM(JAMConfig(d_image=12, d_text=12, hidden=(16,), latent=10)).save(tmp_path / str(seed))
+        dirs.append(tmp_path / str(seed))
+    threads = torch.get_num_threads()
+    alone = []
+    torch.set_num_threads(1)
+    try:
+        alone = [score_model(JAM.load(d), pairs, cfg.eval) for d in dirs]
+    finally:
+        torch.set_num_threads(threads)
+    together = score_members([(d, pairs, None) for d in dirs], cfg, threads=2)
+    assert torch.get_num_threads() == threads
+    assert together == alone
+    assert together[0] != together[1]  # the members differ, so the order is checked too

@@ -111,9 +111,9 @@ def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
         f"extract.cache_dir={cfg.extract.cache_dir}",
         f"corpus.size={cfg.corpus.size}",
         "train.batch_size=16",
-        "train.epochs=100",  # 300 steps: long enough to stop it after two checkpoints
+        "train.epochs=40",  # 120 steps: still 6 checkpoints to go when it is stopped after 2
         "train.eval_every=15",
-        "train.hidden=128",  # small, so the 300 steps and 20 checkpoints take seconds
+        "train.hidden=128",  # small, so the 120 steps and 8 checkpoints take seconds
         "train.latent=32",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -147,7 +147,7 @@ def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
     import json
 
     history = json.loads((out / "metrics.json").read_text())["con"]["history"]
-    total = steps_per_epoch(config.load(None, ["train.batch_size=16"]), ext) * 100
+    total = steps_per_epoch(config.load(None, ["train.batch_size=16"]), ext) * 40
     assert [h["step"] for h in history] == validated_steps(total, 15)
 
 

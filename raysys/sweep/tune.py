@@ -15,6 +15,7 @@ import json
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,20 +88,23 @@ def run_population(
         trials_at_once=packed.concurrent,
         rungs=rungs,
     )
-    # Training is over: the cores its workers held are this process's to score with.
-    torch.set_num_threads(max(1, packed.threads))
-    rows, stopped, tests = [], [], {}
+    rows, stopped, scored = [], [], []
     for trial, member, member_cfg, model_dir, layer in zip(
         plan.trials, result.members, member_cfgs, result.model_dirs, layer_of, strict=True
     ):
         if member.stopped == "asha":
             stopped.append(f"{trial.id} at step {member.stopped_step}")
-            continue
-        if layer not in tests:  # each layer pair's test split, loaded once
-            source = PairSource(**sources[layer])
-            tests[layer] = (source.load(cfg.eval.split), source.prompts())
-        test, prompts = tests[layer]
-        scores = score_model(JAM.load(model_dir), test, cfg.eval, prompts=prompts)
+        else:
+            scored.append((trial, member_cfg, model_dir, layer))
+    tests = {}  # each layer pair's test split and prompts, loaded once
+    for layer in dict.fromkeys(layer for *_, layer in scored):
+        source = PairSource(**sources[layer])
+        tests[layer] = (source.load(cfg.eval.split), source.prompts())
+    # Training is over: the cores its workers held are this process's to score with.
+    jobs = [(model_dir, *tests[layer]) for _, _, model_dir, layer in scored]
+    for (trial, member_cfg, _, _), scores in zip(
+        scored, score_members(jobs, cfg, packed.threads), strict=True
+    ):
         keys = dict.fromkeys([*member_cfg.sweep.params, *trial.params])
         params = {k: config.get_key(member_cfg, k) for k in keys}
         write_trial_hparams(out / "tensorboard" / trial.id, trial, params, scores)
@@ -114,6 +118,29 @@ def run_population(
         shutil.rmtree(out, ignore_errors=True)
     # As JSON text: Tune's own loggers would try to log a list of dicts as a metric.
     ray.tune.report({"members": len(plan.trials), ROWS: json.dumps(rows), STOPPED: stopped})
+
+
+def score_members(
+    jobs: list[tuple[Path, Any, Any]], cfg: Config, threads: int
+) -> list[dict[str, float]]:
+    """Each exported member's scores on its test split (`jobs`: model dir, split, prompts),
+    `threads` members at a time on one torch thread each. A member's scoring is mostly
+    small, single-threaded work (the half-sample intervals' SVDs), so members side by side
+    use the cores where one member cannot: twelve members on 2 cores, 4.5 s -> 2.8 s, with
+    the same scores as one after another on one thread."""
+
+    def score(job: tuple[Path, Any, Any]) -> dict[str, float]:
+        model_dir, test, prompts = job
+        return score_model(JAM.load(model_dir), test, cfg.eval, prompts=prompts)
+
+    workers = max(1, min(threads, len(jobs)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1 if workers > 1 else max(1, threads))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(score, jobs))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _scaling(p: Packing) -> tuple[ScalingConfig, int]:
