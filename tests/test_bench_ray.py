@@ -13,19 +13,20 @@ from raysys.bench import BENCH_FILE
 from raysys.bench.train import bench_train
 
 
-def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_path) -> None:
+def test_bench_train_writes_both_throughputs_and_the_settings(small_cache, tmp_path) -> None:
     import ray
     import torch
 
+    cached, _ = small_cache  # the session's extraction: the bench times training only
     cfg = config.load(
         None,
         [
-            "corpus.size=200",
-            f"extract.cache_dir={tmp_path / 'cache'}",
-            "train.batch_size=32",
+            f"corpus.size={cached.corpus.size}",
+            f"extract.cache_dir={cached.extract.cache_dir}",
+            "train.batch_size=16",
             "train.hidden=64",
             "train.latent=16",
-            "train.epochs=4",
+            "train.epochs=8",
             "train.num_workers=2",  # the bench must still run Ray Train with one worker
             "train.early_stop_patience=1",  # and must not stop early
         ],
@@ -43,15 +44,15 @@ def test_bench_train_writes_both_throughputs_and_the_settings(ray_cluster, tmp_p
         assert math.isfinite(written[key]) and written[key] > 0, key
     assert written["ratio"] == written["pipeline_per_s"] / written["bare_per_s"]
 
-    # 160 train pairs / batch 32 = 5 steps per epoch, 4 epochs: 5 windows of ceil(20 / 6) steps.
+    # 48 train pairs / batch 16 = 3 steps per epoch, 8 epochs: 6 windows of ceil(24 / 6) steps.
     settings = written["settings"]
-    assert settings["steps"] == 20 and settings["window_ends"] == [4, 8, 12, 16, 20]
-    assert settings["batch_size"] == 32 and settings["workers"] == 1
+    assert settings["steps"] == 24 and settings["window_ends"] == [4, 8, 12, 16, 20, 24]
+    assert settings["batch_size"] == 16 and settings["workers"] == 1
     assert settings["model"]["hidden"] == [64] and settings["model"]["latent"] == 16
     assert settings["torch_threads"] == 2  # both CPUs of the test cluster to the one worker
     assert settings["device"] == "cpu"
     assert settings["torch"] == torch.__version__ and settings["ray"] == ray.__version__
-    assert len(written["ray_run"]["window_per_s"]) == len(written["bare"]["window_per_s"]) == 5
+    assert len(written["ray_run"]["window_per_s"]) == len(written["bare"]["window_per_s"]) == 6
     assert written["startup"]["source"] == "tensorboard"
     run = written["ray_run"]
     parts = run["train_s"] + run["excess_train_s"] + run["validation_s"] + written["startup_s"]
