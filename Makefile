@@ -50,7 +50,7 @@ test: install-dev
 	$(BIN)/python -m pytest
 
 # The inner loop: only the tests/test_*.py files that start no Ray (every tests/*_ray.py file
-# is marked slow), about 40 seconds on 2 cores.
+# is marked slow), under 2 minutes on 2 cores.
 test-fast: install-dev
 	$(BIN)/python -m pytest -m "not slow"
 
