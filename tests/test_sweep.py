@@ -385,7 +385,6 @@ def test_members_scored_side_by_side_score_as_one_after_another(tmp_path) -> Non
         JAM(JAMConfig(d_image=12, d_text=12, hidden=(16,), latent=10)).save(tmp_path / str(seed))
         dirs.append(tmp_path / str(seed))
     threads = torch.get_num_threads()
-    alone = []
     torch.set_num_threads(1)
     try:
         alone = [score_model(JAM.load(d), pairs, cfg.eval) for d in dirs]
