@@ -274,6 +274,22 @@ def upload_file(local_file: PathLike, uri: PathLike) -> None:
     _s3fs().put_file(os.fspath(local_file), dest)
 
 
+def remove(uri: PathLike) -> None:
+    """Delete a file, or a directory or prefix and everything under it; nothing there is
+    no error."""
+    remote, path = _split(uri)
+    if not remote:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+        return
+    try:
+        _s3fs().rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
 def download_file(uri: PathLike, local_file: PathLike) -> None:
     """Copy one object (or file) at ``uri`` to a local path; FileNotFoundError if absent."""
     remote, src = _split(uri)

@@ -54,15 +54,17 @@ HOST = "127.0.0.1"
 BUCKET = "mnode"
 
 SMALL = SMALL_RUN  # one model pair, one layer pair, one epoch (tests/small_job.py)
-# Three trials (one per objective) long enough to lose a node in the middle of the sweep.
+# Three trials (one per objective) long enough to lose a node in the middle of the sweep:
+# 3,600 tiny steps, about 12 s each (a trial trains in its Tune trial's process, so nothing
+# else stretches it), two at once on the worker's two cores, then the third.
 SWEEP = [
     "corpus.size=60",
     "objectives=con,negcon,spread",
     "sweep.models=efficientnet-lite0+minilm-l6",
     "sweep.layers=-1:-1",
-    "train.epochs=12",
+    "train.epochs=1200",
     "train.batch_size=16",
-    "train.eval_every=3",
+    "train.eval_every=360",
     "train.hidden=64",
     "train.latent=16",
     "train.max_failures=3",
@@ -705,18 +707,16 @@ def _sweep_losing_a_node(c: Cluster, facts: Facts, cache: str) -> None:
     trained_since: list[float] = []  # when the log first showed training
 
     def lose_node() -> bool:
-        """Kill while a trial is mid-training with a checkpoint its Train controller has
-        registered (its checkpoint_manager_snapshot.json is on S3), after another trial
-        exported its model; failing that, 240 s after training began."""
+        """Kill while a trial is mid-training with a complete checkpoint on S3 (its
+        history.json, written last), after another trial exported its model; failing that,
+        240 s after training began."""
         logs = c.logs(job)
         if "[train]" not in logs:
             return False
         trained_since[:] = trained_since or [time.monotonic()]
         exported = sorted(s3_objects(out + "/models/"))
         done = {m.group(1) for k in exported if (m := re.search(r"/t\d+-(\w+?)-", k))}
-        snapshot = re.compile(
-            r"/ray/p\d+-n\d+-t\d+-(\w+?)-[^/]*/checkpoint_manager_snapshot\.json$"
-        )
+        snapshot = re.compile(r"/ray/p\d+-n\d+-t\d+-(\w+?)-[^/]*/checkpoint_[^/]+/history\.json$")
         registered = {m.group(1) for k in s3_objects(out + "/ray/") if (m := snapshot.search(k))}
         steps = _last_steps(logs).items()
         midway = {o: s for o, s in steps if o in registered - done and s[0] < s[1]}

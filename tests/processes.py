@@ -140,14 +140,15 @@ def describe(procs: list[psutil.Process]) -> str:
     return "\n".join(lines)
 
 
-def start(args: list[str], log: Path) -> Watched:
-    """`raysys ARGS` with its own private Ray, in its own session, output to `log`."""
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> Watched:
+    """`raysys ARGS` with its own private Ray, in its own session, output to `log`; `env`
+    adds to its environment."""
     with log.open("wb") as f:
         proc = subprocess.Popen(
             [*cli(), *args],
             stdout=f,
             stderr=subprocess.STDOUT,
-            env=private_env(),
+            env=private_env() | (env or {}),
             start_new_session=True,  # its own process group, as a terminal gives a command
         )
     watched = Watched(proc, log)

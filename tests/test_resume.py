@@ -59,3 +59,35 @@ def test_a_local_run_dir_is_read_the_same_way(tmp_path) -> None:
     assert latest_checkpoint(tmp_path / "missing") is None
     with pytest.raises(Exception, match="reported no checkpoint"):
         finished_before(config.load(None, []).train, tmp_path / "missing", tmp_path / "m", 1.0)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_own_checkpoints_are_read_as_ray_trains_and_keep_the_newest(
+    where, s3_server, monkeypatch, tmp_path
+) -> None:
+    """A population trained in its Tune trial's process writes its checkpoints itself: laid
+    out as Ray Train's (so `latest_checkpoint` and resume read them), the history last (a
+    checkpoint cut short is skipped), and only the newest `keep` left."""
+    from raysys.train.population_driver import OwnCheckpoints
+
+    if where == "s3":
+        s3_server.patch_env(monkeypatch)
+        run_dir = f"{s3_server.make_bucket('own-ckpt')}/run/ray/p000"
+    else:
+        run_dir = str(tmp_path / "ray" / "p000")
+    own = OwnCheckpoints(run_dir, keep=2)
+    for step in (30, 60, 90):
+        ckpt = tmp_path / f"tmp{step}"
+        ckpt.mkdir()
+        _checkpoint(ckpt, step, 0.1, step)
+        own.save(ckpt, step)
+    assert [c.report["step"] for c in saved_checkpoints(run_dir)] == [60, 90]
+    assert latest_checkpoint(run_dir) == storage.join(run_dir, "checkpoint_000000090")
+    kept = storage.join(run_dir, "checkpoint_000000090")
+    assert storage.list_names(kept) == sorted([HISTORY_FILE, MODEL_DIR, STATE_FILE])
+
+    # The history is written last: a save cut short before it leaves a checkpoint that
+    # resume skips.
+    half = storage.join(run_dir, "checkpoint_000000120")
+    storage.upload_file(tmp_path / "tmp90" / STATE_FILE, storage.join(half, STATE_FILE))
+    assert latest_checkpoint(run_dir) == kept

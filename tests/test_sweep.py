@@ -290,6 +290,31 @@ def test_a_trial_reserves_its_packed_share_and_raysys_train_whole_gpus() -> None
     assert worker_bundle(_scaling(Packing(2, 2, 0.5, 0.0, 1))[0]) == {"CPU": 0.5}
 
 
+def test_a_sweep_refuses_a_streamed_split_with_a_clear_error() -> None:
+    """Ray Data's reads inside a Tune trial wait forever for a core (found 2026-11-30): a
+    sweep says so before extracting anything, rather than hanging."""
+    from raysys.sweep.plan import check_plan
+
+    with pytest.raises(ConfigError, match="cannot stream its train split yet"):
+        check_plan(_cfg("train.data_on_device=stream"))
+
+
+def test_a_one_worker_population_trains_in_its_trial_which_holds_the_workers_share() -> None:
+    """Trained in the Tune trial's process, the trial itself reserves the worker's CPU and
+    GPU share; a population of two workers (or with `sweep.train_in_trial=false`) has a Ray
+    Train run whose workers hold them, and its trial reserves no core."""
+    from raysys.sweep.tune import DRIVER_MEMORY, trial_resources
+
+    res = Resources(cpus=8, gpus=1)
+    gpu = packing(_cfg("train.use_gpu=true"), res)
+    assert gpu.in_trial
+    assert trial_resources(gpu) == {"CPU": 1.0, "GPU": 0.25, "memory": DRIVER_MEMORY}
+    for overrides in (["sweep.workers_per_trial=2"], ["sweep.train_in_trial=false"]):
+        p = packing(_cfg(*overrides), res)
+        assert not p.in_trial
+        assert trial_resources(p) == {"CPU": 0, "memory": DRIVER_MEMORY}
+
+
 def test_a_depth_asked_for_is_kept_beside_the_layer_it_lands_on() -> None:
     """Half depth of EfficientNet-Lite1's 22 hidden states is layer 11 (0.52 of the way): the
     row says 0.5, as asked, so lite0 and lite1 share the axis; an index keeps its fraction."""

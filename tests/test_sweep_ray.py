@@ -30,8 +30,10 @@ def _overrides(cache_dir: Path) -> list[str]:
         "corpus.size=60",
         f"extract.cache_dir={cache_dir}",
         "train.batch_size=16",
-        "train.epochs=2",
-        "train.eval_every=3",
+        # 1,200 tiny steps: a population trains for about 6 s (its own time on a core), long
+        # enough for the Ctrl-C below to land after one pair of populations and before the next.
+        "train.epochs=400",
+        "train.eval_every=300",
         "train.hidden=64",
         "train.latent=32",
         f"objectives={','.join(OBJECTIVES)}",
@@ -61,7 +63,9 @@ def resumed_sweep(ray_cluster, small_cache, tmp_path_factory):
     cfg, _ = small_cache
     out = tmp_path_factory.mktemp("sweep") / "s"
     args = ["sweep", "--out", str(out), *_overrides(Path(cfg.extract.cache_dir))]
-    first = processes.start(args, out.parent / "first.log")
+    # Tune saves its experiment state (what `trial_status` reads) at most every 10 s by
+    # default, and a population here finishes in about that: read it every second instead.
+    first = processes.start(args, out.parent / "first.log", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and first.proc.poll() is None:
@@ -70,7 +74,7 @@ def resumed_sweep(ray_cluster, small_cache, tmp_path_factory):
                 # Its models are exported; Ctrl-C once Tune has recorded it as finished.
                 if _any_finished(out):
                     break
-            time.sleep(1)
+            time.sleep(0.5)
         assert first.proc.poll() is None, (
             "the sweep ended before it could be interrupted:\n" + first.log.read_text()[-3000:]
         )
@@ -237,9 +241,11 @@ def test_hparams_tab_compares_every_trial(resumed_sweep) -> None:
     assert "train/loss" in acc.Tags()["scalars"] and "val/i2t_r1" in acc.Tags()["scalars"]
 
 
-def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path) -> None:
+def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path, capfd) -> None:
     """Two members of one population under ASHA: the second's first validation falls below
-    the first's, so it is frozen there while the first trains to its last step."""
+    the first's, so it is frozen there while the first trains to its last step. The
+    population trains on two DDP workers, so this is also the sweep's Ray Train path (a
+    one-worker population trains in its Tune trial's process)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg, _ = small_cache
@@ -261,9 +267,12 @@ def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path) 
         "train.best_mode=min",
         "sweep.search=asha",
         "sweep.population=2",
+        "sweep.workers_per_trial=2",
         "sweep.params.train.lr=[0.01,1e-9]",
     ]
     assert main(args) == 0
+    logs = "".join(capfd.readouterr())
+    assert "2 member(s) on 1 layer pair(s), 2 worker(s)" in logs, logs[-3000:]
     with (out / "results.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["trial"]]
     [kept] = rows

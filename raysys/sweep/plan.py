@@ -16,7 +16,7 @@ from typing import Any
 
 from raysys import config, runtime
 from raysys.backbones import Backbone, configured_backbone, select_layers
-from raysys.checks import check_best_metric, check_sweep_gpus
+from raysys.checks import STREAMED_SWEEP, check_best_metric, check_sweep_gpus
 from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.report.schema import RAW, model_row, sweep_axes
@@ -180,6 +180,8 @@ def check_plan(cfg: Config) -> None:
     embedding."""
     check_best_metric(cfg)
     check_sweep_gpus(cfg)
+    if cfg.train.data_on_device == "stream":
+        raise ConfigError(STREAMED_SWEEP)
     if cfg.sweep.search == "random" and not cfg.sweep.num_samples:
         raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
     for objective in cfg.objectives:
@@ -405,6 +407,7 @@ class Packing:
     cpus_per_worker: float
     gpus_per_worker: float
     threads: int
+    in_trial: bool = False  # a one-worker population trains in its Tune trial's process
 
     def describe(self) -> str:
         device = f"{self.gpus_per_worker:g} GPU + " if self.gpus_per_worker else ""
@@ -457,4 +460,5 @@ def packing(cfg: Config, res: Resources) -> Packing:
         concurrent = s.max_concurrent
     else:
         concurrent = min(s.max_concurrent, fits) if s.max_concurrent else fits
-    return Packing(concurrent, workers, cpus, gpus, max(1, int(cpus)))
+    in_trial = s.train_in_trial and workers == 1
+    return Packing(concurrent, workers, cpus, gpus, max(1, int(cpus)), in_trial)

@@ -1,11 +1,13 @@
 """The sweep's Ray Tune run: one Tune trial per population of trials, in the Ray Train V2
 pattern.
 
-A Tune trial is a function that builds and fits its population's own `TorchTrainer` (P
-stacked JAM trials in one process: `raysys.train.population_driver`), scores each member's
-exported best model on `eval.split` and reports the members' results rows last. Populations
-are small, so several share a device: each asks Ray Train for `1/trials_per_gpu` of a GPU (or
-a core per worker on CPU) and Tune runs as many at once as the cluster holds. ASHA stops
+A Tune trial is a function that fits its population (P stacked JAM trials in one process:
+`raysys.train.population_driver`), scores each member's exported best model on `eval.split`
+and reports the members' results rows last. A one-worker population (the default) trains in
+the trial's own process, which holds the worker's `1/trials_per_gpu` of a GPU (or its cores
+on CPU); a population of several workers (or any, with `sweep.train_in_trial=false`) builds
+its own `TorchTrainer`. Populations
+are small, so several share a device, and Tune runs as many at once as the cluster holds. ASHA stops
 members, not populations: `raysys.sweep.asha` keeps the sweep's rungs in one actor.
 """
 
@@ -24,7 +26,6 @@ import ray.tune
 import torch
 from ray.train import ScalingConfig
 from ray.tune import ExperimentAnalysis
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from raysys import config, storage
 from raysys.config import Config
@@ -56,13 +57,14 @@ def run_population(
     uri: str | None,
     rungs: Any = None,
 ) -> None:
-    """Tune entry point: fit this population's TorchTrainer, score each member's best model,
-    report the members' results rows last.
+    """Tune entry point: fit this population, score each member's best model, report the
+    members' results rows last.
 
-    With `uri` (an s3:// sweep) checkpoints go to S3 through Ray Train and the population
+    With `uri` (an s3:// sweep) checkpoints go to S3 and the population
     uploads its members' models and TensorBoard files itself: it may run on a node that shares
     no disk. Members stopped by ASHA get no row (as a stopped trial had none); the report
     lists them."""
+    packed = Packing(**pack)
     plan = PopulationPlan.from_dict(config_["population"])
     cfg, member_cfgs = population_config(config.from_dict(base), plan)
     sources: list[dict[str, str]] = []
@@ -70,7 +72,6 @@ def run_population(
         if trial.layer.source not in sources:
             sources.append(trial.layer.source)
     layer_of = [sources.index(t.layer.source) for t in plan.trials]
-    packed = Packing(**pack)
     out = Path(tempfile.mkdtemp(prefix="raysys-population-")) if uri else Path(out_dir)
     result = train_population(
         cfg,
@@ -83,10 +84,11 @@ def run_population(
         _scaling(packed),
         resume=True,
         storage_uri=storage.join(uri, "ray") if uri else None,
-        callbacks=[TuneReportCallback()],
+        tune=True,
         tensorboard_uri=storage.join(uri, "tensorboard") if uri else None,
         trials_at_once=packed.concurrent,
         rungs=rungs,
+        here=packed.in_trial,
     )
     rows, stopped, scored = [], [], []
     for trial, member, member_cfg, model_dir, layer in zip(
@@ -153,6 +155,17 @@ def _scaling(p: Packing) -> tuple[ScalingConfig, int]:
         ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker=resources),
         p.threads,
     )
+
+
+def trial_resources(p: Packing) -> dict[str, float]:
+    """What a Tune trial reserves. A population trained in the trial's process
+    (`Packing.in_trial`) holds its worker's share; otherwise the trial only waits on its
+    trainer, whose workers hold the CPUs and GPUs, so it reserves the memory its process
+    takes (Tune refuses an empty request) and no core."""
+    if p.in_trial:
+        gpu = {"GPU": p.gpus_per_worker} if p.gpus_per_worker else {}
+        return {"CPU": p.cpus_per_worker, "memory": DRIVER_MEMORY} | gpu
+    return {"CPU": 0, "memory": DRIVER_MEMORY}
 
 
 def write_trial_hparams(
@@ -232,9 +245,7 @@ def _tuner(
         uri=run.uri,
         rungs=rungs,
     )
-    # The trial function only waits on its trainer, whose workers hold the CPUs and GPUs; it
-    # reserves the memory its process takes (Tune refuses an empty request), no core.
-    trainable = ray.tune.with_resources(trainable, {"CPU": 0, "memory": DRIVER_MEMORY})
+    trainable = ray.tune.with_resources(trainable, trial_resources(pack))
     storage_fs, storage_path = None, str(run.local)
     if run.uri:  # Tune keeps its experiment state on S3 itself
         storage_fs, storage_path = storage.pyarrow_fs(run.uri)

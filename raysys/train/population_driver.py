@@ -13,18 +13,22 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
+from raysys.checks import STREAMED_SWEEP
 from raysys.config import Config, TrainConfig, from_dict, to_dict
 from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan
 from raysys.data.source import PairSource
@@ -39,6 +43,7 @@ from raysys.train.driver import (
     latest_checkpoint,
     planned_data,
     run_config,
+    saved_checkpoints,
 )
 from raysys.train.population import PopulationTrainer, build_members
 from raysys.train.population_loop import (
@@ -46,6 +51,7 @@ from raysys.train.population_loop import (
     BestWeights,
     Member,
     PopulationProgress,
+    Report,
     Validation,
     export_members,
     load_population,
@@ -93,18 +99,46 @@ class StackedBatches:
         return (*stacked, batches[0][3])
 
 
+@dataclass
+class Place:
+    """Where a population's loop runs: a Ray Train worker (its rank, device, dataset shard
+    and checkpoint) or the Tune trial's own process (rank 0 of 1)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    report: Report
+    prepare: Callable[[torch.nn.Module], torch.nn.Module]
+    checkpoint: ray.train.Checkpoint | None = None  # a restarted worker group's
+    train_shard: Any = None  # the streamed train split's iterator
+
+
 def population_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point of a population."""
+    ctx = ray.train.get_context()
+    streamed = config.get("stream_rows") is not None
+    place = Place(
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=_report,
+        prepare=ray.train.torch.prepare_model,
+        checkpoint=ray.train.get_checkpoint(),
+        train_shard=ray.train.get_dataset_shard("train") if streamed else None,
+    )
+    _run(config, place)
+
+
+def _run(config: dict[str, Any], place: Place) -> None:
+    """Build the population, restore it, train it (on every rank)."""
     logging.getLogger().setLevel(logging.WARNING)
     cfg = from_dict(config["cfg"])
     tcfgs = [TrainConfig(**t) for t in config["members"]]
     ids: list[str] = config["ids"]
     sources = [PairSource(**s) for s in config["sources"]]
     layer_of: list[int] = config["layer_of"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = place.rank, place.world, place.device
     torch.set_num_threads(max(1, config.get("threads", 1)))
-    device = ray.train.torch.get_device()
 
     val = None
     if rank == 0:  # each layer pair's capped, seeded val sample
@@ -114,11 +148,11 @@ def population_loop(config: dict[str, Any]) -> None:
             pairs.append(source.load_index(index, select=val_rows(len(index), cfg.eval)))
         val = Validation(pairs, layer_of)
     population, steps_per_epoch, batches = _data_and_population(
-        cfg, config, tcfgs, sources, layer_of, rank, world, device
+        cfg, config, tcfgs, sources, layer_of, place
     )
-    model = ray.train.torch.prepare_model(population)
+    model = place.prepare(population)
     trainer = PopulationTrainer(model, tcfgs, steps_per_epoch * cfg.train.epochs)
-    progress = _restore(config, trainer, ids, device)
+    progress = _restore(config, trainer, ids, place)
     for m, member in enumerate(progress.members):
         if member.stopped:
             trainer.freeze(m)
@@ -144,8 +178,8 @@ def population_loop(config: dict[str, Any]) -> None:
             flush=True,
         )
     run_population(
-        cfg, trainer, batches, val, progress, steps_per_epoch, device, _report, writers, publish,
-        rungs,
+        cfg, trainer, batches, val, progress, steps_per_epoch, device, place.report, writers,
+        publish, rungs,
     )  # fmt: skip
     if writers:
         for writer in writers:
@@ -165,13 +199,12 @@ def _data_and_population(
     tcfgs: list[TrainConfig],
     sources: list[PairSource],
     layer_of: list[int],
-    rank: int,
-    world: int,
-    device: torch.device,
+    place: Place,
 ) -> tuple[Population, int, Any]:
     """The stacked model, each member standardised by the moments of its own layers over
     every worker's data, the steps per epoch, and this worker's batches."""
     tcfg = cfg.train
+    rank, world, device = place.rank, place.world, place.device
     stream_rows = config.get("stream_rows")
     if stream_rows is None:
         index = sources[0].index("train")
@@ -193,7 +226,7 @@ def _data_and_population(
         )
         steps_per_epoch = plan.steps_per_epoch
     else:  # one layer pair (the sweep groups a streamed split's members by layer pair)
-        shard = ray.train.get_dataset_shard("train")
+        shard = place.train_shard
         per_worker = tcfg.batch_size // world
         steps_per_epoch = stream_rows // world // per_worker
         dims = [tuple(config["dims"])]
@@ -214,19 +247,19 @@ def _data_and_population(
 
 
 def _restore(
-    config: dict[str, Any], trainer: PopulationTrainer, ids: list[str], device: torch.device
+    config: dict[str, Any], trainer: PopulationTrainer, ids: list[str], place: Place
 ) -> PopulationProgress:
     """Continue from Ray Train's checkpoint or the driver's `resume_from`; else start."""
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = place.checkpoint
     if checkpoint is None and config.get("resume_from"):
         checkpoint = checkpoint_at(config["resume_from"])
     if not checkpoint:
         return PopulationProgress([Member(i) for i in ids], best=BestWeights(trainer.population))
     with checkpoint.as_directory() as ckpt:
-        progress = load_population(Path(ckpt), trainer, device)
+        progress = load_population(Path(ckpt), trainer, place.device)
     if [m.id for m in progress.members] != ids:
         raise RaysysError("the checkpoint holds another population's members")
-    if ray.train.get_context().get_world_rank() == 0:
+    if place.rank == 0:
         name = config.get("name", "")
         print(f"[train] population {name}: resumed at step {trainer.step}", flush=True)
     return progress
@@ -251,22 +284,37 @@ def train_population(
     scaling_plan: tuple[ScalingConfig, int],
     resume: bool = False,
     storage_uri: str | None = None,
-    callbacks: list[Any] | None = None,
+    tune: bool = False,
     tensorboard_uri: str | None = None,
     trials_at_once: int = 1,
     rungs: Any = None,
+    here: bool = False,
 ) -> PopulationResult:
-    """Fit a population with Ray Train and export each member's best model to
-    `<out_dir>/models/<member id>`; `cfg` holds what the members share (its `train` is the
-    first member's), `tcfgs` each member's own train settings and `layer_of` which of
-    `sources` (layer pairs of one extraction) each member reads. Checkpoints, resume and the
-    TensorBoard upload work as `raysys.train.driver.train`'s; `rungs` is the sweep's ASHA
-    actor (`raysys.sweep.asha`), asked at each validation whether a member stops."""
+    """Fit a population and export each member's best model to `<out_dir>/models/<member
+    id>`; `cfg` holds what the members share (its `train` is the first member's), `tcfgs`
+    each member's own train settings and `layer_of` which of `sources` (layer pairs of one
+    extraction) each member reads. Checkpoints, resume and the TensorBoard upload work as
+    `raysys.train.driver.train`'s; `rungs` is the sweep's ASHA actor (`raysys.sweep.asha`),
+    asked at each validation whether a member stops, and `tune` reports each validation to
+    the Tune trial this runs in.
+
+    With `here` a one-worker population trains in this process (a Tune trial that holds the
+    worker's CPU and GPU share itself) instead of a Ray Train worker group: the same loop,
+    checkpoints laid out alike, without a controller, a worker process and their start-up
+    (about 9 s a population on 2 cores, against 30-60 s of training)."""
     init_ray(cfg.ray)
     scaling_config, threads = scaling_plan
+    if here and scaling_config.num_workers != 1:
+        raise ConfigError("only a one-worker population trains in its caller's process")
     out_dir = out_dir.resolve()
     started = time.perf_counter()
-    datasets, streaming = planned_data(cfg.train, sources[0], scaling_config, trials_at_once)
+    datasets, streaming = planned_data(
+        cfg.train,
+        sources[0],
+        scaling_config,
+        trials_at_once,
+        refuse=STREAMED_SWEEP if tune else None,
+    )
     if streaming and len(sources) > 1:
         raise ConfigError(
             "this population's train split streams (it does not fit in memory), and a "
@@ -274,38 +322,92 @@ def train_population(
             "train.data_on_device=stream, which groups populations by layer pair"
         )
     run_dir = storage.join(storage_uri or out_dir / "ray", name)
-    trainer = TorchTrainer(
-        population_loop,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "members": [asdict(t) for t in tcfgs],
-            "ids": ids,
-            "name": name,
-            "sources": [asdict(s) for s in sources],
-            "layer_of": layer_of,
-            "threads": threads,
-            "tensorboard_dir": str(out_dir / "tensorboard"),
-            "tensorboard_uri": tensorboard_uri,
-            "gpu_share": (scaling_config.resources_per_worker or {}).get("GPU", 1.0) or 1.0,
-            "resume_from": latest_checkpoint(run_dir) if resume else None,
-            "rungs": rungs,
-            **streaming,
-        },
-        datasets=datasets,
-        scaling_config=scaling_config,
-        # The latest checkpoints: each holds every member's best weights as well.
-        run_config=run_config(cfg.train, out_dir, name, storage_uri, callbacks, by_metric=False),
-    )
-    result = fit(trainer)
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "members": [asdict(t) for t in tcfgs],
+        "ids": ids,
+        "name": name,
+        "sources": [asdict(s) for s in sources],
+        "layer_of": layer_of,
+        "threads": threads,
+        "tensorboard_dir": str(out_dir / "tensorboard"),
+        "tensorboard_uri": tensorboard_uri,
+        "gpu_share": (scaling_config.resources_per_worker or {}).get("GPU", 1.0) or 1.0,
+        "resume_from": latest_checkpoint(run_dir) if resume else None,
+        "rungs": rungs,
+        **streaming,
+    }
+    if here:
+        _fit_here(loop_config, scaling_config, datasets, run_dir, cfg.train, tune)
+    else:
+        callbacks = [TuneReportCallback()] if tune else None
+        trainer = TorchTrainer(
+            population_loop,
+            train_loop_config=loop_config,
+            datasets=datasets,
+            scaling_config=scaling_config,
+            # The latest checkpoints: each holds every member's best weights as well.
+            run_config=run_config(
+                cfg.train, out_dir, name, storage_uri, callbacks, by_metric=False
+            ),
+        )
+        fit(trainer)
     seconds = time.perf_counter() - started
-    checkpoint = result.checkpoint
-    if checkpoint is None and resume:  # it had finished before: its newest checkpoint stands
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            raise RaysysError(f"the population in {run_dir!r} reported no checkpoint; delete it")
-        checkpoint = checkpoint_at(latest)
+    # The newest checkpoint (this fit's last, or a finished population's on resume).
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise RaysysError(f"the population in {run_dir!r} reported no checkpoint; delete it")
     model_dirs = [out_dir / "models" / i for i in ids]
-    with checkpoint.as_directory() as ckpt:
+    with checkpoint_at(latest).as_directory() as ckpt:
         members = export_members(Path(ckpt), model_dirs)
         history = json.loads((Path(ckpt) / HISTORY_FILE).read_text())
     return PopulationResult(members, model_dirs, history, seconds)
+
+
+# --- a one-worker population in its caller's process --------------------------------------
+
+
+class OwnCheckpoints:
+    """The checkpoints of a population trained in its own process, laid out as Ray Train
+    lays out a run directory (`checkpoint_*` directories, each file written before the
+    history that marks it complete), so `latest_checkpoint` and resume read either; the
+    newest `keep` stay (all when `keep` is 0)."""
+
+    def __init__(self, run_dir: str, keep: int) -> None:
+        self.run_dir, self.keep = run_dir, keep
+
+    def save(self, ckpt: Path, step: int) -> None:
+        dest = storage.join(self.run_dir, f"checkpoint_{step:09d}")
+        history = ckpt / HISTORY_FILE
+        for path in [*sorted(p for p in ckpt.iterdir() if p != history), history]:
+            upload = storage.upload_dir if path.is_dir() else storage.upload_file
+            upload(path, storage.join(dest, path.name))
+        saved = sorted(saved_checkpoints(self.run_dir), key=lambda c: c.report["step"])
+        for old in saved[: -self.keep] if self.keep > 0 else []:
+            storage.remove(old.path)
+
+
+def _fit_here(
+    config: dict[str, Any],
+    scaling_config: ScalingConfig,
+    datasets: dict[str, Any] | None,
+    run_dir: str,
+    tcfg: TrainConfig,
+    tune: bool,
+) -> None:
+    """Train as a Ray Train worker of one would, in this process."""
+    device = torch.device("cpu")
+    if scaling_config.use_gpu:  # Ray points CUDA_VISIBLE_DEVICES at this trial's GPU
+        if not torch.cuda.is_available():
+            raise RaysysError("this trial was given a GPU, but torch sees no CUDA device")
+        device = torch.device("cuda", 0)
+    own = OwnCheckpoints(run_dir, tcfg.keep_checkpoints)
+
+    def report(summary: dict[str, Any], ckpt: Path | None) -> None:
+        if ckpt is not None:
+            own.save(ckpt, summary["step"])
+        if tune:
+            ray.tune.report(summary)
+
+    shard = datasets["train"].iterator() if datasets else None
+    _run(config, Place(0, 1, device, report, lambda m: m.to(device), train_shard=shard))
