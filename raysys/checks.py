@@ -22,6 +22,15 @@ SHARED_GPU_FIX = (
 )
 
 
+# Ray Data's tasks started inside a Tune trial (the pair view, its reads) find no free core in
+# the trial's placement group and wait forever (found 2026-11-30, with and without Ray Train).
+STREAMED_SWEEP = (
+    "a sweep cannot stream its train split yet (train.data_on_device=stream, or a split too "
+    "large for the trials' memory): Ray Data's reads inside a Tune trial wait forever for a "
+    "core; train a streamed run with `raysys train`, or sweep a split that fits in memory"
+)
+
+
 def check_corpus(cfg: Config) -> None:
     """An unknown corpus kind is a config error, found before a run directory or Ray exists
     (on a cluster: before any node scales up)."""

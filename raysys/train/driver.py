@@ -164,12 +164,14 @@ def stream_plan(
     source: PairSource,
     worker: dict[str, float] | None = None,
     running: int | None = None,
+    refuse: str | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Ray Data datasets and worker settings when the train split streams; else nothing.
 
     `worker` (what each Train worker reserves) and `running` (how many run at once in the
     cluster: a sweep's concurrent trials times their workers) size the host-memory budget of
-    the workers that share a node."""
+    the workers that share a node. With `refuse`, a split that would stream is a ConfigError
+    of that message instead (before Ray Data starts)."""
     rows = source.count("train")
     dims, row_bytes = stream.pair_row(source)
     width = dims[0] + 2 * dims[1]
@@ -184,6 +186,8 @@ def stream_plan(
     )
     if reason is None:
         return None, {}
+    if refuse:
+        raise ConfigError(f"{refuse} (it would stream: {reason})")
     view = stream.write_pair_view(source, "train", rows)
     settings = {"stream_rows": rows, "stream_reason": reason, "dims": dims}
     return {"train": stream.open_view(view)}, settings
@@ -248,7 +252,11 @@ def train(
 
 
 def planned_data(
-    tcfg: TrainConfig, source: PairSource, scaling_config: ScalingConfig, trials_at_once: int
+    tcfg: TrainConfig,
+    source: PairSource,
+    scaling_config: ScalingConfig,
+    trials_at_once: int,
+    refuse: str | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """`stream_plan` for a scaling plan whose ranks never share a GPU (checked first)."""
     worker = worker_bundle(scaling_config)
@@ -259,7 +267,7 @@ def planned_data(
         "give each worker a whole GPU, or use one worker",
     )
     running = scaling_config.num_workers * trials_at_once
-    return stream_plan(tcfg, source, worker, running)
+    return stream_plan(tcfg, source, worker, running, refuse)
 
 
 def fit(trainer: TorchTrainer) -> Any:
