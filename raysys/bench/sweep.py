@@ -1,10 +1,13 @@
 """`raysys bench sweep`: what do populations save over packing one trial per process?
 
-T identical small trials (they differ only in `train.seed`) run three times through the real
-sweep: packed one per process (`sweep.population=1`: a Ray Train run of its own per trial, as
-many at once as the cluster holds), as one population (`sweep.population=T`: one process, the
-members' weights stacked, given every slot's cores), and as the sweep sizes populations by
-default (`sweep.population=0`: one per slot). `speedup` = packed / one population,
+T identical small trials (they differ only in `train.seed`) run four times through the real
+sweep: packed one per process as before populations (`sweep.population=1
+sweep.train_in_trial=false`: a Ray Train run of its own per trial, as many at once as the
+cluster holds), packed as one-member populations each in its Tune trial's process
+(`sweep.population=1`), as one population (`sweep.population=T`: one process, the members'
+weights stacked, given every slot's cores), and as the sweep sizes populations by default
+(`sweep.population=0`: one per slot). `speedup` = packed / one population, `in_trial_speedup`
+= packed in trials / one population (what stacking adds once no trial starts Ray Train),
 `auto_speedup` = packed / default. Only Tune's run of the trials is timed: the extraction is
 cached and the report is written after.
 """
@@ -60,20 +63,31 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     slots = pack.concurrent
     print(
         f"[bench] sweep: {trials} identical trials, packed one per process ({slots} at a "
-        "time), then as one population",
+        "time; with a Ray Train run each, then each in its Tune trial), then as one "
+        "population, then as the sweep sizes populations",
         flush=True,
     )
-    packed_cfg = dataclasses.replace(base, sweep=dataclasses.replace(base.sweep, population=1))
-    packed_s, packed_rows = _timed_sweep(packed_cfg, out / "packed")
-    one = dataclasses.replace(base, sweep=dataclasses.replace(base.sweep, population=trials))
-    population_s, population_rows = _timed_sweep(one, out / "population")
+
+    def sized(population: int, in_trial: bool = True) -> Config:
+        sweep_cfg = dataclasses.replace(base.sweep, population=population, train_in_trial=in_trial)
+        return dataclasses.replace(base, sweep=sweep_cfg)
+
+    # The path before populations: every trial a Ray Train run of its own.
+    packed_s, packed_rows = _timed_sweep(sized(1, in_trial=False), out / "packed")
+    in_trial_s, in_trial_rows = _timed_sweep(sized(1), out / "packed_in_trial")
+    population_s, population_rows = _timed_sweep(sized(trials), out / "population")
     # What `raysys sweep` does by default: populations sized to fill the slots.
-    auto = dataclasses.replace(base, sweep=dataclasses.replace(base.sweep, population=0))
-    auto_s, auto_rows = _timed_sweep(auto, out / "auto")
+    auto_s, auto_rows = _timed_sweep(sized(0), out / "auto")
     result = summary(packed_s, population_s, slots, packed_rows, population_rows)
-    if len(auto_rows) != trials:
-        raise RaysysError(f"bench sweep: {len(auto_rows)} of {trials} auto trials finished")
-    result |= {"auto_s": round(auto_s, 2), "auto_speedup": round(packed_s / auto_s, 3)}
+    for name, rows in (("packed in trials", in_trial_rows), ("auto", auto_rows)):
+        if len(rows) != trials:
+            raise RaysysError(f"bench sweep: {len(rows)} of {trials} {name} trials finished")
+    result |= {
+        "packed_in_trial_s": round(in_trial_s, 2),
+        "in_trial_speedup": round(in_trial_s / population_s, 3),
+        "auto_s": round(auto_s, 2),
+        "auto_speedup": round(packed_s / auto_s, 3),
+    }
     result |= {
         "packing": dataclasses.asdict(pack),
         "config": {"train": config.to_dict(base.train), "corpus": config.to_dict(base.corpus)},
@@ -81,9 +95,13 @@ def bench_sweep(cfg: Config, out: Path, trials: int) -> dict[str, Any]:
     result = write_result(out, result)  # `host` (cpus, python, …) comes from common.host_info
     packed_each = ", ".join(f"{t:.0f}" for t in result["packed_trial_s"])
     print(
-        f"[bench] packed: {packed_s:.1f} s ({slots} at a time; trials {packed_each} s)\n"
+        f"[bench] packed: {packed_s:.1f} s ({slots} at a time, a Ray Train run each; trials "
+        f"{packed_each} s)\n"
+        f"[bench] packed in trials: {in_trial_s:.1f} s (one-member populations, each in its "
+        "Tune trial's process)\n"
         f"[bench] population: {population_s:.1f} s (one process of {trials} members)\n"
-        f"[bench] speedup {result['speedup']:.2f} (goal >= 3 for 12 trials on 2 cores)\n"
+        f"[bench] speedup {result['speedup']:.2f} (goal >= 3 for 12 trials on 2 cores); "
+        f"over packed in trials {result['in_trial_speedup']:.2f}\n"
         f"[bench] sweep's own sizing (sweep.population=0, one population per slot): "
         f"{auto_s:.1f} s, speedup {result['auto_speedup']:.2f}",
         flush=True,
