@@ -279,8 +279,8 @@ class SweepConfig:
     member's current and best weights; a stopped population resumes from the newest) and
     exports each member's best model. `train_in_trial` (the default) trains a one-worker
     population in its Tune trial's own process, without a Ray Train run of its own (a
-    controller and a worker process: about 9 s a population on 2 cores); false gives every
-    population a Ray Train run, as populations of several workers always have.
+    controller and a worker process: 10-12 s a population in `bench sweep` on 2 cores);
+    false gives every population a Ray Train run, as populations of several workers have.
     """
 
     models: list[Any] = field(default_factory=list)

@@ -301,7 +301,7 @@ def train_population(
     With `here` a one-worker population trains in this process (a Tune trial that holds the
     worker's CPU and GPU share itself) instead of a Ray Train worker group: the same loop,
     checkpoints laid out alike, without a controller, a worker process and their start-up
-    (about 9 s a population on 2 cores, against 30-60 s of training)."""
+    (10-12 s a population in `raysys bench sweep` on 2 cores, against 30-35 s of training)."""
     init_ray(cfg.ray)
     scaling_config, threads = scaling_plan
     if here and scaling_config.num_workers != 1:
