@@ -1,13 +1,12 @@
-"""The sweep's Ray Tune run: one Tune trial per population of trials, in the Ray Train V2
-pattern.
+"""The sweep's Ray Tune run: one Tune trial per population of trials.
 
 A Tune trial is a function that fits its population (P stacked JAM trials in one process:
 `raysys.train.population_driver`), scores each member's exported best model on `eval.split`
 and reports the members' results rows last. A one-worker population (the default) trains in
 the trial's own process, which holds the worker's `1/trials_per_gpu` of a GPU (or its cores
-on CPU); a population of several workers (or any, with `sweep.train_in_trial=false`) builds
-its own `TorchTrainer`. Populations
-are small, so several share a device, and Tune runs as many at once as the cluster holds. ASHA stops
+on CPU); a population of several workers (or any, with `sweep.train_in_trial=false`) fits its
+own `TorchTrainer` from the trial, in the Ray Train V2 pattern. Populations are small, so
+several share a device, and Tune runs as many at once as the cluster holds. ASHA stops
 members, not populations: `raysys.sweep.asha` keeps the sweep's rungs in one actor.
 """
 

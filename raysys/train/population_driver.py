@@ -313,7 +313,7 @@ def train_population(
         sources[0],
         scaling_config,
         trials_at_once,
-        refuse=STREAMED_SWEEP if tune else None,
+        refuse=STREAMED_SWEEP if tune or here else None,
     )
     if streaming and len(sources) > 1:
         raise ConfigError(
@@ -338,7 +338,7 @@ def train_population(
         **streaming,
     }
     if here:
-        _fit_here(loop_config, scaling_config, datasets, run_dir, cfg.train, tune)
+        _fit_here(loop_config, scaling_config, run_dir, cfg.train, tune)
     else:
         callbacks = [TuneReportCallback()] if tune else None
         trainer = TorchTrainer(
@@ -390,12 +390,12 @@ class OwnCheckpoints:
 def _fit_here(
     config: dict[str, Any],
     scaling_config: ScalingConfig,
-    datasets: dict[str, Any] | None,
     run_dir: str,
     tcfg: TrainConfig,
     tune: bool,
 ) -> None:
-    """Train as a Ray Train worker of one would, in this process."""
+    """Train as a Ray Train worker of one would, in this process (from memory: a split that
+    would stream was refused, since Ray Data's tasks hang inside a Tune trial)."""
     device = torch.device("cpu")
     if scaling_config.use_gpu:  # Ray points CUDA_VISIBLE_DEVICES at this trial's GPU
         if not torch.cuda.is_available():
@@ -409,5 +409,4 @@ def _fit_here(
         if tune:
             ray.tune.report(summary)
 
-    shard = datasets["train"].iterator() if datasets else None
-    _run(config, Place(0, 1, device, report, lambda m: m.to(device), train_shard=shard))
+    _run(config, Place(0, 1, device, report, lambda m: m.to(device)))
