@@ -22,12 +22,16 @@ SHARED_GPU_FIX = (
 )
 
 
-# Ray Data's tasks started inside a Tune trial (the pair view, its reads) find no free core in
-# the trial's placement group and wait forever (found 2026-11-30, with and without Ray Train).
-STREAMED_SWEEP = (
-    "a sweep cannot stream its train split yet (train.data_on_device=stream, or a split too "
-    "large for the trials' memory): Ray Data's reads inside a Tune trial wait forever for a "
-    "core; train a streamed run with `raysys train`, or sweep a split that fits in memory"
+# A sweep plans which populations stream before Tune starts, from the nodes it sees then.
+UNPLANNED_STREAM = (
+    "this population's train split does not fit in this node's memory, but the sweep planned "
+    "it in memory (the cluster it saw when it started held more): set "
+    "train.data_on_device=stream"
+)
+STREAMED_LAYER_PAIRS = (
+    "this population's train split streams (it does not fit in memory), and a population "
+    "over several layer pairs holds them all in memory: set train.data_on_device=stream, "
+    "which groups populations by layer pair"
 )
 
 

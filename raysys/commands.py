@@ -58,6 +58,7 @@ from raysys.sweep.tune import (
     Outcome,
     check_resumable,
     check_same_plan,
+    plan_streams,
     planned_size,
     run_trials,
 )
@@ -104,7 +105,8 @@ def sweep(
         f"{len(populations)} population(s) of at most {size}; {pack.describe()}",
         flush=True,
     )
-    outcome = run_trials(cfg, run, populations, pack, resume)
+    streams = plan_streams(cfg, populations, pack)  # any streamed view, built before Tune
+    outcome = run_trials(cfg, run, populations, pack, resume, streams)
     if timings is not None:
         timings["fit_s"] = outcome.fit_s
     rows = with_planned_depths(raw_sweep_rows(prepared) + outcome.rows, trials)

@@ -290,15 +290,6 @@ def test_a_trial_reserves_its_packed_share_and_raysys_train_whole_gpus() -> None
     assert worker_bundle(_scaling(Packing(2, 2, 0.5, 0.0, 1))[0]) == {"CPU": 0.5}
 
 
-def test_a_sweep_refuses_a_streamed_split_with_a_clear_error() -> None:
-    """Ray Data's reads inside a Tune trial wait forever for a core (found 2026-11-30): a
-    sweep says so before extracting anything, rather than hanging."""
-    from raysys.sweep.plan import check_plan
-
-    with pytest.raises(ConfigError, match="cannot stream its train split yet"):
-        check_plan(_cfg("train.data_on_device=stream"))
-
-
 def test_a_one_worker_population_trains_in_its_trial_which_holds_the_workers_share() -> None:
     """Trained in the Tune trial's process, the trial itself reserves the worker's CPU and
     GPU share; a population of two workers (or with `sweep.train_in_trial=false`) has a Ray

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -241,26 +242,65 @@ def test_hparams_tab_compares_every_trial(resumed_sweep) -> None:
     assert "train/loss" in acc.Tags()["scalars"] and "val/i2t_r1" in acc.Tags()["scalars"]
 
 
-def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path, capfd) -> None:
-    """Two members of one population under ASHA: the second's first validation falls below
-    the first's, so it is frozen there while the first trains to its last step. The
-    population trains on two DDP workers, so this is also the sweep's Ray Train path (a
-    one-worker population trains in its Tune trial's process)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    cfg, _ = small_cache
-    out = tmp_path / "asha"
-    args = [
+def _tiny_sweep(cfg: config.Config, out: Path, *extra: str) -> list[str]:
+    """`raysys sweep` arguments: tiny JAMs on the small cache, streaming their train split."""
+    return [
         "sweep",
         "--out",
         str(out),
         f"extract.cache_dir={cfg.extract.cache_dir}",
         f"corpus.size={cfg.corpus.size}",
-        "objectives=con",
         "train.batch_size=16",
         "train.hidden=32",
         "train.latent=16",
-        "train.epochs=3",
+        "train.data_on_device=stream",
+        *extra,
+    ]
+
+
+def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
+    small_cache, tmp_path, capfd
+) -> None:
+    """A sweep whose split streams builds the pair view before Tune (Ray Data's tasks wait
+    forever inside a trial) and its one-worker population reads it in the trial with pyarrow;
+    a second sweep on the same cache reuses the view."""
+    from raysys.data import stream
+
+    cfg, _ = small_cache
+    for done in Path(cfg.extract.cache_dir).rglob(stream.DONE):  # another test's view
+        shutil.rmtree(done.parent.parent)
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        args = _tiny_sweep(cfg, out, "objectives=con,spread", "train.epochs=2")
+        assert main([*args, "train.eval_every=3", "sweep.population=2"]) == 0
+        runs.append("".join(capfd.readouterr()))
+        with (out / "results.csv").open() as f:
+            rows = [r for r in csv.DictReader(f) if r["trial"]]
+        assert sorted(r["objective"] for r in rows) == ["con", "spread"]
+        assert all(0 <= float(r["i2t_r1"]) <= 1 for r in rows)
+    first, second = runs
+    assert "1 of 1 population(s) stream their train split (train.data_on_device=stream)" in first
+    assert "2 member(s) on 1 layer pair(s), 1 worker(s), streaming 48 pairs" in first, first[-3000:]
+    assert "[train] pair view of 48 train pairs" in first, first[-3000:]
+    assert "[train] pair view of" not in second  # built once, then reused
+    views = list(Path(cfg.extract.cache_dir).rglob(stream.DONE))
+    assert views, "no pair view was published"
+
+
+def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path, capfd) -> None:
+    """Two members of one population under ASHA: the second's first validation falls below
+    the first's, so it is frozen there while the first trains to its last step. The
+    population trains on two DDP workers, so this is also the sweep's Ray Train path (a
+    one-worker population trains in its Tune trial's process), and it streams its train
+    split: each rank reads its half of the pair view the sweep built before Tune (the test
+    above built it, so it is reused here)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _ = small_cache
+    out = tmp_path / "asha"
+    args = [
+        *_tiny_sweep(cfg, out, "objectives=con", "train.epochs=3"),
         "train.eval_every=2",
         "train.dropout=0",
         "train.best_metric=val/recon_mse",  # continuous: the untrained member is plainly worse
@@ -272,7 +312,11 @@ def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path, 
     ]
     assert main(args) == 0
     logs = "".join(capfd.readouterr())
-    assert "2 member(s) on 1 layer pair(s), 2 worker(s)" in logs, logs[-3000:]
+    assert "1 of 1 population(s) stream their train split" in logs, logs[-3000:]
+    assert (
+        "2 member(s) on 1 layer pair(s), 2 worker(s), streaming 48 pairs from their pair view, "
+        "24 per worker per epoch"
+    ) in logs, logs[-3000:]
     with (out / "results.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r["trial"]]
     [kept] = rows

@@ -16,10 +16,10 @@ import pytest
 from train_steps import steps_per_epoch, validated_steps
 
 from raysys import config
-from raysys.checks import STREAMED_SWEEP
+from raysys.checks import UNPLANNED_STREAM
 from raysys.commands import trained_source as train_paths
 from raysys.errors import ConfigError
-from raysys.train.driver import stream_plan, train
+from raysys.train.driver import stream_settings, train
 
 SMALL = [
     "train.hidden=64",
@@ -223,9 +223,10 @@ def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> N
     run_cfg = dataclasses.replace(run_cfg, corpus=cfg.corpus, extract=cfg.extract)
     paths = train_paths(run_cfg, ext)
     result = train(run_cfg, paths, tmp_path / "run", "con")
-    # A sweep's trial refuses the split that streams, before Ray Data starts (it would hang).
-    with pytest.raises(ConfigError, match="a sweep cannot stream.*it would stream: train.data_on"):
-        stream_plan(run_cfg.train, paths, refuse=STREAMED_SWEEP)
+    # A sweep's trial whose split the sweep planned in memory refuses one that would stream
+    # there, before any view is built (Ray Data's tasks hang inside a Tune trial).
+    with pytest.raises(ConfigError, match="planned it in memory.*it would stream: train.data_on"):
+        stream_settings(run_cfg.train, paths, refuse=UNPLANNED_STREAM)
     # 48 train pairs, global batch 16 (8 per worker): 3 steps an epoch, every step logged.
     assert [h["step"] for h in result.history] == [3, 6]
     losses = _scalars(tmp_path / "run" / "tensorboard" / "con", "train/loss")

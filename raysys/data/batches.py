@@ -9,6 +9,7 @@ over the pair view of `raysys.data.stream`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -225,44 +226,56 @@ class MemoryBatches:
         return tuple(out)
 
 
+SHUFFLE_WINDOW = 4  # a streamed worker's rows are mixed within windows of this many batches
+
+
 class StreamBatches:
-    """Batches from this worker's Ray Data shard of the pair view, in stream order.
+    """Batches streamed from the pair view: `read(epoch)` gives this worker's batches of an
+    epoch as pyarrow tables (a Ray Data shard's, or a `ViewShard`'s).
 
     Steps must be asked for in order. A resumed run skips the batches of the current epoch
-    that were already trained on (their count, not the same pairs: Ray Data's order is not
-    fixed). Every epoch is read to its end, so the next one starts cleanly on all workers.
+    that were already trained on: the same pairs when the reader's order is fixed by the
+    epoch (`ViewShard`), only their count with Ray Data's. Every epoch is read to its end, so
+    the next one starts cleanly on all workers.
     """
 
     def __init__(
-        self, shard: Any, per_worker: int, steps_per_epoch: int, device: torch.device
+        self, read: Callable[[int], Iterable[Any]], steps_per_epoch: int, device: torch.device
     ) -> None:
-        self.shard, self.per_worker, self.device = shard, per_worker, device
-        self.steps_per_epoch = steps_per_epoch
+        self.read, self.steps_per_epoch, self.device = read, steps_per_epoch, device
         self._iter: Any = None
 
     def _epochs(self, start: int) -> Any:
         # Lazy: the stream module reads Parquet, and `bench step` runs without pyarrow.
         from raysys.data.stream import COLUMNS, arrays
 
-        skip = start % self.steps_per_epoch
+        epoch, skip = divmod(start, self.steps_per_epoch)
         while True:
             taken = 0
-            for i, batch in enumerate(
-                self.shard.iter_batches(
-                    batch_size=self.per_worker,
-                    batch_format="pyarrow",
-                    drop_last=True,
-                    local_shuffle_buffer_size=4 * self.per_worker,
-                )
-            ):
+            for i, batch in enumerate(self.read(epoch)):
                 if i < skip or taken + skip >= self.steps_per_epoch:
                     continue
                 x = arrays(batch)
                 taken += 1
                 yield tuple(torch.as_tensor(x[c]).to(self.device) for c in (*COLUMNS, "image_keys"))
-            skip = 0
+            epoch, skip = epoch + 1, 0
 
     def get(self, step: int) -> tuple[torch.Tensor, ...]:
         if self._iter is None:
             self._iter = self._epochs(step)
         return next(self._iter)
+
+
+def ray_data_epochs(shard: Any, per_worker: int) -> Callable[[int], Iterable[Any]]:
+    """A Ray Data shard's batches of an epoch, for `StreamBatches` (its order is its own:
+    the epoch is not used)."""
+
+    def read(_epoch: int) -> Iterable[Any]:
+        return shard.iter_batches(
+            batch_size=per_worker,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_WINDOW * per_worker,
+        )
+
+    return read

@@ -4,8 +4,10 @@ The caches are keyed differently (images by image id, captions by pair id), so s
 first joins them once, with Ray Data's hash join, into a *pair view*: Parquet files of
 (pair id, image layer, text layer, negative layer) for one split and one pair of layers,
 kept beside the caches (a path or an `s3://` URI, like them) and reused by every run on the
-same layers (the three objectives of `raysys run`, a sweep's trials). Training workers then
-read the view through `ray.train.get_dataset_shard`, an equal share each, epoch after epoch.
+same layers (the three objectives of `raysys run`, a sweep's trials). A `raysys train` run's
+workers then read the view through `ray.train.get_dataset_shard`, an equal share each, epoch
+after epoch; a sweep's populations read it with pyarrow (`raysys.data.view_shard`), since
+Ray Data's tasks wait forever inside a Tune trial.
 
 A view is published by a marker written last that names its files. Two trials that build the
 same view at once each write their own attempt directory; whichever marker lands last is the
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 import ray.data
+from ray.data.expressions import col
 
 from raysys import storage
 from raysys.data import cache, index
@@ -69,7 +72,7 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
     started = time.perf_counter()
     # The split's pairs, read from the index's files by Ray Data's tasks.
     pairs = index.dataset(source.corpus_dir, ["pair_id", "image_id", "split"])
-    pairs = pairs.filter(expr=f"split == {split!r}").select_columns(["pair_id", "image_id"])
+    pairs = pairs.filter(expr=col("split") == split).select_columns(["pair_id", "image_id"])
     images = _read(source.image_dir, ["id", source.image_layer])
     texts = _read(source.text_dir, ["id", source.text_layer, "neg_" + source.text_layer])
     images = images.rename_columns({"id": "image_id", source.image_layer: "image"})

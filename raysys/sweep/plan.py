@@ -16,7 +16,7 @@ from typing import Any
 
 from raysys import config, runtime
 from raysys.backbones import Backbone, configured_backbone, select_layers
-from raysys.checks import STREAMED_SWEEP, check_best_metric, check_sweep_gpus
+from raysys.checks import check_best_metric, check_sweep_gpus
 from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.report.schema import RAW, model_row, sweep_axes
@@ -180,8 +180,6 @@ def check_plan(cfg: Config) -> None:
     embedding."""
     check_best_metric(cfg)
     check_sweep_gpus(cfg)
-    if cfg.train.data_on_device == "stream":
-        raise ConfigError(STREAMED_SWEEP)
     if cfg.sweep.search == "random" and not cfg.sweep.num_samples:
         raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
     for objective in cfg.objectives:

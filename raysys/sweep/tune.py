@@ -27,6 +27,7 @@ from ray.train import ScalingConfig
 from ray.tune import ExperimentAnalysis
 
 from raysys import config, storage
+from raysys.checks import STREAMED_LAYER_PAIRS
 from raysys.config import Config
 from raysys.data.source import PairSource
 from raysys.errors import ConfigError
@@ -37,6 +38,7 @@ from raysys.rundir import RunDir
 from raysys.sweep.asha import start_rungs
 from raysys.sweep.plan import Packing, Trial, trial_row
 from raysys.sweep.populations import PopulationPlan, population_config
+from raysys.train.driver import planned_stream
 from raysys.train.population_driver import train_population
 
 DRIVER_MEMORY = 512 * 2**20  # a trial function's process: torch, raysys, the test split
@@ -55,9 +57,10 @@ def run_population(
     pack: dict,
     uri: str | None,
     rungs: Any = None,
+    streams: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Tune entry point: fit this population, score each member's best model, report the
-    members' results rows last.
+    members' results rows last (`streams`: `plan_streams`'s answer).
 
     With `uri` (an s3:// sweep) checkpoints go to S3 and the population
     uploads its members' models and TensorBoard files itself: it may run on a node that shares
@@ -88,6 +91,7 @@ def run_population(
         trials_at_once=packed.concurrent,
         rungs=rungs,
         here=packed.in_trial,
+        streaming=(streams or {}).get(plan.id, {}),
     )
     rows, stopped, scored = [], [], []
     for trial, member, member_cfg, model_dir, layer in zip(
@@ -142,6 +146,38 @@ def score_members(
             return list(pool.map(score, jobs))
     finally:
         torch.set_num_threads(previous)
+
+
+def plan_streams(
+    cfg: Config, populations: list[PopulationPlan], pack: Packing
+) -> dict[str, dict[str, Any]]:
+    """Which populations stream their train split, each streamed view built now, before
+    Tune: inside a Tune trial Ray Data's tasks wait forever for a core the trial's placement
+    group holds, so the trials read the views with pyarrow (`raysys.data.view_shard`).
+    Populations that hold their split in memory get {}."""
+    scaling_config, _ = _scaling(pack)
+    plans: dict[str, dict[str, Any]] = {}
+    seen: dict[tuple, dict[str, Any]] = {}  # counting a split's pairs reads its index: once
+    for population in populations:
+        tcfg = population_config(cfg, population)[0].train
+        sources = list(dict.fromkeys(json.dumps(t.layer.source) for t in population.trials))
+        key = (sources[0], tcfg.data_on_device, tcfg.num_workers)
+        if key not in seen:
+            source = PairSource(**json.loads(sources[0]))
+            seen[key] = planned_stream(tcfg, source, scaling_config, pack.concurrent)
+        plans[population.id] = seen[key]
+        if plans[population.id] and len(sources) > 1:
+            raise ConfigError(STREAMED_LAYER_PAIRS)
+    streamed = [p for p in populations if plans[p.id]]
+    if streamed:
+        settings = plans[streamed[0].id]
+        print(
+            f"[sweep] {len(streamed)} of {len(populations)} population(s) stream their train "
+            f"split ({settings['stream_reason']}); their trials read the pair views with "
+            "pyarrow",
+            flush=True,
+        )
+    return plans
 
 
 def _scaling(p: Packing) -> tuple[ScalingConfig, int]:
@@ -201,10 +237,16 @@ class Outcome:
 
 
 def run_trials(
-    cfg: Config, run: RunDir, populations: list[PopulationPlan], pack: Packing, resume: bool
+    cfg: Config,
+    run: RunDir,
+    populations: list[PopulationPlan],
+    pack: Packing,
+    resume: bool,
+    streams: dict[str, dict[str, Any]] | None = None,
 ) -> Outcome:
-    """Run every population under Tune (or the unfinished ones of a stopped sweep)."""
-    tuner = _tuner(cfg, run, populations, pack, restore=resume)
+    """Run every population under Tune (or the unfinished ones of a stopped sweep);
+    `streams` is `plan_streams`'s answer."""
+    tuner = _tuner(cfg, run, populations, pack, restore=resume, streams=streams)
     started = time.perf_counter()
     grid = tuner.fit()
     outcome = Outcome(fit_s=time.perf_counter() - started)
@@ -231,7 +273,12 @@ def run_trials(
 
 
 def _tuner(
-    cfg: Config, run: RunDir, populations: list[PopulationPlan], pack: Packing, restore: bool
+    cfg: Config,
+    run: RunDir,
+    populations: list[PopulationPlan],
+    pack: Packing,
+    restore: bool,
+    streams: dict[str, dict[str, Any]] | None = None,
 ) -> ray.tune.Tuner:
     rungs = None
     if cfg.sweep.search == "asha":  # per member, across populations (`raysys.sweep.asha`)
@@ -243,6 +290,7 @@ def _tuner(
         pack=asdict(pack),
         uri=run.uri,
         rungs=rungs,
+        streams=streams or {},
     )
     trainable = ray.tune.with_resources(trainable, trial_resources(pack))
     storage_fs, storage_path = None, str(run.local)

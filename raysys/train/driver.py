@@ -159,19 +159,20 @@ def worker_bundle(scaling_config: ScalingConfig) -> dict[str, float]:
     return bundle or {"CPU": 1.0}
 
 
-def stream_plan(
+def stream_settings(
     tcfg: TrainConfig,
     source: PairSource,
     worker: dict[str, float] | None = None,
     running: int | None = None,
     refuse: str | None = None,
-) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Ray Data datasets and worker settings when the train split streams; else nothing.
+) -> dict[str, Any]:
+    """The loop settings of a train split that streams, its pair view built (once, then
+    reused); {} when the workers hold their shards in memory.
 
     `worker` (what each Train worker reserves) and `running` (how many run at once in the
     cluster: a sweep's concurrent trials times their workers) size the host-memory budget of
     the workers that share a node. With `refuse`, a split that would stream is a ConfigError
-    of that message instead (before Ray Data starts)."""
+    of that message instead (before any view is built)."""
     rows = source.count("train")
     dims, row_bytes = stream.pair_row(source)
     width = dims[0] + 2 * dims[1]
@@ -185,12 +186,11 @@ def stream_plan(
         bytes_per_value=row_bytes / width,  # averaged over a row's three columns
     )
     if reason is None:
-        return None, {}
+        return {}
     if refuse:
         raise ConfigError(f"{refuse} (it would stream: {reason})")
     view = stream.write_pair_view(source, "train", rows)
-    settings = {"stream_rows": rows, "stream_reason": reason, "dims": dims}
-    return {"train": stream.open_view(view)}, settings
+    return {"stream_rows": rows, "stream_reason": reason, "dims": dims, "stream_view": view}
 
 
 def train(
@@ -251,14 +251,14 @@ def train(
     return TrainResult(tcfg.objective, model_dir, result.metrics, history, seconds)
 
 
-def planned_data(
+def planned_stream(
     tcfg: TrainConfig,
     source: PairSource,
     scaling_config: ScalingConfig,
     trials_at_once: int,
     refuse: str | None = None,
-) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """`stream_plan` for a scaling plan whose ranks never share a GPU (checked first)."""
+) -> dict[str, Any]:
+    """`stream_settings` for a scaling plan whose ranks never share a GPU (checked first)."""
     worker = worker_bundle(scaling_config)
     check_whole_gpus(
         scaling_config.num_workers,
@@ -267,7 +267,18 @@ def planned_data(
         "give each worker a whole GPU, or use one worker",
     )
     running = scaling_config.num_workers * trials_at_once
-    return stream_plan(tcfg, source, worker, running, refuse)
+    return stream_settings(tcfg, source, worker, running, refuse)
+
+
+def planned_data(
+    tcfg: TrainConfig, source: PairSource, scaling_config: ScalingConfig, trials_at_once: int
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Ray Data's datasets for Ray Train (the streamed view; None in memory) and the loop's
+    stream settings."""
+    settings = planned_stream(tcfg, source, scaling_config, trials_at_once)
+    if not settings:
+        return None, {}
+    return {"train": stream.open_view(settings["stream_view"])}, settings
 
 
 def fit(trainer: TorchTrainer) -> Any:

@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
-from raysys.checks import STREAMED_SWEEP
+from raysys.checks import STREAMED_LAYER_PAIRS, UNPLANNED_STREAM
 from raysys.config import Config, TrainConfig, from_dict, to_dict
-from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan
+from raysys.data.batches import SHUFFLE_WINDOW, MemoryBatches, StreamBatches, batch_plan
 from raysys.data.source import PairSource
-from raysys.data.stream import arrays
+from raysys.data.stream import arrays, view_files
+from raysys.data.view_shard import ViewShard
 from raysys.errors import ConfigError, RaysysError
 from raysys.evaluate import val_rows
 from raysys.jam.population import Population
@@ -41,7 +42,7 @@ from raysys.train.driver import (
     checkpoint_at,
     fit,
     latest_checkpoint,
-    planned_data,
+    planned_stream,
     run_config,
     saved_checkpoints,
 )
@@ -58,7 +59,6 @@ from raysys.train.population_loop import (
     run_population,
 )
 from raysys.train.step import input_moments, set_global_input_stats
-from raysys.train.worker import STATS_BATCH
 
 __all__ = ["PopulationResult", "train_population"]
 
@@ -101,8 +101,8 @@ class StackedBatches:
 
 @dataclass
 class Place:
-    """Where a population's loop runs: a Ray Train worker (its rank, device, dataset shard
-    and checkpoint) or the Tune trial's own process (rank 0 of 1)."""
+    """Where a population's loop runs: a Ray Train worker (its rank, device and checkpoint)
+    or the Tune trial's own process (rank 0 of 1)."""
 
     rank: int
     world: int
@@ -110,13 +110,11 @@ class Place:
     report: Report
     prepare: Callable[[torch.nn.Module], torch.nn.Module]
     checkpoint: ray.train.Checkpoint | None = None  # a restarted worker group's
-    train_shard: Any = None  # the streamed train split's iterator
 
 
 def population_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point of a population."""
     ctx = ray.train.get_context()
-    streamed = config.get("stream_rows") is not None
     place = Place(
         rank=ctx.get_world_rank(),
         world=ctx.get_world_size(),
@@ -124,7 +122,6 @@ def population_loop(config: dict[str, Any]) -> None:
         report=_report,
         prepare=ray.train.torch.prepare_model,
         checkpoint=ray.train.get_checkpoint(),
-        train_shard=ray.train.get_dataset_shard("train") if streamed else None,
     )
     _run(config, place)
 
@@ -226,17 +223,26 @@ def _data_and_population(
         )
         steps_per_epoch = plan.steps_per_epoch
     else:  # one layer pair (the sweep groups a streamed split's members by layer pair)
-        shard = place.train_shard
+        # Read with pyarrow: Ray Data's tasks wait forever inside a Tune trial.
+        view = ViewShard(view_files(config["stream_view"]), rank, world, tcfg.seed)
         per_worker = tcfg.batch_size // world
-        steps_per_epoch = stream_rows // world // per_worker
+        steps_per_epoch = view.rows // per_worker
         dims = [tuple(config["dims"])]
-        parts = []
-        for batch in shard.iter_batches(batch_size=STATS_BATCH, batch_format="pyarrow"):
-            x = arrays(batch)
+        parts = []  # one extra pass over this rank's rows, for the standardisation's moments
+        for table in view.tables(0):
+            x = arrays(table)
             parts.append(input_moments(x["image"], x["text"], device))
         moments = [torch.stack(parts).sum(0)]
-        per_layer = [StreamBatches(shard, per_worker, steps_per_epoch, device)]
-        where = f"streaming {stream_rows} pairs through Ray Data ({config['stream_reason']})"
+        window = SHUFFLE_WINDOW * per_worker
+
+        def read(epoch: int) -> Iterator[Any]:
+            return view.batches(epoch, per_worker, window)
+
+        per_layer = [StreamBatches(read, steps_per_epoch, device)]
+        where = (
+            f"streaming {stream_rows} pairs from their pair view, {view.rows} per worker "
+            f"per epoch in {len(view.groups)} row groups ({config['stream_reason']})"
+        )
     members = build_members(tcfgs, [dims[layer] for layer in layer_of])
     for member, layer in zip(members, layer_of, strict=True):  # all-reduced over ranks
         set_global_input_stats(member, moments[layer])
@@ -289,6 +295,7 @@ def train_population(
     trials_at_once: int = 1,
     rungs: Any = None,
     here: bool = False,
+    streaming: dict[str, Any] | None = None,
 ) -> PopulationResult:
     """Fit a population and export each member's best model to `<out_dir>/models/<member
     id>`; `cfg` holds what the members share (its `train` is the first member's), `tcfgs`
@@ -297,6 +304,11 @@ def train_population(
     `raysys.train.driver.train`'s; `rungs` is the sweep's ASHA actor (`raysys.sweep.asha`),
     asked at each validation whether a member stops, and `tune` reports each validation to
     the Tune trial this runs in.
+
+    `streaming` is the sweep's plan of this population's train split
+    (`raysys.sweep.tune.plan_streams`: its pair view, already built, or {} to hold it in
+    memory); without one the split is planned here, where Ray Data may build a view (not
+    inside a Tune trial). A streamed view is read with pyarrow on every path.
 
     With `here` a one-worker population trains in this process (a Tune trial that holds the
     worker's CPU and GPU share itself) instead of a Ray Train worker group: the same loop,
@@ -308,19 +320,13 @@ def train_population(
         raise ConfigError("only a one-worker population trains in its caller's process")
     out_dir = out_dir.resolve()
     started = time.perf_counter()
-    datasets, streaming = planned_data(
-        cfg.train,
-        sources[0],
-        scaling_config,
-        trials_at_once,
-        refuse=STREAMED_SWEEP if tune or here else None,
-    )
+    planned = (cfg.train, sources[0], scaling_config, trials_at_once)
+    if streaming is None:
+        streaming = planned_stream(*planned)
+    elif not streaming:  # planned in memory; the node this runs on may hold less
+        planned_stream(*planned, refuse=UNPLANNED_STREAM)
     if streaming and len(sources) > 1:
-        raise ConfigError(
-            "this population's train split streams (it does not fit in memory), and a "
-            "population over several layer pairs holds them all in memory: set "
-            "train.data_on_device=stream, which groups populations by layer pair"
-        )
+        raise ConfigError(STREAMED_LAYER_PAIRS)
     run_dir = storage.join(storage_uri or out_dir / "ray", name)
     loop_config = {
         "cfg": to_dict(cfg),
@@ -344,7 +350,6 @@ def train_population(
         trainer = TorchTrainer(
             population_loop,
             train_loop_config=loop_config,
-            datasets=datasets,
             scaling_config=scaling_config,
             # The latest checkpoints: each holds every member's best weights as well.
             run_config=run_config(
@@ -394,8 +399,7 @@ def _fit_here(
     tcfg: TrainConfig,
     tune: bool,
 ) -> None:
-    """Train as a Ray Train worker of one would, in this process (from memory: a split that
-    would stream was refused, since Ray Data's tasks hang inside a Tune trial)."""
+    """Train as a Ray Train worker of one would, in this process."""
     device = torch.device("cpu")
     if scaling_config.use_gpu:  # Ray points CUDA_VISIBLE_DEVICES at this trial's GPU
         if not torch.cuda.is_available():

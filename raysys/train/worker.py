@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
 from raysys.config import Config, from_dict
-from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan
+from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan, ray_data_epochs
 from raysys.data.source import PairSource
 from raysys.data.stream import arrays
 from raysys.evaluate import val_rows
@@ -147,7 +147,7 @@ def _data_and_model(
     )
 
     def stream_batches(device: torch.device) -> tuple[Batches, str]:
-        return StreamBatches(shard, per_worker, steps_per_epoch, device), where
+        return StreamBatches(ray_data_epochs(shard, per_worker), steps_per_epoch, device), where
 
     return model, steps_per_epoch, stream_batches
 

@@ -1,0 +1,110 @@
+"""A worker's share of a pair view read with pyarrow (what a sweep's trials stream from):
+ranks split every epoch into equal, disjoint runs of rows, the order is fixed by (seed,
+epoch), and batches are whole. On a local directory and on the S3 server, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysys import storage
+from raysys.data import cache
+from raysys.data.batches import StreamBatches
+from raysys.data.view_shard import ViewShard
+
+GROUPS = [(0, 37), (1, 50), (1, 13), (2, 64), (2, 7), (2, 29)]  # (file, rows): 200 rows
+
+
+def _write_view(where: str) -> list[str]:
+    """Three Parquet files of a view's columns, in row groups of uneven sizes."""
+    files, start = [], 0
+    for f in range(3):
+        tables = []
+        for _, rows in [g for g in GROUPS if g[0] == f]:
+            ids = np.arange(start, start + rows)
+            start += rows
+            vectors = np.repeat(ids[:, None], 4, axis=1).astype(np.float16)
+            tables.append(
+                pa.table(
+                    {
+                        "pair_id": [f"p{i}" for i in ids],
+                        "image_id": [f"i{i}" for i in ids],
+                        "image": cache.list_array(vectors),
+                        "text": cache.list_array(vectors),
+                        "negative": cache.list_array(-vectors),
+                    }
+                )
+            )
+        uri = storage.join(where, f"part-{f}.parquet")
+        fs, path = storage.pyarrow_fs(uri)
+        with pq.ParquetWriter(path, tables[0].schema, filesystem=fs) as writer:
+            for table in tables:
+                writer.write_table(table)
+        files.append(uri)
+    return files
+
+
+@pytest.fixture(params=["local", "s3"])
+def view(request, tmp_path, monkeypatch) -> list[str]:
+    if request.param == "local":
+        return _write_view(str(tmp_path))
+    server = request.getfixturevalue("s3_server")
+    server.patch_env(monkeypatch)
+    return _write_view(f"{server.make_bucket('view-shard')}/views/train-x")
+
+
+def _ids(tables) -> list[int]:
+    return [int(p[1:]) for t in tables for p in t.column("pair_id").to_pylist()]
+
+
+def test_ranks_take_equal_disjoint_runs_of_one_shuffled_order(view) -> None:
+    for world in (1, 2, 3):
+        shards = [ViewShard(view, rank, world, seed=7) for rank in range(world)]
+        assert [len(s.groups) for s in shards] == [len(GROUPS)] * world
+        seen = [_ids(s.tables(epoch=4)) for s in shards]
+        assert [len(ids) for ids in seen] == [200 // world] * world
+        together = [i for ids in seen for i in ids]
+        assert len(set(together)) == len(together) == 200 // world * world
+        if world == 1:
+            assert sorted(together) == list(range(200))
+            assert together != list(range(200))  # row groups shuffled
+
+
+def test_an_epochs_order_depends_on_seed_and_epoch_alone(view) -> None:
+    a, b = ViewShard(view, 1, 2, seed=3), ViewShard(view, 1, 2, seed=3)
+    first = _ids(a.batches(epoch=2, size=16, window=64))
+    assert first == _ids(b.batches(epoch=2, size=16, window=64))  # a resumed run's batches
+    assert first != _ids(a.batches(epoch=3, size=16, window=64))
+    assert first != _ids(ViewShard(view, 1, 2, seed=4).batches(epoch=2, size=16, window=64))
+
+
+def test_batches_are_whole_and_the_window_mixes_rows_across_row_groups(view) -> None:
+    shard = ViewShard(view, 0, 1, seed=0)
+    plain = list(shard.batches(epoch=0, size=16))
+    assert [len(t) for t in plain] == [16] * (200 // 16)  # the last 8 rows are dropped
+    assert _ids(plain) == _ids(shard.tables(0))[: 200 // 16 * 16]  # no window: in order
+    mixed = list(shard.batches(epoch=0, size=16, window=64))
+    assert [len(t) for t in mixed] == [16] * (200 // 16)
+    assert _ids(mixed) != _ids(plain)
+    # Rows stay within windows of a few row groups, not the whole epoch: mixed, yet every
+    # row comes once.
+    assert len(set(_ids(mixed))) == 200 // 16 * 16
+
+
+def test_stream_batches_resume_mid_epoch_on_the_same_pairs(view) -> None:
+    import torch
+
+    shard = ViewShard(view, 0, 1, seed=5)
+    steps = 200 // 16
+
+    def read(epoch: int):
+        return shard.batches(epoch, 16, 48)
+
+    def ids_from(start: int, n: int) -> list[list[float]]:
+        batches = StreamBatches(read, steps, torch.device("cpu"))
+        return [batches.get(s)[0][:, 0].tolist() for s in range(start, start + n)]
+
+    straight = ids_from(0, 2 * steps + 3)
+    assert ids_from(steps + 5, steps - 2) == straight[steps + 5 : 2 * steps + 3]
