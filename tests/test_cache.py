@@ -136,3 +136,15 @@ def test_a_split_is_counted_as_pair_index_keeps_it(tmp_path) -> None:
     dirs = _corpus(tmp_path, n=6, image_ids=ids, rejects=["i5"])
     assert cache.count_pairs(*dirs, "test") == len(_load(dirs)) == 5
     assert cache.count_pairs(*dirs, "train") == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_nonfinite_rows_finds_nan_and_both_infinities_and_nothing_else(dtype: str) -> None:
+    from raysys.data.cache import nonfinite_rows
+
+    info = np.finfo(dtype)
+    rows = np.zeros((6, 5), dtype=dtype)
+    rows[1, 4], rows[2, 0], rows[3, 2] = np.nan, np.inf, -np.inf
+    rows[4] = [info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0]  # all finite
+    assert nonfinite_rows(rows).tolist() == [False, True, True, True, False, False]
+    assert nonfinite_rows(rows[:, 1:4]).tolist() == [False, False, False, True, False, False]

@@ -23,6 +23,8 @@ STAGES = {
     "sweep": "identical small trials packed one per process vs stacked as one population",
     "corpus": "the Ray Data corpus index job on --rows synthetic captions (--format manifest "
     "or webdataset): rows/s and the driver's peak RSS",
+    "stream": "a sweep trial's streamed reads of a --pairs pair view (no Ray) vs a bare "
+    "pyarrow loop over its files",
     "eval": "score_model (chunked retrieval, sampled alignment, intervals) on --pairs random "
     "test pairs (no Ray): seconds and peak RSS",
 }
@@ -43,9 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="manifest", help="corpus: manifest or webdataset")
     parser.add_argument("--trials", type=int, default=4, help="sweep: identical trials")
     parser.add_argument(
-        "--pairs", type=int, default=200_000, help="step: pairs on device; eval: test pairs"
+        "--pairs",
+        type=int,
+        default=200_000,
+        help="step: pairs on device; eval: test pairs; stream: pairs in the view",
     )
-    parser.add_argument("--dims", default="1024,4096", help="step: image,text embedding widths")
+    parser.add_argument(
+        "--dims", default="1024,4096", help="step, stream: image,text embedding widths"
+    )
     parser.add_argument("--steps", type=int, default=50, help="step: timed steps")
     parser.add_argument(
         "--population",

@@ -226,7 +226,8 @@ def arrays(batch: Any) -> dict[str, np.ndarray]:
     (float16, or float32 for a decoder LM's text layers), with NaN or inf rows
     reported by pair id (`cache.check_finite_rows`), and each row's image key."""
     out = {c: cache.to_numpy(batch.column(c)) for c in COLUMNS}
-    pair_ids = np.asarray(batch.column("pair_id").to_pylist())
-    cache.check_finite_rows(pair_ids, list(out.values()), "in the streamed pair view")
+    cache.check_finite_rows(
+        batch.column("pair_id"), list(out.values()), "in the streamed pair view"
+    )
     out["image_keys"] = image_keys(batch.column("image_id").to_numpy(zero_copy_only=False))
     return out

@@ -1,0 +1,170 @@
+"""`raysys bench stream`: how fast a sweep's trial streams a pair view, against a bare
+pyarrow loop over the same files — no Ray.
+
+A sweep whose train split does not fit in memory streams it from a pair view, and its
+trials read the view themselves (`raysys.data.view_shard`: row groups shuffled each epoch, a
+4-batch mixing window, the next row group read in the background). This writes a synthetic
+view of `--pairs` random float16 pairs at `--dims` (image, text; a negative beside each
+text) in row groups of `ROW_GROUP` rows, then times, in turns:
+
+- **bare**: each file's record batches in file order (`ParquetFile.iter_batches`), each
+  turned into the three tensors, nothing else;
+- **stream**: the trial's path, `StreamBatches` over `ViewShard.batches`, with its finite
+  check and image keys per batch.
+
+It prints the rows/s of each, `ratio` = stream / bare (what the shuffled, mixed and
+checked reads cost) and the batches/s the stream feeds at `train.batch_size`, to set beside
+`raysys bench step`'s time per step on the training device: a stream slower than the step
+leaves the device waiting.
+
+Imports torch, numpy and pyarrow only; runs where Ray is absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raysys.bench.common import write_result
+from raysys.config import Config
+from raysys.data import cache
+from raysys.data.batches import SHUFFLE_WINDOW, StreamBatches
+from raysys.data.stream import COLUMNS
+from raysys.data.view_shard import ViewShard
+from raysys.errors import ConfigError
+
+ROW_GROUP = 8192  # rows per row group of the synthetic view
+FILES = 8
+ROUNDS = 3  # timed rounds, taking turns between the paths
+
+
+@dataclass
+class StreamBench:
+    """The view to read: `--pairs` pairs of these widths, in batches of `batch`."""
+
+    pairs: int = 200_000
+    d_image: int = 1024
+    d_text: int = 4096
+    batch: int = 256
+
+
+def write_view(directory: Path, bench: StreamBench, seed: int = 0) -> list[str]:
+    """A pair view's columns over `FILES` Parquet files, a row group at a time."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    files, start = [], 0
+    for f in range(FILES):
+        rows = bench.pairs // FILES + (f < bench.pairs % FILES)
+        path = directory / f"part-{f}.parquet"
+        writer = None
+        for at in range(0, rows, ROW_GROUP):
+            n = min(ROW_GROUP, rows - at)
+            ids = [f"i{start + i}" for i in range(n)]
+
+            def matrix(d: int, n: int = n) -> pa.FixedSizeListArray:
+                return cache.list_array(rng.standard_normal((n, d), dtype=np.float32))
+
+            table = pa.table(
+                {
+                    "pair_id": [f"{i}-0" for i in ids],
+                    "image_id": ids,
+                    "image": matrix(bench.d_image),
+                    "text": matrix(bench.d_text),
+                    "negative": matrix(bench.d_text),
+                }
+            )
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table, row_group_size=ROW_GROUP)
+            start += n
+        if writer is not None:
+            writer.close()
+            files.append(str(path))
+    return files
+
+
+def bare_epoch(files: list[str], batch: int) -> int:
+    """Rows read in file order as tensors, batch by batch (each file's last batch short)."""
+    rows = 0
+    for path in files:
+        for record in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=list(COLUMNS)):
+            for c in COLUMNS:
+                torch.as_tensor(cache.to_numpy(record.column(c)))
+            rows += record.num_rows
+    return rows
+
+
+def stream_epoch(files: list[str], batch: int, epoch: int) -> int:
+    """Rows of one epoch through the trial's path (one rank of one)."""
+    view = ViewShard(files, 0, 1, seed=0)
+    steps = view.rows // batch
+
+    def read(e: int) -> Any:
+        return view.batches(e, batch, SHUFFLE_WINDOW * batch)
+
+    batches = StreamBatches(read, steps, torch.device("cpu"))
+    return sum(len(batches.get(epoch * steps + s)[0]) for s in range(steps))
+
+
+def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
+    """Write the view under `out_dir`, time both paths in turns, remove the view; print and
+    write `out_dir/bench.json`."""
+    if bench.pairs < bench.batch:
+        raise ConfigError(f"--pairs ({bench.pairs}) must hold one batch ({bench.batch})")
+    where = out_dir / "stream-view"
+    started = time.perf_counter()
+    try:
+        files = write_view(where, bench)
+        write_s = time.perf_counter() - started
+        bytes_per_row = 2 * (bench.d_image + 2 * bench.d_text)
+        times: dict[str, list[float]] = {"bare": [], "stream": []}
+        rows: dict[str, int] = {}
+        for r in range(ROUNDS):
+            for name in times:
+                t0 = time.perf_counter()
+                n = bare_epoch(files, bench.batch) if name == "bare" else (
+                    stream_epoch(files, bench.batch, r)
+                )  # fmt: skip
+                times[name].append(time.perf_counter() - t0)
+                rows[name] = n
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    rate = {k: rows[k] / statistics.median(v) for k, v in times.items()}
+    ratio = rate["stream"] / rate["bare"]
+    result = {
+        "stage": "stream",
+        "bare_rows_s": rate["bare"],
+        "stream_rows_s": rate["stream"],
+        "ratio": ratio,
+        "stream_mib_s": rate["stream"] * bytes_per_row / 2**20,
+        "stream_batches_s": rate["stream"] / bench.batch,
+        "rows": rows,  # per round: every row (bare), whole batches only (stream)
+        "seconds": {k: v for k, v in times.items()},
+        "write_s": write_s,
+        "threads": torch.get_num_threads(),
+        "settings": asdict(bench) | {"row_group": ROW_GROUP, "files": FILES},
+    }
+    print(
+        f"[bench stream] {bench.pairs:,} pairs ({bench.d_image}/{bench.d_text}-d float16, "
+        f"{bytes_per_row / 1024:.1f} KiB a row), batch {bench.batch}: bare "
+        f"{rate['bare']:,.0f} rows/s, stream {rate['stream']:,.0f} rows/s "
+        f"({result['stream_mib_s']:,.0f} MiB/s, {result['stream_batches_s']:.1f} batches/s); "
+        f"ratio {ratio:.2f}",
+        flush=True,
+    )
+    return write_result(out_dir, result)
+
+
+def run(args: Any, cfg: Config, out: Path) -> None:
+    """`raysys bench stream --pairs N --dims I,T` (batch: `train.batch_size`)."""
+    d_image, d_text = (int(d) for d in args.dims.split(","))
+    bench = StreamBench(args.pairs, d_image, d_text, cfg.train.batch_size)
+    bench_stream(out, bench)

@@ -1,0 +1,28 @@
+"""`raysys bench stream`: a sweep trial's streamed reads of a synthetic pair view against a
+bare pyarrow loop over its files, without Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raysys.cli import main
+
+
+def test_bench_stream_reads_every_batch_both_ways_and_removes_its_view(tmp_path, capsys) -> None:
+    args = ["bench", "stream", "--pairs", "3000", "--dims", "24,16", "--out", str(tmp_path)]
+    assert main([*args, "train.batch_size=256"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"] == {
+        "pairs": 3000, "d_image": 24, "d_text": 16, "batch": 256, "row_group": 8192, "files": 8
+    }  # fmt: skip
+    assert result["bare_rows_s"] > 0 and result["stream_rows_s"] > 0
+    assert result["ratio"] == result["stream_rows_s"] / result["bare_rows_s"]
+    assert result["stream_batches_s"] * 256 == pytest.approx(result["stream_rows_s"])
+    assert result["rows"] == {"bare": 3000, "stream": 3000 // 256 * 256}
+    assert all(len(t) == 3 and min(t) > 0 for t in result["seconds"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # the view is gone
+    assert "[bench stream] 3,000 pairs (24/16-d float16" in capsys.readouterr().out
+    assert main(["bench", "stream", "--pairs", "5", "--out", str(tmp_path)]) == 2
+    assert "--pairs (5) must hold one batch" in capsys.readouterr().err
