@@ -11,7 +11,8 @@ the test that calls them.
 Ray, for the tests that need it, is one real local instance for the whole run, kept on
 127.0.0.1: starting Ray costs seconds, so they all share it. The S3 server (moto) starts only
 for tests that use S3, on a port reserved before Ray starts, so that Ray's workers inherit its
-endpoint and credentials whether or not it ever runs.
+endpoint and credentials whether or not it ever runs. Ray's workers run at the suite's own
+priority (`RAY_worker_niceness=0`, below), not Ray's lower default.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray starts its workers at niceness 15, so on a shared box any normal-priority load starves
+# them (2026-12-01, two busy loops on the 2 cores: the autoscaler test's setup went from 50 s
+# to over 3.5 min and had not finished; with 0, 120 s). Every Ray the suite starts (the
+# session's, each command's private one, the harnesses' clusters) inherits this.
+os.environ.setdefault("RAY_worker_niceness", "0")
 import raysys  # noqa: E402,F401  (sets Ray's loopback-only environment before ray is imported)
 
 RULE = (
