@@ -108,3 +108,44 @@ def test_stream_batches_resume_mid_epoch_on_the_same_pairs(view) -> None:
 
     straight = ids_from(0, 2 * steps + 3)
     assert ids_from(steps + 5, steps - 2) == straight[steps + 5 : 2 * steps + 3]
+
+
+def test_a_trials_streamed_population_reads_the_view_and_refuses_too_large_a_batch(
+    tmp_path,
+) -> None:
+    """The trial's data path (`population_driver._data_and_population`) on a published
+    view, in this process and without Ray: the population's standardisation comes from the
+    view's rows, and its batches are the view's."""
+    import json
+
+    import torch
+
+    from raysys import config
+    from raysys.data import stream
+    from raysys.errors import ConfigError
+    from raysys.train.population_driver import Place, _data_and_population
+
+    files = _write_view(str(tmp_path))
+    cache.put_bytes(
+        storage.join(str(tmp_path), stream.DONE),
+        json.dumps({"rows": 200, "files": [f.rsplit("/", 1)[1] for f in files]}).encode(),
+    )
+    settings = {"stream_rows": 200, "stream_view": str(tmp_path), "dims": [4, 4]}
+    settings["stream_reason"] = "train.data_on_device=stream"
+    place = Place(0, 1, torch.device("cpu"), lambda *_: None, lambda m: m)
+    cfg = config.load(None, ["train.batch_size=16", "train.hidden=[8]", "train.latent=4"])
+    members = [cfg.train, cfg.train]
+    population, steps, batches = _data_and_population(cfg, settings, members, [], [0, 0], place)
+    assert steps == 200 // 16 and population.size == 2
+    assert "streaming 200 pairs from their pair view, 200 per worker per epoch" in batches.where
+    image, text, negative, keys = batches.get(0)  # one layer pair: every member's rows
+    assert image.shape == text.shape == (16, 4) and torch.equal(negative, -text)
+    assert torch.equal(image[:, 0], text[:, 0]) and len(set(keys.tolist())) == 16
+    # Standardised by the view's rows (each image row is its id, four times: mean 99.5).
+    buffers = dict(population.named_buffers())
+    [mean] = [v for k, v in buffers.items() if k.endswith("image_mean")]
+    assert torch.allclose(mean.double(), torch.full((2, 4), 99.5, dtype=torch.float64))
+
+    big = config.load(None, ["train.batch_size=256", "train.hidden=[8]", "train.latent=4"])
+    with pytest.raises(ConfigError, match=r"200 pairs give each of 1 worker\(s\) 200, fewer"):
+        _data_and_population(big, settings, [big.train], [], [0], place)

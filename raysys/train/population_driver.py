@@ -227,6 +227,12 @@ def _data_and_population(
         view = ViewShard(view_files(config["stream_view"]), rank, world, tcfg.seed)
         per_worker = tcfg.batch_size // world
         steps_per_epoch = view.rows // per_worker
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"the streamed train split's {stream_rows} pairs give each of {world} "
+                f"worker(s) {view.rows}, fewer than its {per_worker} of a global batch of "
+                f"{tcfg.batch_size}: lower train.batch_size"
+            )
         dims = [tuple(config["dims"])]
         parts = []  # one extra pass over this rank's rows, for the standardisation's moments
         for table in view.tables(0):
