@@ -51,7 +51,7 @@ class Watched:
 
     proc: subprocess.Popen[bytes]
     log: Path
-    seen: dict[Key, str] = field(default_factory=dict)  # -> its command line
+    seen: dict[Key, str] = field(default_factory=dict)  # -> its latest command line
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
@@ -78,10 +78,11 @@ class Watched:
         for p in found:
             try:
                 key = (p.pid, p.create_time())
-                if key not in self.seen:
-                    cmdline = " ".join(p.cmdline())[:200]
-                    with self._lock:
-                        self.seen[key] = cmdline
+                # The latest command line: a child seen between its fork and its exec still
+                # shows its parent's (on a busy box, `raysys sweep …` for the raylet).
+                cmdline = " ".join(p.cmdline())[:200]
+                with self._lock:
+                    self.seen[key] = cmdline
             except psutil.Error:
                 continue
 
