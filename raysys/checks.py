@@ -24,8 +24,8 @@ SHARED_GPU_FIX = (
 
 # A sweep plans which populations stream before Tune starts, from the nodes it sees then.
 UNPLANNED_STREAM = (
-    "this population's train split does not fit in this node's memory, but the sweep planned "
-    "it in memory (the cluster it saw when it started held more): set "
+    "this population's train split no longer fits in the cluster's memory, but the sweep "
+    "planned it in memory (the cluster it saw when it started held more): set "
     "train.data_on_device=stream"
 )
 STREAMED_LAYER_PAIRS = (

@@ -149,3 +149,32 @@ def test_a_trials_streamed_population_reads_the_view_and_refuses_too_large_a_bat
     big = config.load(None, ["train.batch_size=256", "train.hidden=[8]", "train.latent=4"])
     with pytest.raises(ConfigError, match=r"200 pairs give each of 1 worker\(s\) 200, fewer"):
         _data_and_population(big, settings, [big.train], [], [0], place)
+
+
+def test_a_damaged_view_file_is_named_and_a_closed_stream_leaves_no_reader(tmp_path) -> None:
+    import threading
+
+    import torch
+
+    from raysys.errors import CacheError
+
+    files = _write_view(str(tmp_path))
+    shard = ViewShard(files, 0, 1, seed=0)  # footers read: the files looked whole
+    batches = StreamBatches(lambda e: shard.batches(e, 16, 64), 200 // 16, torch.device("cpu"))
+
+    def readers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("view-read")}
+
+    before = readers()  # (other tests' abandoned streams wait for the garbage collector)
+    batches.get(0)
+    assert readers() - before
+    batches.close()  # mid-epoch: its read-ahead thread and files are let go now
+    assert readers() <= before
+
+    damaged = files[2]
+    data = bytearray(open(damaged, "rb").read())
+    data[8:400] = bytes(392)  # the first row group's pages
+    open(damaged, "wb").write(bytes(data))
+    with pytest.raises(CacheError, match=r"row group 0 of the pair view file .*part-2\.parquet"):
+        for group in shard.groups:
+            shard._read(group)

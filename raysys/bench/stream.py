@@ -7,15 +7,17 @@ trials read the view themselves (`raysys.data.view_shard`: row groups shuffled e
 view of `--pairs` random float16 pairs at `--dims` (image, text; a negative beside each
 text) in row groups of `ROW_GROUP` rows, then times, in turns:
 
-- **bare**: each file's record batches in file order (`ParquetFile.iter_batches`), each
-  turned into the three tensors, nothing else;
+- **bare**: each file's record batches in file order (`ParquetFile.iter_batches`, every
+  column the stream reads), the three embedding columns turned into tensors, nothing else;
 - **stream**: the trial's path, `StreamBatches` over `ViewShard.batches`, with its finite
   check and image keys per batch.
 
 It prints the rows/s of each, `ratio` = stream / bare (what the shuffled, mixed and
 checked reads cost) and the batches/s the stream feeds at `train.batch_size`, to set beside
-`raysys bench step`'s time per step on the training device: a stream slower than the step
-leaves the device waiting.
+`raysys bench step`'s time per step on the training device. Only the row-group read runs
+beside the step; slicing, the window's copy and the checks run on the training thread
+before it, so a step's time is the step plus that share. The view is local and freshly
+written (in the page cache): a view on S3 or a cold disk reads slower.
 
 Imports torch, numpy and pyarrow only; runs where Ray is absent.
 """
@@ -95,7 +97,7 @@ def bare_epoch(files: list[str], batch: int) -> int:
     """Rows read in file order as tensors, batch by batch (each file's last batch short)."""
     rows = 0
     for path in files:
-        for record in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=list(COLUMNS)):
+        for record in pq.ParquetFile(path).iter_batches(batch_size=batch):
             for c in COLUMNS:
                 torch.as_tensor(cache.to_numpy(record.column(c)))
             rows += record.num_rows

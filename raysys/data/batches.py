@@ -265,6 +265,14 @@ class StreamBatches:
             self._iter = self._epochs(step)
         return next(self._iter)
 
+    def close(self) -> None:
+        """Stop the stream now (its read-ahead thread, its open files), not whenever the
+        garbage collector finds the generator: a Tune trial's process trains population
+        after population."""
+        if self._iter is not None:
+            self._iter.close()
+            self._iter = None
+
 
 def ray_data_epochs(shard: Any, per_worker: int) -> Callable[[int], Iterable[Any]]:
     """A Ray Data shard's batches of an epoch, for `StreamBatches` (its order is its own:

@@ -9,8 +9,9 @@ here, row group by row group, the next one read in the background while this one
 An epoch's order depends only on (seed, epoch): every rank shuffles the view's row groups
 alike and takes its own equal run of rows, so ranks take equal steps, and a resumed run
 reads exactly the batches the stopped one would have (Ray Data's order is not fixed). Rows
-are then mixed within windows of a few batches, as Ray Data's local shuffle buffer mixes
-them.
+are then mixed within windows of at least a few batches, as Ray Data's local shuffle buffer
+mixes them; a window always takes whole row-group slices, so with Ray Data's large row
+groups (about 64 MB each) it is one or two row groups.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysys.data import cache
+from raysys.errors import CacheError
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,13 @@ class ViewShard:
         return pieces
 
     def _read(self, group: RowGroup) -> pa.Table:
-        return self._files[group.file].read_row_group(group.index)
+        try:
+            return self._files[group.file].read_row_group(group.index)
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(
+                f"cannot read row group {group.index} of the pair view file {group.file!r}: "
+                f"{e}; delete the view's directory and rerun (it is rebuilt)"
+            ) from e
 
     def tables(self, epoch: int) -> Iterator[pa.Table]:
         """This rank's rows of `epoch`, a row group's slice at a time (the next one read
@@ -76,8 +84,9 @@ class ViewShard:
 
     def batches(self, epoch: int, size: int, window: int = 0) -> Iterator[pa.Table]:
         """This rank's rows of `epoch` in batches of `size` (a last, short one dropped, so
-        ranks take equal steps), rows mixed within windows of at least `window` rows (each
-        row copied once, as the window is reordered)."""
+        ranks take equal steps), rows mixed within windows of whole row-group slices, at
+        least `window` rows each but the epoch's last (each row copied once, as the window
+        is reordered)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         held: list[pa.Table] = []
         count = 0

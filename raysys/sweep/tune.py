@@ -161,13 +161,13 @@ def plan_streams(
     for population in populations:
         tcfg = population_config(cfg, population)[0].train
         sources = list(dict.fromkeys(json.dumps(t.layer.source) for t in population.trials))
-        key = (sources[0], tcfg.data_on_device, tcfg.num_workers)
+        key = (tuple(sources), tcfg.data_on_device, tcfg.num_workers)
         if key not in seen:
             source = PairSource(**json.loads(sources[0]))
-            seen[key] = planned_stream(tcfg, source, scaling_config, pack.concurrent)
+            # Several layer pairs cannot stream: refused before any view is built.
+            refuse = STREAMED_LAYER_PAIRS if len(sources) > 1 else None
+            seen[key] = planned_stream(tcfg, source, scaling_config, pack.concurrent, refuse)
         plans[population.id] = seen[key]
-        if plans[population.id] and len(sources) > 1:
-            raise ConfigError(STREAMED_LAYER_PAIRS)
     streamed = [p for p in populations if plans[p.id]]
     if streamed:
         settings = plans[streamed[0].id]

@@ -84,6 +84,10 @@ class StackedBatches:
         self.per_layer, self.widths = per_layer, widths
         self.layer_of = torch.tensor(layer_of)
 
+    def close(self) -> None:
+        for layer in self.per_layer:
+            getattr(layer, "close", lambda: None)()  # a stream's reader; memory has none
+
     def get(self, step: int) -> tuple[torch.Tensor, ...]:
         batches = [b.get(step) for b in self.per_layer]
         if len(batches) == 1:
@@ -174,10 +178,13 @@ def _run(config: dict[str, Any], place: Place) -> None:
             f"layer pair(s), {world} worker(s), {batches.where}",
             flush=True,
         )
-    run_population(
-        cfg, trainer, batches, val, progress, steps_per_epoch, device, place.report, writers,
-        publish, rungs,
-    )  # fmt: skip
+    try:
+        run_population(
+            cfg, trainer, batches, val, progress, steps_per_epoch, device, place.report,
+            writers, publish, rungs,
+        )  # fmt: skip
+    finally:
+        batches.close()
     if writers:
         for writer in writers:
             writer.close()
@@ -329,7 +336,7 @@ def train_population(
     planned = (cfg.train, sources[0], scaling_config, trials_at_once)
     if streaming is None:
         streaming = planned_stream(*planned)
-    elif not streaming:  # planned in memory; the node this runs on may hold less
+    elif not streaming:  # planned in memory; the cluster may hold less now than then
         planned_stream(*planned, refuse=UNPLANNED_STREAM)
     if streaming and len(sources) > 1:
         raise ConfigError(STREAMED_LAYER_PAIRS)
