@@ -149,7 +149,7 @@ def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
         "stream_mib_s": rate["stream"] * bytes_per_row / 2**20,
         "stream_batches_s": rate["stream"] / bench.batch,
         "rows": rows,  # per round: every row (bare), whole batches only (stream)
-        "seconds": {k: v for k, v in times.items()},
+        "seconds": times,
         "write_s": write_s,
         "threads": torch.get_num_threads(),
         "settings": asdict(bench) | {"row_group": ROW_GROUP, "files": FILES},

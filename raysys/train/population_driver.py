@@ -319,9 +319,9 @@ def train_population(
     the Tune trial this runs in.
 
     `streaming` is the sweep's plan of this population's train split
-    (`raysys.sweep.tune.plan_streams`: its pair view, already built, or {} to hold it in
-    memory); without one the split is planned here, where Ray Data may build a view (not
-    inside a Tune trial). A streamed view is read with pyarrow on every path.
+    (`raysys.sweep.tune.plan_streams`: its pair view, already built, read with pyarrow on
+    every path; None or {}: held in memory, which is checked again here, where Ray Data must
+    not build a view, since it hangs inside a Tune trial).
 
     With `here` a one-worker population trains in this process (a Tune trial that holds the
     worker's CPU and GPU share itself) instead of a Ray Train worker group: the same loop,
@@ -333,11 +333,11 @@ def train_population(
         raise ConfigError("only a one-worker population trains in its caller's process")
     out_dir = out_dir.resolve()
     started = time.perf_counter()
-    planned = (cfg.train, sources[0], scaling_config, trials_at_once)
-    if streaming is None:
-        streaming = planned_stream(*planned)
-    elif not streaming:  # planned in memory; the cluster may hold less now than then
-        planned_stream(*planned, refuse=UNPLANNED_STREAM)
+    streaming = streaming or {}
+    if not streaming:  # planned in memory; the cluster may hold less now than then
+        planned_stream(
+            cfg.train, sources[0], scaling_config, trials_at_once, refuse=UNPLANNED_STREAM
+        )
     if streaming and len(sources) > 1:
         raise ConfigError(STREAMED_LAYER_PAIRS)
     run_dir = storage.join(storage_uri or out_dir / "ray", name)
