@@ -267,8 +267,10 @@ def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
     from raysys.data import stream
 
     cfg, _ = small_cache
-    for done in Path(cfg.extract.cache_dir).rglob(stream.DONE):  # another test's view
-        shutil.rmtree(done.parent.parent)
+    # Another test's views. Listed first: deleting while `rglob` walks made it scan a
+    # directory already gone (FileNotFoundError, seen 2026-12-01 with only two test files).
+    for views in {done.parent.parent for done in Path(cfg.extract.cache_dir).rglob(stream.DONE)}:
+        shutil.rmtree(views)
     runs = []
     for name in ("first", "second"):
         out = tmp_path / name
