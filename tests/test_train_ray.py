@@ -203,7 +203,7 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
     assert f"'{bad_id}-" in str(err.value)  # pair ids are <image id>-<caption index>
 
 
-def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> None:
+def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path, capfd) -> None:
     import numpy as np
     import pyarrow as pa
 
@@ -229,6 +229,9 @@ def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path) -> N
         stream_settings(run_cfg.train, paths, refuse=UNPLANNED_STREAM)
     # 48 train pairs, global batch 16 (8 per worker): 3 steps an epoch, every step logged.
     assert [h["step"] for h in result.history] == [3, 6]
+    # Each rank reads its own half of the view with pyarrow (`ViewShard`), as a sweep does.
+    out = "".join(capfd.readouterr())
+    assert "streaming 48 pairs from their pair view, 24 per worker per epoch" in out, out[-3000:]
     losses = _scalars(tmp_path / "run" / "tensorboard" / "con", "train/loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(list(losses.values())))

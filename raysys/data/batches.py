@@ -231,12 +231,12 @@ SHUFFLE_WINDOW = 4  # a streamed worker's rows are mixed within windows of this 
 
 class StreamBatches:
     """Batches streamed from the pair view: `read(epoch)` gives this worker's batches of an
-    epoch as pyarrow tables (a Ray Data shard's, or a `ViewShard`'s).
+    epoch as pyarrow tables (a `ViewShard`'s).
 
     Steps must be asked for in order. A resumed run skips the batches of the current epoch
-    that were already trained on: the same pairs when the reader's order is fixed by the
-    epoch (`ViewShard`), only their count with Ray Data's. Every epoch is read to its end, so
-    the next one starts cleanly on all workers.
+    that were already trained on, which are the very pairs it trained on: the reader's order
+    is fixed by (seed, epoch). Every epoch is read to its end, so the next one starts cleanly
+    on all workers.
     """
 
     def __init__(
@@ -272,18 +272,3 @@ class StreamBatches:
         if self._iter is not None:
             self._iter.close()
             self._iter = None
-
-
-def ray_data_epochs(shard: Any, per_worker: int) -> Callable[[int], Iterable[Any]]:
-    """A Ray Data shard's batches of an epoch, for `StreamBatches` (its order is its own:
-    the epoch is not used)."""
-
-    def read(_epoch: int) -> Iterable[Any]:
-        return shard.iter_batches(
-            batch_size=per_worker,
-            batch_format="pyarrow",
-            drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_WINDOW * per_worker,
-        )
-
-    return read

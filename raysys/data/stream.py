@@ -1,13 +1,14 @@
-"""Streaming training data through Ray Data, for train splits a worker cannot hold in memory.
+"""Streaming training data, for train splits a worker cannot hold in memory.
 
 The caches are keyed differently (images by image id, captions by pair id), so streaming
 first joins them once, with Ray Data's hash join, into a *pair view*: Parquet files of
 (pair id, image layer, text layer, negative layer) for one split and one pair of layers,
 kept beside the caches (a path or an `s3://` URI, like them) and reused by every run on the
-same layers (the three objectives of `raysys run`, a sweep's trials). A `raysys train` run's
-workers then read the view through `ray.train.get_dataset_shard`, an equal share each, epoch
-after epoch; a sweep's populations read it with pyarrow (`raysys.data.view_shard`), since
-Ray Data's tasks wait forever inside a Tune trial.
+same layers (the three objectives of `raysys run`, a sweep's trials). The driver builds the
+view before training; the Train workers of a `raysys train` run or a sweep's population then
+read it with pyarrow (`raysys.data.view_shard`), an equal share each, epoch after epoch: Ray
+Data's tasks wait forever inside a Tune trial, and pyarrow's order is fixed by (seed, epoch),
+so a resumed run reads the very batches it would have.
 
 A view is published by a marker written last that names its files. Two trials that build the
 same view at once each write their own attempt directory; whichever marker lands last is the
@@ -139,13 +140,6 @@ def view_files(directory: str) -> list[str]:
     if marker is None:
         raise CacheError(f"no finished pair view at {directory!r}")
     return [storage.join(directory, f) for f in marker["files"]]
-
-
-def open_view(directory: str) -> ray.data.Dataset:
-    """The view as a Dataset whose file order is reshuffled every epoch."""
-    fs, _ = storage.pyarrow_fs(directory)
-    paths = [storage.pyarrow_fs(f)[1] for f in view_files(directory)]
-    return ray.data.read_parquet(paths, filesystem=fs, shuffle="files")
 
 
 HOST_SHARE = 4  # a shard may take 1/HOST_SHARE of its worker's share of a node's Ray memory

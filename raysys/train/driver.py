@@ -219,7 +219,7 @@ def train(
     scaling_config, threads = scaling_plan or scaling(cfg.train)
     out_dir = out_dir.resolve()
     started = time.perf_counter()
-    datasets, streaming = planned_data(cfg.train, source, scaling_config, trials_at_once)
+    streaming = planned_stream(cfg.train, source, scaling_config, trials_at_once)
     run_dir = storage.join(storage_uri or out_dir / "ray", name)  # Ray Train's, for `name`
     trainer = TorchTrainer(
         train_loop,
@@ -234,7 +234,6 @@ def train(
             "resume_from": latest_checkpoint(run_dir) if resume else None,
             **streaming,
         },
-        datasets=datasets,
         scaling_config=scaling_config,
         run_config=run_config(cfg.train, out_dir, name, storage_uri, callbacks),
     )
@@ -268,17 +267,6 @@ def planned_stream(
     )
     running = scaling_config.num_workers * trials_at_once
     return stream_settings(tcfg, source, worker, running, refuse)
-
-
-def planned_data(
-    tcfg: TrainConfig, source: PairSource, scaling_config: ScalingConfig, trials_at_once: int
-) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Ray Data's datasets for Ray Train (the streamed view; None in memory) and the loop's
-    stream settings."""
-    settings = planned_stream(tcfg, source, scaling_config, trials_at_once)
-    if not settings:
-        return None, {}
-    return {"train": stream.open_view(settings["stream_view"])}, settings
 
 
 def fit(trainer: TorchTrainer) -> Any:

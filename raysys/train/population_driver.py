@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,8 @@ from torch.utils.tensorboard import SummaryWriter
 from raysys import storage
 from raysys.checks import STREAMED_LAYER_PAIRS, UNPLANNED_STREAM
 from raysys.config import Config, TrainConfig, from_dict, to_dict
-from raysys.data.batches import SHUFFLE_WINDOW, MemoryBatches, StreamBatches, batch_plan
+from raysys.data.batches import MemoryBatches, batch_plan
 from raysys.data.source import PairSource
-from raysys.data.stream import arrays, view_files
-from raysys.data.view_shard import ViewShard
 from raysys.errors import ConfigError, RaysysError
 from raysys.evaluate import val_rows
 from raysys.jam.population import Population
@@ -59,6 +57,7 @@ from raysys.train.population_loop import (
     run_population,
 )
 from raysys.train.step import input_moments, set_global_input_stats
+from raysys.train.streamed import streamed_share
 
 __all__ = ["PopulationResult", "train_population"]
 
@@ -230,32 +229,9 @@ def _data_and_population(
         )
         steps_per_epoch = plan.steps_per_epoch
     else:  # one layer pair (the sweep groups a streamed split's members by layer pair)
-        # Read with pyarrow: Ray Data's tasks wait forever inside a Tune trial.
-        view = ViewShard(view_files(config["stream_view"]), rank, world, tcfg.seed)
-        per_worker = tcfg.batch_size // world
-        steps_per_epoch = view.rows // per_worker
-        if steps_per_epoch == 0:
-            raise ConfigError(
-                f"the streamed train split's {stream_rows} pairs give each of {world} "
-                f"worker(s) {view.rows}, fewer than its {per_worker} of a global batch of "
-                f"{tcfg.batch_size}: lower train.batch_size"
-            )
-        dims = [tuple(config["dims"])]
-        parts = []  # one extra pass over this rank's rows, for the standardisation's moments
-        for table in view.tables(0):
-            x = arrays(table)
-            parts.append(input_moments(x["image"], x["text"], device))
-        moments = [torch.stack(parts).sum(0)]
-        window = SHUFFLE_WINDOW * per_worker
-
-        def read(epoch: int) -> Iterator[Any]:
-            return view.batches(epoch, per_worker, window)
-
-        per_layer = [StreamBatches(read, steps_per_epoch, device)]
-        where = (
-            f"streaming {stream_rows} pairs from their pair view, {view.rows} per worker "
-            f"per epoch in {len(view.groups)} row groups ({config['stream_reason']})"
-        )
+        share = streamed_share(config, tcfg, rank, world, device)
+        dims, moments, per_layer = [share.dims], [share.moments], [share.batches]
+        steps_per_epoch, where = share.steps_per_epoch, share.where
     members = build_members(tcfgs, [dims[layer] for layer in layer_of])
     for member, layer in zip(members, layer_of, strict=True):  # all-reduced over ranks
         set_global_input_stats(member, moments[layer])

@@ -21,9 +21,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from raysys import storage
 from raysys.config import Config, from_dict
-from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan, ray_data_epochs
+from raysys.data.batches import MemoryBatches, StreamBatches, batch_plan
 from raysys.data.source import PairSource
-from raysys.data.stream import arrays
 from raysys.evaluate import val_rows
 from raysys.jam import JAM
 from raysys.train.loop import (
@@ -37,14 +36,12 @@ from raysys.train.loop import (
 from raysys.train.step import (
     Trainer,
     fit_global_input_stats,
-    input_moments,
     jam_config,
     set_global_input_stats,
 )
+from raysys.train.streamed import streamed_share
 
 __all__ = ["HISTORY_FILE", "MODEL_DIR", "STATE_FILE", "checkpoint_at", "train_loop"]
-
-STATS_BATCH = 8192  # rows per batch of the extra pass that computes a stream's moments
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -87,9 +84,12 @@ def train_loop(config: dict[str, Any]) -> None:
         tensorboard = (config["tensorboard_dir"], config["tensorboard_uri"])
         publish = functools.partial(storage.upload_dir, *tensorboard)
 
-    run_steps(
-        cfg, trainer, batches, val, progress, steps_per_epoch, device, _report, writer, publish
-    )
+    try:
+        run_steps(
+            cfg, trainer, batches, val, progress, steps_per_epoch, device, _report, writer, publish
+        )
+    finally:
+        getattr(batches, "close", lambda: None)()  # a stream's reader thread and files
     if writer:
         writer.close()
         if publish:
@@ -131,25 +131,10 @@ def _data_and_model(
             return batches, where
 
         return model, plan.steps_per_epoch, memory_batches
-    # Ray Train hands each worker an equal share of the pair view, one epoch per pass.
-    shard = ray.train.get_dataset_shard("train")
-    per_worker = tcfg.batch_size // world
-    steps_per_epoch = stream_rows // world // per_worker
-    model = JAM(jam_config(tcfg, *config["dims"]))
-    moments = []  # one extra pass over the stream, for the standardisation's moments
-    for batch in shard.iter_batches(batch_size=STATS_BATCH, batch_format="pyarrow"):
-        x = arrays(batch)
-        moments.append(input_moments(x["image"], x["text"], device))
-    set_global_input_stats(model, torch.stack(moments).sum(0))
-    where = (
-        f"streaming {stream_rows} pairs through Ray Data ({config['stream_reason']}), "
-        f"{per_worker} per worker per step"
-    )
-
-    def stream_batches(device: torch.device) -> tuple[Batches, str]:
-        return StreamBatches(ray_data_epochs(shard, per_worker), steps_per_epoch, device), where
-
-    return model, steps_per_epoch, stream_batches
+    share = streamed_share(config, tcfg, rank, world, device)
+    model = JAM(jam_config(tcfg, *share.dims))
+    set_global_input_stats(model, share.moments)
+    return model, share.steps_per_epoch, lambda _device: (share.batches, share.where)
 
 
 def checkpoint_at(uri: str) -> ray.train.Checkpoint:
