@@ -15,7 +15,8 @@ def test_bench_stream_reads_every_batch_both_ways_and_removes_its_view(tmp_path,
     assert main([*args, "train.batch_size=256"]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["settings"] == {
-        "pairs": 3000, "d_image": 24, "d_text": 16, "batch": 256, "row_group": 8192, "files": 8
+        "pairs": 3000, "d_image": 24, "d_text": 16, "batch": 256, "step_ms": 0.0,
+        "row_group": 8192, "files": 8,
     }  # fmt: skip
     assert result["bare_rows_s"] > 0 and result["stream_rows_s"] > 0
     assert result["ratio"] == result["stream_rows_s"] / result["bare_rows_s"]
@@ -24,5 +25,13 @@ def test_bench_stream_reads_every_batch_both_ways_and_removes_its_view(tmp_path,
     assert all(len(t) == 3 and min(t) > 0 for t in result["seconds"].values())
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # the view is gone
     assert "[bench stream] 3,000 pairs (24/16-d float16" in capsys.readouterr().out
+    # A stand-in device step: each of an epoch's 11 streamed batches (and the bare loop's 16,
+    # two a file) is followed by a 20 ms wait.
+    assert main([*args, "--step-ms", "20", "train.batch_size=256"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"]["step_ms"] == 20.0
+    assert min(result["seconds"]["stream"]) >= 11 * 0.02
+    assert min(result["seconds"]["bare"]) >= 16 * 0.02
+    assert "; a 20 ms step after each batch" in capsys.readouterr().out
     assert main(["bench", "stream", "--pairs", "5", "--out", str(tmp_path)]) == 2
     assert "--pairs (5) must hold one batch" in capsys.readouterr().err

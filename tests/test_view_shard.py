@@ -163,12 +163,12 @@ def test_a_damaged_view_file_is_named_and_a_closed_stream_leaves_no_reader(tmp_p
     batches = StreamBatches(lambda e: shard.batches(e, 16, 64), 200 // 16, torch.device("cpu"))
 
     def readers() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith("view-read")}
+        return {t for t in threading.enumerate() if t.name.startswith(("view-read", "stream-"))}
 
     before = readers()  # (other tests' abandoned streams wait for the garbage collector)
     batches.get(0)
     assert readers() - before
-    batches.close()  # mid-epoch: its read-ahead thread and files are let go now
+    batches.close()  # mid-epoch: its read-ahead threads and files are let go now
     assert readers() <= before
 
     damaged = files[2]
@@ -178,3 +178,23 @@ def test_a_damaged_view_file_is_named_and_a_closed_stream_leaves_no_reader(tmp_p
     with pytest.raises(CacheError, match=r"row group 0 of the pair view file .*part-2\.parquet"):
         for group in shard.groups:
             shard._read(group)
+
+
+def test_read_ahead_raises_its_threads_error_in_order_and_close_stops_it() -> None:
+    import itertools
+
+    from raysys.data.batches import ReadAhead
+
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("a bad row")
+
+    ahead = iter(ReadAhead(items(), 1))
+    assert [next(ahead), next(ahead)] == [1, 2]  # the error waits for its turn
+    with pytest.raises(ValueError, match="a bad row"):
+        next(ahead)
+    endless = ReadAhead(itertools.count(), 2)
+    assert next(iter(endless)) == 0
+    endless.close()  # its thread waits on a full queue until told to stop
+    assert not endless._thread.is_alive()

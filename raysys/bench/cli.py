@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="step: also time P stacked members against one member (ratio of member·samples/s)",
     )
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="stream: a wait after each batch, standing in for a device step",
+    )
     parser.add_argument("--device", default="auto", help="step, embed: auto, cpu, cuda, …")
 
 

@@ -5,19 +5,24 @@ A sweep whose train split does not fit in memory streams it from a pair view, an
 trials read the view themselves (`raysys.data.view_shard`: row groups shuffled each epoch, a
 4-batch mixing window, the next row group read in the background). This writes a synthetic
 view of `--pairs` random float16 pairs at `--dims` (image, text; a negative beside each
-text) in row groups of `ROW_GROUP` rows, then times, in turns:
+text) in row groups of `ROW_GROUP` rows, then times `ROUNDS` epochs of each:
 
 - **bare**: each file's record batches in file order (`ParquetFile.iter_batches`, every
   column the stream reads), the three embedding columns turned into tensors, nothing else;
 - **stream**: the trial's path, `StreamBatches` over `ViewShard.batches`, with its finite
-  check and image keys per batch.
+  check and image keys per batch; one `StreamBatches` for every epoch, as in a run, so its
+  read-ahead runs on across epochs.
 
-It prints the rows/s of each, `ratio` = stream / bare (what the shuffled, mixed and
-checked reads cost) and the batches/s the stream feeds at `train.batch_size`, to set beside
-`raysys bench step`'s time per step on the training device. Only the row-group read runs
-beside the step; slicing, the window's copy and the checks run on the training thread
-before it, so a step's time is the step plus that share. The view is local and freshly
-written (in the page cache): a view on S3 or a cold disk reads slower.
+With `--step-ms` each batch is followed by a wait of that long on both paths, standing in
+for a device step: the training thread blocked on the device, the GIL free. The stream
+prepares its next batches (read, window, checks) in the background meanwhile, so its rate
+approaches the slower of the step and the preparation; the bare loop does its work and the
+wait one after the other.
+
+It prints the rows/s of each, `ratio` = stream / bare and the batches/s the stream feeds at
+`train.batch_size`, to set beside `raysys bench step`'s time per step on the training
+device. The view is local and freshly written (in the page cache): a view on S3 or a cold
+disk reads slower.
 
 Imports torch, numpy and pyarrow only; runs where Ray is absent.
 """
@@ -46,7 +51,7 @@ from raysys.errors import ConfigError
 
 ROW_GROUP = 8192  # rows per row group of the synthetic view
 FILES = 8
-ROUNDS = 3  # timed rounds, taking turns between the paths
+ROUNDS = 3  # timed epochs of each path
 
 
 @dataclass
@@ -57,6 +62,7 @@ class StreamBench:
     d_image: int = 1024
     d_text: int = 4096
     batch: int = 256
+    step_ms: float = 0.0  # a wait after each batch, standing in for a device step
 
 
 def write_view(directory: Path, bench: StreamBench, seed: int = 0) -> list[str]:
@@ -93,19 +99,24 @@ def write_view(directory: Path, bench: StreamBench, seed: int = 0) -> list[str]:
     return files
 
 
-def bare_epoch(files: list[str], batch: int) -> int:
-    """Rows read in file order as tensors, batch by batch (each file's last batch short)."""
+def bare_epoch(files: list[str], batch: int, step_s: float) -> int:
+    """Rows read in file order as tensors, batch by batch (each file's last batch short),
+    each batch followed by a `step_s` wait."""
     rows = 0
     for path in files:
         for record in pq.ParquetFile(path).iter_batches(batch_size=batch):
             for c in COLUMNS:
                 torch.as_tensor(cache.to_numpy(record.column(c)))
             rows += record.num_rows
+            time.sleep(step_s)
     return rows
 
 
-def stream_epoch(files: list[str], batch: int, epoch: int) -> int:
-    """Rows of one epoch through the trial's path (one rank of one)."""
+def stream_epochs(
+    files: list[str], batch: int, epochs: int, step_s: float
+) -> tuple[int, list[float]]:
+    """Rows an epoch (whole batches) and the seconds of each of `epochs` epochs through the
+    trial's path (one rank of one), each batch followed by a `step_s` wait."""
     view = ViewShard(files, 0, 1, seed=0)
     steps = view.rows // batch
 
@@ -113,12 +124,22 @@ def stream_epoch(files: list[str], batch: int, epoch: int) -> int:
         return view.batches(e, batch, SHUFFLE_WINDOW * batch)
 
     batches = StreamBatches(read, steps, torch.device("cpu"))
-    return sum(len(batches.get(epoch * steps + s)[0]) for s in range(steps))
+    seconds = []
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            for s in range(steps):
+                batches.get(epoch * steps + s)
+                time.sleep(step_s)
+            seconds.append(time.perf_counter() - t0)
+    finally:
+        batches.close()
+    return steps * batch, seconds
 
 
 def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
-    """Write the view under `out_dir`, time both paths in turns, remove the view; print and
-    write `out_dir/bench.json`."""
+    """Write the view under `out_dir`, time both paths, remove the view; print and write
+    `out_dir/bench.json`."""
     if bench.pairs < bench.batch:
         raise ConfigError(f"--pairs ({bench.pairs}) must hold one batch ({bench.batch})")
     where = out_dir / "stream-view"
@@ -127,16 +148,14 @@ def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
         files = write_view(where, bench)
         write_s = time.perf_counter() - started
         bytes_per_row = 2 * (bench.d_image + 2 * bench.d_text)
-        times: dict[str, list[float]] = {"bare": [], "stream": []}
+        step_s = bench.step_ms / 1000
+        times: dict[str, list[float]] = {"bare": []}
         rows: dict[str, int] = {}
-        for r in range(ROUNDS):
-            for name in times:
-                t0 = time.perf_counter()
-                n = bare_epoch(files, bench.batch) if name == "bare" else (
-                    stream_epoch(files, bench.batch, r)
-                )  # fmt: skip
-                times[name].append(time.perf_counter() - t0)
-                rows[name] = n
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            rows["bare"] = bare_epoch(files, bench.batch, step_s)
+            times["bare"].append(time.perf_counter() - t0)
+        rows["stream"], times["stream"] = stream_epochs(files, bench.batch, ROUNDS, step_s)
     finally:
         shutil.rmtree(where, ignore_errors=True)
     rate = {k: rows[k] / statistics.median(v) for k, v in times.items()}
@@ -154,19 +173,20 @@ def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "settings": asdict(bench) | {"row_group": ROW_GROUP, "files": FILES},
     }
+    waits = f"; a {bench.step_ms:g} ms step after each batch" if bench.step_ms else ""
     print(
         f"[bench stream] {bench.pairs:,} pairs ({bench.d_image}/{bench.d_text}-d float16, "
         f"{bytes_per_row / 1024:.1f} KiB a row), batch {bench.batch}: bare "
         f"{rate['bare']:,.0f} rows/s, stream {rate['stream']:,.0f} rows/s "
         f"({result['stream_mib_s']:,.0f} MiB/s, {result['stream_batches_s']:.1f} batches/s); "
-        f"ratio {ratio:.2f}",
+        f"ratio {ratio:.2f}{waits}",
         flush=True,
     )
     return write_result(out_dir, result)
 
 
 def run(args: Any, cfg: Config, out: Path) -> None:
-    """`raysys bench stream --pairs N --dims I,T` (batch: `train.batch_size`)."""
+    """`raysys bench stream --pairs N --dims I,T [--step-ms M]` (batch: `train.batch_size`)."""
     d_image, d_text = (int(d) for d in args.dims.split(","))
-    bench = StreamBench(args.pairs, d_image, d_text, cfg.train.batch_size)
+    bench = StreamBench(args.pairs, d_image, d_text, cfg.train.batch_size, args.step_ms)
     bench_stream(out, bench)

@@ -9,7 +9,9 @@ over the pair view of `raysys.data.stream`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -227,11 +229,66 @@ class MemoryBatches:
 
 
 SHUFFLE_WINDOW = 4  # a streamed worker's rows are mixed within windows of this many batches
+AHEAD_BATCHES = 2  # a stream's batches prepared ahead of the step, in a background thread
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+class ReadAhead:
+    """The items of `items`, made up to `depth` ahead in a background thread: pyarrow's
+    reads and takes and numpy's checks release the GIL, so the next batches are prepared
+    while the step runs. An error in the thread is raised where its item would have been."""
+
+    def __init__(self, items: Iterator[Any], depth: int, name: str = "stream-ahead") -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(_Failed(e))
+        finally:
+            getattr(items, "close", lambda: None)()  # its own reader thread and files
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class StreamBatches:
     """Batches streamed from the pair view: `read(epoch)` gives this worker's batches of an
-    epoch as pyarrow tables (a `ViewShard`'s).
+    epoch as pyarrow tables (a `ViewShard`'s), turned into arrays and checked
+    `AHEAD_BATCHES` ahead of the step in a background thread.
 
     Steps must be asked for in order. A resumed run skips the batches of the current epoch
     that were already trained on, which are the very pairs it trained on: the reader's order
@@ -245,9 +302,10 @@ class StreamBatches:
         self.read, self.steps_per_epoch, self.device = read, steps_per_epoch, device
         self._iter: Any = None
 
-    def _epochs(self, start: int) -> Any:
+    def _arrays(self, start: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every batch from step `start` on, as checked arrays (`raysys.data.stream.arrays`)."""
         # Lazy: the stream module reads Parquet, and `bench step` runs without pyarrow.
-        from raysys.data.stream import COLUMNS, arrays
+        from raysys.data.stream import arrays
 
         epoch, skip = divmod(start, self.steps_per_epoch)
         while True:
@@ -255,10 +313,19 @@ class StreamBatches:
             for i, batch in enumerate(self.read(epoch)):
                 if i < skip or taken + skip >= self.steps_per_epoch:
                     continue
-                x = arrays(batch)
                 taken += 1
-                yield tuple(torch.as_tensor(x[c]).to(self.device) for c in (*COLUMNS, "image_keys"))
+                yield arrays(batch)
             epoch, skip = epoch + 1, 0
+
+    def _epochs(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        from raysys.data.stream import COLUMNS
+
+        ahead = ReadAhead(self._arrays(start), AHEAD_BATCHES)
+        try:
+            for x in ahead:
+                yield tuple(torch.as_tensor(x[c]).to(self.device) for c in (*COLUMNS, "image_keys"))
+        finally:
+            ahead.close()
 
     def get(self, step: int) -> tuple[torch.Tensor, ...]:
         if self._iter is None:
@@ -266,9 +333,9 @@ class StreamBatches:
         return next(self._iter)
 
     def close(self) -> None:
-        """Stop the stream now (its read-ahead thread, its open files), not whenever the
-        garbage collector finds the generator: a Tune trial's process trains population
-        after population."""
+        """Stop the stream now (its threads, its open files), not whenever the garbage
+        collector finds the generator: a Tune trial's process trains population after
+        population."""
         if self._iter is not None:
             self._iter.close()
             self._iter = None

@@ -216,6 +216,17 @@ def parquet_file(uri: Location) -> pq.ParquetFile:
     return pq.ParquetFile(fs.open_input_file(path), page_checksum_verification=True)
 
 
+def read_row_group(uri: Location, index: int, metadata: pq.FileMetaData) -> pa.Table:
+    """Row group `index` of a Parquet file whose footer was read before (`metadata`), through
+    a reader of its own: a `ParquetFile` is not safe to share between threads (its read
+    cache failed, "ReadRangeCache did not find matching cache entry", when two streams read
+    one at once)."""
+    fs, path = storage.pyarrow_fs(uri)
+    with fs.open_input_file(path) as f:
+        reader = pq.ParquetFile(f, metadata=metadata, page_checksum_verification=True)
+        return reader.read_row_group(index)
+
+
 def read_parquet(uri: Location, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file (or a list of them, all on one filesystem) as a table; a damaged
     file is a CacheError naming it."""

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raysys.data import cache
 from raysys.errors import CacheError
@@ -40,11 +39,11 @@ class ViewShard:
 
     def __init__(self, files: list[str], rank: int, world: int, seed: int) -> None:
         self.rank, self.world, self.seed = rank, world, seed
-        self._files: dict[str, pq.ParquetFile] = {f: cache.parquet_file(f) for f in files}
+        self._footers = {f: cache.parquet_file(f).metadata for f in files}
         self.groups = [
-            RowGroup(f, i, parquet.metadata.row_group(i).num_rows)
-            for f, parquet in self._files.items()
-            for i in range(parquet.metadata.num_row_groups)
+            RowGroup(f, i, footer.row_group(i).num_rows)
+            for f, footer in self._footers.items()
+            for i in range(footer.num_row_groups)
         ]
         self.total = sum(g.rows for g in self.groups)
         self.rows = self.total // world  # the last `total % world` rows of an epoch go unread
@@ -64,7 +63,7 @@ class ViewShard:
 
     def _read(self, group: RowGroup) -> pa.Table:
         try:
-            return self._files[group.file].read_row_group(group.index)
+            return cache.read_row_group(group.file, group.index, self._footers[group.file])
         except (OSError, pa.ArrowException) as e:
             raise CacheError(
                 f"cannot read row group {group.index} of the pair view file {group.file!r}: "
