@@ -1,8 +1,8 @@
-"""`raysys bench stream`: how fast a sweep's trial streams a pair view, against a bare
+"""`raysys bench stream`: how fast a training worker streams a pair view, against a bare
 pyarrow loop over the same files — no Ray.
 
-A sweep whose train split does not fit in memory streams it from a pair view, and its
-trials read the view themselves (`raysys.data.view_shard`: row groups shuffled each epoch, a
+A run or sweep whose train split does not fit in memory streams it from a pair view, and
+its workers read the view themselves (`raysys.data.view_shard`: row groups shuffled each epoch, a
 4-batch mixing window, the next row group read in the background). This writes a synthetic
 view of `--pairs` random float16 pairs at `--dims` (image, text; a negative beside each
 text) in row groups of `ROW_GROUP` rows, then times `ROUNDS` epochs of each:

@@ -5,6 +5,8 @@ core the trial's placement group holds (found 2026-11-30). So the sweep's driver
 placement group holds, builds each streamed population's view before Tune starts
 (`raysys.data.stream.write_pair_view`), and the trial's workers read their shares of it
 here, row group by row group, the next one read in the background while this one trains.
+`raysys train`'s workers read their shares here too (`raysys.train.streamed`), for the
+fixed order below.
 
 An epoch's order depends only on (seed, epoch): every rank shuffles the view's row groups
 alike and takes its own equal run of rows, so ranks take equal steps, and a resumed run
