@@ -28,6 +28,8 @@ import pyarrow as pa
 from raysys.data import cache
 from raysys.errors import CacheError
 
+FOOTER_READERS = 8
+
 
 @dataclass(frozen=True)
 class RowGroup:
@@ -41,7 +43,10 @@ class ViewShard:
 
     def __init__(self, files: list[str], rank: int, world: int, seed: int) -> None:
         self.rank, self.world, self.seed = rank, world, seed
-        self._footers = {f: cache.parquet_file(f).metadata for f in files}
+        # Footers read at once: a large view on S3 has hundreds of files, a round trip each.
+        with ThreadPoolExecutor(FOOTER_READERS, thread_name_prefix="view-footer") as pool:
+            footers = pool.map(lambda f: cache.parquet_file(f).metadata, files)
+            self._footers = dict(zip(files, footers, strict=True))
         self.groups = [
             RowGroup(f, i, footer.row_group(i).num_rows)
             for f, footer in self._footers.items()
