@@ -209,6 +209,9 @@ class MemoryBatches:
                 for _ in range(2)
             ]
 
+    def close(self) -> None:
+        """Nothing to let go (the shard is the caller's); a stream's `close` has."""
+
     def get(self, step: int) -> tuple[torch.Tensor, ...]:
         mine = torch.as_tensor(self.plan.worker_batch(step, self.rank, self.world))
         if not self.staging:

@@ -210,10 +210,12 @@ def remove_temporary(directory: Location) -> int:
     return len(stale)
 
 
-def parquet_file(uri: Location) -> pq.ParquetFile:
-    """A Parquet file opened for reading, its page checksums verified as pages are read."""
+def parquet_file(uri: Location, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+    """A Parquet file opened for reading, its page checksums verified as pages are read
+    (with `metadata`, its footer as read before, which is not read again)."""
     fs, path = storage.pyarrow_fs(uri)
-    return pq.ParquetFile(fs.open_input_file(path), page_checksum_verification=True)
+    source = fs.open_input_file(path)
+    return pq.ParquetFile(source, metadata=metadata, page_checksum_verification=True)
 
 
 def read_row_group(uri: Location, index: int, metadata: pq.FileMetaData) -> pa.Table:
@@ -221,10 +223,11 @@ def read_row_group(uri: Location, index: int, metadata: pq.FileMetaData) -> pa.T
     a reader of its own: a `ParquetFile` is not safe to share between threads (its read
     cache failed, "ReadRangeCache did not find matching cache entry", when two streams read
     one at once)."""
-    fs, path = storage.pyarrow_fs(uri)
-    with fs.open_input_file(path) as f:
-        reader = pq.ParquetFile(f, metadata=metadata, page_checksum_verification=True)
+    reader = parquet_file(uri, metadata)
+    try:
         return reader.read_row_group(index)
+    finally:
+        reader.close(force=True)  # the file it was handed, open, not at garbage collection
 
 
 def read_parquet(uri: Location, columns: list[str] | None = None) -> pa.Table:

@@ -85,7 +85,7 @@ class StackedBatches:
 
     def close(self) -> None:
         for layer in self.per_layer:
-            getattr(layer, "close", lambda: None)()  # a stream's reader; memory has none
+            layer.close()
 
     def get(self, step: int) -> tuple[torch.Tensor, ...]:
         batches = [b.get(step) for b in self.per_layer]

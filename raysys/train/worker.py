@@ -89,7 +89,7 @@ def train_loop(config: dict[str, Any]) -> None:
             cfg, trainer, batches, val, progress, steps_per_epoch, device, _report, writer, publish
         )
     finally:
-        getattr(batches, "close", lambda: None)()  # a stream's reader thread and files
+        batches.close()  # a stream's reader threads and files
     if writer:
         writer.close()
         if publish:
