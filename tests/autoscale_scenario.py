@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from multinode import auth_env
 from small_job import SMALL_RUN
 
 TESTS = Path(__file__).resolve().parent
@@ -107,7 +108,7 @@ def scenario(scratch: Path, facts: dict[str, Any]) -> None:
 
     os.environ["RAY_TMPDIR"] = str(scratch)  # Ray's session dirs and `ray_current_cluster`
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # the harness runs `ray`
-    os.environ["RAY_AUTH_MODE"] = "token"  # job clients send the token `ray start` uses
+    os.environ.update(auth_env())  # the nodes `ray start` brings up and the job clients
     os.environ["HF_HUB_OFFLINE"] = "1"  # the offline backbones; no network here anyway
     with moto_server() as s3:
         os.environ.update(s3.env)  # before Ray starts: its nodes and the job inherit it

