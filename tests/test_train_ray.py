@@ -103,7 +103,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint(small_cache, tmp_path) 
     assert sorted(loss) == list(range(1, total + 1))
 
 
-def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
+def test_resume_continues_a_stopped_run(ray_cluster, small_cache, tmp_path) -> None:
+    """Ctrl-C a `raysys train` after two checkpoints, then `raysys train resume=DIR`. Both
+    commands join the session's Ray as jobs (a private Ray each cost about 20 CPU-seconds
+    more); a command's private Ray, and Ctrl-C under it, are tests/test_sweep_ray.py's."""
     cfg, ext = small_cache
     out = tmp_path / "stopped"
     args = [
@@ -118,7 +121,8 @@ def test_resume_continues_a_stopped_run(small_cache, tmp_path) -> None:
         "train.hidden=128",  # small, so the 120 steps and 8 checkpoints take seconds
         "train.latent=32",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
     first = subprocess.Popen(
         [sys.executable, "-m", "raysys.cli", *args],
         env=env,
