@@ -105,8 +105,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(small_cache, tmp_path) 
 
 def test_resume_continues_a_stopped_run(ray_cluster, small_cache, tmp_path) -> None:
     """Ctrl-C a `raysys train` after two checkpoints, then `raysys train resume=DIR`. Both
-    commands join the session's Ray as jobs (a private Ray each cost about 20 CPU-seconds
-    more); a command's private Ray, and Ctrl-C under it, are tests/test_sweep_ray.py's."""
+    commands join the session's Ray as jobs (a private Ray each cost the test 78 more
+    CPU-seconds, measured on a slow day); a command's private Ray, and Ctrl-C under it,
+    are tests/test_sweep_ray.py's."""
     cfg, ext = small_cache
     out = tmp_path / "stopped"
     args = [
