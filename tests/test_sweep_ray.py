@@ -7,6 +7,7 @@ population under ASHA losing one member."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import processes
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -288,6 +290,15 @@ def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
     assert "[train] pair view of" not in second  # built once, then reused
     views = list(Path(cfg.extract.cache_dir).rglob(stream.DONE))
     assert views, "no pair view was published"
+    # Its layers are written without Parquet's dictionary (4-5x faster to decode), ids with one.
+    first_file = views[0].parent / json.loads(views[0].read_text())["files"][0]
+    group = pq.ParquetFile(first_file).metadata.row_group(0)
+    encodings = {
+        group.column(i).path_in_schema.split(".")[0]: group.column(i).encodings
+        for i in range(group.num_columns)
+    }
+    assert "RLE_DICTIONARY" in encodings["pair_id"], encodings
+    assert all("RLE_DICTIONARY" not in encodings[c] for c in stream.COLUMNS), encodings
 
 
 def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path, capfd) -> None:

@@ -90,7 +90,9 @@ def write_view(directory: Path, bench: StreamBench, seed: int = 0) -> list[str]:
                     "negative": matrix(bench.d_text),
                 }
             )
-            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer = writer or pq.ParquetWriter(
+                path, table.schema, use_dictionary=cache.dictionary_columns(table.schema)
+            )
             writer.write_table(table, row_group_size=ROW_GROUP)
             start += n
         if writer is not None:

@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 
 DONE = "_view.json"  # written last: a view without it is unfinished and rebuilt
 COLUMNS = ("image", "text", "negative")
-VIEW_VERSION = 2  # 2: rows carry their image id (the step's same-image mask)
+IDS = ("pair_id", "image_id")
+# 2: rows carry their image id (the step's same-image mask). 3: layers written without a
+# dictionary (`cache.dictionary_columns`), 4-5x faster to decode; an older view is rebuilt once.
+VIEW_VERSION = 3
 
 
 def view_dir(source: PairSource, split: str) -> str:
@@ -86,7 +89,11 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
     view = view.join(images, "inner", num_partitions=parts, on=("image_id",))
     attempt = uuid.uuid4().hex  # this build's own directory: a concurrent build has another
     fs, path = storage.pyarrow_fs(storage.join(out, attempt))
-    view.select_columns(["pair_id", "image_id", *COLUMNS]).write_parquet(path, filesystem=fs)
+    view.select_columns([*IDS, *COLUMNS]).write_parquet(
+        path,
+        filesystem=fs,
+        use_dictionary=list(IDS),  # `cache.dictionary_columns`' rule
+    )
     files = [f"{attempt}/{name}" for name in sorted(cache.list_files(storage.join(out, attempt)))]
     written = sum(cache.parquet_file(storage.join(out, f)).metadata.num_rows for f in files)
     if written != rows:
