@@ -262,12 +262,11 @@ def load_prompts(uri: str, layer_column: str) -> dict[str, tuple[list[str], np.n
     """Task -> (class names, raw embeddings `[classes, templates, d]` of one text layer, in
     the stored dtype), tasks and classes in the file's order."""
     try:
-        parquet = cache.parquet_file(uri)
+        names = cache.footer(uri).schema.to_arrow_schema().names
     except FileNotFoundError:
         raise CacheError(
             f"no zero-shot prompt embeddings at {uri!r}; rerun `raysys extract`"
         ) from None
-    names = parquet.schema_arrow.names
     if layer_column not in names:
         layers = [n for n in names if n not in PROMPT_COLUMNS]
         raise CacheError(

@@ -37,12 +37,14 @@ for files no smaller. Parts written before that read the same, only slower.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,23 +241,39 @@ def parquet_file(uri: Location, metadata: pq.FileMetaData | None = None) -> pq.P
     return pq.ParquetFile(source, metadata=metadata, page_checksum_verification=True)
 
 
+@contextlib.contextmanager
+def opened(uri: Location, metadata: pq.FileMetaData | None = None) -> Iterator[pq.ParquetFile]:
+    """`parquet_file`, closed on leaving: the file it was handed, open, is released then, not
+    whenever the garbage collector finds the reader (a worker opens hundreds of parts)."""
+    reader = parquet_file(uri, metadata)
+    try:
+        yield reader
+    finally:
+        reader.close(force=True)
+
+
+def footer(uri: Location) -> pq.FileMetaData:
+    """A Parquet file's footer (row groups, statistics, `.schema.to_arrow_schema()`), the
+    file closed after."""
+    with opened(uri) as reader:
+        return reader.metadata
+
+
 def read_row_group(uri: Location, index: int, metadata: pq.FileMetaData) -> pa.Table:
     """Row group `index` of a Parquet file whose footer was read before (`metadata`), through
     a reader of its own: a `ParquetFile` is not safe to share between threads (its read
     cache failed, "ReadRangeCache did not find matching cache entry", when two streams read
     one at once)."""
-    reader = parquet_file(uri, metadata)
-    try:
+    with opened(uri, metadata) as reader:
         return reader.read_row_group(index)
-    finally:
-        reader.close(force=True)  # the file it was handed, open, not at garbage collection
 
 
 def read_parquet(uri: Location, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file (or a list of them, all on one filesystem) as a table; a damaged
     file is a CacheError naming it."""
     try:
-        return parquet_file(uri).read(columns=columns)
+        with opened(uri) as reader:
+            return reader.read(columns=columns)
     except FileNotFoundError:
         raise
     except (OSError, pa.ArrowException) as e:
@@ -429,9 +447,9 @@ def read_rows(
     wanted = None if buckets is None else np.unique(np.asarray(buckets, dtype=np.int64))
     for path in files:
         try:
-            parquet = parquet_file(path)
-            groups = bucket_groups(parquet, wanted)
-            _read_wanted(parquet, columns, unique, out, found, batch_rows, groups)
+            with opened(path) as parquet:
+                groups = bucket_groups(parquet, wanted)
+                _read_wanted(parquet, columns, unique, out, found, batch_rows, groups)
         except (OSError, pa.ArrowException) as e:
             raise CacheError(f"cannot read cache part {path!r}: {e}; {REPAIR}") from e
     if not found.all():

@@ -189,7 +189,7 @@ def read_index(
     for path in index_files(corpus_dir, wanted):
         read = None
         if columns is not None:
-            names = cache.parquet_file(path).schema_arrow.names
+            names = cache.footer(path).schema.to_arrow_schema().names
             missing = [c for c in columns if c not in names and c not in OPTIONAL_COLUMNS]
             if missing:
                 raise CacheError(f"corpus index file {path!r} has no column(s) {missing}")

@@ -95,7 +95,7 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
         use_dictionary=list(IDS),  # `cache.dictionary_columns`' rule
     )
     files = [f"{attempt}/{name}" for name in sorted(cache.list_files(storage.join(out, attempt)))]
-    written = sum(cache.parquet_file(storage.join(out, f)).metadata.num_rows for f in files)
+    written = sum(cache.footer(storage.join(out, f)).num_rows for f in files)
     if written != rows:
         raise CacheError(
             f"the {split} pair view {out!r} holds {written} rows, not the {rows} pairs "
@@ -125,7 +125,7 @@ def column_shape(directory: str, column: str) -> tuple[int, int]:
     files = cache.data_files(directory)
     if not files:
         raise CacheError(f"cache {directory!r} holds no Parquet files")
-    schema = cache.parquet_file(files[0]).schema_arrow
+    schema = cache.footer(files[0]).schema.to_arrow_schema()
     if column not in schema.names:
         raise CacheError(f"layer {column!r} is not in cache {directory!r}")
     kind = schema.field(column).type

@@ -45,7 +45,7 @@ class ViewShard:
         self.rank, self.world, self.seed = rank, world, seed
         # Footers read at once: a large view on S3 has hundreds of files, a round trip each.
         with ThreadPoolExecutor(FOOTER_READERS, thread_name_prefix="view-footer") as pool:
-            footers = pool.map(lambda f: cache.parquet_file(f).metadata, files)
+            footers = pool.map(cache.footer, files)
             self._footers = dict(zip(files, footers, strict=True))
         self.groups = [
             RowGroup(f, i, footer.row_group(i).num_rows)
