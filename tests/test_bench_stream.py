@@ -8,6 +8,7 @@ import json
 import pytest
 
 from raysys.cli import main
+from raysys.data.view_shard import READERS
 
 
 def test_bench_stream_reads_every_batch_both_ways_and_removes_its_view(tmp_path, capsys) -> None:
@@ -16,7 +17,7 @@ def test_bench_stream_reads_every_batch_both_ways_and_removes_its_view(tmp_path,
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["settings"] == {
         "pairs": 3000, "d_image": 24, "d_text": 16, "batch": 256, "step_ms": 0.0,
-        "row_group": 8192, "files": 8,
+        "readers": READERS, "row_group": 8192, "files": 8,
     }  # fmt: skip
     assert result["bare_rows_s"] > 0 and result["stream_rows_s"] > 0
     assert result["ratio"] == result["stream_rows_s"] / result["bare_rows_s"]
@@ -33,5 +34,11 @@ def test_bench_stream_reads_every_batch_both_ways_and_removes_its_view(tmp_path,
     assert min(result["seconds"]["stream"]) >= 11 * 0.02
     assert min(result["seconds"]["bare"]) >= 16 * 0.02
     assert "; a 20 ms step after each batch" in capsys.readouterr().out
+    assert main([*args, "--readers", "3", "train.batch_size=256"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["settings"]["readers"] == 3 and result["rows"]["stream"] == 2816
+    assert "; 3 reader(s)" in capsys.readouterr().out
     assert main(["bench", "stream", "--pairs", "5", "--out", str(tmp_path)]) == 2
     assert "--pairs (5) must hold one batch" in capsys.readouterr().err
+    assert main([*args, "--readers", "-1"]) == 2
+    assert "--readers (-1) must be 0" in capsys.readouterr().err

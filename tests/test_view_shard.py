@@ -93,6 +93,47 @@ def test_batches_are_whole_and_the_window_mixes_rows_across_row_groups(view) -> 
     assert len(set(_ids(mixed))) == 200 // 16 * 16
 
 
+def test_windows_made_in_parallel_give_the_batches_made_one_at_a_time(view) -> None:
+    """Each window is mixed by its own generator, so how many are made at once (the node's
+    cores) never changes an epoch's batches; batches run across window boundaries."""
+    runs = {}
+    for readers in (1, 3):
+        shard = ViewShard(view, 0, 1, seed=9, readers=readers)
+        runs[readers] = [_ids(shard.batches(epoch=1, size=16, window=32))]
+        runs[readers].append(_ids(shard.tables(epoch=1)))
+    assert runs[1] == runs[3]
+    windows = shard._windows(1, 32)
+    assert len(windows) > 2 and all(sum(p[2] for p in w) >= 32 for w in windows[:-1])
+    assert [p for w in windows for p in w] == shard._pieces(1)  # whole slices, in order
+
+
+def test_in_order_keeps_the_order_raises_in_turn_and_cancels_the_rest_when_left() -> None:
+    import threading
+    import time
+
+    from raysys.data.view_shard import in_order
+
+    def slow_first(i: int) -> int:
+        time.sleep(0.05 * (3 - i) if i < 3 else 0)  # later items finish first
+        if i == 5:
+            raise ValueError("item 5")
+        return i
+
+    made = in_order(slow_first, range(8), 3, "test-order")
+    assert [next(made) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="item 5"):
+        next(made)
+    started = []
+    left = in_order(lambda i: started.append(i) or time.sleep(0.02), range(100), 2, "test-left")
+    next(left)
+    left.close()  # the consumer stops: nothing more starts, its threads are gone
+    count = len(started)
+    assert count <= 4
+    time.sleep(0.1)
+    assert len(started) == count
+    assert not [t for t in threading.enumerate() if t.name.startswith("test-left")]
+
+
 def test_stream_batches_resume_mid_epoch_on_the_same_pairs(view) -> None:
     import torch
 

@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="stream: a wait after each batch, standing in for a device step",
     )
+    parser.add_argument(
+        "--readers",
+        type=int,
+        default=0,
+        help="stream: row groups or windows made at once (0: the default, by the cores)",
+    )
     parser.add_argument("--device", default="auto", help="step, embed: auto, cpu, cuda, …")
 
 

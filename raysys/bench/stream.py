@@ -46,7 +46,7 @@ from raysys.config import Config
 from raysys.data import cache
 from raysys.data.batches import SHUFFLE_WINDOW, StreamBatches
 from raysys.data.stream import COLUMNS
-from raysys.data.view_shard import ViewShard
+from raysys.data.view_shard import READERS, ViewShard
 from raysys.errors import ConfigError
 
 ROW_GROUP = 8192  # rows per row group of the synthetic view
@@ -63,6 +63,7 @@ class StreamBench:
     d_text: int = 4096
     batch: int = 256
     step_ms: float = 0.0  # a wait after each batch, standing in for a device step
+    readers: int = READERS  # the stream's row groups or windows made at once
 
 
 def write_view(directory: Path, bench: StreamBench, seed: int = 0) -> list[str]:
@@ -115,11 +116,11 @@ def bare_epoch(files: list[str], batch: int, step_s: float) -> int:
 
 
 def stream_epochs(
-    files: list[str], batch: int, epochs: int, step_s: float
+    files: list[str], batch: int, epochs: int, step_s: float, readers: int = READERS
 ) -> tuple[int, list[float]]:
     """Rows an epoch (whole batches) and the seconds of each of `epochs` epochs through the
     trial's path (one rank of one), each batch followed by a `step_s` wait."""
-    view = ViewShard(files, 0, 1, seed=0)
+    view = ViewShard(files, 0, 1, seed=0, readers=readers)
     steps = view.rows // batch
 
     def read(e: int) -> Any:
@@ -157,7 +158,9 @@ def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
             t0 = time.perf_counter()
             rows["bare"] = bare_epoch(files, bench.batch, step_s)
             times["bare"].append(time.perf_counter() - t0)
-        rows["stream"], times["stream"] = stream_epochs(files, bench.batch, ROUNDS, step_s)
+        rows["stream"], times["stream"] = stream_epochs(
+            files, bench.batch, ROUNDS, step_s, bench.readers
+        )
     finally:
         shutil.rmtree(where, ignore_errors=True)
     rate = {k: rows[k] / statistics.median(v) for k, v in times.items()}
@@ -181,14 +184,18 @@ def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
         f"{bytes_per_row / 1024:.1f} KiB a row), batch {bench.batch}: bare "
         f"{rate['bare']:,.0f} rows/s, stream {rate['stream']:,.0f} rows/s "
         f"({result['stream_mib_s']:,.0f} MiB/s, {result['stream_batches_s']:.1f} batches/s); "
-        f"ratio {ratio:.2f}{waits}",
+        f"ratio {ratio:.2f}{waits}; {bench.readers} reader(s)",
         flush=True,
     )
     return write_result(out_dir, result)
 
 
 def run(args: Any, cfg: Config, out: Path) -> None:
-    """`raysys bench stream --pairs N --dims I,T [--step-ms M]` (batch: `train.batch_size`)."""
+    """`raysys bench stream --pairs N --dims I,T [--step-ms M] [--readers R]` (batch:
+    `train.batch_size`)."""
     d_image, d_text = (int(d) for d in args.dims.split(","))
-    bench = StreamBench(args.pairs, d_image, d_text, cfg.train.batch_size, args.step_ms)
+    if args.readers < 0:
+        raise ConfigError(f"--readers ({args.readers}) must be 0 (the default) or more")
+    readers = args.readers or READERS
+    bench = StreamBench(args.pairs, d_image, d_text, cfg.train.batch_size, args.step_ms, readers)
     bench_stream(out, bench)
