@@ -4,6 +4,10 @@ bare pyarrow loop over its files, without Ray."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +46,28 @@ def test_bench_stream_reads_every_batch_both_ways_and_removes_its_view(tmp_path,
     assert "--pairs (5) must hold one batch" in capsys.readouterr().err
     assert main([*args, "--readers", "-1"]) == 2
     assert "--readers (-1) must be 0" in capsys.readouterr().err
+
+
+def test_the_stream_bench_runs_without_ray_as_the_device_script_does(tmp_path) -> None:
+    """`scripts/device-stream.sh` measures the readers on a lent GPU machine's many cores,
+    which has pyarrow but cannot take Ray: the command line it runs must not import Ray."""
+    args = ["bench", "stream", "--pairs", "600", "--dims", "8,8", "--out", str(tmp_path)]
+    code = (
+        "import sys; from raysys.cli import main; code = main(sys.argv[1:]); "
+        "print(code, 'ray' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args, "train.batch_size=64"], capture_output=True, text=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "0 False", out.stdout + out.stderr
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "device")}
+    env |= {"PAIRS": "600", "DIMS": "8,8", "BATCH": "64", "READERS": "1 3"}
+    script = Path(__file__).parents[1] / "scripts" / "device-stream.sh"
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("; 1 reader(s)") and "; 3 reader(s)" in lines[1]
+    assert json.loads((tmp_path / "device" / "readers-3" / "bench.json").read_text())["rows"] == {
+        "bare": 600,
+        "stream": 576,
+    }

@@ -341,7 +341,7 @@ def test_streamed_nan_rows_are_reported_by_pair_id() -> None:
     import pyarrow as pa
 
     from raysys.data import cache
-    from raysys.data.stream import arrays
+    from raysys.data.view_shard import arrays
     from raysys.errors import CacheError
 
     image = np.ones((3, 4), np.float16)

@@ -45,8 +45,7 @@ from raysys.bench.common import write_result
 from raysys.config import Config
 from raysys.data import cache
 from raysys.data.batches import SHUFFLE_WINDOW, StreamBatches
-from raysys.data.stream import COLUMNS
-from raysys.data.view_shard import READERS, ViewShard
+from raysys.data.view_shard import COLUMNS, READERS, ViewShard
 from raysys.errors import ConfigError
 
 ROW_GROUP = 8192  # rows per row group of the synthetic view

@@ -312,9 +312,9 @@ class StreamBatches:
         self._iter: Any = None
 
     def _arrays(self, start: int) -> Iterator[dict[str, np.ndarray]]:
-        """Every batch from step `start` on, as checked arrays (`raysys.data.stream.arrays`)."""
-        # Lazy: the stream module reads Parquet, and `bench step` runs without pyarrow.
-        from raysys.data.stream import arrays
+        """Every batch from step `start` on, as checked arrays (`view_shard.arrays`)."""
+        # Lazy: the view module reads Parquet, and `bench step` runs without pyarrow.
+        from raysys.data.view_shard import arrays
 
         epoch, skip = divmod(start, self.steps_per_epoch)
         while True:
@@ -327,7 +327,7 @@ class StreamBatches:
             epoch, skip = epoch + 1, 0
 
     def _epochs(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        from raysys.data.stream import COLUMNS
+        from raysys.data.view_shard import COLUMNS
 
         ahead = ReadAhead(self._arrays(start), AHEAD_BATCHES)
         try:

@@ -24,14 +24,13 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import ray
 import ray.data
 from ray.data.expressions import col
 
 from raysys import storage
 from raysys.data import cache, index
-from raysys.data.pairs import image_keys
+from raysys.data.view_shard import COLUMNS
 from raysys.errors import CacheError
 from raysys.runtime import node_resources
 
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
     from raysys.data.source import PairSource
 
 DONE = "_view.json"  # written last: a view without it is unfinished and rebuilt
-COLUMNS = ("image", "text", "negative")
 IDS = ("pair_id", "image_id")
 # 2: rows carry their image id (the step's same-image mask). 3: layers written without a
 # dictionary (`cache.dictionary_columns`), 4-5x faster to decode; an older view is rebuilt once.
@@ -220,15 +218,3 @@ def stream_reason(
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f}"
-
-
-def arrays(batch: Any) -> dict[str, np.ndarray]:
-    """A pyarrow batch of the view as `[rows, dim]` matrices in each column's cached dtype
-    (float16, or float32 for a decoder LM's text layers), with NaN or inf rows
-    reported by pair id (`cache.check_finite_rows`), and each row's image key."""
-    out = {c: cache.to_numpy(batch.column(c)) for c in COLUMNS}
-    cache.check_finite_rows(
-        batch.column("pair_id"), list(out.values()), "in the streamed pair view"
-    )
-    out["image_keys"] = image_keys(batch.column("image_id").to_numpy(zero_copy_only=False))
-    return out

@@ -30,14 +30,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from raysys.data import cache
+from raysys.data.pairs import image_keys
 from raysys.errors import CacheError
 
+COLUMNS = ("image", "text", "negative")  # a view's layers, beside its pair and image ids
 FOOTER_READERS = 8
 # Windows made at once: decoding is most of a streamed batch's cost (about 42 µs of 73 for an
 # 18 KiB row, one core), so a GPU node's cores share it; each one in flight holds a window.
@@ -159,3 +161,15 @@ class ViewShard:
             used = len(whole) // size * size
             yield from (whole.slice(i, size) for i in range(0, used, size))
             carry = whole.slice(used)
+
+
+def arrays(batch: Any) -> dict[str, np.ndarray]:
+    """A pyarrow batch of the view as `[rows, dim]` matrices in each column's cached dtype
+    (float16, or float32 for a decoder LM's text layers), with NaN or inf rows
+    reported by pair id (`cache.check_finite_rows`), and each row's image key."""
+    out = {c: cache.to_numpy(batch.column(c)) for c in COLUMNS}
+    cache.check_finite_rows(
+        batch.column("pair_id"), list(out.values()), "in the streamed pair view"
+    )
+    out["image_keys"] = image_keys(batch.column("image_id").to_numpy(zero_copy_only=False))
+    return out

@@ -17,8 +17,8 @@ import torch
 
 from raysys.config import TrainConfig
 from raysys.data.batches import SHUFFLE_WINDOW, StreamBatches
-from raysys.data.stream import arrays, view_files
-from raysys.data.view_shard import ViewShard
+from raysys.data.stream import view_files
+from raysys.data.view_shard import ViewShard, arrays
 from raysys.errors import ConfigError
 from raysys.train.step import input_moments
 
