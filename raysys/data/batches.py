@@ -233,12 +233,12 @@ class MemoryBatches:
 
 
 SHUFFLE_WINDOW = 4  # a streamed worker's rows are mixed within windows of this many batches
+AHEAD_BATCHES = 2  # a stream's batches prepared ahead of the step, in a background thread
 # A streamed batch's arrays are pyarrow's buffers, read-only, and become tensors without a
 # copy; they are only read (moved and cast), so torch's warning about it is noise in a run's log.
 warnings.filterwarnings(
     "ignore", "The given NumPy array is not writable", UserWarning, "raysys.data.batches"
 )
-AHEAD_BATCHES = 2  # a stream's batches prepared ahead of the step, in a background thread
 
 
 class _Failed:

@@ -31,8 +31,9 @@ is a `CacheError` that names it and the command that repairs it, never a pyarrow
 
 Layer columns are written without Parquet's dictionary encoding (`dictionary_columns`), which
 Parquet applies to every column by default: a float16 layer has at most 65,536 distinct values,
-so its dictionary never fills and falls back to plain, and decoding through it was 4-5x slower
-for files no smaller. Parts written before that read the same, only slower.
+so its dictionary never fills (the point where Parquet would fall back to plain values) and
+every value was decoded through it, 4-5x slower for files no smaller. Parts written before
+read the same, only slower.
 """
 
 from __future__ import annotations
