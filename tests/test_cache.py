@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from parquet_encodings import dictionary_encoded
 
 from raysys.data import cache
 from raysys.errors import CacheError
@@ -150,18 +151,6 @@ def test_nonfinite_rows_finds_nan_and_both_infinities_and_nothing_else(dtype: st
     assert nonfinite_rows(rows[:, 1:4]).tolist() == [False, False, False, True, False, False]
 
 
-def _dictionary_encoded(path) -> dict[str, bool]:
-    """Per column of a Parquet file: whether any of its chunks is dictionary-encoded."""
-    meta = pq.ParquetFile(path).metadata
-    found: dict[str, bool] = {}
-    for g in range(meta.num_row_groups):
-        for c in range(meta.num_columns):
-            chunk = meta.row_group(g).column(c)
-            name = chunk.path_in_schema.split(".")[0]
-            found[name] = found.get(name, False) or "RLE_DICTIONARY" in chunk.encodings
-    return found
-
-
 @pytest.mark.parametrize("write", [cache.write_part, cache.write_bucketed])
 def test_layers_are_written_without_a_dictionary_and_read_back_whole(tmp_path, write) -> None:
     """A float16 layer under Parquet's default dictionary decodes 4-5x slower; ids keep one.
@@ -179,7 +168,7 @@ def test_layers_are_written_without_a_dictionary_and_read_back_whole(tmp_path, w
     )
     uri = tmp_path / "part-0.parquet"
     write(table, uri)
-    assert _dictionary_encoded(uri) == {"id": True, "L00": False, "L01": False, cache.BUCKET: True}
+    assert dictionary_encoded(uri) == {"id": True, "L00": False, "L01": False, cache.BUCKET: True}
     back = cache.read_parquet(uri).sort_by("id")  # write_bucketed reorders the rows
     assert back.schema == table.schema
     assert back["id"].to_pylist() == table["id"].to_pylist()

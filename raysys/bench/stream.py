@@ -115,7 +115,7 @@ def bare_epoch(files: list[str], batch: int, step_s: float) -> int:
 
 
 def stream_epochs(
-    files: list[str], batch: int, epochs: int, step_s: float, readers: int = READERS
+    files: list[str], batch: int, epochs: int, step_s: float, readers: int
 ) -> tuple[int, list[float]]:
     """Rows an epoch (whole batches) and the seconds of each of `epochs` epochs through the
     trial's path (one rank of one), each batch followed by a `step_s` wait."""

@@ -113,15 +113,15 @@ class ViewShard:
                 f"{e}; delete the view's directory and rerun (it is rebuilt)"
             ) from e
 
+    def _slice(self, piece: tuple[RowGroup, int, int]) -> pa.Table:
+        """One of `_pieces`' slices: its row group read, then cut."""
+        group, offset, length = piece
+        return self._read(group).slice(offset, length)
+
     def tables(self, epoch: int) -> Iterator[pa.Table]:
         """This rank's rows of `epoch`, a row group's slice at a time (`readers` read at once,
         handed on in order)."""
-
-        def read(piece: tuple[RowGroup, int, int]) -> pa.Table:
-            group, offset, length = piece
-            return self._read(group).slice(offset, length)
-
-        return in_order(read, self._pieces(epoch), self.readers, "view-read")
+        return in_order(self._slice, self._pieces(epoch), self.readers, "view-read")
 
     def _windows(self, epoch: int, rows: int) -> list[list[tuple[RowGroup, int, int]]]:
         """This rank's slices of `epoch` grouped into windows of whole slices, each at least
@@ -145,9 +145,7 @@ class ViewShard:
 
         def make(k_pieces: tuple[int, list[tuple[RowGroup, int, int]]]) -> pa.Table:
             k, pieces = k_pieces
-            whole = pa.concat_tables(
-                self._read(group).slice(offset, length) for group, offset, length in pieces
-            )
+            whole = pa.concat_tables(map(self._slice, pieces))
             if shuffle:
                 rng = np.random.default_rng([self.seed, epoch, self.rank, k])
                 whole = whole.take(rng.permutation(len(whole)))
