@@ -59,6 +59,11 @@ def _ids(tables) -> list[int]:
     return [int(p[1:]) for t in tables for p in t.column("pair_id").to_pylist()]
 
 
+def _batch_ids(batches) -> list[int]:
+    """The pair ids of arrays batches: each row's vector is its id, four times."""
+    return [int(i) for b in batches for i in b["image"][:, 0]]
+
+
 def test_ranks_take_equal_disjoint_runs_of_one_shuffled_order(view) -> None:
     for world in (1, 2, 3):
         shards = [ViewShard(view, rank, world, seed=7) for rank in range(world)]
@@ -74,23 +79,23 @@ def test_ranks_take_equal_disjoint_runs_of_one_shuffled_order(view) -> None:
 
 def test_an_epochs_order_depends_on_seed_and_epoch_alone(view) -> None:
     a, b = ViewShard(view, 1, 2, seed=3), ViewShard(view, 1, 2, seed=3)
-    first = _ids(a.batches(epoch=2, size=16, window=64))
-    assert first == _ids(b.batches(epoch=2, size=16, window=64))  # a resumed run's batches
-    assert first != _ids(a.batches(epoch=3, size=16, window=64))
-    assert first != _ids(ViewShard(view, 1, 2, seed=4).batches(epoch=2, size=16, window=64))
+    first = _batch_ids(a.batches(epoch=2, size=16, window=64))
+    assert first == _batch_ids(b.batches(epoch=2, size=16, window=64))  # a resumed run's batches
+    assert first != _batch_ids(a.batches(epoch=3, size=16, window=64))
+    assert first != _batch_ids(ViewShard(view, 1, 2, seed=4).batches(epoch=2, size=16, window=64))
 
 
 def test_batches_are_whole_and_the_window_mixes_rows_across_row_groups(view) -> None:
     shard = ViewShard(view, 0, 1, seed=0)
     plain = list(shard.batches(epoch=0, size=16))
-    assert [len(t) for t in plain] == [16] * (200 // 16)  # the last 8 rows are dropped
-    assert _ids(plain) == _ids(shard.tables(0))[: 200 // 16 * 16]  # no window: in order
+    assert [len(b["image"]) for b in plain] == [16] * (200 // 16)  # the last 8 rows dropped
+    assert _batch_ids(plain) == _ids(shard.tables(0))[: 200 // 16 * 16]  # no window: in order
     mixed = list(shard.batches(epoch=0, size=16, window=64))
-    assert [len(t) for t in mixed] == [16] * (200 // 16)
-    assert _ids(mixed) != _ids(plain)
+    assert [len(b[c]) for b in mixed for c in b] == [16] * (200 // 16) * 4
+    assert _batch_ids(mixed) != _batch_ids(plain)
     # Rows stay within windows of a few row groups, not the whole epoch: mixed, yet every
     # row comes once.
-    assert len(set(_ids(mixed))) == 200 // 16 * 16
+    assert len(set(_batch_ids(mixed))) == 200 // 16 * 16
 
 
 def test_windows_made_in_parallel_give_the_batches_made_one_at_a_time(view) -> None:
@@ -99,7 +104,7 @@ def test_windows_made_in_parallel_give_the_batches_made_one_at_a_time(view) -> N
     runs = {}
     for readers in (1, 3):
         shard = ViewShard(view, 0, 1, seed=9, readers=readers)
-        runs[readers] = [_ids(shard.batches(epoch=1, size=16, window=32))]
+        runs[readers] = [_batch_ids(shard.batches(epoch=1, size=16, window=32))]
         runs[readers].append(_ids(shard.tables(epoch=1)))
     assert runs[1] == runs[3]
     windows = shard._windows(1, 32)
@@ -221,21 +226,41 @@ def test_a_damaged_view_file_is_named_and_a_closed_stream_leaves_no_reader(tmp_p
             shard._read(group)
 
 
-def test_read_ahead_raises_its_threads_error_in_order_and_close_stops_it() -> None:
+def test_rebatch_cuts_whole_batches_across_parts_and_drops_the_short_last() -> None:
     import itertools
 
-    from raysys.data.batches import ReadAhead
+    from raysys.data.view_shard import rebatch
 
-    def items():
-        yield 1
-        yield 2
-        raise ValueError("a bad row")
+    ids = np.arange(30)
+    bounds = [0, 5, 8, 28, 30]  # parts of 5, 3, 20 and 2 rows
+    parts = [{"image": ids[a:b], "keys": -ids[a:b]} for a, b in itertools.pairwise(bounds)]
+    batches = list(rebatch(parts, 4))
+    assert [b["image"].tolist() for b in batches] == [
+        list(range(i, i + 4)) for i in range(0, 28, 4)
+    ]
+    assert all(np.array_equal(b["keys"], -b["image"]) for b in batches)  # rows stay aligned
+    assert np.shares_memory(batches[3]["image"], ids)  # within a part: a view, not a copy
+    assert list(rebatch(parts[:1], 8)) == []
 
-    ahead = iter(ReadAhead(items(), 1))
-    assert [next(ahead), next(ahead)] == [1, 2]  # the error waits for its turn
-    with pytest.raises(ValueError, match="a bad row"):
-        next(ahead)
-    endless = ReadAhead(itertools.count(), 2)
-    assert next(iter(endless)) == 0
-    endless.close()  # its thread waits on a full queue until told to stop
-    assert not endless._thread.is_alive()
+
+def test_a_nan_row_in_the_view_stops_the_stream_naming_its_pair(tmp_path) -> None:
+    from raysys.errors import CacheError
+
+    vectors = np.ones((40, 4), np.float16)
+    vectors[29, 2] = np.nan
+    path = str(tmp_path / "part-0.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "pair_id": [f"p{i}" for i in range(40)],
+                "image_id": [f"i{i}" for i in range(40)],
+                "image": cache.list_array(np.ones((40, 4), np.float16)),
+                "text": cache.list_array(vectors),
+                "negative": cache.list_array(-np.ones((40, 4), np.float16)),
+            }
+        ),
+        path,
+        row_group_size=10,
+    )
+    with pytest.raises(CacheError, match=r"1 pair\(s\) have NaN or inf .*\['p29'\]"):
+        list(ViewShard([path], 0, 1, seed=0, readers=2).batches(0, 8, 16))

@@ -3,15 +3,15 @@ pyarrow loop over the same files — no Ray.
 
 A run or sweep whose train split does not fit in memory streams it from a pair view, and
 its workers read the view themselves (`raysys.data.view_shard`: row groups shuffled each epoch, a
-4-batch mixing window, the next row group read in the background). This writes a synthetic
+4-batch mixing window, the next windows made in background threads). This writes a synthetic
 view of `--pairs` random float16 pairs at `--dims` (image, text; a negative beside each
 text) in row groups of `ROW_GROUP` rows, then times `ROUNDS` epochs of each:
 
 - **bare**: each file's record batches in file order (`ParquetFile.iter_batches`, every
   column the stream reads), the three embedding columns turned into tensors, nothing else;
 - **stream**: the trial's path, `StreamBatches` over `ViewShard.batches`, with its finite
-  check and image keys per batch; one `StreamBatches` for every epoch, as in a run, so its
-  read-ahead runs on across epochs.
+  check and image keys (made per window, in the readers' threads); one `StreamBatches` for
+  every epoch, as in a run, so its readers run on across epochs.
 
 With `--step-ms` each batch is followed by a wait of that long on both paths, standing in
 for a device step: the training thread blocked on the device, the GIL free. The stream

@@ -9,10 +9,8 @@ over the pair view of `raysys.data.stream`).
 from __future__ import annotations
 
 import functools
-import queue
-import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -233,7 +231,6 @@ class MemoryBatches:
 
 
 SHUFFLE_WINDOW = 4  # a streamed worker's rows are mixed within windows of this many batches
-AHEAD_BATCHES = 2  # a stream's batches prepared ahead of the step, in a background thread
 # A streamed batch's arrays are pyarrow's buffers, read-only, and become tensors without a
 # copy; they are only read (moved and cast), so torch's warning about it is noise in a run's log.
 warnings.filterwarnings(
@@ -241,63 +238,10 @@ warnings.filterwarnings(
 )
 
 
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-_END = object()
-
-
-class ReadAhead:
-    """The items of `items`, made up to `depth` ahead in a background thread: pyarrow's
-    reads and takes and numpy's checks release the GIL, so the next batches are prepared
-    while the step runs. An error in the thread is raised where its item would have been."""
-
-    def __init__(self, items: Iterator[Any], depth: int, name: str = "stream-ahead") -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(_END)
-        except BaseException as e:  # handed to the consumer, which raises it
-            self._put(_Failed(e))
-        finally:
-            getattr(items, "close", lambda: None)()  # its own reader thread and files
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class StreamBatches:
     """Batches streamed from the pair view: `read(epoch)` gives this worker's batches of an
-    epoch as pyarrow tables (a `ViewShard`'s), turned into arrays and checked
-    `AHEAD_BATCHES` ahead of the step in a background thread.
+    epoch as checked arrays (a `ViewShard`'s, made windows ahead of the step in its reader
+    threads).
 
     Steps must be asked for in order. A resumed run skips the batches of the current epoch
     that were already trained on, which are the very pairs it trained on: the reader's order
@@ -306,35 +250,31 @@ class StreamBatches:
     """
 
     def __init__(
-        self, read: Callable[[int], Iterable[Any]], steps_per_epoch: int, device: torch.device
+        self,
+        read: Callable[[int], Iterator[dict[str, np.ndarray]]],
+        steps_per_epoch: int,
+        device: torch.device,
     ) -> None:
         self.read, self.steps_per_epoch, self.device = read, steps_per_epoch, device
         self._iter: Any = None
 
-    def _arrays(self, start: int) -> Iterator[dict[str, np.ndarray]]:
-        """Every batch from step `start` on, as checked arrays (`view_shard.arrays`)."""
+    def _epochs(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Every batch from step `start` on, as tensors on the device."""
         # Lazy: the view module reads Parquet, and `bench step` runs without pyarrow.
-        from raysys.data.view_shard import arrays
+        from raysys.data.view_shard import COLUMNS
 
         epoch, skip = divmod(start, self.steps_per_epoch)
         while True:
-            taken = 0
-            for i, batch in enumerate(self.read(epoch)):
-                if i < skip or taken + skip >= self.steps_per_epoch:
-                    continue
-                taken += 1
-                yield arrays(batch)
+            batches = self.read(epoch)
+            try:
+                for i, x in enumerate(batches):
+                    if skip <= i < self.steps_per_epoch:
+                        yield tuple(
+                            torch.as_tensor(x[c]).to(self.device) for c in (*COLUMNS, "image_keys")
+                        )
+            finally:
+                getattr(batches, "close", lambda: None)()  # its reader threads and files
             epoch, skip = epoch + 1, 0
-
-    def _epochs(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        from raysys.data.view_shard import COLUMNS
-
-        ahead = ReadAhead(self._arrays(start), AHEAD_BATCHES)
-        try:
-            for x in ahead:
-                yield tuple(torch.as_tensor(x[c]).to(self.device) for c in (*COLUMNS, "image_keys"))
-        finally:
-            ahead.close()
 
     def get(self, step: int) -> tuple[torch.Tensor, ...]:
         if self._iter is None:

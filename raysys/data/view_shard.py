@@ -17,9 +17,12 @@ mixes them; a window always takes whole row-group slices, so with Ray Data's lar
 groups (about 64 MB each) it is one or two row groups.
 
 Each window is mixed by a generator of its own, seeded by (seed, epoch, rank, window), so
-windows are made independently: `READERS` of them at once, in threads (pyarrow decodes and
-reorders without holding the GIL), and handed on in order. Batches run across window
-boundaries, so no row is dropped but the epoch's last partial batch.
+windows are made independently: `READERS` of them at once, in threads, and handed on in
+order. A window's thread does all of its rows' work: it reads, decodes and reorders them
+(pyarrow, without the GIL), then turns them into checked arrays (`arrays`: NaN and inf rows
+refused, image keys hashed), so what is left in the training thread is cutting batches.
+Batches run across window boundaries, so no row is dropped but the epoch's last partial
+batch.
 """
 
 from __future__ import annotations
@@ -136,29 +139,45 @@ class ViewShard:
             count += piece[2]
         return windows if windows[0] else []
 
-    def batches(self, epoch: int, size: int, window: int = 0) -> Iterator[pa.Table]:
-        """This rank's rows of `epoch` in batches of `size` (a last, short one dropped, so
-        ranks take equal steps), rows mixed within windows of whole row-group slices, at
-        least `window` rows each but the epoch's last (each row copied once, as its window
-        is reordered); a batch may span two windows."""
+    def batches(self, epoch: int, size: int, window: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's rows of `epoch` in batches of `size` as checked arrays (`arrays`; a
+        last, short batch dropped, so ranks take equal steps), rows mixed within windows of
+        whole row-group slices, at least `window` rows each but the epoch's last (each row
+        copied once, as its window is reordered); a batch may span two windows."""
         shuffle = window > size
 
-        def make(k_pieces: tuple[int, list[tuple[RowGroup, int, int]]]) -> pa.Table:
+        def make(k_pieces: tuple[int, list[tuple[RowGroup, int, int]]]) -> dict[str, np.ndarray]:
             k, pieces = k_pieces
             whole = pa.concat_tables(map(self._slice, pieces))
             if shuffle:
                 rng = np.random.default_rng([self.seed, epoch, self.rank, k])
                 whole = whole.take(rng.permutation(len(whole)))
-            return whole
+            return arrays(whole)
 
         windows = enumerate(self._windows(epoch, max(window, size)))
-        carry: pa.Table | None = None
-        for whole in in_order(make, windows, self.readers, "view-read"):
-            if carry is not None and len(carry):
-                whole = pa.concat_tables([carry, whole])
-            used = len(whole) // size * size
-            yield from (whole.slice(i, size) for i in range(0, used, size))
-            carry = whole.slice(used)
+        yield from rebatch(in_order(make, windows, self.readers, "view-read"), size)
+
+
+def rebatch(parts: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """`parts` (dicts of row-aligned arrays) cut into batches of `size` rows, a last, short
+    one dropped; a batch is a view into its part, or a copy where it spans two."""
+    carry: dict[str, np.ndarray] | None = None
+    for part in parts:
+        rows, at = _rows(part), 0
+        if carry is not None:
+            at = min(size - _rows(carry), rows)
+            carry = {c: np.concatenate([carry[c], part[c][:at]]) for c in part}
+            if _rows(carry) < size:
+                continue
+            yield carry
+        while at + size <= rows:
+            yield {c: a[at : at + size] for c, a in part.items()}
+            at += size
+        carry = {c: a[at:] for c, a in part.items()} if at < rows else None
+
+
+def _rows(part: dict[str, np.ndarray]) -> int:
+    return len(next(iter(part.values())))
 
 
 def arrays(batch: Any) -> dict[str, np.ndarray]:

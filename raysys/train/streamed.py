@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
+import numpy as np
 import torch
 
 from raysys.config import TrainConfig
@@ -52,7 +52,7 @@ def streamed_share(
         parts.append(input_moments(x["image"], x["text"], device))
     window = SHUFFLE_WINDOW * per_worker
 
-    def read(epoch: int) -> Iterator[pa.Table]:
+    def read(epoch: int) -> Iterator[dict[str, np.ndarray]]:
         return view.batches(epoch, per_worker, window)
 
     where = (
