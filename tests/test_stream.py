@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 
 from raysys.data.stream import (
+    ROW_GROUP_BYTES,
     host_memory_reason,
     nodes_reason,
     shard_bytes,
     stream_reason,
+    windows_bytes,
     workers_on_node,
 )
 
@@ -75,3 +77,16 @@ def test_forced_settings_need_no_cluster() -> None:
     assert stream_reason("stream", rows=48, width=2048, workers=2) == "train.data_on_device=stream"
     assert stream_reason("false", rows=10**12, width=2048, workers=2) is None
     assert stream_reason("true", rows=10**12, width=2048, workers=2) is None
+
+
+def test_a_streamed_workers_windows_are_bounded_by_its_batch_and_its_rows() -> None:
+    row = 18 * 1024  # a 1024/4096-d float16 pair
+    # Four readers' windows, each held twice while reordered, and the one being trained on:
+    # 4 batches of 4,096 rows, plus up to one row group.
+    assert windows_bytes(4096, 10**7, row) == 9 * (4 * 4096 * row + ROW_GROUP_BYTES)
+    assert windows_bytes(4096, 1000, row) == 9 * 1000 * row  # never more than its rows
+    # 32 packed workers on a 512 GiB node get 4 GiB each: batch 4,096 fits, 8,192 does not.
+    assert nodes_reason([GPU_NODE], QUARTER_GPU, 32, windows_bytes(4096, 10**7, row)) is None
+    big = windows_bytes(8192, 10**7, row)
+    reason = nodes_reason([HEAD, GPU_NODE], QUARTER_GPU, 32, big, "stream windows")
+    assert reason is not None and "a worker's stream windows (6.2 GiB) × 32 worker(s)" in reason

@@ -208,7 +208,9 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
     assert f"'{bad_id}-" in str(err.value)  # pair ids are <image id>-<caption index>
 
 
-def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path, capfd) -> None:
+def test_streaming_trains_through_a_reused_pair_view(
+    small_cache, tmp_path, capfd, monkeypatch
+) -> None:
     import numpy as np
     import pyarrow as pa
 
@@ -232,6 +234,12 @@ def test_streaming_trains_through_a_reused_pair_view(small_cache, tmp_path, capf
     # there, before any view is built (Ray Data's tasks hang inside a Tune trial).
     with pytest.raises(ConfigError, match="planned it in memory.*it would stream: train.data_on"):
         stream_settings(run_cfg.train, paths, refuse=UNPLANNED_STREAM)
+    # A node too small for a streamed worker's windows (this one, reported with 16 KiB of
+    # memory) is a clear error, not a worker killed for memory later.
+    monkeypatch.setattr(stream, "node_resources", lambda: [{"CPU": 2.0, "memory": 2.0**14}])
+    with pytest.raises(ConfigError, match=r"a worker's stream windows .*lower train.batch_size"):
+        stream_settings(run_cfg.train, paths)
+    monkeypatch.undo()
     # 48 train pairs, global batch 16 (8 per worker): 3 steps an epoch, every step logged.
     assert [h["step"] for h in result.history] == [3, 6]
     # Each rank reads its own half of the view with pyarrow (`ViewShard`), as a sweep does.

@@ -30,7 +30,8 @@ from ray.data.expressions import col
 
 from raysys import storage
 from raysys.data import cache, index
-from raysys.data.view_shard import COLUMNS
+from raysys.data.batches import SHUFFLE_WINDOW
+from raysys.data.view_shard import COLUMNS, MOST_READERS
 from raysys.errors import CacheError
 from raysys.runtime import node_resources
 
@@ -163,22 +164,29 @@ def workers_on_node(node: Mapping[str, float], worker: Mapping[str, float], runn
     return max(0, min([running, *fits]))
 
 
-def host_memory_reason(node_memory: float, workers: int, shard: float) -> str | None:
+def host_memory_reason(
+    node_memory: float, workers: int, shard: float, what: str = "shard"
+) -> str | None:
     """Why `workers` shards of `shard` bytes do not fit in a node's host memory (None: they
     do). Each worker's shard gets 1/HOST_SHARE of its share of the node's Ray memory: the
-    loader, the standardisation and the batches hold copies beside it."""
+    loader, the standardisation and the batches hold copies beside it. `what` names the
+    bytes in the reason (a streamed worker's windows are checked the same way)."""
     budget = node_memory / HOST_SHARE / workers
     if shard <= budget:
         return None
     return (
-        f"a worker's shard ({_gib(shard)} GiB) × {workers} worker(s) on a node "
+        f"a worker's {what} ({_gib(shard)} GiB) × {workers} worker(s) on a node "
         f"({_gib(shard * workers)} GiB) exceeds a quarter of the node's "
         f"{_gib(node_memory)} GiB of Ray memory"
     )
 
 
 def nodes_reason(
-    nodes: list[Mapping[str, float]], worker: Mapping[str, float], running: int, shard: float
+    nodes: list[Mapping[str, float]],
+    worker: Mapping[str, float],
+    running: int,
+    shard: float,
+    what: str = "shard",
 ) -> str | None:
     """`host_memory_reason` on the tightest node that can hold a worker (a node without room
     for one, such as a CPU-less head, holds no shard); None when every such node has room, or
@@ -188,7 +196,19 @@ def nodes_reason(
         workers, memory = workers_on_node(node, worker, running), node.get("memory", 0.0)
         if workers and memory and (tightest is None or memory / workers < tightest[0]):
             tightest = (memory / workers, memory, workers)
-    return host_memory_reason(tightest[1], tightest[2], shard) if tightest else None
+    return host_memory_reason(tightest[1], tightest[2], shard, what) if tightest else None
+
+
+ROW_GROUP_BYTES = 128 * 2**20  # the most a view's row group holds (Ray Data's largest block)
+
+
+def windows_bytes(batch: int, rows: int, row_bytes: float) -> float:
+    """The most host memory one streaming worker's windows hold (`ViewShard.batches`):
+    `MOST_READERS` being made, each twice while it is reordered, and the one being trained
+    on. A window is `SHUFFLE_WINDOW` batches of `batch` rows in whole row-group slices (so
+    up to one row group more), and never more than the worker's `rows`."""
+    window = min(SHUFFLE_WINDOW * batch * row_bytes + ROW_GROUP_BYTES, rows * row_bytes)
+    return (2 * MOST_READERS + 1) * window
 
 
 def stream_reason(
@@ -214,6 +234,23 @@ def stream_reason(
         return None
     shard = shard_bytes(rows, width, workers, bytes_per_value)
     return nodes_reason(node_resources(), worker or {}, running or workers, shard)
+
+
+def windows_reason(
+    batch: int,
+    rows: int,
+    row_bytes: float,
+    workers: int,
+    worker: Mapping[str, float] | None = None,
+    running: int | None = None,
+) -> str | None:
+    """Why a streaming worker's windows (`windows_bytes` of its `batch` rows, `rows` of
+    `workers`' split) do not fit beside the others on a node, as `stream_reason` sizes
+    shards (None: they fit)."""
+    windows = windows_bytes(batch, rows // workers, row_bytes)
+    return nodes_reason(
+        node_resources(), worker or {}, running or workers, windows, "stream windows"
+    )
 
 
 def _gib(n: float) -> str:

@@ -46,7 +46,8 @@ COLUMNS = ("image", "text", "negative")  # a view's layers, beside its pair and 
 FOOTER_READERS = 8
 # Windows made at once: decoding is most of a streamed batch's cost (about 42 µs of 73 for an
 # 18 KiB row, one core), so a GPU node's cores share it; each one in flight holds a window.
-READERS = max(1, min(4, os.cpu_count() or 1))
+MOST_READERS = 4
+READERS = max(1, min(MOST_READERS, os.cpu_count() or 1))
 
 T = TypeVar("T")
 R = TypeVar("R")
