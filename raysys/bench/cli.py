@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="stream: row groups or windows made at once (0: the default, by the cores)",
     )
-    parser.add_argument("--device", default="auto", help="step, embed: auto, cpu, cuda, …")
+    parser.add_argument("--device", default="auto", help="step, embed, eval: auto, cpu, cuda, …")
 
 
 def run(args: argparse.Namespace, cfg: Config, out: Path) -> None:
