@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 
 from raysys.data.stream import (
-    ROW_GROUP_BYTES,
     host_memory_reason,
+    join_partitions,
     nodes_reason,
     shard_bytes,
     stream_reason,
@@ -81,12 +81,18 @@ def test_forced_settings_need_no_cluster() -> None:
 
 def test_a_streamed_workers_windows_are_bounded_by_its_batch_and_its_rows() -> None:
     row = 18 * 1024  # a 1024/4096-d float16 pair
+    rows = 10**7
+    group = rows * row / join_partitions(rows, row)  # a view's row group: one join partition
+    assert 60e6 < group <= 64e6
     # Four readers' windows, each held twice while reordered, and the one being trained on:
     # 4 batches of 4,096 rows, plus up to one row group.
-    assert windows_bytes(4096, 10**7, row) == 9 * (4 * 4096 * row + ROW_GROUP_BYTES)
-    assert windows_bytes(4096, 1000, row) == 9 * 1000 * row  # never more than its rows
+    assert windows_bytes(4096, rows, 1, row) == 9 * (4 * 4096 * row + group)
+    # A small share: never more than its rows twice, plus a row group per window in flight.
+    small = 1000 * row / 2  # a 1,000-row view is joined in two partitions
+    assert windows_bytes(4096, 1000, 1, row) == 2 * 1000 * row + 5 * small
+    assert windows_bytes(4096, 1000, 4, row) == 2 * 250 * row + 5 * small
     # 32 packed workers on a 512 GiB node get 4 GiB each: batch 4,096 fits, 8,192 does not.
-    assert nodes_reason([GPU_NODE], QUARTER_GPU, 32, windows_bytes(4096, 10**7, row)) is None
-    big = windows_bytes(8192, 10**7, row)
+    assert nodes_reason([GPU_NODE], QUARTER_GPU, 32, windows_bytes(4096, rows, 1, row)) is None
+    big = windows_bytes(8192, rows, 1, row)
     reason = nodes_reason([HEAD, GPU_NODE], QUARTER_GPU, 32, big, "stream windows")
-    assert reason is not None and "a worker's stream windows (6.2 GiB) × 32 worker(s)" in reason
+    assert reason is not None and "a worker's stream windows (5.6 GiB) × 32 worker(s)" in reason

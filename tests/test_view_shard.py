@@ -209,12 +209,12 @@ def test_a_damaged_view_file_is_named_and_a_closed_stream_leaves_no_reader(tmp_p
     batches = StreamBatches(lambda e: shard.batches(e, 16, 64), 200 // 16, torch.device("cpu"))
 
     def readers() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith(("view-read", "stream-"))}
+        return {t for t in threading.enumerate() if t.name.startswith("view-read")}
 
     before = readers()  # (other tests' abandoned streams wait for the garbage collector)
     batches.get(0)
     assert readers() - before
-    batches.close()  # mid-epoch: its read-ahead threads and files are let go now
+    batches.close()  # mid-epoch: its reader threads and files are let go now
     assert readers() <= before
 
     damaged = files[2]

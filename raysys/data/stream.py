@@ -82,8 +82,7 @@ def write_pair_view(source: PairSource, split: str, rows: int) -> str:
     texts = texts.rename_columns(
         {"id": "pair_id", source.text_layer: "text", "neg_" + source.text_layer: "negative"}
     )
-    # Partitions bound each join task's memory; ~64 MB of embeddings per partition.
-    parts = max(2, math.ceil(rows * pair_row(source)[1] / 64e6))
+    parts = join_partitions(rows, pair_row(source)[1])
     view = pairs.join(texts, "inner", num_partitions=parts, on=("pair_id",))
     view = view.join(images, "inner", num_partitions=parts, on=("image_id",))
     attempt = uuid.uuid4().hex  # this build's own directory: a concurrent build has another
@@ -199,16 +198,26 @@ def nodes_reason(
     return host_memory_reason(tightest[1], tightest[2], shard, what) if tightest else None
 
 
-ROW_GROUP_BYTES = 128 * 2**20  # the most a view's row group holds (Ray Data's largest block)
+PARTITION_BYTES = 64e6  # of embeddings per join partition: bounds each join task's memory
 
 
-def windows_bytes(batch: int, rows: int, row_bytes: float) -> float:
-    """The most host memory one streaming worker's windows hold (`ViewShard.batches`):
-    `MOST_READERS` being made, each twice while it is reordered, and the one being trained
-    on. A window is `SHUFFLE_WINDOW` batches of `batch` rows in whole row-group slices (so
-    up to one row group more), and never more than the worker's `rows`."""
-    window = min(SHUFFLE_WINDOW * batch * row_bytes + ROW_GROUP_BYTES, rows * row_bytes)
-    return (2 * MOST_READERS + 1) * window
+def join_partitions(rows: int, row_bytes: float) -> int:
+    """How many partitions the view's joins use; each written block, so each of the view's
+    row groups, holds about one partition's rows."""
+    return max(2, math.ceil(rows * row_bytes / PARTITION_BYTES))
+
+
+def windows_bytes(batch: int, rows: int, workers: int, row_bytes: float) -> float:
+    """The most host memory one of `workers` streaming workers' windows hold
+    (`ViewShard.batches`) for a view of `rows` rows: `MOST_READERS` being made, each twice
+    while it is reordered (the row groups read whole, then the reordered copy), and the one
+    being trained on. A window is `SHUFFLE_WINDOW` batches of `batch` rows in whole row-group
+    slices, so up to one row group more; and windows in flight never hold more than the
+    worker's share of rows twice, plus a row group each."""
+    group = rows * row_bytes / join_partitions(rows, row_bytes)
+    window = SHUFFLE_WINDOW * batch * row_bytes + group
+    share = rows // workers * row_bytes
+    return min((2 * MOST_READERS + 1) * window, 2 * share + (MOST_READERS + 1) * group)
 
 
 def stream_reason(
@@ -247,7 +256,7 @@ def windows_reason(
     """Why a streaming worker's windows (`windows_bytes` of its `batch` rows, `rows` of
     `workers`' split) do not fit beside the others on a node, as `stream_reason` sizes
     shards (None: they fit)."""
-    windows = windows_bytes(batch, rows // workers, row_bytes)
+    windows = windows_bytes(batch, rows, workers, row_bytes)
     return nodes_reason(
         node_resources(), worker or {}, running or workers, windows, "stream windows"
     )

@@ -31,6 +31,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeVar
@@ -143,8 +144,8 @@ class ViewShard:
     def batches(self, epoch: int, size: int, window: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """This rank's rows of `epoch` in batches of `size` as checked arrays (`arrays`; a
         last, short batch dropped, so ranks take equal steps), rows mixed within windows of
-        whole row-group slices, at least `window` rows each but the epoch's last (each row
-        copied once, as its window is reordered); a batch may span two windows."""
+        whole row-group slices, at least `window` rows each but the epoch's last (rows are
+        copied as their window is reordered, and again only in a batch that spans two)."""
         shuffle = window > size
 
         def make(k_pieces: tuple[int, list[tuple[RowGroup, int, int]]]) -> dict[str, np.ndarray]:
@@ -156,25 +157,30 @@ class ViewShard:
             return arrays(whole)
 
         windows = enumerate(self._windows(epoch, max(window, size)))
-        yield from rebatch(in_order(make, windows, self.readers, "view-read"), size)
+        # Closed with this generator (a stream stopped mid-epoch): its threads stop at once.
+        with closing(in_order(make, windows, self.readers, "view-read")) as made:
+            yield from rebatch(made, size)
 
 
 def rebatch(parts: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
     """`parts` (dicts of row-aligned arrays) cut into batches of `size` rows, a last, short
-    one dropped; a batch is a view into its part, or a copy where it spans two."""
+    one dropped; a batch is a view into its part, or a copy where it spans two. The rows
+    left over are copied, so a part is let go before the next one is waited for."""
     carry: dict[str, np.ndarray] | None = None
     for part in parts:
         rows, at = _rows(part), 0
         if carry is not None:
             at = min(size - _rows(carry), rows)
             carry = {c: np.concatenate([carry[c], part[c][:at]]) for c in part}
-            if _rows(carry) < size:
-                continue
-            yield carry
-        while at + size <= rows:
-            yield {c: a[at : at + size] for c, a in part.items()}
-            at += size
-        carry = {c: a[at:] for c, a in part.items()} if at < rows else None
+            if _rows(carry) == size:
+                yield carry
+                carry = None
+        if carry is None:
+            while at + size <= rows:
+                yield {c: a[at : at + size] for c, a in part.items()}
+                at += size
+            carry = {c: a[at:].copy() for c, a in part.items()} if at < rows else None
+        del part
 
 
 def _rows(part: dict[str, np.ndarray]) -> int:

@@ -161,7 +161,8 @@ def plan_streams(
     for population in populations:
         tcfg = population_config(cfg, population)[0].train
         sources = list(dict.fromkeys(json.dumps(t.layer.source) for t in population.trials))
-        key = (tuple(sources), tcfg.data_on_device, tcfg.num_workers)
+        # The batch size sizes a streamed worker's windows (`stream.windows_reason`).
+        key = (tuple(sources), tcfg.data_on_device, tcfg.num_workers, tcfg.batch_size)
         if key not in seen:
             source = PairSource(**json.loads(sources[0]))
             # Several layer pairs cannot stream: refused before any view is built.

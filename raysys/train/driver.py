@@ -197,7 +197,7 @@ def stream_settings(
         raise ConfigError(
             f"the train split streams ({reason}), but {short}: each streamed worker holds "
             f"up to {2 * stream.MOST_READERS + 1} windows of {stream.SHUFFLE_WINDOW} batches "
-            f"of {per_worker} rows; lower train.batch_size"
+            f"of {per_worker} rows; lower train.batch_size, or run fewer workers per node"
         )
     view = stream.write_pair_view(source, "train", rows)
     return {"stream_rows": rows, "stream_reason": reason, "dims": dims, "stream_view": view}
