@@ -257,8 +257,14 @@ def windows_reason(
     `workers`' split) do not fit beside the others on a node, as `stream_reason` sizes
     shards (None: they fit)."""
     windows = windows_bytes(batch, rows, workers, row_bytes)
-    return nodes_reason(
+    short = nodes_reason(
         node_resources(), worker or {}, running or workers, windows, "stream windows"
+    )
+    if short is None:
+        return None
+    return (
+        f"{short}: each streamed worker holds up to {2 * MOST_READERS + 1} windows of "
+        f"{SHUFFLE_WINDOW} batches of {batch} rows"
     )
 
 

@@ -189,15 +189,18 @@ def stream_settings(
         return {}
     if refuse:
         raise ConfigError(f"{refuse} (it would stream: {reason})")
-    per_worker = tcfg.batch_size // tcfg.num_workers
     short = stream.windows_reason(
-        per_worker, rows, row_bytes, tcfg.num_workers, worker=worker, running=running
+        tcfg.batch_size // tcfg.num_workers,
+        rows,
+        row_bytes,
+        tcfg.num_workers,
+        worker=worker,
+        running=running,
     )
     if short:
         raise ConfigError(
-            f"the train split streams ({reason}), but {short}: each streamed worker holds "
-            f"up to {2 * stream.MOST_READERS + 1} windows of {stream.SHUFFLE_WINDOW} batches "
-            f"of {per_worker} rows; lower train.batch_size, or run fewer workers per node"
+            f"the train split streams ({reason}), but {short}; lower train.batch_size, or "
+            "run fewer workers per node"
         )
     view = stream.write_pair_view(source, "train", rows)
     return {"stream_rows": rows, "stream_reason": reason, "dims": dims, "stream_view": view}
