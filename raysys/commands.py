@@ -7,6 +7,7 @@ no data runs before Ray starts or anything is extracted.
 
 from __future__ import annotations
 
+import csv
 import json
 import tempfile
 import time
@@ -302,21 +303,41 @@ def _train_report(
 def evaluate(cfg: Config, model_dir: Path, out: Path | None) -> list[dict[str, Any]]:
     """Score an exported model on any corpus's cache (`eval.split`), beside the raw row.
 
-    The layers default to those the model was trained on (its provenance.json); the corpus
-    and backbones come from the config, so the same model can be scored on another corpus."""
+    The layers are those the model was trained on (`trained_on`); the corpus comes from the
+    config, so the same model can be scored on another corpus, and the backbones must be the
+    model's own: a JAM reads one backbone's layer, and another's of the same width would be
+    scored without a word."""
     if out is not None and storage.is_remote(out):
         raise ConfigError("evaluate writes a local --out directory")
     model = JAM.load(model_dir)
-    prov_path = model_dir / PROVENANCE
-    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    record = trained_on(model_dir)
+    if record is None:
+        print(
+            f"[evaluate] {model_dir} has no {PROVENANCE} and no row in its sweep's results.csv:"
+            f" scoring at train.vision_layer={cfg.train.vision_layer}, "
+            f"train.text_layer={cfg.train.text_layer} of {cfg.extract.vision}+"
+            f"{cfg.extract.text}",
+            flush=True,
+        )
+        record = {}
+    theirs = (record.get("vision", cfg.extract.vision), record.get("text", cfg.extract.text))
+    if theirs != (cfg.extract.vision, cfg.extract.text):
+        raise ConfigError(
+            f"model {str(model_dir)!r} was trained on {theirs[0]}+{theirs[1]}, not "
+            f"{cfg.extract.vision}+{cfg.extract.text}: add extract.vision={theirs[0]} "
+            f"extract.text={theirs[1]}"
+        )
     ext = extract(cfg)
     source = trained_source(cfg, ext)
-    if "image_layer" in provenance:
-        source.image_layer, source.text_layer = provenance["image_layer"], provenance["text_layer"]
+    if "image_layer" in record:  # a run's provenance.json: the cache's layer names
+        source.image_layer, source.text_layer = record["image_layer"], record["text_layer"]
+    elif "vision_layer" in record:  # a sweep's results row: positions in the cache
+        source.image_layer = resolve_layer(ext.image_manifest, int(record["vision_layer"]))
+        source.text_layer = resolve_layer(ext.text_manifest, int(record["text_layer"]))
     pairs = source.load(cfg.eval.split)
     check_dims(model, pairs.image.shape[1], pairs.text.shape[1], f"model {str(model_dir)!r}")
     axes = _axes_of(cfg, ext, source)
-    name = provenance.get("objective", model_dir.name)
+    name = record.get("objective", model_dir.name)
     rows = [
         model_row(RAW, **axes, scores=score_raw(pairs, cfg.eval)),
         model_row(
@@ -331,6 +352,22 @@ def evaluate(cfg: Config, model_dir: Path, out: Path | None) -> list[dict[str, A
         write_report(out, rows, notes=[f"Model {model_dir}, {cfg.eval.split} split."])
         print(f"outputs:     {out}/ (config.yaml, results.csv, report.md)")
     return rows
+
+
+def trained_on(model_dir: Path) -> dict[str, Any] | None:
+    """What an exported model was trained on: a run's `provenance.json` beside it, else its
+    row in the sweep's `results.csv` (`<sweep>/models/<trial>/`: objective, backbones and
+    layer positions); None when neither is there."""
+    prov_path = model_dir / PROVENANCE
+    if prov_path.is_file():
+        return json.loads(prov_path.read_text())
+    results = model_dir.parent.parent / "results.csv"
+    if model_dir.parent.name == "models" and results.is_file():
+        with results.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("trial") == model_dir.name:
+                    return row
+    return None
 
 
 def extract_cache(cfg: Config, out: str | None) -> Extracted:

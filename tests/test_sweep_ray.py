@@ -184,6 +184,37 @@ def test_report_command_rebuilds_the_sweep_report(resumed_sweep, capsys) -> None
     assert "vision_layer" in capsys.readouterr().out
 
 
+def test_evaluate_scores_a_sweep_model_at_its_own_layers(resumed_sweep, tmp_path, capsys):
+    """A sweep's models carry no provenance.json: `raysys evaluate` reads the trial's row in
+    results.csv, so a half-depth trial is scored at its own layers, not the last ones, and
+    a model of another backbone is refused rather than scored on the configured one's."""
+    out, *_ = resumed_sweep
+    with (out / "results.csv").open() as f:
+        trials = [r for r in csv.DictReader(f) if r["trial"]]
+    [row] = [
+        r
+        for r in trials
+        if r["vision"] == "efficientnet-lite0" and r["vision_depth"] == "0.5"
+        if r["objective"] == "con"
+    ]
+    cache_dir = config.load(out / "config.yaml").extract.cache_dir
+    args = ["evaluate", str(out / "models" / row["trial"]), "corpus.size=60"]
+    args += [f"extract.cache_dir={cache_dir}", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
+    with (tmp_path / "eval" / "results.csv").open() as f:
+        rows = {r["objective"]: r for r in csv.DictReader(f)}
+    assert rows["con"]["vision_layer"] == row["vision_layer"] == "8"
+    assert rows["con"]["text_layer"] == row["text_layer"]
+    for column in ("i2t_r1", "t2i_r5", "mutual_knn"):  # the sweep's own scores, recomputed
+        assert float(rows["con"][column]) == pytest.approx(float(row[column]), abs=1e-6)
+    assert float(rows["raw"]["mutual_knn"]) == pytest.approx(float(row["raw_mutual_knn"]))
+
+    [other] = [r for r in trials if r["vision"] == "efficientnet-lite1"][:1]
+    args = ["evaluate", str(out / "models" / other["trial"]), "corpus.size=60"]
+    assert main([*args, f"extract.cache_dir={cache_dir}"]) == 2
+    assert "add extract.vision=efficientnet-lite1" in capsys.readouterr().err
+
+
 def test_config_yaml_holds_the_resolved_sweep(resumed_sweep) -> None:
     out, *_ = resumed_sweep
     saved = config.load(out / "config.yaml")
