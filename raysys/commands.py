@@ -7,7 +7,6 @@ no data runs before Ray starts or anything is extracted.
 
 from __future__ import annotations
 
-import csv
 import json
 import tempfile
 import time
@@ -32,7 +31,7 @@ from raysys.errors import ConfigError, Interrupted, RaysysError
 from raysys.evaluate import score_model, score_raw
 from raysys.extract import Extracted, extract
 from raysys.jam import JAM
-from raysys.probe import probe
+from raysys.probe import PROVENANCE, probe, read_csv, trained_on
 from raysys.report.report import (
     summary_table,
     table,
@@ -65,9 +64,6 @@ from raysys.sweep.tune import (
 )
 from raysys.train.driver import train as fit
 from raysys.train.step import check_dims
-
-PROVENANCE = "provenance.json"  # beside an exported model: what it was trained on
-
 
 # --- sweep (and run) ---------------------------------------------------------------------------
 
@@ -303,14 +299,16 @@ def _train_report(
 def evaluate(cfg: Config, model_dir: Path, out: Path | None) -> list[dict[str, Any]]:
     """Score an exported model on any corpus's cache (`eval.split`), beside the raw row.
 
-    The layers are those the model was trained on (`trained_on`); the corpus comes from the
+    The layers are those the model was trained on (`probe.trained_on`); the corpus comes from the
     config, so the same model can be scored on another corpus, and the backbones must be the
     model's own: a JAM reads one backbone's layer, and another's of the same width would be
     scored without a word."""
     if out is not None and storage.is_remote(out):
         raise ConfigError("evaluate writes a local --out directory")
     model = JAM.load(model_dir)
-    record = trained_on(model_dir)
+    results = model_dir.parent.parent / "results.csv"  # a sweep's: <sweep>/models/<trial>/
+    rows = read_csv(results) if model_dir.parent.name == "models" and results.is_file() else []
+    record = trained_on(model_dir, {r["trial"]: r for r in rows if r.get("trial")})
     if record is None:
         print(
             f"[evaluate] {model_dir} has no {PROVENANCE} and no row in its sweep's results.csv:"
@@ -352,22 +350,6 @@ def evaluate(cfg: Config, model_dir: Path, out: Path | None) -> list[dict[str, A
         write_report(out, rows, notes=[f"Model {model_dir}, {cfg.eval.split} split."])
         print(f"outputs:     {out}/ (config.yaml, results.csv, report.md)")
     return rows
-
-
-def trained_on(model_dir: Path) -> dict[str, Any] | None:
-    """What an exported model was trained on: a run's `provenance.json` beside it, else its
-    row in the sweep's `results.csv` (`<sweep>/models/<trial>/`: objective, backbones and
-    layer positions); None when neither is there."""
-    prov_path = model_dir / PROVENANCE
-    if prov_path.is_file():
-        return json.loads(prov_path.read_text())
-    results = model_dir.parent.parent / "results.csv"
-    if model_dir.parent.name == "models" and results.is_file():
-        with results.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("trial") == model_dir.name:
-                    return row
-    return None
 
 
 def extract_cache(cfg: Config, out: str | None) -> Extracted:

@@ -492,6 +492,20 @@ class ModelSpec:
     text_layer: int
 
 
+PROVENANCE = "provenance.json"  # beside a run's exported model: what it was trained on
+
+
+def trained_on(path: Path, trials: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """What the exported model at `path` was trained on: a run's provenance.json beside it
+    (the cache's layer names as `image_layer`/`text_layer`), else its sweep trial's row in
+    `trials` (rows by trial id; layer positions as `vision_layer`/`text_layer`); None when
+    neither is there."""
+    prov = path / PROVENANCE
+    if prov.is_file():
+        return json.loads(prov.read_text())
+    return trials.get(path.name)
+
+
 def find_models(root: Path | str, results: list[dict[str, Any]] | None = None) -> list[ModelSpec]:
     """Every exported model under a finished run (`models/<objective>/` with its
     provenance.json) or sweep (`models/<trial>/`, its axes from its `trial` row in `results`,
@@ -513,19 +527,17 @@ def find_models(root: Path | str, results: list[dict[str, Any]] | None = None) -
     trials = {str(r.get("trial") or ""): r for r in results}
     found: list[tuple[ModelSpec, str]] = []
     for path in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-        prov = path / "provenance.json"
-        if prov.is_file():
-            p = json.loads(prov.read_text())
+        r = trained_on(path, trials)
+        if r is not None and "image_layer" in r:  # a run's provenance.json
             spec = ModelSpec(
                 path,
-                p.get("objective", path.name),
-                p["vision"],
-                p["text"],
-                _layer_number(p["image_layer"]),
-                _layer_number(p["text_layer"]),
+                r.get("objective", path.name),
+                r["vision"],
+                r["text"],
+                _layer_number(r["image_layer"]),
+                _layer_number(r["text_layer"]),
             )
-        elif path.name in trials:
-            r = trials[path.name]
+        elif r is not None:  # a sweep trial's results row
             spec = ModelSpec(
                 path,
                 r["objective"],
