@@ -66,10 +66,12 @@ def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x.float(), (0, width - x.shape[-1]))
 
 
-@pytest.mark.parametrize("learn_scale", [False, True])
-def test_three_members_train_as_they_would_alone(learn_scale: bool) -> None:
+@pytest.mark.parametrize(("learn_scale", "dropout"), [(False, 0.0), (True, 0.0), (True, 0.1)])
+def test_three_members_train_as_they_would_alone(learn_scale: bool, dropout: float) -> None:
+    """With dropout too: each member draws its masks from its own seeded generator, alone
+    and stacked, so its result does not depend on the members it trains beside."""
     train, val = _data(96, seed=0), _data(40, seed=1)
-    tcfgs = [_tcfg(o | {"learn_logit_scale": learn_scale}) for o, _ in MEMBERS]
+    tcfgs = [_tcfg(o | {"learn_logit_scale": learn_scale, "dropout": dropout}) for o, _ in MEMBERS]
     layers = [layer for _, layer in MEMBERS]
     dims = [WIDTHS[layer] for layer in layers]
 
@@ -77,6 +79,7 @@ def test_three_members_train_as_they_would_alone(learn_scale: bool) -> None:
     for tcfg, layer, dim in zip(tcfgs, layers, dims, strict=True):
         (model,) = build_members([tcfg], [dim])
         fit_global_input_stats(model, train[layer].image, train[layer].text)
+        model.seed_dropout(tcfg.seed)
         trainer = Trainer(model, tcfg, STEPS)
         for step in range(STEPS):
             trainer.train_step(*_batch(train[layer], step))
@@ -86,6 +89,8 @@ def test_three_members_train_as_they_would_alone(learn_scale: bool) -> None:
     for model, layer in zip(members, layers, strict=True):
         fit_global_input_stats(model, train[layer].image, train[layer].text)
     population = Population.from_members(members)
+    population.seed_dropout([t.seed for t in tcfgs])
+    torch.manual_seed(1234)  # the global generator is not what a member's masks come from
     trainer = PopulationTrainer(population, tcfgs, STEPS)
     d_image, d_text = population.d_image, population.d_text
     for step in range(STEPS):

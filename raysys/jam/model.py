@@ -20,6 +20,7 @@ back to ``d_in``) are plain ``Linear`` layers so latents and reconstructions are
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -102,6 +103,42 @@ class SwiGLU(nn.Module):
         return F.silu(a) * b
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The dropout seed of one training step: a member's masks then depend on its seed and the
+    step alone, not on how many draws the steps before made (a population makes some that a
+    member alone would not: cross-reconstruction decodes that only other members use), and a
+    resumed run draws what an uninterrupted one would."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def keep_mask(
+    shape: torch.Size, p: float | torch.Tensor, generator: torch.Generator, like: torch.Tensor
+) -> torch.Tensor:
+    """Which units inverted dropout at rate `p` keeps, drawn from `generator` alone: the one
+    rule `JAM` and `Population` share, so a member's masks are its own seed's."""
+    return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype) >= p
+
+
+class Dropout(nn.Module):
+    """Inverted dropout whose masks come from the model's own generator once it has one
+    (`JAM.seed_dropout`), not from torch's global one: a population draws each member's masks
+    from that member's generator, so a member trains as it would alone, whichever members it
+    is stacked with. Without a generator it is `nn.Dropout`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.generator is None:
+            return F.dropout(x, self.p, training=True)
+        return x * keep_mask(x.shape, self.p, self.generator, x) / (1 - self.p)
+
+
 class Block(nn.Module):
     """One dense hidden layer: Linear -> LayerNorm -> SwiGLU -> Dropout."""
 
@@ -110,7 +147,7 @@ class Block(nn.Module):
         self.linear = nn.Linear(d_in, width)
         self.norm = nn.LayerNorm(width)
         self.act = SwiGLU(width)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.act(self.norm(self.linear(x))))
@@ -204,6 +241,22 @@ class JAM(nn.Module):
         for name, dim in (("image", cfg.d_image), ("text", cfg.d_text)):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
             self.register_buffer(f"{name}_std", torch.ones(dim))
+
+    def seed_dropout(self, seed: int, device: torch.device | str = "cpu") -> None:
+        """Draw every dropout mask from one generator on `device`, reseeded from `seed` at
+        each training step (`dropout_step`), in the order the forward pass meets the blocks:
+        as a population member's are drawn."""
+        self._dropout_seed = seed
+        self._generator = torch.Generator(device=device)
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.generator = self._generator
+        self.dropout_step(0)
+
+    def dropout_step(self, step: int) -> None:
+        """Reseed the dropout generator for training step `step` (a no-op when unseeded)."""
+        if getattr(self, "_generator", None) is not None:
+            self._generator.manual_seed(step_seed(self._dropout_seed, step))
 
     @torch.no_grad()
     def fit_input_stats(self, image: torch.Tensor, text: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysys.errors import ConfigError
-from raysys.jam.model import JAM, JAMConfig, autoencode
+from raysys.jam.model import JAM, JAMConfig, autoencode, keep_mask, step_seed
 
 SHARED = ("hidden", "latent", "learn_logit_scale")  # what every member of one population shares
 
@@ -79,6 +79,8 @@ class Population(nn.Module):
             self.register_buffer(_key(name), torch.zeros(self.size, *buffer.shape))
         self.register_buffer("dropout", torch.tensor([c.dropout for c in cfgs]))
         self.any_dropout = any(c.dropout > 0 for c in cfgs)
+        self.generators: list[torch.Generator] = []  # per member, once `seed_dropout` is called
+        self.dropout_seeds: list[int] = []
         self.register_buffer(
             "max_log_scale", torch.tensor([math.log(c.max_logit_scale) for c in cfgs])
         )
@@ -141,12 +143,29 @@ class Population(nn.Module):
         weight, bias = self._p(f"{prefix}.weight"), self._p(f"{prefix}.bias")  # [P, in, out]
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
 
+    def seed_dropout(self, seeds: list[int], device: torch.device | str = "cpu") -> None:
+        """Give member m its own dropout generator, seeded with `seeds[m]` on `device`: its
+        masks then are those `JAM.seed_dropout(seeds[m])` draws alone (one launch per member
+        and block on a GPU: the price of results that do not depend on the stack)."""
+        self.dropout_seeds = list(seeds)
+        self.generators = [torch.Generator(device=device) for _ in seeds]
+        self.dropout_step(0)
+
+    def dropout_step(self, step: int) -> None:
+        """Reseed each member's generator for training step `step`, as `JAM.dropout_step`."""
+        for seed, generator in zip(self.dropout_seeds, self.generators, strict=True):
+            generator.manual_seed(step_seed(seed, step))
+
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout at each member's own rate."""
+        """Inverted dropout at each member's own rate, from its own generator once seeded."""
         if not self.training or not self.any_dropout:
             return x
         p = self.dropout.to(x.dtype).view(-1, 1, 1)
-        keep = torch.rand_like(x) >= p
+        if not self.generators:
+            return x * (torch.rand_like(x) >= p) / (1 - p)
+        keep = torch.stack(
+            [keep_mask(x.shape[1:], p[m], g, x) for m, g in enumerate(self.generators)]
+        )
         return x * keep / (1 - p)
 
     def _mlp(self, prefix: str, depth: int, x: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,7 @@ class PopulationTrainer:
         read the same layers. Returns per-member statistics as ``[P]`` device tensors."""
         self.model.train()
         p = self.population
+        p.dropout_step(self.step)
         if image.dim() == 2:
             image, text, negative = (x.expand(p.size, *x.shape) for x in (image, text, negative))
         same = None

@@ -156,7 +156,10 @@ def _run(config: dict[str, Any], place: Place) -> None:
     for m, member in enumerate(progress.members):
         if member.stopped:
             trainer.freeze(m)
-    torch.manual_seed(tcfgs[0].seed + 1000 * rank + trainer.step)  # independent dropout
+    # Each member's dropout from its own seed (as it would draw alone), independent per rank.
+    torch.manual_seed(tcfgs[0].seed + 1000 * rank + trainer.step)
+    seeds = [t.seed + 1000 * rank for t in tcfgs]
+    trainer.population.seed_dropout(seeds, next(trainer.population.parameters()).device)
     writers = None
     if rank == 0 and config.get("tensorboard_dir"):
         root = Path(config["tensorboard_dir"])

@@ -128,6 +128,7 @@ class Trainer:
         as floats): reading a tensor on the host waits for the GPU's queue to drain, so
         `host_stats` reads a whole window of steps at once."""
         self.model.train()
+        self.jam.dropout_step(self.step)
         cross = self.tcfg.cross_reconstruction
         same = None
         if image_keys is not None:
