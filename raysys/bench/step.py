@@ -142,6 +142,7 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
         with device:  # built where it runs: initialising 128 members on a CPU takes long
             model = JAM(jam_config(t, bench.d_image, bench.d_text))
         model.set_input_stats(stats.image_mean, stats.image_std, stats.text_mean, stats.text_std)
+        model.seed_dropout(t.seed, device)  # its own masks, as a trial draws them
         return model
 
     members = member_configs(tcfg, bench.population or 1)
@@ -162,6 +163,8 @@ def bench_step(cfg: Config, out_dir: Path, bench: StepBench) -> dict[str, Any]:
         try:
             with device:  # the stacked tensors allocated where they run, not copied there
                 population = Population.from_members([new_member(t) for t in members])
+            # One mask launch per member and dropout layer: what a sweep's population pays.
+            population.seed_dropout([t.seed for t in members], device)
             where = {t.device.type for t in (*population.parameters(), *population.buffers())}
             if where != {device.type}:
                 raise RuntimeError(f"population built on {where}, not on {device}")
