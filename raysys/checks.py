@@ -4,6 +4,7 @@ be found in one place."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from raysys.backbones import configured_backbone
@@ -96,25 +97,32 @@ def check_train_layers(cfg: Config) -> None:
             )
 
 
-def checked_eval_splits(cfg: Config, source: PairSource) -> dict[str, Pairs]:
-    """The val and test splits, read once, after checking that every split is big enough.
+def checked_eval_splits(
+    cfg: Config, source: PairSource, batch_sizes: Sequence[int] = ()
+) -> dict[str, Pairs]:
+    """The val and test splits, read once, after checking that every split is big enough
+    (`batch_sizes`: a sweep's swept `train.batch_size` values, checked in place of the base).
 
     Bad caches and too-small splits fail here, in the driver, not inside a Ray worker. The
     train split's embeddings are read only by the workers, each its own shard: the driver
     counts its pairs, a bucket file of the corpus index at a time."""
     splits = {split: source.load(split) for split in ("val", "test")}
     sizes = {"train": source.count("train")} | {k: len(v) for k, v in splits.items()}
-    check_split_sizes(cfg, sizes)
+    check_split_sizes(cfg, sizes, batch_sizes)
     return splits
 
 
-def check_split_sizes(cfg: Config, sizes: dict[str, int]) -> None:
-    """Enough pairs for one global batch and for the evaluation metrics (needs the cache)."""
-    if sizes["train"] < cfg.train.batch_size:
+def check_split_sizes(cfg: Config, sizes: dict[str, int], batch_sizes: Sequence[int] = ()) -> None:
+    """Enough pairs for one global batch of every batch size a run trains with (the base
+    `train.batch_size`, or a sweep's swept values, which replace it: a sweep of [16, 32] over
+    a base of 256 trains no batch of 256) and for the evaluation metrics (needs the cache)."""
+    largest = max(batch_sizes) if batch_sizes else cfg.train.batch_size
+    if sizes["train"] < largest:
+        key = "sweep.params.train.batch_size" if batch_sizes else "train.batch_size"
+        value = list(batch_sizes) if batch_sizes else largest
         raise ConfigError(
-            f"the train split has {sizes['train']} pairs, fewer than one global batch "
-            f"(train.batch_size={cfg.train.batch_size}); lower train.batch_size or raise "
-            "corpus.size"
+            f"the train split has {sizes['train']} pairs, fewer than one global batch of "
+            f"{largest} ({key}={value}); lower {key} or raise corpus.size"
         )
     for split in ("val", "test"):
         if sizes[split] < MIN_EVAL_PAIRS:

@@ -128,6 +128,11 @@ def test_too_small_splits_fail_before_training() -> None:
         check_split_sizes(cfg, {"train": 63, "val": 10, "test": 10})
     with pytest.raises(ConfigError, match="the test split has 3 pairs"):
         check_split_sizes(cfg, {"train": 100, "val": 10, "test": 3})
+    # A sweep's swept batch sizes replace the base one (64 here, which no trial trains with).
+    check_split_sizes(cfg, {"train": 32, "val": 4, "test": 4}, [16, 32])
+    key = r"global batch of 128 \(sweep.params.train.batch_size=\[16, 128\]\); lower sweep"
+    with pytest.raises(ConfigError, match=key):
+        check_split_sizes(cfg, {"train": 100, "val": 10, "test": 10}, [16, 128])
 
 
 def test_best_metric_must_be_a_reported_validation_metric() -> None:

@@ -94,8 +94,9 @@ class BatchPlan:
         if steps == 0:
             raise ConfigError(
                 f"the train split's smallest of {self.shards} shard(s) holds {self.shard_size} "
-                f"pairs, fewer than the {self.per_shard} each gives a global batch of "
-                f"{self.batch_size}: lower train.batch_size or train.data_shards"
+                f"pairs, fewer than the {self.per_shard} pairs a shard puts in each global "
+                f"batch of {self.batch_size}: lower train.batch_size or train.data_shards (in "
+                "a sweep, the sweep.params value that sets them)"
             )
         return steps
 

@@ -68,7 +68,9 @@ def layer_pair(
     for manifest, column in ((ext.image_manifest, vid), (ext.text_manifest, tid)):
         if layer_name(column) not in manifest["layers"]:
             raise ConfigError(f"layer {column} of {manifest['backbone']} is not cached")
-    splits = checked_eval_splits(cfg, source)
+    # Swept batch sizes replace the base one: each must fit the train split, checked now
+    # rather than inside a Tune trial.
+    splits = checked_eval_splits(cfg, source, cfg.sweep.params.get("train.batch_size", ()))
     # The split the trials are scored on, read once.
     split = cfg.eval.split
     scored = splits[split] if split in splits else source.load(split)
