@@ -33,6 +33,7 @@ from raysys.extract import Extracted, extract
 from raysys.jam import JAM
 from raysys.probe import PROVENANCE, probe, read_csv, trained_on
 from raysys.report.report import (
+    as_written,
     summary_table,
     table,
     write_report,
@@ -51,7 +52,7 @@ from raysys.sweep.plan import (
     raw_sweep_rows,
     with_planned_depths,
 )
-from raysys.sweep.populations import group_trials, population_size, widened
+from raysys.sweep.populations import PopulationPlan, group_trials, population_size, widened
 from raysys.sweep.prepare import Prepared, prepare
 from raysys.sweep.tune import (
     TUNE_DIR,
@@ -93,13 +94,20 @@ def sweep(
     size = (planned_size(run.root) if resume else None) or population_size(
         cfg, trials, pack, _layer_widths(prepared) if pack.gpus_per_worker else None
     )
+    if resume and cfg.sweep.population not in (0, size):
+        print(
+            f"[sweep] sweep.population={cfg.sweep.population} is not applied: a resumed sweep "
+            f"keeps the populations it started with (at most {size} members each)",
+            flush=True,
+        )
     populations = group_trials(cfg, trials, size)
     pack = widened(pack, len(populations))
     if resume:
         check_same_plan(run.root, populations)
     print(
         f"[sweep] {len(trials)} trials: {_describe_axes(cfg, prepared)}; "
-        f"{len(populations)} population(s) of at most {size}; {pack.describe()}",
+        f"{len(populations)} population(s) of {_sizes(populations)} member(s) (at most {size} "
+        f"each); {pack.describe()}",
         flush=True,
     )
     streams = plan_streams(cfg, populations, pack)  # any streamed view, built before Tune
@@ -158,6 +166,12 @@ def _layer_widths(prepared: list[Prepared]) -> list[tuple[int, int]]:
     return widths
 
 
+def _sizes(populations: list[PopulationPlan]) -> str:
+    """The populations' sizes as planned: `6`, or `4–5`."""
+    sizes = [len(p.trials) for p in populations]
+    return f"{min(sizes)}" if min(sizes) == max(sizes) else f"{min(sizes)}–{max(sizes)}"
+
+
 def _describe_axes(cfg: Config, prepared: list[Prepared]) -> str:
     axes = [
         f"{len(cfg.objectives)} objective(s)",
@@ -176,6 +190,7 @@ def _sweep_report(
     outcome: Outcome,
     wall: float,
 ) -> None:
+    rows = as_written(rows)  # printed as report.md and a rebuild from results.csv show them
     notes = [f"{len(outcome.rows)} of {len(trials)} trials finished; wall time {wall:.0f}s."]
     if outcome.unfinished:
         notes.append(f"Interrupted: {outcome.unfinished} trials unfinished (resume to run them).")
@@ -283,6 +298,7 @@ def _axes_of(cfg: Config, ext: Extracted, source: PairSource) -> dict[str, Any]:
 def _train_report(
     cfg: Config, run: RunDir, rows: list[dict[str, Any]], test: Pairs, wall: float
 ) -> None:
+    rows = as_written(rows)  # printed as report.md and a rebuild from results.csv show them
     write_results(run.local, rows, cfg.eval.retrieval_ks)
     images = len(np.unique(test.image_ids))
     notes = [
@@ -342,6 +358,7 @@ def evaluate(cfg: Config, model_dir: Path, out: Path | None) -> list[dict[str, A
             name, **axes, scores=score_model(model, pairs, cfg.eval, prompts=source.prompts())
         ),
     ]
+    rows = as_written(rows)  # printed as its report.md and results.csv show them
     print("\n" + table(rows) + "\n")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -286,3 +286,32 @@ def test_reports_state_the_sample_sizes_and_alignment_by_size(tmp_path) -> None:
     old = [{k: v for k, v in r.items() if not k.startswith("n_") and "_n" not in k} for r in rows]
     report = R.write_report(tmp_path, old).read_text()
     assert "seeded sample" not in report and "by sample size" not in report
+
+
+def test_a_one_seed_sweep_table_shows_its_swept_params_and_exact_scores_intervals(
+    tmp_path, capsys
+) -> None:
+    """Trials that differ only in a swept value are told apart in the main table, and a
+    metric of exactly 0 keeps its interval when the table is rebuilt from results.csv."""
+    exact = {"i2t_r1": 0.0, "i2t_r1_lo": 0.0, "i2t_r1_hi": 0.17, "cka": 1.0}
+    rows = [{"trial": "", "objective": "raw", **LITE1, "mutual_knn": 0.12}]
+    rows += _seed_rows("con", {"mutual_knn": [0.3]}, **{"train.lr": 0.001} | exact)
+    rows[-1]["trial"] = "t000"
+    rows += _seed_rows("con", {"mutual_knn": [0.4]}, **{"train.lr": 0.0003} | exact)
+    notes = ["2 of 3 trials finished; wall time 9s.", "trial t002 was stopped early by ASHA"]
+    write_sweep_report(tmp_path, rows, notes)
+    before = (tmp_path / "report.md").read_text()
+    table_lines = before.split("## ")[0].splitlines()
+    [header] = [line for line in table_lines if line.startswith("| objective")]
+    assert "train.lr" in header
+    con = [line for line in table_lines if line.startswith("| con ")]
+    assert any("| 0.001 " in c for c in con) and any("| 0.0003 " in c for c in con)
+    assert all("0.000 ±0.17" in c for c in con), con
+
+    # `raysys report` again from the files alone: the same report, notes and intervals kept.
+    R.rebuild(tmp_path)
+    assert (tmp_path / "report.md").read_text() == before
+    assert "0.000 ±0.17" in capsys.readouterr().out
+    assert all("| 1.000 " in c for c in con)  # an exact 1.0 stays a metric, not an integer
+    # A results.csv written before floats kept their point ("0") still prints its interval.
+    assert R._cell("0", (0.0, 0.17)) == "0.000 ±0.17" and R._cell("8") == "8"

@@ -175,12 +175,17 @@ def test_report_embeds_every_plot_with_its_axes(resumed_sweep) -> None:
 
 
 def test_report_command_rebuilds_the_sweep_report(resumed_sweep, capsys) -> None:
+    """From the run's files alone, the report the sweep wrote: its table, intervals and notes
+    (trials finished of planned, wall time), rounded alike."""
     out, *_ = resumed_sweep
     (out / "pareto_i2t_r1.png").unlink()
     before = (out / "results.csv").read_text()
+    report = (out / "report.md").read_text()
+    assert "trials finished; wall time" in report
     assert main(["report", str(out)]) == 0
     assert (out / "pareto_i2t_r1.png").is_file()
     assert (out / "results.csv").read_text() == before
+    assert (out / "report.md").read_text() == report
     assert "vision_layer" in capsys.readouterr().out
 
 

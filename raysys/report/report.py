@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,9 @@ from raysys.report.schema import (
 
 RESULTS = "results.csv"
 REPORT = "report.md"
+# The run's own notes (trials finished of planned, wall time, ASHA stops, failures): kept
+# beside the report so `raysys report` rebuilds it with them; results.csv cannot say them.
+NOTES = "report-notes.json"
 
 
 def results_columns(rows: list[dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> list[str]:
@@ -86,9 +90,25 @@ def write_results(
 
 
 def _csv_value(value: Any) -> Any:
+    """A float in 6 significant digits that reads back as a float: `1.0`, not `1`, which a
+    table would print as an integer (a layer index) where the run printed `1.000`."""
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        if math.isnan(value):
+            return ""
+        text = f"{value:.6g}"
+        return text if any(c in text for c in ".en") else f"{text}.0"
     return value
+
+
+def as_written(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with every float as results.csv holds it (6 significant digits), so a report
+    printed now and one `raysys report` rebuilds from the CSV round alike: metrics over 200
+    items land on exact ties such as 0.3875, which a last-bit difference rounds either way."""
+    return [{k: _as_written(v) for k, v in row.items()} for row in rows]
+
+
+def _as_written(value: Any) -> Any:
+    return float(_csv_value(value)) if isinstance(value, float) and value == value else value
 
 
 def read_results(run_dir: Path) -> list[dict[str, str]]:
@@ -111,8 +131,9 @@ def _cell(value: Any, interval: tuple[float, float] | None = None) -> str:
         return "—"
     if isinstance(value, Verbatim):
         return str(value)
-    if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
-        return str(value)  # layer indices, parameter counts
+    integral = isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())
+    if integral and interval is None:  # layer indices, parameter counts; a metric of exactly
+        return str(value)  # 0 or 1 read back from results.csv has its interval
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -303,6 +324,7 @@ def by_size_section(rows: list[dict[str, Any]], metrics: Sequence[str] = ALIGNME
 def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = ()) -> Path:
     """report.md: what was run, the table, and how to read it."""
     run_dir = Path(run_dir)
+    rows = as_written(rows)
     first = rows[0] if rows else {}
     lines = [
         f"# raysys report — {run_dir.name}",
@@ -338,9 +360,12 @@ LEGEND = [
 ]
 
 
-def _write(run_dir: Path, lines: list[str], notes: list[str]) -> Path:
+def _write(run_dir: Path, lines: list[str], notes: Sequence[str]) -> Path:
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
+        (run_dir / NOTES).write_text(json.dumps(list(notes), indent=1) + "\n")
+    else:
+        (run_dir / NOTES).unlink(missing_ok=True)  # an earlier report's notes are not this one's
     path = run_dir / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -621,15 +646,14 @@ def _seeds(trials: list[dict[str, Any]]) -> int:
 
 
 def summary_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
-    """The sweep's main table (`summary_rows`): with several seeds, varying params and the
-    number of seeds per configuration are shown too."""
+    """The sweep's main table (`summary_rows`): the swept params that vary (trials differing
+    only in `train.lr` must not look alike) and, with several seeds, the number of seeds per
+    configuration are shown too."""
     shown = summary_rows(rows, level)
     trials = [r for r in rows if r.get("trial")]
-    if _seeds(trials) <= 1:
-        return table(shown, SWEEP_SHOWN)
     params = _varying(trials, param_columns(trials))
-    columns = [*SWEEP_SHOWN[:5], *params, "seeds", *SWEEP_SHOWN[5:]]
-    return table(shown, columns)
+    seeds = ["seeds"] if _seeds(trials) > 1 else []
+    return table(shown, [*SWEEP_SHOWN[:5], *params, *seeds, *SWEEP_SHOWN[5:]])
 
 
 def _seed_legend(trials: list[dict[str, Any]], level: float) -> list[str]:
@@ -740,6 +764,7 @@ def write_sweep_report(
     """results.csv, the PNG plots and report.md of a sweep (rows: raw baselines and trials).
     `location` is where the report will live when `run_dir` is only its staging copy."""
     run_dir = Path(run_dir)
+    rows = as_written(rows)
     where = location or str(run_dir)
     if not any(r.get("trial") for r in rows):
         raise RaysysError(f"no finished trial in {str(run_dir)!r}: nothing to report")
@@ -804,12 +829,15 @@ def write_sweep_report(
 def rebuild(run_dir: Path) -> Path:
     """`raysys report`: report.md (and a sweep's plots) again from a finished run's
     results.csv, with the table printed."""
+    run_dir = Path(run_dir).resolve()  # as the run named itself (`open_run`)
     rows = read_results(run_dir)
+    saved = run_dir / NOTES
+    notes = json.loads(saved.read_text()) if saved.exists() else []
     if is_sweep(rows):
-        path = write_sweep_report(run_dir, rows, ks=ks_of(rows))
+        path = write_sweep_report(run_dir, rows, notes, ks=ks_of(rows))
         print(summary_table(rows, _bootstrap_settings(run_dir)[0]))
     else:
-        path = write_report(run_dir, rows)
+        path = write_report(run_dir, rows, notes)
         print(table(rows))
     print(f"\nreport: {path}")
     return path
