@@ -436,10 +436,15 @@ class Config:
                 raise ConfigError(f"sweep.{key}={getattr(self.sweep, key)} must be at least 1")
         if self.sweep.num_samples < 0 or self.sweep.max_concurrent < 0:
             raise ConfigError("sweep.num_samples and sweep.max_concurrent must be >= 0")
-        if self.sweep.population < 0 or self.sweep.gpu_memory_gib <= 0:
+        if self.sweep.population < 0:
             raise ConfigError(
                 f"sweep.population={self.sweep.population} must be >= 0 (0: sized by cores "
-                f"or GPU memory) and sweep.gpu_memory_gib={self.sweep.gpu_memory_gib} > 0"
+                "or GPU memory; 1: each trial alone)"
+            )
+        if self.sweep.gpu_memory_gib <= 0:
+            raise ConfigError(
+                f"sweep.gpu_memory_gib={self.sweep.gpu_memory_gib} must be > 0 (each GPU's "
+                "memory, which sizes populations there)"
             )
         if self.train.data_on_device not in ("auto", "true", "false", "stream"):
             raise ConfigError(

@@ -29,6 +29,9 @@ def test_bench_step_writes_its_figures_and_settings(tmp_path, capsys) -> None:
     [
         (["--dims", "1024"], "must be two widths"),
         (["--pairs", "10"], "must hold a global batch"),
+        (["--population", "-2"], "or 0 (the default: time one member only)"),
+        # Refused at once rather than killed by the kernel minutes in.
+        (["--population", "100000", "--device", "cpu"], "--population 100000 would need"),
     ],
 )
 def test_bench_step_rejects_bad_sizes(tmp_path, capsys, args, message) -> None:

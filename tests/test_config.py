@@ -62,6 +62,8 @@ def test_unknown_key_names_the_valid_keys() -> None:
         ("train.data_on_device=gpu", "must be auto, true, false or stream"),
         ("train.data_shards=128", "more than the 64 buckets"),
         ("corpus.index_job=spark", "must be auto, ray or local"),
+        ("sweep.population=-1", r"sweep.population=-1 must be >= 0 \(0: sized by cores[^)]*\)$"),
+        ("sweep.gpu_memory_gib=0", "sweep.gpu_memory_gib=0.0 must be > 0"),
     ],
 )
 def test_bad_values_fail_clearly(override: str, message: str) -> None:

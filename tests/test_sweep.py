@@ -105,6 +105,8 @@ def test_params_grid_varies_spread_knobs_only_for_spread() -> None:
         ("sweep.params.train.nope=[1]", "unknown config key"),
         ("sweep.params.train.epochs=[two]", "expects a number"),
         ("sweep.params.train.lr=0.1", "non-empty list"),
+        ("sweep.params.train.lr=[0.001,1e-3]", r"repeats 0.001: each value trains once"),
+        ("sweep.params.train.hidden=[[64],[64]]", r"repeats \[64\]"),
     ],
 )
 def test_bad_params_fail_before_any_trial(override: str, match: str) -> None:

@@ -40,6 +40,7 @@ from raysys.data.batches import batch_plan
 from raysys.errors import ConfigError
 from raysys.jam import JAM
 from raysys.jam.population import Population
+from raysys.sweep.populations import member_bytes
 from raysys.train.population import PopulationTrainer
 from raysys.train.step import Trainer, jam_config
 
@@ -264,7 +265,10 @@ def run(args: Any, cfg: Config, out: Path) -> None:
         )
     population = getattr(args, "population", 0) or 0
     if population < 0:
-        raise ConfigError(f"--population ({population}) must be a number of members, >= 1")
+        raise ConfigError(
+            f"--population ({population}) must be a number of members, or 0 (the default: "
+            "time one member only)"
+        )
     bench = StepBench(
         args.pairs,
         d_image,
@@ -274,4 +278,36 @@ def run(args: Any, cfg: Config, out: Path) -> None:
         device=args.device,
         population=population,
     )
+    check_fits_host(cfg, bench)
     bench_step(cfg, out, bench)
+
+
+def check_fits_host(cfg: Config, bench: StepBench) -> None:
+    """On a CPU, refuse a population the host cannot hold: the kernel would kill the bench
+    minutes in, with nothing recorded (a GPU's out-of-memory is caught and recorded in
+    bench.json, so a device run goes ahead). The estimate is `member_bytes`' upper bound for
+    the P members and the one member per objective timed beside them, plus the embeddings."""
+    if not bench.population or resolve_device(bench.device).type != "cpu":
+        return
+    members = bench.population + len(OBJECTIVES)
+    need = members * member_bytes(cfg, bench.d_image, bench.d_text)
+    need += 2.0 * bench.pairs * (bench.d_image + 2 * bench.d_text)  # float16 embeddings
+    available = available_memory()
+    if available is not None and need > 0.8 * available:
+        raise ConfigError(
+            f"--population {bench.population} would need about {need / 2**30:,.1f} GiB "
+            f"({bench.d_image}/{bench.d_text}-d members at batch {cfg.train.batch_size}, an "
+            f"upper bound), more than 80% of the {available / 2**30:.1f} GiB this machine has "
+            "free: lower --population, --dims or train.batch_size"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes the host can still give (Linux's MemAvailable); None where it cannot say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

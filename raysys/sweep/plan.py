@@ -126,8 +126,17 @@ def param_grid(cfg: Config, objective: str) -> list[dict[str, Any]]:
             )
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.params.{key} must be a non-empty list of values")
+        set_values = []
         for value in values:
-            config.set_key(Config(), key, value)  # a bad key or value fails now, clearly
+            probe = Config()
+            config.set_key(probe, key, value)  # a bad key or value fails now, clearly
+            set_values.append(config.get_key(probe, key))  # as coerced: 1e-3 == 0.001
+        repeated = [v for i, v in enumerate(set_values) if v in set_values[:i]]
+        if repeated:  # 1e-3 and 0.001 alike: the same trial twice, under two ids
+            raise ConfigError(
+                f"sweep.params.{key}={values} repeats {repeated[0]!r}: each value trains "
+                "once; to repeat trials over seeds, use sweep.seeds"
+            )
     keys = [k for k in params if objective == "spread" or k not in SPREAD_ONLY]
     return [
         dict(zip(keys, combo, strict=True))
