@@ -15,13 +15,13 @@ SIZES=${SIZES:-1 8 32 128}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 status=0
-run_size() {  # run_size P SECONDS
-  local p=$1 limit=$2 started=$SECONDS
+run_size() {  # run_size P SECONDS [NAME EXTRA-OVERRIDE…]
+  local p=$1 limit=$2 name=${3:-$1} started=$SECONDS
   timeout "$limit" env PYTHONPATH=. "$PY" -m raysys.cli bench step --device "${DEVICE:-cuda}" \
     --pairs "${PAIRS:-40000}" --dims "${DIMS:-1024,4096}" --steps "${STEPS:-10}" --population "$p" \
-    --out "$OUT/population-$p" train.batch_size="${BATCH:-4096}" train.num_workers=1
+    --out "$OUT/population-$name" train.batch_size="${BATCH:-4096}" train.num_workers=1 "${@:4}"
   local rc=$?
-  echo "[device-population] P=$p: rc $rc in $((SECONDS - started)) s"
+  echo "[device-population] P=$name: rc $rc in $((SECONDS - started)) s"
   [ "$rc" = 0 ] || status=1
 }
 for p in $SIZES; do
@@ -37,6 +37,12 @@ if ! grep -q '"ratio": [0-9]' "$OUT/population-$last/bench.json" 2>/dev/null \
   && [ "$last" -ge 16 ] && [ $SECONDS -lt 100 ]; then
   run_size $((last / 2)) $((140 - SECONDS))
   sizes="$SIZES $((last / 2))"
+fi
+# What each member's own dropout masks cost (P mask launches per dropout layer, the price of a
+# member training exactly as it would alone): P = 32 again without dropout (NODROPOUT=0 skips).
+if [ "${NODROPOUT:-1}" = 1 ] && [[ " $SIZES " == *" 32 "* ]]; then
+  run_size 32 35 32-nodropout train.dropout=0
+  sizes="$sizes 32-nodropout"
 fi
 # One line per P: the figures the issue asks for, last in the log (device-all.sh keeps its tail).
 "$PY" - "$OUT" $sizes <<'PYEOF' || status=1
