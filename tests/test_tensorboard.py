@@ -351,3 +351,19 @@ def test_projector_rejects_sprite_beyond_viewer_limit(tmp_path: Path, latents) -
     with pytest.raises(ValueError, match="8192"):
         write_projector(tmp_path / "run", latents, LABELS, [b""] * len(LABELS), thumb_size=3000)
     assert not (tmp_path / "run").exists()
+
+
+def test_writing_a_runs_hparams_again_replaces_its_session(tmp_path) -> None:
+    """A population re-run on resume scores its members again: each keeps one session, with
+    the new scores, beside its untouched training curves."""
+    log_dir = tmp_path / "t000"
+    with SummaryWriter(str(log_dir)) as trainer:
+        trainer.add_scalar("val/i2t_r1", 0.2, 10)
+    write_hparams(log_dir, HPARAMS, {"test/i2t_r1": 0.25})
+    write_hparams(log_dir, HPARAMS, {"test/i2t_r1": 0.5})
+    files = sorted(p.name for p in log_dir.iterdir())
+    assert len(files) == 2 and sum(f.endswith(".hparams") for f in files) == 1, files
+    acc = EventAccumulator(str(log_dir), size_guidance={TENSORS: 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("hparam/test/i2t_r1")] == [0.5]
+    assert [e.value for e in acc.Scalars("val/i2t_r1")] == pytest.approx([0.2])

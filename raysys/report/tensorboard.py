@@ -57,6 +57,9 @@ HParamValue = bool | int | float | str
 
 # Prefix of the scalar tags that carry the metrics shown in the HParams tab.
 METRIC_PREFIX = "hparam/"
+# The ending of the event file that holds a run's HParams session (TensorBoard reads any
+# file with `tfevents` in its name), so writing the session again replaces it.
+HPARAMS_SUFFIX = ".hparams"
 # The projector front end refuses sprite images larger than this on either side.
 MAX_SPRITE_PX = 8192
 # Global step of every projector entry; the step is part of its path and tensor name.
@@ -106,7 +109,11 @@ def write_hparams(
     bools = {key for key, value in flat_hparams.items() if isinstance(value, bool)}
     if bools:
         _restore_bools(experiment, start, bools)
-    with SummaryWriter(str(log_dir)) as writer:
+    # A run writes one session: a population re-run on resume scores its members again, and
+    # a second session in the same run would show twice in the HParams tab.
+    for earlier in Path(log_dir).glob(f"events.out.tfevents.*{HPARAMS_SUFFIX}"):
+        earlier.unlink()
+    with SummaryWriter(str(log_dir), filename_suffix=HPARAMS_SUFFIX) as writer:
         file_writer = writer._get_file_writer()
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)
