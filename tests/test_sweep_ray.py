@@ -89,6 +89,7 @@ def resumed_sweep(ray_cluster, small_cache, tmp_path_factory):
     finally:
         first.kill_all()
     assert f"resume={out}" in first_log
+    assert "Tuner.restore(" not in first_log  # Tune's own hint, which a user cannot follow
     status = trial_status(out)  # per population
     members = members_of(out)
     finished = {m for name, s in status.items() if s == "TERMINATED" for m in members[name]}

@@ -13,6 +13,7 @@ members, not populations: `raysys.sweep.asha` keeps the sweep's rungs in one act
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -45,6 +46,15 @@ DRIVER_MEMORY = 512 * 2**20  # a trial function's process: torch, raysys, the te
 TUNE_DIR = "tune"  # Tune's experiment under the sweep directory (what resume restores)
 ROWS = "rows"  # key of the members' results rows in a population's last Tune report
 STOPPED = "stopped"  # and of its members ASHA stopped
+
+
+def _not_tunes_resume_hint(record: logging.LogRecord) -> bool:
+    """Tune's interrupt warning names `Tuner.restore(...)`, which a raysys user cannot call;
+    the sweep prints its own `raysys sweep resume=…` instead (`commands._stop_if_unfinished`)."""
+    return "Tuner.restore(" not in record.getMessage()
+
+
+logging.getLogger("ray.tune.tune").addFilter(_not_tunes_resume_hint)
 
 
 # --- one population ------------------------------------------------------------------------
