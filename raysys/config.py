@@ -392,6 +392,8 @@ class Config:
             )
         if not 0.0 <= self.train.alpha <= 1.0:
             raise ConfigError(f"train.alpha={self.train.alpha} must lie in [0, 1]")
+        if not 0.0 <= self.train.dropout < 1.0:  # 1 would drop every unit (and divide by 0)
+            raise ConfigError(f"train.dropout={self.train.dropout} must lie in [0, 1)")
         positive = {
             "train.epochs": self.train.epochs,
             "train.eval_every": self.train.eval_every,

@@ -62,6 +62,7 @@ def test_unknown_key_names_the_valid_keys() -> None:
         ("train.data_on_device=gpu", "must be auto, true, false or stream"),
         ("train.data_shards=128", "more than the 64 buckets"),
         ("corpus.index_job=spark", "must be auto, ray or local"),
+        ("train.dropout=1", r"train.dropout=1.0 must lie in \[0, 1\)"),
         ("sweep.population=-1", r"sweep.population=-1 must be >= 0 \(0: sized by cores[^)]*\)$"),
         ("sweep.gpu_memory_gib=0", "sweep.gpu_memory_gib=0.0 must be > 0"),
     ],

@@ -298,14 +298,16 @@ def test_a_one_seed_sweep_table_shows_its_swept_params_and_exact_scores_interval
     rows += _seed_rows("con", {"mutual_knn": [0.3]}, **{"train.lr": 0.001} | exact)
     rows[-1]["trial"] = "t000"
     rows += _seed_rows("con", {"mutual_knn": [0.4]}, **{"train.lr": 0.0003} | exact)
+    rows[-1]["train.lr"] = 1e6  # a value the CSV writes as 1e+06: the table shows it alike
     notes = ["2 of 3 trials finished; wall time 9s.", "trial t002 was stopped early by ASHA"]
-    write_sweep_report(tmp_path, rows, notes)
+    write_sweep_report(tmp_path, rows, notes, location="s3://bucket/sweeps/s")
     before = (tmp_path / "report.md").read_text()
     table_lines = before.split("## ")[0].splitlines()
     [header] = [line for line in table_lines if line.startswith("| objective")]
     assert "train.lr" in header
     con = [line for line in table_lines if line.startswith("| con ")]
-    assert any("| 0.001 " in c for c in con) and any("| 0.0003 " in c for c in con)
+    assert any("| 0.001 " in c for c in con) and any("| 1e+06 " in c for c in con)
+    assert "--logdir s3://bucket/sweeps/s/tensorboard" in before
     assert all("0.000 ±0.17" in c for c in con), con
 
     # `raysys report` again from the files alone: the same report, notes and intervals kept.

@@ -18,6 +18,7 @@ from raysys.sweep.plan import (
     packing,
     param_grid,
     plan_trials,
+    swept_values,
     trial_config,
 )
 
@@ -95,6 +96,13 @@ def test_params_grid_varies_spread_knobs_only_for_spread() -> None:
     assert param_grid(cfg, "con") == [{"train.lr": 0.001}, {"train.lr": 0.0003}]
     spread = param_grid(cfg, "spread")
     assert len(spread) == 4 and {"train.lr": 0.0003, "train.alpha": 0.75} in spread
+
+
+def test_swept_values_are_read_as_the_config_holds_them() -> None:
+    """YAML gives `1e3` as text: the batch-size check compares numbers, not strings."""
+    assert swept_values("train.batch_size", ["64", "1e3", 16]) == [64, 1000, 16]
+    with pytest.raises(ConfigError, match="whole number"):
+        swept_values("train.batch_size", [2.5])
 
 
 @pytest.mark.parametrize(

@@ -242,12 +242,13 @@ class JAM(nn.Module):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
             self.register_buffer(f"{name}_std", torch.ones(dim))
 
-    def seed_dropout(self, seed: int, device: torch.device | str = "cpu") -> None:
-        """Draw every dropout mask from one generator on `device`, reseeded from `seed` at
-        each training step (`dropout_step`), in the order the forward pass meets the blocks:
-        as a population member's are drawn."""
+    def seed_dropout(self, seed: int, device: torch.device | str | None = None) -> None:
+        """Draw every dropout mask from one generator, reseeded from `seed` at each training
+        step (`dropout_step`), in the order the forward pass meets the blocks: as a population
+        member's are drawn. A generator does not follow `.to()`: it is made on `device`, by
+        default where the weights are now, so seed after moving the model."""
         self._dropout_seed = seed
-        self._generator = torch.Generator(device=device)
+        self._generator = torch.Generator(device=device or next(self.parameters()).device)
         for module in self.modules():
             if isinstance(module, Dropout):
                 module.generator = self._generator

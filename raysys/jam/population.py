@@ -143,11 +143,13 @@ class Population(nn.Module):
         weight, bias = self._p(f"{prefix}.weight"), self._p(f"{prefix}.bias")  # [P, in, out]
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
 
-    def seed_dropout(self, seeds: list[int], device: torch.device | str = "cpu") -> None:
-        """Give member m its own dropout generator, seeded with `seeds[m]` on `device`: its
-        masks then are those `JAM.seed_dropout(seeds[m])` draws alone (one launch per member
-        and block on a GPU: the price of results that do not depend on the stack)."""
+    def seed_dropout(self, seeds: list[int], device: torch.device | str | None = None) -> None:
+        """Give member m its own dropout generator, seeded with `seeds[m]` on `device` (by
+        default where the weights are: seed after moving): its masks then are those
+        `JAM.seed_dropout(seeds[m])` draws alone (one launch per member and block on a GPU:
+        the price of results that do not depend on the stack)."""
         self.dropout_seeds = list(seeds)
+        device = device or next(self.parameters()).device
         self.generators = [torch.Generator(device=device) for _ in seeds]
         self.dropout_step(0)
 

@@ -55,8 +55,9 @@ from raysys.report.schema import (
 
 RESULTS = "results.csv"
 REPORT = "report.md"
-# The run's own notes (trials finished of planned, wall time, ASHA stops, failures): kept
-# beside the report so `raysys report` rebuilds it with them; results.csv cannot say them.
+# The run's own notes (trials finished of planned, wall time, ASHA stops, failures) and where
+# it lives (an s3:// run's URI): kept beside the report so `raysys report` rebuilds it with
+# them; results.csv cannot say them.
 NOTES = "report-notes.json"
 
 
@@ -360,10 +361,14 @@ LEGEND = [
 ]
 
 
-def _write(run_dir: Path, lines: list[str], notes: Sequence[str]) -> Path:
+def _write(
+    run_dir: Path, lines: list[str], notes: Sequence[str], location: str | None = None
+) -> Path:
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
-        (run_dir / NOTES).write_text(json.dumps(list(notes), indent=1) + "\n")
+    if notes or location:  # what `rebuild` cannot read from results.csv
+        saved = {"notes": list(notes), "location": location}
+        (run_dir / NOTES).write_text(json.dumps(saved, indent=1) + "\n")
     else:
         (run_dir / NOTES).unlink(missing_ok=True)  # an earlier report's notes are not this one's
     path = run_dir / REPORT
@@ -635,7 +640,7 @@ def summary_rows(rows: list[dict[str, Any]], level: float = 0.95) -> list[dict[s
     return [
         r
         | {f"{s}_layer": Verbatim(side_label(r, s)) for s in ("vision", "text")}
-        | {p: Verbatim(r[p]) for p in params if r.get(p) not in ("", None)}
+        | {p: Verbatim(_csv_value(r[p])) for p in params if r.get(p) not in ("", None)}
         for r in raw + trials
     ]
 
@@ -823,7 +828,7 @@ def write_sweep_report(
         f"`tensorboard --logdir {where.rstrip('/')}/tensorboard`"
         + (" (sync it to a local folder first)." if location else "."),
     ]
-    return _write(run_dir, lines, notes)
+    return _write(run_dir, lines, notes, location)
 
 
 def rebuild(run_dir: Path) -> Path:
@@ -831,10 +836,11 @@ def rebuild(run_dir: Path) -> Path:
     results.csv, with the table printed."""
     run_dir = Path(run_dir).resolve()  # as the run named itself (`open_run`)
     rows = read_results(run_dir)
-    saved = run_dir / NOTES
-    notes = json.loads(saved.read_text()) if saved.exists() else []
+    kept = run_dir / NOTES
+    saved = json.loads(kept.read_text()) if kept.exists() else {}
+    notes, location = saved.get("notes", []), saved.get("location")
     if is_sweep(rows):
-        path = write_sweep_report(run_dir, rows, notes, ks=ks_of(rows))
+        path = write_sweep_report(run_dir, rows, notes, location, ks=ks_of(rows))
         print(summary_table(rows, _bootstrap_settings(run_dir)[0]))
     else:
         path = write_report(run_dir, rows, notes)

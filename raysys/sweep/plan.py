@@ -126,11 +126,7 @@ def param_grid(cfg: Config, objective: str) -> list[dict[str, Any]]:
             )
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.params.{key} must be a non-empty list of values")
-        set_values = []
-        for value in values:
-            probe = Config()
-            config.set_key(probe, key, value)  # a bad key or value fails now, clearly
-            set_values.append(config.get_key(probe, key))  # as coerced: 1e-3 == 0.001
+        set_values = swept_values(key, values)  # a bad key or value fails now, clearly
         repeated = [v for i, v in enumerate(set_values) if v in set_values[:i]]
         if repeated:  # 1e-3 and 0.001 alike: the same trial twice, under two ids
             raise ConfigError(
@@ -142,6 +138,17 @@ def param_grid(cfg: Config, objective: str) -> list[dict[str, Any]]:
         dict(zip(keys, combo, strict=True))
         for combo in itertools.product(*(params[k] for k in keys))
     ]
+
+
+def swept_values(key: str, values: list[Any]) -> list[Any]:
+    """A swept key's values as the config holds them once set (YAML gives `1e-3` as text;
+    the config makes it 0.001), each checked as an override would be."""
+    coerced = []
+    for value in values:
+        probe = Config()
+        config.set_key(probe, key, value)
+        coerced.append(config.get_key(probe, key))
+    return coerced
 
 
 def seed_values(cfg: Config) -> list[int]:

@@ -13,7 +13,15 @@ from raysys.data.source import pair_source
 from raysys.errors import ConfigError
 from raysys.evaluate import score_raw
 from raysys.extract import Extracted, extract
-from raysys.sweep.plan import LayerPair, Prepared, Resolved, Side, depth_of, layer_pairs
+from raysys.sweep.plan import (
+    LayerPair,
+    Prepared,
+    Resolved,
+    Side,
+    depth_of,
+    layer_pairs,
+    swept_values,
+)
 
 
 def needed_layers(spec: str, ids: list[int], n: int) -> str:
@@ -70,7 +78,8 @@ def layer_pair(
             raise ConfigError(f"layer {column} of {manifest['backbone']} is not cached")
     # Swept batch sizes replace the base one: each must fit the train split, checked now
     # rather than inside a Tune trial.
-    splits = checked_eval_splits(cfg, source, cfg.sweep.params.get("train.batch_size", ()))
+    batches = swept_values("train.batch_size", cfg.sweep.params.get("train.batch_size", []))
+    splits = checked_eval_splits(cfg, source, batches)
     # The split the trials are scored on, read once.
     split = cfg.eval.split
     scored = splits[split] if split in splits else source.load(split)
