@@ -210,7 +210,6 @@ def _check(check: Check, device: torch.device, rank: int, backend: str) -> None:
         f"train.eval_every={check.eval_every}",
         f"train.data_on_device={check.data_on_device}",
         f"train.num_workers={check.world}",
-        "train.dropout=0",  # so the resumed run can be compared weight for weight
         "train.epochs=1000",
         *check.overrides,
     ]
