@@ -201,7 +201,6 @@ def bare_loop(
         model = JAM(jam_config(tcfg, train_data.image.shape[1], train_data.text.shape[1]))
         model.fit_input_stats(torch.as_tensor(train_data.image), torch.as_tensor(train_data.text))
         trainer = Trainer(model.to(device), tcfg, bounds[-1])
-        torch.manual_seed(tcfg.seed + trainer.step)
         model.seed_dropout(tcfg.seed, device)  # rank 0's dropout seed, as in the worker
         arrays = (train_data.image, train_data.text, train_data.negative, train_data.image_keys())
         tensors = [torch.as_tensor(a).to(device) for a in arrays]

@@ -241,6 +241,10 @@ class JAM(nn.Module):
         for name, dim in (("image", cfg.d_image), ("text", cfg.d_text)):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
             self.register_buffer(f"{name}_std", torch.ones(dim))
+        # Where dropout masks come from once `seed_dropout` is called (torch's global
+        # generator until then).
+        self._generator: torch.Generator | None = None
+        self._dropout_seed = 0
 
     def seed_dropout(self, seed: int, device: torch.device | str | None = None) -> None:
         """Draw every dropout mask from one generator, reseeded from `seed` at each training
@@ -256,7 +260,7 @@ class JAM(nn.Module):
 
     def dropout_step(self, step: int) -> None:
         """Reseed the dropout generator for training step `step` (a no-op when unseeded)."""
-        if getattr(self, "_generator", None) is not None:
+        if self._generator is not None:
             self._generator.manual_seed(step_seed(self._dropout_seed, step))
 
     @torch.no_grad()

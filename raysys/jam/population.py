@@ -163,11 +163,11 @@ class Population(nn.Module):
         if not self.training or not self.any_dropout:
             return x
         p = self.dropout.to(x.dtype).view(-1, 1, 1)
-        if not self.generators:
-            return x * (torch.rand_like(x) >= p) / (1 - p)
-        keep = torch.stack(
-            [keep_mask(x.shape[1:], p[m], g, x) for m, g in enumerate(self.generators)]
-        )
+        if self.generators:
+            masks = [keep_mask(x.shape[1:], p[m], g, x) for m, g in enumerate(self.generators)]
+            keep = torch.stack(masks)
+        else:
+            keep = torch.rand_like(x) >= p
         return x * keep / (1 - p)
 
     def _mlp(self, prefix: str, depth: int, x: torch.Tensor) -> torch.Tensor:

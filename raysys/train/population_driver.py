@@ -157,7 +157,6 @@ def _run(config: dict[str, Any], place: Place) -> None:
         if member.stopped:
             trainer.freeze(m)
     # Each member's dropout from its own seed (as it would draw alone), independent per rank.
-    torch.manual_seed(tcfgs[0].seed + 1000 * rank + trainer.step)
     seeds = [t.seed + 1000 * rank for t in tcfgs]
     trainer.population.seed_dropout(seeds)  # on the device its weights are on
     writers = None

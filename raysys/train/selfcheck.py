@@ -156,7 +156,6 @@ def _train(
     )
     trainer = Trainer(ddp, tcfg, plan.steps_per_epoch * tcfg.epochs)
     progress = load_checkpoint(resume, trainer, device) if resume else Progress()
-    torch.manual_seed(tcfg.seed + 1000 * rank + trainer.step)
     model.seed_dropout(tcfg.seed + 1000 * rank, device)  # as the worker: reseeded at each step
     batches = MemoryBatches(mine, plan, tcfg.data_on_device, rank, world, device)
     reports: list[dict[str, Any]] = []

@@ -66,9 +66,8 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.torch.prepare_model(model), cfg.train, steps_per_epoch * cfg.train.epochs
     )
     progress = _restore(config, trainer, rank, device)
-    # Same initial weights on every rank (DDP also broadcasts them), independent dropout.
-    torch.manual_seed(cfg.train.seed + 1000 * rank + trainer.step)
-    model.seed_dropout(cfg.train.seed + 1000 * rank, device)  # reseeded at each step
+    # Dropout independent per rank, from the model's own generator, reseeded at each step.
+    model.seed_dropout(cfg.train.seed + 1000 * rank, device)
     # After the model and its optimiser state: a GPU's free memory decides where data lives.
     batches, where = batches_of(device)
     del batches_of  # its closure holds the host shard, which the batches no longer need
