@@ -221,12 +221,8 @@ class _Pass:
     threads: int
     dtype: str  # the resolved extract.cache_dtype the layers are stored in
     started: float  # perf_counter at the start: the manifest's `seconds`
+    part_rows: int  # sized to the rows left to embed, not the whole corpus
     written: dict[str, str] = dataclasses.field(default_factory=dict)  # part -> its SHA-256
-
-    @property
-    def part_rows(self) -> int:
-        """Sized to the rows left to embed, not the whole corpus."""
-        return _part_rows(self.n_todo, self.actors, self.ecfg)
 
 
 def _plan_pass(
@@ -245,9 +241,36 @@ def _plan_pass(
     if len(done):
         say(backbone, f"resuming, {len(done)} of {total} rows already in finished parts")
     dtype = cache_dtype(backbone, ecfg.cache_dtype)
+    part_rows = _part_rows(n_todo, actors, ecfg)
+    actors, threads = _fit_pool(actors, threads, gpus, math.ceil(n_todo / part_rows), ecfg)
     return _Pass(
-        backbone, out_dir, ecfg, source, done, n_todo, actors, cpus, gpus, threads, dtype, started
+        backbone,
+        out_dir,
+        ecfg,
+        source,
+        done,
+        n_todo,
+        actors,
+        cpus,
+        gpus,
+        threads,
+        dtype,
+        started,
+        part_rows,
     )
+
+
+def _fit_pool(
+    actors: int, threads: int, gpus: float, parts: int, ecfg: ExtractConfig
+) -> tuple[int, int]:
+    """No more actors than parts: each actor loads the backbone (seconds of CPU and its
+    memory), and one that gets no part only holds a CPU slot the next stage waits for (a
+    60-image pass is one part). On CPU the cores an unneeded actor would have had go to the
+    others' torch threads; an explicit `extract.num_actors` is kept as asked."""
+    if ecfg.num_actors or parts >= actors:
+        return actors, threads
+    fitted = max(1, parts)
+    return fitted, threads if gpus else threads * actors // fitted
 
 
 def _actor_plan(ecfg: ExtractConfig) -> tuple[int, float, float, int]:

@@ -53,6 +53,18 @@ def test_parts_are_whole_batches_spread_over_the_actors() -> None:
     assert _part_rows(400, 2, ExtractConfig(batch_size=64, part_rows=16)) == 16
 
 
+def test_a_pass_starts_no_more_actors_than_it_has_parts() -> None:
+    from raysys.extract import _fit_pool
+
+    derived = ExtractConfig()
+    # A 60-image pass is one part: one actor, with the cores the second would have had.
+    assert _fit_pool(2, 1, 0.0, 1, derived) == (1, 2)
+    assert _fit_pool(2, 1, 0.0, 2, derived) == (2, 1)  # enough parts: the plan stands
+    assert _fit_pool(4, 1, 1.0, 2, derived) == (2, 1)  # GPU actors keep their threads
+    assert _fit_pool(2, 1, 0.0, 0, derived) == (1, 2)  # nothing left still plans one actor
+    assert _fit_pool(2, 1, 0.0, 1, ExtractConfig(num_actors=2)) == (2, 1)  # as asked
+
+
 def test_input_size_is_configurable_and_keys_the_cache() -> None:
     from raysys.backbones import get_backbone
 
