@@ -32,6 +32,20 @@ PROGRESS_S = 30.0  # how often it says it is still waiting
 Bundle = dict[str, float]  # one scheduling unit (an actor, a Train worker): it needs one node
 
 
+# raysys's own progress lines: one per population member and pass, told apart by names
+# that Ray's log deduplication ignores (it drops every word with a digit in it), so two
+# populations' `[train] con t000-… step 300/1200 …` lines collapsed into one "[repeated 2x
+# across cluster]" and a member's progress went missing. Ray's own lines stay deduplicated.
+OWN_LINES = r"^\[(train|extract|model|probe|sweep|bench)\] "
+
+
+def log_env() -> None:
+    """Keep raysys's lines out of Ray's log deduplication, in every driver (a joined
+    cluster's too: the driver is where worker output is deduplicated and printed). Ray reads
+    it when first imported; a user's own setting wins."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", OWN_LINES)
+
+
 def loopback_env() -> None:
     """Environment that keeps every Ray listener (and gloo, for DDP) on 127.0.0.1.
 

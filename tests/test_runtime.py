@@ -4,6 +4,10 @@ waits. The real autoscaler is in tests/test_autoscale_ray.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from raysys import config, runtime
@@ -208,3 +212,46 @@ def test_a_child_that_exited_is_not_ray() -> None:
     proc = psutil.Process(child.pid)
     child.wait()
     assert runtime._is_ray(proc) is False
+
+
+def test_ray_keeps_every_members_progress_line_and_still_folds_its_own() -> None:
+    """Two populations' lines differ only in words with digits, which Ray's deduplication
+    ignores: without `log_env` the second member's progress was folded into "[repeated 2x]"."""
+    from ray._private import ray_constants
+    from ray._private.ray_logging import LogDeduplicator
+
+    # conftest imports raysys before ray, as the CLI does: Ray read raysys's setting.
+    assert ray_constants.RAY_DEDUP_LOGS_ALLOW_REGEX == runtime.OWN_LINES
+    dedup = LogDeduplicator(5, ray_constants.RAY_DEDUP_LOGS_ALLOW_REGEX, None)
+
+    def printed(pid: int, line: str) -> list[str]:
+        batch = {"ip": "127.0.0.1", "pid": pid, "job": "01", "is_err": False, "lines": [line]}
+        return [x for b in dedup.deduplicate(batch) for x in b["lines"]]
+
+    members = [
+        "[train] con t000-con-efficientnet-lite0-minilm-l6-v16-t6 step 300/1200 val i2t_r1 0.1",
+        "[train] con t002-con-efficientnet-lite1-minilm-l6-v8-t3 step 300/1200 val i2t_r1 0.2",
+    ]
+    assert printed(11, members[0]) == [members[0]]
+    assert printed(12, members[1]) == [members[1]]
+    warning = "Loaded pretrained weights for efficientnet-lite0"  # each actor prints it
+    assert printed(11, warning) == [warning]
+    assert printed(12, warning) == []  # folded, as Ray does for everything not raysys's
+
+
+def test_a_job_driver_keeps_the_setting_too() -> None:
+    """A `ray job submit` driver has RAY_ADDRESS, so loopback_env sets nothing; the
+    deduplication setting still applies, and a user's own wins."""
+    code = "import raysys, ray._private.ray_constants as c; print(c.RAY_DEDUP_LOGS_ALLOW_REGEX)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS_ALLOW_REGEX"}
+    env["RAY_ADDRESS"] = "127.0.0.1:1"  # never contacted: nothing here starts or joins Ray
+
+    def regex(**extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env | extra, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.rstrip("\n")
+
+    assert regex() == runtime.OWN_LINES
+    assert regex(RAY_DEDUP_LOGS_ALLOW_REGEX="mine") == "mine"
