@@ -37,13 +37,20 @@ Bundle = dict[str, float]  # one scheduling unit (an actor, a Train worker): it 
 # populations' `[train] con t000-… step 300/1200 …` lines collapsed into one "[repeated 2x
 # across cluster]" and a member's progress went missing. Ray's own lines stay deduplicated.
 OWN_LINES = r"^\[(train|extract|model|probe|sweep|bench)\] "
+# Ray Data starts this many FooterReader actors (0-CPU processes) for every Parquet read
+# to read its files' footers; its default, 32, started up to 32 Python processes per read
+# of a 39-file corpus index on a 2-core node (a read took 9-15 s; with 1, 3 s). Each reader
+# already keeps 128 requests in flight, so a few cover a bucket's latency.
+FOOTER_READERS = "2"
 
 
-def log_env() -> None:
-    """Keep raysys's lines out of Ray's log deduplication, in every driver (a joined
-    cluster's too: the driver is where worker output is deduplicated and printed). Ray reads
-    it when first imported; a user's own setting wins."""
+def driver_env() -> None:
+    """Settings every raysys driver needs, a joined cluster's too (`ray job submit`): the
+    driver is where worker output is deduplicated and printed, and where Ray Data plans a
+    read (the plan carries the reader count to the nodes). Ray reads the first when first
+    imported; a user's own values win."""
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", OWN_LINES)
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", FOOTER_READERS)
 
 
 def loopback_env() -> None:

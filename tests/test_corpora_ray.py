@@ -219,3 +219,31 @@ def test_ray_data_index_gives_the_loaders_pairs_and_is_found_again(
             again = load_corpus(cfg, str(tmp_path / "cache"))
         assert again.index == indexed.index and again.image_ids.equals(indexed.image_ids)
         assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.parquet")} == files
+
+
+def test_a_parquet_read_starts_a_few_footer_readers_not_ray_datas_32(ray_cluster, tmp_path):
+    """Ray Data reads every Parquet file's footer on a pool of FooterReader actors, 32 by
+    default: on 2 cores a read of a 39-file corpus index started up to 32 Python processes
+    and took 9-15 s. raysys's drivers set the pool's size (`runtime.FOOTER_READERS`)."""
+    import pyarrow as pa
+    import ray.data
+    from ray.util.state import list_actors
+
+    from raysys import runtime
+
+    for i in range(40):  # like a corpus index: many small files
+        pq.write_table(pa.table({"x": [i]}), tmp_path / f"{i:02d}.parquet")
+
+    def readers() -> set[str]:
+        found = list_actors(
+            address=ray_cluster.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "FooterReader")],
+            limit=10_000,
+            raise_on_missing_output=False,
+        )
+        return {a.actor_id for a in found}
+
+    before = readers()
+    assert sorted(ray.data.read_parquet(str(tmp_path)).to_pandas()["x"]) == list(range(40))
+    started = readers() - before
+    assert 1 <= len(started) <= int(runtime.FOOTER_READERS), len(started)

@@ -216,7 +216,7 @@ def test_a_child_that_exited_is_not_ray() -> None:
 
 def test_ray_keeps_every_members_progress_line_and_still_folds_its_own() -> None:
     """Two populations' lines differ only in words with digits, which Ray's deduplication
-    ignores: without `log_env` the second member's progress was folded into "[repeated 2x]"."""
+    ignores: without `driver_env` the second member's progress was folded into "[repeated 2x]"."""
     from ray._private import ray_constants
     from ray._private.ray_logging import LogDeduplicator
 
