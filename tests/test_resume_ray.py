@@ -1,5 +1,6 @@
 """`resume=s3://…` from a fresh working directory, as from another machine: a train run and a
-stopped sweep continue from what they left on S3 (moto on 127.0.0.1), nothing local."""
+stopped sweep continue from what they left on S3 (moto on 127.0.0.1), nothing local; the
+train run's checkpoints, model and curves round-trip through S3."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from train_steps import steps_per_epoch
 
 from raysys import config, rundir, storage
 from raysys.cli import main
+from raysys.jam import JAM
 from raysys.sweep.tune import members_of, trial_status
 
 SMALL = ["train.batch_size=16", "train.hidden=32", "train.latent=16"]
@@ -67,6 +69,17 @@ def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
     events = [k for k in _objects(f"{uri}/tensorboard/con") if "tfevents" in k]
     assert set(events_before) < set(events)  # the first run's curves are kept
     assert list(tmp_path.iterdir()) == []  # nothing was written locally
+    # Everything else a run keeps round-trips through S3 too: Ray Train's checkpoints (the
+    # last one loads as a JAM), the exported best model, the results and the projector.
+    assert "i2t_r1" in storage.read_text(f"{uri}/results.csv")
+    assert storage.exists(f"{uri}/tensorboard/con/projector_config.pbtxt")
+    fs, path = storage.fsspec_fs(f"{uri}/ray/con")
+    checkpoints = sorted(p for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))
+    assert checkpoints, fs.ls(path)
+    storage.download_dir("s3://" + checkpoints[-1], tmp_path / "ckpt")
+    storage.download_dir(f"{uri}/models/con", tmp_path / "exported")
+    assert JAM.load(tmp_path / "ckpt" / "model").cfg == JAM.load(tmp_path / "exported").cfg
+    assert main(first) == 2  # the same S3 prefix is not reused silently
 
 
 def _first_sweep(args: list[str], uri: str, log, address: str) -> int:

@@ -6,7 +6,9 @@ population under ASHA losing one member."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -297,12 +299,13 @@ def _tiny_sweep(cfg: config.Config, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
-    small_cache, tmp_path, capfd
-) -> None:
-    """A sweep whose split streams builds the pair view before Tune (Ray Data's tasks wait
-    forever inside a trial) and its one-worker population reads it in the trial with pyarrow;
-    a second sweep on the same cache reuses the view."""
+@pytest.fixture(scope="module")
+def streamed_sweeps(small_cache, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Two sweeps that stream their train split from one pair view, each `(out, logs)`:
+    `streamed`, a population of two members in its Tune trial's process, builds the view;
+    `asha`, two members on two DDP workers (the sweep's Ray Train path) under ASHA, reuses it.
+    In the second, the untrained member's first validation falls below the other's, so ASHA
+    freezes it there while the other trains to its last step."""
     from raysys.data import stream
 
     cfg, _ = small_cache
@@ -310,21 +313,55 @@ def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
     # directory already gone (FileNotFoundError, seen 2026-12-01 with only two test files).
     for views in {done.parent.parent for done in Path(cfg.extract.cache_dir).rglob(stream.DONE)}:
         shutil.rmtree(views)
-    runs = []
-    for name in ("first", "second"):
-        out = tmp_path / name
-        args = _tiny_sweep(cfg, out, "objectives=con,spread", "train.epochs=2")
-        assert main([*args, "train.eval_every=3", "sweep.population=2"]) == 0
-        runs.append("".join(capfd.readouterr()))
-        with (out / "results.csv").open() as f:
-            rows = [r for r in csv.DictReader(f) if r["trial"]]
-        assert sorted(r["objective"] for r in rows) == ["con", "spread"]
-        assert all(0 <= float(r["i2t_r1"]) <= 1 for r in rows)
-    first, second = runs
+    root = tmp_path_factory.mktemp("streamed")
+    sweeps = {
+        "streamed": [
+            *_tiny_sweep(cfg, root / "streamed", "objectives=con,spread", "train.epochs=2"),
+            "train.eval_every=3",
+            "sweep.population=2",
+        ],
+        "asha": [
+            *_tiny_sweep(cfg, root / "asha", "objectives=con", "train.epochs=3"),
+            "train.eval_every=2",
+            "train.dropout=0",
+            "train.best_metric=val/recon_mse",  # continuous: the untrained member is plainly worse
+            "train.best_mode=min",
+            "sweep.search=asha",
+            "sweep.population=2",
+            "sweep.workers_per_trial=2",
+            "sweep.params.train.lr=[0.01,1e-9]",
+        ],
+    }
+    runs = {}
+    for name, args in sweeps.items():
+        logs = io.StringIO()
+        # A module fixture has no capfd. Ray prints its workers' forwarded lines to
+        # `sys.stdout`/`sys.stderr` as they are at the time, so redirecting those catches them.
+        with contextlib.redirect_stdout(logs), contextlib.redirect_stderr(logs):
+            code = main(args)
+        assert code == 0, logs.getvalue()[-3000:]
+        runs[name] = (root / name, logs.getvalue())
+    return runs
+
+
+def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
+    small_cache, streamed_sweeps
+) -> None:
+    """A sweep whose split streams builds the pair view before Tune (Ray Data's tasks wait
+    forever inside a trial) and its one-worker population reads it in the trial with pyarrow;
+    the next sweep on the same cache reuses the view."""
+    from raysys.data import stream
+
+    cfg, _ = small_cache
+    out, first = streamed_sweeps["streamed"]
+    with (out / "results.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["trial"]]
+    assert sorted(r["objective"] for r in rows) == ["con", "spread"]
+    assert all(0 <= float(r["i2t_r1"]) <= 1 for r in rows)
     assert "1 of 1 population(s) stream their train split (train.data_on_device=stream)" in first
     assert "2 member(s) on 1 layer pair(s), 1 worker(s), streaming 48 pairs" in first, first[-3000:]
     assert "[train] pair view of 48 train pairs" in first, first[-3000:]
-    assert "[train] pair view of" not in second  # built once, then reused
+    assert "[train] pair view of" not in streamed_sweeps["asha"][1]  # built once, then reused
     views = list(Path(cfg.extract.cache_dir).rglob(stream.DONE))
     assert views, "no pair view was published"
     # Its layers are written without Parquet's dictionary (4-5x faster to decode), ids with one.
@@ -333,30 +370,13 @@ def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
     assert encoded["pair_id"] and not any(encoded[c] for c in stream.COLUMNS), encoded
 
 
-def test_asha_stops_one_member_while_the_other_trains_on(small_cache, tmp_path, capfd) -> None:
-    """Two members of one population under ASHA: the second's first validation falls below
-    the first's, so it is frozen there while the first trains to its last step. The
-    population trains on two DDP workers, so this is also the sweep's Ray Train path (a
-    one-worker population trains in its Tune trial's process), and it streams its train
-    split: each rank reads its half of the pair view the sweep built before Tune (the test
-    above built it, so it is reused here)."""
+def test_asha_stops_one_member_while_the_other_trains_on(streamed_sweeps) -> None:
+    """Two members of one population under ASHA (`streamed_sweeps`' second): the worse one
+    is frozen at its first validation while the other trains on, and each rank streams its
+    half of the pair view."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg, _ = small_cache
-    out = tmp_path / "asha"
-    args = [
-        *_tiny_sweep(cfg, out, "objectives=con", "train.epochs=3"),
-        "train.eval_every=2",
-        "train.dropout=0",
-        "train.best_metric=val/recon_mse",  # continuous: the untrained member is plainly worse
-        "train.best_mode=min",
-        "sweep.search=asha",
-        "sweep.population=2",
-        "sweep.workers_per_trial=2",
-        "sweep.params.train.lr=[0.01,1e-9]",
-    ]
-    assert main(args) == 0
-    logs = "".join(capfd.readouterr())
+    out, logs = streamed_sweeps["asha"]
     assert "1 of 1 population(s) stream their train split" in logs, logs[-3000:]
     assert (
         "2 member(s) on 1 layer pair(s), 2 worker(s), streaming 48 pairs from their pair view, "

@@ -158,25 +158,6 @@ def test_resume_continues_a_stopped_run(ray_cluster, small_cache, tmp_path) -> N
     assert [h["step"] for h in history] == validated_steps(total, 15)
 
 
-def test_early_stopping_ends_every_rank_together(small_cache, tmp_path) -> None:
-    cfg, ext = small_cache
-    # lr=0: the validation metric cannot improve, so patience 1 stops at the 2nd validation.
-    run_cfg = config.load(
-        None,
-        [
-            *SMALL,
-            "train.epochs=20",
-            "train.eval_every=3",
-            "train.lr=0",
-            "train.early_stop_patience=1",
-            "train.num_workers=2",
-        ],
-    )
-    run_cfg = dataclasses.replace(run_cfg, corpus=cfg.corpus, extract=cfg.extract)
-    result = train(run_cfg, train_paths(run_cfg, ext), tmp_path / "run", "con")
-    assert [h["step"] for h in result.history] == [3, 6]  # not 60
-
-
 def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) -> None:
     import numpy as np
     import pyarrow.parquet as pq
@@ -208,7 +189,7 @@ def test_nan_rows_in_a_workers_shard_fail_with_their_ids(small_cache, tmp_path) 
     assert f"'{bad_id}-" in str(err.value)  # pair ids are <image id>-<caption index>
 
 
-def test_streaming_trains_through_a_reused_pair_view(
+def test_streaming_trains_through_a_reused_pair_view_and_stops_early(
     small_cache, tmp_path, capfd, monkeypatch
 ) -> None:
     import numpy as np
@@ -221,8 +202,12 @@ def test_streaming_trains_through_a_reused_pair_view(
         None,
         [
             *SMALL,
-            "train.epochs=2",
+            # lr=0: the validation metric cannot improve, so patience 1 stops every rank
+            # together at the 2nd validation (step 6), not after 20 epochs (60 steps).
+            "train.epochs=20",
             "train.eval_every=3",
+            "train.lr=0",
+            "train.early_stop_patience=1",
             "train.num_workers=2",
             "train.data_on_device=stream",
         ],
@@ -240,7 +225,8 @@ def test_streaming_trains_through_a_reused_pair_view(
     with pytest.raises(ConfigError, match=r"a worker's stream windows .*lower train.batch_size"):
         stream_settings(run_cfg.train, paths)
     monkeypatch.undo()
-    # 48 train pairs, global batch 16 (8 per worker): 3 steps an epoch, every step logged.
+    # 48 train pairs, global batch 16 (8 per worker): 3 steps an epoch, every step logged,
+    # and early stopping ended both ranks' streams after step 6.
     assert [h["step"] for h in result.history] == [3, 6]
     # Each rank reads its own half of the view with pyarrow (`ViewShard`), as a sweep does.
     out = "".join(capfd.readouterr())
