@@ -54,6 +54,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's: `pytest -n 2` (`make test-fast`)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist, one process runs every `_ray.py` test, in order, on the session's
+    one Ray, and the others the tests that start no Ray. (A session Ray in each process
+    would share nothing and starve the others.) xdist's own `--dist loadgroup` cannot say
+    this under pytest 9.2: it renames `item._nodeid`, which pytest no longer reads, so its
+    groups are silently ignored (both processes started a Ray when tried)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if may_start_ray(Path(nodeid.split("::", 1)[0])) else nodeid
+
+    return RayTestsTogether(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)  # before any fixture is set up: a refused test starts nothing
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """`ray_cluster` refuses a test outside a `_ray.py` file.
