@@ -75,7 +75,7 @@ def test_a_train_run_resumes_from_s3_in_a_fresh_directory(
     assert storage.exists(f"{uri}/tensorboard/con/projector_config.pbtxt")
     fs, path = storage.fsspec_fs(f"{uri}/ray/con")
     checkpoints = sorted(p for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("checkpoint_2"))
-    assert checkpoints, fs.ls(path)
+    assert len(checkpoints) == 2, fs.ls(path)  # the first run's and the resumed run's
     storage.download_dir("s3://" + checkpoints[-1], tmp_path / "ckpt")
     storage.download_dir(f"{uri}/models/con", tmp_path / "exported")
     assert JAM.load(tmp_path / "ckpt" / "model").cfg == JAM.load(tmp_path / "exported").cfg
