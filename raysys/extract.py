@@ -205,7 +205,7 @@ def run_pass(
     return _finish(p, provenance)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Pass:
     """One pass, planned before any embedding: what is left to do and who does it."""
 
@@ -244,19 +244,19 @@ def _plan_pass(
     part_rows = _part_rows(n_todo, actors, ecfg)
     actors, threads = _fit_pool(actors, threads, gpus, math.ceil(n_todo / part_rows), ecfg)
     return _Pass(
-        backbone,
-        out_dir,
-        ecfg,
-        source,
-        done,
-        n_todo,
-        actors,
-        cpus,
-        gpus,
-        threads,
-        dtype,
-        started,
-        part_rows,
+        backbone=backbone,
+        out_dir=out_dir,
+        ecfg=ecfg,
+        source=source,
+        done=done,
+        n_todo=n_todo,
+        actors=actors,
+        cpus=cpus,
+        gpus=gpus,
+        threads=threads,
+        dtype=dtype,
+        started=started,
+        part_rows=part_rows,
     )
 
 
