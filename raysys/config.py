@@ -627,7 +627,12 @@ def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...]) 
     keys = {item.partition("=")[0].strip() for item in overrides}
     if path is not None:
         tree = yaml.safe_load(Path(path).read_text()) or {}
-        keys |= set(_flatten(tree)) if isinstance(tree, dict) else set()
+        flat = _flatten(tree) if isinstance(tree, dict) else {}
+        # Every config.yaml a run writes holds train.objective at its default; that is not a
+        # choice, so `raysys run --config runs/X/config.yaml` may repeat the run.
+        if flat.get("train.objective") == TrainConfig().objective:
+            del flat["train.objective"]
+        keys |= set(flat)
     return keys
 
 

@@ -149,3 +149,19 @@ def test_best_metric_must_be_a_reported_validation_metric() -> None:
 def test_a_sweep_names_its_objectives_not_train_objective(capsys) -> None:
     assert main(["sweep", "train.objective=spread"]) == 2
     assert "set objectives=spread instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_a_written_config_repeats_the_run(command, tmp_path, capsys) -> None:
+    """A run's config.yaml holds every key, train.objective at its default among them; given
+    back with --config it resolves to the same config. A file that sets another objective
+    is still refused: run and sweep would ignore it."""
+    assert main([command, "--show-config", "corpus.size=500", "objectives=con,spread"]) == 0
+    written = capsys.readouterr().out
+    path = tmp_path / "config.yaml"
+    path.write_text(written)  # what `config.dump` writes into every run directory
+    assert main([command, "--show-config", "--config", str(path)]) == 0
+    assert capsys.readouterr().out == written
+    path.write_text(written.replace("objective: con", "objective: spread"))
+    assert main([command, "--show-config", "--config", str(path)]) == 2
+    assert "set objectives=spread instead" in capsys.readouterr().err
