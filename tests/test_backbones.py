@@ -254,9 +254,9 @@ def test_unknown_hub_id_fails_check_with_how_to_fix() -> None:
     backbone = get_backbone("hf:nobody/no-such-model", "image")
     with pytest.raises(BackboneError, match="not in the local Hugging Face cache") as err:
         backbone.check()
-    assert "huggingface-cli download nobody/no-such-model" in str(err.value)
+    assert "hf download nobody/no-such-model" in str(err.value)
     assert "hf:/path/to/folder" in str(err.value)
-    with pytest.raises(BackboneError, match="huggingface-cli download nobody/nothing"):
+    with pytest.raises(BackboneError, match="hf download nobody/nothing"):
         get_backbone("hf:nobody/nothing@v2", "text").check()
 
 
@@ -616,7 +616,7 @@ def test_open_clip_names_fail_check_clearly(tiny_clip, tmp_path) -> None:
         get_backbone("open_clip:ViT-B-32", "image")
     with pytest.raises(BackboneError, match="neither a weights file nor a pretrained tag"):
         get_backbone("open_clip:ViT-B-32:no-such-tag", "image").check()
-    with pytest.raises(BackboneError, match="huggingface-cli download"):
+    with pytest.raises(BackboneError, match="hf download"):
         get_backbone("open_clip:ViT-B-32:laion2b_s34b_b79k", "image").check()
     with pytest.raises(BackboneError, match="only open_clip VisionTransformer"):
         get_backbone("open_clip:RN50:openai", "image").check()  # a ResNet tower: no tokens

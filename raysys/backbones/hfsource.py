@@ -121,7 +121,7 @@ class HFSource:
     def _how_to_fix(self) -> str:
         rev = f" --revision {self.revision}" if self.revision else ""
         return (
-            f"download it first with `huggingface-cli download {self.location}{rev}` (on every "
+            f"download it first with `hf download {self.location}{rev}` (on every "
             "node, or with a shared HF_HOME), give a local folder saved with save_pretrained "
             "as hf:/path/to/folder, or on a cluster an S3 copy of that folder as "
             "hf:s3://bucket/prefix (or leave HF_HUB_OFFLINE unset where nodes reach the Hub)"

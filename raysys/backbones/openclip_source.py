@@ -146,7 +146,7 @@ class OpenCLIPSource:
     def _not_cached(self, what: str, repo: str) -> BackboneError:
         return BackboneError(
             f"{self.name}: {what} is not in the local Hugging Face cache and raysys runs "
-            f"offline (HF_HUB_OFFLINE is set); download it first with `huggingface-cli download "
+            f"offline (HF_HUB_OFFLINE is set); download it first with `hf download "
             f"{repo}` (on every node, or with a shared HF_HOME), give a local folder as "
             "open_clip:local-dir:<folder>, or on a cluster an S3 copy of that folder as "
             "open_clip:s3://bucket/<folder>"
