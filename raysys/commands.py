@@ -305,7 +305,7 @@ def _train_report(
         f"Test split: {len(test)} pairs over {images} images; chance R@1 is {1 / images:.3f}.",
         f"Wall time {wall:.0f}s.",
     ]
-    write_report(run.local, rows, notes=notes)
+    write_report(run.local, rows, notes=notes, location=run.uri)
     print("\n" + table(rows) + "\n", flush=True)
 
 

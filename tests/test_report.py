@@ -317,3 +317,20 @@ def test_a_one_seed_sweep_table_shows_its_swept_params_and_exact_scores_interval
     assert all("| 1.000 " in c for c in con)  # an exact 1.0 stays a metric, not an integer
     # A results.csv written before floats kept their point ("0") still prints its interval.
     assert R._cell("0", (0.0, 0.17)) == "0.000 ±0.17" and R._cell("8") == "8"
+
+
+def test_an_s3_train_report_names_its_bucket_not_its_staging_folder(tmp_path, capsys) -> None:
+    """A `raysys train --out s3://…` run writes its report in a temporary folder it then
+    uploads and deletes: the title and the TensorBoard hint name the S3 run, and `raysys
+    report` keeps them."""
+    staging = tmp_path / "raysys-run-abc123"
+    staging.mkdir()
+    con = _seed_rows("con", {"i2t_r1": [0.3]})[0] | {"trial": ""}  # a train run has no trials
+    rows = [{"trial": "", "objective": "raw", **LITE1}, con]
+    write_results(staging, rows)
+    before = R.write_report(staging, rows, ["Wall time 9s."], "s3://bucket/runs/t1").read_text()
+    assert before.startswith("# raysys report — t1\n")
+    assert "--logdir s3://bucket/runs/t1/tensorboard` (sync it" in before
+    assert "raysys-run-abc123" not in before
+    R.rebuild(staging)
+    assert (staging / "report.md").read_text() == before

@@ -322,13 +322,17 @@ def by_size_section(rows: list[dict[str, Any]], metrics: Sequence[str] = ALIGNME
     ]
 
 
-def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = ()) -> Path:
-    """report.md: what was run, the table, and how to read it."""
+def write_report(
+    run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (), location: str | None = None
+) -> Path:
+    """report.md: what was run, the table, and how to read it. `location` is where the report
+    will live when `run_dir` is only its staging copy (an `s3://` run)."""
     run_dir = Path(run_dir)
     rows = as_written(rows)
+    where = location or str(run_dir)
     first = rows[0] if rows else {}
     lines = [
-        f"# raysys report — {run_dir.name}",
+        f"# raysys report — {where.rstrip('/').rsplit('/', 1)[-1]}",
         "",
         f"Vision `{first.get('vision', '?')}` (layer {first.get('vision_layer', '?')}), "
         f"text `{first.get('text', '?')}` (layer {first.get('text_layer', '?')}); "
@@ -348,9 +352,10 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], notes: list[str] = (
         *understanding_section(rows),
         *probe_lines(run_dir),
         f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
-        f"{run_dir / 'tensorboard'}`.",
+        f"{where.rstrip('/')}/tensorboard`"
+        + (" (sync it to a local folder first)." if location else "."),
     ]
-    return _write(run_dir, lines, notes)
+    return _write(run_dir, lines, notes, location)
 
 
 # How to read the metric columns, in every report.
@@ -843,7 +848,7 @@ def rebuild(run_dir: Path) -> Path:
         path = write_sweep_report(run_dir, rows, notes, location, ks=ks_of(rows))
         print(summary_table(rows, _bootstrap_settings(run_dir)[0]))
     else:
-        path = write_report(run_dir, rows, notes)
+        path = write_report(run_dir, rows, notes, location)
         print(table(rows))
     print(f"\nreport: {path}")
     return path
