@@ -40,7 +40,7 @@ overrides:
     raysys run corpus.size=500 train.epochs=3
     raysys train train.objective=spread train.alpha=0.7 train.vision_layer=12
     raysys sweep sweep.models=efficientnet-lite0+minilm-l6,efficientnet-lite2+minilm-l6 \
-        sweep.layers=0.5:0.5,1.0:1.0 sweep.params.train.lr=[0.001,0.0003]
+        sweep.layers=0.5:0.5,1.0:1.0 'sweep.params.train.lr=[0.001,0.0003]'
   Sections: corpus.*, extract.*, train.*, eval.*, probe.*, ray.*, sweep.*, plus `objectives`,
   `name` and `resume`.
   `resume=DIR` (or `resume=s3://BUCKET/PREFIX`, from any machine) continues a stopped run,
