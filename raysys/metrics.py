@@ -79,6 +79,10 @@ def clamp_outliers(x: ArrayLike, q: float = 0.95) -> torch.Tensor:
     return t.clamp(-threshold, threshold)
 
 
+class NonFiniteError(ValueError):
+    """Embeddings or values hold NaN or Inf: a population tells a diverged member by it."""
+
+
 def _as_tensor(x: ArrayLike, name: str, *, float64: bool = False) -> torch.Tensor:
     """Return ``x`` as a detached, finite, non-empty 2-D float tensor.
 
@@ -101,7 +105,7 @@ def _as_tensor(x: ArrayLike, name: str, *, float64: bool = False) -> torch.Tenso
     dtype = torch.float64 if (float64 or t.dtype == torch.float64) else torch.float32
     t = t.to(dtype)
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
+        raise NonFiniteError(f"{name} contains NaN or Inf values")
     return t
 
 
@@ -588,7 +592,7 @@ def bootstrap_interval(
     resamples = _check_resampling(resamples, level, minimum=1)
     matrix = v.reshape(v.shape[0], -1).astype(np.float64)
     if not np.isfinite(matrix).all():
-        raise ValueError("values contains NaN or Inf")
+        raise NonFiniteError("values contains NaN or Inf")
     sums, sizes = _group_sums(matrix, groups)
     n = sums.shape[0]
     rng = np.random.default_rng(seed)

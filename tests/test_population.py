@@ -236,6 +236,7 @@ class _Batches:
 
 def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
     from raysys.config import Config
+    from raysys.train.loop import read_state
     from raysys.train.population_loop import (
         BestWeights,
         Member,
@@ -274,6 +275,8 @@ def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
 
     def report(summary: dict, ckpt) -> None:
         reports.append(summary)
+        if summary["step"] == 4:  # b stopped at this validation: its checkpoint says so
+            assert read_state(ckpt, "cpu")["trainer"]["active"].tolist() == [True, False, True]
         if summary["step"] == 8:  # final: best weights and progress only
             assert not (ckpt / "population.safetensors").exists()
             export_members(ckpt, [tmp_path / i for i in ids])
@@ -299,3 +302,187 @@ def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
     assert [m.stopped for m in reloaded[0].members] == ["", "early stop", "asha"]
     # A member stopped after its best validation keeps exporting that best (b: its first).
     assert b.best_step == 2
+
+
+# --- what a member computes at the edges: bf16 dropout, the logit-scale cap ----------------
+
+
+def test_dropout_scales_bf16_activations_as_a_jam_alone() -> None:
+    """In bf16, `1 - 0.1` is 0.8984375: scaled by it, every kept unit was 0.18% larger."""
+    cfg = JAMConfig(d_image=8, d_text=8, hidden=(64,), latent=4, dropout=0.1)
+    jam = JAM(cfg)
+    population = Population.from_members([JAM(dataclasses.replace(cfg, dropout=0.3)), jam])
+    jam.seed_dropout(5)
+    population.seed_dropout([7, 5])
+    jam.train(), population.train()
+    x = torch.randn(2, 256, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = jam.image.encoder[0].drop(x[1])
+        stacked = population._dropout(x)
+    assert stacked.dtype == torch.bfloat16
+    assert torch.equal(stacked[1], alone)  # the same mask, the same scale
+    kept = alone != 0
+    ratio = alone[kept].float() / x[1][kept].float()
+    assert (ratio - 1 / 0.9).abs().max() < 2**-8  # within bf16 rounding of 1/0.9, not 1/0.898
+
+
+def test_the_logit_scale_cap_passes_no_gradient_as_a_jam_alone() -> None:
+    """At the cap itself `clamp(max=)` passes no gradient; `torch.minimum` passed half."""
+    capped = JAMConfig(d_image=4, d_text=4, hidden=(8,), latent=4, logit_scale=100.0,
+                       learn_logit_scale=True, max_logit_scale=100.0)  # fmt: skip
+    below = dataclasses.replace(capped, logit_scale=20.0)
+    members = [JAM(capped), JAM(below)]
+    population = Population.from_members(members)
+    population.logit_scale().sum().backward()
+    grad = population.params["log_logit_scale"].grad
+    for m, jam in enumerate(members):
+        jam.logit_scale().backward()
+        assert grad[m] == jam.log_logit_scale.grad, m
+    assert grad.tolist() == [0.0, pytest.approx(20.0)]
+
+
+BY_MSE = dict(best_metric="val/recon_mse", best_mode="min")
+
+
+def _loop_population(tcfgs: list[TrainConfig], train: Pairs) -> Population:
+    members = build_members(tcfgs, [WIDTHS[0]] * len(tcfgs))
+    for model in members:
+        fit_global_input_stats(model, train.image, train.text)
+    return Population.from_members(members)
+
+
+class _Diverging(_Batches):
+    """Batches that first set a member's weights to `value` (NaN; or huge but finite, so that
+    only its latents overflow) at given steps (step -> member)."""
+
+    def __init__(
+        self, data: Pairs, population: Population, at: dict[int, int], value: float
+    ) -> None:
+        super().__init__(data)
+        self.population, self.at, self.value = population, at, value
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        if step in self.at:
+            with torch.no_grad():
+                for param in self.population.params.values():
+                    param[self.at[step]] = self.value
+        return super().get(step)
+
+
+def test_a_diverged_member_stops_while_the_others_train_on(tmp_path) -> None:
+    """Scoring a member with NaN weights raised, failing every member; now it is frozen as
+    diverged, with its best weights (if any) exported, and the others train as without it."""
+    from raysys.config import Config
+    from raysys.sweep.tune import DIVERGED, unscored_note
+    from raysys.train.population_loop import (
+        BestWeights,
+        Member,
+        PopulationProgress,
+        Validation,
+        _validate_and_report,
+        export_members,
+        run_population,
+    )
+
+    cfg = Config()
+    cfg.train = _tcfg(dict(eval_every=2) | BY_MSE)
+    tcfgs = [_tcfg(dict(lr=1e-2, seed=s) | BY_MSE) for s in range(3)]
+    train, val = _data(96, seed=0)[0], _data(40, seed=1)[0]
+
+    def run(
+        ids: str, diverge: dict[int, int], value: float = float("nan")
+    ) -> tuple[Population, list[Member], list[dict]]:
+        population = _loop_population([tcfgs["abc".index(i)] for i in ids], train)
+        trainer = PopulationTrainer(population, [tcfgs["abc".index(i)] for i in ids], 6)
+        progress = PopulationProgress([Member(i) for i in ids], best=BestWeights(population))
+        reports: list[dict] = []
+
+        def report(summary: dict, ckpt) -> None:
+            reports.append(summary)
+            if summary["step"] == 6:
+                export_members(ckpt, [tmp_path / ids / i for i in ids])
+
+        batches = _Diverging(train, population, diverge, value)
+        run_population(cfg, trainer, batches, Validation([val], [0] * len(ids)), progress, 4,
+                       torch.device("cpu"), report)  # fmt: skip
+        assert trainer.step == 6 and [r["step"] for r in reports] == [2, 4, 6]
+        return population, progress.members, reports
+
+    # b diverges before its first step, c after its first validation (step 2).
+    population, (a, b, c), reports = run("abc", {0: 1, 3: 2})
+    assert (a.stopped, b.stopped, c.stopped) == ("", "diverged", "diverged")
+    assert (b.stopped_step, b.best) == (2, None)
+    assert (c.stopped_step, c.best_step) == (4, 2)
+    assert "b/val/recon_mse" not in reports[0] and "c/val/recon_mse" not in reports[1]
+    assert [r["members/active"] for r in reports] == [2, 1, 1]
+    # a trains exactly as in a population without them.
+    alone, (a_alone,), _ = run("a", {})
+    assert a.best == pytest.approx(a_alone.best)
+    for name, value in alone.member(0).state_dict().items():
+        torch.testing.assert_close(population.member(0).state_dict()[name], value, msg=name)
+    # b has no finite weights to export; c exports its best (finite) weights, unscored.
+    assert not (tmp_path / "abc" / "b").exists()
+    exported = JAM.load(tmp_path / "abc" / "c").state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in exported.values())
+    assert unscored_note("t-a", a) is None
+    key, note = unscored_note("t-b", b)
+    assert key == DIVERGED and note.startswith("t-b diverged at step 2") and "no model" in note
+    assert "best model, of step 2, exported unscored" in unscored_note("t-c", c)[1]
+    # Finite weights whose latents overflow (scoring raised on them too) diverge alike; a
+    # training step would turn them to NaN first, so the validation is called on them.
+    population = _loop_population(tcfgs[:2], train)
+    trainer = PopulationTrainer(population, tcfgs[:2], 6)
+    with torch.no_grad():
+        population.params["image__encoder__0__linear__weight"][1] = 1e30
+    progress = PopulationProgress([Member("a"), Member("b")], best=BestWeights(population))
+    summary = {"train/samples_per_s": 1.0}
+    _validate_and_report(cfg, trainer, Validation([val], [0, 0]), progress, summary, None,
+                         lambda *_: None, None, torch.device("cpu"))  # fmt: skip
+    (a, b) = progress.members
+    assert (a.stopped, a.validations, b.stopped, b.validations) == ("", 1, "diverged", 0)
+    assert trainer.active.tolist() == [True, False]
+
+
+class _NoBatches:
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        raise AssertionError(f"a population with no active member read step {step}")
+
+
+def test_a_population_whose_members_all_stopped_resumes_to_nothing(tmp_path) -> None:
+    """Its last checkpoint (final) says no member is active, and a resume trains no step."""
+    import shutil
+
+    from raysys.config import Config
+    from raysys.train.population_loop import (
+        BestWeights,
+        Member,
+        PopulationProgress,
+        Validation,
+        load_population,
+        run_population,
+    )
+
+    cfg = Config()
+    cfg.train = _tcfg(dict(eval_every=2) | BY_MSE)
+    # Never improve: both stop at their second validation, step 4 of 8.
+    tcfgs = [_tcfg(dict(lr=1e-12, seed=s, early_stop_patience=1) | BY_MSE) for s in (0, 1)]
+    train, val = _data(96, seed=0)[0], _data(40, seed=1)[0]
+    population = _loop_population(tcfgs, train)
+    trainer = PopulationTrainer(population, tcfgs, 8)
+    progress = PopulationProgress([Member("a"), Member("b")], best=BestWeights(population))
+    saved = tmp_path / "ckpt"
+
+    def report(summary: dict, ckpt) -> None:
+        shutil.rmtree(saved, ignore_errors=True)
+        shutil.copytree(ckpt, saved)
+
+    run_population(cfg, trainer, _Batches(train), Validation([val], [0, 0]), progress, 4,
+                   torch.device("cpu"), report)  # fmt: skip
+    assert trainer.step == 4 and [m.stopped_step for m in progress.members] == [4, 4]
+    again = PopulationTrainer(Population(population.cfgs), tcfgs, 8)
+    resumed = load_population(saved, again, torch.device("cpu"))
+    assert again.step == 4 and again.active.tolist() == [False, False]
+    reports: list[dict] = []
+    run_population(cfg, again, _NoBatches(), Validation([val], [0, 0]), resumed, 4,
+                   torch.device("cpu"), lambda summary, ckpt: reports.append(summary))  # fmt: skip
+    assert again.step == 4 and reports == []

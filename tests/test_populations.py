@@ -96,3 +96,14 @@ def test_a_plan_remembers_the_size_it_was_grouped_by() -> None:
     again = [PopulationPlan.from_dict(p.to_dict()) for p in plans]
     assert again == plans and {p.size for p in again} == {4}
     assert group_trials(cfg, trials, again[0].size) == plans
+
+
+def test_each_seed_trains_in_populations_of_its_own() -> None:
+    """The population's batch plan is seeded by its config (its first member's seed), so a
+    member of another seed would train on that seed's batches: seeds are never grouped."""
+    cfg, trials = _trials("sweep.seeds=3")  # 12 trials, each repeated with seeds 0, 1, 2
+    populations = group_trials(cfg, trials, size=100)
+    seeds = [{t.params["train.seed"] for t in p.trials} for p in populations]
+    assert all(len(s) == 1 for s in seeds)
+    assert sorted(s.pop() for s in seeds) == [0, 0, 1, 1, 2, 2]  # per model pair and seed
+    assert sum(len(p.trials) for p in populations) == len(trials) == 36

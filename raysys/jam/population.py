@@ -162,13 +162,15 @@ class Population(nn.Module):
         """Inverted dropout at each member's own rate, from its own generator once seeded."""
         if not self.training or not self.any_dropout:
             return x
-        p = self.dropout.to(x.dtype).view(-1, 1, 1)
+        # The scale in float32: in bf16 `1 - 0.1` is 0.8984375, where `JAM` divides by 0.9.
+        rate = self.dropout.view(-1, 1, 1)
+        p = rate.to(x.dtype)  # the masks compare in x's dtype, as `keep_mask` does alone
         if self.generators:
             masks = [keep_mask(x.shape[1:], p[m], g, x) for m, g in enumerate(self.generators)]
             keep = torch.stack(masks)
         else:
             keep = torch.rand_like(x) >= p
-        return x * keep / (1 - p)
+        return (x * keep * (1 / (1 - rate))).to(x.dtype)
 
     def _mlp(self, prefix: str, depth: int, x: torch.Tensor) -> torch.Tensor:
         """Blocks (Linear -> LayerNorm -> SwiGLU -> Dropout) then the plain output Linear."""
@@ -209,9 +211,13 @@ class Population(nn.Module):
         return autoencode(self, image, text, cross, negative, dim=1)
 
     def logit_scale(self) -> torch.Tensor:
-        """Each member's contrastive scale ``[P]``, capped as `JAM.logit_scale` caps it."""
+        """Each member's contrastive scale ``[P]``, capped as `JAM.logit_scale` caps it: its
+        `clamp(max=)` passes no gradient at the cap itself (and keeps a NaN), where
+        `torch.minimum` or a clamp with a tensor bound passes half, moving a member that
+        stays put alone."""
         log_scale = self._p("log_logit_scale")
-        return torch.minimum(log_scale, self.max_log_scale.to(log_scale.dtype)).exp()
+        cap = self.max_log_scale.to(log_scale.dtype)
+        return torch.where(log_scale >= cap, cap, log_scale).exp()
 
     def reconstruction(
         self, modality: str, target: torch.Tensor, hat: torch.Tensor

@@ -1,7 +1,7 @@
 """Which trials train together: the sweep's trials grouped into populations (no Ray, no data).
 
 Trials are compatible when they read one model pair's cache and agree on every train setting a
-population shares (batch size, epochs, architecture, workers, devices …: all but
+population shares (batch size, epochs, seed, architecture, workers, devices …: all but
 `population.MEMBER_KEYS`); a split that streams also needs one layer pair. Each compatible
 group is cut into populations of at most `sweep.population` members, in plan order, so the
 same config always plans the same populations (what `resume` relies on).

@@ -41,11 +41,13 @@ from raysys.sweep.plan import Packing, Trial, trial_row
 from raysys.sweep.populations import PopulationPlan, population_config
 from raysys.train.driver import planned_stream
 from raysys.train.population_driver import train_population
+from raysys.train.population_loop import Member
 
 DRIVER_MEMORY = 512 * 2**20  # a trial function's process: torch, raysys, the test split
 TUNE_DIR = "tune"  # Tune's experiment under the sweep directory (what resume restores)
 ROWS = "rows"  # key of the members' results rows in a population's last Tune report
 STOPPED = "stopped"  # and of its members ASHA stopped
+DIVERGED = "diverged"  # and of its members whose weights stopped being finite
 
 
 def _not_tunes_resume_hint(record: logging.LogRecord) -> bool:
@@ -74,8 +76,9 @@ def run_population(
 
     With `uri` (an s3:// sweep) checkpoints go to S3 and the population
     uploads its members' models and TensorBoard files itself: it may run on a node that shares
-    no disk. Members stopped by ASHA get no row (as a stopped trial had none); the report
-    lists them."""
+    no disk. Members stopped by ASHA get no row (as a stopped trial had none), nor do
+    members that diverged (their training broke off; a best model, if any, is exported
+    unscored); the report lists both."""
     packed = Packing(**pack)
     plan = PopulationPlan.from_dict(config_["population"])
     cfg, member_cfgs = population_config(config.from_dict(base), plan)
@@ -103,12 +106,14 @@ def run_population(
         here=packed.in_trial,
         streaming=(streams or {}).get(plan.id, {}),
     )
-    rows, stopped, scored = [], [], []
+    rows, scored = [], []
+    unscored: dict[str, list[str]] = {STOPPED: [], DIVERGED: []}
     for trial, member, member_cfg, model_dir, layer in zip(
         plan.trials, result.members, member_cfgs, result.model_dirs, layer_of, strict=True
     ):
-        if member.stopped == "asha":
-            stopped.append(f"{trial.id} at step {member.stopped_step}")
+        note = unscored_note(trial.id, member)
+        if note is not None:
+            unscored[note[0]].append(note[1])
         else:
             scored.append((trial, member_cfg, model_dir, layer))
     tests = {}  # each layer pair's test split and prompts, loaded once
@@ -132,7 +137,25 @@ def run_population(
                     storage.upload_dir(local, storage.join(uri, part, trial.id))
         shutil.rmtree(out, ignore_errors=True)
     # As JSON text: Tune's own loggers would try to log a list of dicts as a metric.
-    ray.tune.report({"members": len(plan.trials), ROWS: json.dumps(rows), STOPPED: stopped})
+    ray.tune.report({"members": len(plan.trials), ROWS: json.dumps(rows), **unscored})
+
+
+def unscored_note(trial_id: str, member: Member) -> tuple[str, str] | None:
+    """A member that gets no results row: the report key it is listed under and its note
+    (`run_trials` words the problem); None for a member to score."""
+    if member.stopped == "asha":
+        return STOPPED, f"{trial_id} at step {member.stopped_step}"
+    if member.stopped == "diverged":
+        kept = (
+            f"its best model, of step {member.best_step}, exported unscored"
+            if member.best is not None
+            else "no model: it had no finite validation"
+        )
+        return DIVERGED, (
+            f"{trial_id} diverged at step {member.stopped_step} (its weights or latents NaN "
+            f"or Inf; no test scores; {kept})"
+        )
+    return None
 
 
 def score_members(
@@ -271,6 +294,7 @@ def run_trials(
                 f"trial {s} was stopped early by ASHA (no test scores)"
                 for s in metrics.get(STOPPED, [])
             ]
+            outcome.problems += [f"trial {s}" for s in metrics.get(DIVERGED, [])]
         elif result.error is not None:
             error = str(result.error).strip().splitlines()[-1]
             outcome.problems.append(f"population {name} failed: {error}")
@@ -388,5 +412,7 @@ def check_same_plan(out_dir: Path | str, populations: list[PopulationPlan]) -> N
         raise ConfigError(
             f"the sweep in {str(out_dir)!r} ran populations its config no longer plans "
             f"({sorted(started_ids)[:3]}); resume with the config it started with (no "
-            "overrides of objectives, sweep.*, corpus.* or extract.*)"
+            "overrides of objectives, sweep.*, corpus.* or extract.*), or, if it was started "
+            "by an older raysys that grouped trials otherwise (one with sweep.seeds > 1 "
+            "before seeds were grouped apart), start it again"
         )

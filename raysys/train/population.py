@@ -1,12 +1,15 @@
 """A population's training step, in plain torch: `Trainer` for P stacked members at once.
 
 Each member keeps everything a trial sets for itself: objective, Spread's α and K, learning
-rate and warm-up, weight decay, gradient clipping, λ schedule, dropout, logit scale and seed
-(the initial weights). The optimiser is torch's fused AdamW kernel run on each member's
-slices of the stacked tensors, so each member's moments, learning rate and weight decay are
-its own; clipping takes each member's own norm.
-A frozen member (stopped early, or by ASHA) takes no update at all. Nothing here imports Ray
-or pyarrow (`raysys bench step --population` runs it on a torch-only GPU machine).
+rate and warm-up, weight decay, gradient clipping, λ schedule, dropout and logit scale. The
+optimiser is torch's fused AdamW kernel run on each member's slices of the stacked tensors, so
+each member's moments, learning rate and weight decay are its own; clipping takes each
+member's own norm. Each member's seed sets its initial weights and dropout masks, but a sweep
+groups only trials of one seed (it is not in `MEMBER_KEYS`): the seed also orders the data
+(shards, epoch order, a streamed view's order), which the population's one batch plan reads
+from its shared config, and a trial's batches must not depend on the trials beside it.
+A frozen member (stopped early, by ASHA, or diverged) takes no update at all. Nothing here
+imports Ray or pyarrow (`raysys bench step --population` runs it on a torch-only GPU machine).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from raysys.train.step import Trainer, jam_config, lr_factor
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which `Trainer` uses
 # TrainConfig keys a member sets for itself; every other key is the population's (and must be
-# equal across its members: `raysys.sweep.populations.shared_key`).
+# equal across its members: `raysys.sweep.populations.shared_key`). Not `seed`: the batch plan
+# is seeded by the population's, so members of other seeds would train on its batches.
 MEMBER_KEYS = (
     "objective",
     "vision_layer",
@@ -40,7 +44,6 @@ MEMBER_KEYS = (
     "weight_decay",
     "warmup_steps",
     "grad_clip",
-    "seed",
     "early_stop_patience",
 )
 

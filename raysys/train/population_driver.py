@@ -1,10 +1,10 @@
 """A population as one Ray Train run: the worker (data of every member's layer pair, the
 stacked model, the loop) and the driver (fit, then each member's best model exported).
 
-A population's members share one model pair's cache, batch size and step count (the sweep
-groups them so), so one data plan serves all: each worker reads its shard's rows once per
-distinct layer pair, and a step's batch is the same rows for every member, each at its own
-layers (zero-padded to the widest when widths differ).
+A population's members share one model pair's cache, batch size, step count and seed (the
+sweep groups them so), so one data plan, seeded by the population's config, serves all: each
+worker reads its shard's rows once per distinct layer pair, and a step's batch is the same
+rows for every member, each at its own layers (zero-padded to the widest when widths differ).
 """
 
 from __future__ import annotations
@@ -289,9 +289,10 @@ def train_population(
     streaming: dict[str, Any] | None = None,
 ) -> PopulationResult:
     """Fit a population and export each member's best model to `<out_dir>/models/<member
-    id>`; `cfg` holds what the members share (its `train` is the first member's), `tcfgs`
-    each member's own train settings and `layer_of` which of `sources` (layer pairs of one
-    extraction) each member reads. Checkpoints, resume and the TensorBoard upload work as
+    id>` (none for a member that diverged before its first validation); `cfg` holds what
+    the members share (its `train` is the first member's), `tcfgs` each member's own train
+    settings and `layer_of` which of `sources` (layer pairs of one extraction) each member
+    reads. Checkpoints, resume and the TensorBoard upload work as
     `raysys.train.driver.train`'s; `rungs` is the sweep's ASHA actor (`raysys.sweep.asha`),
     asked at each validation whether a member stops, and `tune` reports each validation to
     the Tune trial this runs in.

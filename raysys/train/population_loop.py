@@ -2,8 +2,9 @@
 
 What `raysys.train.loop` does for one model, for P members at once: every `eval_every` steps
 each active member is validated on its own layers' val sample, tracks its own best score and
-patience, and may be stopped (its patience ran out, or the sweep's ASHA rungs say so); a
-stopped member is frozen (`PopulationTrainer.freeze`) while the others train on. A checkpoint
+patience, and may be stopped (its patience ran out, the sweep's ASHA rungs say so, or its
+weights are no longer finite: it diverged); a stopped member is frozen
+(`PopulationTrainer.freeze`) while the others train on. A checkpoint
 holds the population's current weights and each member's best weights so far, so each member
 exports its own best model whatever step the others peaked at. Nothing here imports Ray.
 """
@@ -26,6 +27,7 @@ from raysys.data.pairs import Pairs
 from raysys.evaluate import capped_val, score_model
 from raysys.jam import JAM, JAMConfig
 from raysys.jam.population import Population
+from raysys.metrics import NonFiniteError
 from raysys.train.loop import HISTORY_FILE, STATE_FILE, Batches, read_state
 from raysys.train.population import PopulationTrainer
 from raysys.train.step import all_agree, host_stats
@@ -48,7 +50,7 @@ class Member:
     best: float | None = None
     best_step: int = 0
     stale: int = 0
-    stopped: str = ""  # "", "early stop" or "asha"
+    stopped: str = ""  # "", "early stop", "asha" or "diverged" (non-finite weights)
     stopped_step: int = 0
     validations: int = 0
 
@@ -100,8 +102,11 @@ def run_population(
 ) -> None:
     """Train every member to the last step (or until all are stopped), validating, reporting
     and checkpointing every `eval_every` steps; `writers` are the members' TensorBoard
-    writers (rank 0)."""
+    writers (rank 0). Returns at once when no member is active (a resumed population whose
+    members all stopped early: its last checkpoint is final)."""
     tcfg = cfg.train
+    if not bool(trainer.active.any()):
+        return
     if val is not None:
         val = Validation([capped_val(p, cfg.eval) for p in val.pairs], val.layer_of)
     window: list[dict[str, Any]] = []
@@ -124,11 +129,9 @@ def run_population(
             summary |= {
                 f"{member.id}/train/{k}": sum(s[k] for s in steps) / len(steps) for k in steps[0]
             }
-        _validate_and_report(cfg, trainer, val, progress, summary, writers, report, rungs)
+        _validate_and_report(cfg, trainer, val, progress, summary, writers, report, rungs, device)
         if publish:
             publish()
-        for m in _agreed_stops(trainer, progress, device):
-            trainer.freeze(m)
         if not bool(trainer.active.any()):
             break
         window, window_start = [], time.perf_counter()
@@ -163,27 +166,41 @@ def _validate_and_report(
     writers: list[Any] | None,
     report: Report,
     rungs: Rungs | None,
+    device: torch.device,
 ) -> None:
-    """Rank 0: validate each active member, decide its stop, checkpoint; then report."""
+    """Rank 0: validate each active member and decide its stop; every rank: freeze the
+    members just stopped (before the checkpoint, so its `active` agrees with them); rank 0:
+    checkpoint; then report."""
+    if val is not None:
+        population = trainer.population
+        for m, member in enumerate(progress.members):
+            if member.stopped:
+                continue
+            jam = population.member(m)
+            if not _finite(jam):  # scoring would raise; the others train on without it
+                _diverged(trainer, m, member, "weights")
+                continue
+            jam = jam.to(next(population.parameters()).device)
+            try:
+                scores = score_model(jam, val.of(m), cfg.eval, with_intervals=False)
+            except NonFiniteError:  # finite weights whose latents overflow
+                _diverged(trainer, m, member, "latents")
+                continue
+            summary |= {f"{member.id}/val/{k}": v for k, v in scores.items()}
+            _track(cfg, trainer, m, member, scores, rungs, progress.best)
+            if writers:
+                for key, value in scores.items():
+                    writers[m].add_scalar(f"val/{key}", value, trainer.step)
+                writers[m].add_scalar(
+                    "train/samples_per_s", summary["train/samples_per_s"], trainer.step
+                )
+                writers[m].flush()
+        summary["members/active"] = sum(not mb.stopped for mb in progress.members)
+    for m in _agreed_stops(trainer, progress, device):
+        trainer.freeze(m)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if val is not None:
-            population = trainer.population
-            for m, member in enumerate(progress.members):
-                if member.stopped:
-                    continue
-                jam = population.member(m).to(next(population.parameters()).device)
-                scores = score_model(jam, val.of(m), cfg.eval, with_intervals=False)
-                summary |= {f"{member.id}/val/{k}": v for k, v in scores.items()}
-                _track(cfg, trainer, m, member, scores, rungs, progress.best)
-                if writers:
-                    for key, value in scores.items():
-                        writers[m].add_scalar(f"val/{key}", value, trainer.step)
-                    writers[m].add_scalar(
-                        "train/samples_per_s", summary["train/samples_per_s"], trainer.step
-                    )
-                    writers[m].flush()
-            summary["members/active"] = sum(not mb.stopped for mb in progress.members)
             ckpt = Path(tmp)
             final = trainer.step >= trainer.total_steps or all(m.stopped for m in progress.members)
             save_population(ckpt, trainer, progress, summary, final)
@@ -224,6 +241,24 @@ def _track(
         f"val i2t_r1 {scores['i2t_r1']:.3f} t2i_r1 {scores['t2i_r1']:.3f} "
         f"mutual_knn {scores['mutual_knn']:.3f}"
         + (f" (stopped: {member.stopped})" if member.stopped else ""),
+        flush=True,
+    )
+
+
+def _finite(jam: JAM) -> bool:
+    """Whether every weight of a member is finite (a diverged member's are NaN or Inf)."""
+    return all(bool(torch.isfinite(v).all()) for v in jam.state_dict().values())
+
+
+def _diverged(trainer: PopulationTrainer, m: int, member: Member, what: str) -> None:
+    """Stop member m, whose weights (or the latents they give) are no longer finite; its best
+    weights so far (from its last finite improvement) stay its export, and with none it has
+    no model to export."""
+    member.stopped, member.stopped_step = "diverged", trainer.step
+    kept = f"its best of step {member.best_step} kept" if member.best is not None else "no model"
+    print(
+        f"[train] {trainer.tcfgs[m].objective} {member.id} step {trainer.step}/"
+        f"{trainer.total_steps}: non-finite {what} (stopped: diverged; {kept})",
         flush=True,
     )
 
@@ -301,11 +336,14 @@ def read_members(directory: Path) -> list[tuple[Member, JAMConfig]]:
 
 def export_members(directory: Path, model_dirs: list[Path]) -> list[Member]:
     """Each member's best weights of a checkpoint as a plain model directory (`JAM.load`
-    reads it); returns the members' bookkeeping."""
+    reads it); returns the members' bookkeeping. A member that diverged before its first
+    validation has no best weights (its slot holds its initial ones): no directory."""
     members = read_members(directory)
     population = Population([cfg for _, cfg in members])
     population.load_state_dict(load_file(str(directory / BEST)))
     for m, path in enumerate(model_dirs):
+        if members[m][0].best is None:
+            continue
         jam: JAM = population.member(m)
         jam.save(path)
     return [member for member, _ in members]
