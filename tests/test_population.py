@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from raysys.config import EvalConfig, TrainConfig
+from raysys.config import Config, EvalConfig, TrainConfig
 from raysys.data.pairs import Pairs
 from raysys.errors import ConfigError
 from raysys.evaluate import score_model
 from raysys.jam import JAM, JAMConfig
 from raysys.jam.population import Population
 from raysys.train.population import PopulationTrainer, build_members
+from raysys.train.population_loop import (
+    BestWeights,
+    Member,
+    PopulationProgress,
+    Validation,
+    _validate_and_report,
+    export_members,
+    load_population,
+    run_population,
+)
 from raysys.train.step import Trainer, fit_global_input_stats
 
 STEPS, BATCH = 12, 24
@@ -235,17 +246,7 @@ class _Batches:
 
 
 def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
-    from raysys.config import Config
     from raysys.train.loop import read_state
-    from raysys.train.population_loop import (
-        BestWeights,
-        Member,
-        PopulationProgress,
-        Validation,
-        export_members,
-        load_population,
-        run_population,
-    )
 
     cfg = Config()
     cfg.train = _tcfg(dict(eval_every=2, best_metric="val/recon_mse", best_mode="min"))
@@ -372,17 +373,7 @@ class _Diverging(_Batches):
 def test_a_diverged_member_stops_while_the_others_train_on(tmp_path) -> None:
     """Scoring a member with NaN weights raised, failing every member; now it is frozen as
     diverged, with its best weights (if any) exported, and the others train as without it."""
-    from raysys.config import Config
     from raysys.sweep.tune import DIVERGED, unscored_note
-    from raysys.train.population_loop import (
-        BestWeights,
-        Member,
-        PopulationProgress,
-        Validation,
-        _validate_and_report,
-        export_members,
-        run_population,
-    )
 
     cfg = Config()
     cfg.train = _tcfg(dict(eval_every=2) | BY_MSE)
@@ -450,17 +441,6 @@ class _NoBatches:
 
 def test_a_population_whose_members_all_stopped_resumes_to_nothing(tmp_path) -> None:
     """Its last checkpoint (final) says no member is active, and a resume trains no step."""
-    import shutil
-
-    from raysys.config import Config
-    from raysys.train.population_loop import (
-        BestWeights,
-        Member,
-        PopulationProgress,
-        Validation,
-        load_population,
-        run_population,
-    )
 
     cfg = Config()
     cfg.train = _tcfg(dict(eval_every=2) | BY_MSE)
