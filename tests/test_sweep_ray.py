@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -303,9 +304,10 @@ def _tiny_sweep(cfg: config.Config, out: Path, *extra: str) -> list[str]:
 def streamed_sweeps(small_cache, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Two sweeps that stream their train split from one pair view, each `(out, logs)`:
     `streamed`, a population of two members in its Tune trial's process, builds the view;
-    `asha`, two members on two DDP workers (the sweep's Ray Train path) under ASHA, reuses it.
-    In the second, the untrained member's first validation falls below the other's, so ASHA
-    freezes it there while the other trains to its last step."""
+    `asha`, three members on two DDP workers (the sweep's Ray Train path) under ASHA, reuses
+    it. In the second, the untrained member's first validation falls below the first's, so
+    ASHA freezes it there, the third (learning rate 1e30) has NaN weights by then and is
+    frozen as diverged, and the first trains to its last step."""
     from raysys.data import stream
 
     cfg, _ = small_cache
@@ -327,9 +329,9 @@ def streamed_sweeps(small_cache, tmp_path_factory) -> dict[str, tuple[Path, str]
             "train.best_metric=val/recon_mse",  # continuous: the untrained member is plainly worse
             "train.best_mode=min",
             "sweep.search=asha",
-            "sweep.population=2",
+            "sweep.population=3",
             "sweep.workers_per_trial=2",
-            "sweep.params.train.lr=[0.01,1e-9]",
+            "sweep.params.train.lr=[0.01,1e-9,1e30]",
         ],
     }
     runs = {}
@@ -371,15 +373,16 @@ def test_a_streamed_population_trains_in_its_trial_from_the_sweeps_pair_view(
 
 
 def test_asha_stops_one_member_while_the_other_trains_on(streamed_sweeps) -> None:
-    """Two members of one population under ASHA (`streamed_sweeps`' second): the worse one
-    is frozen at its first validation while the other trains on, and each rank streams its
-    half of the pair view."""
+    """Three members of one population under ASHA (`streamed_sweeps`' second): the worse one
+    is frozen at its first validation, and a diverged one too (a NaN member used to fail the
+    whole population), while the other trains on; each rank streams its half of the pair
+    view."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, logs = streamed_sweeps["asha"]
     assert "1 of 1 population(s) stream their train split" in logs, logs[-3000:]
     assert (
-        "2 member(s) on 1 layer pair(s), 2 worker(s), streaming 48 pairs from their pair view, "
+        "3 member(s) on 1 layer pair(s), 2 worker(s), streaming 48 pairs from their pair view, "
         "24 per worker per epoch"
     ) in logs, logs[-3000:]
     with (out / "results.csv").open() as f:
@@ -387,8 +390,14 @@ def test_asha_stops_one_member_while_the_other_trains_on(streamed_sweeps) -> Non
     [kept] = rows
     assert float(kept["train.lr"]) == pytest.approx(0.01)
     report = (out / "report.md").read_text()
-    [stopped] = [p.name for p in (out / "tensorboard").iterdir() if p.name != kept["trial"]]
-    assert f"trial {stopped} at step 2 was stopped early by ASHA" in report
+    [stopped] = re.findall(r"trial (\S+) at step 2 was stopped early by ASHA", report)
+    [diverged] = re.findall(
+        r"trial (\S+) diverged at step 2 \(its weights or latents NaN or Inf; no test scores; "
+        r"no model: it had no finite validation\)",
+        report,
+    )
+    assert len({kept["trial"], stopped, diverged}) == 3
+    assert sorted(p.name for p in (out / "models").iterdir()) == sorted([kept["trial"], stopped])
 
     def val_steps(name: str) -> list[int]:
         acc = EventAccumulator(str(out / "tensorboard" / name))
