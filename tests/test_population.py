@@ -15,6 +15,7 @@ from raysys.errors import ConfigError
 from raysys.evaluate import score_model
 from raysys.jam import JAM, JAMConfig
 from raysys.jam.population import Population
+from raysys.sweep import asha
 from raysys.train.population import PopulationTrainer, build_members
 from raysys.train.population_loop import (
     BestWeights,
@@ -264,10 +265,10 @@ def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
     trainer = PopulationTrainer(population, tcfgs, 8)
     ids = ["a", "b", "c"]
     progress = PopulationProgress([Member(i) for i in ids], best=BestWeights(population))
-    asked: list[tuple[str, int]] = []
+    asked: list[tuple[str, int, float]] = []
 
     def rungs(member: str, t: int, score: float) -> bool:
-        asked.append((member, t))
+        asked.append((member, t, score))
         return member == "c" and t == 3  # ASHA stops c at its third validation
 
     reports: list[dict] = []
@@ -280,6 +281,7 @@ def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
             assert read_state(ckpt, "cpu")["trainer"]["active"].tolist() == [True, False, True]
         if summary["step"] == 8:  # final: best weights and progress only
             assert not (ckpt / "population.safetensors").exists()
+            shutil.copytree(ckpt, tmp_path / "ray" / "p" / "checkpoint_000000008")
             export_members(ckpt, [tmp_path / i for i in ids])
             again = PopulationTrainer(Population(population.cfgs), tcfgs, 8)
             reloaded.append(load_population(ckpt, again, torch.device("cpu")))
@@ -292,7 +294,16 @@ def test_the_loop_stops_members_on_their_own(tmp_path) -> None:
     assert (c.stopped, c.stopped_step) == ("asha", 6) and not a.stopped
     assert [r["step"] for r in reports] == [2, 4, 6, 8] and trainer.step == 8
     assert "b/val/recon_mse" in reports[1] and "b/val/recon_mse" not in reports[2]
-    assert ("b", 3) not in asked and ("a", 4) not in asked  # the last validation asks no rung
+    asked_at = [(m, t) for m, t, _ in asked]
+    assert ("b", 3) not in asked_at and ("a", 4) not in asked_at  # the last asks no rung
+    # A resumed sweep's new rungs actor gets every score the checkpoint says was given, and
+    # its rungs then hold what the old actor's did.
+    given = asha.asked_before([str(tmp_path / "ray" / "p")])
+    assert sorted(given) == sorted(asked) and len(asked) == 7  # a: 1-3, b: 1, c: 1-3
+    live, replayed = asha.Rungs(reduction_factor=2), asha.Rungs(reduction_factor=2)
+    for call in asked:
+        live.stop(*call)
+    assert replayed.replay(given) == 7 and replayed.recorded == live.recorded
     assert reports[-1]["members/active"] == 1
     # Each member's export is its own best weights, whatever step the others peaked at.
     best = Population(population.cfgs)

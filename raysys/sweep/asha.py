@@ -6,14 +6,22 @@ stop all its members. So the same rule runs here per member: rungs at `grace · 
 validations; a member reaching a rung is stopped when its score is below the `1 - 1/rf`
 quantile of the scores recorded there before it (the first at a rung always continues), as
 Ray's asynchronous successive halving decides. Scores are signed so that higher is better.
+
+The actor lives as long as the sweep's driver. A resumed sweep starts a new one and replays
+into it every score its populations gave the old one (each member keeps them in its
+checkpoint), so the rungs' cutoffs are those an uninterrupted sweep would have drawn.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from raysys import storage
 
 
 class Rungs:
@@ -40,6 +48,32 @@ class Rungs:
             recorded[member] = score
             return cutoff is not None and score < cutoff
         return False
+
+    def replay(self, asked: list[tuple[str, int, float]]) -> int:
+        """Record scores given to an earlier actor (their decisions were taken then: a
+        stopped member stays frozen in its checkpoint); returns how many were given."""
+        for member, t, score in asked:
+            self.stop(member, int(t), score)
+        return len(asked)
+
+
+def asked_before(run_dirs: Iterable[str]) -> list[tuple[str, int, float]]:
+    """Every (member, validations, signed score) the populations under `run_dirs` (their Ray
+    Train run directories, local or `s3://`) gave the rungs, from each one's newest
+    checkpoint; a population with none yet gave nothing that survived."""
+    # Here, not at the top: the rungs themselves need neither Ray Train nor torch.
+    from raysys.train.driver import latest_checkpoint
+    from raysys.train.population_loop import MEMBERS_FILE
+
+    asked = []
+    for run_dir in run_dirs:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            continue
+        for saved in json.loads(storage.read_text(storage.join(latest, MEMBERS_FILE))):
+            member = saved["member"]
+            asked += [(member["id"], int(t), float(v)) for t, v in member.get("asked", [])]
+    return asked
 
 
 def start_rungs() -> Any:

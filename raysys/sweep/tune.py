@@ -36,7 +36,7 @@ from raysys.evaluate import score_model
 from raysys.jam import JAM
 from raysys.report.tensorboard import write_hparams
 from raysys.rundir import RunDir
-from raysys.sweep.asha import start_rungs
+from raysys.sweep.asha import asked_before, start_rungs
 from raysys.sweep.plan import Packing, Trial, trial_row
 from raysys.sweep.populations import PopulationPlan, population_config
 from raysys.train.driver import planned_stream
@@ -318,6 +318,11 @@ def _tuner(
     rungs = None
     if cfg.sweep.search == "asha":  # per member, across populations (`raysys.sweep.asha`)
         rungs = start_rungs()
+        if restore:
+            ray_dir = storage.join(run.uri, "ray") if run.uri else str(run.local / "ray")
+            asked = asked_before(storage.join(ray_dir, p.id) for p in populations)
+            replayed = ray.get(rungs.replay.remote(asked))
+            print(f"[sweep] ASHA: {replayed} rung score(s) of the stopped sweep replayed")
     trainable = ray.tune.with_parameters(
         run_population,
         base=config.to_dict(cfg),

@@ -53,6 +53,9 @@ class Member:
     stopped: str = ""  # "", "early stop", "asha" or "diverged" (non-finite weights)
     stopped_step: int = 0
     validations: int = 0
+    # Each [validations, signed score] it gave the sweep's ASHA rungs: a resumed sweep
+    # replays them into its new rungs actor (`raysys.sweep.asha.asked_before`).
+    asked: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -234,6 +237,7 @@ def _track(
         member.stopped, member.stopped_step = "early stop", trainer.step
     elif rungs is not None and trainer.step < trainer.total_steps:
         signed = score if tcfg.best_mode == "max" else -score
+        member.asked.append([member.validations, signed])
         if rungs(member.id, member.validations, signed):
             member.stopped, member.stopped_step = "asha", trainer.step
     print(
