@@ -136,8 +136,9 @@ def run_population(
                 if local.exists():
                     storage.upload_dir(local, storage.join(uri, part, trial.id))
         shutil.rmtree(out, ignore_errors=True)
-    # As JSON text: Tune's own loggers would try to log a list of dicts as a metric.
-    ray.tune.report({"members": len(plan.trials), ROWS: json.dumps(rows), **unscored})
+    # As JSON text: Tune's own loggers would try to log a list as a metric (and warn).
+    lists = {ROWS: rows, **unscored}
+    ray.tune.report({"members": len(plan.trials), **{k: json.dumps(v) for k, v in lists.items()}})
 
 
 def unscored_note(trial_id: str, member: Member) -> tuple[str, str] | None:
@@ -292,9 +293,9 @@ def run_trials(
             outcome.rows += json.loads(metrics[ROWS])
             outcome.problems += [
                 f"trial {s} was stopped early by ASHA (no test scores)"
-                for s in metrics.get(STOPPED, [])
+                for s in _listed(metrics.get(STOPPED))
             ]
-            outcome.problems += [f"trial {s}" for s in metrics.get(DIVERGED, [])]
+            outcome.problems += [f"trial {s}" for s in _listed(metrics.get(DIVERGED))]
         elif result.error is not None:
             error = str(result.error).strip().splitlines()[-1]
             outcome.problems.append(f"population {name} failed: {error}")
@@ -305,6 +306,11 @@ def run_trials(
         len(p.trials) for p in populations if status.get(p.id) not in ("TERMINATED", "ERROR")
     )
     return outcome
+
+
+def _listed(value: str | list[str] | None) -> list[str]:
+    """A list a population reported as JSON text (a list itself before 2026-12-02)."""
+    return json.loads(value) if isinstance(value, str) else list(value or [])
 
 
 def _tuner(
