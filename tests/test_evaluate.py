@@ -84,6 +84,16 @@ def test_score_model_adds_intervals_around_unchanged_scores() -> None:
     assert plain == {k: scores[k] for k in metric_names(KS)}
 
 
+def _looser(
+    boot: tuple[float, float], hits: torch.Tensor, groups: np.ndarray | None, level: float = 0.95
+) -> tuple[float, float]:
+    """A 0/1 rate's interval: the bootstrap's, widened to the exact one where that is wider
+    (`test_one_miss_never_narrows_…` checks the exact one against scipy's beta); any other
+    metric's: the bootstrap's."""
+    exact = evaluate._exact(hits.double().numpy(), groups, level)
+    return boot if exact is None else (min(boot[0], exact[0]), max(boot[1], exact[1]))
+
+
 def test_each_metric_resamples_its_own_items() -> None:
     """i2t_r1's interval is the bootstrap over the 40 unique images; t2i's and recon_mse's
     (each pair's image + caption error) over the 120 pairs, drawn by image: the cluster
@@ -96,7 +106,8 @@ def test_each_metric_resamples_its_own_items() -> None:
     assert len(i2t) == 40 and len(t2i) == 120
 
     def interval(values: torch.Tensor, groups: np.ndarray | None = None) -> tuple[float, float]:
-        return metrics.bootstrap_interval(values.double().numpy(), 500, 0.9, 0, groups=groups)
+        boot = metrics.bootstrap_interval(values.double().numpy(), 500, 0.9, 0, groups=groups)
+        return _looser(boot, values, groups, 0.9)
 
     assert (scores["i2t_r1_lo"], scores["i2t_r1_hi"]) == pytest.approx(interval(i2t[:, 0]))
     assert (scores["t2i_r5_lo"], scores["t2i_r5_hi"]) == pytest.approx(interval(t2i[:, 1], owner))
@@ -199,12 +210,14 @@ def test_hard_negatives_by_kind_without_the_pairs_that_have_none() -> None:
     assert scores["hardneg_acc"] == pytest.approx(want)
     wins = metrics.hard_negative_wins(z["zi"], z["zt"], z["zn"]).double()
     lo_hi = metrics.bootstrap_interval(wins[real].numpy(), 300, groups=owner[real])
+    lo_hi = _looser(lo_hi, wins[real], owner[real])
     assert (scores["hardneg_acc_lo"], scores["hardneg_acc_hi"]) == pytest.approx(lo_hi)
     for kind in ("colour", "shape", "swap_colours", "corpus"):
         rows = kinds == kind
         name = f"hardneg_acc_{kind}"
         assert scores[name] == pytest.approx(wins[rows].mean().item()), kind
         want = metrics.bootstrap_interval(wins[rows].numpy(), 300, groups=owner[rows])
+        want = _looser(want, wins[rows], owner[rows])
         assert (scores[f"{name}_lo"], scores[f"{name}_hi"]) == pytest.approx(want), kind
         assert scores[f"n_hardneg_{kind}"] == int(rows.sum()) == 24
     assert not any("none" in k for k in scores)
@@ -260,7 +273,7 @@ def test_zeroshot_accuracy_per_task_with_chance_and_interval() -> None:
             np.bincount(target).max() / len(rows)
         )
         hits = metrics.zeroshot_hits(z["zi"][first][rows], classes, target).double().numpy()
-        lo_hi = metrics.bootstrap_interval(hits, 300)
+        lo_hi = _looser(metrics.bootstrap_interval(hits, 300), torch.tensor(hits), None)
         assert (scores[f"zeroshot_{task}_lo"], scores[f"zeroshot_{task}_hi"]) == pytest.approx(
             lo_hi
         )
@@ -313,6 +326,45 @@ def test_a_perfect_score_gets_the_exact_bound_not_a_zero_width_interval() -> Non
     # Clustered: 40 captions of 8 images are 8 independent units, a wider bound.
     grouped = evaluate.intervals({"acc": torch.ones(40)}, cfg, groups=np.repeat(np.arange(8), 5))
     assert grouped["acc_lo"] == pytest.approx(0.025 ** (1 / 8))
+
+
+def test_one_miss_never_narrows_the_interval_below_the_exact_one() -> None:
+    """The percentile bootstrap gave 26 hits of 27 a lower bound of 0.889, above the 0.872 of
+    27 of 27; every 0/1 rate now gets at least the Clopper-Pearson interval."""
+    from scipy import stats
+
+    cfg = config.EvalConfig(bootstrap=500)
+    lows = {}
+    for hits in (27, 26, 20):
+        out = evaluate.intervals({"acc": torch.tensor([1.0] * hits + [0.0] * (27 - hits))}, cfg)
+        lows[hits] = out["acc_lo"]
+        exact = stats.beta.ppf(0.025, hits, 27 - hits + 1)
+        assert out["acc_lo"] <= exact + 1e-12 and out["acc_hi"] >= out["acc_lo"]
+    assert lows[27] > lows[26] > lows[20]
+    assert lows[26] == pytest.approx(stats.beta.ppf(0.025, 26, 2))  # 0.81, not 0.889
+    # Not 0/1 (an error, a distance): the bootstrap's alone.
+    mse = evaluate.intervals({"mse": torch.linspace(0.1, 0.5, 27)}, cfg)
+    assert 0.25 < mse["mse_lo"] < 0.3 < mse["mse_hi"] < 0.35
+
+
+def test_clustered_rates_count_their_effective_number_of_items() -> None:
+    """Captions of one image that always agree are one item (200 images, not 1,000
+    captions); captions that vary independently count nearly each (the interval is then
+    close to the unclustered one)."""
+    cfg = config.EvalConfig(bootstrap=500)
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(200), 5)
+    images = (rng.random(200) < 0.5).astype(float)
+    same = evaluate.intervals({"r": torch.tensor(np.repeat(images, 5))}, cfg, groups=groups)
+    alone = evaluate.intervals({"r": torch.tensor(images)}, cfg)
+    assert same["r_lo"] == pytest.approx(alone["r_lo"], abs=0.01)
+    assert same["r_hi"] == pytest.approx(alone["r_hi"], abs=0.01)
+    captions = torch.tensor((rng.random(1000) < 0.5).astype(float))
+    mixed = evaluate.intervals({"r": captions}, cfg, groups=groups)
+    flat = evaluate.intervals({"r": captions}, cfg)
+    width = same["r_hi"] - same["r_lo"]
+    assert mixed["r_hi"] - mixed["r_lo"] < 0.6 * width
+    assert mixed["r_hi"] - mixed["r_lo"] == pytest.approx(flat["r_hi"] - flat["r_lo"], rel=0.15)
 
 
 def test_sample_rows_are_seeded_nested_and_none_without_a_cap() -> None:

@@ -107,6 +107,22 @@ def test_seed_differences_are_welch_intervals_and_flagged_only_within_noise() ->
     assert "hardneg_acc" not in d and "mutual_knn" not in d  # no row has them
 
 
+def test_seeds_that_agree_compare_by_the_rows_own_intervals_not_a_zero_width_one() -> None:
+    """Every seed of both sides alike: Welch's interval would be 0 wide and call any gap
+    real; the rows' per-item half-widths (averaged per side) stand in."""
+    con = _seed_rows("con", {"i2t_r1": [0.30, 0.30]})
+    neg = _seed_rows("negcon", {"i2t_r1": [0.25, 0.25]})
+    for row, half in zip([*con, *neg], [0.03, 0.05, 0.04, 0.04], strict=True):
+        row |= {"i2t_r1_lo": row["i2t_r1"] - half, "i2t_r1_hi": row["i2t_r1"] + half}
+    diff, half, basis = difference(con, neg, "i2t_r1")
+    assert (diff, half, basis) == pytest.approx((0.05, math.hypot(0.04, 0.04), "bootstrap"))
+    [d] = objective_differences([*con, *neg])
+    assert d["i2t_r1_noise"] is True  # 0.05 apart, ±0.057
+    # Without the rows' bounds there is no interval to give, rather than a zero-wide one.
+    bare = _seed_rows("con", {"i2t_r1": [0.3, 0.3]}), _seed_rows("negcon", {"i2t_r1": [0.2, 0.2]})
+    assert math.isnan(difference(*bare, "i2t_r1")[1])
+
+
 def test_one_seed_compares_by_the_root_sum_of_squares_of_the_bootstrap_half_widths() -> None:
     con = {"trial": "c", "objective": "con", **LITE1, "i2t_r1": 0.40, "hardneg_acc": 0.70}
     con |= {"i2t_r1_lo": 0.37, "i2t_r1_hi": 0.43, "hardneg_acc_lo": 0.60, "hardneg_acc_hi": 0.80}

@@ -506,7 +506,7 @@ def mean_over_seeds(
 
 
 def _bootstrap_half(row: dict[str, Any], metric: str) -> float | None:
-    """Half the width of a row's per-item bootstrap interval, None without one."""
+    """Half the width of a row's own test-set interval, None without one."""
     lo, hi = _num(row.get(f"{metric}_lo")), _num(row.get(f"{metric}_hi"))
     return None if lo is None or hi is None else (hi - lo) / 2
 
@@ -524,6 +524,8 @@ def difference(
       the root-sum-of-squares of their half-widths, a normal approximation that treats the
       two rows' test-set noise as independent (both score the same items, so positively
       correlated errors make it conservative).
+    - Seeds on both sides that all agree (a zero-wide Welch interval would call any gap
+      real): as one row each, the sides' per-item half-widths averaged over their rows.
     - Otherwise (one side with a single seed, or no bounds): the difference, half-width NaN.
     """
     va = [v for v in (_num(r.get(metric)) for r in a) if v is not None]
@@ -535,14 +537,24 @@ def difference(
         qa, qb = (_variance(v) / len(v) for v in (va, vb))
         se = math.sqrt(qa + qb)
         if se == 0:
-            return diff, 0.0, "seeds"
+            return _test_noise(diff, a, b, metric)
         dof = se**4 / (qa**2 / (len(va) - 1) + qb**2 / (len(vb) - 1))
         return diff, t_quantile(level, dof) * se, "seeds"
     if len(a) == 1 and len(b) == 1:
-        ha, hb = _bootstrap_half(a[0], metric), _bootstrap_half(b[0], metric)
-        if ha is not None and hb is not None:
-            return diff, math.hypot(ha, hb), "bootstrap"
+        return _test_noise(diff, a, b, metric)
     return diff, math.nan, ""
+
+
+def _test_noise(
+    diff: float, a: list[dict[str, Any]], b: list[dict[str, Any]], metric: str
+) -> tuple[float, float, str]:
+    """`diff` with the root-sum-of-squares of each side's per-item half-width (averaged over
+    its rows); half-width NaN where a row has no bounds."""
+    halves = [[_bootstrap_half(r, metric) for r in side] for side in (a, b)]
+    if any(h is None for side in halves for h in side):
+        return diff, math.nan, ""
+    ha, hb = (sum(side) / len(side) for side in halves)
+    return diff, math.hypot(ha, hb), "bootstrap"
 
 
 def _variance(values: list[float]) -> float:
@@ -698,9 +710,11 @@ def comparison_section(rows: list[dict[str, Any]], level: float = 0.95) -> list[
         )
     if "bootstrap" in bases:
         how.append(
-            f"with one seed, the two rows' {level * 100:g}% per-item bootstrap intervals "
-            "combined as the root-sum-of-squares of their half-widths (a normal approximation "
-            "that treats the two rows' test-set noise as independent)"
+            f"with one seed (or seeds that agree exactly), the two rows' own {level * 100:g}% "
+            "test-set intervals (per-item bootstrap, at least the exact binomial one for "
+            "rates; half-sample for mutual kNN) combined as the root-sum-of-squares of their "
+            "half-widths (a normal approximation that treats the two rows' test-set noise as "
+            "independent, conservative since both score the same items)"
         )
     if not bases:
         how.append("no interval: the rows carry neither several seeds nor bootstrap bounds")
