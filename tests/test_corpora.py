@@ -5,7 +5,9 @@ which Ray Data reads, and extraction of each kind: tests/test_corpora_ray.py.)""
 from __future__ import annotations
 
 import json
+import tarfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,10 +18,11 @@ from corpus_files import (
     jsonl,
     per_pair_rows,
     write_images,
+    write_shards,
 )
 
 from raysys.config import CorpusConfig
-from raysys.corpora import load_corpus
+from raysys.corpora import load_corpus, webdataset
 from raysys.corpora.base import split_of
 from raysys.errors import ConfigError, CorpusError
 
@@ -206,3 +209,86 @@ def test_pairs_table_keeps_labels_only_when_rows_have_them(scenes, tmp_path) -> 
     write_images(tmp_path, scenes)
     plain = load_corpus(corpus_config(jsonl(tmp_path / "m.jsonl", per_pair_rows(scenes))))
     assert "labels" not in plain.pairs.column_names and plain.zeroshot == {}
+
+
+def test_inline_images_survive_a_second_load_from_the_cache(scenes, tmp_path) -> None:
+    """The index keeps an inline image's digest, not its bytes: the corpus loaded again once
+    its index exists (a resumed image pass, a second vision model) still gives the image pass
+    the images themselves."""
+    from raysys.extract import image_rows
+
+    path = tmp_path / "inline.parquet"
+    images = [s["image"] for s in scenes]
+    pq.write_table(pa.table({"image": images, "caption": [s["captions"] for s in scenes]}), path)
+    cache_dir = str(tmp_path / "cache")
+    first = load_corpus(corpus_config(path), cache_dir)
+    again = load_corpus(corpus_config(path), cache_dir)  # the index is there now
+    assert again.index == first.index and again.key == first.key
+    for corpus in (first, again):
+        rows = image_rows(corpus)
+        assert rows.table is not None, "the image pass must get the bytes, not index values"
+        assert sorted(rows.table["image"].to_pylist()) == sorted(images)
+
+
+class _TextMembers:
+    """Stands in for `ray.data.read_webdataset` over the shards' text members (no Ray in
+    this file): one sample per key, its members' bytes by suffix."""
+
+    def __init__(self, uris: list[str]) -> None:
+        self.uris = uris
+
+    def iter_rows(self):
+        for uri in self.uris:
+            samples: dict[str, dict] = {}
+            with tarfile.open(uri) as tf:
+                for member in tf.getmembers():
+                    key, suffix = member.name.split(".", 1)
+                    if suffix in webdataset.TEXT_SUFFIXES:
+                        sample = samples.setdefault(key, {"__key__": key})
+                        sample[suffix] = tf.extractfile(member).read()
+            yield from samples.values()
+
+
+def test_a_limited_webdataset_reads_the_same_images_once_indexed(
+    scenes, tmp_path, monkeypatch
+) -> None:
+    """With `corpus.limit`, the image pass of a corpus loaded from its index (a resumed or
+    second image pass) reads the limit's images from the shards the limit read, as the first
+    load does, not every sample of every shard (which the pass then refused as foreign)."""
+    write_shards(tmp_path / "shards", scenes)  # 12 images, 5 per shard: 3 shards
+    monkeypatch.setattr(webdataset, "texts", lambda cfg, uris: _TextMembers(uris))
+    opened: list[tuple[list[str], list[str] | None]] = []
+
+    def read_images(cfg, uris, keep):
+        opened.append(
+            ([Path(u).name for u in uris], None if keep is None else sorted(keep.to_pylist()))
+        )
+
+    monkeypatch.setattr(webdataset, "read_images", read_images)
+    cfg = corpus_config(tmp_path / "shards", name="webdataset", limit=6)
+    for _ in range(2):  # the first load writes the index, the second reads it
+        load_corpus(cfg, str(tmp_path / "cache")).read_images()
+    first, again = opened
+    assert first[0] == ["00000.tar", "00001.tar"]  # 10 samples hold the limit's 6
+    assert first[1] is not None and len(first[1]) == 6
+    assert again == first
+
+
+def test_webdataset_key_follows_label_key_only_when_set(scenes, tmp_path) -> None:
+    """An index built without labels is not reused once `corpus.label_key` is set (its
+    zero-shot labels would silently be missing); unset, the key is the one it always was,
+    so existing caches stay valid."""
+    from raysys.corpora.base import settings
+    from raysys.data.cache import content_key
+
+    write_shards(tmp_path / "shards", scenes)
+    path = str(tmp_path / "shards")
+    plain = corpus_config(path, name="webdataset")
+    keys = {
+        label: webdataset.fingerprint(corpus_config(path, name="webdataset", label_key=label))[0]
+        for label in ("", "label", "class")
+    }
+    assert len(set(keys.values())) == 3
+    shards = webdataset.shard_files(path)
+    before = content_key("webdataset", webdataset.WEBDATASET_VERSION, shards, settings(plain))
+    assert keys[""] == before

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -52,6 +52,9 @@ from raysys.data.cache import content_key
 from raysys.data.index import INDEX_VERSION, read_marker, value_counts, write_index
 from raysys.errors import ConfigError
 
+if TYPE_CHECKING:
+    import ray.data
+
 KINDS = ("synthetic", "manifest", "webdataset")
 _LOADED: dict[str, Corpus] = {}  # this process's last corpus, by config
 
@@ -65,7 +68,8 @@ def load_corpus(
 
     With a `cache_dir` (extraction), the corpus's index lives on it: a finished index is
     found by the corpus key (from the source's fingerprints, without reading its rows) and
-    reused as it is; otherwise a whole manifest or set of shards is indexed by the Ray Data
+    reused as it is (a manifest with inline images is still read here: only it holds their
+    bytes); otherwise a whole manifest or set of shards is indexed by the Ray Data
     job (`corpora.index`) and the driver never holds its pairs, while a small corpus
     (synthetic, a `corpus.limit`, inline images) is built here and written as the index.
     Without a `cache_dir`, the pairs are built here and kept in memory. `before_job` runs
@@ -96,12 +100,18 @@ def load_corpus(
             if before_job is not None:
                 before_job()
             marker = index.build(cfg, corpus_dir, info, uris)
-        if marker is not None:
+        # Inline image bytes live only in the manifest (the index keeps their digests), so
+        # such a corpus (small by construction) is read here again, not from its index.
+        if marker is not None and not _inline(cfg):
             return _from_index(cfg, key, corpus_dir, marker, info, uris)
     corpus = (manifest if cfg.name == "manifest" else webdataset).load(cfg)
     corpus.key = key
     corpus.pairs = negatives_table(corpus.pairs)
     return _indexed(corpus, cache_dir) if cache_dir else corpus
+
+
+def _inline(cfg: CorpusConfig) -> bool:
+    return cfg.name == "manifest" and manifest.inline_images(cfg)
 
 
 def _synthetic(cfg: CorpusConfig) -> Corpus:
@@ -140,17 +150,22 @@ def _from_index(
 ) -> Corpus:
     """A corpus whose pairs stay in its index (read by the stages that need them)."""
     info = info | {"images": marker["images"]}
-    read_images = None
+    limited = cfg.name == "webdataset" and bool(cfg.limit)
+    if limited:  # the limit's images, from the shards it read (all, in an older index)
+        read = marker.get("info", {}).get(webdataset.SHARDS_READ, len(uris))
+        uris, info = uris[:read], info | {webdataset.SHARDS_READ: read}
+    corpus = Corpus(key, None, info=info, index=corpus_dir, labels=marker.get("labels"))
     if cfg.name == "webdataset":
-        read_images = functools.partial(webdataset.read_images, cfg, uris, None)
-    return Corpus(
-        key,
-        None,
-        read_images=read_images,
-        info=info,
-        index=corpus_dir,
-        labels=marker.get("labels"),
-    )
+        reader = functools.partial(_shard_images, cfg, uris, corpus if limited else None)
+        corpus.read_images = reader
+    return corpus
+
+
+def _shard_images(cfg: CorpusConfig, uris: list[str], limited: Corpus | None) -> ray.data.Dataset:
+    """An indexed webdataset's image rows; of a `limited` corpus, only its indexed images
+    (read from its index when the pass opens them), as `webdataset.load` gives them."""
+    keep = limited.image_ids if limited is not None else None
+    return webdataset.read_images(cfg, uris, keep)
 
 
 def negative_counts(pairs: pa.Table) -> dict[str, Any]:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 WEBDATASET_VERSION = 1
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 TEXT_SUFFIXES = ("txt", "json")
+SHARDS_READ = "shards_read"  # info: how many shards (in name order) a `corpus.limit` read
 
 
 def shard_files(path: str) -> list[tuple[str, int, str]]:
@@ -133,7 +134,9 @@ def fingerprint(cfg: CorpusConfig) -> tuple[str, dict[str, Any], list[str]]:
     if not cfg.path:
         raise ConfigError("corpus.name=webdataset needs corpus.path (shards: .tar, dir or glob)")
     shards = shard_files(cfg.path)
-    key = content_key("webdataset", WEBDATASET_VERSION, shards, settings(cfg))
+    # The label field only when set, so a corpus read without labels keeps its key.
+    fields = ("label_key",) if cfg.label_key else ()
+    key = content_key("webdataset", WEBDATASET_VERSION, shards, settings(cfg, fields))
     info = {"kind": "webdataset", "source": cfg.path, "shards": len(shards)}
     info["bytes"] = sum(size for _, size, _ in shards)
     return key, info, [u for u, _, _ in shards]
@@ -154,9 +157,11 @@ def load(cfg: CorpusConfig) -> Corpus:
     many samples, and the first `limit` keys of those are kept."""
     key, info, uris = fingerprint(cfg)
     rows: list[dict[str, Any]] = []
+    read = 0  # shards read
     # With a limit, one shard at a time, stopping once enough are read; else all at once.
     for group in [[uri] for uri in uris] if cfg.limit else [uris]:
         rows += [_sample_row(sample, cfg) for sample in texts(cfg, group).iter_rows()]
+        read += len(group)
         if cfg.limit and len(rows) >= cfg.limit:
             break
     table = pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
@@ -169,10 +174,12 @@ def load(cfg: CorpusConfig) -> Corpus:
     check_unique(pairs, f"webdataset {cfg.path!r}")
     keep = pc.unique(pairs["image_id"]) if cfg.limit else None
     info |= {"images": int(pc.sum(pairs["first"]).as_py() or 0)}
+    if cfg.limit:  # the image pass reads only these; the index records it for the next one
+        info[SHARDS_READ] = read
     return Corpus(
         key=key,
         pairs=finish_pairs(pairs, cfg.label_key, image=False),
-        read_images=functools.partial(read_images, cfg, uris, keep),
+        read_images=functools.partial(read_images, cfg, uris[:read], keep),
         info=info,
     )
 
