@@ -49,8 +49,11 @@ class Prepare:
 
 
 def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes of each image file (local or s3://), and a reject reason for each one that
-    cannot be read; S3 objects are fetched concurrently (one s3fs `cat_ranges` per batch)."""
+    """Bytes of each image file (local or s3://), and a reject reason for each one that is
+    missing, denied or not a file; S3 objects are fetched concurrently (one s3fs
+    `cat_ranges` per batch). Any other read error (throttling, a timeout, a dropped
+    connection, expired credentials) raises: a reject counts as done and is never retried,
+    while a failed part is redone by a rerun, which resumes the pass."""
     data = np.empty(len(uris), dtype=object)
     reasons = np.full(len(uris), "", dtype=object)
     todo = [i for i, u in enumerate(uris) if isinstance(u, str) and u]
@@ -64,16 +67,39 @@ def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if isinstance(value, bytes):
                 data[i] = value
             else:
-                reasons[i] = f"missing or unreadable image file: {type(value).__name__}"
+                reasons[i] = _unreadable(uris[i], value)
     for i in set(todo) - set(remote):
         try:
             with open(uris[i].removeprefix("file://"), "rb") as f:
                 data[i] = f.read()
         except OSError as e:
-            reasons[i] = f"missing or unreadable image file: {e.strerror or type(e).__name__}"
+            reasons[i] = _unreadable(uris[i], e)
     for i in set(range(len(uris))) - set(todo):
         reasons[i] = "no image in the corpus row"
     return data, reasons
+
+
+# Errors that say the image itself cannot be had. A PermissionError is one (S3 answers a
+# missing key with 403 AccessDenied to a reader who may not list the bucket), unless s3fs
+# made it from one of these codes, which say the session's credentials are at fault.
+BAD_IMAGE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+CREDENTIAL_CODES = frozenset(
+    {"ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"}
+)
+
+
+def _unreadable(uri: str, err: BaseException) -> str:
+    """The reject reason for an image that is missing, denied or not a file; any other
+    error is raised (chained), naming the image."""
+    response = getattr(err.__cause__, "response", None)  # s3fs keeps botocore's error
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    if isinstance(err, BAD_IMAGE) and code not in CREDENTIAL_CODES:
+        why = getattr(err, "strerror", None) or type(err).__name__
+        return f"missing or unreadable image file: {why}"
+    raise OSError(
+        f"reading image {uri!r} failed ({type(err).__name__}: {err}); not a fault of the "
+        "image, so it is not rejected: the part fails, and rerunning resumes the pass"
+    ) from err
 
 
 class EmbedActor:

@@ -115,3 +115,73 @@ def test_an_actor_writes_nothing_of_a_part_that_overflows(tmp_path) -> None:
     assert len(list((tmp_path / REJECT_PARTS).iterdir())) == 1  # the first part's NaN row
     (part,) = tmp_path.glob("part-*.parquet")
     assert pq.read_schema(part).field("L00").type.value_type == "halffloat"
+
+
+class _Bucket:
+    """An s3fs stand-in: `cat_ranges` answers each key with its bytes or its error object,
+    as s3fs does with `on_error="return"` (errors translated by s3fs's own table)."""
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        self.answers = answers
+
+    def cat_ranges(self, paths, starts, ends, on_error="raise"):
+        assert on_error == "return"
+        return [self.answers[p] for p in paths]
+
+
+def _s3_error(code: str) -> OSError:
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    return translate_boto_error(
+        ClientError({"Error": {"Code": code, "Message": code}}, "GetObject")
+    )
+
+
+def test_only_a_bad_image_is_a_reject_and_a_storage_failure_fails_the_part(
+    tmp_path, monkeypatch
+) -> None:
+    """A reject counts as done, so a resumed pass never retries it: only an image that is
+    missing, denied or not a file becomes one; throttling, timeouts, a dropped connection or
+    expired credentials fail the part instead (a rerun resumes and reads it)."""
+    from raysys import embed, storage
+
+    bucket = _Bucket(
+        {
+            "b/ok.png": b"png bytes",
+            "b/gone.png": _s3_error("NoSuchKey"),
+            "b/denied.png": _s3_error("AccessDenied"),  # also S3's answer for a missing key
+        }
+    )
+    monkeypatch.setattr(storage, "fsspec_fs", lambda uri: (bucket, str(uri)[len("s3://") :]))
+    (tmp_path / "here.png").write_bytes(b"local bytes")
+    uris = ["s3://b/ok.png", "s3://b/gone.png", "s3://b/denied.png", str(tmp_path / "here.png")]
+    uris += [str(tmp_path / "absent.png"), str(tmp_path), ""]
+    data, reasons = embed.read_images(np.array(uris, dtype=object))
+    assert [data[0], data[3]] == [b"png bytes", b"local bytes"]
+    assert list(reasons[[0, 3]]) == ["", ""]
+    for i in (1, 2, 4, 5):
+        assert reasons[i].startswith("missing or unreadable image file"), reasons[i]
+    assert reasons[6] == "no image in the corpus row"
+    transient = {
+        "SlowDown": _s3_error("SlowDown"),
+        "RequestTimeout": _s3_error("RequestTimeout"),
+        "InternalError": _s3_error("InternalError"),
+        "ExpiredToken": _s3_error("ExpiredToken"),  # a PermissionError, but not the image's
+        "reset": ConnectionResetError(104, "Connection reset by peer"),
+    }
+    for name, err in transient.items():
+        bucket.answers["b/flaky.png"] = err
+        with pytest.raises(OSError, match="'s3://b/flaky.png'") as raised:
+            embed.read_images(np.array(["s3://b/ok.png", "s3://b/flaky.png"], dtype=object))
+        assert raised.value.__cause__ is err, name
+    real_open = open
+
+    def failing_disk(path, *args, **kwargs):
+        if str(path).endswith("here.png"):
+            raise OSError(5, "Input/output error")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "open", failing_disk, raising=False)
+    with pytest.raises(OSError, match="here.png"):
+        embed.read_images(np.array([str(tmp_path / "here.png")], dtype=object))
