@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from raysys import runtime, storage, zeroshot
+from raysys import rundir, runtime, storage, zeroshot
 from raysys.backbones import Backbone, configured_backbone
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import Corpus, load_corpus
@@ -89,6 +89,7 @@ def extract(cfg: Config) -> Extracted:
     backbones = {m: configured_backbone(cfg.extract, m) for m in ("image", "text")}
     for backbone in backbones.values():
         backbone.check()  # a wrong model id or layer fails here, before Ray or any GPU work
+    rundir.check_local_cache(cfg)  # a local cache on a cluster of several nodes is refused
     if cfg.corpus.name == "webdataset":
         runtime.init_ray(cfg.ray)  # its caption index is read by Ray Data
     if storage.is_remote(cfg.extract.cache_dir):

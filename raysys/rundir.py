@@ -115,34 +115,73 @@ def open_run(
 def check_local_out(cfg: Config, out: Path | str, kind: str = "run") -> None:
     """Refuse a local `--out` on a cluster whose work runs on other nodes: Ray Train keeps
     checkpoints under it, and another node cannot see this machine's disk (the run would fail
-    late, or lose its outputs with the node). Only a joined cluster (`RAY_ADDRESS`, or Ray
-    already initialised by the caller) is asked; a private local Ray is one node, this one."""
-    if not _ray_initialized():
-        if not os.environ.get("RAY_ADDRESS"):
-            return
-        from raysys.runtime import init_ray  # joins the cluster the work will run on
-
-        init_ray(cfg.ray)
-    nodes, driver_cpus = _cluster_shape()
-    refusal = local_out_refusal(out, kind, nodes, driver_cpus)
+    late, or lose its outputs with the node)."""
+    shape = _joined_cluster_shape(cfg)
+    refusal = shape and local_out_refusal(out, kind, *shape)
     if refusal:
         raise ConfigError(refusal)
 
 
-def local_out_refusal(out: Path | str, kind: str, nodes: int, driver_cpus: float) -> str | None:
-    """Why a local output directory cannot hold a `kind` on this cluster, or None when it can:
-    more than one node, or a driver node without CPUs (a head like cluster/gpu.yaml's, where
-    every task and worker runs on nodes that may not even exist yet)."""
+def check_local_cache(cfg: Config) -> None:
+    """Refuse a local `extract.cache_dir` on such a cluster too: the extraction actors write
+    their parts to it on their own nodes, and the driver and the training workers would look
+    for them on theirs."""
+    if storage.is_remote(cfg.extract.cache_dir):
+        return
+    shape = _joined_cluster_shape(cfg)
+    refusal = shape and local_cache_refusal(cfg.extract.cache_dir, *shape)
+    if refusal:
+        raise ConfigError(refusal)
+
+
+def _joined_cluster_shape(cfg: Config) -> tuple[int, float] | None:
+    """(alive nodes, driver CPUs) of the cluster the work will run on, or None when it is a
+    private local Ray: only a joined cluster (`RAY_ADDRESS`, or Ray already initialised by
+    the caller) is asked; a private local Ray is one node, this one."""
+    if not _ray_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            return None
+        from raysys.runtime import init_ray  # joins the cluster the work will run on
+
+        init_ray(cfg.ray)
+    return _cluster_shape()
+
+
+def _work_elsewhere(nodes: int, driver_cpus: float) -> str | None:
+    """Why tasks and workers may run on nodes other than this driver's, or None: more than
+    one node, or a driver node without CPUs (a head like cluster/gpu.yaml's, where every
+    task and worker runs on nodes that may not even exist yet)."""
     if nodes > 1:
-        reason = f"the Ray cluster has {nodes} nodes"
-    elif driver_cpus <= 0:
-        reason = "this driver's Ray node has no CPUs, so the work runs on other nodes"
-    else:
+        return f"the Ray cluster has {nodes} nodes"
+    if driver_cpus <= 0:
+        return "this driver's Ray node has no CPUs, so the work runs on other nodes"
+    return None
+
+
+def local_out_refusal(out: Path | str, kind: str, nodes: int, driver_cpus: float) -> str | None:
+    """Why a local output directory cannot hold a `kind` on this cluster, or None when it can
+    (see `_work_elsewhere`)."""
+    reason = _work_elsewhere(nodes, driver_cpus)
+    if reason is None:
         return None
     return (
         f"--out {str(out)!r} is a local directory, but {reason}: Ray Train's checkpoints and "
         f"the models and TensorBoard files of this {kind} would land on disks this machine "
         "cannot see. Write to object storage instead: --out s3://BUCKET/PREFIX"
+    )
+
+
+def local_cache_refusal(cache_dir: str, nodes: int, driver_cpus: float) -> str | None:
+    """Why a local embedding cache cannot serve this cluster, or None when it can (see
+    `_work_elsewhere`)."""
+    reason = _work_elsewhere(nodes, driver_cpus)
+    if reason is None:
+        return None
+    return (
+        f"extract.cache_dir {cache_dir!r} is a local directory, but {reason}: the extraction "
+        "actors would write the embeddings to their own nodes' disks, where neither this "
+        "driver nor the training workers find them. Put the cache on object storage instead: "
+        "extract.cache_dir=s3://BUCKET/PREFIX"
     )
 
 

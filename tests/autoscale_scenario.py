@@ -11,8 +11,8 @@ runs in private namespaces: a network namespace whose only interface is loopback
 listen anywhere else), and a PID namespace (`ray stop` sees only this scenario's processes; when
 its first process exits, the kernel kills whatever is left). Ray's files live in a temp dir of
 its own (RAY_TMPDIR). The run's outputs go to a moto S3 server on 127.0.0.1 inside the
-namespace (a local --out is refused on a head without CPUs); the embedding cache is local (one
-machine, one filesystem). By hand::
+namespace, and so does the embedding cache (a local --out or extract.cache_dir is refused on a
+head without CPUs: the work runs on nodes that may not share its disk). By hand::
 
     .venv/bin/python tests/autoscale_scenario.py      # prints the facts as JSON
 """
@@ -197,7 +197,7 @@ def _submit_and_watch(scratch: Path, out: str, facts: dict[str, Any]) -> None:
     ray.init(address="auto", logging_level="ERROR")
     facts["workers_before"] = _workers(ray)
     client = JobSubmissionClient("http://127.0.0.1:8265")
-    cache = scratch / "cache"
+    cache = out.rsplit("/", 1)[0] + "/cache"  # beside the run, in the scenario's bucket
     entrypoint = [sys.executable, "-m", "raysys.cli", "run", "--out", out]
     entrypoint += [f"extract.cache_dir={cache}", *JOB_ARGS]
     submitted = time.monotonic()

@@ -124,3 +124,26 @@ def test_duplicate_rows_from_late_writers_are_dropped(tmp_path) -> None:
     rows_left = {files[0]: 2, files[1]: 1}
     dropped, ids, rows = _drop_duplicate_rows(files[:2], {})
     assert (dropped, sorted(ids.to_pylist()), rows) == (0, ["x", "y", "z"], rows_left)
+
+
+def test_a_local_cache_is_refused_where_the_work_runs_on_other_nodes(tmp_path, monkeypatch):
+    """As a local --out (test_rundir.py): the actors would write the cache's parts to their
+    own nodes' disks. One node with CPUs (`make run`, the test suite) is accepted; an s3://
+    cache is never asked about."""
+    from raysys import config, rundir
+    from raysys.errors import ConfigError
+    from raysys.extract import extract
+
+    assert rundir.local_cache_refusal("runs/cache", nodes=1, driver_cpus=2.0) is None
+    several = rundir.local_cache_refusal("runs/cache", nodes=2, driver_cpus=4.0)
+    headless = rundir.local_cache_refusal("runs/cache", nodes=1, driver_cpus=0.0)
+    assert "'runs/cache'" in several and "2 nodes" in several and "no CPUs" in headless
+    for refusal in (several, headless):
+        assert refusal.endswith("extract.cache_dir=s3://BUCKET/PREFIX")
+    monkeypatch.setattr(rundir, "_ray_initialized", lambda: True)  # a joined cluster of two
+    monkeypatch.setattr(rundir, "_cluster_shape", lambda: (2, 4.0))
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=f"extract.cache_dir '{cache_dir}' is a local"):
+        extract(config.load(None, [f"extract.cache_dir={cache_dir}"]))
+    assert not cache_dir.exists()  # refused before any work
+    rundir.check_local_cache(config.load(None, ["extract.cache_dir=s3://bucket/cache"]))
