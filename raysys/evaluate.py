@@ -131,10 +131,12 @@ def alignment_intervals(
     (`metrics.half_sample_interval`) of already prepared (`clamped`) `a`, `b`; `full` are the
     metrics on all rows (the clamp's threshold is the full sample's, so halves differ only in
     their rows). None when there are fewer than 2 halves or 8 rows, or when a half has too
-    few rows for `eval.knn_k` neighbours (the kNN metrics would then cap k below the full
-    sample's, measure something else, and claim a zero-width interval)."""
+    few rows for `eval.knn_k` neighbours or `eval.svcca_dim` dimensions (the metrics would
+    then cap k or the dimension below the full sample's, measure something else, and claim
+    a zero-width interval)."""
     n, rounds = len(a), half_samples(cfg)
-    if rounds < 2 or n < max(MIN_HALF_SAMPLE_ROWS, 2 * (cfg.knn_k + 1)):
+    dim = min(cfg.svcca_dim, a.shape[1], b.shape[1])  # what SVCCA uses on the full sample
+    if rounds < 2 or n < max(MIN_HALF_SAMPLE_ROWS, 2 * (max(cfg.knn_k, dim) + 1)):
         return {}
 
     def on_half(rows: np.ndarray) -> list[float]:

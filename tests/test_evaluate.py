@@ -5,6 +5,7 @@ and the outlier clamp before the alignment metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -159,6 +160,11 @@ def test_set_level_intervals_are_half_samples_of_the_images(one_thread) -> None:
     # 20 images: a half of 10 cannot hold k = 10 neighbours, so no interval at all.
     few = pairs.take(np.flatnonzero(np.isin(pairs.image_ids, np.unique(pairs.image_ids)[:20])))
     assert not any(k.endswith(("_lo", "_hi")) for k in score_raw(few, cfg))
+    # Nor when a half cannot hold SVCCA's dimensions: halves of 10 rows, 12-d, dimension 12
+    # (the halves would score SVCCA at 9); at 9 the halves and the full sample agree.
+    wide = config.EvalConfig(bootstrap=30, knn_k=5, svcca_dim=12)
+    assert not any(k.endswith(("_lo", "_hi")) for k in score_raw(few, wide))
+    assert "svcca_lo" in score_raw(few, dataclasses.replace(wide, svcca_dim=9))
 
 
 def test_outlier_clamp_keeps_one_huge_dimension_from_dominating() -> None:
