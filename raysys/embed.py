@@ -8,8 +8,10 @@ where pyarrow is absent.)
 
 from __future__ import annotations
 
+import errno
+import re
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +65,9 @@ def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         paths = [storage.fsspec_fs(uris[i])[1] for i in remote]
         # cat_ranges, not cat: cat expands glob characters, which are legal in S3 keys.
         got = fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
+        denied = [i for i, v in zip(remote, got, strict=True) if isinstance(v, PermissionError)]
+        if len(denied) == len(remote) > 1:  # every one: the nodes' access, not the images
+            _failed(uris[denied[0]], got[0], "every image of the batch was denied; ")
         for i, value in zip(remote, got, strict=True):
             if isinstance(value, bytes):
                 data[i] = value
@@ -81,25 +86,43 @@ def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # Errors that say the image itself cannot be had. A PermissionError is one (S3 answers a
 # missing key with 403 AccessDenied to a reader who may not list the bucket), unless s3fs
-# made it from one of these codes, which say the session's credentials are at fault.
+# made it from one of these codes, which say the session's account or credentials are at
+# fault; so are a local path too long or looping through its links.
 BAD_IMAGE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+BAD_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
 CREDENTIAL_CODES = frozenset(
     {"ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"}
+    | {"AccountProblem", "AllAccessDisabled", "InvalidPayer", "InvalidSecurity", "NotSignedUp"}
 )
+# What a storage failure's message starts with: the driver finds it in the text of the error
+# Ray Data hands back (`storage_failure`), which has lost the exception itself.
+STORAGE_FAILED = "reading an image failed"
 
 
 def _unreadable(uri: str, err: BaseException) -> str:
     """The reject reason for an image that is missing, denied or not a file; any other
-    error is raised (chained), naming the image."""
+    error is raised, naming the image."""
     response = getattr(err.__cause__, "response", None)  # s3fs keeps botocore's error
     code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
-    if isinstance(err, BAD_IMAGE) and code not in CREDENTIAL_CODES:
+    bad_path = isinstance(err, OSError) and err.errno in BAD_PATH_ERRNOS
+    if (isinstance(err, BAD_IMAGE) and code not in CREDENTIAL_CODES) or bad_path:
         why = getattr(err, "strerror", None) or type(err).__name__
         return f"missing or unreadable image file: {why}"
+    _failed(uri, err)
+
+
+def _failed(uri: str, err: BaseException, why: str = "") -> NoReturn:
     raise OSError(
-        f"reading image {uri!r} failed ({type(err).__name__}: {err}); not a fault of the "
-        "image, so it is not rejected: the part fails, and rerunning resumes the pass"
+        f"{STORAGE_FAILED}: {uri!r} ({type(err).__name__}: {err}); {why}not a fault of the "
+        "image, so it is not rejected: the pass stops, and rerunning it resumes"
     ) from err
+
+
+def storage_failure(err: BaseException) -> CacheError | None:
+    """The storage failure a batch raised (see `read_images`), found in the text of the
+    error Ray Data returned for it, as a `CacheError` the CLI reports; None for others."""
+    found = re.search(rf"{STORAGE_FAILED}: (.*)", str(err))
+    return CacheError(f"{STORAGE_FAILED}: {found.group(1)}") if found else None
 
 
 class EmbedActor:

@@ -47,8 +47,9 @@ from raysys.embed import (
     cache_dtype,
     layer_dims,
     say,
+    storage_failure,
 )
-from raysys.errors import ConfigError, CorpusError
+from raysys.errors import ConfigError, CorpusError, RaysysError
 
 PREPROCESS_CPUS = 0.5  # per decode/tokenize task; what the actor plan always leaves free
 PARTS_PER_ACTOR = 8  # enough parts per actor that the pool drains evenly
@@ -375,6 +376,13 @@ def _embed(p: _Pass) -> None:
             if row["part"]:
                 p.written[str(row["part"])] = str(row["sha256"])
             progress.part(int(row["rows"]) + int(row["rejects"]))
+    except RaysysError:
+        raise
+    except Exception as err:  # Ray Data's wrapping of a batch's error
+        failure = storage_failure(err)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         # Stops the pass now (not when a traceback holding it is freed): its actors exit and
         # free their CPUs for whatever runs next in this process.

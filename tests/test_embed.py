@@ -183,5 +183,23 @@ def test_only_a_bad_image_is_a_reject_and_a_storage_failure_fails_the_part(
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(embed, "open", failing_disk, raising=False)
-    with pytest.raises(OSError, match="here.png"):
+    with pytest.raises(OSError, match="here.png") as raised:
         embed.read_images(np.array([str(tmp_path / "here.png")], dtype=object))
+    # The driver gets it back only as text inside Ray Data's error; it finds it there.
+    wrapped = RuntimeError(f"ray.exceptions.UserCodeException: Traceback ...\n{raised.value}")
+    failure = embed.storage_failure(wrapped)
+    assert isinstance(failure, CacheError) and "here.png" in str(failure)
+    assert "rerunning it resumes" in str(failure)
+    assert embed.storage_failure(RuntimeError("some other failure")) is None
+    # A path too long is the row's fault: a reject, not a failed pass.
+    monkeypatch.undo()
+    data, reasons = embed.read_images(np.array([str(tmp_path / ("x" * 300))], dtype=object))
+    assert reasons[0].startswith("missing or unreadable image file")
+    # Every image of a batch denied: the nodes' access is at fault, not the images.
+    monkeypatch.setattr(storage, "fsspec_fs", lambda uri: (bucket, str(uri)[len("s3://") :]))
+    bucket.answers["b/denied2.png"] = _s3_error("AccessDenied")
+    with pytest.raises(OSError, match="every image of the batch was denied"):
+        embed.read_images(np.array(["s3://b/denied.png", "s3://b/denied2.png"], dtype=object))
+    bucket.answers["b/locked.png"] = _s3_error("AllAccessDisabled")
+    with pytest.raises(OSError, match="locked.png"):
+        embed.read_images(np.array(["s3://b/ok.png", "s3://b/locked.png"], dtype=object))
