@@ -215,7 +215,10 @@ def _exact(
     themselves when the rate is 0 or 1), as Korn and Graubard do for survey proportions."""
     if not len(values) or not np.isin(values, (0.0, 1.0)).all():
         return None
-    from scipy import stats  # here: `raysys bench eval` runs where only torch may be
+    try:  # here: `raysys bench eval` runs where only torch may be (it times, not reports)
+        from scipy import stats
+    except ImportError:
+        return None
 
     items, rate = len(values), float(values.mean())
     n = float(items)
@@ -226,7 +229,10 @@ def _exact(
         if 0.0 < rate < 1.0 and clusters > 1:
             sums = np.bincount(cluster, weights=values - rate)  # each cluster's residual sum
             robust = (sums**2).sum() / items**2 * clusters / (clusters - 1)
-            n = float(np.clip(rate * (1 - rate) / robust, clusters, items))
+            # No spread between clusters (each image as often right): as good as every item.
+            n = float(
+                items if robust == 0 else np.clip(rate * (1 - rate) / robust, clusters, items)
+            )
     k, tail = rate * n, (1 - level) / 2
     low = 0.0 if k <= 0 else float(stats.beta.ppf(tail, k, n - k + 1))
     high = 1.0 if k >= n else float(stats.beta.ppf(1 - tail, k + 1, n - k))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -371,6 +373,20 @@ def test_clustered_rates_count_their_effective_number_of_items() -> None:
     width = same["r_hi"] - same["r_lo"]
     assert mixed["r_hi"] - mixed["r_lo"] < 0.6 * width
     assert mixed["r_hi"] - mixed["r_lo"] == pytest.approx(flat["r_hi"] - flat["r_lo"], rel=0.15)
+    # Each image right as often as the others (one of its two captions): no spread between
+    # clusters, so every caption counts, without a division by zero.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        half = evaluate._exact(np.array([1.0, 0.0] * 20), np.repeat(np.arange(20), 2), 0.95)
+    assert half == pytest.approx(evaluate._exact(np.array([1.0, 0.0] * 20), None, 0.95))
+
+
+def test_without_scipy_rates_keep_the_bootstrap_interval(monkeypatch) -> None:
+    """`raysys bench eval` runs where only torch may be installed: it times the scoring."""
+    hits = {"acc": torch.tensor([1.0] * 26 + [0.0])}
+    monkeypatch.setitem(sys.modules, "scipy", None)  # `import scipy` now raises ImportError
+    out = evaluate.intervals(hits, config.EvalConfig(bootstrap=200))
+    assert out["acc_hi"] == 1.0 and out["acc_lo"] > 0.85  # the bootstrap's own, narrower
 
 
 def test_sample_rows_are_seeded_nested_and_none_without_a_cap() -> None:
