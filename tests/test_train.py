@@ -15,7 +15,7 @@ from raysys.data.batches import BatchPlan, keep_on_device
 from raysys.data.pairs import buckets
 from raysys.errors import ConfigError
 from raysys.jam import JAM, losses
-from raysys.train.loop import Progress, read_state, save_checkpoint
+from raysys.train.loop import Progress, read_state, run_steps, save_checkpoint
 from raysys.train.step import (
     Trainer,
     alignment_loss,
@@ -160,6 +160,30 @@ def test_a_resumed_optimiser_state_lands_on_the_given_device(tmp_path) -> None:
     state = read_state(tmp_path, torch.device("meta"))
     moments = [v for s in state["trainer"]["optimizer"]["state"].values() for v in s.values()]
     assert moments and all(t.device.type == "meta" for t in moments)
+
+
+def test_a_run_restored_where_it_stopped_early_trains_no_further() -> None:
+    """Its checkpoint says patience ran out (a driver that died while scoring it, or a
+    worker restart after the early stop): resumed, it reads no batch and reports nothing, so
+    its best model stays the one the uninterrupted run exported."""
+    cfg = config.load(None, ["train.hidden=16", "train.latent=8", "train.early_stop_patience=2"])
+    model = JAM(jam_config(cfg.train, 12, 10))
+    model.fit_input_stats(torch.randn(32, 12), torch.randn(32, 10))
+    trainer = Trainer(model, cfg.train, total_steps=40)
+    trainer.step = 12
+
+    class NoBatches:
+        def get(self, step: int) -> tuple[torch.Tensor, ...]:
+            raise AssertionError(f"a finished run read step {step}")
+
+    reports: list = []
+    stopped = Progress(best=0.3, stale=2)
+    run_steps(cfg, trainer, NoBatches(), None, stopped, 4, torch.device("cpu"),
+              lambda summary, ckpt: reports.append(summary))  # fmt: skip
+    assert trainer.step == 12 and reports == []
+    with pytest.raises(AssertionError, match="read step 12"):  # patience left: it trains on
+        run_steps(cfg, trainer, NoBatches(), None, Progress(best=0.3, stale=1), 4,
+                  torch.device("cpu"), lambda summary, ckpt: None)  # fmt: skip
 
 
 def test_step_statistics_stay_on_the_device_until_a_window_is_read() -> None:

@@ -135,9 +135,10 @@ def latest_checkpoint(run_dir: Path | str) -> str | None:
 def finished_before(
     tcfg: TrainConfig, run_dir: Path | str, model_dir: Path, seconds: float
 ) -> TrainResult:
-    """The result of a resumed run that had already trained its last step (it was stopped
-    after its final checkpoint, so this fit reported nothing): its best and latest
-    checkpoints, local or on `s3://`, stand for the fit's."""
+    """The result of a resumed run from its checkpoints on storage (local or `s3://`): the
+    best of them all, and the latest. Ray's own list holds only this fit's when the stopped
+    run's snapshot was lost, so its best could miss one from before; and a run that had
+    already trained its last step (or stopped early) reports nothing in this fit."""
     saved = saved_checkpoints(run_dir)
     if not saved:
         raise RaysysError(
@@ -254,7 +255,7 @@ def train(
     seconds = time.perf_counter() - started
     model_dir = out_dir / "models" / name
     tcfg = cfg.train
-    if result.checkpoint is None and resume:
+    if resume:
         return finished_before(tcfg, run_dir, model_dir, seconds)
     best = result.get_best_checkpoint(tcfg.best_metric, tcfg.best_mode) or result.checkpoint
     export_model(best, model_dir)

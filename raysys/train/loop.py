@@ -62,13 +62,16 @@ def run_steps(
     writer: Any = None,
     publish: Callable[[], None] | None = None,
 ) -> None:
-    """Train to the last step, validating and reporting every `eval_every` steps (and
-    publishing the TensorBoard events after each, where `publish` is given). Step statistics
-    stay on the device until a validation, when the window is read at once (`host_stats`).
+    """Train to the last step (or the early stop), validating and reporting every
+    `eval_every` steps (and publishing the TensorBoard events after each, where `publish` is
+    given). Step statistics stay on the device until a validation, when the window is read
+    at once (`host_stats`).
     Validation scores a seeded sample of at most `eval.val_pairs` of `val`'s pairs
     (`evaluate.capped_val`; the same rows every time, and none dropped when the worker loaded
     only those rows)."""
     tcfg = cfg.train
+    if 0 < tcfg.early_stop_patience <= progress.stale:
+        return  # restored from the checkpoint where it stopped early: it is finished
     val = None if val is None else capped_val(val, cfg.eval)
     window: list[dict[str, Any]] = []
     window_start = time.perf_counter()
