@@ -181,7 +181,7 @@ def _invocation(args: argparse.Namespace) -> Invocation:
     if args.command not in WRITES_RUN_DIR:
         return Invocation(args, cfg)
     if cfg.resume:
-        cfg, out = rundir.resumed_config(cfg, args.overrides)
+        cfg, out = rundir.resumed_config(cfg, args.overrides, args.command, args.config)
         return Invocation(args, cfg, out, resume=True)
     return Invocation(args, cfg, rundir.default_out(args.command, args.out, cfg))
 

@@ -54,11 +54,31 @@ def default_out(command: str, out: str | None, cfg: Config) -> Path | str:
     return Path("runs") / (cfg.name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def resumed_config(cfg: Config, overrides: list[str]) -> tuple[Config, Path | str]:
+# What a resumed sweep (`run` or `sweep`) may still be given: where and how Ray runs. Its
+# finished trials were trained and scored with the rest, and the report compares them.
+SWEEP_RESUME_KEYS = ("ray.",)
+
+
+def resumed_config(
+    cfg: Config, overrides: list[str], command: str = "train", config_file: str | None = None
+) -> tuple[Config, Path | str]:
     """The config saved in the run `resume=` names (a directory or an `s3://` URI), with the
-    other overrides on top (e.g. more epochs): the run's own config is the base."""
+    other overrides on top (a train run's e.g. more epochs; a sweep's only `ray.*`): the
+    run's own config is the base, so a `--config` file would be ignored, and is refused."""
     out: Path | str = cfg.resume if storage.is_remote(cfg.resume) else Path(cfg.resume)
     rest = [o for o in overrides if not o.startswith("resume=")]
+    if config_file is not None:
+        raise ConfigError(
+            f"resume={cfg.resume!r} continues with the run's own config.yaml; --config "
+            f"{config_file!r} would not be applied: leave it out"
+        )
+    changed = [o for o in rest if not o.partition("=")[0].strip().startswith(SWEEP_RESUME_KEYS)]
+    if command in ("run", "sweep") and changed:
+        raise ConfigError(
+            f"a resumed sweep keeps the config it started with (its finished trials were "
+            f"trained and scored with it, and the report compares them); it takes only "
+            f"ray.* overrides, not {' '.join(changed)}. Start a new sweep to change them"
+        )
     if not storage.is_remote(out):
         saved = Path(out) / CONFIG_FILE
         if not saved.is_file():

@@ -165,3 +165,26 @@ def test_a_written_config_repeats_the_run(command, tmp_path, capsys) -> None:
     path.write_text(written.replace("objective: con", "objective: spread"))
     assert main([command, "--show-config", "--config", str(path)]) == 2
     assert "set objectives=spread instead" in capsys.readouterr().err
+
+
+def test_a_resumed_sweep_takes_only_ray_overrides(tmp_path, capsys) -> None:
+    """Its finished trials were trained and scored with its config and the report compares
+    them: a changed corpus, objective or train setting is refused before any work (it used
+    to pass silently, the unfinished trials then training on another cache), as is a
+    --config file, which a resume would not apply."""
+    run = tmp_path / "sweep"
+    run.mkdir()
+    config.dump(config.load(None, ["corpus.size=80"]), run / "config.yaml")
+    for command in ("sweep", "run"):
+        for change in ("corpus.limit=50", "objectives=con,negcon", "train.epochs=9"):
+            assert main([command, f"resume={run}", change, "--show-config"]) == 2
+            err = capsys.readouterr().err
+            assert "a resumed sweep keeps the config it started with" in err and change in err
+    assert main(["sweep", f"resume={run}", "ray.scale_timeout_s=5", "--show-config"]) == 0
+    assert "size: 80" in capsys.readouterr().out
+    assert main(["train", f"resume={run}", "train.epochs=9", "--show-config"]) == 0  # more epochs
+    assert "epochs: 9" in capsys.readouterr().out
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    assert main(["train", f"resume={run}", "--config", str(path), "--show-config"]) == 2
+    assert "would not be applied" in capsys.readouterr().err

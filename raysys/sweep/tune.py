@@ -298,8 +298,12 @@ def run_trials(
             outcome.problems += [f"trial {s}" for s in _listed(metrics.get(DIVERGED))]
         elif result.error is not None:
             error = str(result.error).strip().splitlines()[-1]
-            outcome.problems.append(f"population {name} failed: {error}")
-            outcome.failed.append(name)
+            members = [t.id for p in populations if p.id == name for t in p.trials] or [name]
+            outcome.problems.append(
+                f"population {name} failed: {error} (its {len(members)} trial(s): "
+                f"{', '.join(members)})"
+            )
+            outcome.failed += members  # each a trial without a row
     outcome.rows.sort(key=lambda r: r["trial"])
     # Tune creates trials lazily: one never started is in no status at all.
     outcome.unfinished = sum(
@@ -422,8 +426,7 @@ def check_same_plan(out_dir: Path | str, populations: list[PopulationPlan]) -> N
     if started_ids:
         raise ConfigError(
             f"the sweep in {str(out_dir)!r} ran populations its config no longer plans "
-            f"({sorted(started_ids)[:3]}); resume with the config it started with (no "
-            "overrides of objectives, sweep.*, corpus.* or extract.*), or, if it was started "
-            "by an older raysys that grouped trials otherwise (one with sweep.seeds > 1 "
-            "before seeds were grouped apart), start it again"
+            f"({sorted(started_ids)[:3]}): it was started by an older raysys that grouped "
+            "trials otherwise (one with sweep.seeds > 1, before seeds were grouped apart); "
+            "start it again"
         )
