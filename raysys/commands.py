@@ -43,7 +43,7 @@ from raysys.report.report import (
 from raysys.report.schema import RAW, model_row
 from raysys.report.tensorboard import projector_sample, write_run_summaries
 from raysys.rundir import CONFIG_FILE, RunDir, open_run
-from raysys.runtime import cluster_resources, init_ray
+from raysys.runtime import cluster_resources, init_ray, joined_cluster
 from raysys.sweep.plan import (
     Trial,
     check_sweep,
@@ -101,7 +101,7 @@ def sweep(
             flush=True,
         )
     populations = group_trials(cfg, trials, size)
-    pack = widened(pack, len(populations))
+    pack = widened(pack, len(populations), joined_cluster())
     if resume:
         check_same_plan(run.root, populations)
     print(
