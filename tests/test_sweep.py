@@ -251,6 +251,7 @@ def test_an_index_and_a_depth_are_different_layers_but_the_same_layer_twice_is_r
         (["sweep.workers_per_trial=3"], "divide evenly"),
         (["sweep.params.train.use_gpu=[true,false]"], "set once for the whole sweep"),
         (["sweep.search=random"], "num_samples"),
+        (["sweep.num_samples=3"], "grid runs every trial"),  # it quietly sampled 3
         (["train.best_metric=val/nope"], "not a validation metric"),
         (["train.use_gpu=true", "sweep.workers_per_trial=2"], "Duplicate GPU detected"),
     ],

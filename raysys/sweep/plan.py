@@ -198,6 +198,11 @@ def check_plan(cfg: Config) -> None:
     check_sweep_gpus(cfg)
     if cfg.sweep.search == "random" and not cfg.sweep.num_samples:
         raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
+    if cfg.sweep.search == "grid" and cfg.sweep.num_samples:
+        raise ConfigError(
+            f"sweep.search=grid runs every trial; sweep.num_samples={cfg.sweep.num_samples} "
+            "would quietly run a sample: set sweep.search=random (or asha) to sample"
+        )
     for objective in cfg.objectives:
         for params in param_grid(cfg, objective):
             try:
