@@ -15,7 +15,13 @@ from raysys.data.batches import BatchPlan, keep_on_device
 from raysys.data.pairs import buckets
 from raysys.errors import ConfigError
 from raysys.jam import JAM, losses
-from raysys.train.loop import Progress, read_state, run_steps, save_checkpoint
+from raysys.train.loop import (
+    Progress,
+    check_same_epochs,
+    read_state,
+    run_steps,
+    save_checkpoint,
+)
 from raysys.train.step import (
     Trainer,
     alignment_loss,
@@ -184,6 +190,17 @@ def test_a_run_restored_where_it_stopped_early_trains_no_further() -> None:
     with pytest.raises(AssertionError, match="read step 12"):  # patience left: it trains on
         run_steps(cfg, trainer, NoBatches(), None, Progress(best=0.3, stale=1), 4,
                   torch.device("cpu"), lambda summary, ckpt: None)  # fmt: skip
+
+
+def test_a_resumed_run_must_cut_its_epochs_as_it_did() -> None:
+    """With data_on_device=auto a resuming cluster may choose to stream a split the run held
+    in memory (or the reverse), cutting an epoch into other steps: refused, not trained on
+    shifted batches and schedule."""
+    history = [{"step": 8, "epoch": 2.0}, {"step": 12, "epoch": 3.0}]
+    check_same_epochs(history, 4)  # 4 steps an epoch, as before
+    check_same_epochs([], 6)  # a fresh run
+    with pytest.raises(ConfigError, match="trained at 4 steps an epoch.*read at 6"):
+        check_same_epochs(history, 6)
 
 
 def test_step_statistics_stay_on_the_device_until_a_window_is_read() -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from raysys.config import Config
+from raysys.errors import ConfigError
 from raysys.evaluate import capped_val, score_model
 from raysys.jam import JAM
 from raysys.train.step import Trainer, all_agree, check_dims, host_stats
@@ -144,6 +145,26 @@ def validate(
         flush=True,
     )
     return stop
+
+
+def check_same_epochs(history: list[dict[str, Any]], steps_per_epoch: int) -> None:
+    """A resumed run must read its split as it did: with `train.data_on_device=auto` the
+    choice between holding a shard in memory and streaming it is made again on the cluster
+    that resumes, and the two cut an epoch into different steps (and batches), which would
+    shift every later batch and the schedule. The checkpoint's last report says how many
+    steps an epoch had (`step / epoch`)."""
+    last = history[-1] if history else {}
+    if not last.get("epoch"):
+        return
+    then = last["step"] / last["epoch"]
+    if abs(then - steps_per_epoch) > 1e-6 * then:
+        raise ConfigError(
+            f"this run trained at {then:.0f} steps an epoch, and here its split would be read "
+            f"at {steps_per_epoch}: with train.data_on_device=auto this cluster chose the "
+            "other way to read it (streamed or held in memory). Resume with the setting it "
+            "ran with (the run's log says whether it streamed): train.data_on_device=stream, "
+            "or true/false"
+        )
 
 
 def save_checkpoint(

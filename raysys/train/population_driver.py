@@ -44,6 +44,7 @@ from raysys.train.driver import (
     run_config,
     saved_checkpoints,
 )
+from raysys.train.loop import check_same_epochs
 from raysys.train.population import PopulationTrainer, build_members
 from raysys.train.population_loop import (
     HISTORY_FILE,
@@ -153,6 +154,7 @@ def _run(config: dict[str, Any], place: Place) -> None:
     model = place.prepare(population)
     trainer = PopulationTrainer(model, tcfgs, steps_per_epoch * cfg.train.epochs)
     progress = _restore(config, trainer, ids, place)
+    check_same_epochs(progress.history, steps_per_epoch)
     for m, member in enumerate(progress.members):
         if member.stopped:
             trainer.freeze(m)

@@ -30,6 +30,7 @@ from raysys.train.loop import (
     MODEL_DIR,
     STATE_FILE,
     Progress,
+    check_same_epochs,
     load_checkpoint,
     run_steps,
 )
@@ -66,6 +67,7 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.torch.prepare_model(model), cfg.train, steps_per_epoch * cfg.train.epochs
     )
     progress = _restore(config, trainer, rank, device)
+    check_same_epochs(progress.history, steps_per_epoch)
     # Dropout independent per rank, from the model's own generator, reseeded at each step.
     model.seed_dropout(cfg.train.seed + 1000 * rank, device)
     # After the model and its optimiser state: a GPU's free memory decides where data lives.
