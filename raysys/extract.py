@@ -462,7 +462,7 @@ def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
         **provenance,
     }
     cache.write_manifest(p.out_dir, manifest)
-    cache.remove(storage.join(p.out_dir, REJECT_PARTS), recursive=True)  # merged above
+    cache.remove(storage.join(p.out_dir, REJECT_PARTS))  # merged above
     rate = p.n_todo / max(elapsed, 1e-9)
     say(
         p.backbone,

@@ -284,10 +284,16 @@ def remove(uri: PathLike) -> None:
         elif os.path.exists(path):
             os.remove(path)
         return
-    try:
-        _s3fs().rm(path, recursive=True)
-    except FileNotFoundError:
-        pass
+    # Through pyarrow, not s3fs's `rm`, which expands `[`, `*` and `?` as a glob: deleting
+    # `runs/exp[1]/…` removed `runs/exp1/…` and kept its own.
+    from pyarrow.fs import FileType
+
+    fs, key = pyarrow_fs(uri)
+    kind = fs.get_file_info(key).type
+    if kind == FileType.Directory:
+        fs.delete_dir(key)
+    elif kind == FileType.File:
+        fs.delete_file(key)
 
 
 def download_file(uri: PathLike, local_file: PathLike) -> None:

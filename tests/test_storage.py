@@ -257,3 +257,16 @@ def test_moto_server_stops_its_process() -> None:
         os.kill(server.pid, 0)  # running
     with pytest.raises(ProcessLookupError):
         os.kill(server.pid, 0)
+
+
+def test_remove_never_reads_a_path_as_a_glob(base: str) -> None:
+    """s3fs's `rm` expanded `exp[1]` as a pattern: it deleted `exp1` and kept `exp[1]`."""
+    for name in ("exp[1]", "exp1", "expX"):
+        storage.write_text(storage.join(base, name, "ray", "ck", "a.json"), name)
+    storage.remove(storage.join(base, "exp[1]", "ray", "ck"))
+    assert not storage.exists(storage.join(base, "exp[1]", "ray", "ck", "a.json"))
+    for name in ("exp1", "expX"):
+        assert storage.read_text(storage.join(base, name, "ray", "ck", "a.json")) == name
+    storage.remove(storage.join(base, "exp1", "ray", "ck", "a.json"))  # a file
+    assert not storage.exists(storage.join(base, "exp1", "ray", "ck", "a.json"))
+    storage.remove(storage.join(base, "nothing", "here"))  # nothing there: no error

@@ -158,7 +158,7 @@ def _pipeline_pass(ecfg: ExtractConfig, table: pa.Table) -> tuple[float, dict[st
         manifest = run_pass(configured_backbone(ecfg, "image"), table, out, ecfg, {})
         return time.perf_counter() - started, manifest
     finally:
-        cache.remove(work, recursive=True)
+        cache.remove(work)
 
 
 def _result(

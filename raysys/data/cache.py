@@ -143,13 +143,10 @@ def get_bytes(uri: Location) -> bytes:
     return fs.cat_file(path)
 
 
-def remove(uri: Location, recursive: bool = False) -> None:
-    """Delete a file (or a directory tree); nothing there is fine."""
-    fs, path = storage.fsspec_fs(uri)
-    try:
-        fs.rm(path, recursive=recursive)
-    except FileNotFoundError:
-        pass
+def remove(uri: Location) -> None:
+    """Delete a file (or a directory tree); nothing there is fine (`storage.remove`, which
+    never reads the path as a glob)."""
+    storage.remove(uri)
 
 
 def read_manifest(directory: Location) -> dict[str, Any] | None:
