@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except RaysysError as exc:
         print(f"raysys: error: {exc}", file=sys.stderr)
         return 130 if isinstance(exc, Interrupted) else 2
+    except KeyboardInterrupt:  # Ctrl-C outside a sweep's Tune run (which says what to resume)
+        print("raysys: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

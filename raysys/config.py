@@ -615,7 +615,14 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", "") or exc).strip()
+            raise ConfigError(
+                f"override {item!r}: its value is not valid YAML ({problem}); close its "
+                "brackets and quotes, or quote the whole value as a YAML string"
+            ) from None
         if isinstance(value, int) and ":" in raw:
             value = raw.strip()  # YAML 1.1 reads 8:6 as the base-60 number 486
         _set(cfg, key.strip(), value)

@@ -62,6 +62,8 @@ def loopback_env() -> None:
     raylet that started it) has its node's environment already: on a private Ray, the
     driver's, inherited; on a cluster node, one that must not pin gloo to loopback.
     """
+    if os.environ.get("RAY_ADDRESS", "").strip().lower() == "local":
+        del os.environ["RAY_ADDRESS"]  # Ray's "start a new local one": raysys's private Ray
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_RAYLET_PID"):
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -89,16 +91,29 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        try:
+            ray.init(logging_level=logging.WARNING)
+        except ConnectionError as err:  # e.g. RAY_ADDRESS=auto with no Ray running here
+            raise ConfigError(
+                f"RAY_ADDRESS={os.environ['RAY_ADDRESS']!r} names no running Ray cluster "
+                f"({err}); start one (`ray start --head`, `ray up`) or unset RAY_ADDRESS "
+                "to run on a private local Ray"
+            ) from None
         return
-    ray.init(
-        num_cpus=cfg.num_cpus,
-        include_dashboard=cfg.dashboard,
-        dashboard_host=LOOPBACK,
-        _node_ip_address=LOOPBACK,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    try:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=cfg.dashboard,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    except BaseException:  # Ctrl-C while it starts: what did start must not outlive us
+        for proc in ray_descendants():
+            with contextlib.suppress(Exception):
+                proc.kill()
+        raise
     global _private
     if not _private:
         # After `ray.init` registered its own exit hook, so this one runs first (LIFO).

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -188,3 +189,33 @@ def test_a_resumed_sweep_takes_only_ray_overrides(tmp_path, capsys) -> None:
     path.write_text("train:\n  epochs: 3\n")
     assert main(["train", f"resume={run}", "--config", str(path), "--show-config"]) == 2
     assert "would not be applied" in capsys.readouterr().err
+
+
+def test_a_malformed_override_is_an_error_not_a_traceback(capsys) -> None:
+    for item in ("train.lr=[1,", 'name="x'):
+        assert main(["run", "--show-config", item]) == 2
+        err = capsys.readouterr().err
+        assert f"override {item!r}: its value is not valid YAML" in err, err
+
+
+def test_ctrl_c_outside_a_sweep_exits_130_without_a_traceback(monkeypatch, capsys) -> None:
+    """A process killed by a re-raised SIGINT returns -2 to its caller, not 130."""
+    import raysys.cli as cli
+
+    def interrupted(inv) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.DISPATCH, "extract", interrupted)
+    assert main(["extract", "corpus.size=50"]) == 130
+    assert capsys.readouterr().err == "raysys: interrupted\n"
+
+
+def test_ray_address_local_is_the_private_loopback_ray(monkeypatch) -> None:
+    """Ray reads RAY_ADDRESS=local as "start a new local Ray": raysys's own, kept on
+    loopback and stopped at exit, not a cluster it joined."""
+    from raysys import runtime
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    runtime.loopback_env()
+    assert "RAY_ADDRESS" not in os.environ
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
