@@ -18,7 +18,7 @@ from pathlib import Path
 
 from raysys import config, storage
 from raysys.config import Config
-from raysys.errors import ConfigError
+from raysys.errors import ConfigError, RaysysError
 
 CONFIG_FILE = "config.yaml"
 RUN_MARKERS = ("results.csv", "ray", "models", "tune")  # a directory holding any is a run
@@ -41,10 +41,19 @@ class RunDir:
         return storage.join(self.uri, *parts) if self.uri else None
 
     def finish(self) -> None:
-        """Upload a staged run to its URI (a local run is already in place)."""
-        if self.uri:
-            storage.upload_dir(self.local, self.uri)
-            shutil.rmtree(self.local, ignore_errors=True)
+        """Upload a staged run to its URI (a local run is already in place): `results.csv`,
+        the mark of a finished run, last, so an upload that fails part-way never looks
+        finished; on a failure the staged copy is kept, and named."""
+        if not self.uri:
+            return
+        try:
+            storage.upload_dir(self.local, self.uri, last="results.csv")
+        except OSError as err:
+            raise RaysysError(
+                f"uploading the run to {self.uri!r} failed ({type(err).__name__}: {err}); its "
+                f"files are kept in {str(self.local)!r}: copy them there, or rerun"
+            ) from None
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 def default_out(command: str, out: str | None, cfg: Config) -> Path | str:
@@ -118,8 +127,14 @@ def open_run(
     if storage.is_remote(out):
         uri = str(out)
         storage.check_writable(uri)
-        if not resume and storage.exists(storage.join(uri, marker)):
-            raise ConfigError(f"{uri!r} already holds a {kind}; choose another --out")
+        # Any run's files, not only a finished one's marker: a stopped run leaves its config
+        # and Ray Train's checkpoints, which a new run of the same name would resume from.
+        held = sorted(set(storage.list_names(uri)) & {marker, CONFIG_FILE, *RUN_MARKERS})
+        if not resume and held:
+            raise ConfigError(
+                f"{uri!r} already holds a {kind} ({', '.join(held)}); choose another --out, "
+                f"or continue a stopped one with resume={uri}"
+            )
         # Staged here, uploaded by `finish`; a resumed run's files already there are kept.
         out = tempfile.mkdtemp(prefix=f"raysys-{kind}-")
     else:

@@ -240,8 +240,10 @@ def read_text(uri: PathLike) -> str:
     return fs.cat_file(path).decode("utf-8")
 
 
-def upload_dir(local_dir: PathLike, uri: PathLike) -> None:
-    """Copy the files under ``local_dir`` to ``uri`` (``local_dir/a/b`` → ``uri/a/b``).
+def upload_dir(local_dir: PathLike, uri: PathLike, last: str | None = None) -> None:
+    """Copy the files under ``local_dir`` to ``uri`` (``local_dir/a/b`` → ``uri/a/b``);
+    ``last`` (a top-level file name) goes up after all the others, so its presence says the
+    rest is there.
 
     Lists are handed to s3fs in one call so uploads run concurrently; S3 keeps no empty
     directories.
@@ -260,8 +262,16 @@ def upload_dir(local_dir: PathLike, uri: PathLike) -> None:
             local_files.append(full)
             rel = os.path.relpath(full, src).replace(os.sep, "/")
             remote_files.append(f"{dest}/{rel}")
+    held = os.path.join(src, last) if last else None
+    if held in local_files:
+        at = local_files.index(held)
+        later = (local_files.pop(at), remote_files.pop(at))
+    else:
+        later = None
     if local_files:
         _s3fs().put(local_files, remote_files)
+    if later:
+        _s3fs().put_file(*later)
 
 
 def upload_file(local_file: PathLike, uri: PathLike) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from raysys import config, storage
-from raysys.errors import ConfigError
+from raysys.errors import ConfigError, RaysysError
 from raysys.rundir import CONFIG_FILE, local_out_refusal, open_run, resumed_config
 
 
@@ -86,3 +86,33 @@ def test_a_local_run_without_a_cluster_asks_no_ray(monkeypatch, tmp_path) -> Non
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run = open_run(config.load(None, []), tmp_path / "run", resume=False)
     assert (run.local / CONFIG_FILE).is_file() and run.uri is None
+
+
+def test_a_stopped_uri_run_is_not_reused_by_a_new_one(s3, tmp_path, monkeypatch) -> None:
+    """A run stopped with Ctrl-C leaves its config and checkpoints but no results.csv: a new
+    run to that URI overwrote its config and Ray Train resumed the old checkpoints."""
+    uri = f"{s3.make_bucket('stopped-run')}/run1"
+    _saved_run(tmp_path, uri)
+    storage.write_text(f"{uri}/ray/con/checkpoint_000001/state.pt", "x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"already holds a run \(config.yaml, ray\).*resume="):
+        open_run(config.load(None, []), uri, resume=False)
+    assert "epochs: 3" in storage.read_text(f"{uri}/{CONFIG_FILE}")  # not overwritten
+    assert open_run(config.load(None, []), uri, resume=True).uri == uri
+
+
+def test_a_failed_upload_never_looks_finished(s3, tmp_path, monkeypatch) -> None:
+    """results.csv, the mark of a finished run, goes up last: when another file fails, the
+    URI holds no results.csv, and the staged copy is kept and named."""
+    uri = f"{s3.make_bucket('half-upload')}/run1"
+    monkeypatch.chdir(tmp_path)
+    run = open_run(config.load(None, []), uri, resume=False)
+    (run.local / "results.csv").write_text("objective\ncon\n")
+    (run.local / "models" / "con").mkdir(parents=True)
+    (run.local / "models" / "con" / "model.safetensors").symlink_to(tmp_path / "gone")
+    with pytest.raises(RaysysError, match=f"files are kept in '{run.local}'"):
+        run.finish()
+    assert not storage.exists(f"{uri}/results.csv") and (run.local / "results.csv").is_file()
+    (run.local / "models" / "con" / "model.safetensors").unlink()
+    run.finish()
+    assert storage.read_text(f"{uri}/results.csv") == "objective\ncon\n"
