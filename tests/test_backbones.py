@@ -326,6 +326,26 @@ def test_hub_id_resolves_from_the_local_cache(tmp_path, zoo, monkeypatch) -> Non
     assert out.shape == (3, 32) and np.isfinite(out).all()
 
 
+def test_an_image_size_equal_to_the_native_one_is_keyed_by_its_resize(zoo) -> None:
+    """DINOv2's processor resizes the short side to 36 and crops 32; image_size=32 resizes
+    to 32 and crops 32: one size, other pixels, and they shared a cache key."""
+    folder, _ = zoo("dinov2")
+    native = get_backbone(f"hf:{folder}", "image", layers="-1")
+    asked = get_backbone(f"hf:{folder}", "image", layers="-1", image_size=32)
+    assert native.describe()["input"]["size"] == asked.describe()["input"]["size"] == [32, 32]
+    pixels = [b.preprocess(IMAGE_ROWS)["pixels"] for b in (native, asked)]
+    assert not np.array_equal(pixels[0], pixels[1])
+    assert cache.content_key(native.describe()) != cache.content_key(asked.describe())
+
+
+def test_a_text_length_past_the_position_table_is_refused_before_any_work(zoo) -> None:
+    """It used to fail in an actor at the first caption longer than the table (64 here)."""
+    folder, _ = zoo("gpt2")
+    get_backbone(f"hf:{folder}", "text", max_text_length=64).check()
+    with pytest.raises(BackboneError, match="max_text_length=100 is past the model's 64"):
+        get_backbone(f"hf:{folder}", "text", max_text_length=100).check()
+
+
 def test_describe_keys_the_cache_by_layers_and_pooling(zoo) -> None:
     folder, _ = zoo("vit")
 

@@ -328,6 +328,11 @@ def test_offline_hub_ids_resolve_from_the_cache_only(models) -> None:
     from raysys.backbones.hfsource import HFSource
 
     assert HFSource("tiny/vit").kwargs() == {"revision": None, "local_files_only": True}
+    # A node offline where the driver pinned a commit online loads that commit, not whichever
+    # snapshot its own cache holds.
+    pinned = HFSource("tiny/vit")
+    pinned.commit = "0123abcd"
+    assert pinned.kwargs() == {"revision": "0123abcd", "local_files_only": True}
     with pytest.raises(BackboneError, match="HF_HUB_OFFLINE is set.*hf:s3://bucket/prefix"):
         get_backbone("hf:nobody/no-such-model", "image").check()
 

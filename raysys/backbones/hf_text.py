@@ -131,6 +131,14 @@ class HFTextEncoder(PairedText):
         _ = self.kind  # the model type first: the most useful error for a wrong model
         self.source.require(WEIGHTS, TOKENIZER_FILES, what=self.name)
         _ = self.pooling
+        # Past the position table the forward fails in an actor, at the first long caption,
+        # after the GPU time before it.
+        positions = getattr(self._kind()[1], "max_position_embeddings", None)
+        if isinstance(positions, int) and self.max_length > positions:
+            raise BackboneError(
+                f"{self.name}: extract.max_text_length={self.max_length} is past the model's "
+                f"{positions} positions; set extract.max_text_length={positions} or less"
+            )
         super().check()
 
     @property

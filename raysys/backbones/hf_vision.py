@@ -237,7 +237,11 @@ class HFVision(Backbone):
         return {k: v.numpy() for k, v in pooled.items()}
 
     def describe(self) -> dict[str, Any]:
-        _, (height, width) = self._plan()
+        overrides, (height, width) = self._plan()
+        # The resize too, where one is asked for: at DINOv2's own 224 (short side 256, crop
+        # 224) and at image_size=224 (short side 224, crop 224) the size agrees, the pixels
+        # do not. Without one the key is as before, so existing caches stay valid.
+        resize = {"resize": overrides} if overrides else {}
         return {
             "backbone": self.name,
             "source": self.source.source(),
@@ -248,5 +252,9 @@ class HFVision(Backbone):
             "pooling": self.pooling,
             "layer_ids": self.layer_ids,
             "dims": self.dims,
-            "input": {"size": [height, width], "processor": type(self.processor).__name__},
+            "input": {
+                "size": [height, width],
+                "processor": type(self.processor).__name__,
+                **resize,
+            },
         }

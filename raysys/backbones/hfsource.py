@@ -73,8 +73,8 @@ class HFSource:
         and at the commit the driver resolved when online (every actor loads the same model)."""
         if not self.hub:
             return {}
-        if hub_offline():
-            return {"revision": self.revision, "local_files_only": True}
+        if hub_offline():  # a node offline still loads the driver's commit, if it pinned one
+            return {"revision": self.commit or self.revision, "local_files_only": True}
         return {"revision": self.commit or self.revision}
 
     def files_dir(self) -> str:
