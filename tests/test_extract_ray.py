@@ -191,6 +191,17 @@ def test_bad_rows_are_counted_and_recorded(ray_cluster, tmp_path, capsys) -> Non
     assert sorted(ids) == [f"g{i}" for i in range(8)]
     # The actors' per-batch reject files were merged into the one file and removed.
     assert not (tmp_path / "lenient" / REJECT_PARTS).exists()
+    # A read that fails for the storage's sake (here the kernel's EIO) is no reject, since a
+    # reject is never retried: the pass stops with a raysys error naming it, found in the
+    # text of the error Ray Data handed back.
+    for i in (0, 1):
+        (tmp_path / f"g{i}.png").write_bytes(good[i])
+    files = [str(tmp_path / "g0.png"), str(tmp_path / "g1.png"), "/proc/self/mem"]
+    uris = pa.table({"id": ["u0", "u1", "eio"], "uri": files})
+    with pytest.raises(CacheError, match=r"reading an image failed: '/proc/self/mem' \(OSError"):
+        run_pass(backbone, uris, tmp_path / "eio", lenient, {})
+    assert cache.read_manifest(tmp_path / "eio") is None
+    assert not (tmp_path / "eio" / cache.REJECTS).exists()
 
 
 def test_text_rejects_empty_captions(ray_cluster, tmp_path) -> None:
