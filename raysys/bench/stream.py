@@ -102,23 +102,29 @@ def write_view(directory: Path, bench: StreamBench, seed: int = 0) -> list[str]:
 
 
 def bare_epoch(files: list[str], batch: int, step_s: float) -> int:
-    """Rows read in file order as tensors, batch by batch (each file's last batch short),
-    each batch followed by a `step_s` wait."""
-    rows = 0
+    """Rows read in file order as tensors, a record batch at a time, with a `step_s` wait
+    after each whole `batch` of rows (counted across files, as the stream's steps are:
+    a wait per record batch, short ones at each file's end included, waited more often)."""
+    rows = pending = 0
     for path in files:
         for record in pq.ParquetFile(path).iter_batches(batch_size=batch):
             for c in COLUMNS:
                 torch.as_tensor(cache.to_numpy(record.column(c)))
             rows += record.num_rows
-            time.sleep(step_s)
+            pending += record.num_rows
+            while pending >= batch:
+                time.sleep(step_s)
+                pending -= batch
     return rows
 
 
 def stream_epochs(
     files: list[str], batch: int, epochs: int, step_s: float, readers: int
 ) -> tuple[int, list[float]]:
-    """Rows an epoch (whole batches) and the seconds of each of `epochs` epochs through the
-    trial's path (one rank of one), each batch followed by a `step_s` wait."""
+    """Rows an epoch and the seconds of each of `epochs` epochs through the trial's path (one
+    rank of one), each batch followed by a `step_s` wait. The rows are every row it reads,
+    as the bare loop's are: it reads each epoch to its end (the rows past its last whole
+    batch too, in the next epoch's time), though it steps over whole batches only."""
     view = ViewShard(files, 0, 1, seed=0, readers=readers)
     steps = view.rows // batch
 
@@ -136,7 +142,7 @@ def stream_epochs(
             seconds.append(time.perf_counter() - t0)
     finally:
         batches.close()
-    return steps * batch, seconds
+    return view.rows, seconds
 
 
 def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
@@ -170,8 +176,10 @@ def bench_stream(out_dir: Path, bench: StreamBench) -> dict[str, Any]:
         "stream_rows_s": rate["stream"],
         "ratio": ratio,
         "stream_mib_s": rate["stream"] * bytes_per_row / 2**20,
-        "stream_batches_s": rate["stream"] / bench.batch,
-        "rows": rows,  # per round: every row (bare), whole batches only (stream)
+        # The whole batches a second it feeds training (the rows past the last are read, and
+        # counted above, but never a step).
+        "stream_batches_s": (rows["stream"] // bench.batch) / statistics.median(times["stream"]),
+        "rows": rows,  # per round: every row read, on both paths
         "seconds": times,
         "write_s": write_s,
         "threads": torch.get_num_threads(),

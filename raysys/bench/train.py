@@ -16,8 +16,9 @@ tensors. Two numbers answer "is Ray worth it here":
   includes the worker loading the cache and building the model, which any trainer does; the
   bare loop's time for that same work is reported beside it (`startup.bare_setup_s`).
 
-The pipeline's rate includes what its worker does per step beyond the bare loop (TensorBoard
-scalars, per-step bookkeeping): that is part of what the ratio measures. The bare loop runs
+The pipeline's rate includes what its worker does per step beyond the bare loop (per-step
+bookkeeping; not the TensorBoard scalars, which a window writes after its clock stops):
+that is part of what the ratio measures. The bare loop runs
 first, in this process (Ray up and idle), then the Ray run; as the two run one after the
 other, anything else loading the machine skews the ratio, so the 1-minute load averages are
 recorded and a warning is printed when they are well above the CPU count.
