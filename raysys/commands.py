@@ -43,7 +43,7 @@ from raysys.report.report import (
 from raysys.report.schema import RAW, model_row
 from raysys.report.tensorboard import projector_sample, write_run_summaries
 from raysys.rundir import CONFIG_FILE, RunDir, open_run
-from raysys.runtime import cluster_resources, init_ray, joined_cluster
+from raysys.runtime import cluster_resources, init_ray, joined_cluster, node_resources
 from raysys.sweep.plan import (
     Trial,
     check_sweep,
@@ -82,7 +82,7 @@ def sweep(
     `fit_s`, the seconds Tune ran the trials (what `bench sweep` compares)."""
     started = time.perf_counter()
     check_corpus(cfg)
-    resolved = check_sweep(cfg)
+    resolved = check_sweep(cfg, resume)
     run = open_run(cfg, out, resume, kind="sweep", marker=TUNE_DIR)
     if resume:
         check_resumable(run.root)
@@ -101,7 +101,7 @@ def sweep(
             flush=True,
         )
     populations = group_trials(cfg, trials, size)
-    pack = widened(pack, len(populations), joined_cluster())
+    pack = widened(pack, len(populations), joined_cluster() and len(node_resources()) > 1)
     if resume:
         check_same_plan(run.root, populations)
     print(

@@ -66,8 +66,15 @@ def read_images(uris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # cat_ranges, not cat: cat expands glob characters, which are legal in S3 keys.
         got = fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
         denied = [i for i, v in zip(remote, got, strict=True) if isinstance(v, PermissionError)]
-        if len(denied) == len(remote) > 1:  # every one: the nodes' access, not the images
-            _failed(uris[denied[0]], got[0], "every image of the batch was denied; ")
+        if len(denied) == len(remote) >= ALL_DENIED:  # the nodes' access, not the images
+            _failed(
+                uris[denied[0]],
+                got[0],
+                f"all {len(denied)} images of the batch were denied: the nodes' credentials "
+                "likely lack s3:GetObject there (if the images are really gone, as S3 says 403 "
+                "for a missing key to a reader without s3:ListBucket, drop them from the "
+                "corpus); ",
+            )
         for i, value in zip(remote, got, strict=True):
             if isinstance(value, bytes):
                 data[i] = value
@@ -94,6 +101,7 @@ CREDENTIAL_CODES = frozenset(
     {"ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"}
     | {"AccountProblem", "AllAccessDisabled", "InvalidPayer", "InvalidSecurity", "NotSignedUp"}
 )
+ALL_DENIED = 8  # this many images of one batch, all denied, is an access problem
 # What a storage failure's message starts with: the driver finds it in the text of the error
 # Ray Data hands back (`storage_failure`), which has lost the exception itself.
 STORAGE_FAILED = "reading an image failed"

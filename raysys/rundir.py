@@ -65,7 +65,7 @@ def default_out(command: str, out: str | None, cfg: Config) -> Path | str:
 
 # What a resumed sweep (`run` or `sweep`) may still be given: where and how Ray runs. Its
 # finished trials were trained and scored with the rest, and the report compares them.
-SWEEP_RESUME_KEYS = ("ray.",)
+SWEEP_RESUME_KEYS = ("ray.", "train.data_on_device")  # the latter: how a split is read
 
 
 def resumed_config(
@@ -86,7 +86,8 @@ def resumed_config(
         raise ConfigError(
             f"a resumed sweep keeps the config it started with (its finished trials were "
             f"trained and scored with it, and the report compares them); it takes only "
-            f"ray.* overrides, not {' '.join(changed)}. Start a new sweep to change them"
+            f"ray.* and train.data_on_device overrides, not {' '.join(changed)}. Start a new "
+            "sweep to change them"
         )
     if not storage.is_remote(out):
         saved = Path(out) / CONFIG_FILE
@@ -127,9 +128,10 @@ def open_run(
     if storage.is_remote(out):
         uri = str(out)
         storage.check_writable(uri)
-        # Any run's files, not only a finished one's marker: a stopped run leaves its config
-        # and Ray Train's checkpoints, which a new run of the same name would resume from.
-        held = sorted(set(storage.list_names(uri)) & {marker, CONFIG_FILE, *RUN_MARKERS})
+        # Any run's files, not only a finished one's marker: a stopped run leaves Ray Train's
+        # checkpoints (or Tune's state), which a new run of the same name would resume from.
+        # A config alone (a run stopped before training, e.g. while extracting) is rewritten.
+        held = sorted(set(storage.list_names(uri)) & {marker, *RUN_MARKERS})
         if not resume and held:
             raise ConfigError(
                 f"{uri!r} already holds a {kind} ({', '.join(held)}); choose another --out, "

@@ -344,6 +344,11 @@ def test_a_text_length_past_the_position_table_is_refused_before_any_work(zoo) -
     get_backbone(f"hf:{folder}", "text", max_text_length=64).check()
     with pytest.raises(BackboneError, match="max_text_length=100 is past the model's 64"):
         get_backbone(f"hf:{folder}", "text", max_text_length=100).check()
+    # A tokenizer that knows a shorter usable length (RoBERTa's: 514 slots, 512 tokens) wins.
+    short = get_backbone(f"hf:{folder}", "text", max_text_length=64)
+    short.tokenizer.model_max_length = 62
+    with pytest.raises(BackboneError, match="max_text_length=64 is past the model's 62"):
+        short.check()
 
 
 def test_describe_keys_the_cache_by_layers_and_pooling(zoo) -> None:

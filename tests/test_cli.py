@@ -183,6 +183,9 @@ def test_a_resumed_sweep_takes_only_ray_overrides(tmp_path, capsys) -> None:
             assert "a resumed sweep keeps the config it started with" in err and change in err
     assert main(["sweep", f"resume={run}", "ray.scale_timeout_s=5", "--show-config"]) == 0
     assert "size: 80" in capsys.readouterr().out
+    # How a split is read may be given (a resumed population must read it as it did).
+    assert main(["sweep", f"resume={run}", "train.data_on_device=stream", "--show-config"]) == 0
+    assert "data_on_device: stream" in capsys.readouterr().out
     assert main(["train", f"resume={run}", "train.epochs=9", "--show-config"]) == 0  # more epochs
     assert "epochs: 9" in capsys.readouterr().out
     path = tmp_path / "mine.yaml"

@@ -197,9 +197,12 @@ def test_only_a_bad_image_is_a_reject_and_a_storage_failure_fails_the_part(
     assert reasons[0].startswith("missing or unreadable image file")
     # Every image of a batch denied: the nodes' access is at fault, not the images.
     monkeypatch.setattr(storage, "fsspec_fs", lambda uri: (bucket, str(uri)[len("s3://") :]))
-    bucket.answers["b/denied2.png"] = _s3_error("AccessDenied")
-    with pytest.raises(OSError, match="every image of the batch was denied"):
-        embed.read_images(np.array(["s3://b/denied.png", "s3://b/denied2.png"], dtype=object))
+    denied = [f"b/denied{i}.png" for i in range(embed.ALL_DENIED)]
+    bucket.answers |= {key: _s3_error("AccessDenied") for key in denied}
+    with pytest.raises(OSError, match="all 8 images of the batch were denied"):
+        embed.read_images(np.array([f"s3://{k}" for k in denied], dtype=object))
+    _, two = embed.read_images(np.array([f"s3://{k}" for k in denied[:2]], dtype=object))
+    assert all(r.startswith("missing or unreadable") for r in two)  # a few: rejects
     bucket.answers["b/locked.png"] = _s3_error("AllAccessDisabled")
     with pytest.raises(OSError, match="locked.png"):
         embed.read_images(np.array(["s3://b/ok.png", "s3://b/locked.png"], dtype=object))

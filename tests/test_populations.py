@@ -84,9 +84,9 @@ def test_fewer_populations_than_slots_widen_each() -> None:
     gpu = widened(GPU, 1)  # four quarter-GPU slots: one population gets the whole GPU
     assert (gpu.concurrent, gpu.gpus_per_worker) == (1, 1.0)
     assert widened(GPU, 2).gpus_per_worker == 0.5
-    # A joined cluster's slots span its nodes: 16 one-core slots on four 4-core nodes, grown
-    # for 2 populations, would ask 8 cores of one node and wait for ever.
-    assert widened(CPU, 1, joined=True) == CPU
+    # Slots that span several nodes: 16 one-core slots on four 4-core nodes, grown for 2
+    # populations, would ask 8 cores of one node and wait for ever.
+    assert widened(CPU, 1, several_nodes=True) == CPU
 
 
 def test_a_plan_remembers_the_size_it_was_grouped_by() -> None:

@@ -93,11 +93,14 @@ def test_a_stopped_uri_run_is_not_reused_by_a_new_one(s3, tmp_path, monkeypatch)
     run to that URI overwrote its config and Ray Train resumed the old checkpoints."""
     uri = f"{s3.make_bucket('stopped-run')}/run1"
     _saved_run(tmp_path, uri)
-    storage.write_text(f"{uri}/ray/con/checkpoint_000001/state.pt", "x")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"already holds a run \(config.yaml, ray\).*resume="):
+    # Stopped before training (while extracting): only its config; a rerun starts afresh.
+    assert open_run(config.load(None, ["train.epochs=4"]), uri, resume=False).uri == uri
+    assert "epochs: 4" in storage.read_text(f"{uri}/{CONFIG_FILE}")
+    storage.write_text(f"{uri}/ray/con/checkpoint_000001/state.pt", "x")
+    with pytest.raises(ConfigError, match=r"already holds a run \(ray\).*resume="):
         open_run(config.load(None, []), uri, resume=False)
-    assert "epochs: 3" in storage.read_text(f"{uri}/{CONFIG_FILE}")  # not overwritten
+    assert "epochs: 4" in storage.read_text(f"{uri}/{CONFIG_FILE}")  # not overwritten
     assert open_run(config.load(None, []), uri, resume=True).uri == uri
 
 

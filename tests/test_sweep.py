@@ -421,3 +421,11 @@ def test_members_scored_side_by_side_score_as_one_after_another(tmp_path) -> Non
     assert torch.get_num_threads() == threads
     assert together == alone
     assert together[0] != together[1]  # the members differ, so the order is checked too
+
+
+def test_a_resumed_grid_sweep_with_num_samples_keeps_its_sample() -> None:
+    """Started by a version that accepted grid + num_samples, it resumes as it started: a
+    resume cannot change its search, so refusing it would strand the sweep."""
+    from raysys.sweep.plan import check_plan
+
+    check_plan(_cfg("sweep.num_samples=3"), new=False)

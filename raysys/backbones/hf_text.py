@@ -134,6 +134,11 @@ class HFTextEncoder(PairedText):
         # Past the position table the forward fails in an actor, at the first long caption,
         # after the GPU time before it.
         positions = getattr(self._kind()[1], "max_position_embeddings", None)
+        # RoBERTa's family offsets positions past its padding id: its tokenizer knows the
+        # usable length (514 slots, 512 tokens); others leave it unset (a huge number).
+        usable = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(usable, int) and usable < 1_000_000:
+            positions = min(positions, usable) if isinstance(positions, int) else usable
         if isinstance(positions, int) and self.max_length > positions:
             raise BackboneError(
                 f"{self.name}: extract.max_text_length={self.max_length} is past the model's "

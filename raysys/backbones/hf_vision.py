@@ -241,7 +241,7 @@ class HFVision(Backbone):
         # The resize too, where one is asked for: at DINOv2's own 224 (short side 256, crop
         # 224) and at image_size=224 (short side 224, crop 224) the size agrees, the pixels
         # do not. Without one the key is as before, so existing caches stay valid.
-        resize = {"resize": overrides} if overrides else {}
+        resize = {"resize": overrides} if self.requested_size else {}
         return {
             "backbone": self.name,
             "source": self.source.source(),

@@ -190,7 +190,7 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", str(value)).strip("-")
 
 
-def check_plan(cfg: Config) -> None:
+def check_plan(cfg: Config, new: bool = True) -> None:
     """Every trial's config is valid, the search is well set and no two ranks of a trial can
     share a GPU: checked before any extraction, so a typo costs seconds, not hours of
     embedding."""
@@ -198,7 +198,7 @@ def check_plan(cfg: Config) -> None:
     check_sweep_gpus(cfg)
     if cfg.sweep.search == "random" and not cfg.sweep.num_samples:
         raise ConfigError("sweep.search=random needs sweep.num_samples (how many trials to draw)")
-    if cfg.sweep.search == "grid" and cfg.sweep.num_samples:
+    if new and cfg.sweep.search == "grid" and cfg.sweep.num_samples:
         raise ConfigError(
             f"sweep.search=grid runs every trial; sweep.num_samples={cfg.sweep.num_samples} "
             "would quietly run a sample: set sweep.search=random (or asha) to sample"
@@ -216,10 +216,11 @@ def check_plan(cfg: Config) -> None:
 Resolved = tuple[str, str, dict[str, Backbone], list[tuple[int, int]]]
 
 
-def check_sweep(cfg: Config) -> list[Resolved]:
+def check_sweep(cfg: Config, resume: bool = False) -> list[Resolved]:
     """Every check a sweep can make without data (trial configs, search, model ids, layer
-    specs against each model's depth); returns the resolved layer pairs `prepare` extracts."""
-    check_plan(cfg)
+    specs against each model's depth); returns the resolved layer pairs `prepare` extracts.
+    A resumed sweep keeps its own search, as it was accepted when it started."""
+    check_plan(cfg, new=not resume)
     return resolve_layers(cfg)
 
 

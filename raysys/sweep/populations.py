@@ -109,14 +109,14 @@ def population_config(base: Config, plan: PopulationPlan) -> tuple[Config, list[
     return config.from_dict(config.to_dict(members[0])), members
 
 
-def widened(pack: Packing, populations: int, joined: bool = False) -> Packing:
+def widened(pack: Packing, populations: int, several_nodes: bool = False) -> Packing:
     """The packing with each population's share grown to fill slots no population uses:
     fewer populations than slots (one population of every trial, on 2 cores) would otherwise
-    leave cores or GPU share idle. A worker never takes more than one GPU. Not on a `joined`
-    cluster: its slots are counted over every node (or asked of the autoscaler), so a grown
-    worker could need more than any one node holds and wait for ever."""
+    leave cores or GPU share idle. A worker never takes more than one GPU. Not across
+    `several_nodes`: the slots are counted over them all, so a grown worker could need more
+    than any one node holds and wait for ever."""
     k = max(1, pack.concurrent // max(1, populations))
-    if k == 1 or joined:
+    if k == 1 or several_nodes:
         return pack
     gpus = min(1.0, pack.gpus_per_worker * k) if pack.gpus_per_worker else 0.0
     return dataclasses.replace(
