@@ -287,6 +287,16 @@ def test_a_sweep_with_failed_or_unfinished_trials_does_not_exit_cleanly() -> Non
         _stop_if_unfinished(run, Outcome(failed=["t001"]), 3)
     with pytest.raises(Interrupted, match="2 of 3 trials unfinished.*resume=s3://bucket/sweep"):
         _stop_if_unfinished(run, Outcome(unfinished=2), 3)
+    # A failed population of three is three failed trials, each named.
+    from raysys.sweep.populations import PopulationPlan
+
+    lost = Outcome()
+    trials = plan_trials(_cfg("objectives=con,negcon,spread"), [_prepared("hf:o/v", 1, [1.0])])
+    lost.failed_population("p000-n3", "MemoryError", [PopulationPlan("p000-n3", trials, 3)])
+    assert lost.failed == [t.id for t in trials]
+    assert "its 3 trial(s): " + ", ".join(lost.failed) in lost.problems[0]
+    with pytest.raises(RaysysError, match=r"3 of 4 trials failed"):
+        _stop_if_unfinished(run, lost, 4)
 
 
 def test_a_trial_reserves_its_packed_share_and_raysys_train_whole_gpus() -> None:

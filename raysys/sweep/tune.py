@@ -270,6 +270,15 @@ class Outcome:
     unfinished: int = 0
     fit_s: float = 0.0
 
+    def failed_population(self, name: str, error: str, plans: list[PopulationPlan]) -> None:
+        """Every trial of a failed population is a failed trial, named (it counted as one,
+        its other members named nowhere)."""
+        members = [t.id for p in plans if p.id == name for t in p.trials] or [name]
+        self.problems.append(
+            f"population {name} failed: {error} (its {len(members)} trial(s): {', '.join(members)})"
+        )
+        self.failed += members  # each a trial without a row
+
 
 def run_trials(
     cfg: Config,
@@ -298,12 +307,7 @@ def run_trials(
             outcome.problems += [f"trial {s}" for s in _listed(metrics.get(DIVERGED))]
         elif result.error is not None:
             error = str(result.error).strip().splitlines()[-1]
-            members = [t.id for p in populations if p.id == name for t in p.trials] or [name]
-            outcome.problems.append(
-                f"population {name} failed: {error} (its {len(members)} trial(s): "
-                f"{', '.join(members)})"
-            )
-            outcome.failed += members  # each a trial without a row
+            outcome.failed_population(name, error, populations)
     outcome.rows.sort(key=lambda r: r["trial"])
     # Tune creates trials lazily: one never started is in no status at all.
     outcome.unfinished = sum(
