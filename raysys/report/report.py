@@ -332,7 +332,7 @@ def write_report(
     where = location or str(run_dir)
     first = rows[0] if rows else {}
     lines = [
-        f"# raysys report — {where.rstrip('/').rsplit('/', 1)[-1]}",
+        f"# raysys report — {_run_name(where)}",
         "",
         f"Vision `{first.get('vision', '?')}` (layer {first.get('vision_layer', '?')}), "
         f"text `{first.get('text', '?')}` (layer {first.get('text_layer', '?')}); "
@@ -351,11 +351,20 @@ def write_report(
         *by_size_section(rows, [m for m in SHOWN if m in ALIGNMENT]),
         *understanding_section(rows),
         *probe_lines(run_dir),
-        f"All columns: `{RESULTS}`. Training curves: `tensorboard --logdir "
-        f"{where.rstrip('/')}/tensorboard`"
-        + (" (sync it to a local folder first)." if location else "."),
+        f"All columns: `{RESULTS}`. Training curves: {_tensorboard_hint(where, location)}",
     ]
     return _write(run_dir, lines, notes, location)
+
+
+def _run_name(where: str) -> str:
+    """A run's name in its report's title: the last part of its directory or URI."""
+    return where.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _tensorboard_hint(where: str, location: str | None) -> str:
+    """How to watch a run's curves; an `s3://` run's (`location`) are synced first."""
+    hint = f"`tensorboard --logdir {where.rstrip('/')}/tensorboard`"
+    return hint + (" (sync it to a local folder first)." if location else ".")
 
 
 # How to read the metric columns, in every report.
@@ -805,7 +814,7 @@ def write_sweep_report(
     }
     seeds = _seeds(trials)
     lines = [
-        f"# raysys sweep — {where.rstrip('/').rsplit('/', 1)[-1]}",
+        f"# raysys sweep — {_run_name(where)}",
         "",
         f"{len(trials)} trials over "
         + "; ".join(f"{len(v)} {k} ({', '.join(v)})" for k, v in axes.items())
@@ -844,8 +853,7 @@ def write_sweep_report(
         *sample_lines(run_dir, rows),
         "",
         f"All columns: `{RESULTS}`. TensorBoard (curves of every trial; HParams compares them): "
-        f"`tensorboard --logdir {where.rstrip('/')}/tensorboard`"
-        + (" (sync it to a local folder first)." if location else "."),
+        + _tensorboard_hint(where, location),
     ]
     return _write(run_dir, lines, notes, location)
 
