@@ -55,7 +55,6 @@ from raysys.sweep.plan import (
 from raysys.sweep.populations import PopulationPlan, group_trials, population_size, widened
 from raysys.sweep.prepare import Prepared, prepare
 from raysys.sweep.tune import (
-    TUNE_DIR,
     Outcome,
     check_resumable,
     check_same_plan,
@@ -83,7 +82,7 @@ def sweep(
     started = time.perf_counter()
     check_corpus(cfg)
     resolved = check_sweep(cfg, resume)
-    run = open_run(cfg, out, resume, kind="sweep", marker=TUNE_DIR)
+    run = open_run(cfg, out, resume, kind="sweep")
     if resume:
         check_resumable(run.root)
     init_ray(cfg.ray)

@@ -117,21 +117,19 @@ def prepare_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def open_run(
-    cfg: Config, out: Path | str, resume: bool, kind: str = "run", marker: str = "results.csv"
-) -> RunDir:
+def open_run(cfg: Config, out: Path | str, resume: bool, kind: str = "run") -> RunDir:
     """The run directory of a `train` (`kind` run) or `sweep`, checked before any work: a
-    remote one must be writable and new (`marker` names what a finished one holds) unless
+    remote one must be writable and new (none of `RUN_MARKERS`, as a local one) unless
     resumed, a local one must be one the cluster's nodes can all reach, a resumed one must
     exist; a new one gets the resolved config."""
     uri = None
     if storage.is_remote(out):
         uri = str(out)
         storage.check_writable(uri)
-        # Any run's files, not only a finished one's marker: a stopped run leaves Ray Train's
+        # Any run's files, not only a finished one's results: a stopped run leaves Ray Train's
         # checkpoints (or Tune's state), which a new run of the same name would resume from.
         # A config alone (a run stopped before training, e.g. while extracting) is rewritten.
-        held = sorted(set(storage.list_names(uri)) & {marker, *RUN_MARKERS})
+        held = sorted(set(storage.list_names(uri)) & set(RUN_MARKERS))
         if not resume and held:
             raise ConfigError(
                 f"{uri!r} already holds a {kind} ({', '.join(held)}); choose another --out, "
