@@ -151,9 +151,9 @@ def _repair(backbone: Backbone, out_dir: str, damaged: list[cache.Damage]) -> No
         f"{len(damaged)} damaged file(s) in {out_dir}: {', '.join(map(str, damaged))}; "
         "re-embedding their rows",
     )
-    cache.remove(storage.join(out_dir, cache.MANIFEST))
+    storage.remove(storage.join(out_dir, cache.MANIFEST))
     for d in damaged:
-        cache.remove(storage.join(out_dir, d.name))
+        storage.remove(storage.join(out_dir, d.name))
 
 
 def image_rows(corpus: Corpus) -> PassRows:
@@ -462,7 +462,7 @@ def _finish(p: _Pass, provenance: dict[str, Any]) -> dict[str, Any]:
         **provenance,
     }
     cache.write_manifest(p.out_dir, manifest)
-    cache.remove(storage.join(p.out_dir, REJECT_PARTS))  # merged above
+    storage.remove(storage.join(p.out_dir, REJECT_PARTS))  # merged above
     rate = p.n_todo / max(elapsed, 1e-9)
     say(
         p.backbone,
@@ -580,5 +580,5 @@ def _drop_duplicate_rows(
                 part = write(keep, path)
                 written[part.name] = part.sha256
             else:
-                cache.remove(path)
+                storage.remove(path)
     return dropped, seen, rows_in

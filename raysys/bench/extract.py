@@ -34,7 +34,6 @@ from raysys.backbones import configured_backbone, pick_device
 from raysys.bench.common import host_info, sync, write_result
 from raysys.config import Config, ExtractConfig
 from raysys.corpora import load_corpus
-from raysys.data import cache
 from raysys.errors import ConfigError
 from raysys.extract import run_pass
 from raysys.runtime import cluster_resources, init_ray
@@ -158,7 +157,7 @@ def _pipeline_pass(ecfg: ExtractConfig, table: pa.Table) -> tuple[float, dict[st
         manifest = run_pass(configured_backbone(ecfg, "image"), table, out, ecfg, {})
         return time.perf_counter() - started, manifest
     finally:
-        cache.remove(work)
+        storage.remove(work)
 
 
 def _result(

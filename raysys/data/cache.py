@@ -143,12 +143,6 @@ def get_bytes(uri: Location) -> bytes:
     return fs.cat_file(path)
 
 
-def remove(uri: Location) -> None:
-    """Delete a file (or a directory tree); nothing there is fine (`storage.remove`, which
-    never reads the path as a glob)."""
-    storage.remove(uri)
-
-
 def read_manifest(directory: Location) -> dict[str, Any] | None:
     try:
         return json.loads(get_bytes(storage.join(directory, MANIFEST)))
