@@ -333,7 +333,7 @@ def _tuner(
     if cfg.sweep.search == "asha":  # per member, across populations (`raysys.sweep.asha`)
         rungs = start_rungs()
         if restore:
-            ray_dir = storage.join(run.uri, "ray") if run.uri else str(run.local / "ray")
+            ray_dir = storage.join(run.root, "ray")  # where each population's checkpoints are
             asked = asked_before(storage.join(ray_dir, p.id) for p in populations)
             replayed = ray.get(rungs.replay.remote(asked))
             print(f"[sweep] ASHA: {replayed} rung score(s) of the stopped sweep replayed")
